@@ -1,0 +1,247 @@
+"""The decision: one pure function from (snapshot, request view, now) to a Decision.
+
+`decide` is a pipeline of phases, each of which may end the decision with a deny:
+  1. attribute  - which agent is calling, from sources the agent cannot forge
+  2. revocation - (seam: the revocation issue adds the shared table here)
+  3. purpose    - declared `x-mandate-purpose`, else the profile's defaultPurpose
+  4. request    - canonical host, port and path; malformed → deny
+  5. rules      - the purpose's deny rules win, then its allow rules
+  6. elevation  - (seam: active grants are consulted after the purpose's rules)
+  7. behaviour  - (seam: rate limits and risk score)
+Nothing matched → deny "outside purpose P" (default deny).
+
+Same inputs and `now` give the same Decision: the decision id comes in with the request
+view. This module must not import any transport, Kubernetes or telemetry library, and must
+not raise for any request: the adapter still wraps it and fails closed if it does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from .hosts import parse_authority
+from .mcp import McpBody, parse_mcp_body
+from .paths import canonical_path, display_path
+from .rules import CONNECT
+from .snapshot import CompiledAgent, Snapshot
+
+__all__ = [
+    "PURPOSE_HEADER",
+    "TASK_HEADER",
+    "Code",
+    "Decision",
+    "RequestView",
+    "decide",
+]
+
+PURPOSE_HEADER = "x-mandate-purpose"
+TASK_HEADER = "x-mandate-task"
+_TASK = re.compile(r"^[\x21-\x7e]{1,128}$")
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+def _empty() -> Mapping[str, str]:
+    return _EMPTY
+
+
+class Code:
+    """Stable decision codes: the `error` field of a deny body and a metric label."""
+
+    ALLOWED = "allowed"
+    UNATTRIBUTED = "unattributed"
+    IDENTITY_CONFLICT = "identity_conflict"
+    UNKNOWN_AGENT = "unknown_agent"
+    NO_PURPOSE = "no_purpose"
+    UNKNOWN_PURPOSE = "unknown_purpose"
+    BAD_TASK = "bad_task"
+    BAD_REQUEST = "bad_request"
+    DENIED_BY_RULE = "denied_by_rule"
+    OUTSIDE_PURPOSE = "outside_purpose"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """What the decision may know of one call. Headers have lower-case names.
+
+    ``configured_agent`` / ``configured_service_account`` come from the sidecar's own
+    configuration (the pod it serves), ``context_extensions`` from Envoy's route
+    configuration and ``source_principal`` from the peer certificate Envoy verified: the
+    agent can forge none of them through Envoy. Headers and body are the agent's.
+    """
+
+    decision_id: str
+    method: str
+    authority: str
+    path: str
+    scheme: str = "http"
+    headers: Mapping[str, str] = field(default_factory=_empty)
+    body: bytes | None = None
+    body_truncated: bool = False
+    context_extensions: Mapping[str, str] = field(default_factory=_empty)
+    source_principal: str = ""
+    configured_agent: str | None = None
+    configured_service_account: str | None = None
+    trace_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    decision_id: str
+    allowed: bool
+    code: str
+    reason: str
+    agent: str = ""
+    owner: str = ""
+    purpose: str = ""
+    task: str = ""
+    rule: str = ""
+    identity_source: str = ""
+    method: str = ""
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    mcp_tools: tuple[str, ...] = ()
+    trace_id: str = ""
+
+
+class _Body:
+    """Parses the MCP body on first use only; most calls never need it."""
+
+    __slots__ = ("_parsed", "_view")
+
+    def __init__(self, view: RequestView) -> None:
+        self._view = view
+        self._parsed: McpBody | None = None
+
+    def __call__(self) -> McpBody:
+        if self._parsed is None:
+            self._parsed = parse_mcp_body(self._view.body, self._view.body_truncated)
+        return self._parsed
+
+    def tools(self) -> tuple[str, ...]:
+        if self._parsed is None:
+            return ()
+        return tuple(m.tool for m in self._parsed.messages if m.tool is not None)
+
+
+def _attribute(snapshot: Snapshot, view: RequestView) -> tuple[str, str] | tuple[None, str]:
+    """(agent, identity source) or (None, reason). Every identity claim present must name
+    the same agent; a header never counts as one."""
+    claims: list[tuple[str, str | None, str]] = []  # (source, agent or None, what was claimed)
+    ext = view.context_extensions.get("agent")
+    if ext:
+        claims.append(("envoy-route", ext, ext))
+    if view.configured_agent:
+        claims.append(("sidecar-config", view.configured_agent, view.configured_agent))
+    if view.configured_service_account:
+        sa = view.configured_service_account
+        claims.append(("service-account", snapshot.by_service_account.get(sa), sa))
+    if view.source_principal:
+        p = view.source_principal
+        claims.append(("spiffe", snapshot.by_spiffe.get(p), p))
+    if not claims:
+        return None, "no identity: the sidecar has no configured agent and Envoy sent none"
+    agents = {agent for _, agent, _ in claims}
+    if len(agents) != 1 or None in agents:
+        detail = ", ".join(
+            f"{src} {what!r} -> {agent or 'no agent'}" for src, agent, what in claims
+        )
+        return None, f"identity sources disagree or are unknown: {detail}"
+    agent = claims[0][1]
+    assert agent is not None
+    return agent, "+".join(src for src, _, _ in claims)
+
+
+def decide(snapshot: Snapshot, view: RequestView, now: float) -> Decision:
+    """Decide one call. ``now`` (seconds since the epoch) is for expiry-based phases."""
+    did, trace = view.decision_id, view.trace_id
+    method = view.method.upper()
+
+    # 1. attribute
+    agent_name, source = _attribute(snapshot, view)
+    if agent_name is None:
+        code = Code.IDENTITY_CONFLICT if "disagree" in source else Code.UNATTRIBUTED
+        return Decision(did, False, code, source, method=method, trace_id=trace)
+    agent: CompiledAgent | None = snapshot.agents.get(agent_name)
+    if agent is None:
+        return Decision(
+            did, False, Code.UNKNOWN_AGENT, f"no profile for agent {agent_name!r}",
+            agent=agent_name, identity_source=source, method=method, trace_id=trace,
+        )  # fmt: skip
+
+    def done(
+        allowed: bool,
+        code: str,
+        reason: str,
+        *,
+        purpose: str = "",
+        task: str = "",
+        rule: str = "",
+        host: str = "",
+        port: int = 0,
+        path: str = "",
+        tools: tuple[str, ...] = (),
+    ) -> Decision:
+        return Decision(
+            did, allowed, code, reason, agent.name, agent.owner, purpose, task, rule,
+            source, method, host, port, path, tools, trace,
+        )  # fmt: skip
+
+    # 2. revocation: seam (the revocation table is consulted here, before anything else).
+
+    # 3. purpose and task
+    declared = view.headers.get(PURPOSE_HEADER, "").strip()
+    purpose_name = declared or agent.default_purpose
+    task = view.headers.get(TASK_HEADER, "").strip()
+    if task and not _TASK.match(task):
+        return done(False, Code.BAD_TASK, "x-mandate-task must be 1-128 visible ASCII characters")
+    if not purpose_name:
+        why = "no x-mandate-purpose declared and the profile has no defaultPurpose"
+        return done(False, Code.NO_PURPOSE, why, task=task)
+    purpose = agent.purposes.get(purpose_name)
+    if purpose is None:
+        why = f"unknown purpose {purpose_name[:64]!r} for agent {agent.name!r}"
+        return done(False, Code.UNKNOWN_PURPOSE, why, task=task)
+
+    # 4. the request itself
+    hp = parse_authority(view.authority, view.scheme)
+    path = "" if method == CONNECT else canonical_path(view.path)
+    if hp is None or path is None:
+        why = f"malformed or ambiguous {'authority' if hp is None else 'path'}"
+        return done(False, Code.BAD_REQUEST, why, purpose=purpose.name, task=task)
+    host, port = hp
+    shown = "" if method == CONNECT else display_path(path)
+    body = _Body(view)
+
+    # 5. rules: deny wins, then allow
+    denied = purpose.deny.lookup(host, port, method, path, body, deny=True)
+    if denied.rule is not None:
+        rule = denied.rule.rule_id
+        return done(
+            False, Code.DENIED_BY_RULE, f"denied by rule {rule} of purpose {purpose.name!r}",
+            purpose=purpose.name, task=task, rule=rule, host=host, port=port, path=shown,
+            tools=body.tools(),
+        )  # fmt: skip
+    allowed = purpose.allow.lookup(host, port, method, path, body, deny=False)
+    if allowed.rule is not None:
+        rule = allowed.rule.rule_id
+        return done(
+            True, Code.ALLOWED, f"allowed by rule {rule} of purpose {purpose.name!r}",
+            purpose=purpose.name, task=task, rule=rule, host=host, port=port, path=shown,
+            tools=body.tools(),
+        )  # fmt: skip
+
+    # 6. elevation: seam (active grants are tried here, after the purpose's own rules).
+    # 7. behaviour and rate: seam.
+
+    reason = f"outside purpose {purpose.name!r}"
+    if allowed.mcp_refusal:
+        reason += f": {allowed.mcp_refusal}"
+    return done(
+        False, Code.OUTSIDE_PURPOSE, reason, purpose=purpose.name, task=task, host=host,
+        port=port, path=shown, tools=body.tools(),
+    )  # fmt: skip

@@ -1,0 +1,114 @@
+"""Authorities and host patterns (pure).
+
+`parse_authority` turns a request's `:authority` (or CONNECT target) into a lower-case host
+and a port, filling the scheme's default port. `parse_host_pattern` validates a profile's
+host pattern: an exact name, or one leading `*.` label, with an optional `:port`.
+A `*.` pattern matches exactly one more label (`*.stripe.com` matches `api.stripe.com`,
+not `stripe.com` and not `a.b.stripe.com`). This module must not import any transport,
+Kubernetes or telemetry library.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+__all__ = ["HostPattern", "parse_authority", "parse_host_pattern"]
+
+_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class HostPattern:
+    """A compiled host pattern: ``host`` is the exact name, or the parent domain when
+    ``wildcard`` is true; ``port`` is None when any port matches."""
+
+    host: str
+    wildcard: bool
+    port: int | None
+
+
+def _valid_hostname(host: str) -> bool:
+    if not host or len(host) > 253:
+        return False
+    return all(_LABEL.match(label) for label in host.split("."))
+
+
+def _split_port(text: str) -> tuple[str, str | None]:
+    if text.startswith("["):
+        end = text.find("]")
+        if end == -1:
+            raise ValueError("unterminated '[' in IPv6 address")
+        host, rest = text[: end + 1], text[end + 1 :]
+        if rest == "":
+            return host, None
+        if not rest.startswith(":"):
+            raise ValueError("unexpected text after IPv6 address")
+        return host, rest[1:]
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, port
+    if ":" in text:
+        raise ValueError("IPv6 addresses must be written in brackets, e.g. [::1]:8080")
+    return text, None
+
+
+def _parse_port(port: str) -> int:
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"port {port!r} is not a number from 1 to 65535")
+    return int(port)
+
+
+def _canonical_host(host: str) -> str:
+    """Lower-case, drop one trailing dot, check the name or IP literal; raise ValueError."""
+    host = host.lower()
+    if host.startswith("["):
+        try:
+            return "[" + str(ipaddress.IPv6Address(host[1:-1])) + "]"
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    if host.endswith("."):
+        host = host[:-1]
+    if not _valid_hostname(host):
+        raise ValueError(f"{host!r} is not a valid host name")
+    return host
+
+
+def parse_authority(authority: str, scheme: str) -> tuple[str, int] | None:
+    """Host (lower case, no trailing dot) and port of a request, or None if malformed."""
+    try:
+        host, port = _split_port(authority.strip())
+        host = _canonical_host(host)
+        if port is None:
+            default = _DEFAULT_PORTS.get(scheme.lower())
+            if default is None:
+                return None
+            return host, default
+        return host, _parse_port(port)
+    except ValueError:
+        return None
+
+
+def parse_host_pattern(text: str) -> HostPattern:
+    """Validate a profile host pattern; raise ValueError saying what is expected."""
+    if not isinstance(text, str) or not text:
+        raise ValueError("a host pattern must be a non-empty string")
+    host, port_text = _split_port(text)
+    port = None if port_text is None else _parse_port(port_text)
+    wildcard = False
+    if host.startswith("*."):
+        wildcard = True
+        host = host[2:]
+    if "*" in host:
+        raise ValueError(
+            f"host pattern {text!r}: only one leading '*.' label is allowed (e.g. '*.example.com')"
+        )
+    try:
+        host = _canonical_host(host)
+    except ValueError as exc:
+        raise ValueError(f"host pattern {text!r}: {exc}") from None
+    if wildcard and host.startswith("["):
+        raise ValueError(f"host pattern {text!r}: an IP address cannot have a wildcard label")
+    return HostPattern(host=host, wildcard=wildcard, port=port)

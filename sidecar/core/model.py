@@ -1,0 +1,215 @@
+"""The AgentProfile format as a validated model (pure).
+
+This is the single definition of the profile format (`shared/spec/profiles.example.yaml`):
+the loader validates documents against it and the shipped JSON Schema
+(`sidecar/schema/agentprofile.schema.json`) is generated from it. Unknown fields are
+errors everywhere. The model only validates; `snapshot.py` compiles it for matching.
+This module must not import any transport, Kubernetes or telemetry library.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from .hosts import parse_host_pattern
+from .paths import validate_path_pattern
+
+__all__ = [
+    "API_VERSION",
+    "KIND",
+    "AgentProfile",
+    "Behavior",
+    "Elevation",
+    "Identity",
+    "Metadata",
+    "ProfileSpec",
+    "Purpose",
+    "RateLimit",
+    "Rule",
+    "json_schema",
+    "parse_duration",
+]
+
+API_VERSION = "mandate.dev/v1alpha1"
+KIND = "AgentProfile"
+
+_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$")
+_METHOD = re.compile(r"^[A-Za-z]+$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``90s``, ``10m``, ``1h30m``, ``250ms``; ValueError if not."""
+    m = _DURATION.match(text) if isinstance(text, str) else None
+    if not text or m is None or not any(m.groups()):
+        raise ValueError(f"{text!r} is not a duration like '30s', '10m', '1h30m' or '250ms'")
+    h, mi, s, ms = (int(g) if g else 0 for g in m.groups())
+    seconds = h * 3600 + mi * 60 + s + ms / 1000
+    if seconds <= 0:
+        raise ValueError(f"duration {text!r} must be greater than zero")
+    return seconds
+
+
+def _duration(text: str) -> str:
+    parse_duration(text)
+    return text
+
+
+def _host(text: str) -> str:
+    parse_host_pattern(text)
+    return text
+
+
+def _method(text: str) -> str:
+    if not _METHOD.match(text):
+        raise ValueError(f"{text!r} is not an HTTP method name such as GET or POST")
+    return text
+
+
+def _mcp_method(text: str) -> str:
+    if text == "tools/call":
+        raise ValueError(
+            "list tools in mcpTools; 'tools/call' in mcpMethods would allow every tool"
+        )
+    return text
+
+
+Name = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"),
+    Field(description="Lower-case letters, digits, '-', '_', '.'; 1-63 characters"),
+]
+Duration = Annotated[
+    str,
+    AfterValidator(_duration),
+    Field(pattern=r"^(\d+h)?(\d+m)?(\d+s)?(\d+ms)?$", description="e.g. 30s, 10m, 1h30m"),
+]
+HostPatternText = Annotated[
+    str,
+    AfterValidator(_host),
+    Field(description="exact host or one leading '*.' label, optional ':port'"),
+]
+PathPatternText = Annotated[
+    str,
+    AfterValidator(validate_path_pattern),
+    Field(description="'/'-rooted; '*' = one segment, '**' = any number of segments"),
+]
+Method = Annotated[str, AfterValidator(_method), Field(description="HTTP method, any case")]
+McpMethod = Annotated[str, StringConstraints(min_length=1), AfterValidator(_mcp_method)]
+Text = Annotated[str, StringConstraints(min_length=1)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        alias_generator=to_camel,
+        populate_by_name=False,
+    )
+
+
+class Rule(_Model):
+    """One allow or deny rule. An absent field matches anything; a listed one must match."""
+
+    hosts: list[HostPatternText] | None = Field(None, min_length=1)
+    methods: list[Method] | None = Field(None, min_length=1)
+    paths: list[PathPatternText] | None = Field(None, min_length=1)
+    mcp_tools: list[Text] | None = Field(
+        None, min_length=1, description="MCP tools a JSON-RPC tools/call may name"
+    )
+    mcp_methods: list[McpMethod] | None = Field(
+        None, min_length=1, description="extra MCP methods allowed (e.g. resources/read)"
+    )
+
+
+class RateLimit(_Model):
+    requests: int = Field(gt=0)
+    per: Duration
+
+
+class Purpose(_Model):
+    description: str = ""
+    allow: list[Rule] = Field(default_factory=list)
+    deny: list[Rule] = Field(default_factory=list)
+    rate_limit: RateLimit | None = None
+
+
+class Elevation(_Model):
+    description: str = ""
+    approval: Literal["auto", "operator"]
+    max_duration: Duration
+    justification_required: bool = False
+    allow: list[Rule] = Field(min_length=1)
+
+
+class Behavior(_Model):
+    mode: Literal["enforce", "monitor"] = "monitor"
+    revoke_at_risk: float | None = Field(None, gt=0, le=1)
+
+
+class Identity(_Model):
+    """Exactly one of ``serviceAccount`` (namespace/name) or ``spiffe``."""
+
+    service_account: (
+        Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]*/[a-z0-9][a-z0-9.-]*$")]
+        | None
+    ) = Field(None, description="namespace/name of the pod's service account")
+    spiffe: Annotated[str, StringConstraints(pattern=r"^spiffe://[^/\s]+(/\S*)?$")] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Identity:
+        if (self.service_account is None) == (self.spiffe is None):
+            raise ValueError("give exactly one of serviceAccount or spiffe")
+        return self
+
+
+class ProfileSpec(_Model):
+    owner: Text
+    identities: list[Identity] = Field(default_factory=list)
+    default_purpose: Name | None = None
+    purposes: dict[Name, Purpose] = Field(min_length=1)
+    elevations: dict[Name, Elevation] = Field(default_factory=dict)
+    behavior: Behavior | None = None
+
+    @model_validator(mode="after")
+    def _default_purpose_exists(self) -> ProfileSpec:
+        if self.default_purpose is not None and self.default_purpose not in self.purposes:
+            known = ", ".join(sorted(self.purposes))
+            raise ValueError(
+                f"defaultPurpose {self.default_purpose!r} is not one of the purposes ({known})"
+            )
+        return self
+
+
+class Metadata(BaseModel):
+    # Kubernetes metadata: labels, annotations and the like are allowed and ignored.
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+    name: Name  # the agent's id
+    namespace: str | None = None
+
+
+class AgentProfile(_Model):
+    api_version: Literal["mandate.dev/v1alpha1"]
+    kind: Literal["AgentProfile"]
+    metadata: Metadata
+    spec: ProfileSpec
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of one AgentProfile document, as shipped for editors and the CRD."""
+    schema = AgentProfile.model_json_schema(by_alias=True, mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://mandate.dev/schemas/agentprofile.v1alpha1.json"
+    schema["title"] = "AgentProfile"
+    return schema

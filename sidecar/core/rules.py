@@ -1,0 +1,192 @@
+"""Compiled rules and the per-purpose rule index (pure).
+
+Rules are compiled once when profiles load: methods into sets, path patterns into one
+anchored regex per rule, host patterns into an index keyed by exact host and by the parent
+domain of `*.` patterns. A lookup touches at most three index buckets (exact host, its
+wildcard parent, rules without hosts) and, within each, only the rules that can match the
+request's method, in profile order. The first matching rule in profile order wins, so the
+rule a decision names is the one a reader finds first in the YAML.
+
+CONNECT tunnels are opaque to mandate, so they are authorised by host:port alone, and
+conservatively: an allow rule admits a tunnel only if it lists CONNECT in `methods` or
+restricts nothing but hosts; a deny rule whose host matches refuses the tunnel whatever
+else it restricts (inside the tunnel the agent could send exactly what the rule denies).
+This module must not import any transport, Kubernetes or telemetry library.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from .hosts import parse_host_pattern
+from .mcp import McpBody, mcp_allows, mcp_denies
+from .model import Rule
+from .paths import compile_path_patterns
+
+__all__ = ["CONNECT", "CompiledRule", "RuleIndex", "compile_rules"]
+
+CONNECT = "CONNECT"
+_ALL = "\x00all"  # bucket key holding every entry, for CONNECT deny checks
+_ANY_METHOD = ""  # bucket key for methods no rule names
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    rule_id: str
+    order: int
+    methods: frozenset[str] | None
+    path_re: re.Pattern[str] | None
+    mcp_tools: frozenset[str]
+    mcp_methods: frozenset[str]
+    is_mcp: bool
+    whole_host: bool  # restricts only hosts: may authorise a CONNECT tunnel
+
+    def admits_connect(self) -> bool:
+        return self.whole_host or (self.methods is not None and CONNECT in self.methods)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    rule: CompiledRule
+    port: int | None
+
+
+_Bucket = Mapping[str, tuple[_Entry, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """The result of a lookup: the rule that matched, or why an MCP rule refused the body."""
+
+    rule: CompiledRule | None
+    mcp_refusal: str | None = None
+
+
+_NO_MATCH = Match(None)
+
+
+def _bucket(entries: Sequence[_Entry]) -> _Bucket:
+    named: set[str] = set()
+    for e in entries:
+        if e.rule.methods is not None:
+            named |= e.rule.methods
+    out: dict[str, tuple[_Entry, ...]] = {
+        m: tuple(e for e in entries if e.rule.methods is None or m in e.rule.methods) for m in named
+    }
+    out[_ANY_METHOD] = tuple(e for e in entries if e.rule.methods is None)
+    out[_ALL] = tuple(entries)
+    return MappingProxyType(out)
+
+
+_EMPTY_BUCKET: _Bucket = _bucket(())
+
+
+@dataclass(frozen=True, slots=True)
+class RuleIndex:
+    exact: Mapping[str, _Bucket]
+    wildcard: Mapping[str, _Bucket]
+    any_host: _Bucket
+    size: int
+
+    def _buckets(self, host: str) -> Iterator[_Bucket]:
+        b = self.exact.get(host)
+        if b is not None:
+            yield b
+        dot = host.find(".")
+        if dot != -1 and self.wildcard:
+            b = self.wildcard.get(host[dot + 1 :])
+            if b is not None:
+                yield b
+        yield self.any_host
+
+    def lookup(
+        self,
+        host: str,
+        port: int,
+        method: str,
+        path: str,
+        body: Callable[[], McpBody],
+        *,
+        deny: bool,
+    ) -> Match:
+        """The first rule (in profile order) matching the request, for an allow or deny list."""
+        if method == CONNECT:
+            return self._lookup_connect(host, port, deny=deny)
+        best: CompiledRule | None = None
+        refusal: str | None = None
+        for bucket in self._buckets(host):
+            entries = bucket.get(method)
+            if entries is None:
+                entries = bucket[_ANY_METHOD]
+            for e in entries:
+                r = e.rule
+                if best is not None and r.order >= best.order:
+                    break
+                if e.port is not None and e.port != port:
+                    continue
+                if r.path_re is not None and r.path_re.match(path) is None:
+                    continue
+                if r.is_mcp:
+                    parsed = body()
+                    if deny:
+                        if not mcp_denies(parsed, r.mcp_tools, r.mcp_methods):
+                            continue
+                    else:
+                        why = mcp_allows(parsed, r.mcp_tools, r.mcp_methods)
+                        if why is not None:
+                            refusal = refusal or why
+                            continue
+                best = r
+                break
+        if best is None:
+            return Match(None, refusal) if refusal else _NO_MATCH
+        return Match(best)
+
+    def _lookup_connect(self, host: str, port: int, *, deny: bool) -> Match:
+        best: CompiledRule | None = None
+        for bucket in self._buckets(host):
+            for e in bucket[_ALL]:
+                r = e.rule
+                if best is not None and r.order >= best.order:
+                    break
+                if e.port is not None and e.port != port:
+                    continue
+                if deny or r.admits_connect():
+                    best = r
+                    break
+        return Match(best) if best else _NO_MATCH
+
+
+def compile_rules(rules: Sequence[Rule], id_prefix: str) -> RuleIndex:
+    """Compile validated rules (``id_prefix`` e.g. ``reconcile.allow``) into an index."""
+    exact: dict[str, list[_Entry]] = {}
+    wildcard: dict[str, list[_Entry]] = {}
+    any_host: list[_Entry] = []
+    for i, rule in enumerate(rules):
+        is_mcp = rule.mcp_tools is not None or rule.mcp_methods is not None
+        compiled = CompiledRule(
+            rule_id=f"{id_prefix}[{i}]",
+            order=i,
+            methods=frozenset(m.upper() for m in rule.methods) if rule.methods else None,
+            path_re=compile_path_patterns(rule.paths) if rule.paths else None,
+            mcp_tools=frozenset(rule.mcp_tools or ()),
+            mcp_methods=frozenset(rule.mcp_methods or ()),
+            is_mcp=is_mcp,
+            whole_host=rule.methods is None and rule.paths is None and not is_mcp,
+        )
+        if rule.hosts is None:
+            any_host.append(_Entry(compiled, None))
+            continue
+        for text in rule.hosts:
+            hp = parse_host_pattern(text)
+            target = wildcard if hp.wildcard else exact
+            target.setdefault(hp.host, []).append(_Entry(compiled, hp.port))
+    return RuleIndex(
+        exact=MappingProxyType({h: _bucket(es) for h, es in exact.items()}),
+        wildcard=MappingProxyType({h: _bucket(es) for h, es in wildcard.items()}),
+        any_host=_bucket(any_host) if any_host else _EMPTY_BUCKET,
+        size=len(rules),
+    )

@@ -1,0 +1,107 @@
+"""Immutable compiled snapshots of a profile directory (pure).
+
+A :class:`Snapshot` is everything a decision needs from the profiles, compiled once and
+never mutated: the agents by name, an index from identity (service account, SPIFFE id) to
+agent, and per purpose the compiled allow and deny rule indexes. Reload builds a whole new
+snapshot and swaps the reference; a Check holds one snapshot from start to end.
+This module must not import any transport, Kubernetes or telemetry library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from .model import AgentProfile, RateLimit, parse_duration
+from .rules import RuleIndex, compile_rules
+
+__all__ = ["CompiledAgent", "CompiledPurpose", "Snapshot", "SourceRef", "compile_snapshot"]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    """Where a profile came from, for messages and audit: file and 1-based document."""
+
+    file: str
+    document: int
+
+    def __str__(self) -> str:
+        return f"{self.file}, document {self.document}"
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPurpose:
+    name: str
+    description: str
+    allow: RuleIndex
+    deny: RuleIndex
+    rate_limit: RateLimit | None
+    rate_per_seconds: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledAgent:
+    name: str
+    owner: str
+    default_purpose: str | None
+    purposes: Mapping[str, CompiledPurpose]
+    profile: AgentProfile  # the validated source, for explain and later phases
+    source: SourceRef
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    agents: Mapping[str, CompiledAgent]
+    by_service_account: Mapping[str, str]
+    by_spiffe: Mapping[str, str]
+    version: str = ""
+    files: tuple[str, ...] = field(default=())
+
+
+def _compile_agent(profile: AgentProfile, source: SourceRef) -> CompiledAgent:
+    purposes = {}
+    for name, p in profile.spec.purposes.items():
+        purposes[name] = CompiledPurpose(
+            name=name,
+            description=p.description,
+            allow=compile_rules(p.allow, f"{name}.allow"),
+            deny=compile_rules(p.deny, f"{name}.deny"),
+            rate_limit=p.rate_limit,
+            rate_per_seconds=parse_duration(p.rate_limit.per) if p.rate_limit else None,
+        )
+    return CompiledAgent(
+        name=profile.metadata.name,
+        owner=profile.spec.owner,
+        default_purpose=profile.spec.default_purpose,
+        purposes=MappingProxyType(purposes),
+        profile=profile,
+        source=source,
+    )
+
+
+def compile_snapshot(
+    profiles: Sequence[tuple[AgentProfile, SourceRef]],
+    *,
+    version: str = "",
+    files: Sequence[str] = (),
+) -> Snapshot:
+    """Compile validated, cross-checked profiles (see loader.py) into a snapshot."""
+    agents: dict[str, CompiledAgent] = {}
+    by_sa: dict[str, str] = {}
+    by_spiffe: dict[str, str] = {}
+    for profile, source in profiles:
+        agent = _compile_agent(profile, source)
+        agents[agent.name] = agent
+        for ident in profile.spec.identities:
+            if ident.service_account is not None:
+                by_sa[ident.service_account] = agent.name
+            if ident.spiffe is not None:
+                by_spiffe[ident.spiffe] = agent.name
+    return Snapshot(
+        agents=MappingProxyType(agents),
+        by_service_account=MappingProxyType(by_sa),
+        by_spiffe=MappingProxyType(by_spiffe),
+        version=version,
+        files=tuple(files),
+    )

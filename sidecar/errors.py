@@ -1,0 +1,77 @@
+"""The one exception tree of mandate, with stable error codes.
+
+Every error mandate raises on purpose derives from :class:`MandateError`. Each carries a
+stable ``code`` that doubles as a metric label and a machine-readable field in CLI output.
+Library errors (yaml, pydantic, grpc, OS) are translated into this tree at one boundary
+each; nothing here imports those libraries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "BadRequestError",
+    "ConfigError",
+    "MandateError",
+    "ProfileError",
+    "ProfileErrors",
+    "ProfileProblem",
+]
+
+
+class MandateError(Exception):
+    """Base of every error mandate raises on purpose."""
+
+    code = "mandate_error"
+
+
+class ConfigError(MandateError):
+    """The sidecar's own configuration (flags, environment) is unusable."""
+
+    code = "config_error"
+
+
+class BadRequestError(MandateError):
+    """A request (CLI `explain` input, a Check) is malformed."""
+
+    code = "bad_request"
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileProblem:
+    """One problem in a profile directory: where it is and what was expected.
+
+    ``document`` is 1-based (the first YAML document in a file is document 1); ``field`` is a
+    dotted path with list indexes, e.g. ``spec.purposes.reconcile.allow[0].paths[1]``; it is
+    empty when the problem concerns the whole document or file.
+    """
+
+    file: str
+    document: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.document is not None:
+            where += f", document {self.document}"
+        if self.field:
+            where += f", {self.field}"
+        return f"{where}: {self.message}"
+
+
+class ProfileError(MandateError):
+    """Base for profile-loading errors."""
+
+    code = "profile_error"
+
+
+class ProfileErrors(ProfileError):
+    """A profile directory did not load; ``problems`` lists every problem found."""
+
+    code = "profile_invalid"
+
+    def __init__(self, problems: list[ProfileProblem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))

