@@ -47,6 +47,7 @@ TASK_HEADER = "x-mandate-task"
 _SET_HEADERS = (AGENT_HEADER, PURPOSE_HEADER, TASK_HEADER, DECISION_HEADER)
 _PARTIAL_BODY = "x-envoy-auth-partial-body"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_HEX = frozenset("0123456789abcdefABCDEF")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +72,13 @@ def new_decision_id() -> str:
 def trace_id_of(traceparent: str) -> str:
     """The trace id of a W3C traceparent header, or '' if it is not well formed."""
     parts = traceparent.split("-")
-    if len(parts) >= 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
-        try:
-            int(parts[1], 16)
-        except ValueError:
-            return ""
+    # a character check, not int(x, 16): that also takes a sign, "_" and whitespace
+    if (
+        len(parts) >= 4
+        and len(parts[1]) == 32
+        and parts[1] != "0" * 32
+        and all(c in _HEX for c in parts[1])
+    ):
         return parts[1].lower()
     return ""
 

