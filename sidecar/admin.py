@@ -32,6 +32,7 @@ class AdminServer:
         self._runner: web.AppRunner | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
         self.port = 0
 
     def _app(self) -> web.Application:
@@ -67,14 +68,17 @@ class AdminServer:
             self._loop.run_until_complete(self._start())
         except BaseException as exc:
             self._error = exc
+            self._loop.close()
             self._started.set()
             return
-        self._started.set()
+        self._loop.call_soon(self._started.set)  # so that stop() finds the loop running
         self._loop.run_forever()
+        self._loop.close()  # after stop(): release the selector and its file descriptors
 
     def start(self) -> int:
         """Start serving; return the bound port. Raises if the port cannot be bound."""
-        threading.Thread(target=self._run, name="admin", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="admin", daemon=True)
+        self._thread.start()
         self._started.wait(10)
         if self._error is not None:
             raise self._error
@@ -89,3 +93,5 @@ class AdminServer:
             fut = asyncio.run_coroutine_threadsafe(_cleanup(), self._loop)
             fut.result(timeout=5)
             self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
