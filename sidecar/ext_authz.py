@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# Decision ids need uniqueness, not secrecy; `random` is re-seeded in forked children.
+_random_bits = random.getrandbits
 
 AGENT_HEADER = "x-mandate-agent"
 DECISION_HEADER = "x-mandate-decision"
@@ -59,14 +61,10 @@ class Identity:
 
 
 def new_decision_id() -> str:
-    """A 26-character, time-ordered id: 48 bits of milliseconds + 80 random bits, base32."""
-    n = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    alphabet = "0123456789abcdefghjkmnpqrstvwxyz"
-    out = []
-    for _ in range(26):
-        n, r = divmod(n, 32)
-        out.append(alphabet[r])
-    return "".join(reversed(out))
+    """A 32-hex-digit, time-ordered id: 48 bits of Unix milliseconds, then 80 random bits.
+
+    Hex rather than base32: Python's base32 is pure Python and cost a tenth of a Check."""
+    return f"{(time.time_ns() // 1_000_000) << 80 | _random_bits(80):032x}"
 
 
 def trace_id_of(traceparent: str) -> str:
@@ -141,7 +139,9 @@ def deny_body(d: Decision) -> bytes:
 def response_for(d: Decision, agent_headers: dict[str, str]) -> external_auth_pb2.CheckResponse:
     """The CheckResponse for a decision; ``agent_headers`` are the request's headers."""
     meta = struct_pb2.Struct()
-    meta.update({"decision_id": d.decision_id, "decision": "allow" if d.allowed else "deny"})
+    fields = meta.fields  # set directly: Struct.update() costs twice as much per Check
+    fields["decision_id"].string_value = d.decision_id
+    fields["decision"].string_value = "allow" if d.allowed else "deny"
     if d.allowed:
         ok = external_auth_pb2.OkHttpResponse(
             headers=[

@@ -39,8 +39,19 @@ PROFILE_AGENTS = Gauge(
 )
 
 
+# Labelled children by (agent, allowed, code): `labels()` validates and locks on every call.
+_children: dict[tuple[str, bool, str], Counter] = {}
+
+
 def observe_decision(d: Decision, seconds: float) -> None:
-    DECISIONS.labels(d.agent or "-", "allow" if d.allowed else "deny", d.code).inc()
+    # Only agents with a profile (they have an owner) become label values: a caller that
+    # invents agent names must not be able to grow the registry without bound.
+    agent = d.agent if d.owner else "-"
+    key = (agent, d.allowed, d.code)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = DECISIONS.labels(agent, "allow" if d.allowed else "deny", d.code)
+    child.inc()
     CHECK_SECONDS.observe(seconds)
 
 

@@ -128,9 +128,9 @@ class _Body:
         return tuple(m.tool for m in self._parsed.messages if m.tool is not None)
 
 
-def _attribute(snapshot: Snapshot, view: RequestView) -> tuple[str, str] | tuple[None, str]:
-    """(agent, identity source) or (None, reason). Every identity claim present must name
-    the same agent; a header never counts as one."""
+def _attribute(snapshot: Snapshot, view: RequestView) -> tuple[str | None, str, str]:
+    """(agent, identity source, "") or (None, code, reason). Every identity claim present
+    must name the same agent; a header never counts as one."""
     claims: list[tuple[str, str | None, str]] = []  # (source, agent or None, what was claimed)
     ext = view.context_extensions.get("agent")
     if ext:
@@ -144,16 +144,17 @@ def _attribute(snapshot: Snapshot, view: RequestView) -> tuple[str, str] | tuple
         p = view.source_principal
         claims.append(("spiffe", snapshot.by_spiffe.get(p), p))
     if not claims:
-        return None, "no identity: the sidecar has no configured agent and Envoy sent none"
+        why = "no identity: the sidecar has no configured agent and Envoy sent none"
+        return None, Code.UNATTRIBUTED, why
     agents = {agent for _, agent, _ in claims}
-    if len(agents) != 1 or None in agents:
-        detail = ", ".join(
-            f"{src} {what!r} -> {agent or 'no agent'}" for src, agent, what in claims
-        )
-        return None, f"identity sources disagree or are unknown: {detail}"
-    agent = claims[0][1]
-    assert agent is not None
-    return agent, "+".join(src for src, _, _ in claims)
+    if len(agents) == 1 and None not in agents:
+        return claims[0][1], "+".join(src for src, _, _ in claims), ""
+    detail = ", ".join(
+        f"{src} {what[:128]!r} -> {agent or 'no profile'}" for src, agent, what in claims
+    )
+    if agents == {None}:
+        return None, Code.UNATTRIBUTED, f"identity matches no profile: {detail}"
+    return None, Code.IDENTITY_CONFLICT, f"identity sources disagree: {detail}"
 
 
 def decide(snapshot: Snapshot, view: RequestView, now: float) -> Decision:
@@ -162,10 +163,9 @@ def decide(snapshot: Snapshot, view: RequestView, now: float) -> Decision:
     method = view.method.upper()
 
     # 1. attribute
-    agent_name, source = _attribute(snapshot, view)
+    agent_name, source, why = _attribute(snapshot, view)
     if agent_name is None:
-        code = Code.IDENTITY_CONFLICT if "disagree" in source else Code.UNATTRIBUTED
-        return Decision(did, False, code, source, method=method, trace_id=trace)
+        return Decision(did, False, source, why, method=method, trace_id=trace)
     agent: CompiledAgent | None = snapshot.agents.get(agent_name)
     if agent is None:
         return Decision(
@@ -208,7 +208,8 @@ def decide(snapshot: Snapshot, view: RequestView, now: float) -> Decision:
         return done(False, Code.UNKNOWN_PURPOSE, why, task=task)
 
     # 4. the request itself
-    hp = parse_authority(view.authority, view.scheme)
+    # A CONNECT target must name its port (RFC 9110 9.3.6): no scheme default applies.
+    hp = parse_authority(view.authority, "" if method == CONNECT else view.scheme)
     path = "" if method == CONNECT else canonical_path(view.path)
     if hp is None or path is None:
         why = f"malformed or ambiguous {'authority' if hp is None else 'path'}"

@@ -56,7 +56,8 @@ def _split_port(text: str) -> tuple[str, str | None]:
 
 
 def _parse_port(port: str) -> int:
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    # isascii: str.isdigit() and int() also accept other scripts' digits ('٤٤٣' -> 443).
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"port {port!r} is not a number from 1 to 65535")
     return int(port)
 

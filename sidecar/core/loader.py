@@ -112,7 +112,16 @@ def _schema_at(loc: tuple[int | str, ...]) -> dict[str, Any] | None:
             node = next(iter(node["patternProperties"].values()))
         else:
             return None
-    return resolve(node) if node is not None else None
+    if node is None:
+        return None
+    node = resolve(node)
+    if "anyOf" in node:
+        # An optional object (`rateLimit`, `behavior`) is the object; a leaf keeps the outer
+        # node, which carries the field's description.
+        options = [resolve(o) for o in node["anyOf"] if o.get("type") != "null"]
+        if len(options) == 1 and "properties" in options[0]:
+            return options[0]
+    return node
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:

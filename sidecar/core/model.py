@@ -18,6 +18,8 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -44,7 +46,7 @@ __all__ = [
 API_VERSION = "mandate.dev/v1alpha1"
 KIND = "AgentProfile"
 
-_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$")
+_DURATION = re.compile(r"^(?:([0-9]+)h)?(?:([0-9]+)m(?!s))?(?:([0-9]+)s)?(?:([0-9]+)ms)?$")
 _METHOD = re.compile(r"^[A-Za-z]+$")
 
 
@@ -92,7 +94,9 @@ Name = Annotated[
 Duration = Annotated[
     str,
     AfterValidator(_duration),
-    Field(pattern=r"^(\d+h)?(\d+m)?(\d+s)?(\d+ms)?$", description="e.g. 30s, 10m, 1h30m"),
+    Field(
+        pattern=r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?$", description="e.g. 30s, 10m, 1h30m"
+    ),
 ]
 HostPatternText = Annotated[
     str,
@@ -177,19 +181,21 @@ class Identity(_Model):
 class ProfileSpec(_Model):
     owner: Text
     identities: list[Identity] = Field(default_factory=list)
-    default_purpose: Name | None = None
+    # purposes before defaultPurpose: its validator checks against them, and a field
+    # validator (unlike a model validator) reports the problem at `spec.defaultPurpose`.
     purposes: dict[Name, Purpose] = Field(min_length=1)
+    default_purpose: Name | None = None
     elevations: dict[Name, Elevation] = Field(default_factory=dict)
     behavior: Behavior | None = None
 
-    @model_validator(mode="after")
-    def _default_purpose_exists(self) -> ProfileSpec:
-        if self.default_purpose is not None and self.default_purpose not in self.purposes:
-            known = ", ".join(sorted(self.purposes))
-            raise ValueError(
-                f"defaultPurpose {self.default_purpose!r} is not one of the purposes ({known})"
-            )
-        return self
+    @field_validator("default_purpose")
+    @classmethod
+    def _default_purpose_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        purposes = info.data.get("purposes")
+        if value is not None and purposes is not None and value not in purposes:
+            known = ", ".join(sorted(purposes))
+            raise ValueError(f"defaultPurpose {value!r} is not one of the purposes ({known})")
+        return value
 
 
 class Metadata(BaseModel):

@@ -7,6 +7,10 @@ wildcard parent, rules without hosts) and, within each, only the rules that can 
 request's method, in profile order. The first matching rule in profile order wins, so the
 rule a decision names is the one a reader finds first in the YAML.
 
+A deny rule with `mcpTools`/`mcpMethods` matches a POST whose body names what it lists or
+cannot be read as JSON-RPC (mandate cannot tell what it would do); other methods carry no
+MCP message, so it does not match them.
+
 CONNECT tunnels are opaque to mandate, so they are authorised by host:port alone, and
 conservatively: an allow rule admits a tunnel only if it lists CONNECT in `methods` or
 restricts nothing but hosts; a deny rule whose host matches refuses the tunnel whatever
@@ -130,6 +134,8 @@ class RuleIndex:
                 if r.path_re is not None and r.path_re.match(path) is None:
                     continue
                 if r.is_mcp:
+                    if deny and method != "POST":
+                        continue  # MCP messages travel by POST; other methods carry none
                     parsed = body()
                     if deny:
                         if not mcp_denies(parsed, r.mcp_tools, r.mcp_methods):

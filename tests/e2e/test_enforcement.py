@@ -24,7 +24,7 @@ def _assert_denied(resp, stack: Stack, path: str, code: str) -> dict[str, object
     assert set(body) == {"error", "reason", "decision", "trace_id"}
     assert body["error"] == code, body
     assert body["decision"] == resp.headers["x-mandate-decision"]
-    assert len(body["decision"]) == 26
+    assert len(body["decision"]) == 32
     assert not _arrived(stack, path), "a denied call reached the upstream"
     return body  # type: ignore[no-any-return]
 
@@ -51,7 +51,7 @@ def test_allowed_call_reaches_upstream_with_mandate_headers(stack: Stack) -> Non
     assert seen["mandate"]["x-mandate-task"] == "inv-42"
     assert "x-mandate-foo" not in seen["mandate"]
     decision = seen["mandate"]["x-mandate-decision"]
-    assert decision != "forged" and len(decision) == 26
+    assert decision != "forged" and len(decision) == 32
     assert seen["traceparent"].split("-")[1] == TRACE
     # Envoy's access log records the same decision id.
     deadline = time.monotonic() + 5

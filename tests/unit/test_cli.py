@@ -1,0 +1,201 @@
+"""The `mandate` command line: exit codes, JSON output, errors that name what is wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+PROFILES = ROOT / "sidecar" / "demo" / "profiles"
+LEDGER = "http://ledger.finance.svc.cluster.local"
+
+
+def _explain(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, object]]:
+    code = main(["explain", "--profiles", str(PROFILES), *args])
+    out = capsys.readouterr().out
+    return code, json.loads(out)
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["validate"], ["explain"], ["schema"]])
+def test_every_command_has_help(command: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", *command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: mandate" in result.stdout
+
+
+def test_console_script_is_installed() -> None:
+    script = shutil.which("mandate", path=str(Path(sys.executable).parent))
+    assert script is not None
+    result = subprocess.run(
+        [script, "validate", str(PROFILES)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "billing-agent" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "exit_code", "decision", "rule", "purpose"),
+    [
+        (["--agent", "billing-agent", "GET", f"{LEDGER}/v1/invoices/42"], 0, "allow", "reconcile.allow[0]", "reconcile"),
+        (["--agent", "billing-agent", "GET", f"{LEDGER}/v1/ledger/admin/x"], 1, "deny", "reconcile.deny[0]", "reconcile"),
+        (["--agent", "billing-agent", "DELETE", f"{LEDGER}/v1/invoices/42"], 1, "deny", None, "reconcile"),
+        (
+            ["--agent", "billing-agent", "--purpose", "report", "--task", "t-1", "POST",
+             "http://reports.finance.svc.cluster.local/v1/reports/nov"],
+            0, "allow", "report.allow[0]", "report",
+        ),
+        (["--agent", "billing-agent", "--purpose", "nope", "GET", f"{LEDGER}/v1/invoices/1"], 1, "deny", None, None),
+        (["--service-account", "agents/research-agent", "GET", "http://export.arxiv.org/a"], 0, "allow",
+         "literature-search.allow[0]", "literature-search"),
+        (["--spiffe", "spiffe://cluster.local/ns/agents/sa/billing-agent", "GET", f"{LEDGER}/v1/invoices/1"],
+         0, "allow", "reconcile.allow[0]", "reconcile"),
+        (["--agent", "billing-agent", "--spiffe", "spiffe://cluster.local/ns/x/sa/other", "GET",
+          f"{LEDGER}/v1/invoices/1"], 1, "deny", None, None),
+        (["--agent", "billing-agent", "--header", "x-mandate-agent=research-agent", "GET",
+          "http://export.arxiv.org/a"], 1, "deny", None, "reconcile"),
+        (
+            ["--agent", "research-agent", "--purpose", "tool-use", "--body",
+             '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"fetch_abstract"}}',
+             "POST", "http://mcp.tools.svc.cluster.local/mcp"],
+            0, "allow", "tool-use.allow[0]", "tool-use",
+        ),
+        (
+            ["--agent", "research-agent", "--purpose", "tool-use", "--body",
+             '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"drop"}}',
+             "POST", "http://mcp.tools.svc.cluster.local/mcp"],
+            1, "deny", None, "tool-use",
+        ),
+    ],
+)  # fmt: skip
+def test_explain(
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    exit_code: int,
+    decision: str,
+    rule: str | None,
+    purpose: str | None,
+) -> None:
+    code, out = _explain(capsys, *args)
+    assert code == exit_code
+    assert out["decision"] == decision
+    assert out["rule"] == rule
+    assert out["purpose"] == purpose
+    assert isinstance(out["reason"], str) and out["reason"]
+
+
+def test_explain_body_from_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    body = tmp_path / "call.json"
+    body.write_text(
+        '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search_papers"}}'
+    )
+    code, out = _explain(
+        capsys, "--agent", "research-agent", "--purpose", "tool-use", "--body", f"@{body}",
+        "POST", "http://mcp.tools.svc.cluster.local/mcp",
+    )  # fmt: skip
+    assert (code, out["decision"], out["mcp_tools"]) == (0, "allow", ["search_papers"])
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--agent", "billing-agent", "GET", "ledger/v1/x"], "absolute http"),
+        (["--agent", "billing-agent", "GET", "ftp://ledger/v1/x"], "absolute http"),
+        (["--agent", "billing-agent", "--header", "novalue", "GET", f"{LEDGER}/x"], "NAME=VALUE"),
+        (["--agent", "nobody", "GET", f"{LEDGER}/x"], "no such profile"),
+        (["GET", f"{LEDGER}/x"], "who is calling"),
+        (["--agent", "billing-agent", "CONNECT", "api.stripe.com"], "HOST:PORT"),
+        (["--agent", "billing-agent", "--body", "@/nonexistent/file", "POST", f"{LEDGER}/x"], "/nonexistent/file"),
+    ],
+)  # fmt: skip
+def test_explain_bad_input_exits_2(
+    capsys: pytest.CaptureFixture[str], args: list[str], fragment: str
+) -> None:
+    code = main(["explain", "--profiles", str(PROFILES), *args])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert json.loads(captured.out)["error"] == "bad_input"
+    assert fragment in captured.err
+
+
+def test_explain_with_invalid_profiles_exits_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "bad.yaml").write_text("apiVersion: mandate.dev/v1alpha1\nkind: AgentProfile\n")
+    code = main(["explain", "--profiles", str(tmp_path), "--agent", "a", "GET", "http://x/"])
+    captured = capsys.readouterr()
+    assert code == 2
+    problems = json.loads(captured.out)["problems"]
+    assert any("bad.yaml, document 1, metadata" in p for p in problems)
+
+
+def test_validate_reports_every_problem(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    text = (PROFILES / "agents.yaml").read_text()
+    text = text.replace("owner: finance-platform", "ownr: finance-platform")
+    text = text.replace('paths: ["/v1/reports/*"]', 'paths: ["v1/reports/*"]')
+    (tmp_path / "agents.yaml").write_text(text)
+    code = main(["validate", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{tmp_path / 'agents.yaml'}, document 1, spec.ownr: unknown field" in err
+    assert f"{tmp_path / 'agents.yaml'}, document 1, spec.owner: required field is missing" in err
+    assert (
+        "document 1, spec.purposes.report.allow[0].paths[0]: path pattern 'v1/reports/*' must start with '/'"
+        in err
+    )
+
+
+def test_validate_ok_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(PROFILES)]) == 0
+    assert "2 agent(s)" in capsys.readouterr().out
+    assert main(["validate", "--json", str(PROFILES)]) == 0
+    assert json.loads(capsys.readouterr().out)["agents"] == ["billing-agent", "research-agent"]
+
+
+def test_schema_command_prints_the_shipped_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    shipped = json.loads((ROOT / "sidecar" / "schema" / "agentprofile.schema.json").read_text())
+    assert printed == shipped
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--listen", "nonsense"], "--listen 'nonsense'"),
+        (["--admin", "127.0.0.1:99999"], "--admin"),
+        (["--threads", "0"], "--threads 0"),
+    ],
+)
+def test_run_refuses_bad_options(tmp_path: Path, extra: list[str], fragment: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "run", "--profiles", str(PROFILES),
+         "--admin", "127.0.0.1:0", *extra],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert fragment in result.stderr
+
+
+def test_run_refuses_invalid_profiles(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("kind: [\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "run", "--profiles", str(tmp_path),
+         "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"{tmp_path / 'a.yaml'}, document 1: invalid YAML" in result.stderr
+    assert "refusing to start" in result.stderr

@@ -1,0 +1,243 @@
+"""Rule matching through the compiled RuleIndex (sidecar/core/rules.py).
+
+Requests here are already canonical (lower-case host, port filled in, upper-case method,
+canonical path), as `decide` hands them to the index.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sidecar.core.mcp import McpBody
+from sidecar.core.model import Rule
+from sidecar.core.paths import canonical_path
+from sidecar.core.rules import RuleIndex, compile_rules
+
+
+def _index(rules: list[dict[str, Any]], prefix: str = "p.allow") -> RuleIndex:
+    return compile_rules([Rule.model_validate(r) for r in rules], prefix)
+
+
+def _no_body() -> McpBody:
+    raise AssertionError("a rule without MCP fields must not read the body")
+
+
+def _first(
+    rules: list[dict[str, Any]], request: str, *, deny: bool = False, prefix: str = "p.allow"
+) -> str | None:
+    """The id of the rule matching ``request`` ("METHOD host:port /path"), or None."""
+    method, hostport, raw_path = request.split(" ")
+    host, port = hostport.rsplit(":", 1)
+    path = "" if method == "CONNECT" else canonical_path(raw_path)
+    assert path is not None
+    match = _index(rules, prefix).lookup(host, int(port), method, path, _no_body, deny=deny)
+    return None if match.rule is None else match.rule.rule_id
+
+
+LEDGER = "ledger.finance.svc.cluster.local"
+RECONCILE_ALLOW: list[dict[str, Any]] = [
+    {"hosts": [LEDGER], "methods": ["GET"], "paths": ["/v1/invoices/*", "/v1/ledger/**"]},
+    {"hosts": ["*.stripe.com"], "methods": ["GET"], "paths": ["/v1/charges/**"]},
+]
+RECONCILE_DENY: list[dict[str, Any]] = [{"paths": ["/v1/ledger/admin/**"]}]
+
+
+@pytest.mark.parametrize(
+    ("rules", "request_", "expected"),
+    [
+        # the example profile's reconcile purpose
+        pytest.param(RECONCILE_ALLOW, f"GET {LEDGER}:80 /v1/invoices/7", "p.allow[0]", id="inv"),
+        pytest.param(RECONCILE_ALLOW, f"GET {LEDGER}:443 /v1/ledger", "p.allow[0]", id="ledger"),
+        pytest.param(RECONCILE_ALLOW, f"POST {LEDGER}:80 /v1/invoices/7", None, id="method"),
+        pytest.param(RECONCILE_ALLOW, f"GET {LEDGER}:80 /v1/invoices/7/x", None, id="one-seg"),
+        pytest.param(RECONCILE_ALLOW, f"GET {LEDGER}:80 /v1/ledger/../admin", None, id="escape"),
+        pytest.param(RECONCILE_ALLOW, "GET api.stripe.com:443 /v1/charges/c", "p.allow[1]", id="w"),
+        pytest.param(RECONCILE_ALLOW, "GET stripe.com:443 /v1/charges/c", None, id="w-parent"),
+        pytest.param(RECONCILE_ALLOW, "GET a.b.stripe.com:443 /v1/charges", None, id="w-deep"),
+        pytest.param(RECONCILE_ALLOW, "GET api.stripe.com:443 /v1/ledger/x", None, id="w-path"),
+        pytest.param(RECONCILE_ALLOW, "GET other.svc:80 /v1/invoices/7", None, id="other-host"),
+        # absent fields match anything
+        pytest.param([{}], "DELETE any.host:1 /x/y", "p.allow[0]", id="empty-rule-any"),
+        pytest.param(
+            [{"paths": ["/x/**"]}], "PATCH h.example:8 /x/y", "p.allow[0]", id="path-only"
+        ),
+        pytest.param(
+            [{"methods": ["GET"]}], "GET h.example:8 /any", "p.allow[0]", id="method-only"
+        ),
+        pytest.param([{"methods": ["GET"]}], "PUT h.example:8 /any", None, id="method-only-no"),
+        pytest.param(
+            [{"hosts": ["h.example"]}], "PUT h.example:9 /a", "p.allow[0]", id="host-only"
+        ),
+        # methods: rules store upper case whatever the profile wrote
+        pytest.param([{"methods": ["get", "Post"]}], "POST h.x:80 /", "p.allow[0]", id="m-case"),
+        # the first matching rule in profile order wins, whichever index bucket holds it
+        pytest.param(
+            [{"paths": ["/a"]}, {"hosts": ["h.example"], "paths": ["/a"]}],
+            "GET h.example:80 /a",
+            "p.allow[0]",
+            id="order-any-host-before-exact",
+        ),
+        pytest.param(
+            [{"hosts": ["*.example"]}, {"hosts": ["h.example"]}],
+            "GET h.example:80 /a",
+            "p.allow[0]",
+            id="order-wildcard-before-exact",
+        ),
+        pytest.param(
+            [{"hosts": ["h.example"]}, {"hosts": ["*.example"]}, {}],
+            "GET h.example:80 /a",
+            "p.allow[0]",
+            id="order-exact-first",
+        ),
+        pytest.param(
+            [{"hosts": ["h.example"], "paths": ["/b"]}, {"hosts": ["*.example"]}, {}],
+            "GET h.example:80 /a",
+            "p.allow[1]",
+            id="order-skips-non-matching",
+        ),
+        pytest.param(
+            [{"methods": ["POST"]}, {"methods": ["GET"]}, {"paths": ["/a"]}, {}],
+            "GET h.example:80 /a",
+            "p.allow[1]",
+            id="order-by-method-bucket",
+        ),
+        pytest.param(
+            [{"methods": ["GET"]}, {"paths": ["/a"]}],
+            "DELETE h.example:80 /a",
+            "p.allow[1]",
+            id="unnamed-method-uses-rules-without-methods",
+        ),
+        pytest.param(
+            [{"hosts": ["h.example:8080", "h.example:9090"]}],
+            "GET h.example:9090 /",
+            "p.allow[0]",
+            id="second-port-of-rule",
+        ),
+        pytest.param(
+            [{"hosts": ["h.example:8080"]}, {"hosts": ["h.example"], "methods": ["PUT"]}],
+            "GET h.example:80 /",
+            None,
+            id="port-and-method-both-miss",
+        ),
+        # CONNECT is authorised by host:port alone, conservatively
+        pytest.param(
+            [{"hosts": ["db.internal"]}], "CONNECT db.internal:5432 -", "p.allow[0]", id="c"
+        ),
+        pytest.param(
+            [{"hosts": ["db.internal:5432"]}],
+            "CONNECT db.internal:5433 -",
+            None,
+            id="connect-port-mismatch",
+        ),
+        pytest.param(
+            [{"hosts": ["db.internal"], "methods": ["CONNECT"]}],
+            "CONNECT db.internal:5432 -",
+            "p.allow[0]",
+            id="connect-listed",
+        ),
+        pytest.param(
+            [{"hosts": ["db.internal"], "methods": ["connect"], "paths": ["/x"]}],
+            "CONNECT db.internal:5432 -",
+            "p.allow[0]",
+            id="connect-listed-with-paths",
+        ),
+        pytest.param(
+            [{"hosts": ["db.internal"], "methods": ["GET"]}],
+            "CONNECT db.internal:5432 -",
+            None,
+            id="connect-other-methods",
+        ),
+        pytest.param(
+            [{"hosts": ["db.internal"], "paths": ["/**"]}],
+            "CONNECT db.internal:5432 -",
+            None,
+            id="connect-path-restricted",
+        ),
+        pytest.param(
+            [{"hosts": ["db.internal"], "mcpTools": ["x"]}],
+            "CONNECT db.internal:5432 -",
+            None,
+            id="connect-mcp-rule",
+        ),
+        pytest.param(
+            [{"hosts": ["db.internal"], "paths": ["/**"]}, {"hosts": ["*.internal"]}],
+            "CONNECT db.internal:5432 -",
+            "p.allow[1]",
+            id="connect-next-whole-host-rule",
+        ),
+        pytest.param([{}], "CONNECT db.internal:5432 -", "p.allow[0]", id="connect-empty-rule"),
+        pytest.param(
+            [{"hosts": ["db.internal"], "methods": ["CONNECT"]}],
+            "GET db.internal:80 /",
+            None,
+            id="connect-rule-not-get",
+        ),
+    ],
+)
+def test_allow_lookup(rules: list[dict[str, Any]], request_: str, expected: str | None) -> None:
+    assert _first(rules, request_) == expected
+
+
+@pytest.mark.parametrize(
+    ("rules", "request_", "expected"),
+    [
+        pytest.param(RECONCILE_DENY, f"GET {LEDGER}:80 /v1/ledger/admin/x", "p.deny[0]", id="d"),
+        pytest.param(RECONCILE_DENY, f"GET {LEDGER}:80 /v1/ledger/admin", "p.deny[0]", id="top"),
+        pytest.param(
+            RECONCILE_DENY, f"GET {LEDGER}:80 /v1/ledger/x/../admin/y", "p.deny[0]", id="dot-dot"
+        ),
+        pytest.param(
+            RECONCILE_DENY,
+            f"GET {LEDGER}:80 /v1/ledger/x/%2e%2e/admin/y",
+            "p.deny[0]",
+            id="encoded-dot-dot",
+        ),
+        pytest.param(
+            RECONCILE_DENY, f"GET {LEDGER}:80 /v1/ledger//admin/y", "p.deny[0]", id="double-slash"
+        ),
+        pytest.param(
+            RECONCILE_DENY, f"GET {LEDGER}:80 /v1/ledger/Admin/y", None, id="path-case-sensitive"
+        ),
+        pytest.param(RECONCILE_DENY, f"GET {LEDGER}:80 /v1/ledger/x", None, id="not-denied"),
+        # CONNECT: a deny rule whose host matches refuses the tunnel whatever else it restricts
+        pytest.param(
+            [{"hosts": ["h.example"], "methods": ["DELETE"], "paths": ["/admin"]}],
+            "CONNECT h.example:443 -",
+            "p.deny[0]",
+            id="connect-host-deny",
+        ),
+        pytest.param(RECONCILE_DENY, "CONNECT h.example:443 -", "p.deny[0]", id="connect-any-host"),
+        pytest.param(
+            [{"hosts": ["h.example:8443"]}], "CONNECT h.example:443 -", None, id="connect-port"
+        ),
+        pytest.param(
+            [{"hosts": ["other.example"]}], "CONNECT h.example:443 -", None, id="connect-other"
+        ),
+    ],
+)
+def test_deny_lookup(rules: list[dict[str, Any]], request_: str, expected: str | None) -> None:
+    assert _first(rules, request_, deny=True, prefix="p.deny") == expected
+
+
+def test_empty_index_matches_nothing() -> None:
+    index = _index([])
+    assert index.size == 0
+    assert index.lookup("h.example", 80, "GET", "", _no_body, deny=False).rule is None
+    assert index.lookup("h.example", 80, "CONNECT", "", _no_body, deny=True).rule is None
+
+
+def test_compiled_rule_fields() -> None:
+    index = _index(
+        [{"hosts": ["h.example"], "methods": ["get"], "paths": ["/a"]}, {"hosts": ["h.example"]}],
+        "reconcile.allow",
+    )
+    assert index.size == 2
+    first = index.lookup("h.example", 80, "GET", "/a", _no_body, deny=False).rule
+    second = index.lookup("h.example", 80, "PUT", "/b", _no_body, deny=False).rule
+    assert first is not None and second is not None
+    assert (first.rule_id, first.order, first.methods) == ("reconcile.allow[0]", 0, {"GET"})
+    assert not first.whole_host and not first.admits_connect()
+    assert (second.rule_id, second.methods, second.path_re) == ("reconcile.allow[1]", None, None)
+    assert second.whole_host and second.admits_connect()
