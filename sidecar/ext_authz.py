@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,7 +50,12 @@ TASK_HEADER = "x-mandate-task"
 _SET_HEADERS = (AGENT_HEADER, PURPOSE_HEADER, TASK_HEADER, DECISION_HEADER)
 _PARTIAL_BODY = "x-envoy-auth-partial-body"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_HEX = frozenset("0123456789abcdefABCDEF")
+# version-traceid-parentid-flags[-more]; a character class, not int(x, 16), which also
+# takes a sign, "_" and whitespace.
+_TRACEPARENT = re.compile(
+    r"[0-9a-fA-F]{2}-([0-9a-fA-F]{32})-[0-9a-fA-F]{16}-[0-9a-fA-F]{2}(?:-|\Z)"
+)
+_NO_TRACE = "0" * 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,16 +75,10 @@ def new_decision_id() -> str:
 
 def trace_id_of(traceparent: str) -> str:
     """The trace id of a W3C traceparent header, or '' if it is not well formed."""
-    parts = traceparent.split("-")
-    # a character check, not int(x, 16): that also takes a sign, "_" and whitespace
-    if (
-        len(parts) >= 4
-        and len(parts[1]) == 32
-        and parts[1] != "0" * 32
-        and all(c in _HEX for c in parts[1])
-    ):
-        return parts[1].lower()
-    return ""
+    m = _TRACEPARENT.match(traceparent)
+    if m is None or m.group(1) == _NO_TRACE:
+        return ""
+    return m.group(1).lower()
 
 
 def _body_truncated(headers: dict[str, str], size: int) -> bool:

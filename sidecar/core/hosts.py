@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 __all__ = ["HostPattern", "parse_authority", "parse_host_pattern"]
 
-_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
@@ -33,7 +34,7 @@ class HostPattern:
 def _valid_hostname(host: str) -> bool:
     if not host or len(host) > 253:
         return False
-    return all(_LABEL.match(label) for label in host.split("."))
+    return _HOSTNAME.fullmatch(host) is not None
 
 
 def _split_port(text: str) -> tuple[str, str | None]:
