@@ -1,27 +1,189 @@
-"""The admin HTTP server (aiohttp): liveness, readiness and Prometheus metrics.
+"""The admin HTTP server (aiohttp): liveness, readiness, Prometheus metrics and, on the
+supervisor, the revocation API.
 
-Runs its own event loop in a daemon thread beside the gRPC server. Read-only for now;
-state-changing endpoints (revocations) come with their own authentication. Binds to
-127.0.0.1 by default. Must not contain decision logic.
+`/healthz`, `/readyz` and `/metrics` are open (kubelet probes and Prometheus call them).
+Everything under `/v1/` needs `Authorization: Bearer <token>`, the token read from a file
+that only the mandate container mounts: the agent shares the pod's network namespace and
+can reach this port, so the port is no protection. Must not contain decision logic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import os
+import re
 import threading
+import time
 from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
+from .core.revocation import ALL_AGENTS, Revocation, make_key
 from .metrics import REGISTRY
+from .revocations import RevocationStore
 
-__all__ = ["AdminServer"]
+__all__ = ["AdminServer", "RevocationAPI", "add_probe_routes", "read_token"]
+
+Ready = Callable[[], tuple[bool, dict[str, Any]]]
+_AGENT = re.compile(r"^(\*|[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?)$")
+
+
+def add_probe_routes(app: web.Application, ready: Ready) -> None:
+    """/healthz, /readyz and /metrics (across worker processes when they share a
+    PROMETHEUS_MULTIPROC_DIR)."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        ok, details = ready()
+        return web.json_response({"ready": ok, **details}, status=200 if ok else 503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            body = generate_latest(registry)
+        else:
+            body = generate_latest(REGISTRY)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+
+
+def read_token(path: Path) -> str:
+    """The admin token in ``path`` (surrounding whitespace ignored); ValueError if empty."""
+    token = path.read_text().strip()
+    if len(token) < 16:
+        raise ValueError(f"admin token in {path} is shorter than 16 characters")
+    return token
+
+
+def _parse_time(text: str) -> float:
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        raise ValueError("a time zone is required (e.g. 2026-12-01T00:00:00Z)")
+    return value.timestamp()
+
+
+class RevocationAPI:
+    """`/v1/revocations` (list, revoke, restore) and `/v1/status` on the supervisor."""
+
+    def __init__(
+        self,
+        store: RevocationStore,
+        namespace: str,
+        token: str | None,
+        status: Callable[[], dict[str, Any]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._namespace = namespace
+        self._token = token
+        self._status = status
+        self._clock = clock
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/status", self._auth(self._get_status))
+        app.router.add_get("/v1/revocations", self._auth(self._list))
+        app.router.add_post("/v1/revocations", self._auth(self._revoke))
+        app.router.add_delete("/v1/revocations/{agent}", self._auth(self._restore))
+
+    def _auth(self, handler: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
+        async def checked(request: web.Request) -> web.StreamResponse:
+            if self._token is None:
+                return _error(503, "no_token", "the admin API has no token configured")
+            given = request.headers.get("Authorization", "")
+            expected = f"Bearer {self._token}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return _error(401, "unauthorized", "a valid bearer token is required")
+            result: web.StreamResponse = await handler(request)
+            return result
+
+        return checked
+
+    async def _get_status(self, _: web.Request) -> web.Response:
+        return web.json_response(self._status())
+
+    async def _list(self, _: web.Request) -> web.Response:
+        now = self._clock()
+        return web.json_response({"revocations": [_show(r, now) for r in self._store.entries()]})
+
+    async def _revoke(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "bad_request", "the body must be JSON")
+        if not isinstance(body, dict):
+            return _error(400, "bad_request", "the body must be a JSON object")
+        unknown = set(body) - {"agent", "reason", "expiresAt"}
+        if unknown:
+            return _error(400, "bad_request", f"unknown field(s): {', '.join(sorted(unknown))}")
+        agent, reason, expires = body.get("agent"), body.get("reason"), body.get("expiresAt")
+        if not isinstance(agent, str) or not _AGENT.match(agent):
+            return _error(400, "bad_request", "agent: expected a profile name or '*'")
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > 1024:
+            return _error(400, "bad_request", "reason: expected 1-1024 characters")
+        expires_at = None
+        if expires is not None:
+            try:
+                if not isinstance(expires, str):
+                    raise ValueError("expected an RFC 3339 string")
+                expires_at = _parse_time(expires)
+            except ValueError as exc:
+                return _error(400, "bad_request", f"expiresAt: {exc}")
+        now = self._clock()
+        rev = Revocation(
+            key=make_key("admin", self._namespace, agent),
+            agent=agent,
+            namespace=self._namespace,
+            reason=reason.strip(),
+            source="admin",
+            name=agent,
+            expires_at=expires_at,
+            created_at=now,
+        )
+        self._store.upsert(rev)
+        return web.json_response({"revoked": _show(rev, now)}, status=201)
+
+    async def _restore(self, request: web.Request) -> web.Response:
+        agent = request.match_info["agent"]
+        if not _AGENT.match(agent):
+            return _error(400, "bad_request", "agent: expected a profile name or '*'")
+        removed = self._store.remove_matching(
+            lambda r: r.source == "admin" and r.agent == agent and r.namespace == self._namespace
+        )
+        now = self._clock()
+        remaining = [
+            _show(r, now)
+            for r in self._store.entries()
+            if r.active(now)
+            and r.namespace == self._namespace
+            and (r.agent == agent or r.agent == ALL_AGENTS or agent == ALL_AGENTS)
+        ]
+        body = {"restored": [_show(r, now) for r in removed], "still_revoked_by": remaining}
+        return web.json_response(body, status=409 if remaining else 200)
+
+
+def _show(r: Revocation, now: float) -> dict[str, Any]:
+    return {**r.as_dict(), "active": r.active(now)}
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
 
 
 class AdminServer:
-    """``ready`` returns (is ready, details) for /readyz."""
+    """Probes in a thread of their own, for a single-process sidecar (tests, `Sidecar`).
+    ``ready`` returns (is ready, details) for /readyz."""
 
     def __init__(
         self, host: str, port: int, ready: Callable[[], tuple[bool, dict[str, Any]]]
@@ -37,21 +199,8 @@ class AdminServer:
 
     def _app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/metrics", self._metrics)
+        add_probe_routes(app, self._ready)
         return app
-
-    async def _healthz(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "alive"})
-
-    async def _readyz(self, _: web.Request) -> web.Response:
-        ok, details = self._ready()
-        return web.json_response({"ready": ok, **details}, status=200 if ok else 503)
-
-    async def _metrics(self, _: web.Request) -> web.Response:
-        body = generate_latest(REGISTRY)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _start(self) -> None:
         self._runner = web.AppRunner(self._app(), access_log=None)

@@ -1,4 +1,4 @@
-"""The `mandate` command line: run, validate, explain, schema.
+"""The `mandate` command line: run, worker, validate, explain, schema, revoke, restore, status.
 
 Translates arguments into calls on the core and the server, and errors into exit codes:
 0 success (explain: allow), 1 explain: deny, 2 bad input (the message names the file,
@@ -11,14 +11,20 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from .core import RequestView, decide, load_profiles
-from .core.model import json_schema
+from .core.model import json_schema, parse_duration
 from .errors import BadRequestError, ConfigError, ProfileErrors
 
 __all__ = ["main"]
@@ -36,6 +42,60 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name) or default
 
 
+def _serve_options(cmd: argparse.ArgumentParser, admin: bool) -> None:
+    cmd.add_argument(
+        "--profiles",
+        default=_env("MANDATE_PROFILES"),
+        required=not _env("MANDATE_PROFILES"),
+        help="profile directory (env MANDATE_PROFILES)",
+    )
+    cmd.add_argument(
+        "--listen",
+        default=_env("MANDATE_LISTEN", "127.0.0.1:9001"),
+        help="gRPC address HOST:PORT (env MANDATE_LISTEN; default %(default)s)",
+    )
+    if admin:
+        cmd.add_argument(
+            "--admin",
+            default=_env("MANDATE_ADMIN", "127.0.0.1:9901"),
+            help="admin HTTP address HOST:PORT (env MANDATE_ADMIN; default %(default)s)",
+        )
+    cmd.add_argument(
+        "--agent",
+        default=_env("MANDATE_AGENT"),
+        help="the agent this sidecar serves (env MANDATE_AGENT)",
+    )
+    cmd.add_argument(
+        "--service-account",
+        default=_env("MANDATE_SERVICE_ACCOUNT"),
+        help="the pod's service account NAMESPACE/NAME (env MANDATE_SERVICE_ACCOUNT)",
+    )
+    cmd.add_argument(
+        "--namespace",
+        default=_env("MANDATE_NAMESPACE", "default"),
+        help="the pod's namespace: revocations apply per namespace (env MANDATE_NAMESPACE; "
+        "default %(default)s)",
+    )
+    cmd.add_argument(
+        "--threads",
+        type=int,
+        default=int(_env("MANDATE_THREADS", "4") or 4),
+        help="Check threads per worker (default %(default)s)",
+    )
+    cmd.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=2.0,
+        help="fallback poll interval of the profile directory (default %(default)s)",
+    )
+    cmd.add_argument("--port-file", type=Path, help="write the bound ports as JSON to this file")
+    cmd.add_argument(
+        "--log-level",
+        default=_env("MANDATE_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="mandate",
@@ -46,56 +106,90 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run",
-        help="serve Envoy's ext_authz Check",
+        help="serve Envoy's ext_authz Check (supervisor and workers)",
         description=(
-            "Serve envoy.service.auth.v3.Authorization/Check, gRPC health, and the admin "
-            "server (/healthz, /readyz, /metrics). Profiles hot-reload on change."
+            "Serve envoy.service.auth.v3.Authorization/Check from N worker processes, each on "
+            "an endpoint of its own (PORT, PORT+1, ...), and the admin server (/healthz, "
+            "/readyz, /metrics, /v1/revocations). Profiles hot-reload on change; revocations "
+            "come from AgentRevocation objects (Kubernetes), the admin API and `mandate revoke`."
         ),
     )
+    _serve_options(run, admin=True)
     run.add_argument(
-        "--profiles",
-        default=_env("MANDATE_PROFILES"),
-        required=not _env("MANDATE_PROFILES"),
-        help="profile directory (env MANDATE_PROFILES)",
-    )
-    run.add_argument(
-        "--listen",
-        default=_env("MANDATE_LISTEN", "127.0.0.1:9001"),
-        help="gRPC address HOST:PORT or unix:PATH (env MANDATE_LISTEN; default %(default)s)",
-    )
-    run.add_argument(
-        "--admin",
-        default=_env("MANDATE_ADMIN", "127.0.0.1:9901"),
-        help="admin HTTP address HOST:PORT (env MANDATE_ADMIN; default %(default)s)",
-    )
-    run.add_argument(
-        "--agent",
-        default=_env("MANDATE_AGENT"),
-        help="the agent this sidecar serves (env MANDATE_AGENT)",
-    )
-    run.add_argument(
-        "--service-account",
-        default=_env("MANDATE_SERVICE_ACCOUNT"),
-        help="the pod's service account NAMESPACE/NAME (env MANDATE_SERVICE_ACCOUNT)",
-    )
-    run.add_argument(
-        "--threads",
+        "--workers",
         type=int,
-        default=int(_env("MANDATE_THREADS", "4") or 4),
-        help="Check threads (default %(default)s)",
+        default=int(_env("MANDATE_WORKERS", "1") or 1),
+        help="Check worker processes (env MANDATE_WORKERS; default %(default)s)",
     )
     run.add_argument(
-        "--poll-seconds",
+        "--state-dir",
+        type=Path,
+        default=_env("MANDATE_STATE_DIR"),
+        help="where revocations persist across restarts, on a volume (env MANDATE_STATE_DIR)",
+    )
+    run.add_argument(
+        "--table",
+        type=Path,
+        help="the shared-memory revocation table file (default: a new file in /dev/shm)",
+    )
+    run.add_argument(
+        "--admin-token-file",
+        type=Path,
+        default=_env("MANDATE_ADMIN_TOKEN_FILE"),
+        help="bearer token for /v1/* (env MANDATE_ADMIN_TOKEN_FILE; default: "
+        "STATE_DIR/admin.token, generated if missing)",
+    )
+    run.add_argument(
+        "--kubernetes",
+        choices=["auto", "on", "off"],
+        default=_env("MANDATE_KUBERNETES", "auto"),
+        help="watch AgentRevocation objects (auto: when in a cluster or --kubeconfig is given)",
+    )
+    run.add_argument("--kubeconfig", type=Path, default=_env("KUBECONFIG"), help="kubeconfig file")
+    run.add_argument(
+        "--pod-name",
+        default=_env("MANDATE_POD_NAME", ""),
+        help="this pod's name, for enforcement Events (env MANDATE_POD_NAME)",
+    )
+    run.add_argument(
+        "--initial-sync-timeout",
         type=float,
-        default=2.0,
-        help="fallback poll interval of the profile directory (default %(default)s)",
+        default=10.0,
+        help="seconds to wait for the first Kubernetes list before enforcing the last known "
+        "revocations (default %(default)s)",
     )
-    run.add_argument("--port-file", type=Path, help="write the bound ports as JSON to this file")
-    run.add_argument(
-        "--log-level",
-        default=_env("MANDATE_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+
+    worker = sub.add_parser(
+        "worker",
+        help="one Check worker (started by `mandate run`)",
+        description="Serve Check on one endpoint, reading revocations from the shared table.",
     )
+    _serve_options(worker, admin=False)
+    worker.add_argument("--table", type=Path, required=True, help="the shared revocation table")
+
+    for name, helptext in (
+        ("revoke", "revoke an agent through the sidecar's admin API"),
+        ("restore", "remove the admin API's revocation of an agent"),
+        ("status", "show the sidecar's readiness, workers and revocations"),
+    ):
+        cmd = sub.add_parser(name, help=helptext, description=helptext)
+        if name in ("revoke", "restore"):
+            cmd.add_argument("agent", help="the agent's profile name, or '*' for every agent")
+        if name == "revoke":
+            cmd.add_argument("--reason", required=True, help="why; shown in every denied call")
+            cmd.add_argument("--expires", help="duration (e.g. 30m) or RFC 3339 time")
+        cmd.add_argument(
+            "--admin",
+            default=_env("MANDATE_ADMIN", "127.0.0.1:9901"),
+            help="the sidecar's admin address (env MANDATE_ADMIN; default %(default)s)",
+        )
+        cmd.add_argument(
+            "--token-file",
+            type=Path,
+            default=_env("MANDATE_ADMIN_TOKEN_FILE"),
+            required=not _env("MANDATE_ADMIN_TOKEN_FILE"),
+            help="the admin bearer token file (env MANDATE_ADMIN_TOKEN_FILE)",
+        )
 
     val = sub.add_parser(
         "validate",
@@ -245,24 +339,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK if d.allowed else EXIT_DENY
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .server import ServeConfig, serve
-
+def _starting(args: argparse.Namespace, start: Callable[[], None]) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    config = ServeConfig(
-        profiles=Path(args.profiles),
-        listen=args.listen,
-        admin=args.admin,
-        agent=args.agent,
-        service_account=args.service_account,
-        threads=args.threads,
-        poll_seconds=args.poll_seconds,
-        port_file=args.port_file,
-    )
     try:
-        serve(config)
+        start()
     except ProfileErrors as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -274,6 +356,108 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Before prometheus_client is imported: the supervisor's and the workers' metrics
+        # then share one directory and /metrics reports them together.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mandate-metrics-")
+    from .supervisor import SupervisorConfig, run_supervisor
+
+    config = SupervisorConfig(
+        profiles=Path(args.profiles),
+        listen=args.listen,
+        admin=args.admin,
+        workers=args.workers,
+        threads=args.threads,
+        agent=args.agent,
+        service_account=args.service_account,
+        namespace=args.namespace,
+        pod_name=args.pod_name,
+        state_dir=args.state_dir,
+        table_path=args.table,
+        admin_token_file=args.admin_token_file,
+        kubernetes=args.kubernetes,
+        kubeconfig=args.kubeconfig,
+        initial_sync_timeout=args.initial_sync_timeout,
+        poll_seconds=args.poll_seconds,
+        port_file=args.port_file,
+        log_level=args.log_level,
+    )
+    try:
+        return _starting(args, lambda: run_supervisor(config))
+    finally:
+        if os.environ["PROMETHEUS_MULTIPROC_DIR"].startswith(tempfile.gettempdir()):
+            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from .server import ServeConfig, serve
+
+    config = ServeConfig(
+        profiles=Path(args.profiles),
+        listen=args.listen,
+        admin=None,
+        agent=args.agent,
+        service_account=args.service_account,
+        namespace=args.namespace,
+        table=args.table,
+        threads=args.threads,
+        poll_seconds=args.poll_seconds,
+        port_file=args.port_file,
+    )
+    return _starting(args, lambda: serve(config))
+
+
+def _admin_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> int:
+    """Call the sidecar's admin API; print its JSON answer; 0 on 2xx, 1 on 409, else 2."""
+    try:
+        token = args.token_file.read_text().strip()
+    except OSError as exc:
+        return _bad(f"--token-file {args.token_file}: {exc.strerror or exc}")
+    url = f"http://{args.admin}{path}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Authorization", f"Bearer {token}")
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            status, text = resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read().decode()
+    except (urllib.error.URLError, OSError) as exc:
+        return _bad(f"cannot reach the admin API at {url}: {getattr(exc, 'reason', exc)}")
+    print(text)
+    if 200 <= status < 300:
+        return EXIT_OK
+    print(f"mandate: {method} {path}: HTTP {status}", file=sys.stderr)
+    return EXIT_DENY if status == 409 else EXIT_BAD_INPUT
+
+
+def _expires(text: str) -> str:
+    """RFC 3339 as given, or a duration from now converted to RFC 3339 (UTC)."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        datetime.fromisoformat(text.replace("Z", "+00:00"))  # ValueError if neither
+        return text
+    end = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=seconds)
+    return end.isoformat().replace("+00:00", "Z")
+
+
+def _cmd_admin(args: argparse.Namespace) -> int:
+    if args.command == "status":
+        return _admin_call(args, "GET", "/v1/status")
+    if args.command == "restore":
+        return _admin_call(args, "DELETE", f"/v1/revocations/{urllib.parse.quote(args.agent)}")
+    body: dict[str, Any] = {"agent": args.agent, "reason": args.reason}
+    if args.expires:
+        try:
+            body["expiresAt"] = _expires(args.expires)
+        except ValueError:
+            return _bad(f"--expires {args.expires!r}: expected a duration (30m) or RFC 3339 time")
+    return _admin_call(args, "POST", "/v1/revocations", body)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "validate":
@@ -283,6 +467,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "schema":
         print(json.dumps(json_schema(), indent=args.indent, sort_keys=True))
         return EXIT_OK
+    if args.command == "worker":
+        return _cmd_worker(args)
+    if args.command in ("revoke", "restore", "status"):
+        return _cmd_admin(args)
     return _cmd_run(args)
 
 

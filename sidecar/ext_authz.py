@@ -30,6 +30,7 @@ from google.rpc import code_pb2, status_pb2
 
 from . import metrics
 from .core import Code, Decision, RequestView, Snapshot, decide
+from .core.revocation import EMPTY_TABLE, RevocationTable
 
 __all__ = [
     "AGENT_HEADER",
@@ -64,6 +65,7 @@ class Identity:
 
     agent: str | None = None
     service_account: str | None = None
+    namespace: str = ""
 
 
 def new_decision_id() -> str:
@@ -120,6 +122,7 @@ def view_from_check(
         source_principal=attrs.source.principal,
         configured_agent=identity.agent,
         configured_service_account=identity.service_account,
+        namespace=identity.namespace,
         trace_id=trace_id_of(headers.get("traceparent", "")),
     )
 
@@ -183,10 +186,12 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         snapshot: Callable[[], Snapshot | None],
         identity: Identity,
         clock: Callable[[], float] = time.time,
+        revocations: Callable[[], RevocationTable] = lambda: EMPTY_TABLE,
     ) -> None:
         self._snapshot = snapshot
         self._identity = identity
         self._clock = clock
+        self._revocations = revocations
 
     def decide(self, request: external_auth_pb2.CheckRequest) -> tuple[Decision, dict[str, str]]:
         """Decide one CheckRequest; never raises."""
@@ -198,7 +203,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                 return Decision(did, False, Code.INTERNAL_ERROR, "profiles not loaded yet"), headers
             view = view_from_check(request, self._identity, did)
             headers = dict(view.headers)
-            return decide(snap, view, self._clock()), headers
+            return decide(snap, view, self._clock(), self._revocations()), headers
         except Exception as exc:  # fail closed on anything at all
             log.exception("Check failed; denying (decision %s)", did)
             return Decision(

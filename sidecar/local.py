@@ -53,24 +53,41 @@ def render_envoy_config(
     values: Mapping[str, object],
     *,
     agents: Sequence[str] | None = None,
+    mandate_ports: Sequence[int] | None = None,
 ) -> str:
     """Fill a template's ${NAME} placeholders. With ``agents``, the template's single
     listener is repeated once per agent (each with its own `context_extensions.agent`),
-    as if each agent were its own pod."""
+    as if each agent were its own pod. With ``mandate_ports``, the `mandate` cluster gets
+    one endpoint per worker (values["MANDATE_PORT"] may then be omitted)."""
     text = Path(template).read_text() if isinstance(template, Path) else template
-    if not agents:
-        return Template(text).substitute({k: str(v) for k, v in values.items()})
-    rendered = Template(text).substitute(
-        {**{k: str(v) for k, v in values.items()}, "AGENT": "@@AGENT@@"}
-    )
-    config = yaml.safe_load(rendered)
-    base = config["static_resources"]["listeners"][0]
-    listeners = []
-    for agent in agents:
-        copy = yaml.safe_load(yaml.safe_dump(base).replace("@@AGENT@@", agent))
-        copy["name"] = f"egress-{agent}"
-        listeners.append(copy)
-    config["static_resources"]["listeners"] = listeners
+    filled = {k: str(v) for k, v in values.items()}
+    if mandate_ports:
+        filled.setdefault("MANDATE_PORT", str(mandate_ports[0]))
+    if not agents and not mandate_ports:
+        return Template(text).substitute(filled)
+    if agents:
+        filled["AGENT"] = "@@AGENT@@"
+    config = yaml.safe_load(Template(text).substitute(filled))
+    if agents:
+        base = config["static_resources"]["listeners"][0]
+        listeners = []
+        for agent in agents:
+            copy = yaml.safe_load(yaml.safe_dump(base).replace("@@AGENT@@", agent))
+            copy["name"] = f"egress-{agent}"
+            listeners.append(copy)
+        config["static_resources"]["listeners"] = listeners
+    if mandate_ports:
+        for cluster in config["static_resources"]["clusters"]:
+            if cluster["name"] == "mandate":
+                cluster["load_assignment"]["endpoints"] = [
+                    {
+                        "lb_endpoints": [
+                            {"endpoint": {"address": {"socket_address": {
+                                "address": "127.0.0.1", "port_value": port}}}}
+                            for port in mandate_ports
+                        ]
+                    }
+                ]  # fmt: skip
     return yaml.safe_dump(config, sort_keys=False)
 
 
@@ -171,10 +188,15 @@ def start_envoy(
 @dataclass
 class MandateProcess:
     proc: subprocess.Popen[bytes]
-    grpc_port: int
+    grpc_ports: list[int]
     admin_port: int
     log_path: Path
     args: list[str] = field(default_factory=list)
+    table: Path | None = None
+
+    @property
+    def grpc_port(self) -> int:
+        return self.grpc_ports[0]
 
     def stop(self) -> None:
         _stop(self.proc)
@@ -200,7 +222,7 @@ def start_mandate(
     args = [
         sys.executable, "-m", "sidecar", "run", "--profiles", str(profiles),
         "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--port-file", str(port_file),
-        "--poll-seconds", "0.5", *extra,
+        "--poll-seconds", "0.5", "--kubernetes", "off", *extra,
     ]  # fmt: skip
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
@@ -221,7 +243,9 @@ def start_mandate(
     except BaseException:
         _stop(proc)
         raise
-    return MandateProcess(proc, ports["grpc"], ports["admin"], log_path, args)
+    return MandateProcess(
+        proc, list(ports["grpc"]), ports["admin"], log_path, args, Path(ports["table"])
+    )
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:

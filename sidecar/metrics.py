@@ -33,9 +33,25 @@ PROFILES_STALE = Gauge(
     "mandate_profiles_stale",
     "1 when the last profile reload failed and the previous snapshot is still enforced",
     registry=REGISTRY,
+    multiprocess_mode="max",
 )
 PROFILE_AGENTS = Gauge(
-    "mandate_profile_agents", "Agents in the enforced profile snapshot", registry=REGISTRY
+    "mandate_profile_agents",
+    "Agents in the enforced profile snapshot",
+    registry=REGISTRY,
+    multiprocess_mode="max",
+)
+REVOCATIONS = Gauge(
+    "mandate_revocations",
+    "Revocations in the shared table, by source and whether in force now",
+    ["source", "active"],
+    registry=REGISTRY,
+    multiprocess_mode="max",
+)
+REVOCATION_WRITES = Counter(
+    "mandate_revocation_writes",
+    "Generations of the shared revocation table written",
+    registry=REGISTRY,
 )
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,11 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .admin import AdminServer
+from .core.revocation import EMPTY_TABLE, RevocationTable
 from .errors import ConfigError
 from .ext_authz import AuthorizationServicer, Identity
 from .reload import SnapshotHolder
+from .shm import SharedTable
 
 __all__ = ["ServeConfig", "Sidecar", "serve"]
 
@@ -37,9 +40,11 @@ AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 class ServeConfig:
     profiles: Path
     listen: str = "127.0.0.1:9001"
-    admin: str = "127.0.0.1:9901"
+    admin: str | None = "127.0.0.1:9901"  # None: no admin server (a worker of a supervisor)
     agent: str | None = None
     service_account: str | None = None
+    namespace: str = ""
+    table: Path | None = None  # the supervisor's shared revocation table, attached read-only
     threads: int = 4
     poll_seconds: float = 2.0
     port_file: Path | None = None
@@ -72,13 +77,17 @@ class Sidecar:
         cfg = self.config
         if cfg.threads < 1:
             raise ConfigError(f"--threads {cfg.threads}: expected at least 1")
-        admin_host, admin_port = _split_hostport(cfg.admin, "--admin")
+        admin = None if cfg.admin is None else _split_hostport(cfg.admin, "--admin")
         if not cfg.listen.startswith("unix:"):
             _split_hostport(cfg.listen, "--listen")
+        revocations: Callable[[], RevocationTable] = lambda: EMPTY_TABLE  # noqa: E731
+        if cfg.table is not None:
+            revocations = SharedTable.attach(cfg.table).read
         self.holder.load_initial()  # raises ProfileErrors: refuse to start on bad profiles
-        servicer = AuthorizationServicer(
-            self.holder.get, Identity(agent=cfg.agent, service_account=cfg.service_account)
+        identity = Identity(
+            agent=cfg.agent, service_account=cfg.service_account, namespace=cfg.namespace
         )
+        servicer = AuthorizationServicer(self.holder.get, identity, revocations=revocations)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="check"),
             options=[("grpc.so_reuseport", 0)],
@@ -93,12 +102,13 @@ class Sidecar:
         self._server = server
         self._health.set(AUTHZ_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self._admin = AdminServer(admin_host, admin_port, self._ready)
-        try:
-            self.admin_port = self._admin.start()
-        except OSError as exc:
-            self.stop()
-            raise ConfigError(f"--admin {cfg.admin!r}: cannot bind ({exc})") from None
+        if admin is not None:
+            self._admin = AdminServer(admin[0], admin[1], self._ready)
+            try:
+                self.admin_port = self._admin.start()
+            except OSError as exc:
+                self.stop()
+                raise ConfigError(f"--admin {cfg.admin!r}: cannot bind ({exc})") from None
         self.holder.start(cfg.poll_seconds)
         ports = {"grpc": self.grpc_port, "admin": self.admin_port, "pid": os.getpid()}
         log.info("mandate serving: %s", json.dumps(ports))

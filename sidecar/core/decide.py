@@ -2,7 +2,7 @@
 
 `decide` is a pipeline of phases, each of which may end the decision with a deny:
   1. attribute  - which agent is calling, from sources the agent cannot forge
-  2. revocation - (seam: the revocation issue adds the shared table here)
+  2. revocation - the shared revocation table: the agent (or `*`) in its namespace
   3. purpose    - declared `x-mandate-purpose`, else the profile's defaultPurpose
   4. request    - canonical host, port and path; malformed → deny
   5. rules      - the purpose's deny rules win, then its allow rules
@@ -25,6 +25,7 @@ from types import MappingProxyType
 from .hosts import parse_authority
 from .mcp import McpBody, parse_mcp_body
 from .paths import canonical_path, display_path
+from .revocation import EMPTY_TABLE, RevocationTable
 from .rules import CONNECT
 from .snapshot import CompiledAgent, Snapshot
 
@@ -61,6 +62,8 @@ class Code:
     DENIED_BY_RULE = "denied_by_rule"
     OUTSIDE_PURPOSE = "outside_purpose"
     INTERNAL_ERROR = "internal_error"
+    REVOKED = "revoked"
+    REVOCATIONS_UNKNOWN = "revocations_unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,9 @@ class RequestView:
     configured_agent: str | None = None
     configured_service_account: str | None = None
     trace_id: str = ""
+    namespace: str = (
+        ""  # the pod's namespace (sidecar configuration): revocations are per namespace
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +163,14 @@ def _attribute(snapshot: Snapshot, view: RequestView) -> tuple[str | None, str, 
     return None, Code.IDENTITY_CONFLICT, f"identity sources disagree: {detail}"
 
 
-def decide(snapshot: Snapshot, view: RequestView, now: float) -> Decision:
-    """Decide one call. ``now`` (seconds since the epoch) is for expiry-based phases."""
+def decide(
+    snapshot: Snapshot,
+    view: RequestView,
+    now: float,
+    revocations: RevocationTable = EMPTY_TABLE,
+) -> Decision:
+    """Decide one call. ``now`` (seconds since the epoch) is for expiry-based phases;
+    ``revocations`` is the table generation read for this Check."""
     did, trace = view.decision_id, view.trace_id
     method = view.method.upper()
 
@@ -191,7 +203,14 @@ def decide(snapshot: Snapshot, view: RequestView, now: float) -> Decision:
             source, method, host, port, path, tools, trace,
         )  # fmt: skip
 
-    # 2. revocation: seam (the revocation table is consulted here, before anything else).
+    # 2. revocation: before anything the agent declares. An incomplete table (first sync not
+    # done, or an entry could not be stored) might be missing this agent's revocation.
+    if not revocations.complete:
+        why = "revocation state not known yet (starting, or the table is full): failing closed"
+        return done(False, Code.REVOCATIONS_UNKNOWN, why)
+    revoked = revocations.find(view.namespace, agent.name, now)
+    if revoked is not None:
+        return done(False, Code.REVOKED, f"revoked: {revoked.reason}", rule=revoked.key)
 
     # 3. purpose and task
     declared = view.headers.get(PURPOSE_HEADER, "").strip()

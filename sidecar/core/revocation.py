@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["EMPTY_TABLE", "Revocation", "RevocationTable", "make_key"]
+__all__ = ["ALL_AGENTS", "EMPTY_TABLE", "Revocation", "RevocationTable", "make_key"]
 
 ALL_AGENTS = "*"
 

@@ -1,0 +1,388 @@
+"""`mandate run`: the supervisor process and its Check workers.
+
+The supervisor owns everything that is not a Check: the shared revocation table (the only
+writer), its persistence, the Kubernetes watcher, the admin server (probes, metrics, the
+revocation API) and N worker processes. Each worker (`mandate worker`, see server.py)
+serves Check on an endpoint of its own — with Envoy's gRPC client, SO_REUSEPORT alone sends
+all traffic to one process — and reads the table from shared memory on every Check.
+
+Start order makes "revoked before the first Check" hold: the persisted table is published
+(marked incomplete) before any worker starts, so a worker denies everything until the first
+Kubernetes list is merged (or, with Kubernetes unreachable, until `initial_sync_timeout`
+has passed; the last known state is then enforced and readiness says so). A worker that
+dies is restarted on the same endpoint; meanwhile Envoy's calls to it fail, and Envoy
+denies them (failure_mode_allow: false). No decision logic here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from . import metrics
+from .admin import RevocationAPI, add_probe_routes, read_token
+from .errors import ConfigError
+from .reload import SnapshotHolder
+from .revocations import RevocationStore
+from .shm import SharedTable
+
+__all__ = ["Supervisor", "SupervisorConfig", "run_supervisor"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorConfig:
+    profiles: Path
+    listen: str = "127.0.0.1:9001"  # worker i serves PORT+i; port 0: free ports are picked
+    admin: str = "127.0.0.1:9901"
+    workers: int = 1
+    threads: int = 4
+    agent: str | None = None
+    service_account: str | None = None
+    namespace: str = "default"
+    pod_name: str = ""
+    state_dir: Path | None = None  # revocations.json (and a generated admin.token) live here
+    table_path: Path | None = None  # default: a fresh file under /dev/shm (or the temp dir)
+    admin_token_file: Path | None = None
+    kubernetes: str = "auto"  # auto | on | off
+    kubeconfig: Path | None = None
+    initial_sync_timeout: float = 10.0
+    poll_seconds: float = 2.0
+    port_file: Path | None = None
+    log_level: str = "INFO"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def _split_hostport(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{what} {text!r}: expected HOST:PORT (port 0 picks a free one)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class _Worker:
+    index: int
+    listen: str
+    port_file: Path
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    ready: bool = False
+
+
+class Supervisor:
+    def __init__(self, config: SupervisorConfig) -> None:
+        self.config = config
+        self._workdir = Path(tempfile.mkdtemp(prefix="mandate-"))
+        self._workers: list[_Worker] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = False
+        self._runner: web.AppRunner | None = None
+        self._watcher: Any = None
+        self._kube_state = "off"
+        self.admin_port = 0
+        self.grpc_ports: list[int] = []
+        self.table: SharedTable | None = None
+        self.store: RevocationStore | None = None
+        self.holder = SnapshotHolder(config.profiles)
+
+    # -- configuration ----------------------------------------------------------------
+
+    def _token(self) -> str | None:
+        cfg = self.config
+        path = cfg.admin_token_file
+        if path is None and cfg.state_dir is not None:
+            path = cfg.state_dir / "admin.token"
+            if not path.exists():
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_urlsafe(32) + "\n")
+                log.info("generated an admin token in %s", path)
+        if path is None:
+            log.warning("no admin token: the revocation API is disabled")
+            return None
+        try:
+            return read_token(path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--admin-token-file {path}: {exc}") from None
+
+    def _use_kubernetes(self) -> bool:
+        mode = self.config.kubernetes
+        if mode not in ("auto", "on", "off"):
+            raise ConfigError(f"--kubernetes {mode!r}: expected auto, on or off")
+        if mode == "auto":
+            return self.config.kubeconfig is not None or bool(
+                os.environ.get("KUBERNETES_SERVICE_HOST")
+            )
+        return mode == "on"
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        if cfg.workers < 1:
+            raise ConfigError(f"--workers {cfg.workers}: expected at least 1")
+        if cfg.threads < 1:
+            raise ConfigError(f"--threads {cfg.threads}: expected at least 1")
+        admin_host, admin_port = _split_hostport(cfg.admin, "--admin")
+        host, base_port = _split_hostport(cfg.listen, "--listen")
+        if cfg.state_dir is not None:
+            try:
+                cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"--state-dir {cfg.state_dir}: {exc.strerror or exc}") from None
+        token = self._token()
+        self.holder.load_initial()  # refuse to start (ProfileErrors) before anything runs
+        table_path = cfg.table_path
+        if table_path is None:
+            shm = Path("/dev/shm")
+            base = shm if shm.is_dir() and os.access(shm, os.W_OK) else self._workdir
+            table_path = base / f"mandate-{os.getpid()}-{secrets.token_hex(4)}.table"
+        self.table = SharedTable.create(table_path)
+        state_file = cfg.state_dir / "revocations.json" if cfg.state_dir else None
+        self.store = RevocationStore(self.table, state_file)
+        self.store.subscribe(self._count)
+        self.store.load_persisted()  # published incomplete: workers deny until synced
+        if self._use_kubernetes():
+            await self._start_kubernetes()
+        else:
+            self.store.mark_complete()
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Workers write their metrics there; `mandate run` sets it before importing
+            # prometheus_client so that the supervisor's own metrics go there too.
+            metrics_dir = self._workdir / "metrics"
+            metrics_dir.mkdir()
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        ports = [base_port + i if base_port else _free_port(host) for i in range(cfg.workers)]
+        self._workers = [
+            _Worker(i, f"{host}:{port}", self._workdir / f"worker-{i}.json")
+            for i, port in enumerate(ports)
+        ]
+        self.grpc_ports = ports
+        for w in self._workers:
+            await self._spawn(w)
+        await self._wait_workers(timeout=30)
+        app = web.Application()
+        add_probe_routes(app, self._ready)
+        RevocationAPI(self.store, cfg.namespace, token, self.status).add_routes(app)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, admin_host, admin_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(f"--admin {cfg.admin!r}: cannot bind ({exc})") from None
+        self.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.holder.start(cfg.poll_seconds)
+        for w in self._workers:
+            self._tasks.append(asyncio.create_task(self._monitor(w)))
+        self._tasks.append(asyncio.create_task(self._prune()))
+        info = {
+            "grpc": self.grpc_ports,
+            "admin": self.admin_port,
+            "pid": os.getpid(),
+            "table": str(table_path),
+        }
+        log.info("mandate serving: %s", json.dumps(info))
+        if cfg.port_file is not None:
+            tmp = cfg.port_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(info))
+            tmp.replace(cfg.port_file)
+
+    async def _start_kubernetes(self) -> None:
+        from . import kube  # imported only when used: kubernetes_asyncio is heavy
+
+        assert self.store is not None
+        cfg = self.config
+        self._watcher = await kube.start_watcher(
+            self.store,
+            namespace=cfg.namespace,
+            kubeconfig=cfg.kubeconfig,
+            pod_name=cfg.pod_name or socket.gethostname(),
+        )
+        self._kube_state = "syncing"
+
+        async def initial_sync_deadline() -> None:
+            assert self.store is not None
+            deadline = time.monotonic() + cfg.initial_sync_timeout
+            while time.monotonic() < deadline and not self.store.complete:
+                await asyncio.sleep(0.05)
+            if not self.store.complete:
+                log.error(
+                    "no Kubernetes sync within %.0fs: enforcing the last known revocations",
+                    cfg.initial_sync_timeout,
+                )
+                self._kube_state = "unsynced"
+                self.store.mark_complete()
+
+        self._tasks.append(asyncio.create_task(initial_sync_deadline()))
+
+    async def _spawn(self, w: _Worker) -> None:
+        cfg = self.config
+        assert self.table is not None
+        w.port_file.unlink(missing_ok=True)
+        w.ready = False
+        args = [
+            sys.executable, "-m", "sidecar", "worker",
+            "--profiles", str(cfg.profiles), "--listen", w.listen,
+            "--table", str(self.table.path), "--threads", str(cfg.threads),
+            "--namespace", cfg.namespace, "--poll-seconds", str(cfg.poll_seconds),
+            "--port-file", str(w.port_file), "--log-level", cfg.log_level,
+        ]  # fmt: skip
+        if cfg.agent:
+            args += ["--agent", cfg.agent]
+        if cfg.service_account:
+            args += ["--service-account", cfg.service_account]
+        env = {**os.environ, **cfg.extra_env, "MANDATE_WORKER_INDEX": str(w.index)}
+        w.proc = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL, env=env
+        )
+
+    async def _wait_workers(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for w in self._workers:
+            while not w.port_file.exists():
+                if w.proc is not None and w.proc.returncode is not None:
+                    raise ConfigError(f"worker {w.index} exited with code {w.proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"worker {w.index} not serving after {timeout}s")
+                await asyncio.sleep(0.02)
+            w.ready = True
+
+    async def _monitor(self, w: _Worker) -> None:
+        backoff = 0.1
+        while not self._stopping:
+            assert w.proc is not None
+            code = await w.proc.wait()
+            w.ready = False
+            if self._stopping:
+                return
+            with contextlib.suppress(Exception):
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(w.proc.pid)  # type: ignore[no-untyped-call]
+            log.error("worker %d exited with code %s; restarting in %.1fs", w.index, code, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            w.restarts += 1
+            await self._spawn(w)
+            started = time.monotonic()
+            while not w.port_file.exists() and time.monotonic() - started < 30:
+                if w.proc is not None and w.proc.returncode is not None:
+                    break
+                await asyncio.sleep(0.02)
+            if w.port_file.exists():
+                w.ready = True
+                backoff = 0.1
+
+    def _count(self, _: object) -> None:
+        assert self.store is not None
+        metrics.REVOCATION_WRITES.inc()
+        now = time.time()
+        counts = {
+            (src, act): 0 for src in ("kubernetes", "admin", "behaviour") for act in (True, False)
+        }
+        for r in self.store.entries():
+            key = (r.source, r.active(now))
+            counts[key] = counts.get(key, 0) + 1
+        for (src, act), n in counts.items():
+            metrics.REVOCATIONS.labels(src, "true" if act else "false").set(n)
+
+    async def _prune(self) -> None:
+        assert self.store is not None
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            self.store.prune_expired()
+
+    # -- status -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        assert self.store is not None
+        kube: dict[str, Any] = {"state": self._kube_state}
+        if self._watcher is not None:
+            kube.update(self._watcher.status())
+        return {
+            "revocations": {
+                "complete": self.store.complete,
+                "entries": len(self.store.entries()),
+                "generation": self.store.generation,
+            },
+            "workers": [
+                {"index": w.index, "listen": w.listen, "ready": w.ready, "restarts": w.restarts}
+                for w in self._workers
+            ],
+            "kubernetes": kube,
+            "profiles": self.holder.status().as_dict(),
+        }
+
+    def _ready(self) -> tuple[bool, dict[str, Any]]:
+        status = self.status()
+        ok = status["revocations"]["complete"] and all(w.ready for w in self._workers)
+        return ok, status
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()
+        for w in self._workers:
+            if w.proc is not None and w.proc.returncode is None:
+                w.proc.send_signal(signal.SIGTERM)
+        for w in self._workers:
+            if w.proc is not None:
+                try:
+                    await asyncio.wait_for(w.proc.wait(), 5)
+                except TimeoutError:
+                    w.proc.kill()
+                    await w.proc.wait()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self.holder.stop()
+        if self.table is not None:
+            self.table.close()
+            if self.config.table_path is None:
+                self.table.path.unlink(missing_ok=True)
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+async def _serve(config: SupervisorConfig) -> None:
+    sup = Supervisor(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await sup.start()
+        await stop.wait()
+        log.info("mandate stopping")
+    finally:
+        await sup.stop()
+
+
+def run_supervisor(config: SupervisorConfig) -> None:
+    """Run until SIGTERM or SIGINT."""
+    asyncio.run(_serve(config))
