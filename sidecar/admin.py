@@ -152,7 +152,8 @@ class RevocationAPI:
             created_at=now,
         )
         self._store.upsert(rev)
-        return web.json_response({"revoked": _show(rev, now)}, status=201)
+        written = {"generation": self._store.generation, "visible_at": self._store.visible_at}
+        return web.json_response({"revoked": _show(rev, now), **written}, status=201)
 
     async def _restore(self, request: web.Request) -> web.Response:
         agent = request.match_info["agent"]
@@ -169,7 +170,12 @@ class RevocationAPI:
             and r.namespace == self._namespace
             and (r.agent == agent or r.agent == ALL_AGENTS or agent == ALL_AGENTS)
         ]
-        body = {"restored": [_show(r, now) for r in removed], "still_revoked_by": remaining}
+        body = {
+            "restored": [_show(r, now) for r in removed],
+            "still_revoked_by": remaining,
+            "generation": self._store.generation,
+            "visible_at": self._store.visible_at,
+        }
         return web.json_response(body, status=409 if remaining else 200)
 
 

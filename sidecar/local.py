@@ -35,6 +35,8 @@ __all__ = [
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY_DIR = ROOT / "envoy"
+# Values of envoy/local.yaml's placeholders that callers rarely change.
+ENVOY_DEFAULTS = {"MAX_BODY": "65536", "MAX_STREAM": "300s", "AGENT": ""}
 
 
 def envoy_binary() -> str:
@@ -60,7 +62,7 @@ def render_envoy_config(
     as if each agent were its own pod. With ``mandate_ports``, the `mandate` cluster gets
     one endpoint per worker (values["MANDATE_PORT"] may then be omitted)."""
     text = Path(template).read_text() if isinstance(template, Path) else template
-    filled = {k: str(v) for k, v in values.items()}
+    filled = {**ENVOY_DEFAULTS, **{k: str(v) for k, v in values.items()}}
     if mandate_ports:
         filled.setdefault("MANDATE_PORT", str(mandate_ports[0]))
     if not agents and not mandate_ports:

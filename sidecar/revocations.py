@@ -46,6 +46,7 @@ class RevocationStore:
         self._lock = threading.RLock()
         self._listeners: list[Callable[[Change], None]] = []
         self.generation = 0
+        self.visible_at = 0.0  # when the last write became visible to workers
 
     # -- reading --------------------------------------------------------------------------
 
@@ -113,7 +114,7 @@ class RevocationStore:
 
     def _publish(self, added: list[Revocation], removed: list[Revocation]) -> None:
         self.generation = self._table.write(self._entries.values(), self._complete)
-        visible_at = self._clock()
+        visible_at = self.visible_at = self._clock()
         try:
             self._persist()
         except OSError:

@@ -78,9 +78,12 @@ class SharedTable:
             if size < _HEADER:
                 raise ConfigError(f"revocation table {p}: too small ({size} bytes)")
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        except OSError as exc:  # e.g. a directory
+            raise ConfigError(f"revocation table {p}: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
         if mm[0:8] != MAGIC:
+            mm.close()
             raise ConfigError(f"revocation table {p}: not a mandate revocation table")
         return cls(p, mm, writer=False)
 

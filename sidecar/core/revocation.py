@@ -46,6 +46,8 @@ class Revocation:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Revocation:
         """Inverse of `as_dict`; raises KeyError/TypeError/ValueError on a bad entry."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a revocation must be an object, not {type(data).__name__}")
         expires = data.get("expires_at")
         return cls(
             key=str(data["key"]),

@@ -3,8 +3,9 @@
 Starts a demo upstream (aiohttp), `mandate run` with the demo profiles, and real Envoy
 with one egress listener per agent (as if each agent were its own pod), then plays a
 scripted agent session through Envoy and prints every call's decision and reason. Finally
-it stops mandate to show that Envoy then refuses every call (fail closed), and stops
-everything (Ctrl-C too).
+an operator revokes one agent and restores it (`mandate revoke` / `mandate restore`), then
+mandate stops to show that Envoy then refuses every call (fail closed), and everything
+stops (Ctrl-C too).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -133,6 +135,17 @@ def _row(n: int, call: Call, status: int, data: dict[str, Any]) -> str:
     return line + "\n" + textwrap.indent(textwrap.fill(f"{call.note} — {why}", 110), " " * 16)
 
 
+def _admin_cli(mandate: MandateProcess, argv: list[str]) -> None:
+    """Run `mandate revoke/restore` as an operator would, against this sidecar."""
+    token = mandate.log_path.parent / "state" / "admin.token"
+    cmd = [sys.executable, "-m", "sidecar", *argv, "--admin", f"127.0.0.1:{mandate.admin_port}"]
+    result = subprocess.run(
+        [*cmd, "--token-file", str(token)], capture_output=True, text=True, timeout=30
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"mandate {argv[0]} failed: {result.stderr.strip()}")
+
+
 async def _play(envoy: EnvoyProcess, mandate: MandateProcess) -> int:
     proxies = {agent: f"http://127.0.0.1:{port}" for agent, port in (
         (name.removeprefix("egress-"), port) for name, port in envoy.listeners.items()
@@ -144,6 +157,20 @@ async def _play(envoy: EnvoyProcess, mandate: MandateProcess) -> int:
         for title, calls in SCENES:
             print(f"\n── {title}")
             for call in calls:
+                n += 1
+                status, data = await _send(session, proxies[call.agent], call)
+                print(_row(n, call, status, data))
+        print("\n── an operator revokes billing-agent (INC-4412), then restores it")
+        revoke = ["revoke", "billing-agent", "--reason", "Anomalous refund volume (INC-4412)"]
+        for label, argv in (("revoke", revoke), ("restore", ["restore", "billing-agent"])):
+            print(
+                f"   $ mandate {' '.join(argv[:2])}{' --reason ...' if label == 'revoke' else ''}"
+            )
+            _admin_cli(mandate, argv)
+            for call in (
+                Call("billing-agent", "GET", f"{LEDGER}/v1/invoices/42", f"after {label}"),
+                Call("research-agent", "GET", f"{ARXIV}/api/query?q=x", "other agents unaffected"),
+            ):
                 n += 1
                 status, data = await _send(session, proxies[call.agent], call)
                 print(_row(n, call, status, data))
@@ -161,15 +188,20 @@ async def _main(keep: bool) -> int:
     mandate: MandateProcess | None = None
     envoy: EnvoyProcess | None = None
     try:
-        mandate = start_mandate(PROFILES, workdir / "mandate")
+        mandate = start_mandate(
+            PROFILES,
+            workdir / "mandate",
+            extra=["--state-dir", str(workdir / "mandate" / "state"), "--namespace", "agents"],
+        )
         config = render_envoy_config(
             ENVOY_DIR / "local.yaml",
             {
-                "ADMIN_PORT": 0, "LISTEN_PORT": 0, "MANDATE_PORT": mandate.grpc_port,
+                "ADMIN_PORT": 0, "LISTEN_PORT": 0,
                 "UPSTREAM_PORT": upstream_port, "MAX_BODY": 65536,
                 "ACCESS_LOG": workdir / "envoy" / "access.log",
             },
             agents=["billing-agent", "research-agent"],
+            mandate_ports=mandate.grpc_ports,
         )  # fmt: skip
         envoy = start_envoy(config, workdir / "envoy", access_log=workdir / "envoy" / "access.log")
         print("mandate demo: every call below goes agent → Envoy → mandate (ext_authz) → upstream")

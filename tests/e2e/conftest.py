@@ -7,8 +7,10 @@ import asyncio
 import http.client
 import json
 import shutil
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,19 @@ class Stack:
     mandate: MandateProcess
     envoy: EnvoyProcess
     profiles: Path
+    tmp: Path
+
+    @property
+    def token_file(self) -> Path:
+        return self.tmp / "state" / "admin.token"
+
+    def mandate_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`mandate ARGS --admin ... --token-file ...` as an operator runs it."""
+        return subprocess.run(
+            [sys.executable, "-m", "sidecar", *args, "--admin",
+             f"127.0.0.1:{self.mandate.admin_port}", "--token-file", str(self.token_file)],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
 
     def port(self, agent: str) -> int:
         return self.envoy.listeners[f"egress-{agent}"]
@@ -119,33 +134,56 @@ class Stack:
             conn.close()
 
 
-def start_stack(tmp: Path, profiles: Path | None = None) -> Stack:
+NAMESPACE = "agents"
+
+
+def start_mandate_for(
+    tmp: Path, profiles: Path, workers: int = 1, extra: Sequence[str] = ()
+) -> MandateProcess:
+    return start_mandate(
+        profiles,
+        tmp / "mandate",
+        extra=[
+            "--workers", str(workers), "--state-dir", str(tmp / "state"),
+            "--namespace", NAMESPACE, *extra,
+        ],
+    )  # fmt: skip
+
+
+def start_stack(
+    tmp: Path,
+    profiles: Path | None = None,
+    workers: int = 1,
+    extra: Sequence[str] = (),
+    max_stream: str = "300s",
+) -> Stack:
     if profiles is None:
         profiles = tmp / "profiles"
         profiles.mkdir()
         shutil.copy(DEMO_PROFILES / "agents.yaml", profiles / "agents.yaml")
         shutil.copy(E2E_PROFILES / "tunnel.yaml", profiles / "tunnel.yaml")
     upstream = Upstream()
-    mandate = start_mandate(profiles, tmp / "mandate")
+    mandate = start_mandate_for(tmp, profiles, workers, extra)
     try:
         config = render_envoy_config(
             ENVOY_DIR / "local.yaml",
             {
                 "ADMIN_PORT": 0,
                 "LISTEN_PORT": 0,
-                "MANDATE_PORT": mandate.grpc_port,
                 "UPSTREAM_PORT": upstream.port,
                 "MAX_BODY": MAX_BODY,
+                "MAX_STREAM": max_stream,
                 "ACCESS_LOG": tmp / "access.log",
             },
             agents=AGENTS,
+            mandate_ports=mandate.grpc_ports,
         )
         envoy = start_envoy(config, tmp / "envoy", access_log=tmp / "access.log")
     except BaseException:
         mandate.stop()
         upstream.stop()
         raise
-    return Stack(upstream, mandate, envoy, profiles)
+    return Stack(upstream, mandate, envoy, profiles, tmp)
 
 
 def stop_stack(stack: Stack) -> None:
