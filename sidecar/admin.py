@@ -31,7 +31,7 @@ from .revocations import RevocationStore
 __all__ = ["AdminServer", "RevocationAPI", "add_probe_routes", "read_token"]
 
 Ready = Callable[[], tuple[bool, dict[str, Any]]]
-_AGENT = re.compile(r"^(\*|[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?)$")
+_AGENT = re.compile(r"^(\*|[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?)\Z")  # \Z: no trailing \n
 
 
 def add_probe_routes(app: web.Application, ready: Ready) -> None:
@@ -101,9 +101,12 @@ class RevocationAPI:
         async def checked(request: web.Request) -> web.StreamResponse:
             if self._token is None:
                 return _error(503, "no_token", "the admin API has no token configured")
-            given = request.headers.get("Authorization", "")
-            expected = f"Bearer {self._token}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer":
+                given = ""
+            expected = self._token
+            # surrogateescape: a header that is not UTF-8 is refused (401), not a 500
+            if not hmac.compare_digest(given.encode(errors="surrogateescape"), expected.encode()):
                 return _error(401, "unauthorized", "a valid bearer token is required")
             result: web.StreamResponse = await handler(request)
             return result
@@ -138,6 +141,8 @@ class RevocationAPI:
                 if not isinstance(expires, str):
                     raise ValueError("expected an RFC 3339 string")
                 expires_at = _parse_time(expires)
+                if expires_at <= self._clock():
+                    raise ValueError("is in the past")
             except ValueError as exc:
                 return _error(400, "bad_request", f"expiresAt: {exc}")
         now = self._clock()
@@ -168,7 +173,7 @@ class RevocationAPI:
             for r in self._store.entries()
             if r.active(now)
             and r.namespace == self._namespace
-            and (r.agent == agent or r.agent == ALL_AGENTS or agent == ALL_AGENTS)
+            and (r.agent == agent or r.agent == ALL_AGENTS)
         ]
         body = {
             "restored": [_show(r, now) for r in removed],

@@ -99,11 +99,15 @@ class RevocationStore:
             return
         doc = {"version": STATE_VERSION, "revocations": [r.as_dict() for r in self.entries()]}
         tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("w") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        try:
+            with tmp.open("w") as f:
+                json.dump(doc, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         dirfd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dirfd)
@@ -167,11 +171,12 @@ class RevocationStore:
                 raise ValueError(f"replace_source({source!r}) given another source's entry")
             old = {k: r for k, r in self._entries.items() if r.source == source}
             added = [r for k, r in new.items() if old.get(k) != r]
-            removed = [r for k, r in old.items() if k not in new]
+            # a modified entry is reported as its old version removed, as upsert does
+            removed = [r for k, r in old.items() if new.get(k) != r]
             if not added and not removed:
                 return 0, 0
             for r in removed:
-                del self._entries[r.key]
+                self._entries.pop(r.key, None)
             self._entries.update({r.key: r for r in added})
             self._publish(added, removed)
             return len(added), len(removed)

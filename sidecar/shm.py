@@ -37,6 +37,7 @@ _HEADER = 24
 DEFAULT_SIZE = 4 * 1024 * 1024
 COMPLETE, OVERFLOW = 1, 2
 _INCOMPLETE = RevocationTable(generation=-1, complete=False)
+_MAX_WAIT = 0.005  # seconds a reader waits for a write in progress before failing closed
 
 
 class SharedTable:
@@ -60,11 +61,16 @@ class SharedTable:
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
+        # Start from a time-based even generation: a reader still attached to an earlier table
+        # at this path can never mistake the new one for what it cached.
+        start = (time.time_ns() // 1000) & ~1 & (2**63 - 1)
         mm[0:8] = MAGIC
-        _GEN.pack_into(mm, 8, 0)
+        _GEN.pack_into(mm, 8, start)
         _META.pack_into(mm, 16, 2, 0)
         mm[_HEADER : _HEADER + 2] = b"[]"
-        return cls(p, mm, writer=True)
+        table = cls(p, mm, writer=True)
+        table._generation = start
+        return table
 
     @classmethod
     def attach(cls, path: str | os.PathLike[str]) -> SharedTable:
@@ -114,26 +120,26 @@ class SharedTable:
         mm = self._mm
         if _GEN.unpack_from(mm, 8)[0] == self._cached.generation:
             return self._cached
-        for attempt in range(10_000):
+        deadline = 0.0
+        while True:
             g1 = _GEN.unpack_from(mm, 8)[0]
-            if g1 & 1:
-                if attempt > 100:
-                    time.sleep(0)
-                continue
             length, flags = _META.unpack_from(mm, 16)
-            if _HEADER + length > len(mm):
-                continue
-            payload = mm[_HEADER : _HEADER + length]
-            if _GEN.unpack_from(mm, 8)[0] != g1:
-                continue
-            try:
-                entries = [Revocation.from_dict(d) for d in json.loads(payload)]
-            except (ValueError, KeyError, TypeError):
-                return _INCOMPLETE
-            complete = bool(flags & COMPLETE) and not flags & OVERFLOW
-            self._cached = RevocationTable.build(g1, entries, complete)
-            return self._cached
-        return _INCOMPLETE  # a writer stuck mid-write: fail closed
+            payload = mm[_HEADER : _HEADER + length] if _HEADER + length <= len(mm) else None
+            if not g1 & 1 and payload is not None and _GEN.unpack_from(mm, 8)[0] == g1:
+                break
+            # A write takes microseconds; one that lasts longer means a stuck writer.
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + _MAX_WAIT
+            elif now > deadline:
+                return _INCOMPLETE  # fail closed
+        try:
+            entries = [Revocation.from_dict(d) for d in json.loads(payload)]
+        except (ValueError, KeyError, TypeError):
+            return _INCOMPLETE
+        complete = bool(flags & COMPLETE) and not flags & OVERFLOW
+        self._cached = RevocationTable.build(g1, entries, complete)
+        return self._cached
 
     def close(self) -> None:
         self._mm.close()

@@ -1,0 +1,397 @@
+"""SharedTable: the memory-mapped revocation table (one writer, many readers, a seqlock).
+
+A reader never sees a torn table: while the generation is odd, or when the payload cannot be
+parsed, or when the writer overflowed, it reads an incomplete table (every Check denied).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import multiprocessing
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.core.revocation import Revocation, make_key
+from sidecar.errors import ConfigError
+from sidecar.shm import MAGIC, SharedTable
+
+NOW = 1_700_000_000.0
+HEADER = 24
+
+
+def rev(i: int, agent: str = "", namespace: str = "agents") -> Revocation:
+    agent = agent or f"agent-{i}"
+    return Revocation(
+        key=make_key("admin", namespace, f"{agent}-{i}"),
+        agent=agent,
+        namespace=namespace,
+        reason=f"reason {i}",
+        source="admin",
+        name=f"{agent}-{i}",
+        created_at=NOW,
+    )
+
+
+def payload_size(entries: list[Revocation]) -> int:
+    return len(json.dumps([e.as_dict() for e in entries], separators=(",", ":")).encode())
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "revocations"
+
+
+@pytest.fixture
+def writer(path: Path) -> Iterator[SharedTable]:
+    table = SharedTable.create(path, size=64 * 1024)
+    yield table
+    table.close()
+
+
+@pytest.fixture
+def reader(writer: SharedTable, path: Path) -> Iterator[SharedTable]:
+    table = SharedTable.attach(path)
+    yield table
+    table.close()
+
+
+@pytest.fixture
+def raw(writer: SharedTable, path: Path) -> Iterator[mmap.mmap]:
+    """A second writable mapping of the same file: a stuck or misbehaving writer."""
+    with path.open("r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0)
+    yield mm
+    mm.close()
+
+
+def set_generation(mm: mmap.mmap, gen: int) -> None:
+    struct.pack_into("<Q", mm, 8, gen)
+
+
+def generation(mm: mmap.mmap) -> int:
+    return int(struct.unpack_from("<Q", mm, 8)[0])
+
+
+# -- create, attach, write, read --------------------------------------------------------------
+
+
+def test_fresh_table_is_empty_and_incomplete(
+    writer: SharedTable, reader: SharedTable, raw: mmap.mmap
+) -> None:
+    start = generation(raw)
+    assert start % 2 == 0  # even: no write in progress
+    for table in (reader.read(), writer.read()):
+        assert (table.generation, len(table), table.complete) == (start, 0, False)
+
+
+def test_write_then_read(writer: SharedTable, reader: SharedTable, raw: mmap.mmap) -> None:
+    entries = [rev(1), rev(2, "*")]
+    start = generation(raw)
+    gen = writer.write(entries, complete=True)
+    assert gen == start + 2
+    table = reader.read()
+    assert (table.generation, table.complete) == (start + 2, True)
+    assert set(table.entries) == set(entries)
+    assert table.find("agents", "agent-1", NOW) == rev(1)
+    assert table.find("agents", "someone", NOW) == rev(2, "*")
+
+
+def test_write_incomplete_is_read_incomplete(writer: SharedTable, reader: SharedTable) -> None:
+    writer.write([rev(1)], complete=False)
+    table = reader.read()
+    assert (len(table), table.complete) == (1, False)
+
+
+def test_generations_increase_by_two(writer: SharedTable, raw: mmap.mmap) -> None:
+    start = generation(raw)
+    assert [writer.write([], complete=True) for _ in range(3)] == [start + 2, start + 4, start + 6]
+
+
+def test_read_returns_the_cached_table_while_generation_unchanged(
+    writer: SharedTable, reader: SharedTable
+) -> None:
+    writer.write([rev(1)], complete=True)
+    first = reader.read()
+    assert reader.read() is first
+    assert reader.read() is first
+    writer.write([rev(1)], complete=True)  # same content, new generation
+    second = reader.read()
+    assert second is not first
+    assert second.entries == first.entries
+    assert second.generation == first.generation + 2
+    assert reader.read() is second
+
+
+def test_reader_attached_before_writes_sees_later_writes(
+    writer: SharedTable, reader: SharedTable
+) -> None:
+    assert not reader.read().complete
+    for n in (1, 5, 0, 3):
+        entries = [rev(i) for i in range(n)]
+        writer.write(entries, complete=True)
+        table = reader.read()
+        assert set(table.entries) == set(entries)
+        assert table.complete
+
+
+def test_two_readers_see_the_same_table(writer: SharedTable, path: Path) -> None:
+    a, b = SharedTable.attach(path), SharedTable.attach(path)
+    try:
+        writer.write([rev(1), rev(2)], complete=True)
+        assert a.read() == b.read()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_attached_table_cannot_write(reader: SharedTable) -> None:
+    with pytest.raises(AssertionError):
+        reader.write([], complete=True)
+
+
+def test_create_truncates_an_existing_table(writer: SharedTable, path: Path) -> None:
+    old = writer.write([rev(1)], complete=True)
+    again = SharedTable.create(path, size=4096)
+    try:
+        fresh = again.read()
+        assert len(fresh) == 0 and not fresh.complete
+        assert fresh.generation != old  # a reader's cache can never match the new table
+        assert path.stat().st_size == 4096
+    finally:
+        again.close()
+
+
+def test_create_rejects_a_tiny_size(path: Path) -> None:
+    with pytest.raises(ConfigError, match="too small"):
+        SharedTable.create(path, size=HEADER + 1)
+
+
+# -- a stuck or misbehaving writer: incomplete, never partial --------------------------------
+
+
+def test_writer_stuck_mid_write_reads_incomplete(
+    writer: SharedTable, reader: SharedTable, raw: mmap.mmap
+) -> None:
+    good = [rev(i) for i in range(5)]
+    writer.write(good, complete=True)
+    assert len(reader.read()) == 5
+    # a second write starts (odd generation, half a payload) and never finishes
+    set_generation(raw, generation(raw) + 1)
+    raw[HEADER : HEADER + 10] = b'[{"key":"x'
+    start = time.monotonic()
+    stuck = reader.read()
+    assert time.monotonic() - start < 2.0
+    assert (stuck.complete, len(stuck), stuck.find("agents", "agent-1", NOW)) == (False, 0, None)
+    # the writer (or its successor) finishes a write: readers recover
+    writer.write(good, complete=True)
+    recovered = reader.read()
+    assert recovered.complete and set(recovered.entries) == set(good)
+
+
+def test_writer_stuck_before_any_write_reads_incomplete(
+    reader: SharedTable, raw: mmap.mmap
+) -> None:
+    set_generation(raw, generation(raw) + 1)
+    assert not reader.read().complete
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"[{not json", b'[{"key": "k"}]', b'["a string"]', b"[1, 2]", b"null", b"\xff\xfe"],
+    ids=["not-json", "missing-fields", "string-entry", "number-entries", "null", "not-utf8"],
+)
+def test_unparsable_payload_reads_incomplete(
+    writer: SharedTable, reader: SharedTable, raw: mmap.mmap, payload: bytes
+) -> None:
+    writer.write([rev(1)], complete=True)
+    assert reader.read().complete
+    raw[HEADER : HEADER + len(payload)] = payload
+    struct.pack_into("<II", raw, 16, len(payload), 1)
+    set_generation(raw, generation(raw) + 2)
+    table = reader.read()
+    assert (table.complete, len(table)) == (False, 0)
+
+
+def test_length_beyond_the_map_reads_incomplete(
+    writer: SharedTable, reader: SharedTable, raw: mmap.mmap
+) -> None:
+    writer.write([rev(1)], complete=True)
+    struct.pack_into("<II", raw, 16, len(raw), 1)
+    set_generation(raw, generation(raw) + 2)
+    start = time.monotonic()
+    assert not reader.read().complete
+    assert time.monotonic() - start < 2.0
+
+
+# -- overflow ----------------------------------------------------------------------------------
+
+
+def test_overflow_reads_incomplete_then_recovers(path: Path) -> None:
+    one = [rev(0)]
+    writer = SharedTable.create(path, size=HEADER + payload_size(one))  # one entry, exactly
+    reader = SharedTable.attach(path)
+    try:
+        writer.write(one, complete=True)
+        assert reader.read().complete
+        assert len(reader.read()) == 1
+        writer.write([rev(i) for i in range(50)], complete=True)
+        table = reader.read()
+        assert (table.complete, len(table)) == (False, 0)  # published empty, never truncated
+        writer.write([rev(0)], complete=True)
+        table = reader.read()
+        assert (table.complete, len(table)) == (True, 1)
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_one_byte_over_overflows(path: Path) -> None:
+    one = [rev(0)]
+    writer = SharedTable.create(path, size=HEADER + payload_size(one) - 1)
+    try:
+        writer.write(one, complete=True)
+        assert not writer.read().complete
+        writer.write([], complete=True)
+        assert writer.read().complete
+    finally:
+        writer.close()
+
+
+# -- attach errors -----------------------------------------------------------------------------
+
+
+def test_attach_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(ConfigError, match=f"revocation table {missing}: No such file"):
+        SharedTable.attach(missing)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "too small"),
+        (MAGIC + b"\0" * 10, "too small"),
+        (b"NOTMAGIC" + b"\0" * 100, "not a mandate revocation table"),
+        (b"MNDTREV2" + b"\0" * 100, "not a mandate revocation table"),
+    ],
+    ids=["empty", "short-header", "wrong-magic", "other-version"],
+)
+def test_attach_bad_file(tmp_path: Path, content: bytes, message: str) -> None:
+    bad = tmp_path / "bad"
+    bad.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as err:
+        SharedTable.attach(bad)
+    assert str(bad) in str(err.value)
+
+
+def test_attach_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        SharedTable.attach(tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
+# -- concurrency: a reader never sees a torn table ---------------------------------------------
+
+SMALL = [rev(0, "solo")]
+LARGE = [rev(i) for i in range(50)]
+
+
+def _writer_loop(path: str, seconds: float) -> None:
+    writer = _open_writer(path)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        writer.write(SMALL, complete=True)
+        writer.write(LARGE, complete=True)
+
+
+def _open_writer(path: str) -> SharedTable:
+    """A second writer on an existing table (a test-only view: not a public API)."""
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0)
+    table = SharedTable(Path(path), mm, writer=True)
+    table._generation = generation(mm)
+    return table
+
+
+def _check_reads(reader: SharedTable, done: threading.Event | None, until: float) -> dict[str, int]:
+    small, large = frozenset(SMALL), frozenset(LARGE)
+    seen = {"small": 0, "large": 0, "incomplete": 0, "reads": 0}
+    while time.monotonic() < until and not (done is not None and done.is_set()):
+        table = reader.read()
+        seen["reads"] += 1
+        if not table.complete:
+            assert len(table) == 0, "an incomplete table must be empty"
+            seen["incomplete"] += 1
+            continue
+        assert table.generation % 2 == 0
+        got = frozenset(table.entries)
+        assert got in (small, large), f"torn table: {len(got)} entries"
+        seen["small" if got == small else "large"] += 1
+    return seen
+
+
+def test_concurrent_writer_thread_never_tears_a_read(path: Path) -> None:
+    writer = SharedTable.create(path, size=256 * 1024)
+    writer.write(SMALL, complete=True)
+    reader = SharedTable.attach(path)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            deadline = time.monotonic() + 0.6
+            while time.monotonic() < deadline:
+                writer.write(SMALL, complete=True)
+                writer.write(LARGE, complete=True)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often: interleave reads and writes
+    thread = threading.Thread(target=write, daemon=True)
+    try:
+        thread.start()
+        seen = _check_reads(reader, done, time.monotonic() + 3.0)
+        thread.join(timeout=3.0)
+    finally:
+        sys.setswitchinterval(interval)
+        done.set()
+        reader.close()
+    assert not thread.is_alive()
+    assert not errors
+    assert seen["small"] > 0 and seen["large"] > 0, seen
+    writer.close()
+
+
+def test_concurrent_writer_process_never_tears_a_read(path: Path) -> None:
+    writer = SharedTable.create(path, size=256 * 1024)
+    writer.write(SMALL, complete=True)
+    writer.close()
+    reader = SharedTable.attach(path)
+    ctx = multiprocessing.get_context("fork")
+    proc = ctx.Process(target=_writer_loop, args=(str(path), 0.6), daemon=True)
+    proc.start()
+    try:
+        # wait for the writer to start, then read until it stops (bounded)
+        deadline = time.monotonic() + 5.0
+        start = reader.read().generation
+        while reader.read().generation <= start + 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        seen = _check_reads(reader, None, time.monotonic() + 0.5)
+        proc.join(timeout=5.0)
+    finally:
+        if proc.is_alive():  # pragma: no cover
+            proc.kill()
+            proc.join(timeout=5.0)
+        reader.close()
+    assert proc.exitcode == 0
+    assert seen["small"] > 0 and seen["large"] > 0, seen
