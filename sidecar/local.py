@@ -154,7 +154,7 @@ def start_envoy(
     log_path = workdir / "envoy.log"
     cmd = [
         envoy_binary(), "-c", str(cfg), "--concurrency", str(concurrency),
-        "--use-dynamic-base-id", "--admin-address-path", str(admin_path),
+        "--disable-hot-restart", "--admin-address-path", str(admin_path),
         "--log-level", log_level, "--log-path", str(log_path),
         "--file-flush-interval-msec", "100",  # access log visible to tests within 0.1 s
     ]  # fmt: skip

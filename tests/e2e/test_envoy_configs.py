@@ -25,7 +25,7 @@ def _validate(text: str, tmp_path: Path) -> None:
     cfg = tmp_path / "envoy.yaml"
     cfg.write_text(text)
     result = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(cfg), "--use-dynamic-base-id"],
+        [envoy_binary(), "--mode", "validate", "-c", str(cfg), "--disable-hot-restart"],
         capture_output=True,
         text=True,
         timeout=60,
