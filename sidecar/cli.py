@@ -88,6 +88,17 @@ def _serve_options(cmd: argparse.ArgumentParser, admin: bool) -> None:
         default=2.0,
         help="fallback poll interval of the profile directory (default %(default)s)",
     )
+    cmd.add_argument(
+        "--otlp-endpoint",
+        default=_env("MANDATE_OTLP_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        help="OTLP/gRPC collector for decision spans, e.g. http://jaeger:4317 (env "
+        "MANDATE_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT; default: tracing off)",
+    )
+    cmd.add_argument(
+        "--pod-name",
+        default=_env("MANDATE_POD_NAME", ""),
+        help="this pod's name, for spans, audit records and Events (env MANDATE_POD_NAME)",
+    )
     cmd.add_argument("--port-file", type=Path, help="write the bound ports as JSON to this file")
     cmd.add_argument(
         "--log-level",
@@ -146,11 +157,6 @@ def _parser() -> argparse.ArgumentParser:
         help="watch AgentRevocation objects (auto: when in a cluster or --kubeconfig is given)",
     )
     run.add_argument("--kubeconfig", type=Path, default=_env("KUBECONFIG"), help="kubeconfig file")
-    run.add_argument(
-        "--pod-name",
-        default=_env("MANDATE_POD_NAME", ""),
-        help="this pod's name, for enforcement Events (env MANDATE_POD_NAME)",
-    )
     run.add_argument(
         "--initial-sync-timeout",
         type=float,
@@ -382,6 +388,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         poll_seconds=args.poll_seconds,
         port_file=args.port_file,
         log_level=args.log_level,
+        otlp_endpoint=args.otlp_endpoint,
     )
     try:
         return _starting(args, lambda: run_supervisor(config))
@@ -404,6 +411,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         threads=args.threads,
         poll_seconds=args.poll_seconds,
         port_file=args.port_file,
+        otlp_endpoint=args.otlp_endpoint,
+        pod_name=args.pod_name,
     )
     return _starting(args, lambda: serve(config))
 

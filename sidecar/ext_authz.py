@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -31,6 +32,9 @@ from google.rpc import code_pb2, status_pb2
 from . import metrics
 from .core import Code, Decision, RequestView, Snapshot, decide
 from .core.revocation import EMPTY_TABLE, RevocationTable
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 __all__ = [
     "AGENT_HEADER",
@@ -51,6 +55,7 @@ TASK_HEADER = "x-mandate-task"
 _SET_HEADERS = (AGENT_HEADER, PURPOSE_HEADER, TASK_HEADER, DECISION_HEADER)
 _PARTIAL_BODY = "x-envoy-auth-partial-body"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_TRACE_KEYS = ("traceparent", "tracestate")
 # version-traceid-parentid-flags[-more]; a character class, not int(x, 16), which also
 # takes a sign, "_" and whitespace.
 _TRACEPARENT = re.compile(
@@ -187,11 +192,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         identity: Identity,
         clock: Callable[[], float] = time.time,
         revocations: Callable[[], RevocationTable] = lambda: EMPTY_TABLE,
+        tracing: Tracing | None = None,
     ) -> None:
         self._snapshot = snapshot
         self._identity = identity
         self._clock = clock
         self._revocations = revocations
+        self._tracing = tracing
 
     def decide(self, request: external_auth_pb2.CheckRequest) -> tuple[Decision, dict[str, str]]:
         """Decide one CheckRequest; never raises."""
@@ -214,6 +221,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self, request: external_auth_pb2.CheckRequest, context: grpc.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
         start = time.perf_counter()
+        start_ns = time.time_ns() if self._tracing is not None else 0
         decision, headers = self.decide(request)
         try:
             response = response_for(decision, headers)
@@ -223,4 +231,19 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                 status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message="internal_error")
             )
         metrics.observe_decision(decision, time.perf_counter() - start)
+        if self._tracing is not None:
+            try:
+                self._tracing.record(decision, _parents(context, headers), start_ns, time.time_ns())
+            except Exception:  # telemetry never changes a decision
+                log.exception("recording the decision span failed")
         return response
+
+
+def _parents(context: grpc.ServicerContext | None, headers: dict[str, str]) -> dict[str, str]:
+    """The span to parent the decision span on: Envoy's ext_authz span (gRPC metadata),
+    else the request's own `traceparent`."""
+    if context is not None:
+        meta = {k: v for k, v in context.invocation_metadata() if k in _TRACE_KEYS}
+        if "traceparent" in meta:
+            return meta  # type: ignore[return-value]
+    return {k: headers[k] for k in _TRACE_KEYS if k in headers}

@@ -36,7 +36,7 @@ __all__ = [
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY_DIR = ROOT / "envoy"
 # Values of envoy/local.yaml's placeholders that callers rarely change.
-ENVOY_DEFAULTS = {"MAX_BODY": "65536", "MAX_STREAM": "300s", "AGENT": ""}
+ENVOY_DEFAULTS = {"MAX_BODY": "65536", "MAX_STREAM": "300s", "AGENT": "", "OTLP_PORT": "4317"}
 
 
 def envoy_binary() -> str:

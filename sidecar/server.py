@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
@@ -29,6 +29,9 @@ from .errors import ConfigError
 from .ext_authz import AuthorizationServicer, Identity
 from .reload import SnapshotHolder
 from .shm import SharedTable
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 __all__ = ["ServeConfig", "Sidecar", "serve"]
 
@@ -45,6 +48,8 @@ class ServeConfig:
     service_account: str | None = None
     namespace: str = ""
     table: Path | None = None  # the supervisor's shared revocation table, attached read-only
+    otlp_endpoint: str | None = None  # OTLP/gRPC collector for decision spans; None: off
+    pod_name: str = ""
     threads: int = 4
     poll_seconds: float = 2.0
     port_file: Path | None = None
@@ -68,6 +73,7 @@ class Sidecar:
         self._server: grpc.Server | None = None
         self._health = health.HealthServicer()
         self._admin: AdminServer | None = None
+        self._tracing: Tracing | None = None
 
     def _ready(self) -> tuple[bool, dict[str, Any]]:
         status = self.holder.status()
@@ -87,7 +93,13 @@ class Sidecar:
         identity = Identity(
             agent=cfg.agent, service_account=cfg.service_account, namespace=cfg.namespace
         )
-        servicer = AuthorizationServicer(self.holder.get, identity, revocations=revocations)
+        if cfg.otlp_endpoint:
+            from .tracing import Tracing  # imported only when on: OpenTelemetry is not free
+
+            self._tracing = Tracing(cfg.otlp_endpoint, pod=cfg.pod_name, namespace=cfg.namespace)
+        servicer = AuthorizationServicer(
+            self.holder.get, identity, revocations=revocations, tracing=self._tracing
+        )
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="check"),
             options=[("grpc.so_reuseport", 0)],
@@ -124,6 +136,8 @@ class Sidecar:
             self._server.stop(grace).wait(grace + 1)
         if self._admin is not None:
             self._admin.stop()
+        if self._tracing is not None:
+            self._tracing.shutdown()
 
 
 def serve(config: ServeConfig) -> None:

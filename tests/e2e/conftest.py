@@ -156,6 +156,7 @@ def start_stack(
     workers: int = 1,
     extra: Sequence[str] = (),
     max_stream: str = "300s",
+    envoy_values: dict[str, object] | None = None,
 ) -> Stack:
     if profiles is None:
         profiles = tmp / "profiles"
@@ -174,6 +175,7 @@ def start_stack(
                 "MAX_BODY": MAX_BODY,
                 "MAX_STREAM": max_stream,
                 "ACCESS_LOG": tmp / "access.log",
+                **(envoy_values or {}),
             },
             agents=AGENTS,
             mandate_ports=mandate.grpc_ports,
