@@ -66,6 +66,7 @@ class SupervisorConfig:
     poll_seconds: float = 2.0
     port_file: Path | None = None
     log_level: str = "INFO"
+    otlp_endpoint: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -255,6 +256,10 @@ class Supervisor:
             args += ["--agent", cfg.agent]
         if cfg.service_account:
             args += ["--service-account", cfg.service_account]
+        if cfg.otlp_endpoint:
+            args += ["--otlp-endpoint", cfg.otlp_endpoint]
+        if cfg.pod_name:
+            args += ["--pod-name", cfg.pod_name]
         env = {**os.environ, **cfg.extra_env, "MANDATE_WORKER_INDEX": str(w.index)}
         w.proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, env=env
