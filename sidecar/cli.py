@@ -1,4 +1,5 @@
-"""The `mandate` command line: run, worker, validate, explain, schema, revoke, restore, status.
+"""The `mandate` command line: run, worker, validate, explain, schema, revoke, restore,
+status, audit.
 
 Translates arguments into calls on the core and the server, and errors into exit codes:
 0 success (explain: allow), 1 explain: deny, 2 bad input (the message names the file,
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
+from .audit_cli import add_audit_parser, run_audit
 from .core import RequestView, decide, load_profiles
 from .core.model import json_schema, parse_duration
 from .errors import BadRequestError, ConfigError, ProfileErrors
@@ -99,6 +101,31 @@ def _serve_options(cmd: argparse.ArgumentParser, admin: bool) -> None:
         default=_env("MANDATE_POD_NAME", ""),
         help="this pod's name, for spans, audit records and Events (env MANDATE_POD_NAME)",
     )
+    cmd.add_argument(
+        "--audit-dir",
+        type=Path,
+        default=_env("MANDATE_AUDIT_DIR"),
+        help="write the hash-chained audit trail here (env MANDATE_AUDIT_DIR; default: off)",
+    )
+    cmd.add_argument(
+        "--audit-allows",
+        choices=["all", "none"],
+        default=_env("MANDATE_AUDIT_ALLOWS", "all"),
+        help="record allowed calls too (denies are always recorded; default %(default)s)",
+    )
+    cmd.add_argument(
+        "--audit-on-failure",
+        choices=["fail-closed", "continue"],
+        default=_env("MANDATE_AUDIT_ON_FAILURE", "fail-closed"),
+        help="when the audit trail cannot be written: deny every call, or count and go on "
+        "(default %(default)s)",
+    )
+    cmd.add_argument(
+        "--audit-fsync",
+        choices=["interval", "always", "never"],
+        default=_env("MANDATE_AUDIT_FSYNC", "interval"),
+        help="fsync policy of the audit files (default %(default)s: at most once a second)",
+    )
     cmd.add_argument("--port-file", type=Path, help="write the bound ports as JSON to this file")
     cmd.add_argument(
         "--log-level",
@@ -172,6 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _serve_options(worker, admin=False)
     worker.add_argument("--table", type=Path, required=True, help="the shared revocation table")
+    worker.add_argument("--chain-id", default="", help="this worker's audit chain id")
 
     for name, helptext in (
         ("revoke", "revoke an agent through the sidecar's admin API"),
@@ -233,6 +261,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sch = sub.add_parser("schema", help="print the JSON Schema of the profile format")
     sch.add_argument("--indent", type=int, default=2)
+    add_audit_parser(sub)
     return p
 
 
@@ -389,6 +418,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         port_file=args.port_file,
         log_level=args.log_level,
         otlp_endpoint=args.otlp_endpoint,
+        audit_args=_audit_args(args),
     )
     try:
         return _starting(args, lambda: run_supervisor(config))
@@ -413,8 +443,23 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         port_file=args.port_file,
         otlp_endpoint=args.otlp_endpoint,
         pod_name=args.pod_name,
+        audit_dir=args.audit_dir,
+        audit_allows=args.audit_allows == "all",
+        audit_on_failure=args.audit_on_failure,
+        audit_fsync=args.audit_fsync,
+        chain_id=args.chain_id,
     )
     return _starting(args, lambda: serve(config))
+
+
+def _audit_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The audit options `mandate run` hands to each worker."""
+    if args.audit_dir is None:
+        return ()
+    return (
+        "--audit-dir", str(args.audit_dir), "--audit-allows", args.audit_allows,
+        "--audit-on-failure", args.audit_on_failure, "--audit-fsync", args.audit_fsync,
+    )  # fmt: skip
 
 
 def _admin_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> int:
@@ -478,6 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "worker":
         return _cmd_worker(args)
+    if args.command == "audit":
+        return run_audit(args)
     if args.command in ("revoke", "restore", "status"):
         return _cmd_admin(args)
     return _cmd_run(args)

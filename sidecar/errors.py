@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "AuditBusyError",
+    "AuditError",
+    "AuditInputError",
+    "AuditResumeError",
     "BadRequestError",
     "ConfigError",
     "MandateError",
@@ -75,3 +79,30 @@ class ProfileErrors(ProfileError):
     def __init__(self, problems: list[ProfileProblem]) -> None:
         self.problems = tuple(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class AuditError(MandateError):
+    """Base for audit-trail errors (writing, resuming, verifying, querying)."""
+
+    code = "audit_error"
+
+
+class AuditInputError(AuditError):
+    """What was given is not an audit trail: a missing directory, no audit files, an unknown
+    chain. The message names the directory or chain."""
+
+    code = "audit_input"
+
+
+class AuditResumeError(AuditError):
+    """The newest file of a chain is damaged beyond a torn last line (an edited or unreadable
+    last record, a missing file): the writer refuses to continue it. The message names the
+    file and line."""
+
+    code = "audit_resume"
+
+
+class AuditBusyError(AuditError):
+    """Another writer (process) holds the chain's lock: two writers would fork the chain."""
+
+    code = "audit_busy"

@@ -19,7 +19,7 @@ import random
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import grpc
@@ -30,6 +30,7 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from . import metrics
+from .audit import AuditWriter, record_from_decision
 from .core import Code, Decision, RequestView, Snapshot, decide
 from .core.revocation import EMPTY_TABLE, RevocationTable
 
@@ -193,12 +194,14 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         clock: Callable[[], float] = time.time,
         revocations: Callable[[], RevocationTable] = lambda: EMPTY_TABLE,
         tracing: Tracing | None = None,
+        audit: Audit | None = None,
     ) -> None:
         self._snapshot = snapshot
         self._identity = identity
         self._clock = clock
         self._revocations = revocations
         self._tracing = tracing
+        self._audit = audit
 
     def decide(self, request: external_auth_pb2.CheckRequest) -> tuple[Decision, dict[str, str]]:
         """Decide one CheckRequest; never raises."""
@@ -223,6 +226,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         start = time.perf_counter()
         start_ns = time.time_ns() if self._tracing is not None else 0
         decision, headers = self.decide(request)
+        if self._audit is not None:
+            decision = self._audit.record(decision)
         try:
             response = response_for(decision, headers)
         except Exception:
@@ -237,6 +242,34 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             except Exception:  # telemetry never changes a decision
                 log.exception("recording the decision span failed")
         return response
+
+
+@dataclass(frozen=True, slots=True)
+class Audit:
+    """Where a worker's decisions go: every deny, and every allow unless ``allows`` is
+    false. With the writer in fail-closed mode and unable to write, an allow becomes a
+    deny (`audit_unavailable`): no call leaves without its record."""
+
+    writer: AuditWriter
+    pod: str
+    namespace: str
+    allows: bool = True
+
+    def record(self, decision: Decision) -> Decision:
+        if decision.allowed and self.writer.must_deny():
+            decision = replace(
+                decision,
+                allowed=False,
+                code=Code.AUDIT_UNAVAILABLE,
+                reason="the audit trail cannot be written: failing closed",
+            )
+        if self.allows or not decision.allowed:
+            self.writer.write(
+                record_from_decision(
+                    decision, pod=self.pod, namespace=self.namespace, now=time.time()
+                )
+            )
+        return decision
 
 
 def _parents(context: grpc.ServicerContext | None, headers: dict[str, str]) -> dict[str, str]:

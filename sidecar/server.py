@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -24,9 +25,10 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .admin import AdminServer
+from .audit import AuditWriter
 from .core.revocation import EMPTY_TABLE, RevocationTable
 from .errors import ConfigError
-from .ext_authz import AuthorizationServicer, Identity
+from .ext_authz import Audit, AuthorizationServicer, Identity
 from .reload import SnapshotHolder
 from .shm import SharedTable
 
@@ -50,6 +52,11 @@ class ServeConfig:
     table: Path | None = None  # the supervisor's shared revocation table, attached read-only
     otlp_endpoint: str | None = None  # OTLP/gRPC collector for decision spans; None: off
     pod_name: str = ""
+    audit_dir: Path | None = None  # None: no audit trail
+    audit_allows: bool = True
+    audit_on_failure: str = "fail-closed"
+    audit_fsync: str = "interval"
+    chain_id: str = ""  # this worker's audit chain (unique per writer process)
     threads: int = 4
     poll_seconds: float = 2.0
     port_file: Path | None = None
@@ -74,6 +81,7 @@ class Sidecar:
         self._health = health.HealthServicer()
         self._admin: AdminServer | None = None
         self._tracing: Tracing | None = None
+        self._audit_writer: AuditWriter | None = None
 
     def _ready(self) -> tuple[bool, dict[str, Any]]:
         status = self.holder.status()
@@ -97,8 +105,17 @@ class Sidecar:
             from .tracing import Tracing  # imported only when on: OpenTelemetry is not free
 
             self._tracing = Tracing(cfg.otlp_endpoint, pod=cfg.pod_name, namespace=cfg.namespace)
+        audit = None
+        if cfg.audit_dir is not None:
+            self._audit_writer = AuditWriter(
+                cfg.audit_dir,
+                chain_id=cfg.chain_id or f"{cfg.pod_name or socket.gethostname()}-{os.getpid()}",
+                fsync=cfg.audit_fsync,  # type: ignore[arg-type]
+                on_failure=cfg.audit_on_failure,  # type: ignore[arg-type]
+            )
+            audit = Audit(self._audit_writer, cfg.pod_name, cfg.namespace, cfg.audit_allows)
         servicer = AuthorizationServicer(
-            self.holder.get, identity, revocations=revocations, tracing=self._tracing
+            self.holder.get, identity, revocations=revocations, tracing=self._tracing, audit=audit
         )
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="check"),
@@ -138,6 +155,8 @@ class Sidecar:
             self._admin.stop()
         if self._tracing is not None:
             self._tracing.shutdown()
+        if self._audit_writer is not None:
+            self._audit_writer.close()
 
 
 def serve(config: ServeConfig) -> None:

@@ -67,6 +67,7 @@ class SupervisorConfig:
     port_file: Path | None = None
     log_level: str = "INFO"
     otlp_endpoint: str | None = None
+    audit_args: tuple[str, ...] = ()  # worker options for the audit trail (see cli.py)
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -260,6 +261,9 @@ class Supervisor:
             args += ["--otlp-endpoint", cfg.otlp_endpoint]
         if cfg.pod_name:
             args += ["--pod-name", cfg.pod_name]
+        if cfg.audit_args:
+            pod = cfg.pod_name or socket.gethostname()
+            args += [*cfg.audit_args, "--chain-id", f"{pod}-w{w.index}"]
         env = {**os.environ, **cfg.extra_env, "MANDATE_WORKER_INDEX": str(w.index)}
         w.proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, env=env

@@ -64,6 +64,7 @@ class Code:
     INTERNAL_ERROR = "internal_error"
     REVOKED = "revoked"
     REVOCATIONS_UNKNOWN = "revocations_unknown"
+    AUDIT_UNAVAILABLE = "audit_unavailable"
 
 
 @dataclass(frozen=True, slots=True)

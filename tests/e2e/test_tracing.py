@@ -3,6 +3,9 @@ decision span and the upstream call are one trace, received over real OTLP/gRPC.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +23,14 @@ def traced(tmp_path: Path) -> Iterator[tuple[Stack, OtlpReceiver]]:
     receiver = OtlpReceiver()
     stack = start_stack(
         tmp_path,
-        extra=["--otlp-endpoint", f"http://127.0.0.1:{receiver.port}", "--pod-name", "agent-pod-1"],
+        extra=[
+            "--otlp-endpoint",
+            f"http://127.0.0.1:{receiver.port}",
+            "--pod-name",
+            "agent-pod-1",
+            "--audit-dir",
+            str(tmp_path / "audit"),
+        ],  # fmt: skip
         envoy_values={"OTLP_PORT": receiver.port},
     )
     yield stack, receiver
@@ -67,6 +77,41 @@ def test_decision_span_is_a_child_of_envoys_span_in_the_requests_trace(
     )
     assert envoy and envoy[0].trace_id == trace
     assert span.parent_span_id != "00f067aa0ba902b7"  # not the agent's span: Envoy's
+    # The audit record says who, what and why, with the same decision id and trace id.
+    record = _audit_record(stack, trace)
+    assert record["decision_id"] == decision_id
+    assert (record["agent"], record["owner"], record["pod"]) == (
+        "billing-agent", "finance-platform", "agent-pod-1",
+    )  # fmt: skip
+    assert (record["method"], record["host"], record["path"]) == (
+        "GET", "ledger.finance.svc.cluster.local", "/v1/invoices/traced",
+    )  # fmt: skip
+    assert (record["purpose"], record["task"], record["rule"]) == (
+        "reconcile", "t-9", "reconcile.allow[0]",
+    )  # fmt: skip
+    verify = subprocess.run(
+        [sys.executable, "-m", "sidecar", "audit", "verify", str(stack.tmp / "audit")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def _audit_record(stack: Stack, trace: str) -> dict[str, object]:
+    """The audit record of a trace, through `mandate audit query` (bounded wait: the worker
+    writes off the Check path)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            [sys.executable, "-m", "sidecar", "audit", "query", str(stack.tmp / "audit"),
+             "--trace-id", trace],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        lines = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+        if lines:
+            assert len(lines) == 1, lines
+            return lines[0]  # type: ignore[no-any-return]
+        time.sleep(0.2)
+    raise AssertionError(f"no audit record for trace {trace}")
 
 
 def test_denied_call_has_a_span_with_the_reason(traced: tuple[Stack, OtlpReceiver]) -> None:
@@ -85,6 +130,9 @@ def test_denied_call_has_a_span_with_the_reason(traced: tuple[Stack, OtlpReceive
     assert spans and spans[0].attributes["mandate.decision"] == "deny"
     assert spans[0].attributes["mandate.decision_id"] == body["decision"]
     assert spans[0].attributes["mandate.code"] == "denied_by_rule"
+    record = _audit_record(stack, trace)
+    assert (record["decision"], record["decision_id"]) == ("deny", body["decision"])
+    assert record["code"] == "denied_by_rule" and record["rule"] == "reconcile.deny[0]"
 
 
 def test_sampling_follows_the_parent(traced: tuple[Stack, OtlpReceiver]) -> None:

@@ -1,0 +1,1172 @@
+"""The audit trail: one hash-chained JSON-lines record per decision, and its verification.
+
+Role. Turn a Decision into an audit record (who, what, why, when), append records to
+size-rotated files off the hot path, and verify or query those files later. This module must
+not decide anything, must not block a Check on disk I/O and must not raise into a Check:
+`AuditWriter.write` only enqueues; the background thread does the I/O.
+
+Pure part (top of the module, tested with plain data): canonical JSON, the chain math and
+`record_from_decision`. I/O part: `AuditWriter`, `verify`, `query`.
+
+Files. ``audit-<chain_id>-<index:06d>.jsonl`` in one directory; one chain per writer
+(process), several chains per directory, each verified on its own. Every line is one record
+in canonical JSON (keys sorted, compact separators, UTF-8, no ASCII escaping). Every record
+carries ``seq`` (0, 1, 2, ... over the whole chain), ``prev`` (the ``hash`` of the record
+before it; for the first record :func:`genesis` of the chain id) and ``hash`` (hex SHA-256 of
+the canonical JSON of the record without ``hash``). A file starts with a chained ``header``
+record (chain, file_index) and, when rotated, ends with a chained ``footer`` record that
+announces the next file index, so the chain runs unbroken across files and a deleted tail
+file is detected. Other record types: ``decision``; ``loss`` (written when the log becomes
+writable again: how many records failed or were dropped, when, and their decision ids);
+``recovered`` (see below).
+
+What verification proves. Any edited, removed, inserted or reordered record, a torn line, a
+deleted first, middle or announced tail file breaks the chain at a point `verify` names.
+Someone able to rewrite the whole chain from the edit onwards can recompute every hash, and
+cutting whole records off the very end of the newest file leaves a shorter valid chain: ship
+the chain heads (``seq``/``hash``) elsewhere (logs, metrics) to anchor them.
+
+fsync policy (``fsync=``). Each record is handed to the kernel with one ``write(2)`` as soon
+as the writer thread takes it, so a crash of the process loses at most the queue backlog.
+Power loss or a kernel crash may also lose what was not yet fsynced:
+- ``"always"``: fsync after every batch the thread drains (group commit): at risk is only
+  the backlog. Costs one fsync per batch on the writer thread, never on a Check.
+- ``"interval"`` (default): fsync at most every ``fsync_interval`` seconds (1.0) when
+  something was written; the thread wakes for it even when idle. At risk: one interval.
+- ``"never"``: left to the kernel's writeback.
+Rotation and new files fsync the old file and the directory (except with ``"never"``);
+`flush` and `close` always fsync. A failed fsync counts as an error and makes the writer
+unhealthy; the records since the last good fsync are reported in the next ``loss`` record
+as ``unsynced``.
+
+Failures (``on_failure=``). A record that cannot be written (disk full, permission, I/O
+error) is counted in ``failed``; one that cannot be queued (queue full, writer closed) in
+``dropped``. Neither is silent: the first error is logged with its cause, a summary (counts
+and decision ids) at most once a second, and the chain itself gets a ``loss`` record as soon
+as it is writable again. ``healthy`` is false from a write error until a later write
+succeeds (the thread retries by itself every ``retry_interval`` seconds, so it recovers
+without traffic). ``"fail-closed"`` (default): `must_deny` is true while unhealthy, while
+the queue is full and after close: the caller must deny. ``"continue"``: `must_deny` is
+always false; failures are only counted and reported. A partial write is cut back before
+the next one, so a failure never leaves a torn line in the middle of a file.
+
+Resuming and the torn last line. On start the writer continues an existing chain: it reads
+the newest file's last complete record for ``seq`` and ``prev`` (run `verify` for the whole
+chain). A last line without its newline is what a crash during ``write(2)`` leaves (or a
+kernel crash's zero-filled tail). Decision: the writer truncates it and appends a chained
+``recovered`` record that keeps the torn bytes' length, SHA-256 and text (up to 64 KiB), so
+the evidence stays in the chain and `verify` reports the recovery as a note. It refuses
+(:class:`~sidecar.errors.AuditResumeError`) when the last complete record is itself damaged
+(not JSON, wrong hash, no header): that is not what a crash leaves. Until restarted, `verify`
+reports a torn line as a problem (verifying a live trail can also catch the newest line
+mid-write: verify again). A lock file (``.audit-<chain>.lock``, flock) stops two
+processes from writing one chain.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import heapq
+import json
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from .core import Code, Decision
+from .errors import AuditBusyError, AuditInputError, AuditResumeError, ConfigError
+
+__all__ = [
+    "AuditStats",
+    "AuditWriter",
+    "ChainReport",
+    "Problem",
+    "VerifyResult",
+    "canonical_json",
+    "file_name",
+    "genesis",
+    "link",
+    "query",
+    "record_from_decision",
+    "record_hash",
+    "rfc3339",
+    "verify",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_QUEUE_MAX = 10_000
+_CHAIN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_FILE = re.compile(r"^audit-(?P<chain>[A-Za-z0-9][A-Za-z0-9_.-]*)-(?P<index>\d{6,})\.jsonl$")
+_TORN_TEXT_MAX = 64 * 1024
+_LOSS_IDS_MAX = 100
+_BATCH = 512
+
+FsyncMode = Literal["always", "interval", "never"]
+FailureMode = Literal["fail-closed", "continue"]
+
+# ---------------------------------------------------------------------------------------------
+# Pure: canonical JSON, chain math, records
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The canonical bytes of a JSON value: keys sorted, compact, UTF-8, no ASCII escaping.
+    NaN and infinities are refused (ValueError): they have no JSON form."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def genesis(chain_id: str) -> str:
+    """The ``prev`` of a chain's first record: derived from the chain id, so that the first
+    file of one chain cannot pass for another's."""
+    return hashlib.sha256(f"mandate-audit-genesis:{chain_id}".encode()).hexdigest()
+
+
+def record_hash(record: Mapping[str, Any]) -> str:
+    """Hex SHA-256 of the record's canonical JSON without its ``hash`` field."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def link(record: Mapping[str, Any], *, seq: int, prev: str) -> dict[str, Any]:
+    """A new record: ``record`` with ``seq``, ``prev`` and its ``hash`` set."""
+    out = {k: v for k, v in record.items() if k != "hash"}
+    out["seq"] = seq
+    out["prev"] = prev
+    out["hash"] = record_hash(out)
+    return out
+
+
+def rfc3339(ts: float) -> str:
+    """Seconds since the epoch as RFC 3339 UTC with milliseconds (truncated), e.g.
+    ``2023-11-14T22:13:20.123Z``: fixed width, so these strings sort by time."""
+    ms = int(ts * 1000)
+    sec, frac = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{frac:03d}Z"
+
+
+def file_name(chain_id: str, index: int) -> str:
+    return f"audit-{chain_id}-{index:06d}.jsonl"
+
+
+def record_from_decision(
+    decision: Decision, *, pod: str, namespace: str, now: float
+) -> dict[str, Any]:
+    """The audit record of one decision (not yet chained). Absent values are null.
+
+    who: agent, owner, pod, namespace, identity_source; what: method, host, port, path,
+    mcp_tools; why: purpose, task, rule, code, reason, elevation, revocation (for a revoked
+    agent the revocation key, which is also the decision's rule); and decision_id, trace_id,
+    time, decision ("allow"/"deny")."""
+    d = decision
+    return {
+        "type": "decision",
+        "time": rfc3339(now),
+        "decision_id": d.decision_id,
+        "decision": "allow" if d.allowed else "deny",
+        "code": d.code,
+        "reason": d.reason,
+        "agent": d.agent or None,
+        "owner": d.owner or None,
+        "pod": pod or None,
+        "namespace": namespace or None,
+        "identity_source": d.identity_source or None,
+        "method": d.method or None,
+        "host": d.host or None,
+        "port": d.port or None,
+        "path": d.path or None,
+        "mcp_tools": list(d.mcp_tools),
+        "purpose": d.purpose or None,
+        "task": d.task or None,
+        "rule": d.rule or None,
+        "elevation": None,  # seam: the grant that allowed the call, once elevation exists
+        "revocation": (d.rule or None) if d.code == Code.REVOKED else None,
+        "trace_id": d.trace_id or None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The writer
+
+# The writer's only file-writing calls, as module attributes so that tests can inject faults
+# (ENOSPC, EIO, short writes) without touching the os module everyone shares.
+_write_fd: Callable[[int, bytes | memoryview], int] = os.write
+_fsync_fd: Callable[[int], None] = os.fsync
+
+
+@dataclass(frozen=True, slots=True)
+class AuditStats:
+    """Counters for metrics. ``written``/``failed``/``dropped`` count records given to
+    `write`; ``errors`` counts failed operations (write, fsync, open, rotate)."""
+
+    written: int
+    failed: int
+    dropped: int
+    backlog: int
+    errors: int
+    healthy: bool
+    next_seq: int
+    file_index: int
+
+
+@dataclass(slots=True)
+class _Flush:
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+_STOP = object()
+
+
+@dataclass(slots=True)
+class _Loss:
+    failed: int = 0
+    dropped: int = 0
+    unsynced: int = 0
+    first: str | None = None
+    last: str | None = None
+    ids: list[str] = field(default_factory=list)
+    ids_truncated: bool = False
+    error: str | None = None
+
+    def empty(self) -> bool:
+        return not (self.failed or self.dropped or self.unsynced)
+
+    def merge(self, other: _Loss) -> None:
+        self.failed += other.failed
+        self.dropped += other.dropped
+        self.unsynced += other.unsynced
+        self.first = min(filter(None, (self.first, other.first)), default=None)
+        self.last = max(filter(None, (self.last, other.last)), default=None)
+        room = _LOSS_IDS_MAX - len(self.ids)
+        self.ids.extend(other.ids[:room])
+        self.ids_truncated |= other.ids_truncated or len(other.ids) > room
+        self.error = other.error or self.error
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        return f"{name}: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class AuditWriter:
+    """Appends records to one hash chain in ``directory``; the I/O runs on a daemon thread.
+
+    `write` never blocks on disk; `flush` and `close` wait at most their timeout. See the
+    module docstring for the fsync policy, failure modes and resuming."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        chain_id: str,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        fsync: FsyncMode = "interval",
+        fsync_interval: float = 1.0,
+        on_failure: FailureMode = "fail-closed",
+        queue_max: int = DEFAULT_QUEUE_MAX,
+        retry_interval: float = 0.5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not _CHAIN_ID.match(chain_id):
+            raise ConfigError(
+                f"audit chain id {chain_id!r}: expected 1-64 of A-Z a-z 0-9 _ . - "
+                "(starting with a letter or digit)"
+            )
+        if fsync not in ("always", "interval", "never"):
+            raise ConfigError(f"audit fsync {fsync!r}: expected always, interval or never")
+        if on_failure not in ("fail-closed", "continue"):
+            raise ConfigError(f"audit on_failure {on_failure!r}: expected fail-closed or continue")
+        if max_bytes < 1024 or queue_max < 1 or fsync_interval <= 0 or retry_interval <= 0:
+            raise ConfigError(
+                "audit: max_bytes >= 1024, queue_max >= 1, fsync_interval > 0 and "
+                "retry_interval > 0 are required"
+            )
+        self.directory = Path(directory)
+        self.chain_id = chain_id
+        self._max_bytes = max_bytes
+        self._fsync = fsync
+        self._fsync_interval = fsync_interval
+        self._fail_closed = on_failure == "fail-closed"
+        self._queue_max = queue_max
+        self._retry_interval = retry_interval
+        self._clock = clock
+
+        # Chain and file state: owned by the writer thread once it runs.
+        self._index = 0
+        self._seq = 0
+        self._prev = genesis(chain_id)
+        self._fd: int | None = None
+        self._size = 0  # bytes of complete records in the current file
+        self._dirty = False  # a partial write may follow `_size`: cut it before writing
+        self._has_header = False
+        self._footer_done = False
+        self._file_records = 0  # records after the header in the current file
+        self._unsynced = 0
+        self._last_sync = time.monotonic()
+        self._next_retry = 0.0
+        self._recovered: dict[str, Any] | None = None
+
+        # Counters. Writer-thread counters are written by that thread only.
+        self._written = 0
+        self._failed = 0
+        self._errors = 0
+        self._dropped = 0
+        self._healthy = True
+        self._closed = False
+        self._loss = _Loss()
+        self._loss_logged = _Loss()
+        self._last_summary = 0.0
+        self._loss_lock = threading.Lock()
+        self._put_lock = threading.Lock()
+        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
+
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        except OSError as exc:
+            raise AuditInputError(f"audit directory {self.directory}: {_describe(exc)}") from None
+        self._lock_fd = self._lock()
+        try:
+            self._resume()
+        except BaseException:
+            self._release()
+            raise
+        try:  # open the file and write the header now, so `healthy` is true to fact at once
+            self._prepare()
+        except OSError as exc:
+            self._error("opening the audit file", exc)
+        self._thread = threading.Thread(target=self._run, name=f"audit-{chain_id}", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side (any thread) ------------------------------------------------------
+
+    def write(self, record: Mapping[str, Any]) -> bool:
+        """Queue one record (never blocks on disk). False if it was dropped (queue full or
+        writer closed); the drop is counted, logged and later recorded in the chain."""
+        with self._put_lock:
+            if not self._closed and self._q.qsize() < self._queue_max:
+                self._q.put(record)
+                return True
+            closed = self._closed
+        self._note_loss(record, dropped=True, error="writer closed" if closed else "queue full")
+        if closed:
+            log.error("audit record %s dropped: writer closed", record.get("decision_id"))
+        return False
+
+    @property
+    def healthy(self) -> bool:
+        """False from a write error until a later write succeeds."""
+        return self._healthy
+
+    def must_deny(self) -> bool:
+        """True when the caller must deny (fail-closed only): the log is failing, the queue
+        is full or the writer is closed."""
+        if not self._fail_closed:
+            return False
+        return not self._healthy or self._closed or self._q.qsize() >= self._queue_max
+
+    def stats(self) -> AuditStats:
+        return AuditStats(
+            written=self._written,
+            failed=self._failed,
+            dropped=self._dropped,
+            backlog=self._q.qsize(),
+            errors=self._errors,
+            healthy=self._healthy,
+            next_seq=self._seq,
+            file_index=self._index,
+        )
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued before this call is handled (written, or counted
+        as failed) and fsynced. False on timeout or when closed."""
+        item = _Flush()
+        with self._put_lock:
+            if self._closed:
+                return False
+            self._q.put(item)
+        return item.done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Write what is queued, fsync and close. False if the thread did not finish."""
+        with self._put_lock:
+            if self._closed:
+                return not self._thread.is_alive()
+            self._closed = True
+            self._q.put(_STOP)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("audit writer %s did not finish within %.1fs", self.chain_id, timeout)
+            return False
+        return True
+
+    def __enter__(self) -> AuditWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- loss accounting ---------------------------------------------------------------------
+
+    def _note_loss(self, record: Mapping[str, Any], *, dropped: bool, error: str) -> None:
+        did = record.get("decision_id") if isinstance(record, Mapping) else None
+        with self._loss_lock:
+            loss = self._loss
+            if dropped:
+                self._dropped += 1
+                loss.dropped += 1
+            else:
+                loss.failed += 1
+            when = record.get("time") if isinstance(record, Mapping) else None
+            when = when if isinstance(when, str) else rfc3339(self._clock())
+            loss.first = loss.first or when
+            loss.last = when
+            if isinstance(did, str):
+                if len(loss.ids) < _LOSS_IDS_MAX:
+                    loss.ids.append(did)
+                else:
+                    loss.ids_truncated = True
+            loss.error = error
+
+    def _take_loss(self) -> _Loss:
+        with self._loss_lock:
+            taken, self._loss = self._loss, _Loss()
+            return taken
+
+    def _give_back_loss(self, taken: _Loss) -> None:
+        with self._loss_lock:
+            taken.merge(self._loss)
+            self._loss = taken
+
+    def _summarize(self, force: bool = False) -> None:
+        """Log what was lost since the last summary, at most once a second."""
+        now = time.monotonic()
+        if not force and now - self._last_summary < 1.0:
+            return
+        with self._loss_lock:
+            cur = _Loss()
+            cur.merge(self._loss)
+        seen = self._loss_logged
+        if (cur.failed, cur.dropped, cur.unsynced) == (seen.failed, seen.dropped, seen.unsynced):
+            return
+        self._last_summary = now
+        self._loss_logged = cur
+        log.warning(
+            "audit chain %s: %d record(s) failed, %d dropped, %d unsynced not yet recorded "
+            "(last error: %s); decision ids: %s%s",
+            self.chain_id, cur.failed, cur.dropped, cur.unsynced, cur.error,
+            ", ".join(cur.ids[:20]), " ..." if len(cur.ids) > 20 or cur.ids_truncated else "",
+        )  # fmt: skip
+
+    # -- the writer thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            try:
+                item: object | None = self._q.get(timeout=self._timeout())
+            except queue.Empty:
+                item = None
+            handled = 0
+            try:
+                while item is not None:
+                    if item is _STOP:
+                        stop = True
+                        break
+                    if isinstance(item, _Flush):
+                        self._housekeeping(force=True)
+                        item.done.set()
+                    else:
+                        self._store_guarded(item)  # type: ignore[arg-type]
+                    handled += 1
+                    if handled >= _BATCH:
+                        break
+                    try:
+                        item = self._q.get_nowait()
+                    except queue.Empty:
+                        item = None
+                self._housekeeping(force=stop)
+            except Exception:  # the thread must outlive any bug: count it and go on
+                self._errors += 1
+                log.exception("audit writer %s: unexpected error", self.chain_id)
+        self._finish()
+
+    def _finish(self) -> None:
+        self._summarize(force=True)
+        if self._fd is not None:
+            if self._dirty:
+                try:
+                    os.ftruncate(self._fd, self._size)
+                except OSError as exc:
+                    self._error("cutting a partial write", exc)
+            try:
+                os.close(self._fd)
+            except OSError as exc:
+                self._error("closing the audit file", exc)
+            self._fd = None
+        self._release()
+
+    def _timeout(self) -> float | None:
+        now = time.monotonic()
+        deadlines = []
+        if self._unsynced and self._fsync == "interval":
+            deadlines.append(self._last_sync + self._fsync_interval - now)
+        if not self._healthy or not self._loss.empty() or self._recovered is not None:
+            deadlines.append(max(self._next_retry - now, 0.01))
+        if self._loss.failed or self._loss.dropped:
+            deadlines.append(1.0)  # the summary log
+        return max(0.0, min(deadlines)) if deadlines else None
+
+    def _housekeeping(self, force: bool = False) -> None:
+        """After a batch: retry (write the loss record) when due, fsync per policy, log."""
+        self._summarize()
+        now = time.monotonic()
+        pending = not self._loss.empty() or self._recovered is not None or self._fd is None
+        if (pending or not self._healthy) and (force or self._healthy or now >= self._next_retry):
+            try:
+                self._prepare()
+            except OSError as exc:
+                self._error("retrying the audit log", exc)
+        self._sync(force=force)
+
+    def _error(self, what: str, exc: BaseException) -> None:
+        self._errors += 1
+        self._next_retry = time.monotonic() + self._retry_interval
+        if self._healthy:
+            log.error("audit chain %s: %s failed: %s", self.chain_id, what, _describe(exc))
+        else:
+            log.debug("audit chain %s: %s failed: %s", self.chain_id, what, _describe(exc))
+        self._healthy = False
+
+    def _store_guarded(self, record: Mapping[str, Any]) -> None:
+        try:
+            self._prepare()
+            self._put(record)
+            self._written += 1
+        except OSError as exc:
+            self._failed += 1
+            self._note_loss(record, dropped=False, error=_describe(exc))
+            self._error("writing a record", exc)
+        except Exception as exc:  # e.g. not JSON-serializable: a bug, not the disk
+            self._failed += 1
+            self._note_loss(record, dropped=False, error=_describe(exc))
+            log.exception("audit record refused (%s): %r", _describe(exc), record)
+
+    def _prepare(self) -> None:
+        """Before any record: an open file with a header, then the pending `recovered` and
+        `loss` records, so that the chain says what happened before it goes on."""
+        self._ensure_file()
+        if self._recovered is not None:
+            self._put(self._recovered)
+            self._recovered = None
+        if not self._loss.empty():
+            taken = self._take_loss()
+            rec: dict[str, Any] = {
+                "type": "loss",
+                "time": rfc3339(self._clock()),
+                "failed": taken.failed,
+                "dropped": taken.dropped,
+                "unsynced": taken.unsynced,
+                "first": taken.first,
+                "last": taken.last,
+                "decision_ids": taken.ids,
+                "decision_ids_truncated": taken.ids_truncated,
+                "error": taken.error,
+            }
+            try:
+                self._put(rec)
+            except BaseException:
+                self._give_back_loss(taken)
+                raise
+            log.warning(
+                "audit chain %s writable again; loss recorded at seq %d: %d failed, "
+                "%d dropped, %d unsynced",
+                self.chain_id, self._seq - 1, taken.failed, taken.dropped, taken.unsynced,
+            )  # fmt: skip
+            self._loss_logged = _Loss()
+
+    def _put(self, record: Mapping[str, Any]) -> None:
+        """Chain and append one record to the current file, rotating first if it is full."""
+        line, digest = self._line(record)
+        if self._file_records > 0 and self._size + len(line) > self._max_bytes:
+            self._rotate()
+            self._ensure_file()
+            line, digest = self._line(record)
+        self._append(line, digest)
+        self._file_records += 1
+
+    def _line(self, record: Mapping[str, Any]) -> tuple[bytes, str]:
+        linked = link(record, seq=self._seq, prev=self._prev)
+        return canonical_json(linked) + b"\n", linked["hash"]
+
+    def _append(self, line: bytes, digest: str) -> None:
+        """One write(2) (looping over short writes); state advances only on success."""
+        fd = self._fd
+        assert fd is not None
+        if self._dirty:
+            os.ftruncate(fd, self._size)
+            self._dirty = False
+        view = memoryview(line)
+        try:
+            while view:
+                n = _write_fd(fd, view)
+                view = view[n:]
+        except OSError:
+            self._dirty = True
+            raise
+        self._size += len(line)
+        self._seq += 1
+        self._prev = digest
+        self._unsynced += 1
+        if not self._healthy:
+            log.warning("audit chain %s: writing again (seq %d)", self.chain_id, self._seq - 1)
+            self._healthy = True
+
+    def _ensure_file(self) -> None:
+        if self._fd is None:
+            path = self.directory / file_name(self.chain_id, self._index)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+            self._fd = os.open(path, flags, 0o640)
+            self._size = 0
+            self._dirty = False
+            self._has_header = False
+            self._footer_done = False
+            self._file_records = 0
+            if self._fsync != "never":
+                self._sync_dir()
+        if not self._has_header:
+            header = {
+                "type": "header",
+                "format": FORMAT,
+                "chain": self.chain_id,
+                "file_index": self._index,
+                "time": rfc3339(self._clock()),
+            }
+            self._append(*self._line(header))
+            self._has_header = True
+
+    def _rotate(self) -> None:
+        assert self._fd is not None
+        if not self._footer_done:
+            footer = {
+                "type": "footer",
+                "next_file_index": self._index + 1,
+                "time": rfc3339(self._clock()),
+            }
+            self._append(*self._line(footer))
+            self._footer_done = True
+        if self._fsync != "never":
+            _fsync_fd(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        self._unsynced = 0
+        self._index += 1
+
+    def _sync(self, force: bool) -> None:
+        if self._fd is None or not self._unsynced:
+            return
+        if not force:
+            if self._fsync == "never":
+                return
+            recent = time.monotonic() - self._last_sync < self._fsync_interval
+            if self._fsync == "interval" and recent:
+                return
+        unsynced, self._unsynced = self._unsynced, 0
+        self._last_sync = time.monotonic()
+        try:
+            _fsync_fd(self._fd)
+        except OSError as exc:
+            # After a failed fsync the kernel may have dropped those pages: say so in the chain.
+            with self._loss_lock:
+                self._loss.unsynced += unsynced
+                self._loss.error = _describe(exc)
+            self._error("fsync", exc)
+
+    def _sync_dir(self) -> None:
+        try:
+            dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                _fsync_fd(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:  # the file itself is fine; count it, do not fail the record
+            self._errors += 1
+            log.warning("audit directory fsync failed: %s", _describe(exc))
+
+    # -- start: lock and resume --------------------------------------------------------------
+
+    def _lock(self) -> int:
+        path = self.directory / f".audit-{self.chain_id}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise AuditInputError(f"audit lock {path}: {_describe(exc)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise AuditBusyError(
+                f"audit chain {self.chain_id!r} in {self.directory} is in use by another writer"
+            ) from None
+        return fd
+
+    def _release(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = -1
+
+    def _resume(self) -> None:
+        files = _chain_files(self.directory).get(self.chain_id, [])
+        if not files:
+            return
+        index, path = files[-1]
+        data = _read(path)
+        cut = data.rfind(b"\n") + 1
+        torn = data[cut:]
+        lines = data[:cut].splitlines()
+        if lines:
+            head = _resume_record(path, 1, lines[0])
+            if head.get("type") != "header" or head.get("file_index") != index:
+                raise AuditResumeError(f"{path}, line 1: not the header of file {index}")
+            last = _resume_record(path, len(lines), lines[-1])
+            self._seq, self._prev = last["seq"] + 1, last["hash"]
+            self._index = index
+            if torn:
+                self._truncate(path, cut)
+            if last.get("type") == "footer":
+                self._index = index + 1
+            else:
+                self._open_existing(path, cut, len(lines) - 1)
+        else:  # empty, or only a torn header: rewrite this file from its header on
+            if index > 0:
+                before = [p for i, p in files if i == index - 1]
+                if not before:
+                    raise AuditResumeError(
+                        f"{path}: cannot resume, file {index - 1} of chain "
+                        f"{self.chain_id!r} is missing"
+                    )
+                prior = _read(before[0])
+                prior_lines = prior.splitlines()
+                if not prior.endswith(b"\n") or not prior_lines:
+                    raise AuditResumeError(f"{before[0]}: last line torn or file empty")
+                last = _resume_record(before[0], len(prior_lines), prior_lines[-1])
+                self._seq, self._prev = last["seq"] + 1, last["hash"]
+            self._index = index
+            self._truncate(path, 0)
+            self._open_existing(path, 0, 0)
+            self._has_header = False
+        if torn:
+            self._recovered = {
+                "type": "recovered",
+                "time": rfc3339(self._clock()),
+                "file": path.name,
+                "offset": cut,
+                "torn_bytes": len(torn),
+                "torn_sha256": hashlib.sha256(torn).hexdigest(),
+                "torn_text": torn[:_TORN_TEXT_MAX].decode("utf-8", "replace"),
+                "torn_text_truncated": len(torn) > _TORN_TEXT_MAX,
+            }
+            log.warning(
+                "audit chain %s: cut a torn last line (%d bytes) from %s at offset %d; "
+                "a 'recovered' record keeps it",
+                self.chain_id, len(torn), path, cut,
+            )  # fmt: skip
+
+    def _truncate(self, path: Path, size: int) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise AuditResumeError(
+                f"{path}: cannot cut the torn last line: {_describe(exc)}"
+            ) from None
+
+    def _open_existing(self, path: Path, size: int, records: int) -> None:
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        except OSError as exc:
+            raise AuditResumeError(f"{path}: cannot open for appending: {_describe(exc)}") from None
+        self._size = size
+        self._has_header = True
+        self._file_records = records
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise AuditInputError(f"{path}: {_describe(exc)}") from None
+
+
+def _resume_record(path: Path, line: int, raw: bytes) -> dict[str, Any]:
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        rec = None
+    if (
+        not isinstance(rec, dict)
+        or not _is_int(rec.get("seq"))
+        or not isinstance(rec.get("hash"), str)
+        or record_hash(rec) != rec["hash"]
+    ):
+        raise AuditResumeError(
+            f"{path}, line {line}: the record is damaged (not a torn line from a crash); "
+            "refusing to continue this chain. Run `mandate audit verify`; move the files "
+            "aside to start a new chain"
+        )
+    return rec
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _chain_files(directory: Path) -> dict[str, list[tuple[int, Path]]]:
+    chains: dict[str, list[tuple[int, Path]]] = {}
+    try:
+        entries = list(directory.iterdir())
+    except OSError as exc:
+        raise AuditInputError(f"{directory}: {_describe(exc)}") from None
+    for entry in entries:
+        m = _FILE.match(entry.name)
+        if m is not None and entry.is_file():
+            chains.setdefault(m["chain"], []).append((int(m["index"]), entry))
+    for files in chains.values():
+        files.sort()
+    return chains
+
+
+def _trail(directory: str | os.PathLike[str], chain_id: str | None) -> dict[str, list[Path]]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise AuditInputError(f"{d}: no such directory")
+    chains = _chain_files(d)
+    if chain_id is not None:
+        if chain_id not in chains:
+            raise AuditInputError(f"{d}: no audit files of chain {chain_id!r}")
+        chains = {chain_id: chains[chain_id]}
+    if not chains:
+        raise AuditInputError(f"{d}: no audit files (audit-<chain>-<index>.jsonl)")
+    return {c: [p for _, p in files] for c, files in sorted(chains.items())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """The first bad record of a chain. ``line`` is 1-based; ``seq`` is what the bad line
+    holds, or the seq expected there when the line is unreadable (torn, not JSON) or the
+    file is missing; ``kind`` is a stable code: missing_file, empty_file, torn_line,
+    bad_record, hash_mismatch, not_canonical, seq_gap, reordered, prev_mismatch,
+    bad_header, missing_tail_file."""
+
+    chain: str
+    file: str
+    line: int
+    seq: int
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file} line {self.line} (seq {self.seq}): {self.kind}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    """One chain's verification. ``records`` counts decision records; ``notes`` are what
+    a valid chain admits to (recovered torn lines, recorded losses)."""
+
+    chain: str
+    files: int
+    records: int
+    last_seq: int | None
+    last_hash: str | None
+    lost: int
+    notes: tuple[str, ...]
+    problem: Problem | None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    directory: str
+    chains: tuple[ChainReport, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.chains)
+
+    @property
+    def problem(self) -> Problem | None:
+        """The first problem, chains in order of their ids."""
+        return next((c.problem for c in self.chains if c.problem is not None), None)
+
+    def to_json(self) -> dict[str, Any]:
+        def problem(p: Problem | None) -> dict[str, Any] | None:
+            if p is None:
+                return None
+            return {
+                "chain": p.chain, "file": p.file, "line": p.line, "seq": p.seq,
+                "kind": p.kind, "message": p.message,
+            }  # fmt: skip
+
+        return {
+            "ok": self.ok,
+            "directory": self.directory,
+            "problem": problem(self.problem),
+            "chains": [
+                {
+                    "chain": c.chain,
+                    "ok": c.ok,
+                    "files": c.files,
+                    "records": c.records,
+                    "last_seq": c.last_seq,
+                    "last_hash": c.last_hash,
+                    "lost": c.lost,
+                    "notes": list(c.notes),
+                    "problem": problem(c.problem),
+                }
+                for c in self.chains
+            ],
+        }
+
+
+class _Bad(Exception):
+    def __init__(self, kind: str, message: str, seq: int | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.seq = kind, message, seq
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        raise _Bad("bad_record", "not a JSON record") from None
+    if not isinstance(rec, dict):
+        raise _Bad("bad_record", "not a JSON object")
+    seq = rec.get("seq")
+    if not _is_int(seq) or not isinstance(rec.get("prev"), str):
+        raise _Bad("bad_record", "no integer seq or no prev")
+    if not isinstance(rec.get("hash"), str):
+        raise _Bad("bad_record", "no hash", seq)
+    return rec
+
+
+def _verify_chain(chain: str, files: list[Path]) -> ChainReport:
+    seq, prev = 0, genesis(chain)
+    records = lost = 0
+    notes: list[str] = []
+    last_hash: str | None = None
+    last: tuple[str, int, dict[str, Any]] | None = None  # file, line, record
+
+    def report(problem: Problem | None) -> ChainReport:
+        return ChainReport(
+            chain, len(files), records, seq - 1 if seq else None, last_hash, lost,
+            tuple(notes), problem,
+        )  # fmt: skip
+
+    for expect_index, path in enumerate(files):
+        name = path.name
+        m = _FILE.match(name)
+        assert m is not None
+        index = int(m["index"])
+        if index != expect_index:
+            missing = (
+                f"file {expect_index}" if index == expect_index + 1
+                else f"files {expect_index}-{index - 1}"
+            )  # fmt: skip
+            why = f"{missing} of chain {chain!r} missing (deleted): this file has index {index}"
+            try:
+                at = _parse(_read(path).split(b"\n", 1)[0])["seq"]
+            except _Bad:
+                at = seq
+            return report(Problem(chain, name, 1, at, "missing_file", why))
+        data = _read(path)
+        if not data:
+            return report(Problem(chain, name, 1, seq, "empty_file", "empty file: no header"))
+        lines = data.split(b"\n")
+        torn = lines.pop() != b""  # the text after the last newline
+        if torn:
+            lines.append(data[data.rfind(b"\n") + 1 :])
+        footer_at = 0
+        for lineno, raw in enumerate(lines, 1):
+            try:
+                if torn and lineno == len(lines):
+                    raise _Bad(
+                        "torn_line",
+                        "torn last line (no newline): the file was truncated or a write "
+                        "interrupted (a restarted writer recovers a crash's torn line)",
+                    )
+                rec = _parse(raw)
+                rseq: int = rec["seq"]
+                if record_hash(rec) != rec["hash"]:
+                    raise _Bad("hash_mismatch", "record edited: hash does not match content", rseq)
+                if canonical_json(rec) != raw:
+                    raise _Bad("not_canonical", "record re-encoded: not canonical JSON", rseq)
+                if rseq != seq:
+                    raise _seq_problem(seq, rseq, lines, lineno)
+                if rec["prev"] != prev:
+                    raise _Bad(
+                        "prev_mismatch",
+                        "prev is not the hash of the record before it (that record was "
+                        "edited and re-hashed, or records were removed or inserted)",
+                        rseq,
+                    )
+                kind = rec.get("type")
+                if lineno == 1:
+                    if kind != "header" or rec.get("chain") != chain:
+                        raise _Bad("bad_header", f"not a header of chain {chain!r}", rseq)
+                    if rec.get("file_index") != index:
+                        why = f"header says file_index {rec.get('file_index')}, name says {index}"
+                        raise _Bad("bad_header", why, rseq)
+                elif kind == "header":
+                    raise _Bad("bad_header", "a header inside a file", rseq)
+                if footer_at:
+                    why = f"a record after the file's footer (line {footer_at})"
+                    raise _Bad("bad_record", why, rseq)
+                if kind == "footer":
+                    footer_at = lineno
+                    if rec.get("next_file_index") != index + 1:
+                        raise _Bad("bad_record", "footer announces a wrong next file", rseq)
+            except _Bad as bad:
+                at = seq if bad.seq is None else bad.seq
+                return report(Problem(chain, name, lineno, at, bad.kind, bad.message))
+            seq, prev, last_hash = seq + 1, rec["hash"], rec["hash"]
+            last = (name, lineno, rec)
+            if kind == "decision":
+                records += 1
+            elif kind == "recovered":
+                notes.append(
+                    f"{name} line {lineno} (seq {rseq}): recovered a torn line of "
+                    f"{rec.get('torn_bytes')} bytes cut from {rec.get('file')}"
+                )
+            elif kind == "loss":
+                n = _int(rec.get("failed")) + _int(rec.get("dropped"))
+                lost += n
+                notes.append(
+                    f"{name} line {lineno} (seq {rseq}): {rec.get('failed')} record(s) failed, "
+                    f"{rec.get('dropped')} dropped, {rec.get('unsynced')} unsynced "
+                    f"({rec.get('error')})"
+                )
+    if last is not None and last[2].get("type") == "footer":
+        name, lineno, rec = last
+        why = (
+            f"the chain ends with a footer announcing file {rec.get('next_file_index')}, "
+            "which is missing (deleted)"
+        )
+        return report(Problem(chain, name, lineno, rec["seq"], "missing_tail_file", why))
+    return report(None)
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _seq_problem(expected: int, found: int, lines: list[bytes], lineno: int) -> _Bad:
+    for later, raw in enumerate(lines[lineno:], lineno + 1):
+        try:
+            if _parse(raw)["seq"] == expected:
+                why = f"out of order: expected seq {expected} here; it is at line {later}"
+                return _Bad("reordered", why, found)
+        except _Bad:
+            continue
+    if found > expected:
+        why = f"seq gap: expected {expected}, found {found}: {found - expected} record(s) removed"
+        return _Bad("seq_gap", why, found)
+    why = f"seq goes back: expected {expected}, found {found} (duplicated or reordered)"
+    return _Bad("reordered", why, found)
+
+
+def verify(directory: str | os.PathLike[str], chain_id: str | None = None) -> VerifyResult:
+    """Verify every chain in ``directory`` (or only ``chain_id``), each on its own.
+
+    Raises :class:`~sidecar.errors.AuditInputError` for a missing directory or no audit
+    files. A chain's report names its first bad record; later ones are not examined."""
+    chains = _trail(directory, chain_id)
+    return VerifyResult(
+        str(directory), tuple(_verify_chain(c, files) for c, files in chains.items())
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Query
+
+
+def _utc(when: datetime) -> str:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return rfc3339(when.timestamp())
+
+
+def _records(chain: str, files: list[Path]) -> Iterator[dict[str, Any]]:
+    for path in files:
+        try:
+            handle = path.open("rb")
+        except OSError as exc:
+            log.warning("audit query: skipping %s: %s", path, _describe(exc))
+            continue
+        with handle:
+            for lineno, raw in enumerate(handle, 1):
+                try:
+                    rec = json.loads(raw)
+                except ValueError:
+                    log.warning("audit query: %s line %d is not JSON; skipped", path, lineno)
+                    continue
+                if isinstance(rec, dict) and rec.get("type") == "decision":
+                    yield rec
+
+
+def query(
+    directory: str | os.PathLike[str],
+    *,
+    agent: str | None = None,
+    decision: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    trace_id: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Decision records matching every filter given, all chains merged by time.
+
+    ``since`` is inclusive, ``until`` exclusive (naive datetimes are UTC); ``decision`` is
+    "allow" or "deny". Raises AuditInputError for a missing directory or no audit files.
+    This does not verify: run `verify` for that."""
+    chains = _trail(directory, None)
+    lo = _utc(since) if since is not None else None
+    hi = _utc(until) if until is not None else None
+    trace = trace_id.lower() if trace_id else None
+    merged = heapq.merge(
+        *(_records(c, files) for c, files in chains.items()),
+        key=lambda r: str(r.get("time", "")),
+    )
+    for rec in merged:
+        t = str(rec.get("time", ""))
+        if (
+            (agent is None or rec.get("agent") == agent)
+            and (decision is None or rec.get("decision") == decision)
+            and (lo is None or t >= lo)
+            and (hi is None or t < hi)
+            and (trace is None or rec.get("trace_id") == trace)
+        ):
+            yield rec
