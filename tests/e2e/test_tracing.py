@@ -30,7 +30,7 @@ def traced(tmp_path: Path) -> Iterator[tuple[Stack, OtlpReceiver]]:
             "agent-pod-1",
             "--audit-dir",
             str(tmp_path / "audit"),
-        ],  # fmt: skip
+        ],
         envoy_values={"OTLP_PORT": receiver.port},
     )
     yield stack, receiver
