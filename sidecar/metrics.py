@@ -55,6 +55,43 @@ REVOCATION_WRITES = Counter(
 )
 
 
+AUDIT_RECORDS = Counter(
+    "mandate_audit_records",
+    "Audit records by outcome: written, failed (write error), dropped (queue full)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+AUDIT_BACKLOG = Gauge(
+    "mandate_audit_backlog",
+    "Audit records queued and not yet written",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+AUDIT_HEALTHY = Gauge(
+    "mandate_audit_healthy",
+    "1 while the audit trail is being written, 0 after a write error (until it recovers)",
+    registry=REGISTRY,
+    multiprocess_mode="livemin",
+)
+
+
+class AuditMeter:
+    """Turns an audit writer's cumulative stats into the metrics above (call `update`
+    periodically from one thread)."""
+
+    def __init__(self) -> None:
+        self._last = {"written": 0, "failed": 0, "dropped": 0}
+
+    def update(self, written: int, failed: int, dropped: int, backlog: int, healthy: bool) -> None:
+        for outcome, value in (("written", written), ("failed", failed), ("dropped", dropped)):
+            delta = value - self._last[outcome]
+            if delta > 0:
+                AUDIT_RECORDS.labels(outcome).inc(delta)
+            self._last[outcome] = value
+        AUDIT_BACKLOG.set(backlog)
+        AUDIT_HEALTHY.set(1 if healthy else 0)
+
+
 # Labelled children by (agent, allowed, code): `labels()` validates and locks on every call.
 _children: dict[tuple[str, bool, str], Counter] = {}
 

@@ -24,6 +24,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from . import metrics
 from .admin import AdminServer
 from .audit import AuditWriter
 from .core.revocation import EMPTY_TABLE, RevocationTable
@@ -82,6 +83,7 @@ class Sidecar:
         self._admin: AdminServer | None = None
         self._tracing: Tracing | None = None
         self._audit_writer: AuditWriter | None = None
+        self._stopped = threading.Event()
 
     def _ready(self) -> tuple[bool, dict[str, Any]]:
         status = self.holder.status()
@@ -114,6 +116,7 @@ class Sidecar:
                 on_failure=cfg.audit_on_failure,  # type: ignore[arg-type]
             )
             audit = Audit(self._audit_writer, cfg.pod_name, cfg.namespace, cfg.audit_allows)
+            threading.Thread(target=self._meter_audit, name="audit-metrics", daemon=True).start()
         servicer = AuthorizationServicer(
             self.holder.get, identity, revocations=revocations, tracing=self._tracing, audit=audit
         )
@@ -146,7 +149,15 @@ class Sidecar:
             tmp.write_text(json.dumps(ports))
             tmp.replace(cfg.port_file)
 
+    def _meter_audit(self) -> None:
+        meter = metrics.AuditMeter()
+        writer = self._audit_writer
+        while writer is not None and not self._stopped.wait(1.0):
+            st = writer.stats()
+            meter.update(st.written, st.failed, st.dropped, st.backlog, st.healthy)
+
     def stop(self, grace: float = 1.0) -> None:
+        self._stopped.set()
         self._health.enter_graceful_shutdown()
         self.holder.stop()
         if self._server is not None:
