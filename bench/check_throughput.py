@@ -39,6 +39,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -115,6 +116,42 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (mandate: the supervisor and its workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(p)
+    return total
+
+
+def tree_rss_mb(pid: int) -> float:
+    total = 0.0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += rss_mb(p)
+    return total
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -232,10 +269,10 @@ def measure(
     dec0 = mandate_decisions(mandate) if mandate else None
     busy0, total0 = machine_ticks()
     env_cpu0 = cpu_seconds(envoy.proc.pid)
-    man_cpu0 = cpu_seconds(mandate.proc.pid) if mandate else 0.0
+    man_cpu0 = tree_cpu_seconds(mandate.proc.pid) if mandate else 0.0
     result = load()
     env_cpu = cpu_seconds(envoy.proc.pid) - env_cpu0
-    man_cpu = cpu_seconds(mandate.proc.pid) - man_cpu0 if mandate else 0.0
+    man_cpu = tree_cpu_seconds(mandate.proc.pid) - man_cpu0 if mandate else 0.0
     busy1, total1 = machine_ticks()
     stats1 = envoy_stats(envoy)
 
@@ -269,8 +306,31 @@ def measure(
         result["checks_denied"] = deny
         result["mandate_cpu_s"] = man_cpu
         result["mandate_cpu_us_per_check"] = man_cpu / checks * 1e6 if checks else None
-        result["mandate_rss_mb"] = rss_mb(mandate.proc.pid)
+        result["mandate_rss_mb"] = tree_rss_mb(mandate.proc.pid)
     return result
+
+
+@contextlib.contextmanager
+def discarding_otlp_receiver() -> Iterator[int]:
+    """An OTLP/gRPC TraceService on 127.0.0.1 that accepts and drops spans; yields its port."""
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import (
+        trace_service_pb2,
+        trace_service_pb2_grpc,
+    )
+
+    class Discard(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+        def Export(self, request: Any, context: Any) -> Any:
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Discard(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(0)
 
 
 # ---------------------------------------------------------------- one case
@@ -282,13 +342,25 @@ def run_case(case: Case, args: argparse.Namespace, work: Path, script: Path) -> 
     with contextlib.ExitStack() as stack:
         mandate: MandateProcess | None = None
         if case.key == "mandate":
-            extra = ["--agent", AGENT, "--log-level", "WARNING"]
+            extra = ["--agent", AGENT, "--log-level", "WARNING", "--kubernetes", "off"]
             if args.threads is not None:
                 extra += ["--threads", str(args.threads)]
+            if args.workers is not None:
+                extra += ["--workers", str(args.workers)]
+            if args.telemetry:
+                # Every decision traced (100 % sampled: wrk sends no traceparent, so the span
+                # is a root, always sampled) and audited, into a discarding OTLP receiver.
+                receiver = stack.enter_context(discarding_otlp_receiver())
+                extra += [
+                    "--otlp-endpoint", f"http://127.0.0.1:{receiver}",
+                    "--audit-dir", str(work / case.key / "audit"),
+                ]  # fmt: skip
             mandate = start_mandate(PROFILES, work / case.key, extra=extra)
             stack.callback(mandate.stop)
-            values |= {"MANDATE_PORT": mandate.grpc_port, "AGENT": AGENT}
-        config = render_envoy_config(BENCH / case.template, values)
+            values |= {"AGENT": AGENT}
+        config = render_envoy_config(
+            BENCH / case.template, values, mandate_ports=mandate.grpc_ports if mandate else None
+        )
         envoy = start_envoy(config, work / case.key, concurrency=1)
         stack.callback(envoy.stop)
         try:
@@ -364,6 +436,8 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "loadavg_before": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
         "envoy_concurrency": 1,
         "mandate_threads": args.threads if args.threads is not None else "default",
+        "mandate_workers": args.workers if args.workers is not None else 1,
+        "telemetry": "tracing+audit on" if args.telemetry else "off",
         "GRPC_EXPERIMENTS": os.environ.get("GRPC_EXPERIMENTS", ""),
         "duration_s": args.duration,
         "latency_duration_s": args.latency_duration,
@@ -443,7 +517,8 @@ def markdown(info: dict[str, Any], results: list[dict[str, Any]], summary: dict[
         f"Machine: {info['nproc']} CPUs, {info['cpu_model']}, Linux {info['kernel']}; "
         f"Python {info['python']}, grpcio {info['grpcio']}, protobuf {info['protobuf']}, "
         f"Envoy {info['envoy']} (--concurrency 1), {info['wrk']}; pinning: {info['pinning']}; "
-        f"mandate threads: {info['mandate_threads']}; GRPC_EXPERIMENTS="
+        f"mandate threads: {info['mandate_threads']}; workers: {info['mandate_workers']}; "
+        f"tracing/audit: {info['telemetry']}; GRPC_EXPERIMENTS="
         f"{info['GRPC_EXPERIMENTS'] or '(unset)'}; git {info['git_commit']}; {info['date']}.",
         f"Load: wrk -t1 -c{info['connections']} for {info['duration_s']:g} s (after "
         f"{info['warmup_s']:g} s warm-up); latency: wrk -t1 -c1 for "
@@ -478,6 +553,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per case")
     p.add_argument("--connections", type=int, default=16, help="wrk connections under load")
     p.add_argument("--threads", type=int, help="mandate's Check threads (default: mandate's)")
+    p.add_argument("--workers", type=int, help="mandate's Check worker processes (default: 1)")
+    p.add_argument(
+        "--telemetry",
+        action="store_true",
+        help="mandate with tracing (every decision, OTLP to a discarding receiver) and audit on",
+    )
     p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
     args = p.parse_args(argv)
     if args.latency_duration is None:
