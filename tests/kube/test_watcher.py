@@ -1,0 +1,357 @@
+"""The AgentRevocation watcher against the Kubernetes API emulation over real HTTP: list,
+watch, stream ends, 410 Gone, the API server down and back, enforcement reports."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from kubernetes_asyncio.client import ApiClient
+
+from sidecar.core.revocation import make_key
+from sidecar.kube import EVENT_REASON, parse_time, watch_revocations
+from sidecar.revocations import RevocationStore
+from tests.kubeapi.fixtures import Kubectl
+from tests.kubeapi.server import KubeAPIServer
+
+from .conftest import FAST, make_store, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "deploy" / "examples" / "revocation.yaml"
+
+
+def arev(name: str, agent: str = "billing-agent", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "mandate.dev/v1alpha1",
+        "kind": "AgentRevocation",
+        "metadata": {"name": name, "namespace": "agents"},
+        "spec": {"agent": agent, "reason": f"reason {name}", **spec},
+    }
+
+
+def names(store: RevocationStore) -> list[str]:
+    return [r.name for r in store.entries("kubernetes")]
+
+
+def key(name: str) -> str:
+    return make_key("kubernetes", "agents", name)
+
+
+def watch_requests(api: KubeAPIServer) -> list[dict[str, str]]:
+    return [dict(r.params) for r in api.requests if r.method == "GET" and r.params.get("watch")]
+
+
+async def test_initial_list_enforces_existing_objects_and_marks_complete(
+    kube_api: KubeAPIServer, store: RevocationStore, start_watcher: Any
+) -> None:
+    a = kube_api.create(arev("a", expiresAt="2099-01-01T00:00:00Z"))
+    kube_api.create(arev("b", agent="*"))
+    listed_at = str(kube_api.resource_version)
+    store.load_persisted()
+    assert not store.complete
+    watcher = await start_watcher(store)
+    await wait_for(lambda: store.complete and len(store.entries()) == 2, what="first sync")
+    rev = store.entries()[0]
+    assert (rev.key, rev.agent, rev.namespace, rev.reason, rev.source, rev.name) == (
+        key("a"),
+        "billing-agent",
+        "agents",
+        "reason a",
+        "kubernetes",
+        "a",
+    )
+    assert rev.uid == a["metadata"]["uid"]
+    assert rev.expires_at == parse_time("2099-01-01T00:00:00Z")
+    assert rev.created_at == parse_time(a["metadata"]["creationTimestamp"])
+    assert watcher.connected and watcher.last_error is None and watcher.last_sync_at
+    assert (watcher.lists, watcher.relists) == (1, 0)
+    # The watch starts from the list's resourceVersion, with bookmarks.
+    await kube_api.until_watches(1)
+    (params,) = watch_requests(kube_api)
+    assert params["resourceVersion"] == listed_at
+    assert params["allowWatchBookmarks"] in ("true", "True")
+    assert int(watcher.resource_version or 0) >= int(params["resourceVersion"])
+
+
+async def test_create_modify_delete_followed(
+    kube_api: KubeAPIServer, store: RevocationStore, start_watcher: Any
+) -> None:
+    await start_watcher(store)
+    await wait_for(lambda: store.complete)
+    await kube_api.until_watches(1)
+    kube_api.create(arev("a"))
+    await wait_for(lambda: names(store) == ["a"], what="a enforced")
+    now = 0.0
+    assert store.table().find("agents", "billing-agent", now) is not None
+    kube_api.patch("arev", "agents", "a", {"spec": {"reason": "new reason"}})
+    await wait_for(lambda: store.entries()[0].reason == "new reason", what="modification")
+    kube_api.delete("arev", "agents", "a")
+    await wait_for(lambda: names(store) == [], what="a removed")
+    assert store.table().find("agents", "billing-agent", now) is None
+
+
+async def test_expiry_and_all_agents(
+    kube_api: KubeAPIServer, store: RevocationStore, start_watcher: Any
+) -> None:
+    await start_watcher(store)
+    await wait_for(lambda: store.complete)
+    kube_api.create(arev("all", agent="*", expiresAt="2030-06-01T12:00:00.250+02:00"))
+    rev = await wait_for(lambda: store.entries() and store.entries()[0], what="all")
+    assert rev.agent == "*"
+    assert rev.expires_at == parse_time("2030-06-01T10:00:00.25Z")
+    table = store.table()
+    assert table.find("agents", "any-agent", rev.expires_at - 1) == rev
+    assert table.find("other-namespace", "any-agent", rev.expires_at - 1) is None
+    assert table.find("agents", "any-agent", rev.expires_at + 1) is None  # expired by itself
+
+
+async def test_an_expiry_the_server_accepts_but_that_is_no_time_fails_closed(
+    kube_api: KubeAPIServer, store: RevocationStore, start_watcher: Any
+) -> None:
+    # kube-openapi's date-time check lets February 30th through.
+    kube_api.create(arev("feb30", expiresAt="2026-02-30T00:00:00Z"))
+    await start_watcher(store)
+    rev = await wait_for(lambda: store.entries() and store.entries()[0], what="feb30")
+    assert rev.expires_at is None  # enforced until deleted, never silently dropped
+    assert store.table().find("agents", "billing-agent", 4e9) is not None
+
+
+async def test_stream_end_resumes_from_last_resource_version(
+    kube_api: KubeAPIServer, store: RevocationStore, changes: list[Any], start_watcher: Any
+) -> None:
+    kube_api.create(arev("a"))
+    watcher = await start_watcher(store, report=False)  # only the changes below move the RV
+    await wait_for(lambda: names(store) == ["a"])
+    await kube_api.until_watches(1)
+    kube_api.create(arev("b"))
+    await wait_for(lambda: names(store) == ["a", "b"])
+    last_rv = watcher.resource_version
+    for _ in range(3):
+        assert kube_api.end_watches() == 1
+        # Changes made while the watcher reconnects are not missed.
+        kube_api.create(arev(f"c{_}"))
+        await kube_api.until_watches(1)
+    kube_api.delete("arev", "agents", "a")
+    await wait_for(lambda: names(store) == ["b", "c0", "c1", "c2"], what="all changes")
+    assert (watcher.lists, watcher.relists) == (1, 0)  # resumed, never relisted
+    resumed = [p["resourceVersion"] for p in watch_requests(kube_api)]
+    assert resumed[1] == last_rv and len(resumed) == 4
+    assert [int(rv) for rv in resumed] == sorted(int(rv) for rv in resumed)
+    # Each object was added once and never removed and re-added.
+    added = [k for a, _ in changes for k in a]
+    assert sorted(added) == sorted(key(n) for n in ["a", "b", "c0", "c1", "c2"])
+    assert [r for _, rs in changes for r in rs] == [key("a")]
+
+
+async def test_410_gone_relists_without_missing_or_reapplying(
+    kube_api: KubeAPIServer, store: RevocationStore, changes: list[Any], start_watcher: Any
+) -> None:
+    for n in ("a", "b", "c"):
+        kube_api.create(arev(n))
+    watcher = await start_watcher(store)
+    await wait_for(lambda: names(store) == ["a", "b", "c"])
+    await kube_api.until_watches(1)
+    before = list(changes)
+    kube_api.down()
+    await wait_for(lambda: not watcher.connected, what="disconnected")
+    # While the API server is away: changes, then a compaction past the watcher's position.
+    kube_api.delete("arev", "agents", "a")
+    kube_api.patch("arev", "agents", "b", {"spec": {"reason": "changed while away"}})
+    kube_api.create(arev("d"))
+    kube_api.compact()
+    kube_api.up()
+    await wait_for(lambda: watcher.relists == 1 and watcher.connected, what="relist after 410")
+    assert names(store) == ["b", "c", "d"]
+    assert store.entries()[0].reason == "changed while away"
+    # The relist wrote exactly the difference, in one change: c was not touched.
+    after = changes[len(before) :]
+    assert after == [([key("b"), key("d")], [key("a"), key("b")])]
+    assert store.complete
+    await kube_api.until_watches(1)
+    kube_api.create(arev("e"))
+    await wait_for(lambda: names(store) == ["b", "c", "d", "e"], what="watching again")
+
+
+async def test_410_on_an_open_stream_relists(
+    kube_api: KubeAPIServer, store: RevocationStore, changes: list[Any], start_watcher: Any
+) -> None:
+    kube_api.create(arev("a"))
+    watcher = await start_watcher(store)
+    await wait_for(lambda: names(store) == ["a"])
+    await kube_api.until_watches(1)
+    generation = store.generation
+    kube_api.compact(expire_watches=True)  # ERROR event with a 410 Status on the stream
+    await wait_for(lambda: watcher.relists == 1, what="relist")
+    assert names(store) == ["a"] and store.generation == generation  # nothing re-applied
+    await kube_api.until_watches(1)
+    kube_api.delete("arev", "agents", "a")
+    await wait_for(lambda: names(store) == [], what="delete after relist")
+
+
+async def test_api_down_keeps_enforcing_then_catches_up(
+    kube_api: KubeAPIServer, store: RevocationStore, start_watcher: Any
+) -> None:
+    kube_api.create(arev("a"))
+    watcher = await start_watcher(store)
+    await wait_for(lambda: names(store) == ["a"])
+    await kube_api.until_watches(1)
+    kube_api.down()
+    await wait_for(lambda: not watcher.connected and watcher.last_error, what="disconnected")
+    await asyncio.sleep(0.5)  # several failed attempts
+    assert names(store) == ["a"] and store.complete  # the last known state stays in force
+    assert watcher.status()["connected"] is False and "Connect" in (watcher.last_error or "")
+    kube_api.delete("arev", "agents", "a")
+    kube_api.create(arev("b"))
+    kube_api.up()
+    await wait_for(lambda: names(store) == ["b"], what="changes made while down")
+    assert watcher.connected and watcher.last_error is None
+    assert watcher.relists == 0  # the history still had them: resumed, no relist
+
+
+async def test_api_unreachable_at_start(
+    kube_api: KubeAPIServer, store: RevocationStore, start_watcher: Any
+) -> None:
+    kube_api.create(arev("a"))
+    kube_api.down()
+    store.load_persisted()
+    watcher = await start_watcher(store)
+    await wait_for(lambda: watcher.last_error, what="an error")
+    assert not store.complete  # never claims to be synced
+    kube_api.up()
+    await wait_for(lambda: store.complete and names(store) == ["a"], what="first sync")
+
+
+async def test_bookmarks_move_the_resource_version(
+    kube_api: KubeAPIServer, store: RevocationStore, start_watcher: Any
+) -> None:
+    watcher = await start_watcher(store)
+    await wait_for(lambda: store.complete)
+    await kube_api.until_watches(1)
+    kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "elsewhere"}})
+    assert kube_api.bookmark() == 1
+    await wait_for(
+        lambda: watcher.resource_version == str(kube_api.resource_version), what="bookmark"
+    )
+
+
+async def test_events_and_first_enforced_status_once_across_pods(
+    kube_api: KubeAPIServer, tmp_path: Path, start_watcher: Any
+) -> None:
+    stores = {pod: make_store(tmp_path / pod) for pod in ("pod-a", "pod-b")}
+    watchers = {pod: await start_watcher(s, pod_name=pod) for pod, s in stores.items()}
+    for s in stores.values():
+        await wait_for(lambda s=s: s.complete)
+    await kube_api.until_watches(2)
+    obj = kube_api.create(arev("a"))
+    for s in stores.values():
+        await wait_for(lambda s=s: names(s) == ["a"])
+    events = await wait_for(
+        lambda: len(kube_api.events("agents")) == 2 and kube_api.events("agents"), what="2 events"
+    )
+    assert sorted(e["reportingInstance"] for e in events) == ["pod-a", "pod-b"]
+    for e in events:
+        assert e["reason"] == EVENT_REASON and e["type"] == "Normal"
+        assert e["involvedObject"] == {
+            "apiVersion": "mandate.dev/v1alpha1",
+            "kind": "AgentRevocation",
+            "name": "a",
+            "namespace": "agents",
+            "uid": obj["metadata"]["uid"],
+        }
+        assert f"enforced by pod {e['reportingInstance']} from 20" in e["message"]
+        assert "s after the object was created" in e["message"]
+    status = await wait_for(
+        lambda: kube_api.get("arev", "agents", "a").get("status"), what="status"
+    )
+    assert status["firstEnforcedBy"] in ("pod-a", "pod-b")
+    assert parse_time(status["firstEnforcedAt"])
+    await asyncio.sleep(0.3)
+    modified = [
+        ev for _, ev, o in kube_api.history() if ev == "MODIFIED" and o["metadata"]["name"] == "a"
+    ]
+    assert len(modified) == 1  # one status write for the object, not one per pod
+    assert all(w.reports_failed == 0 for w in watchers.values())
+    # A change of the object is no new enforcement: no new event.
+    kube_api.patch("arev", "agents", "a", {"spec": {"reason": "changed"}})
+    for s in stores.values():
+        await wait_for(lambda s=s: s.entries()[0].reason == "changed")
+    await asyncio.sleep(0.2)
+    assert len(kube_api.events("agents")) == 2
+
+
+async def test_report_failures_never_affect_enforcement(
+    kube_api: KubeAPIServer, store: RevocationStore, start_watcher: Any
+) -> None:
+    kube_api.react("post /api/v1/namespaces/agents/events", 500)
+    watcher = await start_watcher(store)
+    await wait_for(lambda: store.complete)
+    await kube_api.until_watches(1)
+    kube_api.create(arev("a"))
+    await wait_for(lambda: names(store) == ["a"])
+    await wait_for(lambda: watcher.reports_failed == 1, what="a failed report")
+    assert kube_api.events() == []
+    # The status is still written: the event and the status are independent.
+    await wait_for(lambda: kube_api.get("arev", "agents", "a").get("status"), what="status")
+    assert names(store) == ["a"] and watcher.connected
+
+
+async def test_expired_or_known_revocations_are_not_reported(
+    kube_api: KubeAPIServer, store: RevocationStore, start_watcher: Any
+) -> None:
+    kube_api.create(arev("old", expiresAt="2000-01-01T00:00:00Z"))
+    obj = kube_api.create(arev("done"))
+    kube_api.patch(
+        "arev",
+        "agents",
+        "done",
+        {"status": {"firstEnforcedAt": "2026-01-01T00:00:00Z", "firstEnforcedBy": "pod-z"}},
+        subresource="status",
+    )
+    await start_watcher(store)
+    await wait_for(lambda: names(store) == ["done", "old"])
+    await wait_for(lambda: len(kube_api.events()) == 1, what="one event")
+    assert kube_api.events()[0]["involvedObject"]["uid"] == obj["metadata"]["uid"]
+    await asyncio.sleep(0.2)
+    assert kube_api.get("arev", "agents", "done")["status"]["firstEnforcedBy"] == "pod-z"
+
+
+async def test_bounded_run_with_iterations(
+    kube_api: KubeAPIServer, store: RevocationStore, api_client: ApiClient
+) -> None:
+    kube_api.create(arev("a"))
+    watcher = await asyncio.wait_for(
+        watch_revocations(
+            store,
+            "agents",
+            api_client=api_client,
+            pod_name="pod-a",
+            _iterations=1,
+            **{**FAST, "watch_timeout": (1.0, 1.0)},
+        ),
+        timeout=10,
+    )
+    assert names(store) == ["a"] and store.complete
+    assert watcher.lists == 1 and watcher.resource_version
+    assert len(kube_api.events()) == 1  # reports are flushed before returning
+
+
+async def test_kubectl_apply_is_seen_by_the_watcher(
+    kube_api: KubeAPIServer, kubectl: Kubectl, store: RevocationStore, start_watcher: Any
+) -> None:
+    await start_watcher(store)
+    await wait_for(lambda: store.complete)
+    await kube_api.until_watches(1)
+    await asyncio.to_thread(kubectl, "apply", "-f", str(EXAMPLE))
+    rev = await wait_for(lambda: store.entries() and store.entries()[0], what="applied revocation")
+    assert (rev.name, rev.agent, rev.reason) == (
+        "billing-agent-inc-4412",
+        "billing-agent",
+        "Anomalous refund volume (INC-4412)",
+    )
+    assert rev.expires_at == parse_time("2026-12-01T00:00:00Z")
+    await wait_for(lambda: kube_api.events(), what="event")
+    out = (await asyncio.to_thread(kubectl, "get", "events")).stdout
+    assert EVENT_REASON in out and "enforced by pod pod-a" in out
+    await asyncio.to_thread(kubectl, "delete", "-f", str(EXAMPLE))
+    await wait_for(lambda: names(store) == [], what="deleted")

@@ -1,0 +1,1 @@
+from tests.kubeapi.fixtures import kube_api, kubeconfig, kubectl  # noqa: F401
