@@ -62,7 +62,7 @@ def _wait_status(stack: Stack, agent: str, url: str, status: int, timeout: float
 
 def test_kubectl_apply_revokes_and_delete_restores(
     kube_stack: Stack,
-    kubectl: Kubectl,
+    kubectl: Kubectl,  # noqa: F811
     kube_api: KubeAPIServer,  # noqa: F811
 ) -> None:
     stack = kube_stack
@@ -126,7 +126,7 @@ def test_star_expiry_and_invalid_objects(kube_stack: Stack, kubectl: Kubectl) ->
 
 def test_watch_faults_lose_no_revocation(
     kube_stack: Stack,
-    kubectl: Kubectl,
+    kubectl: Kubectl,  # noqa: F811
     kube_api: KubeAPIServer,  # noqa: F811
 ) -> None:
     stack = kube_stack
