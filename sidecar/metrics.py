@@ -48,6 +48,12 @@ REVOCATIONS = Gauge(
     registry=REGISTRY,
     multiprocess_mode="max",
 )
+KUBERNETES_CONNECTED = Gauge(
+    "mandate_kubernetes_connected",
+    "1 while the AgentRevocation watch is connected; 0 while the last known state is enforced",
+    registry=REGISTRY,
+    multiprocess_mode="max",
+)
 REVOCATION_WRITES = Counter(
     "mandate_revocation_writes",
     "Generations of the shared revocation table written",

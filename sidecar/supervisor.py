@@ -324,6 +324,9 @@ class Supervisor:
         while not self._stopping:
             await asyncio.sleep(1.0)
             self.store.prune_expired()
+            if self._watcher is not None:
+                connected = bool(self._watcher.status().get("connected"))
+                metrics.KUBERNETES_CONNECTED.set(1 if connected else 0)
 
     # -- status -----------------------------------------------------------------------
 
