@@ -4,6 +4,8 @@ by side in one run, three ways that differ only in authorization:
   envoy    Envoy alone, no authorization (the ceiling)              bench/envoy-direct.yaml
   rbac     Envoy's native RBAC HTTP filter, in-process C++ (floor)  bench/envoy-rbac.yaml
   mandate  Envoy + ext_authz gRPC to `mandate run`                  bench/envoy-mandate.yaml
+           (--transport http: ext_authz http_service, `mandate run --transport http`,
+           bench/envoy-mandate-http.yaml)
 
 The request is `GET /v1/invoices/42` with `Host: ledger.finance.svc.cluster.local`, allowed by
 the RBAC policy and by the demo profile's rule reconcile.allow[0] (agent billing-agent). For
@@ -17,6 +19,7 @@ that mandate saw both; otherwise it aborts.
 Prints a table with ratios and writes bench/results/check_throughput.{json,md}. Everything
 listens on 127.0.0.1; Envoy runs with --concurrency 1; processes are not pinned. Needs `wrk`
 (apt-get install -y wrk). Run: .venv/bin/python bench/check_throughput.py [--duration 10]
+[--transport grpc|http]
 """
 
 from __future__ import annotations
@@ -81,6 +84,11 @@ CASES = (
     Case("rbac", "envoy-rbac.yaml", "Envoy + RBAC filter"),
     Case("mandate", "envoy-mandate.yaml", "Envoy + mandate (ext_authz gRPC)"),
 )
+# The mandate case over each transport (--transport).
+MANDATE_CASES = {
+    "grpc": CASES[2],
+    "http": Case("mandate", "envoy-mandate-http.yaml", "Envoy + mandate (ext_authz HTTP)"),
+}
 
 # wrk prints one JSON line at the end; latencies are in microseconds.
 WRK_SCRIPT = r"""
@@ -343,6 +351,7 @@ def run_case(case: Case, args: argparse.Namespace, work: Path, script: Path) -> 
         mandate: MandateProcess | None = None
         if case.key == "mandate":
             extra = ["--agent", AGENT, "--log-level", "WARNING", "--kubernetes", "off"]
+            extra += ["--transport", args.transport]
             if args.threads is not None:
                 extra += ["--threads", str(args.threads)]
             if args.workers is not None:
@@ -437,6 +446,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "envoy_concurrency": 1,
         "mandate_threads": args.threads if args.threads is not None else "default",
         "mandate_workers": args.workers if args.workers is not None else 1,
+        "transport": args.transport,
         "telemetry": "tracing+audit on" if args.telemetry else "off",
         "GRPC_EXPERIMENTS": os.environ.get("GRPC_EXPERIMENTS", ""),
         "duration_s": args.duration,
@@ -466,6 +476,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     out["mandate_cpu_us_per_check"] = man["loaded"].get("mandate_cpu_us_per_check")
     out["goal_rps_vs_rbac_grpc"] = 0.20
     out["goal_cpu_us_per_check_grpc"] = 100
+    out["goal_rps_vs_rbac_http"] = 0.40  # the best transport
+    out["goal_cpu_us_per_check_http"] = 35
     return out
 
 
@@ -474,6 +486,8 @@ def _f(value: Any, fmt: str = "{:,.0f}") -> str:
 
 
 def markdown(info: dict[str, Any], results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    t = info.get("transport", "grpc")
+    over = "gRPC" if t == "grpc" else "HTTP"
     head = (
         "| case | req/s (c={c}) | vs Envoy alone | vs RBAC | non-2xx | p50 µs (c=1) | p90 | p99 "
         "| p99.9 | added p50/p99 µs | Envoy CPU µs/req | mandate CPU µs/Check (c={c} / c=1) "
@@ -500,9 +514,9 @@ def markdown(info: dict[str, Any], results: list[dict[str, Any]], summary: dict[
         "",
         f"mandate / Envoy alone: {_f(summary['mandate_rps_vs_envoy'], '{:.1%}')} of the "
         f"throughput; mandate / RBAC: {_f(summary['mandate_rps_vs_rbac'], '{:.1%}')} "
-        f"(issue 7 goal over gRPC: ≥ {summary['goal_rps_vs_rbac_grpc']:.0%}).",
+        f"(issue 7 goal over {over}: ≥ {summary[f'goal_rps_vs_rbac_{t}']:.0%}).",
         f"mandate CPU per Check under load: {_f(summary['mandate_cpu_us_per_check'], '{:.0f}')} "
-        f"µs (goal over gRPC: ≤ {summary['goal_cpu_us_per_check_grpc']} µs); "
+        f"µs (goal over {over}: ≤ {summary[f'goal_cpu_us_per_check_{t}']} µs); "
         f"Checks {man.get('checks')} (allowed {man.get('checks_allowed')}, denied "
         f"{man.get('checks_denied')}); Envoy's counters: "
         + ", ".join(f"{k} {v}" for k, v in man["authz"].items())
@@ -517,7 +531,8 @@ def markdown(info: dict[str, Any], results: list[dict[str, Any]], summary: dict[
         f"Machine: {info['nproc']} CPUs, {info['cpu_model']}, Linux {info['kernel']}; "
         f"Python {info['python']}, grpcio {info['grpcio']}, protobuf {info['protobuf']}, "
         f"Envoy {info['envoy']} (--concurrency 1), {info['wrk']}; pinning: {info['pinning']}; "
-        f"mandate threads: {info['mandate_threads']}; workers: {info['mandate_workers']}; "
+        f"mandate transport: {t}; threads: {info['mandate_threads']}; "
+        f"workers: {info['mandate_workers']}; "
         f"tracing/audit: {info['telemetry']}; GRPC_EXPERIMENTS="
         f"{info['GRPC_EXPERIMENTS'] or '(unset)'}; git {info['git_commit']}; {info['date']}.",
         f"Load: wrk -t1 -c{info['connections']} for {info['duration_s']:g} s (after "
@@ -555,6 +570,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="mandate's Check threads (default: mandate's)")
     p.add_argument("--workers", type=int, help="mandate's Check worker processes (default: 1)")
     p.add_argument(
+        "--transport",
+        choices=sorted(MANDATE_CASES),
+        default="grpc",
+        help="how Envoy asks mandate: ext_authz grpc_service or http_service (default grpc)",
+    )
+    p.add_argument(
         "--telemetry",
         action="store_true",
         help="mandate with tracing (every decision, OTLP to a discarding receiver) and audit on",
@@ -586,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(tmp)
             script = work / "report.lua"
             script.write_text(WRK_SCRIPT)
-            for case in CASES:
+            for case in (*CASES[:2], MANDATE_CASES[args.transport]):
                 results.append(run_case(case, args, work, script))
     except BenchError as exc:
         print(f"check_throughput: aborted: {exc}", file=sys.stderr)
@@ -600,13 +621,16 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"machine": info, "summary": summary, "results": results}
-    (args.out / "check_throughput.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (args.out / "check_throughput.md").write_text(
-        "# Check throughput: Envoy alone vs Envoy + RBAC vs Envoy + mandate\n\n"
+    # One pair of files per transport: check_throughput.* (gRPC), check_throughput-http.*
+    stem = "check_throughput" + ("" if args.transport == "grpc" else f"-{args.transport}")
+    (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(
+        "# Check throughput: Envoy alone vs Envoy + RBAC vs Envoy + mandate"
+        f" ({args.transport})\n\n"
         "Written by `bench/check_throughput.py`; see bench/README.md for what each column means."
         "\n\n" + table
     )
-    print(f"wrote {args.out / 'check_throughput.json'} and {args.out / 'check_throughput.md'}")
+    print(f"wrote {args.out / stem}.json and {args.out / stem}.md")
     bad = [r["case"] for r in results if r["loaded"]["non_2xx"] or r["loaded"]["socket_errors"]]
     if bad:
         print(f"check_throughput: WARNING: non-2xx or socket errors in {bad}", file=sys.stderr)

@@ -1,5 +1,5 @@
 """The `mandate` command line: run, worker, validate, explain, schema, revoke, restore,
-status, audit.
+status, audit, inject, webhook.
 
 Translates arguments into calls on the core and the server, and errors into exit codes:
 0 success (explain: allow), 1 explain: deny, 2 bad input (the message names the file,
@@ -28,6 +28,7 @@ from .audit_cli import add_audit_parser, run_audit
 from .core import RequestView, decide, load_profiles
 from .core.model import json_schema, parse_duration
 from .errors import BadRequestError, ConfigError, ProfileErrors
+from .inject_cli import add_inject_parser, run_inject
 
 __all__ = ["main"]
 
@@ -54,7 +55,14 @@ def _serve_options(cmd: argparse.ArgumentParser, admin: bool) -> None:
     cmd.add_argument(
         "--listen",
         default=_env("MANDATE_LISTEN", "127.0.0.1:9001"),
-        help="gRPC address HOST:PORT (env MANDATE_LISTEN; default %(default)s)",
+        help="Check address HOST:PORT (env MANDATE_LISTEN; default %(default)s)",
+    )
+    cmd.add_argument(
+        "--transport",
+        choices=["grpc", "http"],
+        default=_env("MANDATE_TRANSPORT", "grpc"),
+        help="how Envoy's ext_authz filter asks: grpc_service or http_service (use the "
+        "matching config of envoy/; env MANDATE_TRANSPORT; default %(default)s)",
     )
     if admin:
         cmd.add_argument(
@@ -82,7 +90,7 @@ def _serve_options(cmd: argparse.ArgumentParser, admin: bool) -> None:
         "--threads",
         type=int,
         default=int(_env("MANDATE_THREADS", "4") or 4),
-        help="Check threads per worker (default %(default)s)",
+        help="gRPC Check threads per worker (default %(default)s)",
     )
     cmd.add_argument(
         "--poll-seconds",
@@ -262,6 +270,7 @@ def _parser() -> argparse.ArgumentParser:
     sch = sub.add_parser("schema", help="print the JSON Schema of the profile format")
     sch.add_argument("--indent", type=int, default=2)
     add_audit_parser(sub)
+    add_inject_parser(sub)
     return p
 
 
@@ -419,6 +428,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         otlp_endpoint=args.otlp_endpoint,
         audit_args=_audit_args(args),
+        transport=args.transport,
     )
     try:
         return _starting(args, lambda: run_supervisor(config))
@@ -448,6 +458,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         audit_on_failure=args.audit_on_failure,
         audit_fsync=args.audit_fsync,
         chain_id=args.chain_id,
+        transport=args.transport,
     )
     return _starting(args, lambda: serve(config))
 
@@ -525,6 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_worker(args)
     if args.command == "audit":
         return run_audit(args)
+    if args.command in ("inject", "webhook"):
+        return run_inject(args)
     if args.command in ("revoke", "restore", "status"):
         return _cmd_admin(args)
     return _cmd_run(args)

@@ -17,6 +17,7 @@ __all__ = [
     "AuditResumeError",
     "BadRequestError",
     "ConfigError",
+    "InjectError",
     "MandateError",
     "ProfileError",
     "ProfileErrors",
@@ -106,3 +107,11 @@ class AuditBusyError(AuditError):
     """Another writer (process) holds the chain's lock: two writers would fork the chain."""
 
     code = "audit_busy"
+
+
+class InjectError(MandateError):
+    """A pod (or pod template) selected for injection cannot be injected: it is malformed
+    where the sidecar must change it (the message names the field), uses a name or UID
+    reserved for the sidecar, or asks for an unknown mode or an invalid agent id."""
+
+    code = "inject_invalid"

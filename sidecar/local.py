@@ -58,7 +58,8 @@ def render_envoy_config(
     mandate_ports: Sequence[int] | None = None,
 ) -> str:
     """Fill a template's ${NAME} placeholders. With ``agents``, the template's single
-    listener is repeated once per agent (each with its own `context_extensions.agent`),
+    listener is repeated once per agent (each naming its agent: `context_extensions.agent`,
+    or over HTTP the `path_prefix`),
     as if each agent were its own pod. With ``mandate_ports``, the `mandate` cluster gets
     one endpoint per worker (values["MANDATE_PORT"] may then be omitted)."""
     text = Path(template).read_text() if isinstance(template, Path) else template

@@ -1,9 +1,11 @@
-"""`mandate run`: wires the profile snapshot, the gRPC Check server, gRPC health and the
-admin server together, and stops them cleanly on SIGTERM/SIGINT.
+"""`mandate run`: wires the profile snapshot, the Check server (gRPC, or Envoy's HTTP
+ext_authz mode with `transport="http"`), gRPC health and the admin server together, and
+stops them cleanly on SIGTERM/SIGINT.
 
 The gRPC server is grpcio's synchronous server with a small thread pool: measured before
-any code, it costs about half the CPU per Check of grpc.aio (see bench/). Must not contain
-decision logic.
+any code, it costs about half the CPU per Check of grpc.aio (see bench/). The HTTP server
+is aiohttp's low-level server on one event loop (`http_authz`). Must not contain decision
+logic.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from . import metrics
 from .admin import AdminServer
 from .audit import AuditWriter
+from .authz import Audit, Authorizer, Identity
 from .core.revocation import EMPTY_TABLE, RevocationTable
 from .errors import ConfigError
-from .ext_authz import Audit, AuthorizationServicer, Identity
+from .ext_authz import AuthorizationServicer
+from .http_authz import HttpAuthzServer
 from .reload import SnapshotHolder
 from .shm import SharedTable
 
@@ -58,9 +62,10 @@ class ServeConfig:
     audit_on_failure: str = "fail-closed"
     audit_fsync: str = "interval"
     chain_id: str = ""  # this worker's audit chain (unique per writer process)
-    threads: int = 4
+    threads: int = 4  # gRPC Check threads (the HTTP transport runs on one event loop)
     poll_seconds: float = 2.0
     port_file: Path | None = None
+    transport: str = "grpc"  # grpc | http (Envoy's ext_authz http_service)
 
 
 def _split_hostport(text: str, what: str) -> tuple[str, int]:
@@ -77,8 +82,10 @@ class Sidecar:
         self.config = config
         self.holder = SnapshotHolder(config.profiles)
         self.grpc_port = 0
+        self.http_port = 0
         self.admin_port = 0
         self._server: grpc.Server | None = None
+        self._http: HttpAuthzServer | None = None
         self._health = health.HealthServicer()
         self._admin: AdminServer | None = None
         self._tracing: Tracing | None = None
@@ -93,6 +100,8 @@ class Sidecar:
         cfg = self.config
         if cfg.threads < 1:
             raise ConfigError(f"--threads {cfg.threads}: expected at least 1")
+        if cfg.transport not in ("grpc", "http"):
+            raise ConfigError(f"--transport {cfg.transport!r}: expected grpc or http")
         admin = None if cfg.admin is None else _split_hostport(cfg.admin, "--admin")
         if not cfg.listen.startswith("unix:"):
             _split_hostport(cfg.listen, "--listen")
@@ -117,23 +126,33 @@ class Sidecar:
             )
             audit = Audit(self._audit_writer, cfg.pod_name, cfg.namespace, cfg.audit_allows)
             threading.Thread(target=self._meter_audit, name="audit-metrics", daemon=True).start()
-        servicer = AuthorizationServicer(
-            self.holder.get, identity, revocations=revocations, tracing=self._tracing, audit=audit
-        )
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="check"),
-            options=[("grpc.so_reuseport", 0)],
-        )
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        try:
-            self.grpc_port = server.add_insecure_port(cfg.listen)
-        except RuntimeError as exc:
-            raise ConfigError(f"--listen {cfg.listen!r}: cannot bind ({exc})") from None
-        server.start()
-        self._server = server
-        self._health.set(AUTHZ_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if cfg.transport == "http":
+            self._start_http(Authorizer(
+                self.holder.get, identity, revocations=revocations, tracing=self._tracing,
+                audit=audit,
+            ))  # fmt: skip
+        else:
+            servicer = AuthorizationServicer(
+                self.holder.get,
+                identity,
+                revocations=revocations,
+                tracing=self._tracing,
+                audit=audit,
+            )
+            server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="check"),
+                options=[("grpc.so_reuseport", 0)],
+            )
+            external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+            try:
+                self.grpc_port = server.add_insecure_port(cfg.listen)
+            except RuntimeError as exc:
+                raise ConfigError(f"--listen {cfg.listen!r}: cannot bind ({exc})") from None
+            server.start()
+            self._server = server
+            self._health.set(AUTHZ_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+            self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         if admin is not None:
             self._admin = AdminServer(admin[0], admin[1], self._ready)
             try:
@@ -142,12 +161,23 @@ class Sidecar:
                 self.stop()
                 raise ConfigError(f"--admin {cfg.admin!r}: cannot bind ({exc})") from None
         self.holder.start(cfg.poll_seconds)
-        ports = {"grpc": self.grpc_port, "admin": self.admin_port, "pid": os.getpid()}
+        port = self.http_port if self._http else self.grpc_port
+        ports = {cfg.transport: port, "admin": self.admin_port, "pid": os.getpid()}
         log.info("mandate serving: %s", json.dumps(ports))
         if cfg.port_file is not None:
             tmp = cfg.port_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(ports))
             tmp.replace(cfg.port_file)
+
+    def _start_http(self, authz: Authorizer) -> None:
+        listen = self.config.listen
+        unix = listen.startswith("unix:")
+        host, port = ("", 0) if unix else _split_hostport(listen, "--listen")
+        self._http = HttpAuthzServer(authz, host, port, listen[5:] if unix else "")
+        try:
+            self.http_port = self._http.start()
+        except OSError as exc:
+            raise ConfigError(f"--listen {listen!r}: cannot bind ({exc})") from None
 
     def _meter_audit(self) -> None:
         meter = metrics.AuditMeter()
@@ -162,6 +192,8 @@ class Sidecar:
         self.holder.stop()
         if self._server is not None:
             self._server.stop(grace).wait(grace + 1)
+        if self._http is not None:
+            self._http.stop(grace)
         if self._admin is not None:
             self._admin.stop()
         if self._tracing is not None:

@@ -68,6 +68,7 @@ class SupervisorConfig:
     log_level: str = "INFO"
     otlp_endpoint: str | None = None
     audit_args: tuple[str, ...] = ()  # worker options for the audit trail (see cli.py)
+    transport: str = "grpc"  # grpc | http: how Envoy's ext_authz filter asks the workers
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -252,6 +253,7 @@ class Supervisor:
             "--table", str(self.table.path), "--threads", str(cfg.threads),
             "--namespace", cfg.namespace, "--poll-seconds", str(cfg.poll_seconds),
             "--port-file", str(w.port_file), "--log-level", cfg.log_level,
+            "--transport", cfg.transport,
         ]  # fmt: skip
         if cfg.agent:
             args += ["--agent", cfg.agent]

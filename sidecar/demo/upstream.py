@@ -24,8 +24,12 @@ async def _echo(request: web.Request) -> web.Response:
         "method": request.method,
         "host": request.host,
         "path": request.path_qs,
+        # Repeated headers joined with ", ", so that a value appended next to the agent's
+        # (rather than replacing it) shows.
         "mandate": {
-            k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-mandate-")
+            k.lower(): ", ".join(request.headers.getall(k))
+            for k in request.headers
+            if k.lower().startswith("x-mandate-")
         },
         "traceparent": request.headers.get("traceparent"),
         "body": body.decode("utf-8", "replace"),

@@ -12,8 +12,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
 
+from sidecar.authz import Identity, new_decision_id, trace_id_of
 from sidecar.core import Snapshot
-from sidecar.ext_authz import AuthorizationServicer, Identity, new_decision_id, trace_id_of
+from sidecar.ext_authz import AuthorizationServicer
 
 from .conftest import BILLING_SPIFFE, TRACE_ID, TRACEPARENT, CheckBuilder
 

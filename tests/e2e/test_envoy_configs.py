@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from sidecar.local import ENVOY_DIR, envoy_binary, render_envoy_config
 
@@ -34,13 +36,19 @@ def _validate(text: str, tmp_path: Path) -> None:
     assert "OK" in result.stdout + result.stderr
 
 
-def test_sidecar_config_validates(tmp_path: Path) -> None:
-    _validate((ENVOY_DIR / "sidecar.yaml").read_text(), tmp_path)
+SIDECAR_CONFIGS = ["sidecar.yaml", "sidecar-http.yaml"]  # gRPC and HTTP transports
+LOCAL_CONFIGS = ["local.yaml", "local-http.yaml"]
 
 
+@pytest.mark.parametrize("name", SIDECAR_CONFIGS)
+def test_sidecar_config_validates(tmp_path: Path, name: str) -> None:
+    _validate((ENVOY_DIR / name).read_text(), tmp_path)
+
+
+@pytest.mark.parametrize("name", LOCAL_CONFIGS)
 @pytest.mark.parametrize("agents", [None, ["billing-agent", "research-agent"]])
-def test_local_config_validates(tmp_path: Path, agents: list[str] | None) -> None:
-    _validate(render_envoy_config(ENVOY_DIR / "local.yaml", VALUES, agents=agents), tmp_path)
+def test_local_config_validates(tmp_path: Path, agents: list[str] | None, name: str) -> None:
+    _validate(render_envoy_config(ENVOY_DIR / name, VALUES, agents=agents), tmp_path)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "bench").glob("*.yaml")), ids=lambda p: p.name)
@@ -58,6 +66,45 @@ def test_broken_config_is_rejected(tmp_path: Path) -> None:
 
 
 def test_configs_fail_closed() -> None:
-    for text in [(ENVOY_DIR / "sidecar.yaml").read_text(), (ENVOY_DIR / "local.yaml").read_text()]:
-        assert "failure_mode_allow: false" in text
-        assert "failure_mode_allow: true" not in text
+    for name in SIDECAR_CONFIGS + LOCAL_CONFIGS:
+        text = (ENVOY_DIR / name).read_text()
+        assert "failure_mode_allow: false" in text, name
+        assert "failure_mode_allow: true" not in text, name
+
+
+@pytest.mark.parametrize("name", ["sidecar-http.yaml", "local-http.yaml"])
+def test_http_configs_match_the_grpc_ones(name: str) -> None:
+    """The HTTP variants differ from the gRPC ones only in how the ext_authz filter asks:
+    the listener's normalisation, limits and logging are the same, the agent's headers all
+    reach mandate, exactly mandate's four headers are set upstream, and the CONNECT check
+    (Lua) uses the same path prefix as ext_authz."""
+    config = yaml.safe_load(render_envoy_config(ENVOY_DIR / name, VALUES))
+    twin = yaml.safe_load(render_envoy_config(ENVOY_DIR / name.replace("-http", ""), VALUES))
+
+    def hcm(c: dict[str, Any]) -> dict[str, Any]:
+        return c["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+            "typed_config"
+        ]  # type: ignore[no-any-return]
+
+    http, grpc = hcm(config), hcm(twin)
+    same = ("normalize_path", "merge_slashes", "path_with_escaped_slashes_action", "tracing")
+    for key in (*same, "common_http_protocol_options", "upgrade_configs", "stat_prefix"):
+        assert http.get(key) == grpc.get(key), key
+    filters = {f["name"]: f["typed_config"] for f in http["http_filters"]}
+    twin_authz = {f["name"]: f["typed_config"] for f in grpc["http_filters"]}[
+        "envoy.filters.http.ext_authz"
+    ]
+    authz = filters["envoy.filters.http.ext_authz"]
+    for key in ("failure_mode_allow", "status_on_error", "with_request_body"):
+        assert authz[key] == twin_authz[key], key
+    assert authz["allowed_headers"] == {"patterns": [{"safe_regex": {"regex": ".*"}}]}
+    service = authz["http_service"]
+    upstream = service["authorization_response"]["allowed_upstream_headers"]["patterns"]
+    assert sorted(p["exact"] for p in upstream) == [
+        "x-mandate-agent", "x-mandate-decision", "x-mandate-purpose", "x-mandate-task",
+    ]  # fmt: skip
+    lua = filters["envoy.filters.http.lua"]["default_source_code"]["inline_string"]
+    assert f'"{service["path_prefix"]};connect"' in lua
+    assert list(filters).index("envoy.filters.http.lua") < list(filters).index(
+        "envoy.filters.http.ext_authz"
+    )

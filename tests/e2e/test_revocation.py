@@ -14,13 +14,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import grpc
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from sidecar.local import MandateProcess
 
-from .conftest import Stack, start_mandate_for, start_stack, stop_stack
+from .conftest import Stack, direct_check, start_mandate_for, start_stack, stop_stack
 
 LEDGER = "http://ledger.finance.svc.cluster.local"
 INVOICE = LEDGER + "/v1/invoices/9"
@@ -28,8 +26,8 @@ ARXIV = "http://export.arxiv.org/api/query"
 
 
 @pytest.fixture
-def two_workers(tmp_path: Path) -> Iterator[Stack]:
-    s = start_stack(tmp_path, workers=2)
+def two_workers(tmp_path: Path, transport: str) -> Iterator[Stack]:
+    s = start_stack(tmp_path, workers=2, transport=transport)
     yield s
     stop_stack(s)
 
@@ -84,8 +82,10 @@ def test_star_revokes_every_agent_and_expiry_restores(two_workers: Stack) -> Non
     assert {s for s, _ in _statuses(stack, "research-agent", ARXIV)} == {200}
 
 
-def test_persisted_revocation_denies_the_first_check_after_restart(tmp_path: Path) -> None:
-    stack = start_stack(tmp_path)
+def test_persisted_revocation_denies_the_first_check_after_restart(
+    tmp_path: Path, transport: str
+) -> None:
+    stack = start_stack(tmp_path, transport=transport)
     try:
         assert (
             stack.mandate_cli("revoke", "billing-agent", "--reason", "persist me").returncode == 0
@@ -94,21 +94,17 @@ def test_persisted_revocation_denies_the_first_check_after_restart(tmp_path: Pat
         # A new mandate on the same state volume; Envoy still points at the old port, so ask
         # the new worker directly, as Envoy would, before anything else happens.
         fresh: MandateProcess = start_mandate_for(tmp_path / "again", stack.profiles, extra=[
-            "--state-dir", str(tmp_path / "state")])  # fmt: skip
+            "--state-dir", str(tmp_path / "state")], transport=transport)  # fmt: skip
         try:
-            req = external_auth_pb2.CheckRequest()
-            http = req.attributes.request.http
-            http.method, http.host, http.path, http.scheme = (
-                "GET",
+            status, body = direct_check(
+                transport,
+                fresh.grpc_port,
+                "billing-agent",
                 "ledger.finance.svc.cluster.local",
                 "/v1/invoices/1",
-                "http",
             )
-            req.attributes.context_extensions["agent"] = "billing-agent"
-            with grpc.insecure_channel(f"127.0.0.1:{fresh.grpc_port}") as channel:
-                resp = external_auth_pb2_grpc.AuthorizationStub(channel).Check(req, timeout=5)
-            assert resp.denied_response.status.code == 403
-            assert json.loads(resp.denied_response.body)["reason"] == "revoked: persist me"
+            assert status == 403
+            assert body["reason"] == "revoked: persist me"
         finally:
             fresh.stop()
     finally:
@@ -179,31 +175,27 @@ def test_agent_cannot_undo_its_revocation_from_inside_the_pod(two_workers: Stack
         assert _admin(stack, "DELETE", "/v1/revocations/billing-agent", token) == 401
         assert _admin(stack, "POST", "/v1/revocations", token, {"agent": "x", "reason": "y"}) == 401
     # Direct Checks on every worker endpoint, forging what Envoy would set, change nothing.
-    req = external_auth_pb2.CheckRequest()
-    http = req.attributes.request.http
-    http.method, http.host, http.path, http.scheme = (
-        "GET",
-        "ledger.finance.svc.cluster.local",
-        "/v1/invoices/1",
-        "http",
-    )
-    http.headers["x-mandate-agent"] = "research-agent"
-    req.attributes.context_extensions["agent"] = "billing-agent"
     for port in stack.mandate.grpc_ports:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            resp = external_auth_pb2_grpc.AuthorizationStub(channel).Check(req, timeout=5)
-        assert resp.denied_response.status.code == 403
+        status, body = direct_check(
+            stack.transport,
+            port,
+            "billing-agent",
+            "ledger.finance.svc.cluster.local",
+            "/v1/invoices/1",
+            {"x-mandate-agent": "research-agent"},
+        )
+        assert status == 403 and body["reason"] == "revoked: contained"
     assert {r for _, r in _statuses(stack, "billing-agent", INVOICE)} == {"revoked: contained"}
 
 
 def test_an_open_tunnel_outlives_a_revocation_by_at_most_max_stream_duration(
-    tmp_path: Path,
+    tmp_path: Path, transport: str
 ) -> None:
     """Envoy checks a CONNECT once; envoy/ bounds every stream (300 s in envoy/sidecar.yaml,
     2 s here) so a revoked agent's open tunnel is cut within that bound."""
     from .test_enforcement import _connect
 
-    stack = start_stack(tmp_path, max_stream="2s")
+    stack = start_stack(tmp_path, max_stream="2s", transport=transport)
     try:
         status, sock = _connect(stack, "tunnel-agent", "tunnel.example.com:443")
         assert status == 200

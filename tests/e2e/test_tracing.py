@@ -19,10 +19,11 @@ LEDGER = "http://ledger.finance.svc.cluster.local"
 
 
 @pytest.fixture
-def traced(tmp_path: Path) -> Iterator[tuple[Stack, OtlpReceiver]]:
+def traced(tmp_path: Path, transport: str) -> Iterator[tuple[Stack, OtlpReceiver]]:
     receiver = OtlpReceiver()
     stack = start_stack(
         tmp_path,
+        transport=transport,
         extra=[
             "--otlp-endpoint",
             f"http://127.0.0.1:{receiver.port}",

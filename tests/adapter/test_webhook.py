@@ -1,0 +1,436 @@
+"""The admission webhook over real TLS on 127.0.0.1: AdmissionReview in, a JSON patch out that,
+applied to real pod specs, gives pods that validate (kubernetes-validate, strict); idempotent;
+malformed reviews get a clear error response and the server stays up. The certificate comes
+from deploy/webhook-cert.sh, the script operators run."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jsonpatch
+import kubernetes_validate.utils as kv
+import pytest
+import yaml
+
+from sidecar.inject import InjectConfig
+from sidecar.webhook import WebhookServer, review
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICE = "mandate-webhook.mandate-system.svc"
+K8S = "1.37.0"
+CONFIG = InjectConfig.from_mapping(yaml.safe_load((ROOT / "deploy/base/injector.yaml").read_text()))
+MAX_BODY = 256 * 1024
+
+
+def _certs(out: Path) -> Path:
+    if not (shutil.which("bash") and shutil.which("openssl")):
+        pytest.skip("bash and openssl are needed to run deploy/webhook-cert.sh")
+    subprocess.run(
+        ["bash", str(ROOT / "deploy/webhook-cert.sh"), "--out", str(out), "--days", "2"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+async def server(certs: Path, tmp_path: Path) -> AsyncIterator[WebhookServer]:
+    # A private copy: the reload test rewrites the files.
+    for name in ("tls.crt", "tls.key"):
+        shutil.copy(certs / name, tmp_path / name)
+    srv = WebhookServer(
+        CONFIG, tmp_path / "tls.crt", tmp_path / "tls.key", "127.0.0.1", 0, max_body=MAX_BODY
+    )
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture
+async def client(certs: Path) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session
+
+
+def _tls(certs: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(certs / "ca.crt"))
+
+
+async def _post(
+    session: aiohttp.ClientSession,
+    srv: WebhookServer,
+    certs: Path,
+    body: bytes,
+    path: str = "/mutate",
+) -> tuple[int, Any]:
+    # As the API server calls it: by the Service's DNS name, verifying against the caBundle.
+    async with session.post(
+        f"https://127.0.0.1:{srv.port}{path}",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        ssl=_tls(certs),
+        server_hostname=SERVICE,
+    ) as resp:
+        return resp.status, await resp.json()
+
+
+def admission_review(pod: Any, uid: str = "7f0d-uid", **request: Any) -> bytes:
+    req: dict[str, Any] = {
+        "uid": uid,
+        "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "resource": {"group": "", "version": "v1", "resource": "pods"},
+        "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+        "namespace": "agents",
+        "operation": "CREATE",
+        "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+        "object": pod,
+        "oldObject": None,
+        "dryRun": False,
+    }
+    req.update(request)
+    return json.dumps(
+        {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": req}
+    ).encode()
+
+
+def _template_pod(path: str, name: str) -> dict[str, Any]:
+    """The pod a controller would create from the first pod template in a manifest."""
+    for doc in yaml.safe_load_all((ROOT / path).read_text()):
+        if doc and doc.get("kind") == "Deployment":
+            template = copy.deepcopy(doc["spec"]["template"])
+            template["metadata"]["name"] = name
+            template["metadata"]["namespace"] = doc["metadata"]["namespace"]
+            return {"apiVersion": "v1", "kind": "Pod", **template}
+    raise AssertionError(f"no Deployment in {path}")
+
+
+def _pods() -> dict[str, dict[str, Any]]:
+    agent = _template_pod("deploy/examples/agent.yaml", "billing-agent-7d9f-x1")
+    proxy = copy.deepcopy(agent)
+    proxy["metadata"]["annotations"]["mandate.dev/mode"] = "proxy"
+    by_sa = copy.deepcopy(agent)
+    del by_sa["metadata"]["annotations"]
+    by_sa["spec"]["initContainers"] = [{"name": "fetch", "image": "busybox:1.37", "args": ["true"]}]
+    by_sa["spec"]["volumes"] = [{"name": "work", "emptyDir": {}}]
+    ledger = _template_pod("deploy/examples/ledger.yaml", "ledger-1")
+    ledger["metadata"]["labels"]["mandate.dev/inject"] = "true"
+    return {
+        "example-agent": agent,
+        "proxy-mode": proxy,
+        "by-service-account": by_sa,
+        "ledger": ledger,
+    }
+
+
+PODS = _pods()
+
+
+def _apply(pod: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
+    assert response["patchType"] == "JSONPatch"
+    ops = json.loads(base64.b64decode(response["patch"]))
+    patched: dict[str, Any] = jsonpatch.apply_patch(pod, ops)
+    return patched
+
+
+# -- reviews over TLS ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(PODS))
+async def test_patch_applied_to_real_pods_validates_and_a_second_pass_changes_nothing(
+    name: str, server: WebhookServer, client: aiohttp.ClientSession, certs: Path
+) -> None:
+    pod = PODS[name]
+    kv.validate(pod, K8S, strict=True)  # the input is valid to begin with
+    status, doc = await _post(client, server, certs, admission_review(pod, uid=f"uid-{name}"))
+    assert status == 200
+    assert doc["apiVersion"] == "admission.k8s.io/v1" and doc["kind"] == "AdmissionReview"
+    response = doc["response"]
+    assert response["uid"] == f"uid-{name}" and response["allowed"] is True
+    injected = _apply(pod, response)
+    kv.validate(injected, K8S, strict=True)
+    sidecars = [c["name"] for c in injected["spec"]["initContainers"]]
+    assert {"mandate", "mandate-envoy"} <= set(sidecars)
+    assert ("mandate-init" in sidecars) == (name != "proxy-mode")
+
+    status, again = await _post(client, server, certs, admission_review(injected, uid="again"))
+    assert status == 200
+    assert again["response"] == {"uid": "again", "allowed": True}
+
+
+async def test_unlabelled_pod_is_untouched(
+    server: WebhookServer, client: aiohttp.ClientSession, certs: Path
+) -> None:
+    pod = copy.deepcopy(PODS["example-agent"])
+    del pod["metadata"]["labels"]["mandate.dev/inject"]
+    status, doc = await _post(client, server, certs, admission_review(pod))
+    assert status == 200 and doc["response"] == {"uid": "7f0d-uid", "allowed": True}
+
+
+async def test_namespace_endpoint_injects_unlabelled_pods_but_respects_opt_out(
+    server: WebhookServer, client: aiohttp.ClientSession, certs: Path
+) -> None:
+    pod = copy.deepcopy(PODS["example-agent"])
+    del pod["metadata"]["labels"]["mandate.dev/inject"]
+    status, doc = await _post(client, server, certs, admission_review(pod), "/mutate-namespace")
+    assert status == 200
+    kv.validate(_apply(pod, doc["response"]), K8S, strict=True)
+    pod["metadata"]["labels"]["mandate.dev/inject"] = "false"
+    status, doc = await _post(client, server, certs, admission_review(pod), "/mutate-namespace")
+    assert doc["response"] == {"uid": "7f0d-uid", "allowed": True}
+
+
+async def test_root_agent_gets_a_warning(
+    server: WebhookServer, client: aiohttp.ClientSession, certs: Path
+) -> None:
+    pod = copy.deepcopy(PODS["example-agent"])
+    del pod["spec"]["securityContext"]
+    _, doc = await _post(client, server, certs, admission_review(pod))
+    assert doc["response"]["allowed"] is True
+    assert any("runAsNonRoot" in w for w in doc["response"]["warnings"])
+
+
+async def test_selected_pod_that_cannot_be_injected_is_refused_with_the_field(
+    server: WebhookServer, client: aiohttp.ClientSession, certs: Path
+) -> None:
+    pod = copy.deepcopy(PODS["example-agent"])
+    pod["spec"]["hostNetwork"] = True
+    status, doc = await _post(client, server, certs, admission_review(pod))
+    assert status == 200
+    response = doc["response"]
+    assert response["allowed"] is False and "patch" not in response
+    assert response["status"]["code"] == 400
+    assert "spec.hostNetwork" in response["status"]["message"]
+
+
+# -- malformed reviews ------------------------------------------------------------------------
+
+
+def _review_with(change: Any) -> bytes:
+    doc = json.loads(admission_review(PODS["example-agent"]))
+    change(doc)
+    return json.dumps(doc).encode()
+
+
+HTTP_ERRORS = [
+    ("not-json", b"{not json", "not_json"),
+    ("empty", b"", "not_json"),
+    ("not-utf8", b"\xff\xfe{}", "not_json"),
+    ("json-array", b"[1, 2]", "not_a_review"),
+    ("other-kind", b'{"apiVersion": "v1", "kind": "Pod"}', "not_a_review"),
+    (
+        "v1beta1",
+        _review_with(lambda d: d.update(apiVersion="admission.k8s.io/v1beta1")),
+        "unsupported_version",
+    ),
+    ("no-request", _review_with(lambda d: d.pop("request")), "no_request"),
+    ("request-not-object", _review_with(lambda d: d.update(request=[])), "no_request"),
+    ("no-uid", _review_with(lambda d: d["request"].pop("uid")), "no_uid"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "code"), [e[1:] for e in HTTP_ERRORS], ids=[e[0] for e in HTTP_ERRORS]
+)
+async def test_unanswerable_reviews_get_400_with_a_json_error(
+    body: bytes, code: str, server: WebhookServer, client: aiohttp.ClientSession, certs: Path
+) -> None:
+    status, doc = await _post(client, server, certs, body)
+    assert status == 400
+    assert doc["error"] == code and doc["message"].startswith("mandate webhook: ")
+
+
+REVIEW_ERRORS = [
+    ("no-object", lambda d: d["request"].pop("object"), False, "request.object"),
+    ("object-not-pod", lambda d: d["request"]["object"].update(kind="Service"), False, "not a Pod"),
+    ("object-null", lambda d: d["request"].update(object=None), False, "request.object"),
+    (
+        "wrong-kind",
+        lambda d: d["request"].update(
+            kind={"group": "apps", "version": "v1", "kind": "Deployment"}
+        ),
+        True,
+        "only Pod CREATE",
+    ),
+    ("update", lambda d: d["request"].update(operation="UPDATE"), True, "only Pod CREATE"),
+    ("subresource", lambda d: d["request"].update(subResource="status"), True, "only Pod CREATE"),
+    ("spec-missing", lambda d: d["request"]["object"].pop("spec"), False, "spec: missing"),
+    (
+        "containers-null",
+        lambda d: d["request"]["object"]["spec"].update(containers=None),
+        False,
+        "spec.containers",
+    ),
+    (
+        "bad-mode",
+        lambda d: d["request"]["object"]["metadata"]["annotations"].update({"mandate.dev/mode": 3}),
+        False,
+        "mandate.dev/mode",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "allowed", "text"), [e[1:] for e in REVIEW_ERRORS], ids=[e[0] for e in REVIEW_ERRORS]
+)
+async def test_malformed_requests_get_a_clear_review_response(
+    change: Any,
+    allowed: bool,
+    text: str,
+    server: WebhookServer,
+    client: aiohttp.ClientSession,
+    certs: Path,
+) -> None:
+    status, doc = await _post(client, server, certs, _review_with(change))
+    assert status == 200
+    response = doc["response"]
+    assert response["uid"] == "7f0d-uid" and response["allowed"] is allowed
+    assert "patch" not in response
+    where = response["warnings"][0] if allowed else response["status"]["message"]
+    assert text in where
+
+
+async def test_huge_body_gets_413_and_the_server_stays_up(
+    server: WebhookServer, client: aiohttp.ClientSession, certs: Path
+) -> None:
+    pod = copy.deepcopy(PODS["example-agent"])
+    pod["metadata"]["annotations"]["padding"] = "x" * (MAX_BODY + 1)
+    status, doc = await _post(client, server, certs, admission_review(pod))
+    assert status == 413 and doc["error"] == "too_large"
+    async with client.get(
+        f"https://127.0.0.1:{server.port}/healthz", ssl=_tls(certs), server_hostname=SERVICE
+    ) as resp:
+        assert resp.status == 200 and (await resp.json()) == {"status": "alive"}
+
+
+def test_review_never_raises_on_odd_json() -> None:
+    for body in [b"null", b"1", b'"x"', b"{}", b'{"kind": "AdmissionReview"}']:
+        status, doc = review(body, CONFIG)
+        assert status == 400 and "error" in doc
+    odd = json.loads(admission_review({"metadata": "x", "spec": {}}))
+    odd["request"]["object"]["metadata"] = {
+        "labels": {"mandate.dev/inject": "true"},
+        "annotations": [],
+    }
+    status, doc = review(json.dumps(odd).encode(), CONFIG)
+    assert status == 200 and doc["response"]["allowed"] is False
+
+
+# -- TLS --------------------------------------------------------------------------------------
+
+
+async def test_the_certificate_is_for_the_service_name_only(
+    server: WebhookServer, client: aiohttp.ClientSession, certs: Path
+) -> None:
+    with pytest.raises(aiohttp.ClientConnectorCertificateError):
+        async with client.get(
+            f"https://127.0.0.1:{server.port}/healthz",
+            ssl=_tls(certs),
+            server_hostname="evil.example.com",
+        ):
+            pass
+
+
+async def test_a_renewed_certificate_is_picked_up(
+    server: WebhookServer, client: aiohttp.ClientSession, certs: Path, tmp_path: Path
+) -> None:
+    assert server.reload_tls() is False  # nothing changed
+    renewed = _certs(tmp_path / "renewed")  # a new CA, as after a cert-manager reissue
+    server.key.write_text("not a key")  # half-written: the old pair stays in use
+    assert server.reload_tls() is False
+    shutil.copy(renewed / "tls.key", server.key)
+    shutil.copy(renewed / "tls.crt", server.cert)
+    assert server.reload_tls() is True
+    async with aiohttp.ClientSession() as fresh:
+        async with fresh.get(
+            f"https://127.0.0.1:{server.port}/healthz", ssl=_tls(renewed), server_hostname=SERVICE
+        ) as resp:
+            assert resp.status == 200
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            async with fresh.get(
+                f"https://127.0.0.1:{server.port}/healthz", ssl=_tls(certs), server_hostname=SERVICE
+            ):
+                pass
+
+
+# -- `mandate webhook` as a process ------------------------------------------------------------
+
+_MAIN = """
+import sys
+from sidecar.cli import _Parser
+from sidecar.inject_cli import add_inject_parser, run_inject
+parser = _Parser(prog="mandate")
+add_inject_parser(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
+sys.exit(run_inject(parser.parse_args(sys.argv[1:])))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_webhook_command_serves_until_sigterm(certs: Path) -> None:
+    port = _free_port()
+    args = ["webhook", "--cert", str(certs / "tls.crt"), "--key", str(certs / "tls.key")]
+    args += ["--listen", f"127.0.0.1:{port}", "--config", str(ROOT / "deploy/base/injector.yaml")]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _MAIN, *args, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            for _ in range(100):
+                try:
+                    async with session.get(
+                        f"https://127.0.0.1:{port}/healthz",
+                        ssl=_tls(certs),
+                        server_hostname=SERVICE,
+                    ) as resp:
+                        assert resp.status == 200
+                        break
+                except aiohttp.ClientConnectorError:
+                    await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("mandate webhook did not start")
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_webhook_command_names_a_missing_certificate(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _MAIN,
+        "webhook",
+        "--cert",
+        str(tmp_path / "tls.crt"),
+        "--key",
+        str(tmp_path / "tls.key"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 2
+    assert f"--cert {tmp_path / 'tls.crt'}: no such file" in err.decode()
