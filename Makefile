@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# xds-protos ships its own, older copy of opentelemetry-proto's modules into the same
+	# files; reinstall opentelemetry-proto last so the OTLP exporter finds what it imports.
+	$(BIN)/pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
+		"$$(grep -o 'opentelemetry-proto==[0-9.]*' pyproject.toml)"
 	touch $(STAMP)
 
 venv: $(STAMP)
