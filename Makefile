@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench venv clean
+.PHONY: run test lint bench venv clean netns-tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ needed"; exit 1; }
@@ -27,7 +27,17 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m sidecar.demo
 
-test: $(STAMP)
+# The egress-capture test (tests/netns) runs iptables in network namespaces of its own: as
+# root, install iptables and iproute2 when missing. Never fails; without them (or without
+# root) that test skips and says what is missing.
+netns-tools:
+	@if [ "$$(id -u)" = 0 ] && ! { PATH="$$PATH:/usr/sbin:/sbin"; command -v iptables && command -v ip6tables && command -v ip; } >/dev/null 2>&1; then \
+	  echo "installing iptables and iproute2 (apt-get) for tests/netns"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables iproute2; } >/dev/null 2>&1 \
+	    || echo "could not install iptables/iproute2: tests/netns will skip"; \
+	fi
+
+test: $(STAMP) netns-tools
 	$(BIN)/ruff check sidecar tests bench
 	$(BIN)/ruff format --check sidecar tests bench
 	$(BIN)/mypy
