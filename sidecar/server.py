@@ -40,7 +40,7 @@ from .shm import SharedTable
 if TYPE_CHECKING:
     from .tracing import Tracing
 
-__all__ = ["ServeConfig", "Sidecar", "serve"]
+__all__ = ["ServeConfig", "Sidecar", "serve", "split_hostport"]
 
 log = logging.getLogger(__name__)
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
@@ -68,7 +68,7 @@ class ServeConfig:
     transport: str = "grpc"  # grpc | http (Envoy's ext_authz http_service)
 
 
-def _split_hostport(text: str, what: str) -> tuple[str, int]:
+def split_hostport(text: str, what: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"{what} {text!r}: expected HOST:PORT (port 0 picks a free one)")
@@ -102,9 +102,9 @@ class Sidecar:
             raise ConfigError(f"--threads {cfg.threads}: expected at least 1")
         if cfg.transport not in ("grpc", "http"):
             raise ConfigError(f"--transport {cfg.transport!r}: expected grpc or http")
-        admin = None if cfg.admin is None else _split_hostport(cfg.admin, "--admin")
+        admin = None if cfg.admin is None else split_hostport(cfg.admin, "--admin")
         if not cfg.listen.startswith("unix:"):
-            _split_hostport(cfg.listen, "--listen")
+            split_hostport(cfg.listen, "--listen")
         revocations: Callable[[], RevocationTable] = lambda: EMPTY_TABLE  # noqa: E731
         if cfg.table is not None:
             revocations = SharedTable.attach(cfg.table).read
@@ -172,7 +172,7 @@ class Sidecar:
     def _start_http(self, authz: Authorizer) -> None:
         listen = self.config.listen
         unix = listen.startswith("unix:")
-        host, port = ("", 0) if unix else _split_hostport(listen, "--listen")
+        host, port = ("", 0) if unix else split_hostport(listen, "--listen")
         self._http = HttpAuthzServer(authz, host, port, listen[5:] if unix else "")
         try:
             self.http_port = self._http.start()

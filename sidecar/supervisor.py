@@ -39,6 +39,7 @@ from .admin import RevocationAPI, add_probe_routes, read_token
 from .errors import ConfigError
 from .reload import SnapshotHolder
 from .revocations import RevocationStore
+from .server import split_hostport
 from .shm import SharedTable
 
 __all__ = ["Supervisor", "SupervisorConfig", "run_supervisor"]
@@ -70,13 +71,6 @@ class SupervisorConfig:
     audit_args: tuple[str, ...] = ()  # worker options for the audit trail (see cli.py)
     transport: str = "grpc"  # grpc | http: how Envoy's ext_authz filter asks the workers
     extra_env: dict[str, str] = field(default_factory=dict)
-
-
-def _split_hostport(text: str, what: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{what} {text!r}: expected HOST:PORT (port 0 picks a free one)")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def _free_port(host: str) -> int:
@@ -149,8 +143,8 @@ class Supervisor:
             raise ConfigError(f"--workers {cfg.workers}: expected at least 1")
         if cfg.threads < 1:
             raise ConfigError(f"--threads {cfg.threads}: expected at least 1")
-        admin_host, admin_port = _split_hostport(cfg.admin, "--admin")
-        host, base_port = _split_hostport(cfg.listen, "--listen")
+        admin_host, admin_port = split_hostport(cfg.admin, "--admin")
+        host, base_port = split_hostport(cfg.listen, "--listen")
         if cfg.state_dir is not None:
             try:
                 cfg.state_dir.mkdir(parents=True, exist_ok=True)
