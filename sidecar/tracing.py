@@ -68,28 +68,30 @@ class Tracing:
     ) -> None:
         """Record one decision span; ``parents`` holds `traceparent`/`tracestate`."""
         ctx = _PROPAGATOR.extract(parents)
+        attributes: dict[str, str | int | list[str]] = {
+            "mandate.decision": "allow" if decision.allowed else "deny",
+            "mandate.decision_id": decision.decision_id,
+            "mandate.code": decision.code,
+            "mandate.reason": decision.reason,
+            "mandate.rule": decision.rule,
+            "mandate.agent": decision.agent,
+            "mandate.owner": decision.owner,
+            "mandate.purpose": decision.purpose,
+            "mandate.task": decision.task,
+            "mandate.identity_source": decision.identity_source,
+            "mandate.mcp.tools": list(decision.mcp_tools),
+            "http.request.method": decision.method,
+            "server.address": decision.host,
+            "server.port": decision.port,
+            "url.path": decision.path,
+        }
         span = self._tracer.start_span(
             "mandate.authorize",
             context=ctx,
             kind=SpanKind.SERVER,
             start_time=start_ns,
-            attributes={
-                "mandate.decision": "allow" if decision.allowed else "deny",
-                "mandate.decision_id": decision.decision_id,
-                "mandate.code": decision.code,
-                "mandate.reason": decision.reason,
-                "mandate.rule": decision.rule,
-                "mandate.agent": decision.agent,
-                "mandate.owner": decision.owner,
-                "mandate.purpose": decision.purpose,
-                "mandate.task": decision.task,
-                "mandate.identity_source": decision.identity_source,
-                "mandate.mcp.tools": list(decision.mcp_tools),
-                "http.request.method": decision.method,
-                "server.address": decision.host,
-                "server.port": decision.port,
-                "url.path": decision.path,
-            },
+            # Empty values are left out: the SDK validates every attribute, per span.
+            attributes={k: v for k, v in attributes.items() if v},
         )
         span.end(end_time=end_ns)  # a deny is a decision, not an error: status stays unset
 
