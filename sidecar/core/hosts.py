@@ -65,6 +65,10 @@ def _parse_port(port: str) -> int:
 
 def _canonical_host(host: str) -> str:
     """Lower-case, drop one trailing dot, check the name or IP literal; raise ValueError."""
+    # isascii first: str.lower() folds some non-ASCII letters into ASCII ('\u212a', the
+    # Kelvin sign, becomes 'k'), so a look-alike name would be decided as another host.
+    if not host.isascii():
+        raise ValueError(f"{host!r} is not a valid host name (host names are ASCII)")
     host = host.lower()
     if host.startswith("["):
         try:

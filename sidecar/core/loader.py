@@ -40,6 +40,13 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:  # a complex key (`? [a]`, `{[1]: x}`): what SafeLoader says too
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark, "found unhashable key",
+                key_node.start_mark,
+            ) from None  # fmt: skip
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 "while reading a mapping",
@@ -179,8 +186,9 @@ def _documents(path: Path, label: str) -> Iterator[tuple[int, Any] | ProfileProb
         yield ProfileProblem(label, None, "", f"not UTF-8 text (byte {exc.start})")
         return
     number = 1
-    loader = _StrictLoader(text)
+    loader: _StrictLoader | None = None
     try:
+        loader = _StrictLoader(text)  # the reader refuses unprintable characters here already
         while loader.check_data():  # type: ignore[no-untyped-call]
             yield number, loader.get_data()
             number += 1
@@ -189,8 +197,11 @@ def _documents(path: Path, label: str) -> Iterator[tuple[int, Any] | ProfileProb
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         yield ProfileProblem(label, number, "", f"invalid YAML{where}: {problem}")
+    except RecursionError:  # PyYAML parses and constructs nested collections recursively
+        yield ProfileProblem(label, number, "", "invalid YAML: collections nested too deeply")
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _validate(doc: Any, label: str, number: int) -> AgentProfile | list[ProfileProblem]:
