@@ -13,7 +13,6 @@ import asyncio
 import hmac
 import os
 import re
-import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -25,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .core.revocation import ALL_AGENTS, Revocation, make_key
+from .loopthread import LoopThread
 from .metrics import REGISTRY
 from .revocations import RevocationStore
 
@@ -201,11 +201,8 @@ class AdminServer:
     ) -> None:
         self._host, self._port = host, port
         self._ready = ready
-        self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._thread = LoopThread("admin")
         self.port = 0
 
     def _app(self) -> web.Application:
@@ -222,26 +219,9 @@ class AdminServer:
         assert server is not None and isinstance(server, asyncio.base_events.Server)
         self.port = server.sockets[0].getsockname()[1]
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._start())
-        except BaseException as exc:
-            self._error = exc
-            self._loop.close()
-            self._started.set()
-            return
-        self._loop.call_soon(self._started.set)  # so that stop() finds the loop running
-        self._loop.run_forever()
-        self._loop.close()  # after stop(): release the selector and its file descriptors
-
     def start(self) -> int:
         """Start serving; return the bound port. Raises if the port cannot be bound."""
-        self._thread = threading.Thread(target=self._run, name="admin", daemon=True)
-        self._thread.start()
-        self._started.wait(10)
-        if self._error is not None:
-            raise self._error
+        self._thread.start(self._start)
         return self.port
 
     def stop(self) -> None:
@@ -249,9 +229,4 @@ class AdminServer:
             if self._runner is not None:
                 await self._runner.cleanup()
 
-        if self._loop.is_running():
-            fut = asyncio.run_coroutine_threadsafe(_cleanup(), self._loop)
-            fut.result(timeout=5)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._thread.stop(_cleanup)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -44,6 +43,7 @@ from .authz import DECISION_HEADER, Authorizer, make_view, request_parents, upst
 from .authz import deny_body as _deny_body
 from .core import Decision, RequestView
 from .errors import BadRequestError
+from .loopthread import LoopThread
 
 __all__ = ["PREFIX", "HttpAuthzServer", "handler", "parse_target"]
 
@@ -162,12 +162,9 @@ class HttpAuthzServer:
     def __init__(self, authz: Authorizer, host: str, port: int, unix_path: str = "") -> None:
         self._authz = authz
         self._host, self._port, self._unix = host, port, unix_path
-        self._loop = asyncio.new_event_loop()
         self._server: web.Server | None = None
         self._listener: asyncio.base_events.Server | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._thread = LoopThread("check-http")
         self.port = 0
 
     async def _start(self) -> None:
@@ -184,33 +181,18 @@ class HttpAuthzServer:
             auto_decompress=False,
         )
         if self._unix:
-            self._listener = await self._loop.create_unix_server(self._server, self._unix)
+            loop = asyncio.get_running_loop()
+            self._listener = await loop.create_unix_server(self._server, self._unix)
         else:
-            self._listener = await self._loop.create_server(
+            loop = asyncio.get_running_loop()
+            self._listener = await loop.create_server(
                 self._server, self._host, self._port, reuse_address=True
             )
             self.port = self._listener.sockets[0].getsockname()[1]
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._start())
-        except BaseException as exc:
-            self._error = exc
-            self._loop.close()
-            self._started.set()
-            return
-        self._loop.call_soon(self._started.set)  # so that stop() finds the loop running
-        self._loop.run_forever()
-        self._loop.close()
-
     def start(self) -> int:
         """Start serving; return the bound port. Raises OSError if it cannot bind."""
-        self._thread = threading.Thread(target=self._run, name="check-http", daemon=True)
-        self._thread.start()
-        self._started.wait(10)
-        if self._error is not None:
-            raise self._error
+        self._thread.start(self._start)
         return self.port
 
     def stop(self, grace: float = 1.0) -> None:
@@ -220,12 +202,4 @@ class HttpAuthzServer:
             if self._server is not None:
                 await self._server.shutdown(grace)
 
-        if self._loop.is_running():
-            fut = asyncio.run_coroutine_threadsafe(_shutdown(), self._loop)
-            try:
-                fut.result(timeout=grace + 2)
-            except Exception:  # stopping is best effort: the process is going away
-                log.exception("stopping the HTTP Check server")
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(grace + 2)
+        self._thread.stop(_shutdown, timeout=grace + 2)
