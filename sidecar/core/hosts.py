@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 __all__ = ["HostPattern", "parse_authority", "parse_host_pattern"]
 
@@ -82,6 +83,9 @@ def _canonical_host(host: str) -> str:
     return host
 
 
+@lru_cache(
+    maxsize=4096
+)  # a pod calls few hosts; bounded, so a caller inventing hosts costs nothing
 def parse_authority(authority: str, scheme: str) -> tuple[str, int] | None:
     """Host (lower case, no trailing dot) and port of a request, or None if malformed."""
     try:

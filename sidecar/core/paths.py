@@ -32,6 +32,9 @@ _MAX_DECODE_ROUNDS = 3
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
 # Control characters (C0, DEL, C1) never belong in a path that a rule should match.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Segments that need no decoding or resolution: not starting with '.', and without '%',
+# '\\' or control characters (C0, DEL, C1). An optional trailing slash.
+_CLEAN = re.compile(r"(?:/[^/.%\\\x00-\x1f\x7f-\x9f][^/%\\\x00-\x1f\x7f-\x9f]*)+/?|/")
 _SEGMENT_LITERAL = re.compile(r"^[^/*?#%\\\x00-\x20\x7f]+$")
 
 
@@ -49,6 +52,10 @@ def canonical_path(raw: str) -> str | None:
         if i != -1 and i < cut:
             cut = i
     path = raw[:cut]
+    if _CLEAN.fullmatch(path) is not None:
+        # The common case: no escapes, no dot or empty segments, no backslash or control
+        # character. Canonical already, but for a trailing slash.
+        return path.rstrip("/")
     for _ in range(_MAX_DECODE_ROUNDS):
         if "%" not in path:
             break
