@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import http.client
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -44,7 +42,6 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -53,10 +50,22 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchlib import (  # noqa: E402
+    CLK_TCK,
+    cpu_seconds,
+    envoy_version,
+    first_line,
+    machine_base,
+    machine_ticks,
+    package_version,
+    rss_mb,
+    tree_cpu_seconds,
+    tree_rss_mb,
+)
+
 from sidecar.local import (  # noqa: E402
     EnvoyProcess,
     MandateProcess,
-    envoy_binary,
     render_envoy_config,
     start_envoy,
     start_mandate,
@@ -69,7 +78,6 @@ ALLOWED_PATH = "/v1/invoices/42"
 DENIED_PATH = "/v1/ledger/admin/x"
 AGENT = "billing-agent"
 RULE = "reconcile.allow[0]"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -110,63 +118,6 @@ class BenchError(RuntimeError):
 
 
 # ---------------------------------------------------------------- probes of the processes
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2 :].split()  # fields from 3 (state) on
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (mandate: the supervisor and its workers)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    total = 0.0
-    for p in process_tree(pid):
-        with contextlib.suppress(OSError):
-            total += cpu_seconds(p)
-    return total
-
-
-def tree_rss_mb(pid: int) -> float:
-    total = 0.0
-    for p in process_tree(pid):
-        with contextlib.suppress(OSError):
-            total += rss_mb(p)
-    return total
-
-
-def machine_ticks() -> tuple[int, int]:
-    """(busy, total) CPU ticks of the whole machine, from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return sum(values) - idle, sum(values)
 
 
 def _get(url: str, timeout: float = 2.0) -> str:
@@ -404,45 +355,13 @@ def run_case(case: Case, args: argparse.Namespace, work: Path, script: Path) -> 
 
 
 def machine_info(args: argparse.Namespace) -> dict[str, Any]:
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    def first_line(cmd: list[str]) -> str:
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        lines = (proc.stdout.strip() or proc.stderr.strip()).splitlines()
-        return lines[0] if lines else ""
-
-    envoy_version = first_line([envoy_binary(), "--version"])
-    m = re.search(r"/(\d+\.\d+\.\d+)/", envoy_version)
-    commit = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = first_line(["git", "-C", str(ROOT), "status", "--porcelain"])
     return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
+        **machine_base(),
         "cpus_available": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "grpcio": version("grpcio"),
-        "protobuf": version("protobuf"),
-        "envoy": m.group(1) if m else envoy_version,
+        "grpcio": package_version("grpcio"),
+        "protobuf": package_version("protobuf"),
+        "envoy": envoy_version(),
         "wrk": first_line(["wrk", "--version"]).split(" Copyright")[0],
-        "git_commit": commit + (" (dirty)" if dirty else ""),
-        "pinning": "none",
-        "loadavg_before": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
         "envoy_concurrency": 1,
         "mandate_threads": args.threads if args.threads is not None else "default",
         "mandate_workers": args.workers if args.workers is not None else 1,

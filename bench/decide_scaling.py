@@ -26,16 +26,11 @@ Run: .venv/bin/python bench/decide_scaling.py [--calls 20000] [--rounds 4] [--si
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
-import datetime
 import gc
 import json
-import os
-import platform
 import pstats
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +43,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchlib import machine_base  # noqa: E402
 
 from sidecar.core.decide import Code, RequestView, decide  # noqa: E402
 from sidecar.core.loader import load_profiles  # noqa: E402
@@ -351,31 +348,9 @@ def profile_kind(snap: Snapshot, views: list[RequestView], calls: int) -> dict[s
 
 
 def machine_info(args: argparse.Namespace) -> dict[str, Any]:
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-
-    def git(*a: str) -> str:
-        try:
-            p = subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True)
-        except OSError:
-            return ""
-        return p.stdout.strip()
-
-    dirty = " (dirty)" if git("status", "--porcelain") else ""
     return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
+        **machine_base(),
         "pyyaml_cloader": hasattr(yaml, "CSafeLoader"),
-        "git_commit": git("rev-parse", "--short", "HEAD") + dirty,
-        "pinning": "none",
-        "loadavg_before": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
         "calls_per_case": args.calls,
         "rounds": args.rounds,
         "warmup_per_round": args.warmup,

@@ -50,7 +50,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import random
 import re
 import resource
@@ -64,7 +63,6 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -75,11 +73,20 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchlib import (  # noqa: E402
+    CLK_TCK,
+    cpu_seconds,
+    envoy_version,
+    machine_base,
+    machine_ticks,
+    package_version,
+    process_tree,
+)
+
 from sidecar.local import (  # noqa: E402
     ENVOY_DIR,
     EnvoyProcess,
     MandateProcess,
-    envoy_binary,
     render_envoy_config,
     start_envoy,
     start_mandate,
@@ -95,7 +102,6 @@ REASON = "bench: revocation latency"
 OTHER_403 = 1403  # a 403 whose body is not the revocation's deny (recorded apart)
 ERROR = 0  # no response (socket error, timeout)
 GOAL_P99_MS = 2.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 CTX = mp.get_context("spawn")
 
 
@@ -447,7 +453,7 @@ def client_fleet(port: int, clients: int) -> Iterator[Fleet]:
 def stack_pids(stack: Stack) -> list[int]:
     """This process, the upstream, Envoy, mandate and its workers (for CPU accounting)."""
     mandate = stack.mandate.proc.pid
-    return [os.getpid(), stack.upstream.pid or 0, stack.envoy.proc.pid, mandate, *children(mandate)]
+    return [os.getpid(), stack.upstream.pid or 0, stack.envoy.proc.pid, *process_tree(mandate)]
 
 
 def run_flips(stack: Stack, clients: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -983,72 +989,11 @@ def analyse_kubectl(
 # ---------------------------------------------------------------- report
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds; 0 if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = raw[raw.rindex(")") + 2 :].split()  # fields from 3 (state) on
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def children(pid: int) -> list[int]:
-    """The direct children of ``pid`` (mandate's workers)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                raw = (entry / "stat").read_text()
-                if int(raw[raw.rindex(")") + 2 :].split()[1]) == pid:
-                    out.append(int(entry.name))
-    return out
-
-
-def machine_ticks() -> tuple[int, int]:
-    """(busy, total) CPU ticks of the whole machine, from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return sum(values) - idle, sum(values)
-
-
 def machine_info(args: argparse.Namespace) -> dict[str, Any]:
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    def first_line(cmd: list[str]) -> str:
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        lines = (proc.stdout.strip() or proc.stderr.strip()).splitlines()
-        return lines[0] if lines else ""
-
-    envoy_version = first_line([envoy_binary(), "--version"])
-    m = re.search(r"/(\d+\.\d+\.\d+)/", envoy_version)
-    commit = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = first_line(["git", "-C", str(ROOT), "status", "--porcelain"])
     return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "grpcio": version("grpcio"),
-        "envoy": m.group(1) if m else envoy_version,
-        "git_commit": commit + (" (dirty)" if dirty else ""),
-        "pinning": "none",
-        "loadavg_before": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        **machine_base(),
+        "grpcio": package_version("grpcio"),
+        "envoy": envoy_version(),
         "envoy_concurrency": 1,
         "mandate_workers": args.workers,
         "flips": args.flips,
