@@ -134,3 +134,15 @@ def machine_base() -> dict[str, Any]:
         "pinning": "none",
         "loadavg_before": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
     }
+
+
+def unlimited_profiles(source: Path, work: Path) -> Path:
+    """A copy of the profile directory ``source`` under ``work`` without `rateLimit:` lines.
+    The benchmarks drive one agent far above any sane rate limit; with the limit in place most
+    calls would be cheap `rate` denies instead of the allow path being measured."""
+    target = work / "profiles"
+    target.mkdir(parents=True, exist_ok=True)
+    for f in source.glob("*.y*ml"):
+        lines = f.read_text().splitlines(keepends=True)
+        (target / f.name).write_text("".join(x for x in lines if "rateLimit:" not in x))
+    return target

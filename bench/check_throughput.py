@@ -61,6 +61,7 @@ from benchlib import (  # noqa: E402
     rss_mb,
     tree_cpu_seconds,
     tree_rss_mb,
+    unlimited_profiles,
 )
 
 from sidecar.local import (  # noqa: E402
@@ -315,7 +316,8 @@ def run_case(case: Case, args: argparse.Namespace, work: Path, script: Path) -> 
                     "--otlp-endpoint", f"http://127.0.0.1:{receiver}",
                     "--audit-dir", str(work / case.key / "audit"),
                 ]  # fmt: skip
-            mandate = start_mandate(PROFILES, work / case.key, extra=extra)
+            profiles = unlimited_profiles(PROFILES, work / case.key)
+            mandate = start_mandate(profiles, work / case.key, extra=extra)
             stack.callback(mandate.stop)
             values |= {"AGENT": AGENT}
         config = render_envoy_config(

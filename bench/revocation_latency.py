@@ -81,6 +81,7 @@ from benchlib import (  # noqa: E402
     machine_ticks,
     package_version,
     process_tree,
+    unlimited_profiles,
 )
 
 from sidecar.local import (  # noqa: E402
@@ -305,7 +306,7 @@ def running_stack(work: Path, workers: int, extra: Sequence[str] = ()) -> Iterat
         upstream_port = int(parent.recv())
         state = work / "state"
         mandate = start_mandate(
-            PROFILES,
+            unlimited_profiles(PROFILES, work),
             work / "mandate",
             extra=[
                 "--workers", str(workers), "--state-dir", str(state),

@@ -1,5 +1,5 @@
 """The admin HTTP server (aiohttp): liveness, readiness, Prometheus metrics and, on the
-supervisor, the revocation API.
+supervisor, the revocation and elevation-approval APIs.
 
 `/healthz`, `/readyz` and `/metrics` are open (kubelet probes and Prometheus call them).
 Everything under `/v1/` needs `Authorization: Bearer <token>`, the token read from a file
@@ -23,12 +23,15 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from .context_store import ContextStore
+from .core.context import Approval
+from .core.model import parse_duration
 from .core.revocation import ALL_AGENTS, Revocation, make_key
 from .loopthread import LoopThread
 from .metrics import REGISTRY
 from .revocations import RevocationStore
 
-__all__ = ["AdminServer", "RevocationAPI", "add_probe_routes", "read_token"]
+__all__ = ["AdminServer", "ElevationAPI", "RevocationAPI", "add_probe_routes", "read_token"]
 
 Ready = Callable[[], tuple[bool, dict[str, Any]]]
 _AGENT = re.compile(r"^(\*|[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?)\Z")  # \Z: no trailing \n
@@ -98,20 +101,7 @@ class RevocationAPI:
         app.router.add_delete("/v1/revocations/{agent}", self._auth(self._restore))
 
     def _auth(self, handler: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
-        async def checked(request: web.Request) -> web.StreamResponse:
-            if self._token is None:
-                return _error(503, "no_token", "the admin API has no token configured")
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer":
-                given = ""
-            expected = self._token
-            # surrogateescape: a header that is not UTF-8 is refused (401), not a 500
-            if not hmac.compare_digest(given.encode(errors="surrogateescape"), expected.encode()):
-                return _error(401, "unauthorized", "a valid bearer token is required")
-            result: web.StreamResponse = await handler(request)
-            return result
-
-        return checked
+        return _bearer(self._token, handler)
 
     async def _get_status(self, _: web.Request) -> web.Response:
         return web.json_response(self._status())
@@ -165,7 +155,13 @@ class RevocationAPI:
         if not _AGENT.match(agent):
             return _error(400, "bad_request", "agent: expected a profile name or '*'")
         removed = self._store.remove_matching(
-            lambda r: r.source == "admin" and r.agent == agent and r.namespace == self._namespace
+            # An operator's restore also ends an automatic (behaviour) revocation; one from
+            # Kubernetes ends only when its object is deleted.
+            lambda r: (
+                r.source in ("admin", "behaviour")
+                and r.agent == agent
+                and r.namespace == self._namespace
+            )
         )
         now = self._clock()
         remaining = [
@@ -182,6 +178,99 @@ class RevocationAPI:
             "visible_at": self._store.visible_at,
         }
         return web.json_response(body, status=409 if remaining else 200)
+
+
+def _bearer(
+    token: str | None, handler: Callable[[web.Request], Any]
+) -> Callable[[web.Request], Any]:
+    async def checked(request: web.Request) -> web.StreamResponse:
+        if token is None:
+            return _error(503, "no_token", "the admin API has no token configured")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            given = ""
+        # surrogateescape: a header that is not UTF-8 is refused (401), not a 500
+        if not hmac.compare_digest(given.encode(errors="surrogateescape"), token.encode()):
+            return _error(401, "unauthorized", "a valid bearer token is required")
+        result: web.StreamResponse = await handler(request)
+        return result
+
+    return checked
+
+
+class ElevationAPI:
+    """`/v1/elevations` (list requests and grants) and `/v1/elevations/{id}/approve`: the
+    operator's side of temporary elevation, behind the same bearer token as revocations.
+    The agent can reach this port but has no token: it can ask (context API), never
+    approve."""
+
+    def __init__(
+        self,
+        store: ContextStore,
+        namespace: str,
+        token: str | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._namespace = namespace
+        self._token = token
+        self._clock = clock
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/elevations", _bearer(self._token, self._list))
+        app.router.add_post("/v1/elevations/{request}/approve", _bearer(self._token, self._approve))
+
+    async def _list(self, _: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "requests": [r.as_dict() for r in self._store.requests()],
+                "grants": [g.as_dict() for g in self._store.grants()],
+            }
+        )
+
+    async def _approve(self, request: web.Request) -> web.Response:
+        rid = request.match_info["request"]
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "bad_request", "the body must be JSON")
+        if not isinstance(body, dict):
+            return _error(400, "bad_request", "the body must be a JSON object")
+        unknown = set(body) - {"approver", "duration", "reason"}
+        if unknown:
+            return _error(400, "bad_request", f"unknown field(s): {', '.join(sorted(unknown))}")
+        approver, duration, reason = body.get("approver"), body.get("duration"), body.get("reason")
+        if not isinstance(approver, str) or not approver.strip() or len(approver) > 256:
+            return _error(400, "bad_request", "approver: expected 1-256 characters")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 1024):
+            return _error(400, "bad_request", "reason: expected at most 1024 characters")
+        seconds = None
+        if duration is not None:
+            try:
+                if not isinstance(duration, str):
+                    raise ValueError("expected a duration like 10m")
+                seconds = parse_duration(duration)
+            except ValueError as exc:
+                return _error(400, "bad_request", f"duration: {exc}")
+        req = self._store.request(rid)
+        if req is None:
+            return _error(404, "not_found", f"no elevation request {rid!r}")
+        approval = Approval(
+            key=f"admin:{rid}",
+            agent=req.agent,
+            namespace=req.namespace,
+            elevation=req.elevation,
+            approver=approver.strip(),
+            approved_at=self._clock(),
+            request_id=rid,
+            duration=seconds,
+            reason=reason or "",
+            source="admin",
+            name=rid,
+        )
+        state, message, grant, expires = self._store.approve(approval)
+        body_out = {"state": state, "message": message, "grant": grant, "expires_at": expires}
+        return web.json_response(body_out, status=200 if state == "Granted" else 409)
 
 
 def _show(r: Revocation, now: float) -> dict[str, Any]:

@@ -83,6 +83,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .core import Code, Decision
+from .core.context import Grant
 from .errors import AuditBusyError, AuditInputError, AuditResumeError, ConfigError
 
 __all__ = [
@@ -191,10 +192,29 @@ def record_from_decision(
         "purpose": d.purpose or None,
         "task": d.task or None,
         "rule": d.rule or None,
-        "elevation": None,  # seam: the grant that allowed the call, once elevation exists
+        "elevation": _elevation(d.grant),
+        "risk": round(d.risk, 4) if d.risk >= 0 else None,
         "revocation": (d.rule or None) if d.code == Code.REVOKED else None,
         "trace_id": d.trace_id or None,
     }
+
+
+def _elevation(g: Grant | None) -> dict[str, Any] | None:
+    if g is None:
+        return None
+    return {
+        "name": g.elevation,
+        "grant": g.id,
+        "approver": g.approver,
+        "justification": g.justification or None,
+        "expires": rfc3339(g.expires_at),
+    }
+
+
+def event_record(event: str, *, now: float, **fields: Any) -> dict[str, Any]:
+    """The audit record of a supervisor event (not yet chained): an elevation requested,
+    granted, expired, refused; a task reported; an automatic revocation."""
+    return {"type": event, "time": rfc3339(now), **fields}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,10 +17,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from . import metrics
 from .audit import AuditWriter, record_from_decision
 from .core import Code, Decision, RequestView, Snapshot, decide
+from .core.context import EMPTY_CONTEXT, ContextTable
+from .core.ratelimit import RateLimiter
 from .core.revocation import EMPTY_TABLE, RevocationTable
 from .errors import BadRequestError
 
@@ -204,6 +207,8 @@ class Authorizer:
         revocations: Callable[[], RevocationTable] = lambda: EMPTY_TABLE,
         tracing: Tracing | None = None,
         audit: Audit | None = None,
+        context: Callable[[], ContextTable] = lambda: EMPTY_CONTEXT,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.identity = identity
         self.tracing = tracing
@@ -211,6 +216,8 @@ class Authorizer:
         self._clock = clock
         self._revocations = revocations
         self._audit = audit
+        self._context = context
+        self._limiter = limiter
 
     def decide(self, view_of: Callable[[str], RequestView]) -> tuple[Decision, Mapping[str, str]]:
         """Decide the call ``view_of(decision_id)`` describes and record it in the audit
@@ -225,7 +232,9 @@ class Authorizer:
             else:
                 view = view_of(did)
                 headers = view.headers
-                decision = decide(snap, view, self._clock(), self._revocations())
+                decision = decide(
+                    snap, view, self._clock(), self._revocations(), self._context(), self._limiter
+                )
         except BadRequestError as exc:  # what Envoy sent cannot be a call: say why
             decision = Decision(did, False, Code.BAD_REQUEST, str(exc))
         except Exception as exc:  # fail closed on anything at all
@@ -257,3 +266,44 @@ class Authorizer:
 def request_parents(headers: Mapping[str, str]) -> dict[str, str]:
     """The request's own `traceparent`/`tracestate`, to parent a decision span on."""
     return {k: headers[k] for k in TRACE_KEYS if k in headers}
+
+
+def view_from_url(
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    body: bytes | None,
+    *,
+    decision_id: str,
+    agent: str | None = None,
+    service_account: str | None = None,
+    spiffe: str | None = None,
+    namespace: str = "",
+) -> RequestView:
+    """The view of a call described by METHOD and an absolute URL (or HOST:PORT for
+    CONNECT), as `mandate explain` and the context API's Explain describe it. Headers are
+    lower-cased here. Raises BadRequestError naming what is wrong."""
+    method = method.upper()
+    if method == "CONNECT":
+        authority, path, scheme = url.removeprefix("//"), "", "https"
+        if "/" in authority or ":" not in authority:
+            raise BadRequestError(f"CONNECT target {url!r}: expected HOST:PORT")
+    else:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise BadRequestError(f"URL {url!r}: expected an absolute http:// or https:// URL")
+        authority, scheme = parts.netloc, parts.scheme
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return RequestView(
+        decision_id=decision_id,
+        method=method,
+        authority=authority,
+        path=path,
+        scheme=scheme,
+        headers={k.lower(): v for k, v in headers.items()},
+        body=body,
+        source_principal=spiffe or "",
+        configured_agent=agent,
+        configured_service_account=service_account,
+        namespace=namespace,
+    )

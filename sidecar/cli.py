@@ -1,5 +1,5 @@
 """The `mandate` command line: run, worker, validate, explain, schema, revoke, restore,
-status, audit, inject, webhook.
+status, approve, elevations, audit, inject, webhook.
 
 Translates arguments into calls on the core and the server, and errors into exit codes:
 0 success (explain: allow), 1 explain: deny, 2 bad input (the message names the file,
@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
 
 from .audit_cli import add_audit_parser, run_audit
 from .core import RequestView, decide, load_profiles
@@ -208,15 +207,36 @@ def _parser() -> argparse.ArgumentParser:
     _serve_options(worker, admin=False)
     worker.add_argument("--table", type=Path, required=True, help="the shared revocation table")
     worker.add_argument("--chain-id", default="", help="this worker's audit chain id")
+    worker.add_argument(
+        "--context-table", type=Path, help="the shared context table (grants, tasks, risk)"
+    )
+    worker.add_argument(
+        "--rate-share",
+        type=float,
+        default=1.0,
+        help="this worker's share of each purpose's rate limit (1/workers; default 1)",
+    )
 
     for name, helptext in (
         ("revoke", "revoke an agent through the sidecar's admin API"),
         ("restore", "remove the admin API's revocation of an agent"),
-        ("status", "show the sidecar's readiness, workers and revocations"),
+        ("status", "show the sidecar's readiness, workers, revocations and elevations"),
+        ("approve", "approve an agent's pending elevation request (operator only)"),
+        ("elevations", "list elevation requests and active grants"),
     ):
         cmd = sub.add_parser(name, help=helptext, description=helptext)
         if name in ("revoke", "restore"):
             cmd.add_argument("agent", help="the agent's profile name, or '*' for every agent")
+        if name == "approve":
+            cmd.add_argument("request", help="the request id (elev-...), from `mandate elevations`")
+            cmd.add_argument(
+                "--approver",
+                default=_env("USER") or None,
+                required=not _env("USER"),
+                help="who approves, for the audit trail (default: $USER)",
+            )
+            cmd.add_argument("--duration", help="grant length, at most maxDuration (e.g. 5m)")
+            cmd.add_argument("--reason", help="why it is approved (ticket, ...)")
         if name == "revoke":
             cmd.add_argument("--reason", required=True, help="why; shown in every denied call")
             cmd.add_argument("--expires", help="duration (e.g. 30m) or RFC 3339 time")
@@ -319,29 +339,20 @@ def _view(args: argparse.Namespace) -> RequestView:
                 raise BadRequestError(f"--body {args.body!r}: {exc.strerror or exc}") from None
         else:
             body = args.body.encode()
-    if method == "CONNECT":
-        authority, path, scheme = args.url.removeprefix("//"), "", "https"
-        if "/" in authority or ":" not in authority:
-            raise BadRequestError(f"CONNECT target {args.url!r}: expected HOST:PORT")
-    else:
-        parts = urlsplit(args.url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise BadRequestError(f"URL {args.url!r}: expected an absolute http:// or https:// URL")
-        authority, scheme = parts.netloc, parts.scheme
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if not (args.agent or args.service_account or args.spiffe):
         raise BadRequestError("give --agent, --service-account or --spiffe: who is calling?")
-    return RequestView(
+    # Imported here: authz imports prometheus_client, which `mandate run` must configure first.
+    from .authz import view_from_url
+
+    return view_from_url(
+        method,
+        args.url,
+        headers,
+        body,
         decision_id="explain",
-        method=method,
-        authority=authority,
-        path=path,
-        scheme=scheme,
-        headers=headers,
-        body=body,
-        source_principal=args.spiffe or "",
-        configured_agent=args.agent,
-        configured_service_account=args.service_account,
+        agent=args.agent,
+        service_account=args.service_account,
+        spiffe=args.spiffe,
     )
 
 
@@ -459,6 +470,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         audit_fsync=args.audit_fsync,
         chain_id=args.chain_id,
         transport=args.transport,
+        context_table=args.context_table,
+        rate_share=args.rate_share,
     )
     return _starting(args, lambda: serve(config))
 
@@ -512,6 +525,16 @@ def _expires(text: str) -> str:
 def _cmd_admin(args: argparse.Namespace) -> int:
     if args.command == "status":
         return _admin_call(args, "GET", "/v1/status")
+    if args.command == "elevations":
+        return _admin_call(args, "GET", "/v1/elevations")
+    if args.command == "approve":
+        approval: dict[str, Any] = {"approver": args.approver}
+        if args.duration:
+            approval["duration"] = args.duration
+        if args.reason:
+            approval["reason"] = args.reason
+        rid = urllib.parse.quote(args.request, safe="")
+        return _admin_call(args, "POST", f"/v1/elevations/{rid}/approve", approval)
     if args.command == "restore":
         return _admin_call(args, "DELETE", f"/v1/revocations/{urllib.parse.quote(args.agent)}")
     body: dict[str, Any] = {"agent": args.agent, "reason": args.reason}
@@ -538,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_audit(args)
     if args.command in ("inject", "webhook"):
         return run_inject(args)
-    if args.command in ("revoke", "restore", "status"):
+    if args.command in ("revoke", "restore", "status", "approve", "elevations"):
         return _cmd_admin(args)
     return _cmd_run(args)
 

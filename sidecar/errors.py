@@ -17,6 +17,7 @@ __all__ = [
     "AuditResumeError",
     "BadRequestError",
     "ConfigError",
+    "ContextError",
     "InjectError",
     "MandateError",
     "ProfileError",
@@ -115,3 +116,16 @@ class InjectError(MandateError):
     reserved for the sidecar, or asks for an unknown mode or an invalid agent id."""
 
     code = "inject_invalid"
+
+
+class ContextError(MandateError):
+    """The agent context API refused a request (bad task, unknown elevation, missing
+    justification, too many pending requests...). ``status`` is the gRPC status name the
+    API answers with: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
+    PERMISSION_DENIED."""
+
+    code = "context_error"
+
+    def __init__(self, message: str, status: str = "INVALID_ARGUMENT") -> None:
+        super().__init__(message)
+        self.status = status

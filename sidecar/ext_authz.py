@@ -39,6 +39,8 @@ from .authz import (
     upstream_headers,
 )
 from .core import Decision, RequestView, Snapshot
+from .core.context import EMPTY_CONTEXT, ContextTable
+from .core.ratelimit import RateLimiter
 from .core.revocation import EMPTY_TABLE, RevocationTable
 
 if TYPE_CHECKING:
@@ -124,8 +126,12 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         revocations: Callable[[], RevocationTable] = lambda: EMPTY_TABLE,
         tracing: Tracing | None = None,
         audit: Audit | None = None,
+        context: Callable[[], ContextTable] = lambda: EMPTY_CONTEXT,
+        limiter: RateLimiter | None = None,
     ) -> None:
-        self._authz = Authorizer(snapshot, identity, clock, revocations, tracing, audit)
+        self._authz = Authorizer(
+            snapshot, identity, clock, revocations, tracing, audit, context, limiter
+        )
 
     def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.ServicerContext

@@ -30,12 +30,14 @@ from . import metrics
 from .admin import AdminServer
 from .audit import AuditWriter
 from .authz import Audit, Authorizer, Identity
+from .core.context import EMPTY_CONTEXT, ContextTable
+from .core.ratelimit import RateLimiter
 from .core.revocation import EMPTY_TABLE, RevocationTable
 from .errors import ConfigError
 from .ext_authz import AuthorizationServicer
 from .http_authz import HttpAuthzServer
 from .reload import SnapshotHolder
-from .shm import SharedTable
+from .shm import SharedContext, SharedTable
 
 if TYPE_CHECKING:
     from .tracing import Tracing
@@ -55,6 +57,8 @@ class ServeConfig:
     service_account: str | None = None
     namespace: str = ""
     table: Path | None = None  # the supervisor's shared revocation table, attached read-only
+    context_table: Path | None = None  # the supervisor's shared context (grants, tasks, risk)
+    rate_share: float = 1.0  # this worker's share of each rate limit (1 / workers)
     otlp_endpoint: str | None = None  # OTLP/gRPC collector for decision spans; None: off
     pod_name: str = ""
     audit_dir: Path | None = None  # None: no audit trail
@@ -108,6 +112,13 @@ class Sidecar:
         revocations: Callable[[], RevocationTable] = lambda: EMPTY_TABLE  # noqa: E731
         if cfg.table is not None:
             revocations = SharedTable.attach(cfg.table).read
+        context: Callable[[], ContextTable] = lambda: EMPTY_CONTEXT  # noqa: E731
+        if cfg.context_table is not None:
+            context = SharedContext.attach(cfg.context_table).read
+        try:
+            limiter = RateLimiter(share=cfg.rate_share)
+        except ValueError as exc:
+            raise ConfigError(f"--rate-share: {exc}") from None
         self.holder.load_initial()  # raises ProfileErrors: refuse to start on bad profiles
         identity = Identity(
             agent=cfg.agent, service_account=cfg.service_account, namespace=cfg.namespace
@@ -129,7 +140,7 @@ class Sidecar:
         if cfg.transport == "http":
             self._start_http(Authorizer(
                 self.holder.get, identity, revocations=revocations, tracing=self._tracing,
-                audit=audit,
+                audit=audit, context=context, limiter=limiter,
             ))  # fmt: skip
         else:
             servicer = AuthorizationServicer(
@@ -138,6 +149,8 @@ class Sidecar:
                 revocations=revocations,
                 tracing=self._tracing,
                 audit=audit,
+                context=context,
+                limiter=limiter,
             )
             server = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="check"),

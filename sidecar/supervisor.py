@@ -35,12 +35,14 @@ from typing import Any
 from aiohttp import web
 
 from . import metrics
-from .admin import RevocationAPI, add_probe_routes, read_token
+from .admin import ElevationAPI, RevocationAPI, add_probe_routes, read_token
+from .audit import AuditWriter, event_record
+from .context_store import ContextStore
 from .errors import ConfigError
 from .reload import SnapshotHolder
 from .revocations import RevocationStore
 from .server import split_hostport
-from .shm import SharedTable
+from .shm import SharedContext, SharedTable
 
 __all__ = ["Supervisor", "SupervisorConfig", "run_supervisor"]
 
@@ -103,6 +105,9 @@ class Supervisor:
         self.grpc_ports: list[int] = []
         self.table: SharedTable | None = None
         self.store: RevocationStore | None = None
+        self.context_table: SharedContext | None = None
+        self.context: ContextStore | None = None
+        self._audit: AuditWriter | None = None
         self.holder = SnapshotHolder(config.profiles)
 
     # -- configuration ----------------------------------------------------------------
@@ -158,6 +163,15 @@ class Supervisor:
             base = shm if shm.is_dir() and os.access(shm, os.W_OK) else self._workdir
             table_path = base / f"mandate-{os.getpid()}-{secrets.token_hex(4)}.table"
         self.table = SharedTable.create(table_path)
+        self.context_table = SharedContext.create(table_path.with_suffix(".context"))
+        self._audit = self._audit_writer()
+        self.context = ContextStore(
+            self.context_table,
+            cfg.state_dir / "context.json" if cfg.state_dir else None,
+            self.holder.get,
+            audit=self._record,
+        )
+        self.context.load_persisted()
         state_file = cfg.state_dir / "revocations.json" if cfg.state_dir else None
         self.store = RevocationStore(self.table, state_file)
         self.store.subscribe(self._count)
@@ -184,6 +198,7 @@ class Supervisor:
         app = web.Application()
         add_probe_routes(app, self._ready)
         RevocationAPI(self.store, cfg.namespace, token, self.status).add_routes(app)
+        ElevationAPI(self.context, cfg.namespace, token).add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, admin_host, admin_port)
@@ -248,7 +263,10 @@ class Supervisor:
             "--namespace", cfg.namespace, "--poll-seconds", str(cfg.poll_seconds),
             "--port-file", str(w.port_file), "--log-level", cfg.log_level,
             "--transport", cfg.transport,
+            "--rate-share", repr(1.0 / cfg.workers),
         ]  # fmt: skip
+        if self.context_table is not None:
+            args += ["--context-table", str(self.context_table.path)]
         if cfg.agent:
             args += ["--agent", cfg.agent]
         if cfg.service_account:
@@ -315,11 +333,37 @@ class Supervisor:
         for (src, act), n in counts.items():
             metrics.REVOCATIONS.labels(src, "true" if act else "false").set(n)
 
+    def _audit_writer(self) -> AuditWriter | None:
+        """The supervisor's own audit chain (elevations, tasks, automatic revocations),
+        beside the workers' decision chains, with the same options."""
+        opts = dict(zip(self.config.audit_args[::2], self.config.audit_args[1::2], strict=False))
+        if "--audit-dir" not in opts:
+            return None
+        pod = self.config.pod_name or socket.gethostname()
+        return AuditWriter(
+            Path(opts["--audit-dir"]),
+            chain_id=f"{pod}-supervisor",
+            fsync=opts.get("--audit-fsync", "interval"),  # type: ignore[arg-type]
+            on_failure=opts.get("--audit-on-failure", "fail-closed"),  # type: ignore[arg-type]
+        )
+
+    def _record(self, event: dict[str, Any]) -> None:
+        """Audit one supervisor event; without an audit trail, log it."""
+        kind = str(event.get("type", "event"))
+        fields = {k: v for k, v in event.items() if k != "type"}
+        if self._audit is not None:
+            self._audit.write(
+                event_record(kind, now=time.time(), pod=self.config.pod_name or None, **fields)
+            )
+        log.info("%s: %s", kind, json.dumps(fields, sort_keys=True))
+
     async def _prune(self) -> None:
         assert self.store is not None
         while not self._stopping:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.25)
             self.store.prune_expired()
+            if self.context is not None:
+                self.context.prune()
             if self._watcher is not None:
                 connected = bool(self._watcher.status().get("connected"))
                 metrics.KUBERNETES_CONNECTED.set(1 if connected else 0)
@@ -343,6 +387,10 @@ class Supervisor:
             ],
             "kubernetes": kube,
             "profiles": self.holder.status().as_dict(),
+            "elevations": {
+                "requests": [r.as_dict() for r in self.context.requests()] if self.context else [],
+                "grants": [g.as_dict() for g in self.context.grants()] if self.context else [],
+            },
         }
 
     def _ready(self) -> tuple[bool, dict[str, Any]]:
@@ -374,6 +422,11 @@ class Supervisor:
             self.table.close()
             if self.config.table_path is None:
                 self.table.path.unlink(missing_ok=True)
+        if self.context_table is not None:
+            self.context_table.close()
+            self.context_table.path.unlink(missing_ok=True)
+        if self._audit is not None:
+            self._audit.close()
         shutil.rmtree(self._workdir, ignore_errors=True)
 
 

@@ -68,7 +68,7 @@ class Tracing:
     ) -> None:
         """Record one decision span; ``parents`` holds `traceparent`/`tracestate`."""
         ctx = _PROPAGATOR.extract(parents)
-        attributes: dict[str, str | int | list[str]] = {
+        attributes: dict[str, str | int | float | list[str]] = {
             "mandate.decision": "allow" if decision.allowed else "deny",
             "mandate.decision_id": decision.decision_id,
             "mandate.code": decision.code,
@@ -85,6 +85,11 @@ class Tracing:
             "server.port": decision.port,
             "url.path": decision.path,
         }
+        if decision.risk >= 0:
+            attributes["mandate.risk"] = decision.risk
+        if decision.grant is not None:
+            attributes["mandate.elevation"] = decision.grant.elevation
+            attributes["mandate.elevation.grant"] = decision.grant.id
         span = self._tracer.start_span(
             "mandate.authorize",
             context=ctx,

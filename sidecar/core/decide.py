@@ -3,28 +3,34 @@
 `decide` is a pipeline of phases, each of which may end the decision with a deny:
   1. attribute  - which agent is calling, from sources the agent cannot forge
   2. revocation - the shared revocation table: the agent (or `*`) in its namespace
-  3. purpose    - declared `x-mandate-purpose`, else the profile's defaultPurpose
+  3. purpose    - declared `x-mandate-purpose`, else the purpose the declared task was
+                  reported for (`ReportTask`), else the profile's defaultPurpose
   4. request    - canonical host, port and path; malformed → deny
   5. rules      - the purpose's deny rules win, then its allow rules
-  6. elevation  - (seam: active grants are consulted after the purpose's rules)
-  7. behaviour  - (seam: rate limits and risk score)
+  6. elevation  - then the rules of the agent's active elevation grants
+  7. behaviour  - an allowed call is still denied while the agent's risk score is at or
+                  above the profile's threshold (`enforce` mode), or over the purpose's rate
 Nothing matched → deny "outside purpose P" (default deny).
 
-Same inputs and `now` give the same Decision: the decision id comes in with the request
-view. This module must not import any transport, Kubernetes or telemetry library, and must
+Same inputs, `now` and rate-limiter state give the same Decision: the decision id comes in
+with the request view; the limiter is the one piece of state, and only allowed calls touch
+it. This module must not import any transport, Kubernetes or telemetry library, and must
 not raise for any request: the adapter still wraps it and fails closed if it does.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from .context import EMPTY_CONTEXT, ContextTable, Grant
 from .hosts import parse_authority
 from .mcp import McpBody, parse_mcp_body
 from .paths import canonical_path, display_path
+from .ratelimit import RateLimiter
 from .revocation import EMPTY_TABLE, RevocationTable
 from .rules import CONNECT
 from .snapshot import CompiledAgent, Snapshot
@@ -65,6 +71,8 @@ class Code:
     REVOKED = "revoked"
     REVOCATIONS_UNKNOWN = "revocations_unknown"
     AUDIT_UNAVAILABLE = "audit_unavailable"
+    RATE = "rate"
+    RISK = "risk"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +121,8 @@ class Decision:
     path: str = ""
     mcp_tools: tuple[str, ...] = ()
     trace_id: str = ""
+    grant: Grant | None = None  # the elevation grant that allowed the call
+    risk: float = -1.0  # the agent's behaviour risk score when decided; -1: not scored
 
 
 class _Body:
@@ -169,9 +179,13 @@ def decide(
     view: RequestView,
     now: float,
     revocations: RevocationTable = EMPTY_TABLE,
+    context: ContextTable = EMPTY_CONTEXT,
+    limiter: RateLimiter | None = None,
 ) -> Decision:
     """Decide one call. ``now`` (seconds since the epoch) is for expiry-based phases;
-    ``revocations`` is the table generation read for this Check."""
+    ``revocations`` and ``context`` are the shared tables' generations read for this Check;
+    ``limiter`` counts allowed calls against the purposes' rate limits (None: not enforced,
+    e.g. `explain`)."""
     did, trace = view.decision_id, view.trace_id
     method = view.method.upper()
 
@@ -186,6 +200,10 @@ def decide(
             agent=agent_name, identity_source=source, method=method, trace_id=trace,
         )  # fmt: skip
 
+    ns = view.namespace
+    risk_state = context.risk(ns, agent.name)
+    risk = risk_state.score if risk_state is not None else -1.0
+
     def done(
         allowed: bool,
         code: str,
@@ -198,10 +216,11 @@ def decide(
         port: int = 0,
         path: str = "",
         tools: tuple[str, ...] = (),
+        grant: Grant | None = None,
     ) -> Decision:
         return Decision(
             did, allowed, code, reason, agent.name, agent.owner, purpose, task, rule,
-            source, method, host, port, path, tools, trace,
+            source, method, host, port, path, tools, trace, grant, risk,
         )  # fmt: skip
 
     # 2. revocation: before anything the agent declares. An incomplete table (first sync not
@@ -209,16 +228,23 @@ def decide(
     if not revocations.complete:
         why = "revocation state not known yet (starting, or the table is full): failing closed"
         return done(False, Code.REVOCATIONS_UNKNOWN, why)
-    revoked = revocations.find(view.namespace, agent.name, now)
+    revoked = revocations.find(ns, agent.name, now)
     if revoked is not None:
         return done(False, Code.REVOKED, f"revoked: {revoked.reason}", rule=revoked.key)
 
     # 3. purpose and task
     declared = view.headers.get(PURPOSE_HEADER, "").strip()
-    purpose_name = declared or agent.default_purpose
     task = view.headers.get(TASK_HEADER, "").strip()
     if task and not _TASK.match(task):
         return done(False, Code.BAD_TASK, "x-mandate-task must be 1-128 visible ASCII characters")
+    bound = context.task(ns, agent.name, task, now) if task else None
+    if bound is not None and declared and declared != bound.purpose:
+        why = (
+            f"task {task!r} was reported for purpose {bound.purpose!r}, "
+            f"the call declares {declared[:64]!r}"
+        )
+        return done(False, Code.BAD_TASK, why, task=task)
+    purpose_name = declared or (bound.purpose if bound is not None else agent.default_purpose)
     if not purpose_name:
         why = "no x-mandate-purpose declared and the profile has no defaultPurpose"
         return done(False, Code.NO_PURPOSE, why, task=task)
@@ -248,16 +274,64 @@ def decide(
             tools=body.tools(),
         )  # fmt: skip
     allowed = purpose.allow.lookup(host, port, method, path, body, deny=False)
-    if allowed.rule is not None:
-        rule = allowed.rule.rule_id
-        return done(
-            True, Code.ALLOWED, f"allowed by rule {rule} of purpose {purpose.name!r}",
-            purpose=purpose.name, task=task, rule=rule, host=host, port=port, path=shown,
-            tools=body.tools(),
-        )  # fmt: skip
+    rule = allowed.rule.rule_id if allowed.rule is not None else ""
+    why = f"allowed by rule {rule} of purpose {purpose.name!r}"
+    grant: Grant | None = None
 
-    # 6. elevation: seam (active grants are tried here, after the purpose's own rules).
-    # 7. behaviour and rate: seam.
+    # 6. elevation: the rules of each active grant, after the purpose's own rules
+    if not rule and agent.elevations:
+        for g in context.active_grants(ns, agent.name, now):
+            elevation = agent.elevations.get(g.elevation)
+            if elevation is None:  # the profile no longer has it: the grant gives nothing
+                continue
+            m = elevation.allow.lookup(host, port, method, path, body, deny=False)
+            if m.rule is not None:
+                grant, rule = g, m.rule.rule_id
+                why = (
+                    f"allowed by rule {rule} of elevation {g.elevation!r} "
+                    f"(grant {g.id}, approved by {g.approver}, until {_utc(g.expires_at)})"
+                )
+                break
+
+    if rule:
+        # 7. behaviour, then rate: only a call that would be allowed is counted.
+        settings = agent.behavior
+        if (
+            risk_state is not None
+            and settings is not None
+            and settings.mode == "enforce"
+            and not risk_state.learning
+            and risk_state.score >= settings.deny_threshold
+        ):
+            why = (
+                f"behaviour risk {risk_state.score:.2f} >= {settings.deny_threshold:.2f}: "
+                f"{risk_state.explanation}"
+            )
+            return done(
+                False, Code.RISK, why, purpose=purpose.name, task=task, rule=rule,
+                host=host, port=port, path=shown, tools=body.tools(), grant=grant,
+            )  # fmt: skip
+        limit = purpose.rate_limit
+        if (
+            limit is not None
+            and limiter is not None
+            and purpose.rate_per_seconds is not None
+            and not limiter.allow(
+                (ns, agent.name, purpose.name), limit.requests, purpose.rate_per_seconds
+            )
+        ):
+            why = (
+                f"rate: over the rate limit of purpose {purpose.name!r} "
+                f"({limit.requests} per {limit.per})"
+            )
+            return done(
+                False, Code.RATE, why, purpose=purpose.name, task=task, rule=rule,
+                host=host, port=port, path=shown, tools=body.tools(), grant=grant,
+            )  # fmt: skip
+        return done(
+            True, Code.ALLOWED, why, purpose=purpose.name, task=task, rule=rule, host=host,
+            port=port, path=shown, tools=body.tools(), grant=grant,
+        )  # fmt: skip
 
     reason = f"outside purpose {purpose.name!r}"
     if allowed.mcp_refusal:
@@ -266,3 +340,7 @@ def decide(
         False, Code.OUTSIDE_PURPOSE, reason, purpose=purpose.name, task=task, host=host,
         port=port, path=shown, tools=body.tools(),
     )  # fmt: skip
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

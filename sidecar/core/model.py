@@ -158,8 +158,34 @@ class Elevation(_Model):
 
 
 class Behavior(_Model):
+    """Continuous behaviour analysis: a risk score in [0, 1] from the agent's live conduct.
+    `monitor` only reports it; `enforce` denies calls while the score is at or above
+    ``denyAtRisk`` and revokes the agent at ``revokeAtRisk``."""
+
     mode: Literal["enforce", "monitor"] = "monitor"
-    revoke_at_risk: float | None = Field(None, gt=0, le=1)
+    revoke_at_risk: float | None = Field(
+        None, gt=0, le=1, description="enforce: revoke the agent when the score reaches this"
+    )
+    deny_at_risk: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="enforce: deny calls while the score is at or above this "
+        "(default 0.8, or revokeAtRisk if lower)",
+    )
+    learning_period: Duration = Field(
+        "10m", description="a new agent's learning period: its baseline, never denied"
+    )
+    window: Duration = Field("1m", description="sliding window the features are computed on")
+    min_calls: int = Field(
+        10, ge=1, le=100_000, description="fewer calls than this in the window: score 0"
+    )
+
+    @property
+    def deny_threshold(self) -> float:
+        if self.deny_at_risk is not None:
+            return self.deny_at_risk
+        return min(0.8, self.revoke_at_risk) if self.revoke_at_risk is not None else 0.8
 
 
 class Identity(_Model):

@@ -13,10 +13,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from .model import AgentProfile, RateLimit, parse_duration
+from .model import AgentProfile, Behavior, RateLimit, parse_duration
 from .rules import RuleIndex, compile_rules
 
-__all__ = ["CompiledAgent", "CompiledPurpose", "Snapshot", "SourceRef", "compile_snapshot"]
+__all__ = [
+    "CompiledAgent",
+    "CompiledElevation",
+    "CompiledPurpose",
+    "Snapshot",
+    "SourceRef",
+    "compile_snapshot",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +48,18 @@ class CompiledPurpose:
 
 
 @dataclass(frozen=True, slots=True)
+class CompiledElevation:
+    """Temporary extra rights: its allow rules apply only while a grant is active."""
+
+    name: str
+    description: str
+    approval: str  # auto | operator
+    max_seconds: float
+    justification_required: bool
+    allow: RuleIndex
+
+
+@dataclass(frozen=True, slots=True)
 class CompiledAgent:
     name: str
     owner: str
@@ -48,6 +67,10 @@ class CompiledAgent:
     purposes: Mapping[str, CompiledPurpose]
     profile: AgentProfile  # the validated source, for explain and later phases
     source: SourceRef
+    elevations: Mapping[str, CompiledElevation] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    behavior: Behavior | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +93,17 @@ def _compile_agent(profile: AgentProfile, source: SourceRef) -> CompiledAgent:
             rate_limit=p.rate_limit,
             rate_per_seconds=parse_duration(p.rate_limit.per) if p.rate_limit else None,
         )
+    elevations = {
+        name: CompiledElevation(
+            name=name,
+            description=e.description,
+            approval=e.approval,
+            max_seconds=parse_duration(e.max_duration),
+            justification_required=e.justification_required,
+            allow=compile_rules(e.allow, f"elevation:{name}.allow"),
+        )
+        for name, e in profile.spec.elevations.items()
+    }
     return CompiledAgent(
         name=profile.metadata.name,
         owner=profile.spec.owner,
@@ -77,6 +111,8 @@ def _compile_agent(profile: AgentProfile, source: SourceRef) -> CompiledAgent:
         purposes=MappingProxyType(purposes),
         profile=profile,
         source=source,
+        elevations=MappingProxyType(elevations),
+        behavior=profile.spec.behavior,
     )
 
 

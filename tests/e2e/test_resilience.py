@@ -33,7 +33,14 @@ def _write_atomically(path: Path, text: str) -> None:
 def test_profile_reload_under_traffic_has_no_failed_check(own_stack: Stack) -> None:
     stack = own_stack
     agents = stack.profiles / "agents.yaml"
-    original = agents.read_text()
+    # Full-speed traffic: without reconcile's rate limit (600/1m), which would deny it.
+    limited = agents.read_text()
+    original = limited.replace("rateLimit: {requests: 600, per: 1m}", "")
+    assert original != limited
+    _write_atomically(agents, original)
+    deadline = time.monotonic() + 10
+    while stack.mandate.ready()["profiles"]["reloads"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
     # v2 moves invoices out of 'reconcile': the same call flips from allow to deny.
     v2 = original.replace('paths: ["/v1/invoices/*", "/v1/ledger/**"]', 'paths: ["/v1/ledger/**"]')
     assert v2 != original
@@ -59,7 +66,7 @@ def test_profile_reload_under_traffic_has_no_failed_check(own_stack: Stack) -> N
     _write_atomically(agents, v2)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if stack.mandate.ready()["profiles"]["reloads"] >= 1:
+        if stack.mandate.ready()["profiles"]["reloads"] >= 2:
             break
         time.sleep(0.05)
     reloaded_at = time.monotonic()
@@ -76,7 +83,7 @@ def test_profile_reload_under_traffic_has_no_failed_check(own_stack: Stack) -> N
     for t in threads:
         t.join(30)
     ready = stack.mandate.ready()
-    assert ready["profiles"]["reloads"] >= 1
+    assert ready["profiles"]["reloads"] >= 2
     assert "agents.yaml" in ready["profiles"]["last_error"]
     assert len(results) > 50
     # Every call was answered by mandate itself: no 503, no Envoy-generated 403.

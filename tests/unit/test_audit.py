@@ -130,6 +130,7 @@ def test_record_from_an_allow() -> None:
         "task": "INV-1",
         "rule": "r1",
         "elevation": None,
+        "risk": None,
         "revocation": None,
         "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
     }

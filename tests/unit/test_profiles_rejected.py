@@ -152,7 +152,7 @@ CASES = [
         "unknown-in-behavior",
         {"spec.behavior.threshold": 1},
         "spec.behavior.threshold",
-        "allowed here: mode, revokeAtRisk",
+        "allowed here: denyAtRisk, learningPeriod, minCalls, mode, revokeAtRisk, window",
     ),
     # required fields and empty collections
     bad("missing-owner", {"spec.owner": DELETE}, "spec.owner", "required field is missing"),

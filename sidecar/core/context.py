@@ -1,0 +1,290 @@
+"""The agent's run-time context as the decision sees it (pure): elevation grants, reported
+tasks and the behaviour risk score.
+
+The supervisor is the only writer of this state (the agent context API, operator approvals,
+behaviour analysis); the Check workers read it, like the revocation table, from shared
+memory. A :class:`ContextTable` is an immutable index of one generation of that state:
+`decide` asks it for the agent's active grants, the purpose a reported task was bound to,
+and the agent's current risk. Expiry is decided by the reader at `now`, so a grant ends
+exactly on time with no writer involved.
+This module must not import any transport, Kubernetes or telemetry library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+__all__ = [
+    "EMPTY_CONTEXT",
+    "Approval",
+    "ContextTable",
+    "ElevationRequest",
+    "Grant",
+    "RiskState",
+    "TaskBinding",
+]
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """An approved elevation: the elevation's rules apply to the agent in [starts_at,
+    expires_at). ``approver`` says who approved it ("auto" for `approval: auto`)."""
+
+    id: str
+    agent: str
+    namespace: str
+    elevation: str
+    starts_at: float
+    expires_at: float
+    approver: str
+    justification: str = ""
+    source: str = "auto"  # auto | admin | kubernetes
+    request_id: str = ""
+
+    def active(self, now: float) -> bool:
+        return self.starts_at <= now < self.expires_at
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Grant:
+        """Inverse of `as_dict`; raises KeyError/TypeError/ValueError on a bad entry."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a grant must be an object, not {type(data).__name__}")
+        return cls(
+            id=str(data["id"]),
+            agent=str(data["agent"]),
+            namespace=str(data["namespace"]),
+            elevation=str(data["elevation"]),
+            starts_at=float(data["starts_at"]),
+            expires_at=float(data["expires_at"]),
+            approver=str(data["approver"]),
+            justification=str(data.get("justification", "")),
+            source=str(data.get("source", "auto")),
+            request_id=str(data.get("request_id", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TaskBinding:
+    """A task the agent reported (`ReportTask`): later calls may carry only the task id and
+    get the purpose it was reported for. It selects among the agent's own purposes."""
+
+    agent: str
+    namespace: str
+    task: str
+    purpose: str
+    reported_at: float
+    expires_at: float | None = None
+
+    def active(self, now: float) -> bool:
+        return self.expires_at is None or now < self.expires_at
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskBinding:
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a task must be an object, not {type(data).__name__}")
+        return cls(
+            agent=str(data["agent"]),
+            namespace=str(data["namespace"]),
+            task=str(data["task"]),
+            purpose=str(data["purpose"]),
+            reported_at=float(data["reported_at"]),
+            expires_at=_opt_float(data.get("expires_at")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RiskState:
+    """The agent's behaviour risk score in [0, 1] as last computed by the supervisor, with
+    the explanation (feature -> contribution). ``learning``: still in the learning period."""
+
+    agent: str
+    namespace: str
+    score: float
+    explanation: str = ""
+    contributions: Mapping[str, float] = field(default_factory=dict)
+    learning: bool = False
+    updated_at: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["contributions"] = dict(self.contributions)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RiskState:
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a risk state must be an object, not {type(data).__name__}")
+        contrib = data.get("contributions") or {}
+        if not isinstance(contrib, Mapping):
+            raise TypeError("contributions must be an object")
+        return cls(
+            agent=str(data["agent"]),
+            namespace=str(data["namespace"]),
+            score=float(data["score"]),
+            explanation=str(data.get("explanation", "")),
+            contributions=MappingProxyType({str(k): float(v) for k, v in contrib.items()}),
+            learning=bool(data.get("learning", False)),
+            updated_at=float(data.get("updated_at", 0.0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """An operator's approval, from an `AgentElevation` object or `mandate approve`.
+
+    With ``request_id`` it approves that pending request of the agent; without, it grants
+    the elevation directly. The grant lasts ``duration`` seconds (None: what was requested,
+    else the elevation's maxDuration) from ``approved_at``, never more than maxDuration."""
+
+    key: str  # "kubernetes:<namespace>/<name>" or "admin:<id>": unique per source object
+    agent: str
+    namespace: str
+    elevation: str
+    approver: str
+    approved_at: float
+    request_id: str = ""
+    duration: float | None = None
+    reason: str = ""
+    source: str = "kubernetes"
+    name: str = ""
+    uid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ElevationRequest:
+    """An agent's `RequestElevation`. ``state``: pending (waiting for an operator),
+    granted (``grant_id`` names the grant), expired (not approved in time, or the grant
+    ran out) or refused (``message`` says why)."""
+
+    id: str
+    agent: str
+    namespace: str
+    elevation: str
+    justification: str
+    requested_at: float
+    duration: float  # seconds asked for (already capped at the elevation's maxDuration)
+    state: str = "pending"  # pending | granted | expired | refused
+    approval: str = "operator"  # auto | operator
+    grant_id: str = ""
+    expires_at: float | None = None  # pending: when the request lapses; granted: grant end
+    approver: str = ""
+    message: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ElevationRequest:
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a request must be an object, not {type(data).__name__}")
+        return cls(
+            id=str(data["id"]),
+            agent=str(data["agent"]),
+            namespace=str(data["namespace"]),
+            elevation=str(data["elevation"]),
+            justification=str(data.get("justification", "")),
+            requested_at=float(data["requested_at"]),
+            duration=float(data["duration"]),
+            state=str(data.get("state", "pending")),
+            approval=str(data.get("approval", "operator")),
+            grant_id=str(data.get("grant_id", "")),
+            expires_at=_opt_float(data.get("expires_at")),
+            approver=str(data.get("approver", "")),
+            message=str(data.get("message", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ContextTable:
+    """One generation of the shared context, indexed by (namespace, agent)."""
+
+    generation: int = 0
+    grants: tuple[Grant, ...] = ()
+    tasks: tuple[TaskBinding, ...] = ()
+    risks: tuple[RiskState, ...] = ()
+    _grants: Mapping[tuple[str, str], tuple[Grant, ...]] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False, compare=False
+    )
+    _tasks: Mapping[tuple[str, str, str], TaskBinding] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False, compare=False
+    )
+    _risks: Mapping[tuple[str, str], RiskState] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False, compare=False
+    )
+
+    @classmethod
+    def build(
+        cls,
+        generation: int,
+        grants: Iterable[Grant] = (),
+        tasks: Iterable[TaskBinding] = (),
+        risks: Iterable[RiskState] = (),
+    ) -> ContextTable:
+        g = tuple(sorted(grants, key=lambda x: (x.namespace, x.agent, x.elevation, x.id)))
+        t = tuple(tasks)
+        r = tuple(risks)
+        gi: dict[tuple[str, str], list[Grant]] = {}
+        for x in g:
+            gi.setdefault((x.namespace, x.agent), []).append(x)
+        ti = {(x.namespace, x.agent, x.task): x for x in t}
+        ri = {(x.namespace, x.agent): x for x in r}
+        return cls(
+            generation,
+            g,
+            t,
+            r,
+            MappingProxyType({k: tuple(v) for k, v in gi.items()}),
+            MappingProxyType(ti),
+            MappingProxyType(ri),
+        )
+
+    def active_grants(self, namespace: str, agent: str, now: float) -> tuple[Grant, ...]:
+        if not self._grants:
+            return ()
+        return tuple(g for g in self._grants.get((namespace, agent), ()) if g.active(now))
+
+    def task(self, namespace: str, agent: str, task: str, now: float) -> TaskBinding | None:
+        if not self._tasks:
+            return None
+        t = self._tasks.get((namespace, agent, task))
+        return t if t is not None and t.active(now) else None
+
+    def risk(self, namespace: str, agent: str) -> RiskState | None:
+        if not self._risks:
+            return None
+        return self._risks.get((namespace, agent))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "grants": [g.as_dict() for g in self.grants],
+            "tasks": [t.as_dict() for t in self.tasks],
+            "risks": [r.as_dict() for r in self.risks],
+        }
+
+    @classmethod
+    def from_dict(cls, generation: int, data: Mapping[str, Any]) -> ContextTable:
+        """Inverse of `as_dict`; raises KeyError/TypeError/ValueError on bad data."""
+        if not isinstance(data, Mapping):
+            raise TypeError("the context table must be an object")
+        return cls.build(
+            generation,
+            (Grant.from_dict(d) for d in data.get("grants", ())),
+            (TaskBinding.from_dict(d) for d in data.get("tasks", ())),
+            (RiskState.from_dict(d) for d in data.get("risks", ())),
+        )
+
+
+EMPTY_CONTEXT = ContextTable()
