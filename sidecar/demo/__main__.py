@@ -3,8 +3,9 @@
 Starts a demo upstream (aiohttp), `mandate run` with the demo profiles, and real Envoy
 with one egress listener per agent (as if each agent were its own pod), then plays a
 scripted agent session through Envoy and prints every call's decision and reason. Finally
-an operator revokes one agent and restores it (`mandate revoke` / `mandate restore`), then
-mandate stops to show that Envoy then refuses every call (fail closed), and everything
+an operator revokes one agent and restores it (`mandate revoke` / `mandate restore`); the
+billing agent, with the context API client (sidecar/client.py), reports a task and asks for
+a temporary elevation that an operator approves (`mandate approve`); then mandate stops to show that Envoy then refuses every call (fail closed), and everything
 stops (Ctrl-C too).
 """
 
@@ -18,12 +19,14 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from ..client import AgentContext, context_headers
 from ..local import (
     ENVOY_DIR,
     EnvoyProcess,
@@ -146,7 +149,44 @@ def _admin_cli(mandate: MandateProcess, argv: list[str]) -> None:
         raise RuntimeError(f"mandate {argv[0]} failed: {result.stderr.strip()}")
 
 
-async def _play(envoy: EnvoyProcess, mandate: MandateProcess) -> int:
+async def _elevation_scene(
+    session: aiohttp.ClientSession, proxy: str, mandate: MandateProcess, context: str, n: int
+) -> int:
+    """billing-agent, as an agent author would write it with sidecar/client.py."""
+    print("\n── billing-agent reports a task, then asks for the `refund` elevation (context API)")
+    async with AgentContext(context) as ctx:
+        task = await ctx.report_task("close-november", "report", ttl=600)
+        print(f"   ReportTask close-november -> purpose {task.purpose!r}")
+        report = Call(
+            "billing-agent", "PUT", f"{REPORTS}/v1/reports/november",
+            "only the task id is sent; its purpose comes from ReportTask",
+            headers=context_headers(task="close-november"),
+        )  # fmt: skip
+        n += 1
+        status, data = await _send(session, proxy, report)
+        print(_row(n, report, status, data))
+        refund = Call("billing-agent", "POST", f"{STRIPE}/v1/refunds", "refund, no grant yet")
+        explained = await ctx.explain(refund.method, refund.url)
+        print(f"   Explain POST /v1/refunds -> {explained.decision}: {explained.reason}")
+        req = await ctx.request_elevation("refund", "INV-42 was charged twice", duration=300)
+        print(f"   RequestElevation refund -> {req.state} ({req.id}): needs an operator")
+        n += 1
+        status, data = await _send(session, proxy, refund)
+        print(_row(n, refund, status, data))
+        print(f"   $ mandate approve {req.id} --approver alice   (the operator; the agent cannot)")
+        _admin_cli(mandate, ["approve", req.id, "--approver", "alice", "--reason", "FIN-881"])
+        granted = await ctx.wait_for_grant(req.id, timeout=10)
+        print(
+            f"   granted {granted.grant_id} until {time.strftime('%H:%M:%S', time.localtime(granted.expires_at or 0))}"
+        )
+        refund = Call("billing-agent", "POST", f"{STRIPE}/v1/refunds", "refund under the grant")
+        n += 1
+        status, data = await _send(session, proxy, refund)
+        print(_row(n, refund, status, data))
+    return n
+
+
+async def _play(envoy: EnvoyProcess, mandate: MandateProcess, context: str) -> int:
     proxies = {agent: f"http://127.0.0.1:{port}" for agent, port in (
         (name.removeprefix("egress-"), port) for name, port in envoy.listeners.items()
     )}  # fmt: skip
@@ -174,6 +214,7 @@ async def _play(envoy: EnvoyProcess, mandate: MandateProcess) -> int:
                 n += 1
                 status, data = await _send(session, proxies[call.agent], call)
                 print(_row(n, call, status, data))
+        n = await _elevation_scene(session, proxies["billing-agent"], mandate, context, n)
         print("\n── mandate stops: Envoy fails closed (failure_mode_allow: false)")
         mandate.stop()
         call = Call("billing-agent", "GET", f"{LEDGER}/v1/invoices/42", "same call as #1")
@@ -188,11 +229,15 @@ async def _main(keep: bool) -> int:
     mandate: MandateProcess | None = None
     envoy: EnvoyProcess | None = None
     try:
+        context = f"unix:{workdir / 'billing-agent.sock'}"
         mandate = start_mandate(
             PROFILES,
             workdir / "mandate",
-            extra=["--state-dir", str(workdir / "mandate" / "state"), "--namespace", "agents"],
-        )
+            extra=[
+                "--state-dir", str(workdir / "mandate" / "state"), "--namespace", "agents",
+                "--context-api", f"billing-agent={context}",
+            ],
+        )  # fmt: skip
         config = render_envoy_config(
             ENVOY_DIR / "local.yaml",
             {
@@ -211,7 +256,7 @@ async def _main(keep: bool) -> int:
         print(
             f"  mandate: gRPC :{mandate.grpc_port}, admin http://127.0.0.1:{mandate.admin_port}/metrics"
         )
-        code = await _play(envoy, mandate)
+        code = await _play(envoy, mandate, context)
         await asyncio.sleep(0.3)  # Envoy flushes its access log every 0.1 s
         print("\nEach decision also went to Envoy's access log with its decision id:")
         for rec in envoy.access_records()[-3:]:
