@@ -22,10 +22,13 @@ import jsonschema
 import pytest
 import yaml
 
+from sidecar import kube
 from sidecar.core import load_profiles
+from sidecar.core.model import parse_duration
 from sidecar.inject import InjectConfig
 from sidecar.inject_cli import add_inject_parser, run_inject
 from sidecar.webhook import make_app
+from tests.kubeapi.schema import structural_errors
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -45,8 +48,8 @@ def _render(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
-def _crd_schema() -> dict[str, Any]:
-    crd = yaml.safe_load((DEPLOY / "crds" / "agentrevocation.yaml").read_text())
+def _crd_schema(name: str = "agentrevocation") -> dict[str, Any]:
+    crd = yaml.safe_load((DEPLOY / "crds" / f"{name}.yaml").read_text())
     schema: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     return schema
 
@@ -55,6 +58,8 @@ def test_base_renders_with_namespace_crd_and_jaeger() -> None:
     kinds = {(d["kind"], d["metadata"]["name"]) for d in _render(DEPLOY)}
     assert ("Namespace", "mandate-system") in kinds
     assert ("CustomResourceDefinition", "agentrevocations.mandate.dev") in kinds
+    assert ("CustomResourceDefinition", "agentelevations.mandate.dev") in kinds
+    assert ("ClusterRole", "mandate-elevation-approver") in kinds
     assert ("Deployment", "jaeger") in kinds
     assert ("Service", "jaeger-collector") in kinds
 
@@ -117,6 +122,141 @@ def test_expires_at_must_be_a_date_time(value: str) -> None:
     doc["spec"]["expiresAt"] = value
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, _crd_schema(), format_checker=_DATE_TIME)
+
+
+# -- AgentElevation --------------------------------------------------------------------------------
+
+ELEVATION = DEPLOY / "examples" / "elevation.yaml"
+
+
+def _crd_docs() -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((DEPLOY / "crds" / "kustomization.yaml").read_text())
+    return [yaml.safe_load((DEPLOY / "crds" / r).read_text()) for r in kustomization["resources"]]
+
+
+def _schema_at(schema: dict[str, Any], json_path: str) -> dict[str, Any] | None:
+    node: dict[str, Any] | None = schema
+    for part in json_path.lstrip(".").split("."):
+        if node is None or part == "metadata":
+            return {"type": "object"} if part == "metadata" else None
+        node = (node.get("properties") or {}).get(part)
+    return node
+
+
+@pytest.mark.parametrize("crd", _crd_docs(), ids=lambda c: c["metadata"]["name"])
+def test_every_crd_is_structural_and_its_columns_exist(crd: dict[str, Any]) -> None:
+    spec = crd["spec"]
+    names = spec["names"]
+    assert crd["metadata"]["name"] == f"{names['plural']}.{spec['group']}"
+    assert spec["group"] == kube.GROUP and spec["scope"] == "Namespaced"
+    assert "mandate" in names["categories"]
+    (version,) = spec["versions"]
+    assert version["name"] == kube.VERSION and version["served"] and version["storage"]
+    assert version["subresources"] == {"status": {}}
+    schema = version["schema"]["openAPIV3Schema"]
+    assert structural_errors(schema) == []
+    for column in version["additionalPrinterColumns"]:
+        if column["jsonPath"].startswith(".metadata."):
+            continue
+        sub = _schema_at(schema, column["jsonPath"])
+        assert sub is not None, f"{column['name']}: {column['jsonPath']} is not in the schema"
+        assert sub["type"] == column["type"] or column["type"] == "date"
+
+
+def test_elevation_crd_names_and_columns() -> None:
+    crd = yaml.safe_load((DEPLOY / "crds" / "agentelevation.yaml").read_text())
+    names = crd["spec"]["names"]
+    assert (names["kind"], names["plural"], names["shortNames"]) == (
+        kube.ELEVATION_KIND,
+        kube.ELEVATION_PLURAL,
+        ["aelev"],
+    )
+    columns = [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
+    assert columns == ["Agent", "Elevation", "Request", "State", "Expires", "Age"]
+    status = _crd_schema("agentelevation")["properties"]["status"]["properties"]
+    assert sorted(status["state"]["enum"]) == sorted(kube.ELEVATION_STATES)
+    assert set(status) == {"state", "message", "grantId", "expiresAt", "observedGeneration"}
+
+
+def test_example_elevation_is_valid_and_names_a_real_elevation() -> None:
+    example = yaml.safe_load(ELEVATION.read_text())
+    jsonschema.validate(example, _crd_schema("agentelevation"), format_checker=_DATE_TIME)
+    approval, problems = kube.approval_from_object(example, "agents", now=0.0)
+    assert problems == [] and approval is not None
+    # It approves an operator-approved elevation of the example agent, within maxDuration.
+    cm = _find(_rendered("dev"), "ConfigMap", "mandate-profiles")
+    docs = [d for text in cm["data"].values() for d in yaml.safe_load_all(text) if d]
+    profile = next(d for d in docs if d["metadata"]["name"] == approval.agent)
+    elevation = profile["spec"]["elevations"][approval.elevation]
+    assert elevation["approval"] == "operator"
+    assert approval.duration is not None
+    assert approval.duration <= parse_duration(elevation["maxDuration"])
+    assert example["metadata"]["namespace"] == "agents"
+
+
+def _elevation(**spec: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(yaml.safe_load(ELEVATION.read_text()))
+    for key, value in spec.items():
+        if value is None:
+            doc["spec"].pop(key, None)
+        else:
+            doc["spec"][key] = value
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"agent": None}, "agent"),
+        ({"elevation": None}, "elevation"),
+        ({"approver": None}, "approver"),
+        ({"approver": ""}, "approver"),
+        ({"agent": "Billing Agent!"}, "agent"),
+        ({"agent": "*"}, "agent"),
+        ({"elevation": "Refund"}, "elevation"),
+        ({"requestId": ""}, "requestId"),
+        ({"duration": "10 minutes"}, "duration"),
+        ({"duration": "1.5h"}, "duration"),
+        ({"duration": "m"}, "duration"),
+        ({"duration": 600}, "duration"),
+        ({"reason": "x" * 1025}, "reason"),
+    ],
+    ids=lambda v: json.dumps(v)[:30] if isinstance(v, dict) else str(v),
+)
+def test_broken_elevations_are_rejected(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(jsonschema.ValidationError) as err:
+        jsonschema.validate(_elevation(**spec), _crd_schema("agentelevation"))
+    assert field in str(err.value.path) or field in str(err.value.message)
+
+
+@pytest.mark.parametrize(
+    "value", ["10m", "90s", "1h", "1h30m", "250ms", "2h45m10s", "10 minutes", "1.5h", "10M", "-5m"]
+)
+def test_the_crds_duration_pattern_is_the_profiles_duration(value: str) -> None:
+    """What the API server lets through as spec.duration is what the sidecar can read (a
+    zero duration passes both patterns and is reported as Invalid in the status)."""
+    schema = _crd_schema("agentelevation")
+    pattern = schema["properties"]["spec"]["properties"]["duration"]
+    try:
+        jsonschema.validate(value, pattern)
+        accepted = True
+    except jsonschema.ValidationError:
+        accepted = False
+    try:
+        parse_duration(value)
+        parsed = True
+    except ValueError:
+        parsed = False
+    assert accepted == parsed
+
+
+def test_elevation_status_states_are_validated() -> None:
+    doc = _elevation()
+    doc["status"] = {"state": "Granted", "grantId": "grant-1", "observedGeneration": 1}
+    jsonschema.validate(doc, _crd_schema("agentelevation"))
+    doc["status"]["state"] = "granted"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, _crd_schema("agentelevation"))
 
 
 # -- the overlays, validated ----------------------------------------------------------------------
@@ -270,46 +410,68 @@ def test_prod_certificate_from_cert_manager_matches_the_webhook() -> None:
 
 # -- RBAC: exactly what sidecar/kube.py calls ---------------------------------------------------
 
-# Each API call the watcher makes, and the RBAC (group, resource, verb) it needs.
-_API_CALLS = {
-    "list_namespaced_custom_object": {
-        ("mandate.dev", "agentrevocations", "list"),
-        ("mandate.dev", "agentrevocations", "watch"),  # Watch.stream calls it with watch=True
-    },
-    "patch_namespaced_custom_object_status": {("mandate.dev", "agentrevocations/status", "patch")},
-    "get_namespaced_custom_object_status": {("mandate.dev", "agentrevocations/status", "get")},
-    "create_namespaced_event": {("", "events", "create")},
+# Each API call the watchers make on a custom resource, as RBAC (subresource, verb).
+_CUSTOM_CALLS = {
+    "list_namespaced_custom_object": {("", "list"), ("", "watch")},  # Watch.stream: watch=True
+    "patch_namespaced_custom_object_status": {("/status", "patch")},
+    "get_namespaced_custom_object_status": {("/status", "get")},
 }
+_CORE_CALLS = {"create_namespaced_event": {("", "events", "create")}}
 
 
-def _api_calls() -> set[str]:
+def _api_calls() -> set[tuple[str, str, str]]:
+    """(group, resource, verb) of every Kubernetes API call in sidecar/kube.py: the method
+    names which verbs, its `plural` argument which resource (`self._plural`: the shared
+    list/watch loop, for every watcher)."""
+    plurals = {
+        "PLURAL": {kube.PLURAL},
+        "ELEVATION_PLURAL": {kube.ELEVATION_PLURAL},
+        "self._plural": {kube.RevocationWatcher._plural, kube.ElevationWatcher._plural},
+    }
     tree = ast.parse((ROOT / "sidecar" / "kube.py").read_text())
-    calls = set()
+    calls: set[tuple[str, str, str]] = set()
     for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Attribute)
-            and node.value.attr in ("_custom", "_core")
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Attribute)
+            and node.func.value.attr in ("_custom", "_core")
         ):
-            calls.add(node.attr)
+            continue
+        method = node.func.attr
+        if method in _CORE_CALLS:
+            calls |= _CORE_CALLS[method]
+            continue
+        assert method in _CUSTOM_CALLS, (
+            f"sidecar/kube.py calls {method}: add its RBAC to deploy/base/rbac.yaml and here"
+        )
+        plural = ast.unparse(node.args[3])
+        assert plural in plurals, f"{method}: which resource is {plural}?"
+        for resource in plurals[plural]:
+            for sub, verb in _CUSTOM_CALLS[method]:
+                calls.add((kube.GROUP, resource + sub, verb))
     return calls
 
 
-def test_sidecar_rbac_grants_exactly_what_the_watcher_calls() -> None:
-    calls = _api_calls()
-    unknown = calls - set(_API_CALLS)
-    assert not unknown, f"sidecar/kube.py calls {unknown}: add their RBAC to deploy/base/rbac.yaml"
-    needed = set().union(*(_API_CALLS[c] for c in calls))
-    needed.add(("mandate.dev", "agentrevocations", "get"))  # reads only what list already shows
-    role = _find(_rendered("base"), "ClusterRole", "mandate-sidecar")
-    granted = {
+def _granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
         (group, resource, verb)
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
+        for rule in role.get("rules") or []
+        for group in rule.get("apiGroups") or []
+        for resource in rule.get("resources") or []
+        for verb in rule.get("verbs") or []
     }
-    assert granted == needed
+
+
+def test_sidecar_rbac_grants_exactly_what_the_watcher_calls() -> None:
+    needed = _api_calls()
+    # get: reads only what list already shows (and what kubectl-minded operators expect).
+    needed.add(("mandate.dev", "agentrevocations", "get"))
+    needed.add(("mandate.dev", "agentelevations", "get"))
+    assert ("mandate.dev", "agentelevations", "watch") in needed
+    assert ("mandate.dev", "agentelevations/status", "patch") in needed
+    role = _find(_rendered("base"), "ClusterRole", "mandate-sidecar")
+    assert _granted(role) == needed
     assert not any(
         k in rule for rule in role["rules"] for k in ("nonResourceURLs", "resourceNames")
     )
@@ -350,6 +512,86 @@ def test_copying_the_agent_namespace_kit_moves_the_binding_with_it(tmp_path: Pat
     binding = _find(docs, "RoleBinding", "mandate-sidecar")
     assert binding["metadata"]["namespace"] == "billing"
     assert binding["subjects"][0]["name"] == "system:serviceaccounts:billing"
+
+
+# -- who may approve an elevation ----------------------------------------------------------------
+
+_WRITES = {"create", "update", "patch", "delete", "deletecollection", "*"}
+
+
+def _verbs_on(role: dict[str, Any], group: str, resource: str) -> set[str]:
+    """The verbs a role grants on group/resource, wildcards included."""
+    return {verb for g, r, verb in _granted(role) if g in (group, "*") and r in (resource, "*")}
+
+
+def _agent_namespaces(docs: Iterable[dict[str, Any]]) -> set[str]:
+    return {
+        d["metadata"]["name"]
+        for d in docs
+        if d["kind"] == "Namespace"
+        and (d["metadata"].get("labels") or {}).get("mandate.dev/inject") == "true"
+    }
+
+
+def _covers_agents(subject: dict[str, Any], binding_ns: str | None, agent_ns: set[str]) -> bool:
+    """Whether a binding subject can be (or include) an agent's service account."""
+    kind, name = subject["kind"], subject["name"]
+    if kind == "Group":
+        return name in ("system:serviceaccounts", "system:authenticated") or name in {
+            f"system:serviceaccounts:{ns}" for ns in agent_ns
+        }
+    if kind == "ServiceAccount":
+        return (subject.get("namespace") or binding_ns) in agent_ns
+    if kind == "User":
+        return any(name.startswith(f"system:serviceaccount:{ns}:") for ns in agent_ns)
+    return True  # unknown: assume the worst
+
+
+@pytest.mark.parametrize("overlay", list(OVERLAYS))
+def test_no_role_bound_to_agents_can_write_agentelevations(overlay: str) -> None:
+    """An agent must never approve its own elevation: whatever its service account is
+    granted (here: the sidecar's role, through the namespace's service-account group) reads
+    AgentElevations and may patch their status, never create, change or delete them."""
+    docs = _rendered(overlay)
+    agent_ns = _agent_namespaces(docs)
+    assert agent_ns == {"agents"}
+    roles = {
+        (d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d
+        for d in docs
+        if d["kind"] in ("Role", "ClusterRole")
+    }
+    bound_to_agents = 0
+    for binding in (d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
+        ns = binding["metadata"].get("namespace")
+        if not any(_covers_agents(s, ns, agent_ns) for s in binding["subjects"]):
+            continue
+        ref = binding["roleRef"]
+        role = roles.get((ref["kind"], ns if ref["kind"] == "Role" else None, ref["name"]))
+        assert role is not None, f"{binding['metadata']['name']} binds agents to {ref}"
+        bound_to_agents += 1
+        verbs = _verbs_on(role, "mandate.dev", "agentelevations")
+        assert {"get", "list", "watch"} <= verbs
+        assert not verbs & _WRITES, f"{ref['name']} lets agents write AgentElevations"
+        assert _verbs_on(role, "mandate.dev", "agentelevations/status") == {"patch"}
+    assert bound_to_agents == 1
+    # Only the approver role may write them; it is bound to nobody here, and aggregated into
+    # no built-in role (edit/admin are often held by service accounts, maybe an agent's).
+    writers = [
+        name
+        for (_, _, name), role in roles.items()
+        if _verbs_on(role, "mandate.dev", "agentelevations") & _WRITES
+    ]
+    assert writers == ["mandate-elevation-approver"]
+    approver = roles[("ClusterRole", None, "mandate-elevation-approver")]
+    assert {"create", "delete"} <= _verbs_on(approver, "mandate.dev", "agentelevations")
+    assert not _verbs_on(approver, "mandate.dev", "agentelevations/status")
+    assert not any("aggregate-to" in label for label in approver["metadata"].get("labels", {}))
+    assert "aggregationRule" not in approver
+    assert not any(
+        b["roleRef"]["name"] == "mandate-elevation-approver"
+        for b in docs
+        if b["kind"] in ("RoleBinding", "ClusterRoleBinding")
+    )
 
 
 # -- custom resources against their CRDs ----------------------------------------------------------

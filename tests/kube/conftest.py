@@ -1,5 +1,6 @@
 """Fixtures for the watcher tests: the Kubernetes API emulation (tests/kubeapi), a
-RevocationStore on a real shared table in tmp_path, and watchers with fast backoff."""
+RevocationStore on a real shared table in tmp_path, a recording ApprovalSink, and watchers
+with fast backoff."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 import pytest
 from kubernetes_asyncio.client import ApiClient
 
-from sidecar.kube import RevocationWatcher, make_api_client
+from sidecar.core.context import Approval
+from sidecar.kube import ElevationWatcher, RevocationWatcher, make_api_client
 from sidecar.revocations import RevocationStore
 from sidecar.shm import SharedTable
 from tests.kubeapi.fixtures import kube_api, kubeconfig, kubectl  # noqa: F401
@@ -44,18 +46,17 @@ async def api_client(kubeconfig: Path) -> AsyncIterator[ApiClient]:  # noqa: F81
     await client.close()
 
 
-@pytest.fixture
-async def start_watcher(kubeconfig: Path) -> AsyncIterator[Callable[..., Any]]:  # noqa: F811
-    """start_watcher(store, pod_name="pod-a", **options) -> a running RevocationWatcher with
-    its own ApiClient (as in a pod); all are stopped at the end."""
-    running: list[RevocationWatcher] = []
+async def _watchers(
+    config: Path, cls: type[RevocationWatcher] | type[ElevationWatcher]
+) -> AsyncIterator[Callable[..., Any]]:
+    """start(target, pod_name="pod-a", **options) -> a running watcher of ``cls`` on the
+    namespace `agents` with its own ApiClient (as in a pod); all are stopped at the end."""
+    running: list[Any] = []
 
-    async def start(
-        store: RevocationStore, pod_name: str = "pod-a", **options: Any
-    ) -> RevocationWatcher:
-        client = await make_api_client(kubeconfig)
-        watcher = RevocationWatcher(
-            store,
+    async def start(target: Any, pod_name: str = "pod-a", **options: Any) -> Any:
+        client = await make_api_client(config)
+        watcher = cls(
+            target,
             "agents",
             api_client=client,
             pod_name=pod_name,
@@ -68,6 +69,13 @@ async def start_watcher(kubeconfig: Path) -> AsyncIterator[Callable[..., Any]]: 
     yield start
     for watcher in running:
         await watcher.stop()
+
+
+@pytest.fixture
+async def start_watcher(kubeconfig: Path) -> AsyncIterator[Callable[..., Any]]:  # noqa: F811
+    """start_watcher(store, pod_name="pod-a", **options) -> a running RevocationWatcher."""
+    async for start in _watchers(kubeconfig, RevocationWatcher):
+        yield start
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
@@ -87,3 +95,57 @@ def changes(store: RevocationStore) -> Iterator[list[tuple[list[str], list[str]]
     seen: list[tuple[list[str], list[str]]] = []
     store.subscribe(lambda c: seen.append(([r.key for r in c[0]], [r.key for r in c[1]])))
     yield seen
+
+
+class FakeSink:
+    """An ApprovalSink that records every call. By default it grants every approval for its
+    duration (else 10 minutes) from approved_at; `answer` decides otherwise, `fail` makes
+    upsert_approval raise."""
+
+    def __init__(self) -> None:
+        self.approvals: dict[str, Approval] = {}
+        self.calls: list[tuple[str, Any]] = []
+        self.answer: Callable[[Approval], tuple[str, str, str, float | None]] = self.grant
+        self.fail = False
+
+    @staticmethod
+    def grant(a: Approval) -> tuple[str, str, str, float | None]:
+        return (
+            "Granted",
+            f"grant g-{a.name} granted",
+            f"g-{a.name}",
+            a.approved_at + (a.duration or 600.0),
+        )
+
+    def replace_approvals(self, source: str, approvals: Any) -> None:
+        self.calls.append(("replace", sorted(a.key for a in approvals)))
+        self.approvals = {a.key: a for a in approvals}
+
+    def upsert_approval(self, approval: Approval) -> tuple[str, str, str, float | None]:
+        self.calls.append(("upsert", approval.key))
+        if self.fail:
+            raise RuntimeError("the sink is broken")
+        self.approvals[approval.key] = approval
+        return self.answer(approval)
+
+    def remove_approval(self, key: str) -> None:
+        self.calls.append(("remove", key))
+        self.approvals.pop(key, None)
+
+    def count(self, what: str, key: str | None = None) -> int:
+        return sum(1 for c, k in self.calls if c == what and (key is None or k == key))
+
+
+@pytest.fixture
+def sink() -> FakeSink:
+    return FakeSink()
+
+
+@pytest.fixture
+async def start_elevation_watcher(
+    kubeconfig: Path,  # noqa: F811
+) -> AsyncIterator[Callable[..., Any]]:
+    """start_elevation_watcher(sink, pod_name="pod-a", **options) -> a running
+    ElevationWatcher."""
+    async for start in _watchers(kubeconfig, ElevationWatcher):
+        yield start

@@ -8,11 +8,13 @@ Use it from any test directory by importing the fixtures into that directory's c
 
 from .fixtures import Kubectl, KubectlError, kubectl_binary
 from .schema import ResourceType
-from .server import CRD_PATH, KubeAPI, KubeAPIServer
+from .server import CRD_PATH, CRD_PATHS, ELEVATION_CRD_PATH, KubeAPI, KubeAPIServer
 from .store import ApiError, Cluster
 
 __all__ = [
     "CRD_PATH",
+    "CRD_PATHS",
+    "ELEVATION_CRD_PATH",
     "ApiError",
     "Cluster",
     "KubeAPI",

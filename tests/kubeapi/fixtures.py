@@ -4,7 +4,8 @@
     from tests.kubeapi.fixtures import kube_api, kubeconfig, kubectl  # noqa: F401
 
 - ``kube_api``: a started :class:`KubeAPIServer` (127.0.0.1, port picked at start) with the
-  AgentRevocation CRD and the namespaces default, kube-system and agents; no auth.
+  CRDs of deploy/crds (AgentRevocation, AgentElevation) and the namespaces default,
+  kube-system and agents; no auth.
 - ``kubeconfig``: a kubeconfig file for it (current namespace ``agents``).
 - ``kubectl``: ``kubectl(*args, input=None, check=True)`` runs the venv's real kubectl with
   ``--kubeconfig``, a fresh ``--cache-dir`` and bounded timeouts; ``kubectl.json(*args)``

@@ -5,7 +5,8 @@ tests and kubectl need (namespaces, events, customresourcedefinitions) and one p
 version of every stored CustomResourceDefinition. For custom resources this module does
 what kube-apiserver does with `openAPIV3Schema`: reject non-structural schemas when the CRD
 is created, find unknown fields (strict field validation) and prune them, validate objects
-(jsonschema, with kube-openapi's `date-time` rule) into Status causes that name the field,
+(jsonschema, with kube-openapi's `date-time` rule; on update the CEL rule `self == oldSelf`
+that makes a field immutable, the only one evaluated) into Status causes that name the field,
 convert lists to `Table`s with the printer columns, and describe the resource in OpenAPI v3.
 """
 
@@ -24,6 +25,7 @@ import jsonschema
 __all__ = [
     "ALL_VERBS",
     "BUILTIN_TYPES",
+    "IMMUTABLE_RULE",
     "Cause",
     "ResourceType",
     "format_rfc3339",
@@ -178,6 +180,24 @@ class ResourceType:
         errors = sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path))
         for error in errors:
             causes.extend(_cause(error))
+        return causes
+
+    def validate_update(self, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Cause]:
+        """The CRD's transition rules (`x-kubernetes-validations` that use `oldSelf`),
+        checked on an update as the API server does: a rule applies where the field is in
+        both the stored and the new object. The emulation evaluates one rule, the one that
+        makes a field immutable (`self == oldSelf`); a CRD with any other rule is refused
+        when it is created (`structural_errors`), so no rule goes unchecked silently."""
+        if not self.custom or self.schema is None:
+            return []
+        causes: list[Cause] = []
+        for path, rule in _rules(self.schema, ""):
+            before, after = _at(old, path), _at(new, path)
+            if before is _MISSING or after is _MISSING or before == after:
+                continue
+            shown = _go_value(after) if not isinstance(after, (dict, list)) else '"object"'
+            message = rule.get("message") or f"failed rule: {rule['rule']}"
+            causes.append(Cause(path, "FieldValueInvalid", f"Invalid value: {shown}: {message}"))
         return causes
 
     # -- custom resources: printing -------------------------------------------------------
@@ -455,6 +475,27 @@ KUBE_FORMATS.checks("date")(lambda v: not isinstance(v, str) or _is_kube_date(v)
 
 # -- structural schema rules ------------------------------------------------------------
 
+# The one CEL validation rule the emulation evaluates (in ResourceType.validate_update).
+IMMUTABLE_RULE = "self == oldSelf"
+_MISSING = object()
+
+
+def _rules(schema: Mapping[str, Any], path: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(field path, rule) of every x-kubernetes-validations rule under object properties."""
+    for rule in schema.get("x-kubernetes-validations") or []:
+        yield path, rule
+    for name, sub in (schema.get("properties") or {}).items():
+        if isinstance(sub, Mapping):
+            yield from _rules(sub, f"{path}.{name}" if path else name)
+
+
+def _at(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(obj, Mapping) or part not in obj:
+            return _MISSING
+        obj = obj[part]
+    return obj
+
 
 def structural_errors(schema: Mapping[str, Any], path: str = "") -> list[str]:
     """The rules of a structural schema that the API server checks when a CRD is written:
@@ -468,6 +509,13 @@ def structural_errors(schema: Mapping[str, Any], path: str = "") -> list[str]:
         errors.append(
             f"{here}.additionalProperties: Forbidden: additionalProperties and properties are mutual exclusive"
         )
+    for i, rule in enumerate(schema.get("x-kubernetes-validations") or []):
+        if not isinstance(rule, Mapping) or rule.get("rule") != IMMUTABLE_RULE:
+            errors.append(
+                f"{here}.x-kubernetes-validations[{i}].rule: Unsupported value: "
+                f"{_go_value(rule.get('rule') if isinstance(rule, Mapping) else rule)}: "
+                f'the emulation evaluates only "{IMMUTABLE_RULE}"'
+            )
     if (
         "type" not in schema
         and not schema.get("x-kubernetes-int-or-string")

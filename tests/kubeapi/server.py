@@ -33,10 +33,18 @@ import yaml
 from .schema import Cause, ResourceType
 from .store import ABORT, END, ApiError, Cluster, Selector
 
-__all__ = ["CRD_PATH", "KubeAPI", "KubeAPIServer"]
+__all__ = ["CRD_PATH", "CRD_PATHS", "ELEVATION_CRD_PATH", "KubeAPI", "KubeAPIServer"]
 
 ROOT = Path(__file__).resolve().parents[2]
-CRD_PATH = ROOT / "deploy" / "crds" / "agentrevocation.yaml"
+CRD_DIR = ROOT / "deploy" / "crds"
+CRD_PATH = CRD_DIR / "agentrevocation.yaml"
+ELEVATION_CRD_PATH = CRD_DIR / "agentelevation.yaml"
+# Every CRD that deploy/ installs, as its kustomization lists them: the cluster a test gets
+# serves what a real installation would.
+CRD_PATHS = tuple(
+    CRD_DIR / name
+    for name in yaml.safe_load((CRD_DIR / "kustomization.yaml").read_text())["resources"]
+)
 SERVER_VERSION = {
     "major": "1",
     "minor": "37",
@@ -477,8 +485,10 @@ class KubeAPI(kmock.KubernetesScaffold):
         raw: aiohttp.web.BaseRequest,
         name: str | None,
         warnings: list[str],
+        old: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Decode (strict or not), prune and validate an object about to be stored."""
+        """Decode (strict or not), prune and validate an object about to be stored (with the
+        CRD's transition rules when it replaces ``old``)."""
         if not isinstance(obj, dict):
             raise ApiError(
                 400,
@@ -515,6 +525,8 @@ class KubeAPI(kmock.KubernetesScaffold):
             warnings.extend(f'unknown field "{p}"' for p in unknown)
         rtype.prune(obj)
         causes = rtype.validate(obj) + self._validate_builtin(rtype, obj)
+        if old is not None:
+            causes += rtype.validate_update(old, obj)
         if causes:
             shown = name or (obj.get("metadata") or {}).get("name") or ""
             raise _invalid(rtype, shown, causes)
@@ -639,7 +651,8 @@ class KubeAPI(kmock.KubernetesScaffold):
         warnings: list[str] = []
 
         def change(old: dict[str, Any]) -> dict[str, Any]:
-            return self._admit(rtype, apply(old), raw, name, warnings)
+            # Through /status only the status changes: no transition rule applies.
+            return self._admit(rtype, apply(old), raw, name, warnings, None if sub else old)
 
         updated = self.cluster.update(
             rtype, namespace, name, change, subresource=sub, dry_run=self._dry_run(raw)
@@ -672,7 +685,9 @@ class KubeAPI(kmock.KubernetesScaffold):
         warnings: list[str] = []
 
         def change(old: dict[str, Any]) -> dict[str, Any]:
-            return self._admit(rtype, copy.deepcopy(body), raw, name, warnings)
+            return self._admit(
+                rtype, copy.deepcopy(body), raw, name, warnings, None if sub else old
+            )
 
         updated = self.cluster.update(
             rtype,
@@ -799,7 +814,7 @@ class KubeAPIServer:
 
     def __init__(
         self,
-        crds: Iterable[Path | str] = (CRD_PATH,),
+        crds: Iterable[Path | str] = CRD_PATHS,
         *,
         namespaces: Iterable[str] = ("default", "kube-system", "agents"),
         token: str | None = None,  # kubectl sends no bearer token over plain http
@@ -1016,7 +1031,7 @@ class KubeAPIServer:
 
         def change(old: dict[str, Any]) -> dict[str, Any]:
             new: dict[str, Any] = merge_patch(old, dict(patch))
-            causes = rtype.validate(new)
+            causes = rtype.validate(new) + ([] if subresource else rtype.validate_update(old, new))
             if causes:
                 raise _invalid(rtype, name, causes)
             return new
