@@ -192,6 +192,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--kubeconfig", type=Path, default=_env("KUBECONFIG"), help="kubeconfig file")
     run.add_argument(
+        "--access-log",
+        default=_env("MANDATE_ACCESS_LOG"),
+        metavar="ADDRESS",
+        help="receive Envoy's gRPC access log on HOST:PORT or unix:/path for behaviour "
+        "analysis (env MANDATE_ACCESS_LOG; default: off)",
+    )
+    run.add_argument(
         "--context-api",
         action="append",
         default=[x for x in (_env("MANDATE_CONTEXT_API") or "").split(",") if x],
@@ -450,6 +457,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         audit_args=_audit_args(args),
         transport=args.transport,
         context_api=tuple(args.context_api),
+        access_log=args.access_log,
     )
     try:
         return _starting(args, lambda: run_supervisor(config))

@@ -132,6 +132,10 @@ class ContextStore:
                 key=lambda t: t.reported_at,
             )
 
+    def risks(self) -> list[RiskState]:
+        with self._lock:
+            return sorted(self._risks.values(), key=lambda r: (r.namespace, r.agent))
+
     def risk(self, namespace: str, agent: str) -> RiskState | None:
         with self._lock:
             return self._risks.get((namespace, agent))

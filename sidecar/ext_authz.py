@@ -4,10 +4,13 @@ Translates a CheckRequest into a :class:`~sidecar.core.RequestView`, runs the sh
 pipeline (`authz.Authorizer`: the pure `decide`, audit, metrics, span), and translates the
 Decision into a CheckResponse:
 - allow: OK with the `x-mandate-*` headers set (overwriting what the agent sent) and any
-  other `x-mandate-*` header the agent sent removed; the decision id also goes into
-  dynamic metadata (filter namespace) for the access log.
+  other `x-mandate-*` header the agent sent removed;
 - deny: PERMISSION_DENIED with HTTP 403, a JSON body {error, reason, decision, trace_id}
-  and the `x-mandate-decision` header.
+  and the `x-mandate-decision` header;
+- both: dynamic metadata (Envoy files it under the filter's namespace,
+  `envoy.filters.http.ext_authz`) for the access logs: `decision_id`, `decision`
+  (allow/deny), `agent`, `code` and `purpose`. Envoy's ALS entry carries it, allowed or
+  denied, which attributes each call to its agent for behaviour analysis (`als`).
 `Check` never raises into gRPC: malformed input, no snapshot or any internal error is a
 deny with a reason (fail closed). The HTTP transport (`http_authz`) answers the same way.
 This module must not contain decision logic.
@@ -92,6 +95,9 @@ def response_for(d: Decision, agent_headers: Mapping[str, str]) -> external_auth
     fields = meta.fields  # set directly: Struct.update() costs twice as much per Check
     fields["decision_id"].string_value = d.decision_id
     fields["decision"].string_value = "allow" if d.allowed else "deny"
+    fields["agent"].string_value = d.agent
+    fields["code"].string_value = d.code
+    fields["purpose"].string_value = d.purpose
     if d.allowed:
         to_set, to_remove = upstream_headers(d, agent_headers)
         ok = external_auth_pb2.OkHttpResponse(

@@ -23,8 +23,14 @@ Answers, as the gRPC transport's:
   the upstream request (`allowed_upstream_headers` overwrites), and
   `x-envoy-auth-headers-to-remove` listing the other `x-mandate-*` headers the agent sent;
 - deny: 403 with the JSON body and `x-mandate-decision` (`allowed_client_headers`);
-- both: `x-mandate-outcome` (allow/deny) and `x-mandate-decision` become dynamic metadata
-  (`dynamic_metadata_from_headers`) for the access log.
+- both: `x-mandate-outcome` (allow/deny), `x-mandate-decision`, `x-mandate-code` (the
+  decision code) and `x-mandate-log-agent` (the agent the call was attributed to, if any)
+  become dynamic metadata (`dynamic_metadata_from_headers`) for the access logs: Envoy's
+  ALS entry carries them, allowed or denied, which attributes each call to its agent for
+  behaviour analysis (`als`). The last two are in neither `allowed_upstream_headers` nor
+  `allowed_client_headers`, so Envoy passes them to no one. The agent is named in a
+  header of its own rather than `x-mandate-agent`: that one means "set this upstream", and
+  a deny never carries it, so that no config passing it on could hand it to the client.
 Nothing here raises into aiohttp: a malformed request or any error is a 403 deny (fail
 closed; a 5xx would be Envoy's `status_on_error`). There is deliberately no health route:
 any 200 on this port could pass as an allow. No decision logic here.
@@ -53,6 +59,8 @@ PREFIX = "/mandate"
 _AGENT = ";agent="
 _CONNECT = ";connect"
 OUTCOME_HEADER = "x-mandate-outcome"
+CODE_HEADER = "x-mandate-code"  # for Envoy's access logs only (dynamic metadata)
+LOG_AGENT_HEADER = "x-mandate-log-agent"  # for Envoy's access logs only (dynamic metadata)
 LENGTH_HEADER = "x-mandate-content-length"
 SCHEME_HEADER = "x-mandate-scheme"
 _REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
@@ -111,18 +119,21 @@ def _response(d: Decision, headers: Mapping[str, str]) -> web.Response:
         to_set, to_remove = upstream_headers(d, headers)
         out = dict(to_set)
         out[OUTCOME_HEADER] = "allow"
+        out[CODE_HEADER] = d.code
+        if d.agent:
+            out[LOG_AGENT_HEADER] = d.agent
         if to_remove:
             out[_REMOVE_HEADER] = ",".join(to_remove)
         return web.Response(status=200, headers=out)
-    return web.Response(
-        status=403,
-        body=_deny_body(d),
-        headers={
-            "content-type": "application/json",
-            DECISION_HEADER: d.decision_id,
-            OUTCOME_HEADER: "deny",
-        },
-    )
+    out = {
+        "content-type": "application/json",
+        DECISION_HEADER: d.decision_id,
+        OUTCOME_HEADER: "deny",
+        CODE_HEADER: d.code,
+    }
+    if d.agent:
+        out[LOG_AGENT_HEADER] = d.agent
+    return web.Response(status=403, body=_deny_body(d), headers=out)
 
 
 def handler(authz: Authorizer) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:

@@ -78,6 +78,8 @@ ENVOY_CONFIGS = {
 PROFILES_DIR = "/etc/mandate/profiles"
 STATE_DIR = "/var/lib/mandate"
 TABLE_PATH = "/run/mandate/revocations.table"
+# Sockets shared by Envoy and mandate only (not /run/mandate: the table volume is mounted there).
+RUN_DIR = "/run/mandate-io"
 TOKEN_DIR = "/etc/mandate/admin"
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -180,6 +182,7 @@ class InjectConfig:
     proxy_port: int = 15001  # Envoy's egress listener (envoy/sidecar.yaml)
     envoy_admin_port: int = 15000
     grpc_port: int = 9001  # mandate's first worker; Envoy's `mandate` cluster
+    context_port: int = 9701  # the agent context API (sidecar/client.py), for the agent
     admin_port: int = 9901  # mandate's /healthz /readyz /metrics /v1
     workers: int = 1  # Envoy's `mandate` cluster must list grpc_port .. grpc_port+workers-1
     transport: str = "grpc"  # how Envoy asks mandate: grpc or http (mandate run --transport)
@@ -495,6 +498,10 @@ def _mandate_container(config: InjectConfig, agent: str | None) -> dict[str, Any
         {"name": "MANDATE_STATE_DIR", "value": STATE_DIR},
         {"name": "MANDATE_KUBERNETES", "value": "on"},
         {"name": "MANDATE_LOG_LEVEL", "value": config.log_level},
+        # Envoy's access log for behaviour analysis: a socket only Envoy and mandate mount.
+        {"name": "MANDATE_ACCESS_LOG", "value": f"unix:{RUN_DIR}/als.sock"},
+        # The agent context API is for the agent: on localhost, which the agent shares.
+        {"name": "MANDATE_CONTEXT_API", "value": f"127.0.0.1:{config.context_port}"},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "mandate-profiles", "mountPath": PROFILES_DIR, "readOnly": True},
@@ -502,6 +509,7 @@ def _mandate_container(config: InjectConfig, agent: str | None) -> dict[str, Any
         {"name": "mandate-table", "mountPath": TABLE_PATH.rsplit("/", 1)[0]},
         {"name": "mandate-tmp", "mountPath": "/tmp"},
         {"name": "mandate-kube-api-access", "mountPath": SA_DIR, "readOnly": True},
+        {"name": "mandate-run", "mountPath": RUN_DIR},
     ]
     if "emptyDir" not in config.state_volume:
         # A shared volume (e.g. a ReadWriteMany claim): one directory per pod.
@@ -568,6 +576,7 @@ def _envoy_container(config: InjectConfig) -> dict[str, Any]:
             "--log-level",
             "warn",
         ],
+        "volumeMounts": [{"name": "mandate-run", "mountPath": RUN_DIR}],
         "startupProbe": {
             "exec": {"command": ["python", "-c", ready]},
             "periodSeconds": 1,
@@ -587,6 +596,9 @@ def _volumes(config: InjectConfig) -> list[dict[str, Any]]:
         # pod-wide /dev/shm would let the agent write it).
         {"name": "mandate-table", "emptyDir": {"medium": "Memory", "sizeLimit": "8Mi"}},
         {"name": "mandate-tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+        # Sockets between Envoy and mandate (the access log): mounted in those two containers
+        # only, so the agent cannot connect to them.
+        {"name": "mandate-run", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         # mandate's own API credential, whatever the pod's automountServiceAccountToken says.
         {
             "name": "mandate-kube-api-access",

@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ENVOY_DIR = ROOT / "envoy"
 # Values of envoy/local.yaml's placeholders that callers rarely change.
 ENVOY_DEFAULTS = {"MAX_BODY": "65536", "MAX_STREAM": "300s", "AGENT": "", "OTLP_PORT": "4317"}
+# The cluster of mandate's Access Log Service in envoy/ (behaviour analysis, sidecar/als.py).
+ALS_CLUSTER = "mandate_als"
 
 
 def envoy_binary() -> str:
@@ -56,17 +58,26 @@ def render_envoy_config(
     *,
     agents: Sequence[str] | None = None,
     mandate_ports: Sequence[int] | None = None,
+    als_port: int | None = None,
 ) -> str:
     """Fill a template's ${NAME} placeholders. With ``agents``, the template's single
     listener is repeated once per agent (each naming its agent: `context_extensions.agent`,
     or over HTTP the `path_prefix`),
     as if each agent were its own pod. With ``mandate_ports``, the `mandate` cluster gets
-    one endpoint per worker (values["MANDATE_PORT"] may then be omitted)."""
+    one endpoint per worker (values["MANDATE_PORT"] may then be omitted). With ``als_port``
+    (or values["ALS_PORT"]), Envoy streams its access log to mandate's Access Log Service
+    on that port; without, the `mandate_als` cluster and the access logger that uses it
+    are left out."""
     text = Path(template).read_text() if isinstance(template, Path) else template
     filled = {**ENVOY_DEFAULTS, **{k: str(v) for k, v in values.items()}}
     if mandate_ports:
         filled.setdefault("MANDATE_PORT", str(mandate_ports[0]))
-    if not agents and not mandate_ports:
+    if als_port is not None:
+        filled["ALS_PORT"] = str(als_port)
+    without_als = "ALS_PORT" not in filled and ALS_CLUSTER in text
+    if without_als:
+        filled["ALS_PORT"] = "0"  # rendered, then removed below
+    if not agents and not mandate_ports and not without_als:
         return Template(text).substitute(filled)
     if agents:
         filled["AGENT"] = "@@AGENT@@"
@@ -91,7 +102,31 @@ def render_envoy_config(
                         ]
                     }
                 ]  # fmt: skip
+    if without_als:
+        _remove_als(config)
     return yaml.safe_dump(config, sort_keys=False)
+
+
+def _remove_als(config: dict[str, Any]) -> None:
+    """Drop the `mandate_als` cluster and every access logger that sends to it."""
+    resources = config["static_resources"]
+    resources["clusters"] = [c for c in resources["clusters"] if c["name"] != ALS_CLUSTER]
+    for listener in resources["listeners"]:
+        for chain in listener.get("filter_chains", []):
+            for network_filter in chain.get("filters", []):
+                typed = network_filter.get("typed_config", {})
+                if "access_log" not in typed:
+                    continue
+                typed["access_log"] = [
+                    logger
+                    for logger in typed["access_log"]
+                    if logger.get("typed_config", {})
+                    .get("common_config", {})
+                    .get("grpc_service", {})
+                    .get("envoy_grpc", {})
+                    .get("cluster_name")
+                    != ALS_CLUSTER
+                ]
 
 
 def _get_json(url: str, timeout: float = 1.0) -> Any:
@@ -196,6 +231,8 @@ class MandateProcess:
     log_path: Path
     args: list[str] = field(default_factory=list)
     table: Path | None = None
+    access_log_port: int = 0  # behaviour analysis: Envoy's access log service (0: off)
+    context_ports: list[int] = field(default_factory=list)  # the agent context API
 
     @property
     def grpc_port(self) -> int:
@@ -247,8 +284,9 @@ def start_mandate(
         _stop(proc)
         raise
     return MandateProcess(
-        proc, list(ports["grpc"]), ports["admin"], log_path, args, Path(ports["table"])
-    )
+        proc, list(ports["grpc"]), ports["admin"], log_path, args, Path(ports["table"]),
+        int(ports.get("access_log") or 0), list(ports.get("context") or []),
+    )  # fmt: skip
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:

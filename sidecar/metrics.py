@@ -59,6 +59,30 @@ REVOCATION_WRITES = Counter(
     "Generations of the shared revocation table written",
     registry=REGISTRY,
 )
+RISK = Gauge(
+    "mandate_agent_risk",
+    "Behaviour risk score of each analysed agent, in [0, 1]",
+    ["agent"],
+    registry=REGISTRY,
+    multiprocess_mode="max",
+)
+AUTO_REVOCATIONS = Counter(
+    "mandate_automatic_revocations",
+    "Agents revoked by behaviour analysis (score at the profile's revokeAtRisk)",
+    registry=REGISTRY,
+)
+ELEVATION_EVENTS = Counter(
+    "mandate_elevation_events",
+    "Elevation requests and grants by event (requested, granted, expired, lapsed, withdrawn)",
+    ["event"],
+    registry=REGISTRY,
+)
+ALS_EVENTS = Counter(
+    "mandate_access_log_events",
+    "Envoy access-log entries received by outcome (analysed, ignored, skipped)",
+    ["outcome"],
+    registry=REGISTRY,
+)
 
 
 AUDIT_RECORDS = Counter(

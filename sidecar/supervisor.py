@@ -75,6 +75,9 @@ class SupervisorConfig:
     # The agent context API: "ADDR" (serves the configured agent) or "AGENT=ADDR", ADDR being
     # HOST:PORT or unix:/path. Empty: not served.
     context_api: tuple[str, ...] = ()
+    # Envoy's gRPC access log service (HOST:PORT or unix:/path): responses' status and sizes
+    # for behaviour analysis. None: no behaviour analysis (no risk scores, no auto-revoke).
+    access_log: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -103,6 +106,7 @@ class Supervisor:
         self._stopping = False
         self._runner: web.AppRunner | None = None
         self._watcher: Any = None
+        self._elevation_watcher: Any = None
         self._kube_state = "off"
         self.admin_port = 0
         self.grpc_ports: list[int] = []
@@ -113,6 +117,9 @@ class Supervisor:
         self._audit: AuditWriter | None = None
         self._context_api: Any = None
         self.context_ports: list[int] = []
+        self.behaviour: Any = None
+        self._als: Any = None
+        self.access_log_port = 0
         self.holder = SnapshotHolder(config.profiles)
 
     # -- configuration ----------------------------------------------------------------
@@ -215,6 +222,8 @@ class Supervisor:
         self.holder.start(cfg.poll_seconds)
         if cfg.context_api:
             self._start_context_api()
+        if cfg.access_log:
+            self._start_behaviour()
         for w in self._workers:
             self._tasks.append(asyncio.create_task(self._monitor(w)))
         self._tasks.append(asyncio.create_task(self._prune()))
@@ -224,6 +233,7 @@ class Supervisor:
             "pid": os.getpid(),
             "table": str(table_path),
             "context": self.context_ports,
+            "access_log": self.access_log_port,
         }
         log.info("mandate serving: %s", json.dumps(info))
         if cfg.port_file is not None:
@@ -268,6 +278,40 @@ class Supervisor:
         self._context_api = ContextAPIServer(backend, self._context_listeners())
         self.context_ports = self._context_api.start()
 
+    def _start_behaviour(self) -> None:
+        from .als import AccessLogServicer, start_als_server
+        from .behaviour_service import BehaviourService
+
+        assert self.context is not None and self.store is not None
+        cfg = self.config
+        assert cfg.access_log is not None
+        self.behaviour = BehaviourService(
+            self.holder.get,
+            self.context,
+            self.store,
+            cfg.namespace,
+            state_file=cfg.state_dir / "behaviour.json" if cfg.state_dir else None,
+            audit=self._record,
+        )
+        self.behaviour.load()
+        servicer = AccessLogServicer(self.behaviour.observe, namespace=cfg.namespace)
+        self._als, self.access_log_port = start_als_server(cfg.access_log, servicer)
+        self._tasks.append(asyncio.create_task(self._behaviour_loop()))
+
+    async def _behaviour_loop(self) -> None:
+        """Score every 100 ms (Envoy flushes its access log every 100 ms); save baselines
+        every 10 s."""
+        saved = time.monotonic()
+        while not self._stopping:
+            await asyncio.sleep(0.1)
+            try:
+                self.behaviour.tick()
+                if time.monotonic() - saved > 10:
+                    saved = time.monotonic()
+                    await asyncio.to_thread(self.behaviour.save)
+            except Exception:  # analysis must never stop the supervisor
+                log.exception("behaviour analysis tick failed")
+
     async def _start_kubernetes(self) -> None:
         from . import kube  # imported only when used: kubernetes_asyncio is heavy
 
@@ -280,6 +324,13 @@ class Supervisor:
             pod_name=cfg.pod_name or socket.gethostname(),
         )
         self._kube_state = "syncing"
+        assert self.context is not None
+        self._elevation_watcher = await kube.start_elevation_watcher(
+            self.context,
+            namespace=cfg.namespace,
+            kubeconfig=cfg.kubeconfig,
+            pod_name=cfg.pod_name or socket.gethostname(),
+        )
 
         async def initial_sync_deadline() -> None:
             assert self.store is not None
@@ -420,6 +471,8 @@ class Supervisor:
         kube: dict[str, Any] = {"state": self._kube_state}
         if self._watcher is not None:
             kube.update(self._watcher.status())
+        if self._elevation_watcher is not None:
+            kube["elevations"] = self._elevation_watcher.status()
         return {
             "revocations": {
                 "complete": self.store.complete,
@@ -432,6 +485,10 @@ class Supervisor:
             ],
             "kubernetes": kube,
             "profiles": self.holder.status().as_dict(),
+            "behaviour": {
+                "analysing": self.behaviour is not None,
+                "risks": [r.as_dict() for r in self.context.risks()] if self.context else [],
+            },
             "elevations": {
                 "requests": [r.as_dict() for r in self.context.requests()] if self.context else [],
                 "grants": [g.as_dict() for g in self.context.grants()] if self.context else [],
@@ -447,9 +504,10 @@ class Supervisor:
         self._stopping = True
         for t in self._tasks:
             t.cancel()
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()
+        for watcher in (self._watcher, self._elevation_watcher):
+            if watcher is not None:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
         for w in self._workers:
             if w.proc is not None and w.proc.returncode is None:
                 w.proc.send_signal(signal.SIGTERM)
@@ -464,6 +522,10 @@ class Supervisor:
             await self._runner.cleanup()
         if self._context_api is not None:
             self._context_api.stop(0.5)
+        if self._als is not None:
+            self._als.stop(0.5)
+        if self.behaviour is not None:
+            self.behaviour.save()
         self.holder.stop()
         if self.table is not None:
             self.table.close()

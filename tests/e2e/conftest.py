@@ -229,6 +229,7 @@ def start_stack(
             },
             agents=AGENTS,
             mandate_ports=mandate.grpc_ports,
+            als_port=mandate.access_log_port or None,
         )
         envoy = start_envoy(config, tmp / "envoy", access_log=tmp / "access.log")
     except BaseException:

@@ -479,3 +479,19 @@ def test_proxy_mode_meets_pod_security_restricted() -> None:
     }
     for v in out["spec"]["volumes"]:
         assert set(v) - {"name"} <= allowed, v
+
+
+def test_access_log_socket_is_shared_by_envoy_and_mandate_only() -> None:
+    out = inject(pod(), InjectConfig())
+    env = {e["name"]: e.get("value") for e in sidecar(out, "mandate")["env"]}
+    assert env["MANDATE_ACCESS_LOG"] == "unix:/run/mandate-io/als.sock"
+    assert env["MANDATE_CONTEXT_API"] == "127.0.0.1:9701"
+    for name in ("mandate", "mandate-envoy"):
+        mounts = {m["name"]: m["mountPath"] for m in sidecar(out, name)["volumeMounts"]}
+        assert mounts["mandate-run"] == "/run/mandate-io"
+    for c in out["spec"]["containers"]:  # the agent's own containers
+        assert "mandate-run" not in {m["name"] for m in c.get("volumeMounts", [])}
+    (vol,) = [v for v in out["spec"]["volumes"] if v["name"] == "mandate-run"]
+    assert vol["emptyDir"]["medium"] == "Memory"
+    envoy_yaml = (Path(__file__).resolve().parents[2] / "envoy" / "sidecar.yaml").read_text()
+    assert "pipe: { path: /run/mandate-io/als.sock }" in envoy_yaml

@@ -1,0 +1,161 @@
+"""Behaviour analysis end to end: real Envoy streams its access log to `mandate run
+--access-log`; a scripted billing-agent behaves normally through its learning period, then
+goes rogue (a fast burst to hosts it never used and to paths its purpose denies).
+
+- `enforce`: it is revoked automatically within a bounded number of rogue calls, with the
+  explanation as the reason; every later call, normal ones included, is denied.
+- `monitor`: nothing is denied beyond what the rules deny, and the score and its reasons
+  are reported (`mandate status`, the decision's audit record).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import DEMO_PROFILES, E2E_PROFILES, Stack, start_stack, stop_stack
+
+LEDGER = "http://ledger.finance.svc.cluster.local"
+BEHAVIOUR = """  behavior:
+    mode: {mode}
+    revokeAtRisk: 0.95
+    learningPeriod: 3s
+    window: 3s
+    minCalls: 5
+"""
+ROGUE_BOUND = 120  # rogue calls before the revocation: access-log flushes are 0.1 s apart
+
+
+def _profiles(tmp: Path, mode: str) -> Path:
+    d = tmp / "profiles"
+    d.mkdir()
+    text = (DEMO_PROFILES / "agents.yaml").read_text()
+    start = text.index("  behavior:\n")
+    end = text.index("---", start)
+    text = text[:start] + BEHAVIOUR.format(mode=mode) + text[end:]
+    text = text.replace("      rateLimit: {requests: 600, per: 1m}\n", "")
+    (d / "agents.yaml").write_text(text)
+    (d / "tunnel.yaml").write_text((E2E_PROFILES / "tunnel.yaml").read_text())
+    return d
+
+
+def _stack(tmp: Path, mode: str, transport: str) -> Stack:
+    return start_stack(
+        tmp,
+        profiles=_profiles(tmp, mode),
+        transport=transport,
+        extra=["--access-log", "127.0.0.1:0", "--audit-dir", str(tmp / "audit")],
+    )
+
+
+@pytest.fixture
+def enforce_stack(tmp_path: Path, transport: str) -> Iterator[Stack]:
+    s = _stack(tmp_path, "enforce", transport)
+    yield s
+    stop_stack(s)
+
+
+@pytest.fixture
+def monitor_stack(tmp_path: Path, transport: str) -> Iterator[Stack]:
+    s = _stack(tmp_path, "monitor", transport)
+    yield s
+    stop_stack(s)
+
+
+def _normal(stack: Stack, seconds: float) -> list[int]:
+    statuses = []
+    deadline = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < deadline:
+        i += 1
+        statuses.append(stack.call("billing-agent", "GET", f"{LEDGER}/v1/invoices/{i % 40}").status)
+        time.sleep(0.05)
+    return statuses
+
+
+def _rogue_call(stack: Stack, i: int) -> tuple[int, dict[str, object]]:
+    if i % 2:
+        url = f"http://exfil-{i}.stripe.com/v1/charges/all"  # allowed by *.stripe.com, never seen
+    else:
+        url = f"{LEDGER}/v1/ledger/admin/keys/{i}"  # denied by rule: probing
+    resp = stack.call("billing-agent", "GET", url)
+    return resp.status, (resp.json() if resp.status == 403 else {})
+
+
+def _risk(stack: Stack) -> dict[str, object]:
+    status = json.loads(stack.mandate_cli("status").stdout)
+    risks = {r["agent"]: r for r in status["behaviour"]["risks"]}
+    return risks.get("billing-agent", {})
+
+
+def test_enforce_revokes_a_rogue_agent_within_a_bounded_number_of_calls(
+    enforce_stack: Stack,
+) -> None:
+    stack = enforce_stack
+    learning = _normal(stack, 4.0)
+    assert set(learning) == {200}
+    assert set(_normal(stack, 1.0)) == {200}  # past learning: still normal, still allowed
+    calm = _risk(stack)
+    assert calm and calm["learning"] is False and float(calm["score"]) < 0.3, calm
+
+    revoked_after = None
+    for i in range(1, 400):
+        _, body = _rogue_call(stack, i)
+        if body.get("error") == "revoked":
+            revoked_after = i
+            break
+        time.sleep(0.01)
+    assert revoked_after is not None, "never revoked"
+    assert revoked_after <= ROGUE_BOUND, revoked_after
+    print(f"revoked after {revoked_after} rogue calls")
+    reason = str(body["reason"])
+    assert reason.startswith("revoked: behaviour: risk "), reason
+
+    # Every later call is denied, the agent's normal calls included.
+    for i in range(20):
+        resp = stack.call("billing-agent", "GET", f"{LEDGER}/v1/invoices/{i}")
+        assert resp.status == 403 and resp.json()["error"] == "revoked"
+    revs = json.loads(stack.mandate_cli("status").stdout)
+    assert revs["revocations"]["entries"] >= 1
+    # Other agents are unaffected.
+    assert stack.call("research-agent", "GET", "http://export.arxiv.org/api/query").status == 200
+
+    # The automatic revocation is in the audit trail with its explanation.
+    records = [
+        json.loads(line)
+        for f in sorted((stack.tmp / "audit").glob("audit-*supervisor*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
+    auto = [r for r in records if r.get("type") == "revocation_automatic"]
+    assert auto and auto[0]["agent"] == "billing-agent" and auto[0]["risk"] >= 0.95
+
+
+def test_monitor_reports_but_never_denies(monitor_stack: Stack) -> None:
+    stack = monitor_stack
+    assert set(_normal(stack, 4.0)) == {200}
+    codes = []
+    for i in range(1, 150):
+        status, body = _rogue_call(stack, i)
+        codes.append((i % 2, status, body.get("error")))
+        time.sleep(0.01)
+    # Only the rules deny: the new hosts stay allowed, the admin paths stay denied by rule.
+    assert {c for c in codes if c[0] == 1} == {(1, 200, None)}
+    assert {c for c in codes if c[0] == 0} == {(0, 403, "denied_by_rule")}
+    deadline = time.monotonic() + 5
+    risk: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        risk = _risk(stack)
+        if float(risk.get("score", 0)) >= 0.95:  # type: ignore[arg-type]
+            break
+        time.sleep(0.1)
+    assert float(risk["score"]) >= 0.95, risk  # type: ignore[arg-type]
+    assert "new destinations" in str(risk["explanation"]) or "denied share" in str(
+        risk["explanation"]
+    )
+    # Still allowed after the score: monitor never denies.
+    assert stack.call("billing-agent", "GET", f"{LEDGER}/v1/invoices/1").status == 200
+    assert json.loads(stack.mandate_cli("status").stdout)["revocations"]["entries"] == 0
