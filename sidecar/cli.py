@@ -199,6 +199,13 @@ def _parser() -> argparse.ArgumentParser:
         "analysis (env MANDATE_ACCESS_LOG; default: off)",
     )
     run.add_argument(
+        "--publish-behaviour-revocations",
+        action="store_true",
+        default=_env("MANDATE_PUBLISH_BEHAVIOUR_REVOCATIONS") == "true",
+        help="when behaviour analysis revokes an agent, also create an AgentRevocation object "
+        "(needs create on agentrevocations; env MANDATE_PUBLISH_BEHAVIOUR_REVOCATIONS=true)",
+    )
+    run.add_argument(
         "--context-api",
         action="append",
         default=[x for x in (_env("MANDATE_CONTEXT_API") or "").split(",") if x],
@@ -458,6 +465,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         transport=args.transport,
         context_api=tuple(args.context_api),
         access_log=args.access_log,
+        publish_behaviour_revocations=args.publish_behaviour_revocations,
     )
     try:
         return _starting(args, lambda: run_supervisor(config))

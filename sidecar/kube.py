@@ -79,6 +79,7 @@ __all__ = [
     "approval_from_object",
     "make_api_client",
     "parse_time",
+    "publish_revocation",
     "revocation_from_object",
     "start_elevation_watcher",
     "start_watcher",
@@ -1235,3 +1236,30 @@ async def start_elevation_watcher(
     return ElevationWatcher(
         sink, namespace, api_client=client, pod_name=pod_name, **options
     ).start()
+
+
+async def publish_revocation(
+    rev: Revocation, *, namespace: str, kubeconfig: str | Path | None, pod_name: str
+) -> str:
+    """Create an AgentRevocation object for a revocation mandate decided itself (behaviour
+    analysis), so that every sidecar of the namespace and the operators see it; return the
+    object's name. The object is an ordinary one: deleting it is how an operator ends it."""
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": {
+            "generateName": f"behaviour-{rev.agent}-"[:58],
+            "namespace": namespace,
+            "labels": {"mandate.dev/source": "behaviour", "mandate.dev/agent": rev.agent},
+            "annotations": {"mandate.dev/revoked-by": pod_name},
+        },
+        "spec": {"agent": rev.agent, "reason": rev.reason[:1024]},
+    }
+    client = await make_api_client(kubeconfig)
+    try:
+        created: Any = await CustomObjectsApi(client).create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, body
+        )
+        return str(created["metadata"]["name"])
+    finally:
+        await client.close()

@@ -38,6 +38,7 @@ from . import metrics
 from .admin import ElevationAPI, RevocationAPI, add_probe_routes, read_token
 from .audit import AuditWriter, event_record
 from .context_store import ContextStore
+from .core.revocation import Revocation
 from .errors import ConfigError
 from .reload import SnapshotHolder
 from .revocations import RevocationStore
@@ -78,6 +79,9 @@ class SupervisorConfig:
     # Envoy's gRPC access log service (HOST:PORT or unix:/path): responses' status and sizes
     # for behaviour analysis. None: no behaviour analysis (no risk scores, no auto-revoke).
     access_log: str | None = None
+    # Also create an AgentRevocation object when behaviour analysis revokes an agent (needs
+    # `create` on agentrevocations: deploy/components/behaviour-revocations).
+    publish_behaviour_revocations: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -292,11 +296,35 @@ class Supervisor:
             cfg.namespace,
             state_file=cfg.state_dir / "behaviour.json" if cfg.state_dir else None,
             audit=self._record,
+            on_revoke=self._publish_revocation,
         )
         self.behaviour.load()
         servicer = AccessLogServicer(self.behaviour.observe, namespace=cfg.namespace)
         self._als, self.access_log_port = start_als_server(cfg.access_log, servicer)
         self._tasks.append(asyncio.create_task(self._behaviour_loop()))
+
+    def _publish_revocation(self, rev: Revocation) -> None:
+        """Called on the event loop when behaviour analysis revoked an agent: in force
+        already here; with --publish-behaviour-revocations also as an AgentRevocation."""
+        cfg = self.config
+        if not cfg.publish_behaviour_revocations or not self._use_kubernetes():
+            return
+
+        async def publish() -> None:
+            from . import kube
+
+            try:
+                name = await kube.publish_revocation(
+                    rev,
+                    namespace=cfg.namespace,
+                    kubeconfig=cfg.kubeconfig,
+                    pod_name=cfg.pod_name or socket.gethostname(),
+                )
+                self._record({"type": "revocation_published", "agent": rev.agent, "object": name})
+            except Exception as exc:  # still enforced here; the object is for everyone else
+                log.error("could not create the AgentRevocation for %s: %s", rev.agent, exc)
+
+        self._tasks.append(asyncio.get_running_loop().create_task(publish()))
 
     async def _behaviour_loop(self) -> None:
         """Score every 100 ms (Envoy flushes its access log every 100 ms); save baselines

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.kubeapi.fixtures import kube_api, kubeconfig  # noqa: F401
+from tests.kubeapi.server import KubeAPIServer
+
 from .conftest import DEMO_PROFILES, E2E_PROFILES, Stack, start_stack, stop_stack
 
 LEDGER = "http://ledger.finance.svc.cluster.local"
@@ -43,12 +46,12 @@ def _profiles(tmp: Path, mode: str) -> Path:
     return d
 
 
-def _stack(tmp: Path, mode: str, transport: str) -> Stack:
+def _stack(tmp: Path, mode: str, transport: str, extra: tuple[str, ...] = ()) -> Stack:
     return start_stack(
         tmp,
         profiles=_profiles(tmp, mode),
         transport=transport,
-        extra=["--access-log", "127.0.0.1:0", "--audit-dir", str(tmp / "audit")],
+        extra=["--access-log", "127.0.0.1:0", "--audit-dir", str(tmp / "audit"), *extra],
     )
 
 
@@ -92,6 +95,15 @@ def _risk(stack: Stack) -> dict[str, object]:
     return risks.get("billing-agent", {})
 
 
+def _go_rogue_until_revoked(stack: Stack) -> tuple[int, dict[str, object]]:
+    for i in range(1, 400):
+        _, body = _rogue_call(stack, i)
+        if body.get("error") == "revoked":
+            return i, body
+        time.sleep(0.01)
+    raise AssertionError("never revoked")
+
+
 def test_enforce_revokes_a_rogue_agent_within_a_bounded_number_of_calls(
     enforce_stack: Stack,
 ) -> None:
@@ -102,14 +114,7 @@ def test_enforce_revokes_a_rogue_agent_within_a_bounded_number_of_calls(
     calm = _risk(stack)
     assert calm and calm["learning"] is False and float(calm["score"]) < 0.3, calm
 
-    revoked_after = None
-    for i in range(1, 400):
-        _, body = _rogue_call(stack, i)
-        if body.get("error") == "revoked":
-            revoked_after = i
-            break
-        time.sleep(0.01)
-    assert revoked_after is not None, "never revoked"
+    revoked_after, body = _go_rogue_until_revoked(stack)
     assert revoked_after <= ROGUE_BOUND, revoked_after
     print(f"revoked after {revoked_after} rogue calls")
     reason = str(body["reason"])
@@ -159,3 +164,35 @@ def test_monitor_reports_but_never_denies(monitor_stack: Stack) -> None:
     # Still allowed after the score: monitor never denies.
     assert stack.call("billing-agent", "GET", f"{LEDGER}/v1/invoices/1").status == 200
     assert json.loads(stack.mandate_cli("status").stdout)["revocations"]["entries"] == 0
+
+
+def test_an_automatic_revocation_can_be_published_as_an_agentrevocation(
+    tmp_path: Path,
+    kubeconfig: Path,  # noqa: F811
+    kube_api: KubeAPIServer,  # noqa: F811
+) -> None:
+    stack = _stack(
+        tmp_path, "enforce", "grpc",
+        ("--kubernetes", "on", "--kubeconfig", str(kubeconfig), "--publish-behaviour-revocations"),
+    )  # fmt: skip
+    try:
+        assert set(_normal(stack, 4.0)) == {200}
+        _go_rogue_until_revoked(stack)
+        deadline = time.monotonic() + 10
+        objects: list[dict[str, object]] = []
+        while time.monotonic() < deadline and not objects:
+            objects = kube_api.objects("agentrevocations")
+            time.sleep(0.05)
+        (obj,) = objects
+        spec = obj["spec"]
+        assert spec["agent"] == "billing-agent"  # type: ignore[index]
+        assert str(spec["reason"]).startswith("behaviour: risk ")  # type: ignore[index]
+        labels = obj["metadata"]["labels"]  # type: ignore[index]
+        assert labels["mandate.dev/source"] == "behaviour"
+        # The operator's restore ends the local behaviour revocation, but the published object
+        # still revokes it (here and in every other sidecar) until it is deleted.
+        restored = stack.mandate_cli("restore", "billing-agent")
+        assert restored.returncode == 1, restored.stdout
+        assert stack.call("billing-agent", "GET", f"{LEDGER}/v1/invoices/1").status == 403
+    finally:
+        stop_stack(stack)
