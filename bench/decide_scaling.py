@@ -225,10 +225,20 @@ def index_shape(snap: Snapshot) -> dict[str, int]:
     return {
         "exact_hosts": len(p.allow.exact),
         "wildcard_parents": len(p.allow.wildcard),
-        "largest_exact_bucket": max((len(b["\x00all"]) for b in p.allow.exact.values()), default=0),
-        "allow_any_host_GET": len(p.allow.any_host.get("GET", ())),
-        "deny_any_host_GET": len(p.deny.any_host.get("GET", p.deny.any_host[""])),
+        "largest_exact_bucket": max(
+            (len(b["\x00all"].other) for b in p.allow.exact.values()), default=0
+        ),
+        "allow_any_host_GET": _largest(p.allow.any_host.get("GET")),
+        "deny_any_host_GET": _largest(p.deny.any_host.get("GET", p.deny.any_host[""])),
     }
+
+
+def _largest(candidates: Any) -> int:
+    """The most entries a GET lookup walks in a bucket: the largest first-segment list."""
+    if candidates is None:
+        return 0
+    lists = [candidates.other, *candidates.by_segment.values()]
+    return max(len(x) for x in lists)
 
 
 # ---------------------------------------------------------------- measuring

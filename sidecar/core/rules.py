@@ -4,7 +4,10 @@ Rules are compiled once when profiles load: methods into sets, path patterns int
 anchored regex per rule, host patterns into an index keyed by exact host and by the parent
 domain of `*.` patterns. A lookup touches at most three index buckets (exact host, its
 wildcard parent, rules without hosts) and, within each, only the rules that can match the
-request's method, in profile order. The first matching rule in profile order wins, so the
+request's method and the first segment of its path (a rule whose patterns all start with a
+literal segment is filed under those segments; the others are candidates for every path),
+in profile order. Lookup cost therefore follows the rules that could match, not the size of
+the profile. The first matching rule in profile order wins, so the
 rule a decision names is the one a reader finds first in the YAML.
 
 A deny rule with `mcpTools`/`mcpMethods` matches a POST whose body names what it lists or
@@ -47,6 +50,9 @@ class CompiledRule:
     mcp_methods: frozenset[str]
     is_mcp: bool
     whole_host: bool  # restricts only hosts: may authorise a CONNECT tunnel
+    # The literal first path segments its patterns start with; None: any path (no paths, or
+    # a pattern starting with `*`/`**`).
+    first_segments: frozenset[str] | None = None
 
     def admits_connect(self) -> bool:
         return self.whole_host or (self.methods is not None and CONNECT in self.methods)
@@ -58,7 +64,32 @@ class _Entry:
     port: int | None
 
 
-_Bucket = Mapping[str, tuple[_Entry, ...]]
+@dataclass(frozen=True, slots=True)
+class _Candidates:
+    """Entries (in profile order) that may match a path, by the path's first segment."""
+
+    by_segment: Mapping[str, tuple[_Entry, ...]]
+    other: tuple[_Entry, ...]  # for a first segment no rule names literally
+
+    def for_segment(self, segment: str) -> tuple[_Entry, ...]:
+        return self.by_segment.get(segment, self.other)
+
+
+def _candidates(entries: Sequence[_Entry]) -> _Candidates:
+    anywhere = [e for e in entries if e.rule.first_segments is None]
+    segments: set[str] = set()
+    for e in entries:
+        segments |= e.rule.first_segments or frozenset()
+    by_segment = {
+        seg: tuple(
+            e for e in entries if e.rule.first_segments is None or seg in e.rule.first_segments
+        )
+        for seg in segments
+    }
+    return _Candidates(MappingProxyType(by_segment), tuple(anywhere))
+
+
+_Bucket = Mapping[str, _Candidates]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +108,12 @@ def _bucket(entries: Sequence[_Entry]) -> _Bucket:
     for e in entries:
         if e.rule.methods is not None:
             named |= e.rule.methods
-    out: dict[str, tuple[_Entry, ...]] = {
-        m: tuple(e for e in entries if e.rule.methods is None or m in e.rule.methods) for m in named
+    out: dict[str, _Candidates] = {
+        m: _candidates([e for e in entries if e.rule.methods is None or m in e.rule.methods])
+        for m in named
     }
-    out[_ANY_METHOD] = tuple(e for e in entries if e.rule.methods is None)
-    out[_ALL] = tuple(entries)
+    out[_ANY_METHOD] = _candidates([e for e in entries if e.rule.methods is None])
+    out[_ALL] = _Candidates(MappingProxyType({}), tuple(entries))
     return MappingProxyType(out)
 
 
@@ -121,11 +153,13 @@ class RuleIndex:
             return self._lookup_connect(host, port, deny=deny)
         best: CompiledRule | None = None
         refusal: str | None = None
+        slash = path.find("/", 1)
+        segment = path[1:] if slash == -1 else path[1:slash]
         for bucket in self._buckets(host):
-            entries = bucket.get(method)
-            if entries is None:
-                entries = bucket[_ANY_METHOD]
-            for e in entries:
+            candidates = bucket.get(method)
+            if candidates is None:
+                candidates = bucket[_ANY_METHOD]
+            for e in candidates.for_segment(segment):
                 r = e.rule
                 if best is not None and r.order >= best.order:
                     break
@@ -154,7 +188,7 @@ class RuleIndex:
     def _lookup_connect(self, host: str, port: int, *, deny: bool) -> Match:
         best: CompiledRule | None = None
         for bucket in self._buckets(host):
-            for e in bucket[_ALL]:
+            for e in bucket[_ALL].other:
                 r = e.rule
                 if best is not None and r.order >= best.order:
                     break
@@ -182,6 +216,7 @@ def compile_rules(rules: Sequence[Rule], id_prefix: str) -> RuleIndex:
             mcp_methods=frozenset(rule.mcp_methods or ()),
             is_mcp=is_mcp,
             whole_host=rule.methods is None and rule.paths is None and not is_mcp,
+            first_segments=_first_segments(rule.paths),
         )
         if rule.hosts is None:
             any_host.append(_Entry(compiled, None))
@@ -196,3 +231,17 @@ def compile_rules(rules: Sequence[Rule], id_prefix: str) -> RuleIndex:
         any_host=_bucket(any_host) if any_host else _EMPTY_BUCKET,
         size=len(rules),
     )
+
+
+def _first_segments(patterns: Sequence[str] | None) -> frozenset[str] | None:
+    """The literal first segments of validated path patterns, or None if any pattern (or
+    the absence of patterns) may match a path starting with any segment."""
+    if not patterns:
+        return None
+    out: set[str] = set()
+    for p in patterns:
+        first = p[1:].split("/", 1)[0]  # "/" -> "" (matches only the root path)
+        if "*" in first:
+            return None
+        out.add(first)
+    return frozenset(out)
