@@ -104,6 +104,14 @@ def _serve_options(cmd: argparse.ArgumentParser, admin: bool) -> None:
         "MANDATE_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT; default: tracing off)",
     )
     cmd.add_argument(
+        "--tracer",
+        choices=["lean", "sdk"],
+        default=_env("MANDATE_TRACER", "lean"),
+        help="how decision spans are recorded: lean (mandate's OTLP encoder, ~6 us CPU per "
+        "span) or sdk (the OpenTelemetry SDK and its OTLP exporter, ~85 us; see "
+        "bench/span_cost.py); env MANDATE_TRACER, default %(default)s",
+    )
+    cmd.add_argument(
         "--pod-name",
         default=_env("MANDATE_POD_NAME", ""),
         help="this pod's name, for spans, audit records and Events (env MANDATE_POD_NAME)",
@@ -232,6 +240,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--chain-id", default="", help="this worker's audit chain id")
     worker.add_argument(
         "--context-table", type=Path, help="the shared context table (grants, tasks, risk)"
+    )
+    worker.add_argument(
+        "--version-file", type=Path, help="where to report the profile version enforced"
     )
     worker.add_argument(
         "--rate-share",
@@ -461,6 +472,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         port_file=args.port_file,
         log_level=args.log_level,
         otlp_endpoint=args.otlp_endpoint,
+        tracer=args.tracer,
         audit_args=_audit_args(args),
         transport=args.transport,
         context_api=tuple(args.context_api),
@@ -489,6 +501,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         poll_seconds=args.poll_seconds,
         port_file=args.port_file,
         otlp_endpoint=args.otlp_endpoint,
+        tracer=args.tracer,
         pod_name=args.pod_name,
         audit_dir=args.audit_dir,
         audit_allows=args.audit_allows == "all",
@@ -498,6 +511,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         transport=args.transport,
         context_table=args.context_table,
         rate_share=args.rate_share,
+        version_file=args.version_file,
     )
     return _starting(args, lambda: serve(config))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,11 @@ class ReloadStatus:
 class SnapshotHolder:
     """Owns the current snapshot of one profile directory and keeps it fresh."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(
+        self, directory: str | Path, on_install: Callable[[Snapshot], None] | None = None
+    ) -> None:
         self.directory = Path(directory)
+        self._on_install = on_install  # told after each swap: the snapshot is enforced
         self.current: Snapshot | None = None
         self._lock = threading.Lock()  # serialises reloads, never taken by readers
         self._fingerprint = ""
@@ -84,6 +88,11 @@ class SnapshotHolder:
         self._error = None
         self._error_at = None
         metrics.observe_reload(True, len(snap.agents))
+        if self._on_install is not None:
+            try:
+                self._on_install(snap)
+            except Exception:  # reporting the version must never undo the reload
+                log.exception("reporting the new profile version failed")
 
     def reload(self) -> bool:
         """Load the directory again; True if a new snapshot is now enforced."""

@@ -10,11 +10,14 @@ logic.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -30,6 +33,7 @@ from . import metrics
 from .admin import AdminServer
 from .audit import AuditWriter
 from .authz import Audit, Authorizer, Identity
+from .core import Snapshot
 from .core.context import EMPTY_CONTEXT, ContextTable
 from .core.ratelimit import RateLimiter
 from .core.revocation import EMPTY_TABLE, RevocationTable
@@ -42,10 +46,13 @@ from .shm import SharedContext, SharedTable
 if TYPE_CHECKING:
     from .tracing import Tracing
 
-__all__ = ["ServeConfig", "Sidecar", "serve", "split_hostport"]
+__all__ = ["SUPERVISOR_PID_ENV", "ServeConfig", "Sidecar", "serve", "split_hostport"]
 
 log = logging.getLogger(__name__)
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
+# Set by `mandate run` for each worker it starts: the supervisor's pid (see _stop_with_supervisor).
+SUPERVISOR_PID_ENV = "MANDATE_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +66,11 @@ class ServeConfig:
     table: Path | None = None  # the supervisor's shared revocation table, attached read-only
     context_table: Path | None = None  # the supervisor's shared context (grants, tasks, risk)
     rate_share: float = 1.0  # this worker's share of each rate limit (1 / workers)
+    # Written (atomically) with the profile version this worker enforces, after each swap:
+    # the supervisor reports a version as enforced only once every worker has it.
+    version_file: Path | None = None
     otlp_endpoint: str | None = None  # OTLP/gRPC collector for decision spans; None: off
+    tracer: str = "lean"  # lean: mandate's OTLP encoder; sdk: the OpenTelemetry SDK
     pod_name: str = ""
     audit_dir: Path | None = None  # None: no audit trail
     audit_allows: bool = True
@@ -84,7 +95,7 @@ class Sidecar:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.holder = SnapshotHolder(config.profiles)
+        self.holder = SnapshotHolder(config.profiles, on_install=self._report_version)
         self.grpc_port = 0
         self.http_port = 0
         self.admin_port = 0
@@ -95,6 +106,14 @@ class Sidecar:
         self._tracing: Tracing | None = None
         self._audit_writer: AuditWriter | None = None
         self._stopped = threading.Event()
+
+    def _report_version(self, snap: Snapshot) -> None:
+        path = self.config.version_file
+        if path is None:
+            return
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"version": snap.version, "pid": os.getpid()}))
+        tmp.replace(path)
 
     def _ready(self) -> tuple[bool, dict[str, Any]]:
         status = self.holder.status()
@@ -124,9 +143,23 @@ class Sidecar:
             agent=cfg.agent, service_account=cfg.service_account, namespace=cfg.namespace
         )
         if cfg.otlp_endpoint:
-            from .tracing import Tracing  # imported only when on: OpenTelemetry is not free
+            # Imported only when on. The lean tracer is the default: ~6 us CPU per span against
+            # the SDK's ~85 us (bench/span_cost.py); the SDK stays selectable and is the
+            # reference the lean encoding is tested against (tests/unit/test_tracing.py).
+            if cfg.tracer == "sdk":
+                from .tracing_sdk import SdkTracing
 
-            self._tracing = Tracing(cfg.otlp_endpoint, pod=cfg.pod_name, namespace=cfg.namespace)
+                self._tracing = SdkTracing(  # type: ignore[assignment]
+                    cfg.otlp_endpoint, pod=cfg.pod_name, namespace=cfg.namespace
+                )
+            elif cfg.tracer == "lean":
+                from .tracing import Tracing
+
+                self._tracing = Tracing(
+                    cfg.otlp_endpoint, pod=cfg.pod_name, namespace=cfg.namespace
+                )
+            else:
+                raise ConfigError(f"--tracer {cfg.tracer!r}: expected lean or sdk")
         audit = None
         if cfg.audit_dir is not None:
             self._audit_writer = AuditWriter(
@@ -221,7 +254,38 @@ def serve(config: ServeConfig) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    _stop_with_supervisor(stop)
     sidecar.start()
     stop.wait()
     log.info("mandate stopping")
     sidecar.stop()
+
+
+def _stop_with_supervisor(stop: threading.Event, poll: float = 0.1) -> None:
+    """A worker of `mandate run` (SUPERVISOR_PID_ENV set) stops when its supervisor is gone.
+
+    Issue 8 fault test (tests/e2e/test_faults.py): a SIGKILLed supervisor used to leave its
+    workers serving forever as orphans, from a table nothing writes any more, so a revocation
+    applied after the crash (kubectl, admin API, behaviour analysis: all go through the
+    supervisor) was never enforced. Stopping instead makes Envoy fail closed (503), as for
+    any mandate outage. On Linux the kernel sends SIGTERM the moment the parent dies
+    (PR_SET_PDEATHSIG; the supervisor forks workers from its main thread, which lives as
+    long as it does); polling the parent pid covers other systems and a supervisor that
+    died before prctl ran."""
+    raw = os.environ.get(SUPERVISOR_PID_ENV, "")
+    if not raw.isdigit():
+        return  # started by hand: nobody to follow
+    supervisor = int(raw)
+    if sys.platform.startswith("linux"):
+        # No prctl (an odd libc): the poll below still notices.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+    def follow() -> None:
+        while os.getppid() == supervisor:
+            if stop.wait(poll):
+                return
+        log.error("supervisor (pid %d) is gone: stopping; Envoy now fails closed", supervisor)
+        stop.set()
+
+    threading.Thread(target=follow, name="follow-supervisor", daemon=True).start()

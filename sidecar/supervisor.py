@@ -42,7 +42,7 @@ from .core.revocation import Revocation
 from .errors import ConfigError
 from .reload import SnapshotHolder
 from .revocations import RevocationStore
-from .server import split_hostport
+from .server import SUPERVISOR_PID_ENV, split_hostport
 from .shm import SharedContext, SharedTable
 
 __all__ = ["Supervisor", "SupervisorConfig", "run_supervisor"]
@@ -71,6 +71,7 @@ class SupervisorConfig:
     port_file: Path | None = None
     log_level: str = "INFO"
     otlp_endpoint: str | None = None
+    tracer: str = "lean"  # lean | sdk
     audit_args: tuple[str, ...] = ()  # worker options for the audit trail (see cli.py)
     transport: str = "grpc"  # grpc | http: how Envoy's ext_authz filter asks the workers
     # The agent context API: "ADDR" (serves the configured agent) or "AGENT=ADDR", ADDR being
@@ -388,6 +389,7 @@ class Supervisor:
             "--port-file", str(w.port_file), "--log-level", cfg.log_level,
             "--transport", cfg.transport,
             "--rate-share", repr(1.0 / cfg.workers),
+            "--version-file", str(self._version_file(w)),
         ]  # fmt: skip
         if self.context_table is not None:
             args += ["--context-table", str(self.context_table.path)]
@@ -396,16 +398,40 @@ class Supervisor:
         if cfg.service_account:
             args += ["--service-account", cfg.service_account]
         if cfg.otlp_endpoint:
-            args += ["--otlp-endpoint", cfg.otlp_endpoint]
+            args += ["--otlp-endpoint", cfg.otlp_endpoint, "--tracer", cfg.tracer]
         if cfg.pod_name:
             args += ["--pod-name", cfg.pod_name]
         if cfg.audit_args:
             pod = cfg.pod_name or socket.gethostname()
             args += [*cfg.audit_args, "--chain-id", f"{pod}-w{w.index}"]
         env = {**os.environ, **cfg.extra_env, "MANDATE_WORKER_INDEX": str(w.index)}
+        # The worker stops if this process dies (server._stop_with_supervisor): serving a
+        # table nothing updates would ignore every revocation made after the crash.
+        env[SUPERVISOR_PID_ENV] = str(os.getpid())
         w.proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, env=env
         )
+
+    def _version_file(self, w: _Worker) -> Path:
+        return self._workdir / f"worker-{w.index}.version"
+
+    def _profiles_status(self) -> dict[str, Any]:
+        """The supervisor's reload status, with ``version`` the one every worker enforces
+        (each reloads on its own; a caller who sees version V knows every Check is decided
+        under V). While they differ: ``converged`` false and ``version`` empty."""
+        status = self.holder.status().as_dict()
+        versions: list[str] = []
+        for w in self._workers:
+            try:
+                versions.append(str(json.loads(self._version_file(w).read_text())["version"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                versions.append("")
+        converged = bool(versions) and len(set(versions)) == 1 and versions[0] != ""
+        status["supervisor_version"] = status["version"]
+        status["worker_versions"] = versions
+        status["converged"] = converged
+        status["version"] = versions[0] if converged else ""
+        return status
 
     async def _wait_workers(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -499,6 +525,11 @@ class Supervisor:
         kube: dict[str, Any] = {"state": self._kube_state}
         if self._watcher is not None:
             kube.update(self._watcher.status())
+            # Issue 8 (tests/e2e/test_faults.py): the state said "syncing" (or "unsynced")
+            # forever, even once the watcher had listed. After its first list it is "synced";
+            # `connected` and `last_error` say whether the watch is still up.
+            if kube.get("lists"):
+                kube["state"] = "synced"
         if self._elevation_watcher is not None:
             kube["elevations"] = self._elevation_watcher.status()
         return {
@@ -512,7 +543,7 @@ class Supervisor:
                 for w in self._workers
             ],
             "kubernetes": kube,
-            "profiles": self.holder.status().as_dict(),
+            "profiles": self._profiles_status(),
             "behaviour": {
                 "analysing": self.behaviour is not None,
                 "risks": [r.as_dict() for r in self.context.risks()] if self.context else [],

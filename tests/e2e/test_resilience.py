@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from .conftest import Stack
+from .conftest import Stack, start_stack, stop_stack
 
 LEDGER = "http://ledger.finance.svc.cluster.local"
 
@@ -94,3 +94,30 @@ def test_profile_reload_under_traffic_has_no_failed_check(own_stack: Stack) -> N
     after = [s for t, s, _ in results if t > reloaded_at + 0.2]
     assert before and set(before) == {200}
     assert after and set(after) == {403}, "stale allow after the reload, or the broken file won"
+
+
+def test_readyz_reports_a_profile_version_only_once_every_worker_enforces_it(
+    tmp_path: Path,
+) -> None:
+    stack = start_stack(tmp_path, workers=2)
+    try:
+        first = stack.mandate.ready()["profiles"]
+        assert first["converged"] is True and first["worker_versions"] == [first["version"]] * 2
+        agents = stack.profiles / "agents.yaml"
+        _write_atomically(agents, agents.read_text().replace('"/v1/invoices/*", ', ""))
+        deadline = time.monotonic() + 10
+        seen = first
+        while time.monotonic() < deadline:
+            seen = stack.mandate.ready()["profiles"]
+            if seen["converged"] and seen["version"] != first["version"]:
+                break
+            # while the workers differ, no version is claimed as enforced
+            assert seen["version"] in ("", first["version"]) or seen["converged"]
+            time.sleep(0.01)
+        assert seen["version"] == seen["supervisor_version"] != first["version"]
+        # From the moment it is shown, every worker decides under it.
+        for _ in range(8):
+            resp = stack.call("billing-agent", "GET", LEDGER + "/v1/invoices/7")
+            assert resp.status == 403
+    finally:
+        stop_stack(stack)
