@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench venv clean netns-tools
+.PHONY: run test lint bench soak venv clean netns-tools
 
 # setup.py compiles protos/ into sidecar/_proto during the (editable) install: a changed
 # .proto reinstalls, which regenerates the modules.
@@ -52,8 +52,17 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# The benchmark matrix (bench/README.md): real Envoy alone, with RBAC, with mandate, under
+# fixed concurrency and fixed rates; about 10 minutes; writes bench/results/matrix.{md,json,png}.
+# By hand only, never part of test. BENCH_ARGS="--full" for the whole cross product (~22 min),
+# "--pin" to pin Envoy / mandate / the load generator, "--dry-run" to list the cases.
 bench: $(STAMP)
-	$(BIN)/python bench/check_throughput.py
+	$(BIN)/python bench/matrix.py $(BENCH_ARGS)
+
+# 10 minutes of mixed traffic with revocations, reloads and elevations (bench/README.md);
+# by hand only, like bench. SOAK_ARGS="--minutes 1 --transport http" to change it.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

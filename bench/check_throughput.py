@@ -16,34 +16,34 @@ Checks were served, giving CPU microseconds per request and per Check. Before me
 checks that the allowed request gets 200 and a denied one (/v1/ledger/admin/x) gets 403, and
 that mandate saw both; otherwise it aborts.
 
+With --behaviour, a fourth case joins the mandate one: mandate with behaviour analysis on
+(`--access-log 127.0.0.1:0`; Envoy streams its gRPC access log to the supervisor, with the
+logger and cluster of envoy/local.yaml), the agent's profile in `enforce` mode with a learning
+period that ends during the warm-up, so that the measured calls are scored. Both mandate cases
+get the same profiles and a --state-dir (the admin token the script reads the risk score with,
+from /v1/status); their stacks run side by side and their runs are interleaved (--rounds
+rounds, the order alternating), so that a noisy moment of the machine hits both alike;
+mandate's CPU is split into its Check workers and its supervisor (where the access log is
+decoded and scored). Written to check_throughput-behaviour.{json,md}.
+
 Prints a table with ratios and writes bench/results/check_throughput.{json,md}. Everything
 listens on 127.0.0.1; Envoy runs with --concurrency 1; processes are not pinned. Needs `wrk`
 (apt-get install -y wrk). Run: .venv/bin/python bench/check_throughput.py [--duration 10]
-[--transport grpc|http]
+[--transport grpc|http] [--behaviour]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import http.client
 import json
 import os
-import re
-import resource
 import shutil
-import signal
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,34 +51,28 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchlib import (  # noqa: E402
-    CLK_TCK,
-    cpu_seconds,
+    AGENT,
+    ALLOWED_PATH,
+    BEHAVIOUR,
+    BEHAVIOUR_LEARNING_S,
+    BEHAVIOUR_WARMUP_S,
+    BENCH,
+    HOST,
+    TEMPLATES,
+    WRK_SCRIPT,
+    BenchError,
+    MandateOptions,
+    behaviour_state,
     envoy_version,
     first_line,
     machine_base,
-    machine_ticks,
+    measure,
     package_version,
-    rss_mb,
-    tree_cpu_seconds,
-    tree_rss_mb,
-    unlimited_profiles,
+    run_wrk,
+    running_stack,
+    sigterm_as_interrupt,
+    verify,
 )
-
-from sidecar.local import (  # noqa: E402
-    EnvoyProcess,
-    MandateProcess,
-    render_envoy_config,
-    start_envoy,
-    start_mandate,
-)
-
-BENCH = Path(__file__).resolve().parent
-PROFILES = ROOT / "sidecar" / "demo" / "profiles"
-HOST = "ledger.finance.svc.cluster.local"
-ALLOWED_PATH = "/v1/invoices/42"
-DENIED_PATH = "/v1/ledger/admin/x"
-AGENT = "billing-agent"
-RULE = "reconcile.allow[0]"
 
 
 @dataclass(frozen=True)
@@ -86,271 +80,210 @@ class Case:
     key: str
     template: str
     label: str
+    behaviour: bool = False  # mandate with --access-log, Envoy with the ALS logger
 
 
 CASES = (
-    Case("envoy", "envoy-direct.yaml", "Envoy alone (direct_response)"),
-    Case("rbac", "envoy-rbac.yaml", "Envoy + RBAC filter"),
-    Case("mandate", "envoy-mandate.yaml", "Envoy + mandate (ext_authz gRPC)"),
+    Case("envoy", TEMPLATES["envoy"], "Envoy alone (direct_response)"),
+    Case("rbac", TEMPLATES["rbac"], "Envoy + RBAC filter"),
+    Case("mandate", TEMPLATES["grpc"], "Envoy + mandate (ext_authz gRPC)"),
 )
 # The mandate case over each transport (--transport).
 MANDATE_CASES = {
     "grpc": CASES[2],
-    "http": Case("mandate", "envoy-mandate-http.yaml", "Envoy + mandate (ext_authz HTTP)"),
+    "http": Case("mandate", TEMPLATES["http"], "Envoy + mandate (ext_authz HTTP)"),
 }
-
-# wrk prints one JSON line at the end; latencies are in microseconds.
-WRK_SCRIPT = r"""
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRK_JSON {"requests": %d, "duration_us": %d, "bytes": %d, "connect": %d, "read": %d, ' ..
-    '"write": %d, "status": %d, "timeout": %d, "mean_us": %.1f, "max_us": %d, ' ..
-    '"p50_us": %d, "p90_us": %d, "p99_us": %d, "p999_us": %d}\n',
-    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status,
-    e.timeout, latency.mean, latency.max, latency:percentile(50), latency:percentile(90),
-    latency:percentile(99), latency:percentile(99.9)))
-end
-"""
-
-
-class BenchError(RuntimeError):
-    """The benchmark cannot produce meaningful figures; the message says why."""
-
-
-# ---------------------------------------------------------------- probes of the processes
-
-
-def _get(url: str, timeout: float = 2.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        body: bytes = resp.read()
-    return body.decode()
-
-
-def envoy_stats(envoy: EnvoyProcess) -> dict[str, int]:
-    """Envoy's counters of the egress listener (and the mandate cluster)."""
-    pattern = urllib.parse.quote(r"^(http\.egress\.|cluster\.mandate\.upstream_rq_)")
-    text = _get(f"http://127.0.0.1:{envoy.admin_port}/stats?usedonly&filter={pattern}")
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        name, sep, value = line.partition(": ")
-        if sep and value.strip().isdigit():
-            out[name] = int(value)
-    return out
-
-
-_DECISION = re.compile(r'^mandate_decisions_total\{[^}]*decision="(\w+)"[^}]*\}\s+([0-9.e+]+)$')
-
-
-def mandate_decisions(mandate: MandateProcess) -> dict[str, int]:
-    """mandate's Check decisions so far, by decision (allow/deny), from its /metrics."""
-    out = {"allow": 0, "deny": 0}
-    for line in _get(f"http://127.0.0.1:{mandate.admin_port}/metrics").splitlines():
-        m = _DECISION.match(line)
-        if m:
-            out[m.group(1)] = out.get(m.group(1), 0) + round(float(m.group(2)))
-    return out
-
-
-def request(port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
-    """One GET through Envoy with the benchmark's Host header: (status, body)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers={"Host": HOST})
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode(errors="replace")
-    finally:
-        conn.close()
-
-
-def verify(case: Case, envoy: EnvoyProcess, mandate: MandateProcess | None) -> None:
-    """Abort unless the benchmark request is allowed (200) and, with an authorizer, a denied
-    path really is denied (403) by that authorizer."""
-    before = mandate_decisions(mandate) if mandate else None
-    deadline = time.monotonic() + 5.0
-    status, body = 0, ""
-    while time.monotonic() < deadline:  # the first Check may race Envoy's connect to mandate
-        with contextlib.suppress(OSError):
-            status, body = request(envoy.port, ALLOWED_PATH)
-            if status == 200:
-                break
-        time.sleep(0.1)
-    if status != 200:
-        raise BenchError(f"{case.key}: GET {ALLOWED_PATH} gave {status}, not 200: {body[:300]}")
-    for _ in range(3):
-        status, body = request(envoy.port, ALLOWED_PATH)
-        if status != 200:
-            raise BenchError(f"{case.key}: GET {ALLOWED_PATH} gave {status} on a repeat")
-    if case.key == "envoy":
-        return
-    status, body = request(envoy.port, DENIED_PATH)
-    if status != 403:
-        raise BenchError(f"{case.key}: GET {DENIED_PATH} gave {status}, not 403: {body[:300]}")
-    if mandate is not None and before is not None:
-        if '"denied_by_rule"' not in body:
-            raise BenchError(f"mandate: the 403 is not mandate's deny body: {body[:300]}")
-        after = mandate_decisions(mandate)
-        if after["allow"] - before["allow"] < 4 or after["deny"] - before["deny"] < 1:
-            raise BenchError(f"mandate did not see the probes' Checks: {before} -> {after}")
-
-
-# ---------------------------------------------------------------- wrk
-
-
-def run_wrk(
-    port: int, script: Path, connections: int, duration: float, *, latency: bool = False
-) -> dict[str, Any]:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "2s"]
-    cmd += ["-s", str(script), "-H", f"Host: {HOST}"]
-    if latency:
-        cmd.append("--latency")
-    cmd.append(f"http://127.0.0.1:{port}{ALLOWED_PATH}")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30, check=False)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk is the only child reaped here
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
-    if proc.returncode != 0 or line is None:
-        raise BenchError(f"wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout}")
-    result: dict[str, Any] = json.loads(line.removeprefix("WRK_JSON "))
-    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
-    result["non_2xx"] = result["status"]
-    result["socket_errors"] = sum(result[k] for k in ("connect", "read", "write", "timeout"))
-    result["wrk_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return result
-
-
-def measure(
-    envoy: EnvoyProcess,
-    mandate: MandateProcess | None,
-    load: Callable[[], dict[str, Any]],
-) -> dict[str, Any]:
-    """Run ``load`` (one wrk run) and add the CPU and request counts measured around it."""
-    stats0 = envoy_stats(envoy)
-    dec0 = mandate_decisions(mandate) if mandate else None
-    busy0, total0 = machine_ticks()
-    env_cpu0 = cpu_seconds(envoy.proc.pid)
-    man_cpu0 = tree_cpu_seconds(mandate.proc.pid) if mandate else 0.0
-    result = load()
-    env_cpu = cpu_seconds(envoy.proc.pid) - env_cpu0
-    man_cpu = tree_cpu_seconds(mandate.proc.pid) - man_cpu0 if mandate else 0.0
-    busy1, total1 = machine_ticks()
-    stats1 = envoy_stats(envoy)
-
-    def delta(name: str) -> int:
-        return stats1.get(name, 0) - stats0.get(name, 0)
-
-    served = delta("http.egress.downstream_rq_total")
-    result["envoy_requests"] = served
-    result["envoy_2xx"] = delta("http.egress.downstream_rq_2xx")
-    result["envoy_non_2xx"] = served - result["envoy_2xx"]
-    result["envoy_cpu_s"] = env_cpu
-    result["envoy_cpu_us_per_request"] = env_cpu / served * 1e6 if served else None
-    result["envoy_rss_mb"] = rss_mb(envoy.proc.pid)
-    result["machine_busy_pct"] = 100 * (busy1 - busy0) / max(1, total1 - total0)
-    # CPU used meanwhile by processes other than Envoy, mandate and wrk (others' noise),
-    # in CPUs: busy ticks of the machine minus ours, over the wall time of the run.
-    ours = env_cpu + man_cpu + result["wrk_cpu_s"]
-    wall = (total1 - total0) / CLK_TCK / (os.cpu_count() or 1)
-    result["other_cpus"] = ((busy1 - busy0) / CLK_TCK - ours) / wall if wall > 0 else None
-    result["authz"] = {
-        k.removeprefix("http.egress."): delta(k)
-        for k in sorted(stats1)
-        if k.startswith(("http.egress.ext_authz.", "http.egress.rbac."))
-    }
-    if mandate is not None and dec0 is not None:
-        dec1 = mandate_decisions(mandate)
-        allow, deny = dec1["allow"] - dec0["allow"], dec1["deny"] - dec0["deny"]
-        checks = allow + deny
-        result["checks"] = checks
-        result["checks_allowed"] = allow
-        result["checks_denied"] = deny
-        result["mandate_cpu_s"] = man_cpu
-        result["mandate_cpu_us_per_check"] = man_cpu / checks * 1e6 if checks else None
-        result["mandate_rss_mb"] = tree_rss_mb(mandate.proc.pid)
-    return result
-
-
-@contextlib.contextmanager
-def discarding_otlp_receiver() -> Iterator[int]:
-    """An OTLP/gRPC TraceService on 127.0.0.1 that accepts and drops spans; yields its port."""
-    import grpc
-    from opentelemetry.proto.collector.trace.v1 import (
-        trace_service_pb2,
-        trace_service_pb2_grpc,
-    )
-
-    class Discard(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
-        def Export(self, request: Any, context: Any) -> Any:
-            return trace_service_pb2.ExportTraceServiceResponse()
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Discard(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield port
-    finally:
-        server.stop(0)
-
+# --behaviour: the mandate case again, behaviour analysis on.
+BEHAVIOUR_CASES = {
+    t: Case("behaviour", c.template, c.label.replace(")", ", behaviour analysis on)"), True)
+    for t, c in MANDATE_CASES.items()
+}
 
 # ---------------------------------------------------------------- one case
 
 
+def mandate_options(case: Case, args: argparse.Namespace) -> MandateOptions | None:
+    if case.key not in ("mandate", "behaviour"):
+        return None
+    return MandateOptions(
+        transport=args.transport,
+        workers=args.workers,
+        threads=args.threads,
+        telemetry=args.telemetry,
+        behaviour_profile=args.behaviour,  # both mandate cases: the same profiles
+        access_log=case.behaviour,
+    )
+
+
 def run_case(case: Case, args: argparse.Namespace, work: Path, script: Path) -> dict[str, Any]:
     print(f"== {case.label}", flush=True)
-    values: dict[str, object] = {"ADMIN_PORT": 0, "LISTEN_PORT": 0}
-    with contextlib.ExitStack() as stack:
-        mandate: MandateProcess | None = None
-        if case.key == "mandate":
-            extra = ["--agent", AGENT, "--log-level", "WARNING", "--kubernetes", "off"]
-            extra += ["--transport", args.transport]
-            if args.threads is not None:
-                extra += ["--threads", str(args.threads)]
-            if args.workers is not None:
-                extra += ["--workers", str(args.workers)]
-            if args.telemetry:
-                # Every decision traced (100 % sampled: wrk sends no traceparent, so the span
-                # is a root, always sampled) and audited, into a discarding OTLP receiver.
-                receiver = stack.enter_context(discarding_otlp_receiver())
-                extra += [
-                    "--otlp-endpoint", f"http://127.0.0.1:{receiver}",
-                    "--audit-dir", str(work / case.key / "audit"),
-                ]  # fmt: skip
-            profiles = unlimited_profiles(PROFILES, work / case.key)
-            mandate = start_mandate(profiles, work / case.key, extra=extra)
-            stack.callback(mandate.stop)
-            values |= {"AGENT": AGENT}
-        config = render_envoy_config(
-            BENCH / case.template, values, mandate_ports=mandate.grpc_ports if mandate else None
+    behaviour: dict[str, Any] = {}
+    options = mandate_options(case, args)
+    with running_stack(case.key, case.template, work, options) as stack:
+        envoy, mandate, token = stack.envoy, stack.mandate, stack.token
+        verify(case.key, envoy, mandate, authorizer=case.key != "envoy")
+        print("   verified: allowed request 200" + (", denied 403" if case.key != "envoy" else ""))
+        if args.warmup > 0:
+            run_wrk(envoy.port, script, args.connections, args.warmup)
+        if case.behaviour:
+            assert mandate is not None
+            time.sleep(0.3)  # Envoy flushes its access log every 0.1 s, mandate scores too
+            behaviour["after_warmup"] = state = behaviour_state(mandate, token, AGENT)
+            if state["score"] is None or state["learning"] is not False:
+                raise BenchError(
+                    f"behaviour: after the warm-up {AGENT} is not scored yet ({state}): "
+                    "the access log does not reach mandate, or the warm-up is shorter than "
+                    "the learning period"
+                )
+            print(f"   behaviour after warm-up: {state['explanation']}", flush=True)
+        loaded = measure(
+            envoy, mandate, lambda: run_wrk(envoy.port, script, args.connections, args.duration)
         )
-        envoy = start_envoy(config, work / case.key, concurrency=1)
-        stack.callback(envoy.stop)
-        try:
-            verify(case, envoy, mandate)
-            print(
-                "   verified: allowed request 200" + (", denied 403" if case.key != "envoy" else "")
-            )
+        print(f"   throughput: {loaded['rps']:,.0f} req/s (c={args.connections})", flush=True)
+        if case.behaviour:
+            assert mandate is not None
+            time.sleep(0.3)
+            behaviour["after_throughput"] = state = behaviour_state(mandate, token, AGENT)
+            print(f"   behaviour after the throughput run: {state['explanation']}", flush=True)
+        unloaded = measure(
+            envoy,
+            mandate,
+            lambda: run_wrk(envoy.port, script, 1, args.latency_duration, latency=True),
+        )
+        print(f"   unloaded p50/p99: {unloaded['p50_us']}/{unloaded['p99_us']} µs", flush=True)
+        if case.behaviour:
+            assert mandate is not None
+            time.sleep(0.3)
+            behaviour["after_latency"] = state = behaviour_state(mandate, token, AGENT)
+            print(f"   behaviour after the latency run: {state['explanation']}", flush=True)
+            if any(s["revocations"] for s in behaviour.values()):
+                raise BenchError(f"behaviour: {AGENT} was revoked during the run: {behaviour}")
+    out = {"case": case.key, "label": case.label, "loaded": loaded, "unloaded": unloaded}
+    if behaviour:
+        out["behaviour"] = behaviour
+    return out
+
+
+# Figures of interleaved rounds (run_pair) that add up; the latency percentiles are the
+# median over the rounds; per-request and per-Check figures are recomputed from the sums.
+_SUMMED = (
+    "requests", "duration_us", "bytes", "connect", "read", "write", "status", "timeout",
+    "non_2xx", "socket_errors", "wrk_cpu_s", "load_cpu_s", "driver_cpu_s", "envoy_requests",
+    "envoy_2xx", "envoy_non_2xx", "envoy_4xx_5xx", "envoy_cpu_s", "checks", "checks_allowed",
+    "checks_denied", "mandate_cpu_s", "mandate_workers_cpu_s", "mandate_supervisor_cpu_s",
+)  # fmt: skip
+_MEDIAN = ("mean_us", "p50_us", "p90_us", "p99_us", "p999_us")
+_MEAN = ("machine_busy_pct", "other_cpus")
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One set of figures from the rounds of one case (each a `measure` result)."""
+    out: dict[str, Any] = dict(runs[-1])  # RSS and the like: after the last round
+    for key in _SUMMED:
+        if key in out:
+            out[key] = sum(r[key] for r in runs)
+    for key in _MEDIAN:
+        out[key] = statistics.median_low(r[key] for r in runs)
+    out["max_us"] = max(r["max_us"] for r in runs)
+    for key in _MEAN:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = statistics.fmean(values) if values else None
+    for key in ("authz", "access_log"):
+        out[key] = {k: sum(r[key].get(k, 0) for r in runs) for k in runs[-1][key]}
+
+    def per(num: str, den: str) -> float | None:
+        return out[num] / out[den] * 1e6 if out.get(den) else None
+
+    out["rps"] = out["requests"] / (out["duration_us"] / 1e6)
+    out["envoy_cpu_us_per_request"] = per("envoy_cpu_s", "envoy_requests")
+    if "checks" in out:
+        out["mandate_cpu_us_per_check"] = per("mandate_cpu_s", "checks")
+        out["mandate_workers_cpu_us_per_check"] = per("mandate_workers_cpu_s", "checks")
+        out["mandate_supervisor_cpu_us_per_check"] = per("mandate_supervisor_cpu_s", "checks")
+    out["rounds"] = len(runs)
+    return out
+
+
+def run_pair(
+    off: Case, on: Case, args: argparse.Namespace, work: Path, script: Path
+) -> list[dict[str, Any]]:
+    """The two mandate cases of --behaviour, both stacks up at once, their runs interleaved:
+    --rounds rounds, each a throughput run of each case (--duration / rounds s), the order
+    alternating, then the same for the latency runs; so a noisy moment of the machine hits
+    both alike. A case's figures are those of its rounds together (`combine`)."""
+    print(f"== {off.label} / {on.label}: {args.rounds} rounds each, interleaved", flush=True)
+    behaviour: dict[str, Any] = {}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        c.key: {"loaded": [], "unloaded": []} for c in (off, on)
+    }
+    with (
+        running_stack(off.key, off.template, work, mandate_options(off, args)) as a,
+        running_stack(on.key, on.template, work, mandate_options(on, args)) as b,
+    ):
+        pairs = ((off, a), (on, b))
+        # One stack after the other: verified, then warmed up at once. The behaviour stack's
+        # learning period starts with its first call (verify) and ends during its warm-up.
+        for case, stack in pairs:
+            verify(case.key, stack.envoy, stack.mandate)
             if args.warmup > 0:
-                run_wrk(envoy.port, script, args.connections, args.warmup)
-            loaded = measure(
-                envoy, mandate, lambda: run_wrk(envoy.port, script, args.connections, args.duration)
+                run_wrk(stack.envoy.port, script, args.connections, args.warmup)
+        print("   verified (allowed request 200, denied 403) and warmed up: both")
+        assert b.mandate is not None
+
+        def state(when: str) -> dict[str, Any]:
+            assert b.mandate is not None
+            time.sleep(0.3)  # Envoy flushes its access log every 0.1 s, mandate scores too
+            behaviour[when] = got = behaviour_state(b.mandate, b.token, AGENT)
+            print(f"   behaviour {when.replace('_', ' ')}: {got['explanation']}", flush=True)
+            return got
+
+        got = state("after_warmup")
+        if got["score"] is None or got["learning"] is not False:
+            raise BenchError(
+                f"behaviour: after the warm-up {AGENT} is not scored yet ({got}): the access "
+                "log does not reach mandate, or the warm-up is shorter than the learning period"
             )
-            print(f"   throughput: {loaded['rps']:,.0f} req/s (c={args.connections})", flush=True)
-            unloaded = measure(
-                envoy,
-                mandate,
-                lambda: run_wrk(envoy.port, script, 1, args.latency_duration, latency=True),
-            )
-            print(f"   unloaded p50/p99: {unloaded['p50_us']}/{unloaded['p99_us']} µs", flush=True)
-            if envoy.proc.poll() is not None or (mandate and mandate.proc.poll() is not None):
-                raise BenchError(f"{case.key}: a process exited during the run")
-        except BaseException:
-            for proc_log in (envoy.log_path, mandate.log_path if mandate else None):
-                if proc_log is not None and proc_log.exists():
-                    tail = proc_log.read_text(errors="replace").splitlines()[-15:]
-                    print(f"--- {proc_log.name} (last lines)\n" + "\n".join(tail), file=sys.stderr)
-            raise
-    return {"case": case.key, "label": case.label, "loaded": loaded, "unloaded": unloaded}
+        if (got["score_now"] or 0.0) > 0.2:  # the steady load must not look anomalous
+            raise BenchError(f"behaviour: the warm-up's steady load scores high: {got}")
+        for run, connections, duration in (
+            ("loaded", args.connections, args.duration),
+            ("unloaded", 1, args.latency_duration),
+        ):
+            for r in range(args.rounds):
+                for case, stack in pairs if r % 2 == 0 else pairs[::-1]:
+                    port = stack.envoy.port
+                    result = measure(
+                        stack.envoy,
+                        stack.mandate,
+                        lambda p=port, c=connections, d=duration: run_wrk(
+                            p, script, c, d / args.rounds, latency=c == 1
+                        ),
+                    )
+                    runs[case.key][run].append(result)
+            for case, _ in pairs:
+                got_run = combine(runs[case.key][run])
+                print(
+                    f"   {case.key} {run}: {got_run['rps']:,.0f} req/s, p50/p99 "
+                    f"{got_run['p50_us']}/{got_run['p99_us']} µs",
+                    flush=True,
+                )
+            state("after_throughput" if run == "loaded" else "after_latency")
+        if any(s["revocations"] for s in behaviour.values()):
+            raise BenchError(f"behaviour: {AGENT} was revoked during the run: {behaviour}")
+    out: list[dict[str, Any]] = []
+    for case in (off, on):
+        r = runs[case.key]
+        result: dict[str, Any] = {
+            "case": case.key,
+            "label": case.label,
+            "loaded": combine(r["loaded"]),
+            "unloaded": combine(r["unloaded"]),
+            "rounds": r,
+        }
+        if case is on:
+            result["behaviour"] = behaviour
+        out.append(result)
+    return out
 
 
 # ---------------------------------------------------------------- report
@@ -369,6 +302,9 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "mandate_workers": args.workers if args.workers is not None else 1,
         "transport": args.transport,
         "telemetry": "tracing+audit on" if args.telemetry else "off",
+        "behaviour": {"profile": {AGENT: BEHAVIOUR}, "access_log": "127.0.0.1:0"}
+        if args.behaviour
+        else "off",
         "GRPC_EXPERIMENTS": os.environ.get("GRPC_EXPERIMENTS", ""),
         "duration_s": args.duration,
         "latency_duration_s": args.latency_duration,
@@ -399,11 +335,145 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     out["goal_cpu_us_per_check_grpc"] = 100
     out["goal_rps_vs_rbac_http"] = 0.40  # the best transport
     out["goal_cpu_us_per_check_http"] = 35
+    if "behaviour" in by:
+        out["behaviour"] = behaviour_summary(man, by["behaviour"])
+    return out
+
+
+# Per-Check (per-request for Envoy) CPU figures the behaviour comparison adds up.
+_CPU_PARTS = (
+    ("workers", "mandate_workers_cpu_us_per_check"),
+    ("supervisor", "mandate_supervisor_cpu_us_per_check"),
+    ("envoy", "envoy_cpu_us_per_request"),
+)
+
+
+def behaviour_summary(off: dict[str, Any], on: dict[str, Any]) -> dict[str, Any]:
+    """What behaviour analysis adds: mandate without (``off``) vs with it (``on``), same run."""
+    out: dict[str, Any] = {"goal_added_us_per_check": 10}
+    for run in ("loaded", "unloaded"):
+        a, b = off[run], on[run]
+        fig: dict[str, Any] = {"rps_off": a["rps"], "rps_on": b["rps"]}
+        total_off = total_on = 0.0
+        for name, key in _CPU_PARTS:
+            fig[f"{name}_off"], fig[f"{name}_on"] = a.get(key), b.get(key)
+            fig[f"added_{name}_us"] = (
+                b[key] - a[key] if a.get(key) is not None and b.get(key) is not None else None
+            )
+            total_off += a.get(key) or 0.0
+            total_on += b.get(key) or 0.0
+        fig["total_off"], fig["total_on"] = total_off, total_on
+        fig["added_total_us"] = total_on - total_off
+        out[run] = fig
+    out["rps_on_vs_off"] = _ratio(on["loaded"]["rps"], off["loaded"]["rps"])
+    for q in ("p50", "p90", "p99", "p999"):
+        out[f"added_{q}_us"] = on["unloaded"][f"{q}_us"] - off["unloaded"][f"{q}_us"]
+    # The spread of the added CPU over the interleaved rounds (paired: round i of each case).
+    if "rounds" in off and "rounds" in on:
+        spread: dict[str, Any] = {}
+        for name, key in _CPU_PARTS:
+            added = [
+                b[key] - a[key]
+                for a, b in zip(off["rounds"]["loaded"], on["rounds"]["loaded"], strict=True)
+                if a.get(key) is not None and b.get(key) is not None
+            ]
+            if added:
+                spread[name] = {"min": min(added), "median": statistics.median(added),
+                                "max": max(added)}  # fmt: skip
+        out["loaded"]["added_per_round"] = spread
+        pairs = list(zip(off["rounds"]["unloaded"], on["rounds"]["unloaded"], strict=True))
+        out["added_latency_per_round"] = {
+            q: {
+                "min": min(b[f"{q}_us"] - a[f"{q}_us"] for a, b in pairs),
+                "median": statistics.median(b[f"{q}_us"] - a[f"{q}_us"] for a, b in pairs),
+                "max": max(b[f"{q}_us"] - a[f"{q}_us"] for a, b in pairs),
+            }
+            for q in ("p50", "p99")
+        }
+    out["risk"] = on.get("behaviour", {})
+    out["access_log"] = {**on["loaded"]["access_log"], "requests": on["loaded"]["envoy_requests"]}
     return out
 
 
 def _f(value: Any, fmt: str = "{:,.0f}") -> str:
     return "-" if value is None else fmt.format(value)
+
+
+def behaviour_markdown(info: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """The behaviour off / on comparison below the main table (nothing without it)."""
+    b = summary.get("behaviour")
+    if b is None:
+        return []
+    c = info["connections"]
+    ld, ul = b["loaded"], b["unloaded"]
+
+    def pair(name: str, which: str, fmt: str = "{:.1f}") -> str:
+        return f"{_f(ld[f'{name}_{which}'], fmt)} / {_f(ul[f'{name}_{which}'], fmt)}"
+
+    def added(name: str) -> str:
+        return f"{_f(ld[f'added_{name}_us'], '{:+.1f}')} / {_f(ul[f'added_{name}_us'], '{:+.1f}')}"
+
+    lines = [
+        "",
+        "Behaviour analysis off → on (the two mandate cases of this run; CPU µs per Check, "
+        f"Envoy's per request; c={c} / c=1):",
+        "",
+        f"| mandate | req/s (c={c}) | CPU workers (Check path) | CPU supervisor (ALS + "
+        "scoring) | CPU Envoy | sum |",
+        "|---|---|---|---|---|---|",
+    ]
+    for which, label in (("off", "behaviour off"), ("on", "behaviour on")):
+        lines.append(
+            f"| {label} | {_f(ld[f'rps_{which}'])} | {pair('workers', which)} "
+            f"| {pair('supervisor', which)} | {pair('envoy', which)} | {pair('total', which)} |"
+        )
+    lines.append(
+        f"| added | {_f(b['rps_on_vs_off'], '{:.1%}')} of off | {added('workers')} "
+        f"| {added('supervisor')} | {added('envoy')} | {added('total')} |"
+    )
+    spread = ld.get("added_per_round") or {}
+    if spread:
+        lines += [
+            "",
+            f"Added CPU per round (c={c}, paired rounds, min / median / max µs): "
+            + "; ".join(
+                f"{name} {v['min']:+.1f} / {v['median']:+.1f} / {v['max']:+.1f}"
+                for name, v in spread.items()
+            )
+            + ".",
+        ]
+    lat = b.get("added_latency_per_round")
+    if lat:
+        lines.append(
+            "Added latency per round (c=1, paired rounds, min / median / max µs): "
+            + "; ".join(
+                f"{q} {v['min']:+d} / {v['median']:+g} / {v['max']:+d}" for q, v in lat.items()
+            )
+            + "."
+        )
+    risk = b["risk"]
+    states = ", ".join(
+        f"after the {name} {_f(risk[when]['score_now'], '{:.2f}')}"
+        for when, name in (
+            ("after_warmup", "warm-up"),
+            ("after_throughput", "throughput run"),
+            ("after_latency", "latency run"),
+        )
+        if when in risk
+    )
+    last = risk.get("after_latency") or {}
+    als = b["access_log"]
+    lines += [
+        "",
+        f"Latency added at c=1 (the medians over the rounds): p50 {b['added_p50_us']:+d} µs, "
+        f"p90 {b['added_p90_us']:+d}, p99 {b['added_p99_us']:+d}. Goal (issue 5): "
+        f"≤ {b['goal_added_us_per_check']} µs "
+        f"added per Check. {AGENT}'s risk score (learning over, scored every 0.1 s): {states}; "
+        f"last published: {last.get('explanation')}; revocations: {last.get('revocations')}. "
+        f"Envoy's gRPC access logger under load: {als.get('logs_written', 0)} entries written, "
+        f"{als.get('logs_dropped', 0)} dropped, for {als['requests']} requests.",
+    ]
+    return lines
 
 
 def markdown(info: dict[str, Any], results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -412,9 +482,9 @@ def markdown(info: dict[str, Any], results: list[dict[str, Any]], summary: dict[
     head = (
         "| case | req/s (c={c}) | vs Envoy alone | vs RBAC | non-2xx | p50 µs (c=1) | p90 | p99 "
         "| p99.9 | added p50/p99 µs | Envoy CPU µs/req | mandate CPU µs/Check (c={c} / c=1) "
-        "| mandate RSS MB |"
+        "| of which workers / supervisor (c={c}) | mandate RSS MB |"
     ).format(c=info["connections"])
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for r in results:
         ld, ul = r["loaded"], r["unloaded"]
         non2xx = ld["non_2xx"] + ld["socket_errors"] + ul["non_2xx"] + ul["socket_errors"]
@@ -423,11 +493,17 @@ def markdown(info: dict[str, Any], results: list[dict[str, Any]], summary: dict[
             if "checks" in ld
             else "-"
         )
+        split = (
+            f"{_f(ld.get('mandate_workers_cpu_us_per_check'))} / "
+            f"{_f(ld.get('mandate_supervisor_cpu_us_per_check'))}"
+            if "checks" in ld
+            else "-"
+        )
         lines.append(
             f"| {r['label']} | {_f(ld['rps'])} | {_f(r['rps_vs_envoy'], '{:.1%}')} "
             f"| {_f(r['rps_vs_rbac'], '{:.1%}')} | {non2xx} | {ul['p50_us']} | {ul['p90_us']} "
             f"| {ul['p99_us']} | {ul['p999_us']} | {r['added_p50_us']:+d} / {r['added_p99_us']:+d} "
-            f"| {_f(ld['envoy_cpu_us_per_request'], '{:.1f}')} | {mandate_cpu} "
+            f"| {_f(ld['envoy_cpu_us_per_request'], '{:.1f}')} | {mandate_cpu} | {split} "
             f"| {_f(ld.get('mandate_rss_mb'), '{:.0f}')} |"
         )
     man = next(r for r in results if r["case"] == "mandate")["loaded"]
@@ -445,16 +521,29 @@ def markdown(info: dict[str, Any], results: list[dict[str, Any]], summary: dict[
         "Machine CPU busy during the throughput runs: "
         + ", ".join(f"{r['case']} {r['loaded']['machine_busy_pct']:.0f} %" for r in results)
         + f" (of {info['nproc']} CPUs; wrk, Envoy and mandate share them); CPUs used by "
-        "other processes meanwhile: "
-        + ", ".join(f"{r['case']} {_f(r['loaded']['other_cpus'], '{:.2f}')}" for r in results)
+        "other processes meanwhile (throughput / latency run): "
+        + ", ".join(
+            f"{r['case']} {_f(r['loaded']['other_cpus'], '{:.2f}')} / "
+            f"{_f(r['unloaded']['other_cpus'], '{:.2f}')}"
+            for r in results
+        )
         + f"; load average before the run: {info['loadavg_before']}.",
+        *behaviour_markdown(info, summary),
         "",
         f"Machine: {info['nproc']} CPUs, {info['cpu_model']}, Linux {info['kernel']}; "
         f"Python {info['python']}, grpcio {info['grpcio']}, protobuf {info['protobuf']}, "
         f"Envoy {info['envoy']} (--concurrency 1), {info['wrk']}; pinning: {info['pinning']}; "
         f"mandate transport: {t}; threads: {info['mandate_threads']}; "
         f"workers: {info['mandate_workers']}; "
-        f"tracing/audit: {info['telemetry']}; GRPC_EXPERIMENTS="
+        f"tracing/audit: {info['telemetry']}; "
+        + (
+            "behaviour analysis: in the last case, "
+            + json.dumps(info["behaviour"]["profile"][AGENT], separators=(", ", ": "))
+            + "; "
+            if isinstance(info.get("behaviour"), dict)
+            else ""
+        )
+        + "GRPC_EXPERIMENTS="
         f"{info['GRPC_EXPERIMENTS'] or '(unset)'}; git {info['git_commit']}; {info['date']}.",
         f"Load: wrk -t1 -c{info['connections']} for {info['duration_s']:g} s (after "
         f"{info['warmup_s']:g} s warm-up); latency: wrk -t1 -c1 for "
@@ -464,18 +553,6 @@ def markdown(info: dict[str, Any], results: list[dict[str, Any]], summary: dict[
 
 
 # ---------------------------------------------------------------- main
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -501,6 +578,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="mandate with tracing (every decision, OTLP to a discarding receiver) and audit on",
     )
+    p.add_argument(
+        "--behaviour",
+        action="store_true",
+        help="add a case: mandate with behaviour analysis on (Envoy's gRPC access log to "
+        f"--access-log; {AGENT} in enforce mode, learning for {BEHAVIOUR_LEARNING_S} s); "
+        f"the warm-up becomes at least {BEHAVIOUR_WARMUP_S} s",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="--behaviour: the two mandate cases run interleaved in this many rounds, each of "
+        "--duration / rounds s (default 5)",
+    )
     p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
     args = p.parse_args(argv)
     if args.latency_duration is None:
@@ -510,6 +601,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')}: expected 0 < seconds <= 600")
     if not 0 <= args.warmup <= 60 or not 1 <= args.connections <= 1000:
         p.error("--warmup: 0..60 s; --connections: 1..1000")
+    if not 1 <= args.rounds <= 50:
+        p.error("--rounds: 1..50")
+    if args.behaviour and args.warmup < BEHAVIOUR_WARMUP_S:
+        # The learning period must end during the warm-up: the measured calls are scored.
+        args.warmup = float(BEHAVIOUR_WARMUP_S)
     return args
 
 
@@ -528,8 +624,12 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(tmp)
             script = work / "report.lua"
             script.write_text(WRK_SCRIPT)
-            for case in (*CASES[:2], MANDATE_CASES[args.transport]):
+            cases = [*CASES[:2]] + ([] if args.behaviour else [MANDATE_CASES[args.transport]])
+            for case in cases:
                 results.append(run_case(case, args, work, script))
+            if args.behaviour:
+                off, on = MANDATE_CASES[args.transport], BEHAVIOUR_CASES[args.transport]
+                results += run_pair(off, on, args, work, script)
     except BenchError as exc:
         print(f"check_throughput: aborted: {exc}", file=sys.stderr)
         return 1
@@ -542,12 +642,15 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"machine": info, "summary": summary, "results": results}
-    # One pair of files per transport: check_throughput.* (gRPC), check_throughput-http.*
+    # One pair of files per transport: check_throughput.* (gRPC), check_throughput-http.*;
+    # with --behaviour, check_throughput-behaviour.* (gRPC), check_throughput-http-behaviour.*
     stem = "check_throughput" + ("" if args.transport == "grpc" else f"-{args.transport}")
+    stem += "-behaviour" if args.behaviour else ""
     (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(
         "# Check throughput: Envoy alone vs Envoy + RBAC vs Envoy + mandate"
-        f" ({args.transport})\n\n"
+        + (", behaviour analysis off vs on" if args.behaviour else "")
+        + f" ({args.transport})\n\n"
         "Written by `bench/check_throughput.py`; see bench/README.md for what each column means."
         "\n\n" + table
     )
@@ -555,7 +658,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r["case"] for r in results if r["loaded"]["non_2xx"] or r["loaded"]["socket_errors"]]
     if bad:
         print(f"check_throughput: WARNING: non-2xx or socket errors in {bad}", file=sys.stderr)
-    noisy = [r["case"] for r in results if (r["loaded"]["other_cpus"] or 0) > 0.25]
+    noisy = [
+        r["case"]
+        for r in results
+        if max(r["loaded"]["other_cpus"] or 0, r["unloaded"]["other_cpus"] or 0) > 0.25
+    ]
     if noisy:
         print(
             f"check_throughput: WARNING: other processes used over 0.25 CPU during {noisy}; "

@@ -1,0 +1,539 @@
+"""What behaviour analysis costs per call, in-process (issue 5: ≤ 10 µs added per Check).
+
+Measured with `timeit` (GC off while timing, the best and the median of --repeat runs of
+--number calls each, the variants of one comparison interleaved run by run so that a noisy
+moment hits them alike), per call or per event, in µs:
+
+Supervisor, off the Check path (one Envoy access-log entry per call):
+- **parse**: `StreamAccessLogsMessage.FromString` of a message of 9 entries (what Envoy's
+  4,096-byte buffer holds of these), per entry: what grpcio's deserializer does before the
+  servicer sees the stream's message.
+- **event_from_entry**: `sidecar.als.event_from_entry` of one entry shaped as Envoy 1.40's
+  http_grpc logger sends it for the benchmark's call (checked against a captured entry:
+  addresses, timings, stream id, the ext_authz metadata mandate's gRPC answer set).
+- **BehaviourEngine.observe**: one event, after the learning period (the steady state: the
+  destination is known, the call is clipped and bucketed) and during it (the baseline and the
+  learned peak window are updated too).
+- **BehaviourService.observe**: the supervisor's entry point, per event in batches of 9 (the
+  lock, the profile's settings, the namespace check, then the engine).
+- **AccessLogServicer._handle**: all of the above for one parsed message, per entry: what the
+  supervisor's ALS thread does per call, short of gRPC's own stream handling.
+- **score** / **tick**: `BehaviourEngine.score` of one agent, and `BehaviourService.tick` (score,
+  RiskState, publish if changed by 0.01, metric) — once per 0.1 s, not per call.
+
+Worker, on the Check path:
+- **decide()** of the benchmark's call (billing-agent, `GET /v1/invoices/42`, allowed by
+  `reconcile.allow[0]`) with `EMPTY_CONTEXT` (behaviour off, no grants) vs with a context
+  holding the agent's RiskState (score 0.05, not learning) and an active grant of its
+  `refund` elevation — the difference is what behaviour analysis adds to a Check's decision.
+- **SharedContext.read**: per Check, unchanged generation (the same with behaviour off); and
+  the re-read after the supervisor published a new generation (once per publish, at most
+  every 0.1 s, only when a score moved by 0.01).
+
+Writes bench/results/behaviour_cost.{json,md}.
+Run: .venv/bin/python bench/behaviour_cost.py [--number 20000] [--repeat 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import timeit
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchlib import machine_base, package_version, unlimited_profiles  # noqa: E402
+from envoy.config.core.v3 import base_pb2  # noqa: E402
+from envoy.data.accesslog.v3 import accesslog_pb2  # noqa: E402
+from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
+
+from sidecar.als import AUTHZ_NAMESPACE, AccessLogServicer, event_from_entry  # noqa: E402
+from sidecar.behaviour_service import BehaviourService, settings_of  # noqa: E402
+from sidecar.context_store import ContextStore  # noqa: E402
+from sidecar.core.behaviour import BehaviourEngine, BehaviourSettings, CallEvent  # noqa: E402
+from sidecar.core.context import EMPTY_CONTEXT, ContextTable, Grant, RiskState  # noqa: E402
+from sidecar.core.decide import Code, RequestView, decide  # noqa: E402
+from sidecar.core.loader import load_profiles  # noqa: E402
+from sidecar.revocations import RevocationStore  # noqa: E402
+from sidecar.shm import SharedContext, SharedTable  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+PROFILES = ROOT / "sidecar" / "demo" / "profiles"
+AGENT = "billing-agent"
+NS = "agents"
+HOST = "ledger.finance.svc.cluster.local"
+PATH = "/v1/invoices/42"
+RULE = "reconcile.allow[0]"
+# The profile section check_throughput.py --behaviour gives the agent.
+BEHAVIOUR = {"mode": "enforce", "revokeAtRisk": 0.95, "learningPeriod": "8s", "window": "5s"}
+T0 = 1_800_000_000.0
+RATE = 3000.0  # calls per second of the synthetic stream (about check_throughput's)
+ENTRIES_PER_MESSAGE = 9  # Envoy's 4,096-byte buffer holds 9 of these entries
+GOAL_US = 10.0
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def envoy_entry(i: int, at: float) -> accesslog_pb2.HTTPAccessLogEntry:
+    """One access-log entry as Envoy's http_grpc logger sends it for the benchmark's call
+    (the fields a captured entry had, the benchmark's values)."""
+    e = accesslog_pb2.HTTPAccessLogEntry()
+    c = e.common_properties
+    c.downstream_remote_address.socket_address.address = "127.0.0.1"
+    c.downstream_remote_address.socket_address.port_value = 40000 + i % 16
+    c.downstream_local_address.socket_address.address = "127.0.0.1"
+    c.downstream_local_address.socket_address.port_value = 15001
+    c.downstream_direct_remote_address.CopyFrom(c.downstream_remote_address)
+    c.start_time.FromNanoseconds(int(at * 1e9))
+    c.time_to_last_rx_byte.FromNanoseconds(13_641)
+    c.time_to_first_downstream_tx_byte.FromNanoseconds(668_586)
+    c.time_to_last_downstream_tx_byte.FromNanoseconds(673_443)
+    c.duration.FromNanoseconds(675_035)
+    stream_id = f"fa18df95-56bb-40e6-8620-{i:012x}"
+    c.stream_id = stream_id
+    c.downstream_wire_bytes_sent = 119
+    c.downstream_wire_bytes_received = 99
+    c.access_log_type = accesslog_pb2.DownstreamEnd
+    meta = c.metadata.filter_metadata[AUTHZ_NAMESPACE].fields
+    meta["purpose"].string_value = "reconcile"
+    meta["ext_authz_duration"].number_value = 0
+    meta["decision"].string_value = "allow"
+    meta["decision_id"].string_value = f"{i:032x}"
+    meta["code"].string_value = "allowed"
+    meta["agent"].string_value = AGENT
+    e.protocol_version = accesslog_pb2.HTTPAccessLogEntry.HTTP11
+    r = e.request
+    r.request_method = base_pb2.GET
+    r.scheme = "http"
+    r.authority = HOST
+    r.path = PATH
+    r.request_id = stream_id
+    r.request_headers_bytes = 279
+    r.downstream_header_bytes_received = 65
+    s = e.response
+    s.response_code.value = 200
+    s.response_headers_bytes = 91
+    s.response_body_bytes = 3
+    s.response_code_details = "direct_response"
+    s.downstream_header_bytes_sent = 97
+    return e
+
+
+def envoy_message(first: int, at: float) -> als_pb2.StreamAccessLogsMessage:
+    m = als_pb2.StreamAccessLogsMessage()
+    m.http_logs.log_entry.extend(
+        envoy_entry(first + k, at + k / RATE) for k in range(ENTRIES_PER_MESSAGE)
+    )
+    return m
+
+
+def events(n: int, start: float) -> list[CallEvent]:
+    """n calls of the benchmark at RATE per second from ``start``."""
+    return [
+        CallEvent(start + k / RATE, AGENT, NS, "GET", HOST, PATH, True, "allowed", 200, 3, 0)
+        for k in range(n)
+    ]
+
+
+# ---------------------------------------------------------------- timing
+
+
+def timed(fn: Callable[[], object], number: int, repeat: int, per: int = 1) -> list[float]:
+    """µs per call (``per``: calls per fn()) of each of ``repeat`` runs of ``number`` fn()."""
+    return [t / number / per * 1e6 for t in timeit.repeat(fn, number=number, repeat=repeat)]
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], number: int, repeat: int, per: int = 1
+) -> dict[str, list[float]]:
+    """Run each fn once per round, rounds ``repeat`` times: the variants share the noise."""
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            out[k] += timed(fn, number, 1, per)
+    return out
+
+
+def row(name: str, samples: list[float], note: str, *, where: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "where": where,
+        "best_us": min(samples),
+        "median_us": statistics.median(samples),
+        "samples_us": samples,
+        "note": note,
+    }
+
+
+# ---------------------------------------------------------------- the measures
+
+
+def supervisor_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    settings = BehaviourSettings(
+        mode="enforce", revoke_at=0.95, learning_seconds=8.0, window_seconds=5.0
+    )
+    learn = int(settings.learning_seconds * RATE)
+
+    # parse and decode
+    msg = envoy_message(0, T0 + 20)
+    wire = msg.SerializeToString()
+    entry = msg.http_logs.log_entry[0]
+    ev = event_from_entry(entry, NS, T0 + 30)
+    if ev is None or not ev.allowed or ev.agent != AGENT or ev.path != PATH:
+        raise SystemExit(f"behaviour_cost: the entry does not decode as expected: {ev}")
+    parse_n = max(1, number // ENTRIES_PER_MESSAGE)
+    rows.append(
+        row(
+            "parse (protobuf, per entry)",
+            timed(
+                lambda: als_pb2.StreamAccessLogsMessage.FromString(wire),
+                parse_n,
+                repeat,
+                ENTRIES_PER_MESSAGE,
+            ),
+            f"StreamAccessLogsMessage of {ENTRIES_PER_MESSAGE} entries, {len(wire)} bytes "
+            f"({entry.ByteSize()} per entry; a captured Envoy entry: 497)",
+            where="supervisor",
+        )
+    )
+    rows.append(
+        row(
+            "sidecar.als.event_from_entry",
+            timed(lambda: event_from_entry(entry, NS, T0 + 30), number, repeat),
+            "one HTTPAccessLogEntry -> CallEvent",
+            where="supervisor",
+        )
+    )
+
+    # The engine, after learning (the steady state) and while learning. Every timed call
+    # gets a fresh event, later than the last one (replaying old events would hit the cheap
+    # "older than the window" return); they are made before timing.
+    steady = BehaviourEngine()
+    for e in events(learn + int(RATE), T0):
+        steady.observe(e, settings)
+    cursor = T0 + learn / RATE + 1.0
+
+    def fresh(n: int) -> list[CallEvent]:
+        nonlocal cursor
+        out = events(n, cursor)
+        cursor += n / RATE
+        return out
+
+    def feeder(items: list[Any], fn: Callable[[Any], object]) -> Callable[[], object]:
+        it = iter(items)
+        return lambda: fn(next(it))
+
+    def measure_fresh(
+        fn: Callable[[Any], object], make: Callable[[int], list[Any]], n: int, per: int = 1
+    ) -> list[float]:
+        out: list[float] = []
+        for _ in range(repeat):  # a fresh feed per run: the calls of one run, no more
+            out += timed(feeder(make(n), fn), n, 1, per)
+        return out
+
+    rows.append(
+        row(
+            "BehaviourEngine.observe (after learning)",
+            measure_fresh(lambda e: steady.observe(e, settings), fresh, number),
+            "known destination, bytes clipped, one bucket updated",
+            where="supervisor",
+        )
+    )
+    risk = steady.score(NS, AGENT, cursor, settings)
+    if risk.learning or risk.score > 0.0:
+        raise SystemExit(f"behaviour_cost: a steady stream should score 0: {risk.explanation()}")
+    at = cursor
+    rows.append(
+        row(
+            "BehaviourEngine.score",
+            timed(lambda: steady.score(NS, AGENT, at, settings), number, repeat),
+            f"one agent, nothing unusual ({risk.calls} calls in the window); per tick, not "
+            "per call",
+            where="supervisor (every 0.1 s)",
+        )
+    )
+    # Learning: another engine, its own timeline (a learning period longer than the runs).
+    learning = BehaviourSettings(
+        mode="enforce", revoke_at=0.95, learning_seconds=1e9, window_seconds=5.0
+    )
+    learner = BehaviourEngine()
+    learner_at = T0
+
+    def learner_events(n: int) -> list[CallEvent]:
+        nonlocal learner_at
+        out = events(n, learner_at)
+        learner_at += n / RATE
+        return out
+
+    rows.append(
+        row(
+            "BehaviourEngine.observe (learning)",
+            measure_fresh(lambda e: learner.observe(e, learning), learner_events, number),
+            "also the baseline and the learned peak window (sums the ring per event)",
+            where="supervisor",
+        )
+    )
+
+    # the service, as the supervisor runs it (tables in files under ``work``)
+    profiles = unlimited_profiles(PROFILES, work, behaviour={AGENT: BEHAVIOUR})
+    snapshot = load_profiles(profiles)
+    assert snapshot.agents[AGENT].behavior is not None
+    if settings_of(snapshot.agents[AGENT].behavior) != settings:
+        raise SystemExit("behaviour_cost: the profile's settings differ from the engine's")
+    context = ContextStore(SharedContext.create(work / "t.context"), None, lambda: snapshot)
+    store = RevocationStore(SharedTable.create(work / "t.table"), None)
+    store.mark_complete()
+    clock = [cursor]
+    service = BehaviourService(
+        lambda: snapshot, context, store, NS, engine=steady, clock=lambda: clock[0]
+    )
+
+    def batches(n: int) -> list[list[CallEvent]]:
+        return [fresh(ENTRIES_PER_MESSAGE) for _ in range(n)]
+
+    rows.append(
+        row(
+            "BehaviourService.observe (per event)",
+            measure_fresh(service.observe, batches, parse_n, ENTRIES_PER_MESSAGE),
+            f"batches of {ENTRIES_PER_MESSAGE}: lock, settings, namespace, engine",
+            where="supervisor",
+        )
+    )
+    servicer = AccessLogServicer(service.observe, namespace=NS, clock=lambda: T0 + 1e6)
+    serial = [0]
+
+    def messages(n: int) -> list[als_pb2.StreamAccessLogsMessage]:
+        nonlocal cursor
+        out = []
+        for _ in range(n):
+            out.append(envoy_message(serial[0], cursor))
+            serial[0] += ENTRIES_PER_MESSAGE
+            cursor += ENTRIES_PER_MESSAGE / RATE
+        return out
+
+    rows.append(
+        row(
+            "AccessLogServicer._handle (per entry)",
+            measure_fresh(servicer._handle, messages, parse_n, ENTRIES_PER_MESSAGE),
+            "a parsed message: event_from_entry of each entry, then BehaviourService.observe",
+            where="supervisor",
+        )
+    )
+    stats = servicer.stats()
+    if stats["skipped"] or stats["converted"] != stats["received"]:
+        raise SystemExit(f"behaviour_cost: entries not converted: {stats}")
+    clock[0] = cursor
+    states = service.tick()
+    if not states or states[0].score > 0.0 or states[0].learning:
+        raise SystemExit(f"behaviour_cost: tick gave {states}")
+    rows.append(
+        row(
+            "BehaviourService.tick",
+            timed(service.tick, max(1, number // 10), repeat),
+            "score + RiskState + publish if moved (it does not) + metric, one agent",
+            where="supervisor (every 0.1 s)",
+        )
+    )
+    # Per call first, then per tick.
+    return sorted(rows, key=lambda r: r["where"] != "supervisor")
+
+
+def worker_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    snapshot = load_profiles(unlimited_profiles(PROFILES, work, behaviour={AGENT: BEHAVIOUR}))
+    view = RequestView(
+        decision_id="0" * 32,
+        method="GET",
+        authority=HOST,
+        path=PATH,
+        headers={":method": "GET", ":authority": HOST, ":path": PATH, "user-agent": "wrk"},
+        context_extensions={"agent": AGENT},
+        configured_agent=AGENT,
+        namespace=NS,
+    )
+    now = T0 + 100
+    risk = RiskState(
+        AGENT, NS, 0.05, "risk 0.05: nothing unusual", {}, learning=False, updated_at=now - 0.05
+    )
+    grant = Grant(
+        "g-1", AGENT, NS, "refund", now - 60, now + 540, "alice", "refund INV-42", "admin", "r-1"
+    )
+    full = ContextTable.build(7, grants=[grant], risks=[risk])
+    off = decide(snapshot, view, now, context=EMPTY_CONTEXT)
+    on = decide(snapshot, view, now, context=full)
+    for d, want_risk in ((off, -1.0), (on, 0.05)):
+        if d.code != Code.ALLOWED or d.rule != RULE or d.risk != want_risk:
+            raise SystemExit(f"behaviour_cost: unexpected decision {d}")
+    # A difference of well under 1 µs on ~9: many short rounds, off and on alternating, and
+    # the median of the paired differences, so that a noisy moment cancels out.
+    times = interleaved(
+        {
+            "off": lambda: decide(snapshot, view, now, context=EMPTY_CONTEXT),
+            "on": lambda: decide(snapshot, view, now, context=full),
+        },
+        max(1, number // 4),
+        repeat * 4,
+    )
+    rows.append(
+        row(
+            "decide(), EMPTY_CONTEXT",
+            times["off"],
+            f"GET {HOST}{PATH}, allowed by {RULE}",
+            where="worker",
+        )
+    )
+    rows.append(
+        row(
+            "decide(), risk state + grant",
+            times["on"],
+            "the same call; the agent's RiskState (0.05) and an active `refund` grant",
+            where="worker",
+        )
+    )
+    added = [b - a for a, b in zip(times["off"], times["on"], strict=True)]
+    rows.append(
+        row(
+            "decide(): added (per round)",
+            added,
+            "on minus off, run by run (interleaved)",
+            where="worker",
+        )
+    )
+
+    # the shared context table: unchanged (per Check) and re-read after a publish
+    writer = SharedContext.create(work / "w.context")
+    reader = SharedContext.attach(work / "w.context")
+    writer.write(full)
+    reader.read()
+    rows.append(
+        row(
+            "SharedContext.read (unchanged)",
+            timed(reader.read, number, repeat),
+            "per Check, behaviour on or off",
+            where="worker",
+        )
+    )
+    stale = ContextTable(generation=-1)
+
+    def reread() -> None:  # as after a publish: the cached generation no longer matches
+        reader._cached = stale
+        reader.read()
+
+    rows.append(
+        row(
+            "SharedContext.read (after a publish)",
+            timed(reread, number, repeat),
+            "JSON decode + ContextTable.build of one risk + one grant; once per publish "
+            "(≤ 10/s), not per Check",
+            where="worker (per publish)",
+        )
+    )
+    return rows
+
+
+# ---------------------------------------------------------------- report
+
+
+def summarize(rows: list[dict[str, Any]], rps: float) -> dict[str, Any]:
+    by = {r["name"]: r for r in rows}
+
+    def best(name: str) -> float:
+        return float(by[name]["best_us"])
+
+    per_event = best("parse (protobuf, per entry)") + best("AccessLogServicer._handle (per entry)")
+    tick_per_call = best("BehaviourService.tick") * 10 / rps
+    added = statistics.median(by["decide(): added (per round)"]["samples_us"])
+    return {
+        "goal_added_us_per_check": GOAL_US,
+        "worker_added_us_per_check": added,
+        "worker_added_us_per_check_best": best("decide(), risk state + grant")
+        - best("decide(), EMPTY_CONTEXT"),
+        "supervisor_us_per_call": per_event + tick_per_call,
+        "supervisor_parse_and_handle_us_per_call": per_event,
+        "supervisor_tick_us_per_call_at_rps": tick_per_call,
+        "rps_assumed": rps,
+    }
+
+
+def markdown(info: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    lines = [
+        "| where | what | µs best | µs median | note |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['where']} | {r['name']} | {r['best_us']:.3f} | {r['median_us']:.3f} "
+            f"| {r['note']} |"
+        )
+    s = summary
+    lines += [
+        "",
+        f"On the Check path (worker): decide() with the agent's risk state and a grant costs "
+        f"{s['worker_added_us_per_check']:+.3f} µs more than with an empty context (median of "
+        f"the interleaved rounds; best vs best {s['worker_added_us_per_check_best']:+.3f}); "
+        f"goal ≤ {s['goal_added_us_per_check']:g} µs added per Check.",
+        f"Off the Check path (supervisor), per call: parse + decode + observe "
+        f"{s['supervisor_parse_and_handle_us_per_call']:.2f} µs, plus the 0.1 s tick spread "
+        f"over {s['rps_assumed']:,.0f} calls/s {s['supervisor_tick_us_per_call_at_rps']:.3f} "
+        f"µs = {s['supervisor_us_per_call']:.2f} µs, before gRPC's own stream handling.",
+        "",
+        f"Machine: {info['nproc']} CPUs, {info['cpu_model']}, Linux {info['kernel']}; Python "
+        f"{info['python']}, protobuf {info['protobuf']}; timeit, GC off, best and median of "
+        f"{info['repeat']} runs of {info['number']:,} calls; git {info['git_commit']}; "
+        f"{info['date']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--number", type=int, default=20000, help="calls per timed run")
+    p.add_argument("--repeat", type=int, default=7, help="timed runs per measure")
+    p.add_argument(
+        "--rps", type=float, default=3000.0, help="calls/s to spread the 0.1 s tick over"
+    )
+    p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
+    args = p.parse_args(argv)
+    if args.number < 100 or args.repeat < 3:
+        p.error("--number >= 100 and --repeat >= 3")
+    info = {
+        **machine_base(),
+        "protobuf": package_version("protobuf"),
+        "number": args.number,
+        "repeat": args.repeat,
+        "behaviour_profile": BEHAVIOUR,
+        "rate_of_synthetic_calls": RATE,
+    }
+    with tempfile.TemporaryDirectory(prefix="mandate-bench-") as tmp:
+        work = Path(tmp)
+        gc.collect()
+        rows = supervisor_rows(args.number, args.repeat, work / "s")
+        rows += worker_rows(args.number, args.repeat, work / "w")
+    summary = summarize(rows, args.rps)
+    table = markdown(info, rows, summary)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"machine": info, "summary": summary, "results": rows}
+    (args.out / "behaviour_cost.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (args.out / "behaviour_cost.md").write_text(
+        "# Behaviour analysis: cost per call, in-process\n\n"
+        "Written by `bench/behaviour_cost.py`; see its docstring for what each row measures."
+        "\n\n" + table
+    )
+    print(f"wrote {args.out / 'behaviour_cost'}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
