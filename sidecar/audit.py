@@ -300,6 +300,7 @@ class AuditWriter:
         queue_max: int = DEFAULT_QUEUE_MAX,
         retry_interval: float = 0.5,
         clock: Callable[[], float] = time.time,
+        linger: float = 0.02,
     ) -> None:
         if not _CHAIN_ID.match(chain_id):
             raise ConfigError(
@@ -324,6 +325,12 @@ class AuditWriter:
         self._queue_max = queue_max
         self._retry_interval = retry_interval
         self._clock = clock
+        # After a batch the thread waits this long for more records instead of waking once
+        # per record: each wake-up takes the GIL from the Check threads. Measured with
+        # `bench/check_throughput.py --telemetry` (gRPC, 1 worker, 2 CPUs): 540 -> 459 µs of
+        # CPU per Check, 2,014 -> 2,321 req/s. flush() and close() cut the wait short.
+        self._linger = linger
+        self._nudge = threading.Event()
 
         # Chain and file state: owned by the writer thread once it runs.
         self._index = 0
@@ -418,6 +425,7 @@ class AuditWriter:
             if self._closed:
                 return False
             self._q.put(item)
+        self._nudge.set()
         return item.done.wait(timeout)
 
     def close(self, timeout: float = 5.0) -> bool:
@@ -427,6 +435,7 @@ class AuditWriter:
                 return not self._thread.is_alive()
             self._closed = True
             self._q.put(_STOP)
+        self._nudge.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("audit writer %s did not finish within %.1fs", self.chain_id, timeout)
@@ -519,6 +528,9 @@ class AuditWriter:
                     except queue.Empty:
                         item = None
                 self._housekeeping(force=stop)
+                if handled and not stop and self._linger > 0:
+                    self._nudge.wait(self._linger)
+                    self._nudge.clear()
             except Exception:  # the thread must outlive any bug: count it and go on
                 self._errors += 1
                 log.exception("audit writer %s: unexpected error", self.chain_id)
