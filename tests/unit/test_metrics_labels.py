@@ -1,0 +1,26 @@
+"""Metric labels stay bounded: a caller that invents agent names (forged context extensions,
+unknown service accounts) must not grow the Prometheus registry. Only agents with a profile
+become label values; every unattributed or unknown caller shares the label "-"."""
+
+from __future__ import annotations
+
+from sidecar import metrics
+from sidecar.core import Code, Decision
+
+
+def test_invented_agent_names_share_one_label() -> None:
+    before = len(metrics._children)
+    for i in range(500):
+        metrics.observe_decision(
+            Decision(f"d{i}", False, Code.UNKNOWN_AGENT, "no profile", agent=f"invented-{i}"), 0.001
+        )
+    added = len(metrics._children) - before
+    assert added <= 1
+    labels = {key[0] for key in metrics._children}
+    assert not any(a.startswith("invented-") for a in labels)
+
+
+def test_an_agent_with_a_profile_is_its_own_label() -> None:
+    d = Decision("d", True, Code.ALLOWED, "ok", agent="billing-agent", owner="finance")
+    metrics.observe_decision(d, 0.001)
+    assert ("billing-agent", True, Code.ALLOWED) in metrics._children
