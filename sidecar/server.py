@@ -30,7 +30,6 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import metrics
-from .admin import AdminServer
 from .audit import AuditWriter
 from .authz import Audit, Authorizer, Identity
 from .core import Snapshot
@@ -39,11 +38,12 @@ from .core.ratelimit import RateLimiter
 from .core.revocation import EMPTY_TABLE, RevocationTable
 from .errors import ConfigError
 from .ext_authz import AuthorizationServicer
-from .http_authz import HttpAuthzServer
 from .reload import SnapshotHolder
 from .shm import SharedContext, SharedTable
 
 if TYPE_CHECKING:
+    from .admin import AdminServer
+    from .http_authz import HttpAuthzServer
     from .tracing import Tracing
 
 __all__ = ["SUPERVISOR_PID_ENV", "ServeConfig", "Sidecar", "serve", "split_hostport"]
@@ -200,6 +200,8 @@ class Sidecar:
             self._health.set(AUTHZ_SERVICE, health_pb2.HealthCheckResponse.SERVING)
             self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         if admin is not None:
+            from .admin import AdminServer  # aiohttp: only where an admin server runs
+
             self._admin = AdminServer(admin[0], admin[1], self._ready)
             try:
                 self.admin_port = self._admin.start()
@@ -219,6 +221,8 @@ class Sidecar:
         listen = self.config.listen
         unix = listen.startswith("unix:")
         host, port = ("", 0) if unix else split_hostport(listen, "--listen")
+        from .http_authz import HttpAuthzServer  # aiohttp: only for --transport http
+
         self._http = HttpAuthzServer(authz, host, port, listen[5:] if unix else "")
         try:
             self.http_port = self._http.start()
