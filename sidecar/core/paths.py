@@ -6,7 +6,11 @@ backslashes read as `/`, empty and `.` segments dropped, `..` resolved against w
 it (never above the root). Rules then match the canonical form, so a path that uses `..` or
 `%2e%2e` to leave a prefix never matches that prefix. A path that cannot be canonicalised
 (bad UTF-8, control characters, encoding nested too deep) is reported as ``None`` and the
-decision denies it: an ambiguous path must not slip past a deny rule.
+decision denies it: an ambiguous path must not slip past a deny rule. Path parameters (a
+`;` in the path, encoded or not) are refused the same way: upstreams disagree on them —
+servlet containers and some frameworks drop `;...` from a segment, others keep it — so
+`/v1/ledger/admin;x/users` would dodge a deny rule on `/v1/ledger/admin/**` at one kind
+of upstream and not at the other (found by tests/e2e/test_adversarial.py).
 
 Patterns (`/v1/invoices/*`, `/v1/ledger/**`) are compiled to one anchored regular
 expression per rule when profiles load; nothing here compiles a regex per request.
@@ -34,8 +38,8 @@ _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Segments that need no decoding or resolution: not starting with '.', and without '%',
 # '\\' or control characters (C0, DEL, C1). An optional trailing slash.
-_CLEAN = re.compile(r"(?:/[^/.%\\\x00-\x1f\x7f-\x9f][^/%\\\x00-\x1f\x7f-\x9f]*)+/?|/")
-_SEGMENT_LITERAL = re.compile(r"^[^/*?#%\\\x00-\x20\x7f]+$")
+_CLEAN = re.compile(r"(?:/[^/.%;\\\x00-\x1f\x7f-\x9f][^/%;\\\x00-\x1f\x7f-\x9f]*)+/?|/")
+_SEGMENT_LITERAL = re.compile(r"^[^/*?#%;\\\x00-\x20\x7f]+$")
 
 
 def canonical_path(raw: str) -> str | None:
@@ -69,7 +73,7 @@ def canonical_path(raw: str) -> str | None:
     else:
         if _PERCENT.search(path):
             return None  # still encoded after several rounds: refuse to guess
-    if _CONTROL.search(path):
+    if _CONTROL.search(path) or ";" in path:
         return None
     if not path.startswith(("/", "\\")):
         return None  # asterisk-form, absolute-form leftovers, empty: not an origin path
@@ -113,8 +117,8 @@ def validate_path_pattern(pattern: str) -> str:
             )
         if not _SEGMENT_LITERAL.match(seg):
             raise ValueError(
-                f"path pattern {pattern!r}: segment {seg!r} may not contain spaces, '?', '#', '%', "
-                "'\\' or control characters (write paths decoded, without a query)"
+                f"path pattern {pattern!r}: segment {seg!r} may not contain spaces, '?', '#', "
+                "'%', ';', '\\' or control characters (write paths decoded, without a query)"
             )
     return pattern
 

@@ -61,7 +61,7 @@ def ref_matches_any(patterns: list[str], canonical: str) -> bool:
 
 def ref_canonical(raw: str) -> str | None:
     """Drop query and fragment, percent-decode until stable (at most 3 rounds, strict UTF-8),
-    refuse control characters and anything still encoded, read `\\` as `/`, resolve `.` and
+    refuse control characters, path parameters (`;`) and anything still encoded, read `\\` as `/`, resolve `.` and
     `..` (never above the root), drop empty segments."""
     if len(raw) > MAX_PATH_LENGTH:
         return None
@@ -77,6 +77,8 @@ def ref_canonical(raw: str) -> str | None:
     if re.search(r"%[0-9A-Fa-f]{2}", path):
         return None
     if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in path):
+        return None
+    if ";" in path:  # path parameters: upstreams disagree on them, refused
         return None
     if not path.startswith(("/", "\\")):
         return None
