@@ -204,9 +204,9 @@ def test_a_path_cannot_smuggle_another_agents_prefix(sidecar: Sidecar) -> None:
             "/mandate;agent=billing-agent/mandate;agent=research-agent/api/query",
             host="export.arxiv.org",
         ),
-        "outside_purpose",
+        "bad_request",  # a `;` in the call's own path: refused as ambiguous
     )
-    assert body["reason"] == "outside purpose 'reconcile'"
+    assert body["reason"] == "malformed or ambiguous path"
     assert_allowed(
         ask(
             sidecar.http_port,
