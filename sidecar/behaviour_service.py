@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ from .core.revocation import Revocation, make_key
 from .core.snapshot import Snapshot
 from .errors import ConfigError
 from .revocations import Change, RevocationStore
+from .statefile import write_json_durably
 
 __all__ = ["BehaviourService", "settings_of"]
 
@@ -200,12 +200,7 @@ class BehaviourService:
             return
         with self._lock:
             data = self.engine.export_state()
-        tmp = path.with_suffix(".tmp")
         try:
-            with open(tmp, "w") as f:
-                json.dump(data, f, separators=(",", ":"))
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(path)
+            write_json_durably(path, data)
         except OSError:
             log.exception("saving the behaviour baselines to %s failed", path)

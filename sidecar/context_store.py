@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import secrets
 import threading
@@ -37,6 +36,7 @@ from .core.context import (
 from .core.snapshot import CompiledAgent, Snapshot
 from .errors import ConfigError, ContextError
 from .shm import SharedContext
+from .statefile import write_json_durably
 
 __all__ = ["ContextStore"]
 
@@ -181,13 +181,8 @@ class ContextStore:
             "grants": [g.as_dict() for g in self._grants.values()],
             "approvals": self._by_approval,
         }
-        tmp = path.with_suffix(".tmp")
         try:
-            with open(tmp, "w") as f:
-                json.dump(data, f, separators=(",", ":"))
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(path)
+            write_json_durably(path, data)
         except OSError:
             # The shared table is already published: enforcement is right; only a restart
             # would lose this change. Loud, not fatal.

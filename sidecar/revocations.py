@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -21,6 +20,7 @@ from pathlib import Path
 from .core.revocation import Revocation, RevocationTable
 from .errors import ConfigError
 from .shm import SharedTable
+from .statefile import write_json_durably
 
 __all__ = ["Change", "RevocationStore"]
 
@@ -98,21 +98,7 @@ class RevocationStore:
         if path is None:
             return
         doc = {"version": STATE_VERSION, "revocations": [r.as_dict() for r in self.entries()]}
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with tmp.open("w") as f:
-                json.dump(doc, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
-        dirfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        write_json_durably(path, doc, indent=1)
 
     # -- writing --------------------------------------------------------------------------
 
