@@ -111,15 +111,9 @@ class RevocationAPI:
         return web.json_response({"revocations": [_show(r, now) for r in self._store.entries()]})
 
     async def _revoke(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "bad_request", "the body must be JSON")
-        if not isinstance(body, dict):
-            return _error(400, "bad_request", "the body must be a JSON object")
-        unknown = set(body) - {"agent", "reason", "expiresAt"}
-        if unknown:
-            return _error(400, "bad_request", f"unknown field(s): {', '.join(sorted(unknown))}")
+        body = await _json_object(request, {"agent", "reason", "expiresAt"})
+        if isinstance(body, web.Response):
+            return body
         agent, reason, expires = body.get("agent"), body.get("reason"), body.get("expiresAt")
         if not isinstance(agent, str) or not _AGENT.match(agent):
             return _error(400, "bad_request", "agent: expected a profile name or '*'")
@@ -230,15 +224,9 @@ class ElevationAPI:
 
     async def _approve(self, request: web.Request) -> web.Response:
         rid = request.match_info["request"]
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "bad_request", "the body must be JSON")
-        if not isinstance(body, dict):
-            return _error(400, "bad_request", "the body must be a JSON object")
-        unknown = set(body) - {"approver", "duration", "reason"}
-        if unknown:
-            return _error(400, "bad_request", f"unknown field(s): {', '.join(sorted(unknown))}")
+        body = await _json_object(request, {"approver", "duration", "reason"})
+        if isinstance(body, web.Response):
+            return body
         approver, duration, reason = body.get("approver"), body.get("duration"), body.get("reason")
         if not isinstance(approver, str) or not approver.strip() or len(approver) > 256:
             return _error(400, "bad_request", "approver: expected 1-256 characters")
@@ -271,6 +259,20 @@ class ElevationAPI:
         state, message, grant, expires = self._store.approve(approval)
         body_out = {"state": state, "message": message, "grant": grant, "expires_at": expires}
         return web.json_response(body_out, status=200 if state == "Granted" else 409)
+
+
+async def _json_object(request: web.Request, fields: set[str]) -> dict[str, Any] | web.Response:
+    """The request's JSON object body with only ``fields``, or the 400 that says why not."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return _error(400, "bad_request", "the body must be JSON")
+    if not isinstance(body, dict):
+        return _error(400, "bad_request", "the body must be a JSON object")
+    unknown = set(body) - fields
+    if unknown:
+        return _error(400, "bad_request", f"unknown field(s): {', '.join(sorted(unknown))}")
+    return body
 
 
 def _show(r: Revocation, now: float) -> dict[str, Any]:
