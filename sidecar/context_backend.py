@@ -83,7 +83,7 @@ class SupervisorBackend:
         snap = self._snapshot()
         if snap is None:
             raise ContextError("profiles not loaded yet", "FAILED_PRECONDITION")
-        hdrs = {k.lower(): v for k, v in headers.items()}
+        hdrs = dict(headers)  # view_from_url lower-cases the names
         if purpose:
             hdrs[PURPOSE_HEADER] = purpose
         if task:
