@@ -54,7 +54,6 @@ import random
 import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -75,6 +74,7 @@ if str(ROOT) not in sys.path:
 
 from benchlib import (  # noqa: E402
     CLK_TCK,
+    RawClient,
     cpu_seconds,
     envoy_version,
     machine_base,
@@ -147,52 +147,6 @@ def upstream_main(port_out: Connection) -> None:
 REQUEST = f"GET {URL} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
 
 
-class RawClient:
-    """HTTP/1.1 over one keep-alive socket, the request pre-encoded: far less client CPU
-    than http.client, which matters when clients, Envoy and mandate share two CPUs."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.sock: socket.socket | None = None
-        self.buf = b""
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-        self.sock, self.buf = None, b""
-
-    def get(self) -> tuple[int, bytes]:
-        """Send the request, read the whole response: (status, body). Raises OSError."""
-        if self.sock is None:
-            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(REQUEST)
-        while (end := self.buf.find(b"\r\n\r\n")) < 0:
-            self._more()
-        head, self.buf = self.buf[:end].decode("latin-1"), self.buf[end + 4 :]
-        lines = head.split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers = {
-            k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])
-        }
-        if "content-length" not in headers:
-            raise OSError(f"response without content-length: {head[:200]!r}")
-        length = int(headers["content-length"])
-        while len(self.buf) < length:
-            self._more()
-        body, self.buf = self.buf[:length], self.buf[length:]
-        if headers.get("connection", "").lower() == "close":
-            self.close()
-        return status, body
-
-    def _more(self) -> None:
-        assert self.sock is not None
-        data = self.sock.recv(65536)
-        if not data:
-            raise OSError("connection closed by Envoy")
-        self.buf += data
-
-
 def client_main(
     index: int,
     port: int,
@@ -206,11 +160,11 @@ def client_main(
     controller's pacing); send all records (send, receive, status) to ``out`` at the end."""
     _quiet_child()
     sent, received, statuses = array("d"), array("d"), array("i")
-    client = RawClient(port)
+    client = RawClient(port, timeout=5)
     while not stop.value:
         t0 = time.time()
         try:
-            status, body = client.get()
+            status, _, body = client.send(REQUEST)
             t1 = time.time()
             if status == 403 and b'"revoked' not in body:
                 status = OTHER_403

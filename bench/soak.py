@@ -58,7 +58,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -84,6 +83,7 @@ if str(ROOT) not in sys.path:
 
 from benchlib import (  # noqa: E402
     CLK_TCK,
+    RawClient,
     cpu_seconds,
     envoy_version,
     machine_base,
@@ -268,54 +268,6 @@ def upstream_main(port_out: Connection) -> None:
             await runner.cleanup()
 
     asyncio.run(serve())
-
-
-# ---------------------------------------------------------------- HTTP client
-
-
-class RawClient:
-    """HTTP/1.1 over one keep-alive socket, requests pre-encoded (little client CPU)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.sock: socket.socket | None = None
-        self.buf = b""
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-        self.sock, self.buf = None, b""
-
-    def send(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
-        """(status, lower-case headers, body). Raises OSError (or ValueError on garbage)."""
-        if self.sock is None:
-            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(request)
-        while (end := self.buf.find(b"\r\n\r\n")) < 0:
-            self._more()
-        head, self.buf = self.buf[:end].decode("latin-1"), self.buf[end + 4 :]
-        lines = head.split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers = {
-            k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])
-        }
-        if "content-length" not in headers:
-            raise OSError(f"response without content-length: {head[:200]!r}")
-        length = int(headers["content-length"])
-        while len(self.buf) < length:
-            self._more()
-        body, self.buf = self.buf[:length], self.buf[length:]
-        if headers.get("connection", "").lower() == "close":
-            self.close()
-        return status, headers, body
-
-    def _more(self) -> None:
-        assert self.sock is not None
-        data = self.sock.recv(65536)
-        if not data:
-            raise OSError("connection closed by Envoy")
-        self.buf += data
 
 
 def outcome_of(status: int, headers: dict[str, str], body: bytes) -> str:
