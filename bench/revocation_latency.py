@@ -74,6 +74,7 @@ if str(ROOT) not in sys.path:
 
 from benchlib import (  # noqa: E402
     CLK_TCK,
+    BenchError,
     RawClient,
     cpu_seconds,
     envoy_version,
@@ -104,10 +105,6 @@ OTHER_403 = 1403  # a 403 whose body is not the revocation's deny (recorded apar
 ERROR = 0  # no response (socket error, timeout)
 GOAL_P99_MS = 2.0
 CTX = mp.get_context("spawn")
-
-
-class BenchError(RuntimeError):
-    """The benchmark cannot produce meaningful figures; the message says why."""
 
 
 # ---------------------------------------------------------------- child processes

@@ -83,6 +83,7 @@ if str(ROOT) not in sys.path:
 
 from benchlib import (  # noqa: E402
     CLK_TCK,
+    BenchError,
     RawClient,
     cpu_seconds,
     envoy_version,
@@ -124,10 +125,6 @@ ALLOW = "allow"
 CONN_ERROR = "connection error"
 NOT_MANDATE_403 = "403 not from mandate"
 NOT_MANDATE_200 = "200 without mandate's decision header"
-
-
-class BenchError(RuntimeError):
-    """The soak cannot run or cannot go on; the message says why."""
 
 
 # ---------------------------------------------------------------- profiles
