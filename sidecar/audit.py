@@ -65,6 +65,7 @@ processes from writing one chain.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -113,6 +114,8 @@ _FILE = re.compile(r"^audit-(?P<chain>[A-Za-z0-9][A-Za-z0-9_.-]*)-(?P<index>\d{6
 _TORN_TEXT_MAX = 64 * 1024
 _LOSS_IDS_MAX = 100
 _BATCH = 512
+# A batch's decision records go out in one write(2) of at most about this many bytes.
+_PENDING_MAX_BYTES = 256 * 1024
 
 FsyncMode = Literal["always", "interval", "never"]
 FailureMode = Literal["fail-closed", "continue"]
@@ -148,6 +151,39 @@ def link(record: Mapping[str, Any], *, seq: int, prev: str) -> dict[str, Any]:
     out["prev"] = prev
     out["hash"] = record_hash(out)
     return out
+
+
+_HASH_KEY = b'"hash":"'
+_PLACEHOLDER = "0" * 64
+
+
+def chained_line(record: Mapping[str, Any], *, seq: int, prev: str) -> tuple[bytes, str]:
+    """``canonical_json(link(record, seq=seq, prev=prev)) + b"\\n"`` and that record's hash,
+    with one JSON encoding instead of two (this runs once per audited decision).
+
+    The record is encoded once with a placeholder hash; the bytes hashed are that encoding
+    without the ``"hash":"..."`` member, which is exactly the canonical JSON of the record
+    without ``hash`` (keys sorted, so removing one member leaves the rest in order). The
+    splice is safe only where ``"hash":"`` occurs once: inside JSON strings every quote is
+    escaped, so the one occurrence is our top-level key; a nested ``hash`` key takes the
+    two-encoding path."""
+    out = {k: v for k, v in record.items() if k != "hash"}
+    out["seq"] = seq
+    out["prev"] = prev
+    out["hash"] = _PLACEHOLDER
+    full = canonical_json(out)
+    at = full.find(_HASH_KEY)
+    if at < 0 or full.find(_HASH_KEY, at + 1) >= 0:
+        del out["hash"]
+        digest = record_hash(out)
+        out["hash"] = digest
+        return canonical_json(out) + b"\n", digest
+    value = at + len(_HASH_KEY)
+    end = value + len(_PLACEHOLDER) + 1  # past the closing quote
+    # Drop the member with one of its separating commas (it is never the only member).
+    body = full[: at - 1] + full[end:] if full[at - 1 : at] == b"," else full[:at] + full[end + 1 :]
+    digest = hashlib.sha256(body).hexdigest()
+    return full[:value] + digest.encode("ascii") + full[value + len(_PLACEHOLDER) :] + b"\n", digest
 
 
 def rfc3339(ts: float) -> str:
@@ -346,6 +382,10 @@ class AuditWriter:
         self._last_sync = time.monotonic()
         self._next_retry = 0.0
         self._recovered: dict[str, Any] | None = None
+        # Decision records chained but not yet written (see `_put`); the state before them.
+        self._pending: list[Mapping[str, Any]] = []
+        self._pending_lines: list[bytes] = []
+        self._pending_base: tuple[int, int, str, int] = (0, 0, "", 0)
 
         # Counters. Writer-thread counters are written by that thread only.
         self._written = 0
@@ -537,6 +577,8 @@ class AuditWriter:
         self._finish()
 
     def _finish(self) -> None:
+        with contextlib.suppress(OSError):  # counted and reported by _write_pending
+            self._write_pending()
         self._summarize(force=True)
         if self._fd is not None:
             if self._dirty:
@@ -563,7 +605,10 @@ class AuditWriter:
         return max(0.0, min(deadlines)) if deadlines else None
 
     def _housekeeping(self, force: bool = False) -> None:
-        """After a batch: retry (write the loss record) when due, fsync per policy, log."""
+        """After a batch: write it, retry (write the loss record) when due, fsync per
+        policy, log."""
+        with contextlib.suppress(OSError):  # counted and reported; retried below when due
+            self._write_pending()
         self._summarize()
         now = time.monotonic()
         pending = not self._loss.empty() or self._recovered is not None or self._fd is None
@@ -586,8 +631,7 @@ class AuditWriter:
     def _store_guarded(self, record: Mapping[str, Any]) -> None:
         try:
             self._prepare()
-            self._put(record)
-            self._written += 1
+            self._put(record, pending=True)
         except OSError as exc:
             self._failed += 1
             self._note_loss(record, dropped=False, error=_describe(exc))
@@ -630,22 +674,74 @@ class AuditWriter:
             )  # fmt: skip
             self._loss_logged = _Loss()
 
-    def _put(self, record: Mapping[str, Any]) -> None:
-        """Chain and append one record to the current file, rotating first if it is full."""
+    def _put(self, record: Mapping[str, Any], *, pending: bool = False) -> None:
+        """Chain and append one record to the current file, rotating first if it is full.
+        ``pending`` (decision records): only chained now and written with the others of the
+        batch in one write(2) by `_write_pending` (its failure fails them all)."""
         line, digest = self._line(record)
         if self._file_records > 0 and self._size + len(line) > self._max_bytes:
             self._rotate()
             self._ensure_file()
             line, digest = self._line(record)
+        if pending:
+            if not self._pending:
+                self._pending_base = (self._size, self._seq, self._prev, self._file_records)
+            self._pending.append(record)
+            self._pending_lines.append(line)
+            self._size += len(line)
+            self._seq += 1
+            self._prev = digest
+            self._file_records += 1
+            if self._size - self._pending_base[0] >= _PENDING_MAX_BYTES:
+                self._write_pending()
+            return
         self._append(line, digest)
         self._file_records += 1
 
+    def _write_pending(self) -> None:
+        """Write the batch's chained decision records with one write(2). On an error they
+        all count as failed (and go into the next ``loss`` record), and the chain state goes
+        back to before them: the next record takes their place."""
+        if not self._pending:
+            return
+        records, lines = self._pending, self._pending_lines
+        self._pending, self._pending_lines = [], []
+        size, seq, prev, file_records = self._pending_base
+        fd = self._fd
+        assert fd is not None
+        try:
+            if self._dirty:
+                os.ftruncate(fd, size)
+                self._dirty = False
+            view = memoryview(b"".join(lines))
+            try:
+                while view:
+                    n = _write_fd(fd, view)
+                    view = view[n:]
+            except OSError:
+                self._dirty = True
+                raise
+        except OSError as exc:
+            self._size, self._seq, self._prev, self._file_records = size, seq, prev, file_records
+            error = _describe(exc)
+            for record in records:
+                self._failed += 1
+                self._note_loss(record, dropped=False, error=error)
+            self._error("writing a record", exc)
+            raise
+        self._written += len(records)
+        self._unsynced += len(records)
+        if not self._healthy:
+            log.warning("audit chain %s: writing again (seq %d)", self.chain_id, self._seq - 1)
+            self._healthy = True
+
     def _line(self, record: Mapping[str, Any]) -> tuple[bytes, str]:
-        linked = link(record, seq=self._seq, prev=self._prev)
-        return canonical_json(linked) + b"\n", linked["hash"]
+        return chained_line(record, seq=self._seq, prev=self._prev)
 
     def _append(self, line: bytes, digest: str) -> None:
-        """One write(2) (looping over short writes); state advances only on success."""
+        """One write(2) (looping over short writes); state advances only on success. The
+        batch's pending records go first, so the file keeps the chain's order."""
+        self._write_pending()
         fd = self._fd
         assert fd is not None
         if self._dirty:
