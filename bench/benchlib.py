@@ -773,6 +773,8 @@ class MandateOptions:
     behaviour_profile: bool = False
     # Behaviour analysis on: --access-log, and Envoy streams its access log to it.
     access_log: bool = False
+    # More `mandate run` arguments, appended last (e.g. ("--audit-dir", DIR) alone).
+    extra: tuple[str, ...] = ()
 
 
 @dataclass
@@ -844,6 +846,7 @@ def running_stack(
                 extra += ["--state-dir", str(where / "state")]
             if mandate.access_log:
                 extra += ["--access-log", "127.0.0.1:0"]
+            extra += mandate.extra
             profiles = unlimited_profiles(
                 PROFILES, where, behaviour={AGENT: BEHAVIOUR} if mandate.behaviour_profile else None
             )

@@ -1,0 +1,199 @@
+"""Where a worker's CPU goes under load: py-spy samples mandate's Check worker while wrk
+drives real Envoy at it, once per configuration, and prints for each the share of samples
+per thread and the functions with the most samples (self and total, Python and native frames).
+
+The stack is the one of bench/check_throughput.py (Envoy --concurrency 1, the demo profiles
+minus rate limits, `GET /v1/invoices/42` allowed). Configurations (--cases, comma-separated):
+
+  off        tracing and audit off
+  telemetry  every decision traced (OTLP to a discarding receiver) and audited
+
+py-spy runs with --native (C frames of grpcio's core and CPython) and --threads; with
+--idle, samples of threads that wait (GIL, futex, epoll) are kept too, which shows how many
+threads hand work around. Writes, per case, the folded stacks (flamegraph.pl / speedscope
+input) and a summary to bench/results/profile/. Needs py-spy (`pip install py-spy`, in the
+dev extras) and wrk, and ptrace rights over the worker (same user; on hardened kernels
+`kernel.yama.ptrace_scope` 0).
+
+Run: .venv/bin/python bench/profile_check.py [--duration 10] [--cases off,telemetry]
+     [--transport grpc|http] [--idle]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchlib import (  # noqa: E402
+    TEMPLATES,
+    WRK_SCRIPT,
+    BenchError,
+    MandateOptions,
+    process_tree,
+    run_wrk,
+    running_stack,
+    verify,
+)
+
+OUT = ROOT / "bench" / "results" / "profile"
+
+
+def py_spy() -> str:
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(found).exists():
+        raise BenchError("py-spy not found: .venv/bin/pip install py-spy")
+    return found
+
+
+def worker_pid(supervisor: int) -> int:
+    kids = [p for p in process_tree(supervisor) if p != supervisor]
+    if not kids:
+        raise BenchError("mandate has no worker process")
+    return kids[0]
+
+
+def summarize(folded: str, top: int) -> dict[str, Any]:
+    """Per-thread shares and the hottest functions of py-spy's folded output
+    (`thread (0x..);frame;frame N` per line with --threads)."""
+    threads: collections.Counter[str] = collections.Counter()
+    self_: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in folded.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        samples += n
+        frames = stack.split(";")
+        thread = frames[0] if frames[0].startswith(("thread", "process")) else "?"
+        body = frames[1:] if thread != "?" else frames
+        # Name a thread by its first Python frame that is not threading's bootstrap.
+        name = next((f for f in body if "threading.py" not in f and "_bootstrap" not in f), thread)
+        threads[_short(name)] += n
+        if body:
+            self_[_short(body[-1])] += n
+        for f in set(body):
+            total[_short(f)] += n
+    pct = (lambda c: round(100 * c / samples, 1)) if samples else (lambda c: 0.0)
+    return {
+        "samples": samples,
+        "threads": [[t, pct(c)] for t, c in threads.most_common(12)],
+        "self": [[f, pct(c)] for f, c in self_.most_common(top)],
+        "total": [[f, pct(c)] for f, c in total.most_common(top)],
+    }
+
+
+def _short(frame: str) -> str:
+    # "func (module/path.py:123)" -> "func (path.py)"; native frames keep their library.
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    file = where.rsplit("/", 1)[-1].split(":", 1)[0] if where else ""
+    return f"{name} ({file})" if file else name
+
+
+def run_case(
+    name: str, opts: MandateOptions, args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
+    script = work / "report.lua"
+    script.write_text(WRK_SCRIPT)
+    template = TEMPLATES[opts.transport]
+    with running_stack(name, template, work, opts) as stack:
+        assert stack.mandate is not None
+        verify(name, stack.envoy, stack.mandate)
+        pid = worker_pid(stack.mandate.proc.pid)
+        run_wrk(stack.envoy.port, script, args.connections, 2)  # warm-up
+        folded = work / f"{name}.folded"
+        cmd = [py_spy(), "record", "--pid", str(pid), "--threads"]
+        # --native pauses the worker per sample (throughput drops ~6x): opt-in. By default
+        # py-spy reads without stopping it and keeps only the thread holding the GIL.
+        cmd += ["--native"] if args.native else ["--nonblocking", "--gil"]
+        cmd += ["--rate", str(args.rate), "--duration", str(int(args.duration)), "--format", "raw"]
+        cmd += ["--output", str(folded)]
+        if args.idle:
+            cmd.append("--idle")
+        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        load = run_wrk(stack.envoy.port, script, args.connections, args.duration)
+        _, err = spy.communicate(timeout=args.duration + 30)
+        if spy.returncode != 0 or not folded.exists():
+            raise BenchError(f"py-spy failed ({spy.returncode}): {err.strip()[-600:]}")
+    result = summarize(folded.read_text(), args.top)
+    result |= {"case": name, "rps": round(load["rps"]), "folded": folded.name}
+    return result
+
+
+def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    out = ["# Where a Check worker's CPU goes (py-spy --native under wrk load)", ""]
+    out.append(
+        f"Written by `bench/profile_check.py`; transport {args.transport}, wrk -t1 "
+        f"-c{args.connections} for {args.duration:g} s, py-spy {args.rate} Hz"
+        f"{', --native (the worker is paused per sample)' if args.native else ', --gil'}"
+        f"{' with idle samples' if args.idle else ''}."
+    )
+    for r in results:
+        out += ["", f"## {r['case']}: {r['rps']:,} req/s, {r['samples']:,} samples", ""]
+        out += ["| thread | share |", "|---|---|"]
+        out += [f"| `{t}` | {p}% |" for t, p in r["threads"]]
+        out += ["", "| function (self) | share |", "|---|---|"]
+        out += [f"| `{f}` | {p}% |" for f, p in r["self"]]
+        out += ["", "| function (total) | share |", "|---|---|"]
+        out += [f"| `{f}` | {p}% |" for f, p in r["total"]]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=10.0, help="seconds sampled per case")
+    p.add_argument("--cases", default="off,telemetry", help="off, telemetry (comma-separated)")
+    p.add_argument("--transport", choices=["grpc", "http"], default="grpc")
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    p.add_argument("--idle", action="store_true", help="keep samples of waiting threads")
+    p.add_argument(
+        "--native", action="store_true", help="C frames too (stops the worker per sample)"
+    )
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args(argv)
+    cases = {
+        "off": MandateOptions(transport=args.transport),
+        "telemetry": MandateOptions(transport=args.transport, telemetry=True),
+    }
+    wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in cases]
+    if unknown:
+        p.error(f"--cases: unknown {unknown}; choose from {sorted(cases)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mandate-profile-") as tmp:
+        work = Path(tmp)
+        for name in wanted:
+            results.append(run_case(name, cases[name], args, work))
+            shutil.copy(work / f"{name}.folded", args.out / f"{name}-{args.transport}.folded")
+    stem = args.out / f"profile-{args.transport}{'-idle' if args.idle else ''}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    text = markdown(results, args)
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"profile_check: {e}", file=sys.stderr)
+        sys.exit(1)
