@@ -1,0 +1,195 @@
+"""Where mandate's idle memory is: RSS of each of its processes, split by mapping, and the RSS a
+fresh interpreter reaches after each import a worker and the supervisor make.
+
+1. `mandate run` (the demo profiles minus rate limits, Kubernetes off, 1 worker unless
+   --workers) is started, left idle for --idle seconds, and each of its processes' mappings
+   are read from /proc/PID/smaps: Rss and Pss per shared object (libpython, grpcio's cygrpc,
+   protobuf's upb, OpenSSL, ...), the heap and other anonymous memory.
+2. For each role, a fresh `python -c` imports the modules that role imports, one at a time,
+   printing the RSS after each (`/proc/self/statm`): what each import adds.
+
+Writes bench/results/memory_breakdown.{md,json}. Run:
+    .venv/bin/python bench/memory_breakdown.py [--workers 1] [--transport grpc|http]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchlib import PROFILES, BenchError, process_tree, unlimited_profiles  # noqa: E402
+
+from sidecar.local import start_mandate  # noqa: E402
+
+OUT = ROOT / "bench" / "results"
+
+# What each role imports, in order (sidecar.server is the worker's entry, sidecar.supervisor
+# the supervisor's; the third-party modules first, so that their share shows on its own).
+ROLES: dict[str, list[str]] = {
+    "worker": [
+        "google.protobuf",
+        "envoy.service.auth.v3.external_auth_pb2",
+        "grpc",
+        "prometheus_client",
+        "yaml",
+        "sidecar.core",
+        "sidecar.server",
+    ],
+    "supervisor": [
+        "google.protobuf",
+        "grpc",
+        "prometheus_client",
+        "aiohttp",
+        "yaml",
+        "sidecar.supervisor",
+    ],
+}
+
+_PROBE = """
+import importlib, json, os, sys
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page / 2**20
+out = [["(interpreter)", rss()]]
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+    out.append([name, rss()])
+print(json.dumps(out))
+"""
+
+
+def import_steps(modules: list[str]) -> list[dict[str, Any]]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *modules],
+        capture_output=True, text=True, check=False, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise BenchError(f"import probe failed: {proc.stderr.strip()[-600:]}")
+    steps = json.loads(proc.stdout)
+    out, before = [], 0.0
+    for name, mb in steps:
+        out.append({"module": name, "rss_mb": round(mb, 1), "added_mb": round(mb - before, 1)})
+        before = mb
+    return out
+
+
+def mappings(pid: int) -> dict[str, Any]:
+    """Rss/Pss (kB) per mapping name from /proc/PID/smaps, grouped."""
+    rss: collections.Counter[str] = collections.Counter()
+    pss: collections.Counter[str] = collections.Counter()
+    name = "?"
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(None, 5)
+            if len(head) >= 5 and "-" in head[0] and ":" not in head[0]:
+                path = head[5].strip() if len(head) > 5 else ""
+                name = _group(path)
+            elif line.startswith("Rss:"):
+                rss[name] += int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss[name] += int(line.split()[1])
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    return {
+        "pid": pid,
+        "command": cmd[:120],
+        "rss_mb": round(sum(rss.values()) / 1024, 1),
+        "pss_mb": round(sum(pss.values()) / 1024, 1),
+        "by_mapping": [
+            {"mapping": k, "rss_mb": round(v / 1024, 1), "pss_mb": round(pss[k] / 1024, 1)}
+            for k, v in rss.most_common()
+            if v >= 256
+        ],
+    }
+
+
+def _group(path: str) -> str:
+    if not path:
+        return "anonymous (Python objects, arenas, thread stacks)"
+    if path in ("[heap]", "[stack]"):
+        return path if path == "[stack]" else "[heap] (malloc)"
+    if path.startswith("["):
+        return "other kernel mappings"
+    base = path.rsplit("/", 1)[-1]
+    if ".so" in base:
+        return base.split(".cpython")[0].split(".abi3")[0]
+    if base.endswith(".pyc") or "python" in path:
+        return "Python files"
+    return base
+
+
+def markdown(result: dict[str, Any]) -> str:
+    out = ["# mandate's idle memory, by process, mapping and import", ""]
+    out.append(
+        f"Written by `bench/memory_breakdown.py`; `mandate run --transport "
+        f"{result['transport']} --workers {result['workers']}` idle for {result['idle_s']} s. "
+        "RSS counts a shared page in every process that maps it; PSS divides it among them "
+        "(what a pod's memory cgroup is charged is close to the sum of PSS, plus page cache)."
+    )
+    total_rss = sum(p["rss_mb"] for p in result["processes"])
+    total_pss = sum(p["pss_mb"] for p in result["processes"])
+    out += ["", f"All processes: RSS {total_rss:.1f} MB, PSS {total_pss:.1f} MB.", ""]
+    for p in result["processes"]:
+        out += [f"## pid {p['pid']}: RSS {p['rss_mb']} MB, PSS {p['pss_mb']} MB", ""]
+        out += [f"`{p['command']}`", "", "| mapping | RSS MB | PSS MB |", "|---|---|---|"]
+        out += [f"| {m['mapping']} | {m['rss_mb']} | {m['pss_mb']} |" for m in p["by_mapping"]]
+        out.append("")
+    for role, steps in result["imports"].items():
+        out += [f"## What each import adds: {role} (fresh interpreter)", ""]
+        out += ["| import | RSS after, MB | added, MB |", "|---|---|---|"]
+        out += [f"| `{s['module']}` | {s['rss_mb']} | +{s['added_mb']} |" for s in steps]
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--transport", choices=["grpc", "http"], default="grpc")
+    p.add_argument("--idle", type=float, default=2.0, help="seconds idle before reading")
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="mandate-mem-") as tmp:
+        work = Path(tmp)
+        profiles = unlimited_profiles(PROFILES, work)
+        extra = ["--transport", args.transport, "--workers", str(args.workers)]
+        extra += ["--log-level", "WARNING"]
+        mandate = start_mandate(profiles, work / "mandate", extra=extra)
+        try:
+            time.sleep(args.idle)
+            procs = [mappings(pid) for pid in process_tree(mandate.proc.pid)]
+        finally:
+            mandate.stop()
+    result = {
+        "transport": args.transport,
+        "workers": args.workers,
+        "idle_s": args.idle,
+        "processes": procs,
+        "imports": {role: import_steps(mods) for role, mods in ROLES.items()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "memory_breakdown.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    (args.out / "memory_breakdown.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"memory_breakdown: {e}", file=sys.stderr)
+        sys.exit(1)
