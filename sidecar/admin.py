@@ -15,7 +15,6 @@ import os
 import re
 import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from .context_store import ContextStore
 from .core.context import Approval
 from .core.model import parse_duration
 from .core.revocation import ALL_AGENTS, Revocation, make_key
+from .core.timefmt import parse_rfc3339
 from .loopthread import LoopThread
 from .metrics import REGISTRY
 from .revocations import RevocationStore
@@ -71,10 +71,17 @@ def read_token(path: Path) -> str:
 
 
 def _parse_time(text: str) -> float:
-    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if value.tzinfo is None:
-        raise ValueError("a time zone is required (e.g. 2026-12-01T00:00:00Z)")
-    return value.timestamp()
+    """An RFC 3339 date-time with a zone as seconds since the epoch; ValueError (the message
+    is returned to the caller) for anything else."""
+    ts = parse_rfc3339(text)
+    if ts is None:
+        if parse_rfc3339(text.strip() + "Z") is not None:
+            raise ValueError("a time zone is required (e.g. 2026-12-01T00:00:00Z)")
+        raise ValueError(
+            "expected an RFC 3339 date-time with a time zone, such as 2026-12-01T00:00:00Z "
+            "or 2026-12-01T01:00:00+01:00"
+        )
+    return ts
 
 
 class RevocationAPI:

@@ -85,6 +85,7 @@ from typing import Any, Literal
 
 from .core import Code, Decision
 from .core.context import Grant
+from .core.timefmt import utc_millis
 from .errors import AuditBusyError, AuditInputError, AuditResumeError, ConfigError
 
 __all__ = [
@@ -100,7 +101,6 @@ __all__ = [
     "query",
     "record_from_decision",
     "record_hash",
-    "rfc3339",
     "verify",
 ]
 
@@ -186,14 +186,6 @@ def chained_line(record: Mapping[str, Any], *, seq: int, prev: str) -> tuple[byt
     return full[:value] + digest.encode("ascii") + full[value + len(_PLACEHOLDER) :] + b"\n", digest
 
 
-def rfc3339(ts: float) -> str:
-    """Seconds since the epoch as RFC 3339 UTC with milliseconds (truncated), e.g.
-    ``2023-11-14T22:13:20.123Z``: fixed width, so these strings sort by time."""
-    ms = int(ts * 1000)
-    sec, frac = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{frac:03d}Z"
-
-
 def file_name(chain_id: str, index: int) -> str:
     return f"audit-{chain_id}-{index:06d}.jsonl"
 
@@ -210,7 +202,7 @@ def record_from_decision(
     d = decision
     return {
         "type": "decision",
-        "time": rfc3339(now),
+        "time": utc_millis(now),
         "decision_id": d.decision_id,
         "decision": "allow" if d.allowed else "deny",
         "code": d.code,
@@ -243,14 +235,14 @@ def _elevation(g: Grant | None) -> dict[str, Any] | None:
         "grant": g.id,
         "approver": g.approver,
         "justification": g.justification or None,
-        "expires": rfc3339(g.expires_at),
+        "expires": utc_millis(g.expires_at),
     }
 
 
 def event_record(event: str, *, now: float, **fields: Any) -> dict[str, Any]:
     """The audit record of a supervisor event (not yet chained): an elevation requested,
     granted, expired, refused; a task reported; an automatic revocation."""
-    return {"type": event, "time": rfc3339(now), **fields}
+    return {"type": event, "time": utc_millis(now), **fields}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,7 +492,7 @@ class AuditWriter:
             else:
                 loss.failed += 1
             when = record.get("time") if isinstance(record, Mapping) else None
-            when = when if isinstance(when, str) else rfc3339(self._clock())
+            when = when if isinstance(when, str) else utc_millis(self._clock())
             loss.first = loss.first or when
             loss.last = when
             if isinstance(did, str):
@@ -652,7 +644,7 @@ class AuditWriter:
             taken = self._take_loss()
             rec: dict[str, Any] = {
                 "type": "loss",
-                "time": rfc3339(self._clock()),
+                "time": utc_millis(self._clock()),
                 "failed": taken.failed,
                 "dropped": taken.dropped,
                 "unsynced": taken.unsynced,
@@ -781,7 +773,7 @@ class AuditWriter:
                 "format": FORMAT,
                 "chain": self.chain_id,
                 "file_index": self._index,
-                "time": rfc3339(self._clock()),
+                "time": utc_millis(self._clock()),
             }
             self._append(*self._line(header))
             self._has_header = True
@@ -792,7 +784,7 @@ class AuditWriter:
             footer = {
                 "type": "footer",
                 "next_file_index": self._index + 1,
-                "time": rfc3339(self._clock()),
+                "time": utc_millis(self._clock()),
             }
             self._append(*self._line(footer))
             self._footer_done = True
@@ -899,7 +891,7 @@ class AuditWriter:
         if torn:
             self._recovered = {
                 "type": "recovered",
-                "time": rfc3339(self._clock()),
+                "time": utc_millis(self._clock()),
                 "file": path.name,
                 "offset": cut,
                 "torn_bytes": len(torn),
@@ -1242,10 +1234,11 @@ def verify(directory: str | os.PathLike[str], chain_id: str | None = None) -> Ve
 # Query
 
 
-def _utc(when: datetime) -> str:
+def _bound(when: datetime) -> str:
+    """A query bound in the records' own `time` format (naive datetimes are UTC)."""
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return rfc3339(when.timestamp())
+    return utc_millis(when.timestamp())
 
 
 def _records(chain: str, files: list[Path]) -> Iterator[dict[str, Any]]:
@@ -1281,8 +1274,8 @@ def query(
     "allow" or "deny". Raises AuditInputError for a missing directory or no audit files.
     This does not verify: run `verify` for that."""
     chains = _trail(directory, None)
-    lo = _utc(since) if since is not None else None
-    hi = _utc(until) if until is not None else None
+    lo = _bound(since) if since is not None else None
+    hi = _bound(until) if until is not None else None
     trace = trace_id.lower() if trace_id else None
     merged = heapq.merge(
         *(_records(c, files) for c, files in chains.items()),

@@ -34,6 +34,7 @@ from .core.context import (
     TaskBinding,
 )
 from .core.snapshot import CompiledAgent, Snapshot
+from .core.timefmt import utc_seconds
 from .errors import ConfigError, ContextError
 from .shm import SharedContext
 from .statefile import write_json_durably
@@ -48,10 +49,6 @@ MAX_PENDING_PER_AGENT = 8
 MAX_JUSTIFICATION = 2000
 PENDING_TTL = 3600.0  # an operator request not approved within an hour lapses
 KEEP_FINISHED = 300.0  # finished requests stay visible (status, audit) this long
-
-
-def _utc(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _span(seconds: float) -> str:
@@ -230,7 +227,7 @@ class ContextStore:
         self._audit({
             "type": "task_reported", "agent": agent, "namespace": namespace, "task": task,
             "purpose": purpose,
-            "expires": None if binding.expires_at is None else _utc(binding.expires_at),
+            "expires": None if binding.expires_at is None else utc_seconds(binding.expires_at),
         })  # fmt: skip
         return binding
 
@@ -306,7 +303,7 @@ class ContextStore:
             if existing is not None and existing in self._grants:
                 g = self._grants[existing]
                 state = "Granted" if g.expires_at > self._clock() else "Expired"
-                return state, f"grant {g.id} until {_utc(g.expires_at)}", g.id, g.expires_at
+                return state, f"grant {g.id} until {utc_seconds(g.expires_at)}", g.id, g.expires_at
             snap = self._snapshot()
             compiled = snap.agents.get(approval.agent) if snap is not None else None
             if compiled is None:
@@ -361,7 +358,7 @@ class ContextStore:
             self._publish()
             g = self._grants[req.grant_id]
             state = "Granted" if g.expires_at > self._clock() else "Expired"
-            return state, f"grant {g.id} until {_utc(g.expires_at)}", g.id, g.expires_at
+            return state, f"grant {g.id} until {utc_seconds(g.expires_at)}", g.id, g.expires_at
 
     def _grant_locked(
         self, req: ElevationRequest, *, approver: str, source: str, start: float, seconds: float
@@ -380,8 +377,8 @@ class ContextStore:
         self._requests[req.id] = granted
         self._audit({
             **self._request_event("elevation_granted", granted), "grant": gid,
-            "approver": approver, "starts": _utc(grant.starts_at),
-            "expires": _utc(grant.expires_at),
+            "approver": approver, "starts": utc_seconds(grant.starts_at),
+            "expires": utc_seconds(grant.expires_at),
         })  # fmt: skip
         return granted
 
@@ -489,8 +486,8 @@ class ContextStore:
         return {
             "type": kind, "agent": g.agent, "namespace": g.namespace, "elevation": g.elevation,
             "request": g.request_id or None, "grant": g.id, "approver": g.approver,
-            "justification": g.justification or None, "starts": _utc(g.starts_at),
-            "expires": _utc(g.expires_at),
+            "justification": g.justification or None, "starts": utc_seconds(g.starts_at),
+            "expires": utc_seconds(g.expires_at),
         }  # fmt: skip
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import functools
 import json
 import logging
@@ -58,6 +57,7 @@ from kubernetes_asyncio.watch import Watch
 from .core.context import Approval
 from .core.model import parse_duration
 from .core.revocation import ALL_AGENTS, Revocation, make_key
+from .core.timefmt import parse_rfc3339, utc_millis, utc_seconds
 from .errors import ConfigError
 from .revocations import Change, RevocationStore
 
@@ -78,7 +78,6 @@ __all__ = [
     "WatchOptions",
     "approval_from_object",
     "make_api_client",
-    "parse_time",
     "publish_revocation",
     "revocation_from_object",
     "start_elevation_watcher",
@@ -100,45 +99,8 @@ ELEVATION_STATES = ("Invalid", "Pending", "Granted", "Expired")
 LIST_PAGE = 500
 _MESSAGE_MAX = 1000  # status.message: enough for every problem, bounded for etcd
 
-# RFC 3339 as the API server lets it through (kube-openapi's `date-time`: `t`/`z` in any case,
-# optional fraction). Values that pass the server's check yet name no real instant
-# (2026-02-30, an offset of +25:00) fail here, and the revocation is then enforced without
-# an expiry: fail closed.
-_RFC3339 = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:[.,](\d+))?([Zz]|[+-]\d{2}:\d{2})$"
-)
 # A profile or elevation name (the profile format's `Name`).
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
-
-
-def parse_time(value: object) -> float | None:
-    """An RFC 3339 timestamp as seconds since the epoch, or None if it is not one."""
-    if not isinstance(value, str):
-        return None
-    m = _RFC3339.match(value.strip())
-    if m is None:
-        return None
-    year, month, day, hour, minute, second, frac, zone = m.groups()
-    try:
-        if zone in ("Z", "z"):
-            tz = datetime.UTC
-        else:
-            sign = -1 if zone[0] == "-" else 1
-            offset = datetime.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
-            tz = datetime.timezone(sign * offset)
-        moment = datetime.datetime(
-            int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=tz
-        )
-    except ValueError:
-        return None
-    return moment.timestamp() + (float(f"0.{frac}") if frac else 0.0)
-
-
-def _rfc3339(ts: float, millis: bool = False) -> str:
-    moment = datetime.datetime.fromtimestamp(ts, tz=datetime.UTC)
-    if millis:
-        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def revocation_from_object(obj: Mapping[str, Any], namespace: str) -> tuple[Revocation, list[str]]:
@@ -163,7 +125,7 @@ def revocation_from_object(obj: Mapping[str, Any], namespace: str) -> tuple[Revo
         reason = f"AgentRevocation {ns}/{name}"
     expires_at = None
     if spec.get("expiresAt") is not None:
-        expires_at = parse_time(spec["expiresAt"])
+        expires_at = parse_rfc3339(spec["expiresAt"])
         if expires_at is None:
             problems.append(
                 f"spec.expiresAt {spec['expiresAt']!r} is not an RFC 3339 time: "
@@ -177,7 +139,7 @@ def revocation_from_object(obj: Mapping[str, Any], namespace: str) -> tuple[Revo
         source=SOURCE,
         name=name,
         expires_at=expires_at,
-        created_at=parse_time(meta.get("creationTimestamp")) or 0.0,
+        created_at=parse_rfc3339(meta.get("creationTimestamp")) or 0.0,
         uid=str(meta.get("uid", "")),
     )
     return rev, problems
@@ -233,7 +195,7 @@ def approval_from_object(
             problems.append(f"spec.duration: {exc}")
     if problems:
         return None, problems
-    approved_at = parse_time(meta.get("creationTimestamp"))
+    approved_at = parse_rfc3339(meta.get("creationTimestamp"))
     if approved_at is None:
         approved_at = time.time() if now is None else now
     approval = Approval(
@@ -632,7 +594,7 @@ class _ListWatch:
         self, name: str, uid: str, reason: str, message: str, at: float, type_: str = "Normal"
     ) -> None:
         """A core/v1 Event on one of the watched objects, from this pod."""
-        stamp = _rfc3339(at)
+        stamp = utc_seconds(at)
         body: Any = {
             "apiVersion": "v1",
             "kind": "Event",
@@ -776,7 +738,7 @@ class RevocationWatcher(_ListWatch):
             await self._set_first_enforced(rev, visible_at)
 
     async def _create_event(self, rev: Revocation, visible_at: float) -> None:
-        message = f"enforced by pod {self.pod_name} from {_rfc3339(visible_at, millis=True)}"
+        message = f"enforced by pod {self.pod_name} from {utc_millis(visible_at)}"
         if rev.created_at:
             # creationTimestamp has whole seconds: the delay is exact to about a second.
             message += (
@@ -791,7 +753,7 @@ class RevocationWatcher(_ListWatch):
         if uid != rev.uid or has_status:
             return
         body = {
-            "status": {"firstEnforcedAt": _rfc3339(visible_at), "firstEnforcedBy": self.pod_name}
+            "status": {"firstEnforcedAt": utc_seconds(visible_at), "firstEnforcedBy": self.pod_name}
         }
         for _ in range(3):
             if rv:
@@ -888,7 +850,7 @@ def _status(
         "state": state,
         "message": message[:_MESSAGE_MAX] or None,
         "grantId": grant_id or None,
-        "expiresAt": _rfc3339(expires_at) if expires_at is not None else None,
+        "expiresAt": utc_seconds(expires_at) if expires_at is not None else None,
         "observedGeneration": generation,
     }
 
@@ -1077,7 +1039,7 @@ class ElevationWatcher(_ListWatch):
         self._want(key, desired)
         if state == "Granted" and (key, seen.uid, cached.grant_id) not in self._granted:
             self._granted.add((key, seen.uid, cached.grant_id))
-            until = f" until {_rfc3339(expires_at)}" if expires_at is not None else ""
+            until = f" until {utc_seconds(expires_at)}" if expires_at is not None else ""
             self._enqueue_report(
                 functools.partial(
                     self._post_event,

@@ -21,7 +21,6 @@ not raise for any request: the adapter still wraps it and fails closed if it doe
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -34,6 +33,7 @@ from .ratelimit import RateLimiter
 from .revocation import EMPTY_TABLE, RevocationTable
 from .rules import CONNECT
 from .snapshot import CompiledAgent, Snapshot
+from .timefmt import utc_seconds
 
 __all__ = [
     "PURPOSE_HEADER",
@@ -289,7 +289,7 @@ def decide(
                 grant, rule = g, m.rule.rule_id
                 why = (
                     f"allowed by rule {rule} of elevation {g.elevation!r} "
-                    f"(grant {g.id}, approved by {g.approver}, until {_utc(g.expires_at)})"
+                    f"(grant {g.id}, approved by {g.approver}, until {utc_seconds(g.expires_at)})"
                 )
                 break
 
@@ -340,7 +340,3 @@ def decide(
         False, Code.OUTSIDE_PURPOSE, reason, purpose=purpose.name, task=task, host=host,
         port=port, path=shown, tools=body.tools(),
     )  # fmt: skip
-
-
-def _utc(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -27,11 +27,11 @@ from sidecar.audit import (
     link,
     query,
     record_from_decision,
-    rfc3339,
     verify,
 )
 from sidecar.audit_cli import add_audit_parser, run_audit
 from sidecar.core import Code, Decision
+from sidecar.core.timefmt import utc_millis
 from sidecar.errors import AuditBusyError, AuditInputError, AuditResumeError, ConfigError
 
 NOW = 1_700_000_000.0
@@ -366,7 +366,7 @@ def test_restart_reuses_a_file_that_crashed_before_its_header(
     last = files[-1]
     with last.open("ab") as f:  # close the file the way rotation would: with a footer
         r = json.loads(lines_of(last)[-1])
-        footer = {"type": "footer", "next_file_index": len(files) - 1 + 1, "time": rfc3339(NOW)}
+        footer = {"type": "footer", "next_file_index": len(files) - 1 + 1, "time": utc_millis(NOW)}
         f.write(canonical_json(link(footer, seq=r["seq"] + 1, prev=r["hash"])) + b"\n")
     (d / f"audit-w0-{len(files):06d}.jsonl").write_bytes(content)
     w = make(d, max_bytes=2048)
@@ -762,7 +762,7 @@ def test_cli_query(make: Make, tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert [json.loads(x)["decision_id"] for x in out.splitlines()] == ["d0001"]
     code, out, _ = cli(["query", str(d), "--trace-id", TRACE, "--agent", "billing-agent"], capsys)
     assert [json.loads(x)["decision_id"] for x in out.splitlines()] == ["d0002"]
-    until = rfc3339(now - 90)
+    until = utc_millis(now - 90)
     code, out, _ = cli(["query", str(d), "--until", until], capsys)
     assert [json.loads(x)["decision_id"] for x in out.splitlines()] == ["d0000", "d0001"]
     code, out, _ = cli(["query", str(d), "--since", "yesterday"], capsys)

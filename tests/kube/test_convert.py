@@ -6,39 +6,13 @@ import datetime
 
 import pytest
 
-from sidecar.kube import parse_time, revocation_from_object
+from sidecar.kube import revocation_from_object
 
 UTC = datetime.UTC
 
 
 def ts(*args: int) -> float:
     return datetime.datetime(*args, tzinfo=UTC).timestamp()
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("2026-12-01T00:00:00Z", ts(2026, 12, 1)),
-        ("2026-12-01t00:00:00z", ts(2026, 12, 1)),
-        ("2026-12-01T02:00:00+02:00", ts(2026, 12, 1)),
-        ("2026-11-30T19:30:00-04:30", ts(2026, 12, 1)),
-        ("2026-12-01T00:00:00.250Z", ts(2026, 12, 1) + 0.25),
-        ("2026-12-01T00:00:00,5Z", ts(2026, 12, 1) + 0.5),
-        # What the API server's date-time check lets through but is no instant:
-        ("2026-02-30T00:00:00Z", None),
-        ("2026-12-01T00:00:00+25:00", None),
-        ("2026-12-01T00:00:00x5Z", None),
-        # Not RFC 3339 at all:
-        ("2026-12-01", None),
-        ("2026-12-01T00:00:00", None),
-        ("tomorrow", None),
-        ("", None),
-        (None, None),
-        (1764547200, None),
-    ],
-)
-def test_parse_time(text: object, expected: float | None) -> None:
-    assert parse_time(text) == expected
 
 
 def obj(**spec: object) -> dict[str, object]:

@@ -15,7 +15,8 @@ from kubernetes_asyncio.client import ApiClient
 
 from sidecar.core.context import Approval
 from sidecar.core.revocation import make_key
-from sidecar.kube import ELEVATION_EVENT_REASON, parse_time, watch_elevations
+from sidecar.core.timefmt import parse_rfc3339
+from sidecar.kube import ELEVATION_EVENT_REASON, watch_elevations
 from tests.kubeapi.fixtures import Kubectl
 from tests.kubeapi.server import KubeAPIServer, merge_patch
 
@@ -74,7 +75,7 @@ async def test_list_then_watch_upserts_and_writes_the_status(
     await wait_for(lambda: status(kube_api, "a").get("state"), what="status")
     # The list replaced the sink's set, then asked for the new object's answer.
     assert sink.calls[:2] == [("replace", [key("a")]), ("upsert", key("a"))]
-    created = parse_time(obj["metadata"]["creationTimestamp"])
+    created = parse_rfc3339(obj["metadata"]["creationTimestamp"])
     assert created is not None
     assert sink.approvals[key("a")] == Approval(
         key=key("a"),

@@ -10,7 +10,8 @@ from typing import Any
 from kubernetes_asyncio.client import ApiClient
 
 from sidecar.core.revocation import make_key
-from sidecar.kube import EVENT_REASON, parse_time, watch_revocations
+from sidecar.core.timefmt import parse_rfc3339
+from sidecar.kube import EVENT_REASON, watch_revocations
 from sidecar.revocations import RevocationStore
 from tests.kubeapi.fixtures import Kubectl
 from tests.kubeapi.server import KubeAPIServer
@@ -62,8 +63,8 @@ async def test_initial_list_enforces_existing_objects_and_marks_complete(
         "a",
     )
     assert rev.uid == a["metadata"]["uid"]
-    assert rev.expires_at == parse_time("2099-01-01T00:00:00Z")
-    assert rev.created_at == parse_time(a["metadata"]["creationTimestamp"])
+    assert rev.expires_at == parse_rfc3339("2099-01-01T00:00:00Z")
+    assert rev.created_at == parse_rfc3339(a["metadata"]["creationTimestamp"])
     assert watcher.connected and watcher.last_error is None and watcher.last_sync_at
     assert (watcher.lists, watcher.relists) == (1, 0)
     # The watch starts from the list's resourceVersion, with bookmarks.
@@ -99,7 +100,7 @@ async def test_expiry_and_all_agents(
     kube_api.create(arev("all", agent="*", expiresAt="2030-06-01T12:00:00.250+02:00"))
     rev = await wait_for(lambda: store.entries() and store.entries()[0], what="all")
     assert rev.agent == "*"
-    assert rev.expires_at == parse_time("2030-06-01T10:00:00.25Z")
+    assert rev.expires_at == parse_rfc3339("2030-06-01T10:00:00.25Z")
     table = store.table()
     assert table.find("agents", "any-agent", rev.expires_at - 1) == rev
     assert table.find("other-namespace", "any-agent", rev.expires_at - 1) is None
@@ -265,7 +266,7 @@ async def test_events_and_first_enforced_status_once_across_pods(
         lambda: kube_api.get("arev", "agents", "a").get("status"), what="status"
     )
     assert status["firstEnforcedBy"] in ("pod-a", "pod-b")
-    assert parse_time(status["firstEnforcedAt"])
+    assert parse_rfc3339(status["firstEnforcedAt"])
     await asyncio.sleep(0.3)
     modified = [
         ev for _, ev, o in kube_api.history() if ev == "MODIFIED" and o["metadata"]["name"] == "a"
@@ -349,7 +350,7 @@ async def test_kubectl_apply_is_seen_by_the_watcher(
         "billing-agent",
         "Anomalous refund volume (INC-4412)",
     )
-    assert rev.expires_at == parse_time("2026-12-01T00:00:00Z")
+    assert rev.expires_at == parse_rfc3339("2026-12-01T00:00:00Z")
     await wait_for(lambda: kube_api.events(), what="event")
     out = (await asyncio.to_thread(kubectl, "get", "events")).stdout
     assert EVENT_REASON in out and "enforced by pod pod-a" in out

@@ -15,7 +15,6 @@ from sidecar.audit import (
     link,
     record_from_decision,
     record_hash,
-    rfc3339,
 )
 from sidecar.audit_cli import parse_when
 from sidecar.core import Code, Decision
@@ -81,19 +80,6 @@ def test_chain_of_three_links_each_to_the_previous() -> None:
     assert chain[2]["prev"] == chain[1]["hash"]
     edited = {**chain[1], "n": 99}
     assert record_hash(edited) != edited["hash"]
-
-
-@pytest.mark.parametrize(
-    ("ts", "expected"),
-    [
-        (0.0, "1970-01-01T00:00:00.000Z"),
-        (NOW, "2023-11-14T22:13:20.000Z"),
-        (NOW + 0.1239, "2023-11-14T22:13:20.123Z"),
-        (NOW + 0.9999, "2023-11-14T22:13:20.999Z"),
-    ],
-)
-def test_rfc3339(ts: float, expected: str) -> None:
-    assert rfc3339(ts) == expected
 
 
 def test_file_name() -> None:

@@ -30,7 +30,7 @@ from sidecar.core import Code, Decision, RequestView, load_profiles
 from sidecar.core.context import EMPTY_CONTEXT, Approval, ContextTable
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import Revocation, RevocationTable, make_key
-from sidecar.kube import parse_time
+from sidecar.core.timefmt import parse_rfc3339
 from sidecar.revocations import RevocationStore
 from sidecar.shm import SharedContext, SharedTable
 
@@ -39,7 +39,7 @@ NS = "agents"
 HOUR = 3600.0
 # An AgentRevocation's `expiresAt` as the API server stores it, and the instant it names.
 EXPIRES_AT = "2030-06-01T12:00:00.250+02:00"
-T = parse_time(EXPIRES_AT) or 0.0
+T = parse_rfc3339(EXPIRES_AT) or 0.0
 INVOICE = {
     "method": "GET",
     "authority": "ledger.finance.svc.cluster.local",
