@@ -15,8 +15,12 @@ with "/", so nothing the agent sends can add or change a parameter. `;connect` m
 CONNECT check, which Envoy's HTTP client cannot send as a CONNECT request (it closes the
 connection at the end of a body-less CONNECT); the configs send it from a Lua filter with
 the tunnel's host:port as Host. Two headers are set by Envoy's config, overwriting any the
-agent sent: `x-mandate-content-length` (the call's own Content-Length: Envoy's request
-carries the buffered body's) and `x-mandate-scheme` (the call's scheme).
+agent sent: `x-mandate-content-length` (`len=` and the call's own Content-Length: Envoy's
+request carries the buffered body's) and `x-mandate-scheme` (the call's scheme). The `len=`
+keeps the value non-empty when the call has no Content-Length (chunked): Envoy adds no
+header for an empty value, and the agent's own `x-mandate-content-length` would arrive
+instead. A value without `len=` (an older config, or the agent's header) or `len=` alone
+gives no Content-Length, and a body is then decided as truncated (nothing shows it whole).
 
 Answers, as the gRPC transport's:
 - allow: 200 with `x-mandate-agent`, `-purpose`, `-task`, `-decision`, which Envoy sets on
@@ -62,6 +66,7 @@ OUTCOME_HEADER = "x-mandate-outcome"
 CODE_HEADER = "x-mandate-code"  # for Envoy's access logs only (dynamic metadata)
 LOG_AGENT_HEADER = "x-mandate-log-agent"  # for Envoy's access logs only (dynamic metadata)
 LENGTH_HEADER = "x-mandate-content-length"
+LENGTH_PREFIX = "len="  # envoy/*-http.yaml: "len=%REQ(content-length)%", never empty
 SCHEME_HEADER = "x-mandate-scheme"
 _REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 _MAX_HEADER_BYTES = 128 * 1024
@@ -98,9 +103,9 @@ def _view(request: web.BaseRequest, body: bytes, authz: Authorizer, did: str) ->
         headers[name] = f"{headers[name]},{value}" if name in headers else value
     # Envoy's Content-Length is the buffered body's; the call's own came in LENGTH_HEADER.
     headers.pop("content-length", None)
-    length = headers.get(LENGTH_HEADER)
-    if length is not None:
-        headers["content-length"] = length
+    length = headers.get(LENGTH_HEADER, "")
+    if length.startswith(LENGTH_PREFIX) and len(length) > len(LENGTH_PREFIX):
+        headers["content-length"] = length[len(LENGTH_PREFIX) :]
     return make_view(
         did,
         authz.identity,

@@ -3,14 +3,23 @@
 A body is parsed at most once per decision into :class:`McpBody`. A rule with `mcpTools`
 or `mcpMethods` allows the call only if every message in it passes (`mcp_allows`); a deny
 rule with those fields matches if any message names what it lists (`mcp_denies`). A body
-that is missing, truncated by Envoy's `with_request_body` limit, not JSON, or not JSON-RPC
-2.0 never passes an allow rule and always matches a deny rule. This module must not import
-any transport, Kubernetes or telemetry library.
+that is missing, truncated by Envoy's `with_request_body` limit (the adapters also count a
+body without the call's Content-Length as truncated: nothing shows it complete), not JSON,
+or not JSON-RPC 2.0 never passes an allow rule and always matches a deny rule.
+
+"Not JSON" is strict (RFC 8259), because the upstream parses the same bytes with a parser
+of its own and must not read a tool or method other than the one decided here: a body must
+be UTF-8 without a byte order mark, without NaN/Infinity, with no object naming a key twice
+(Python keeps the last value, other parsers the first: `{"name": "allowed", "name":
+"forbidden"}`), and nested no deeper than the parser's recursion limit. A method that is
+`tools/call` in another case is refused too (an upstream may fold it and run the tool).
+This module must not import any transport, Kubernetes or telemetry library.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 
 __all__ = [
@@ -24,6 +33,11 @@ __all__ = [
 
 # Methods that open, keep alive or describe a session; they reach no tool or data.
 SESSION_METHODS = frozenset({"initialize", "ping", "tools/list"})
+_TOOLS_CALL = "tools/call"
+_TRUNCATED = (
+    "MCP body truncated at Envoy's with_request_body limit "
+    "(or, without a Content-Length, not shown complete)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +66,10 @@ def _message(obj: object) -> McpMessage | str:
         return "JSON-RPC message without a method"
     if not isinstance(method, str):
         return "JSON-RPC method is not a string"
+    if method != _TOOLS_CALL and method.casefold() == _TOOLS_CALL:
+        return f"JSON-RPC method {method[:64]!r} is {_TOOLS_CALL!r} in another case"
     tool = None
-    if method == "tools/call":
+    if method == _TOOLS_CALL:
         params = obj.get("params")
         name = params.get("name") if isinstance(params, dict) else None
         if not isinstance(name, str):
@@ -62,15 +78,40 @@ def _message(obj: object) -> McpMessage | str:
     return McpMessage(method=method, tool=tool)
 
 
+class _Refused(ValueError):
+    """A body json.loads would take that this module refuses: ``args[0]`` says why."""
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        dup = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        raise _Refused(f"MCP body is not JSON: key {dup[:64]!r} appears twice in an object")
+    return obj
+
+
+def _constant(name: str) -> object:
+    raise _Refused(f"MCP body is not JSON: {name} is not a JSON value")
+
+
 def parse_mcp_body(body: bytes | None, truncated: bool) -> McpBody:
     """Parse an MCP request body; never raises."""
     if body is None or body == b"":
         return McpBody((), "MCP body missing (is with_request_body set in Envoy?)")
     if truncated:
-        return McpBody((), "MCP body truncated at Envoy's with_request_body limit")
+        return McpBody((), _TRUNCATED)
+    if body.startswith(b"\xef\xbb\xbf"):
+        return McpBody((), "MCP body is not JSON: it starts with a byte order mark")
     try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):
+        # Decoded here, strictly: json.loads(bytes) would also take UTF-16/32 and a BOM.
+        doc = json.loads(body.decode("utf-8"), object_pairs_hook=_object, parse_constant=_constant)
+    except _Refused as exc:
+        return McpBody((), str(exc))
+    except RecursionError:
+        return McpBody((), "MCP body is not JSON: nested too deeply")
+    except UnicodeDecodeError:
+        return McpBody((), "MCP body is not JSON: not UTF-8")
+    except ValueError:
         return McpBody((), "MCP body is not JSON")
     items = doc if isinstance(doc, list) else [doc]
     if not items:
@@ -105,11 +146,13 @@ def mcp_allows(body: McpBody, tools: frozenset[str], methods: frozenset[str]) ->
 
 
 def mcp_denies(body: McpBody, tools: frozenset[str], methods: frozenset[str]) -> bool:
-    """True if a deny rule listing ``tools`` and ``methods`` matches this body."""
+    """True if a deny rule listing ``tools`` and ``methods`` matches this body. Methods
+    match in any case: an upstream that folds case must not run a method denied here."""
     if body.error is not None:
         return True
+    folded = {m.casefold() for m in methods}
     return any(
         (msg.tool is not None and msg.tool in tools)
-        or (msg.method is not None and msg.method in methods)
+        or (msg.method is not None and msg.method.casefold() in folded)
         for msg in body.messages
     )

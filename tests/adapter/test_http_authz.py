@@ -8,13 +8,14 @@ import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 
 from sidecar.authz import Authorizer, Identity
-from sidecar.core import Snapshot
+from sidecar.core import Snapshot, load_profiles
 from sidecar.errors import BadRequestError, ConfigError
 from sidecar.ext_authz import AuthorizationServicer
 from sidecar.http_authz import HttpAuthzServer, parse_target
@@ -323,7 +324,10 @@ def test_same_decision_headers_and_body_as_grpc(
         )
     else:
         extra = (
-            {"x-envoy-auth-partial-body": "false", "x-mandate-content-length": str(len(body))}
+            {
+                "x-envoy-auth-partial-body": "false",
+                "x-mandate-content-length": "len=" + str(len(body)),
+            }
             if body is not None
             else {}
         )
@@ -363,24 +367,48 @@ def test_body_and_its_truncation(sidecar: Sidecar) -> None:
     port, path = sidecar.http_port, "/mandate;agent=research-agent/mcp"
     purpose = {"x-mandate-purpose": "tool-use", "content-type": "application/json"}
     body = _mcp("search_papers")
-    complete = {"x-envoy-auth-partial-body": "false", "x-mandate-content-length": str(len(body))}
+    complete = {
+        "x-envoy-auth-partial-body": "false",
+        "x-mandate-content-length": "len=" + str(len(body)),
+    }
     assert_allowed(ask(port, "POST", path, MCP_HOST, purpose | complete, body))
     # Envoy's flag, or the call's own Content-Length (set by Envoy's config), say truncated.
     for extra in (
-        {"x-envoy-auth-partial-body": "true", "x-mandate-content-length": str(len(body) * 2)},
-        {"x-envoy-auth-partial-body": "false", "x-mandate-content-length": str(len(body) * 2)},
+        {
+            "x-envoy-auth-partial-body": "true",
+            "x-mandate-content-length": "len=" + str(len(body) * 2),
+        },
+        {
+            "x-envoy-auth-partial-body": "false",
+            "x-mandate-content-length": "len=" + str(len(body) * 2),
+        },
         {"x-envoy-auth-partial-body": "true"},
     ):
         denied = assert_denied(
             ask(port, "POST", path, MCP_HOST, purpose | extra, body), "outside_purpose"
         )
         assert "truncated" in denied["reason"]
-    # Envoy's own Content-Length (the buffered body's) says nothing about the call's.
-    assert_allowed(
-        ask(port, "POST", path, MCP_HOST, purpose | {"x-envoy-auth-partial-body": "false"}, body)
-    )
+    # Envoy's own Content-Length (the buffered body's) says nothing about the call's: a call
+    # without one (chunked) cannot be shown complete, whatever Envoy's flag says (Envoy
+    # says "false" when it buffered exactly max_request_bytes and more is on its way).
     denied = assert_denied(
-        ask(port, "POST", path, MCP_HOST, purpose, _mcp("delete_corpus")), "outside_purpose"
+        ask(port, "POST", path, MCP_HOST, purpose | {"x-envoy-auth-partial-body": "false"}, body),
+        "outside_purpose",
+    )
+    assert "truncated" in denied["reason"]
+    # Envoy's config sends "len=" and the call's Content-Length, never an empty value: a bare
+    # number (what an agent forges when the config sets nothing) or "len=" alone (a chunked
+    # call) shows nothing complete.
+    for forged in (str(len(body)), "len=", f"len {len(body)}", f"LEN={len(body)}"):
+        extra = {"x-envoy-auth-partial-body": "false", "x-mandate-content-length": forged}
+        denied = assert_denied(
+            ask(port, "POST", path, MCP_HOST, purpose | extra, body), "outside_purpose"
+        )
+        assert "truncated" in denied["reason"], forged
+    forbidden = _mcp("delete_corpus")
+    length = {"x-mandate-content-length": "len=" + str(len(forbidden))}
+    denied = assert_denied(
+        ask(port, "POST", path, MCP_HOST, purpose | length, forbidden), "outside_purpose"
     )
     assert "delete_corpus" in denied["reason"]
 
@@ -479,10 +507,205 @@ def test_large_headers_and_encoded_bodies_reach_the_decision(sidecar: Sidecar) -
         "x-mandate-purpose": "tool-use",
         "content-encoding": "gzip",
         "x-envoy-auth-partial-body": "false",
-        "x-mandate-content-length": str(len(body)),
+        "x-mandate-content-length": "len=" + str(len(body)),
     }
     denied = assert_denied(
         ask(port, "POST", "/mandate;agent=research-agent/mcp", MCP_HOST, headers, body),
         "outside_purpose",
     )
     assert "JSON" in denied["reason"]
+
+
+# --- the agent calls the worker's HTTP port itself -----------------------------------------
+# In a pod the worker serves one agent (`--agent`, envoy/sidecar-http.yaml) and the agent can
+# reach its port on localhost. Whatever it sends, the call is decided as that agent's or
+# refused: never as another agent's. (A direct Check only returns a decision to the caller;
+# it sends nothing upstream.)
+
+RESEARCH_SPIFFE = "spiffe://cluster.local/ns/agents/sa/research-agent"
+ARXIV = "export.arxiv.org"  # research-agent may GET it; billing-agent may not
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "error"),
+    [
+        ("/mandate;agent=research-agent/api/query", {}, "identity_conflict"),
+        ("/mandate;agent=research-agent;connect", {}, "identity_conflict"),
+        ("/mandate;agent=Research-Agent/api/query", {}, "identity_conflict"),
+        ("/mandate;agent=billing-agent;agent=research-agent/api/query", {}, "bad_request"),
+        ("/mandate;agent=research-agent;agent=billing-agent/api/query", {}, "bad_request"),
+        ("/mandate;agent=billing-agent/mandate;agent=research-agent/api/query", {}, "bad_request"),
+        ("/mandate/mandate;agent=research-agent/api/query", {}, "bad_request"),
+        ("/mandate%3Bagent=research-agent/api/query", {}, "bad_request"),
+        ("/MANDATE;agent=research-agent/api/query", {}, "bad_request"),
+        ("//mandate;agent=research-agent/api/query", {}, "bad_request"),
+        ("/api/query", {}, "bad_request"),
+        # Headers that name an identity elsewhere: none counts here.
+        ("/mandate/api/query", {"x-mandate-agent": "research-agent"}, "outside_purpose"),
+        (
+            "/mandate/api/query",
+            {"x-forwarded-client-cert": f"By={RESEARCH_SPIFFE};URI={RESEARCH_SPIFFE}"},
+            "outside_purpose",
+        ),
+        (
+            "/mandate/api/query",
+            {"x-mandate-log-agent": "research-agent", "x-mandate-outcome": "allow"},
+            "outside_purpose",
+        ),
+        (
+            "/mandate/api/query",
+            {"x-spiffe-id": RESEARCH_SPIFFE, "x-client-principal": RESEARCH_SPIFFE},
+            "outside_purpose",
+        ),
+        ("/mandate/api/query", {"x-mandate-purpose": "literature-search"}, "unknown_purpose"),
+        (
+            "/mandate;agent=research-agent/api/query",
+            {"x-forwarded-client-cert": f"URI={RESEARCH_SPIFFE}", "x-mandate-agent": "x"},
+            "identity_conflict",
+        ),
+    ],
+    ids=[
+        "other-agents-prefix",
+        "other-agents-connect",
+        "prefix-other-case",
+        "second-agent-param",
+        "second-agent-param-first",
+        "prefix-in-path",
+        "bare-prefix-then-prefix",
+        "encoded-semicolon",
+        "upper-case-prefix",
+        "double-slash",
+        "no-prefix",
+        "x-mandate-agent",
+        "xfcc",
+        "log-headers",
+        "principal-headers",
+        "other-agents-purpose",
+        "prefix-and-xfcc",
+    ],
+)
+def test_a_direct_call_to_the_http_port_never_gets_another_agents_rights(
+    profiles_dir: Path, path: str, headers: dict[str, str], error: str
+) -> None:
+    s = Sidecar(config(profiles_dir, agent="billing-agent"))
+    s.start()
+    try:
+        host = f"{ARXIV}:443" if path.endswith(";connect") else ARXIV
+        status, got, raw = ask(s.http_port, "GET", path, host, headers)
+        assert_denied((status, got, raw), error)
+        # Attributed to the worker's own agent, or to no one; never to research-agent.
+        assert got.get("x-mandate-log-agent", "billing-agent") == "billing-agent"
+    finally:
+        s.stop(grace=0.2)
+
+
+def test_the_same_call_from_its_own_agents_worker_is_allowed(profiles_dir: Path) -> None:
+    """The control for the test above: the denies are about who asks, not about the call."""
+    s = Sidecar(config(profiles_dir, agent="research-agent"))
+    s.start()
+    try:
+        headers = assert_allowed(ask(s.http_port, "GET", "/mandate/api/query", ARXIV))
+        assert headers["x-mandate-agent"] == "research-agent"
+    finally:
+        s.stop(grace=0.2)
+
+
+def _raw_ask(port: int, data: bytes) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return (int(reply[9:12]) if reply.startswith((b"HTTP/1.1 ", b"HTTP/1.0 ")) else 0), reply
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://127.0.0.1/mandate;agent=research-agent/api/query",  # absolute form
+        f"http://{ARXIV}/mandate;agent=research-agent/api/query",
+        "*",
+    ],
+)
+def test_odd_request_targets_on_the_http_port_are_refused(profiles_dir: Path, target: str) -> None:
+    s = Sidecar(config(profiles_dir, agent="billing-agent"))
+    s.start()
+    try:
+        status, reply = _raw_ask(
+            s.http_port,
+            f"GET {target} HTTP/1.1\r\nHost: {ARXIV}\r\nConnection: close\r\n\r\n".encode(),
+        )
+        assert status in (400, 403), reply[:300]
+        assert b"x-mandate-agent:" not in reply.lower()
+        if status == 403:
+            body = reply.partition(b"\r\n\r\n")[2]
+            assert json.loads(body)["error"] in ("bad_request", "identity_conflict"), body
+    finally:
+        s.stop(grace=0.2)
+
+
+KUBE_PROFILE = """\
+apiVersion: mandate.dev/v1alpha1
+kind: AgentProfile
+metadata:
+  name: kube-agent
+spec:
+  owner: platform
+  identities:
+    - serviceAccount: agents/kube-agent
+  defaultPurpose: ops
+  purposes:
+    ops:
+      allow:
+        - hosts: [kube.example.com]
+          methods: [GET]
+"""
+
+
+@pytest.mark.parametrize(
+    ("host", "error"),
+    [
+        ("kube.example.com", None),
+        ("KUBE.Example.COM", None),
+        ("kube.example.com.", None),
+        ("kube.example.com:8443", None),  # the rule names no port
+        ("\u212aube.example.com", "bad_request"),  # Kelvin sign: str.lower() gives "kube..."
+        ("\u212a\u1d1c\u0299\u1d07.example.com", "bad_request"),
+        ("\uff4b\uff55\uff42\uff45.example.com", "bad_request"),  # full-width letters
+        ("xn--ube-bed.example.com", "outside_purpose"),  # IDNA of "\u043aube" (Cyrillic ka)
+        ("\u043aube.example.com", "bad_request"),
+        ("kube.example.com..", "bad_request"),
+    ],
+)
+def test_a_look_alike_host_is_never_the_allowed_host_on_either_transport(
+    profiles_dir: Path, host: str, error: str | None
+) -> None:
+    """Envoy refuses a non-ASCII Host itself (tests/e2e/test_adversarial.py); mandate must
+    refuse it too when asked directly, over both transports, for a host that lower-cases
+    into an allowed one."""
+    (profiles_dir / "kube.yaml").write_text(KUBE_PROFILE)
+    snapshot = load_profiles(profiles_dir)
+    no_context = cast(grpc.ServicerContext, None)  # Check is called as Envoy's stub would
+    grpc_resp = AuthorizationServicer(lambda: snapshot, Identity(agent="kube-agent")).Check(
+        build_check("GET", host, "/api/v1/pods", agent="kube-agent"), no_context
+    )
+    if error is None:
+        assert grpc_resp.HasField("ok_response"), grpc_resp
+    else:
+        assert json.loads(grpc_resp.denied_response.body)["error"] == error, grpc_resp
+    s = Sidecar(config(profiles_dir, agent="kube-agent"))
+    s.start()
+    try:
+        status, reply = _raw_ask(
+            s.http_port,
+            b"GET /mandate/api/v1/pods HTTP/1.1\r\nHost: "
+            + host.encode()
+            + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        if error is None:
+            assert status == 200, reply[:300]
+        else:
+            assert status == 403, reply[:300]
+            assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"] == error, reply
+    finally:
+        s.stop(grace=0.2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import cast
 from unittest import mock
 
 import grpc
@@ -287,6 +288,23 @@ def test_mcp_truncated_body_is_denied(
     req = mcp_request(make_check, mcp_call("search_papers"), **kw)
     body = assert_denied(
         servicer(snapshot, agent="research-agent").Check(req, None), "outside_purpose"
+    )
+    assert "trunc" in body["reason"]
+
+
+@pytest.mark.parametrize("tool", ["search_papers", "delete_corpus"])
+def test_mcp_body_without_the_calls_content_length_is_truncated(
+    snapshot: Snapshot, make_check: CheckBuilder, tool: str
+) -> None:
+    """A chunked call has no Content-Length; Envoy says `x-envoy-auth-partial-body: false`
+    also when it stopped at exactly max_request_bytes with more to come, so such a body is
+    never shown complete (tests/e2e/test_adversarial.py sends one cut at the limit)."""
+    req = mcp_request(make_check, mcp_call(tool))
+    del req.attributes.request.http.headers["content-length"]
+    assert req.attributes.request.http.headers["x-envoy-auth-partial-body"] == "false"
+    no_context = cast(grpc.ServicerContext, None)
+    body = assert_denied(
+        servicer(snapshot, agent="research-agent").Check(req, no_context), "outside_purpose"
     )
     assert "trunc" in body["reason"]
 
