@@ -39,19 +39,31 @@ from .core.revocation import EMPTY_TABLE, RevocationTable
 from .errors import ConfigError
 from .ext_authz import AuthorizationServicer
 from .reload import SnapshotHolder
-from .shm import SharedContext, SharedTable
+from .shm import RunDir, SharedContext, SharedTable
 
 if TYPE_CHECKING:
     from .admin import AdminServer
     from .http_authz import HttpAuthzServer
     from .tracing import Tracing
 
-__all__ = ["SUPERVISOR_PID_ENV", "ServeConfig", "Sidecar", "serve", "split_hostport"]
+__all__ = [
+    "RUN_DIR_ENV",
+    "RUN_LOCK_FD_ENV",
+    "SUPERVISOR_PID_ENV",
+    "ServeConfig",
+    "Sidecar",
+    "serve",
+    "split_hostport",
+]
 
 log = logging.getLogger(__name__)
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 # Set by `mandate run` for each worker it starts: the supervisor's pid (see _stop_with_supervisor).
 SUPERVISOR_PID_ENV = "MANDATE_SUPERVISOR_PID"
+# Also set by `mandate run`: its run directory and the inherited descriptor of its lock
+# (shm.RunDir); the last process of the run to exit removes the directory.
+RUN_DIR_ENV = "MANDATE_RUN_DIR"
+RUN_LOCK_FD_ENV = "MANDATE_RUN_LOCK_FD"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -65,6 +77,10 @@ class ServeConfig:
     namespace: str = ""
     table: Path | None = None  # the supervisor's shared revocation table, attached read-only
     context_table: Path | None = None  # the supervisor's shared context (grants, tasks, risk)
+    # The same two, as descriptors inherited from the supervisor (`mandate run` passes these:
+    # its tables have no name). Each wins over the path.
+    table_fd: int | None = None
+    context_table_fd: int | None = None
     rate_share: float = 1.0  # this worker's share of each rate limit (1 / workers)
     # Written (atomically) with the profile version this worker enforces, after each swap:
     # the supervisor reports a version as enforced only once every worker has it.
@@ -129,10 +145,14 @@ class Sidecar:
         if not cfg.listen.startswith("unix:"):
             split_hostport(cfg.listen, "--listen")
         revocations: Callable[[], RevocationTable] = lambda: EMPTY_TABLE  # noqa: E731
-        if cfg.table is not None:
+        if cfg.table_fd is not None:
+            revocations = SharedTable.attach_fd(cfg.table_fd).read
+        elif cfg.table is not None:
             revocations = SharedTable.attach(cfg.table).read
         context: Callable[[], ContextTable] = lambda: EMPTY_CONTEXT  # noqa: E731
-        if cfg.context_table is not None:
+        if cfg.context_table_fd is not None:
+            context = SharedContext.attach_fd(cfg.context_table_fd).read
+        elif cfg.context_table is not None:
             context = SharedContext.attach(cfg.context_table).read
         try:
             limiter = RateLimiter(share=cfg.rate_share)
@@ -259,10 +279,23 @@ def serve(config: ServeConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     _stop_with_supervisor(stop)
-    sidecar.start()
-    stop.wait()
-    log.info("mandate stopping")
-    sidecar.stop()
+    try:
+        sidecar.start()
+        stop.wait()
+        log.info("mandate stopping")
+        sidecar.stop()
+    finally:
+        _release_run_dir()
+
+
+def _release_run_dir() -> None:
+    """A worker of `mandate run` lets go of the run directory's lock; the last process of
+    the run to go (here: after a SIGKILLed supervisor, the last worker) removes it."""
+    path, fd = os.environ.get(RUN_DIR_ENV, ""), os.environ.get(RUN_LOCK_FD_ENV, "")
+    if path and fd.isdigit() and RunDir.release(path, int(fd)):
+        log.info(
+            "removed the run directory %s: the supervisor and the other workers are gone", path
+        )
 
 
 def _stop_with_supervisor(stop: threading.Event, poll: float = 0.1) -> None:

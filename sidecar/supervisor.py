@@ -12,6 +12,13 @@ Kubernetes list is merged (or, with Kubernetes unreachable, until `initial_sync_
 has passed; the last known state is then enforced and readiness says so). A worker that
 dies is restarted on the same endpoint; meanwhile Envoy's calls to it fail, and Envoy
 denies them (failure_mode_allow: false). No decision logic here.
+
+Nothing a run makes outlives it, even when the supervisor is SIGKILLed (OOM, crash): the
+shared tables have no name (shm: a memfd each) and reach the workers as inherited file
+descriptors (`pass_fds`), so their memory goes with the last process that maps them; the run
+directory (workers' port and version files, metrics) is removed by the last process of the
+run to exit, or else by the next start (shm.RunDir). Only a `--table PATH` is left in place:
+it is the caller's file.
 """
 
 from __future__ import annotations
@@ -22,11 +29,9 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +47,8 @@ from .core.revocation import Revocation
 from .errors import ConfigError
 from .reload import SnapshotHolder
 from .revocations import RevocationStore
-from .server import SUPERVISOR_PID_ENV, split_hostport
-from .shm import SharedContext, SharedTable
+from .server import RUN_DIR_ENV, RUN_LOCK_FD_ENV, SUPERVISOR_PID_ENV, split_hostport
+from .shm import RunDir, SharedContext, SharedTable
 
 __all__ = ["Supervisor", "SupervisorConfig", "run_supervisor"]
 
@@ -62,7 +67,9 @@ class SupervisorConfig:
     namespace: str = "default"
     pod_name: str = ""
     state_dir: Path | None = None  # revocations.json (and a generated admin.token) live here
-    table_path: Path | None = None  # default: a fresh file under /dev/shm (or the temp dir)
+    # The revocation table's file (and the context table's: PATH.context), the caller's: it
+    # stays after a SIGKILL. None (the default): tables with no name (shm.SharedTable.create).
+    table_path: Path | None = None
     admin_token_file: Path | None = None
     kubernetes: str = "auto"  # auto | on | off
     kubeconfig: Path | None = None
@@ -103,9 +110,13 @@ class _Worker:
 
 
 class Supervisor:
-    def __init__(self, config: SupervisorConfig) -> None:
+    def __init__(self, config: SupervisorConfig, run_dir: RunDir | None = None) -> None:
+        """``run_dir``: the run directory `mandate run` made (it removes it); None: make one
+        here, removed by stop()."""
         self.config = config
-        self._workdir = Path(tempfile.mkdtemp(prefix="mandate-"))
+        self._own_run_dir = run_dir is None
+        self._run_dir = RunDir.create() if run_dir is None else run_dir
+        self._workdir = self._run_dir.path
         self._workers: list[_Worker] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
@@ -175,12 +186,10 @@ class Supervisor:
         token = self._token()
         self.holder.load_initial()  # refuse to start (ProfileErrors) before anything runs
         table_path = cfg.table_path
-        if table_path is None:
-            shm = Path("/dev/shm")
-            base = shm if shm.is_dir() and os.access(shm, os.W_OK) else self._workdir
-            table_path = base / f"mandate-{os.getpid()}-{secrets.token_hex(4)}.table"
         self.table = SharedTable.create(table_path)
-        self.context_table = SharedContext.create(table_path.with_suffix(".context"))
+        self.context_table = SharedContext.create(
+            None if table_path is None else table_path.with_suffix(".context")
+        )
         self._audit = self._audit_writer()
         self.context = ContextStore(
             self.context_table,
@@ -236,7 +245,8 @@ class Supervisor:
             "grpc": self.grpc_ports,
             "admin": self.admin_port,
             "pid": os.getpid(),
-            "table": str(table_path),
+            "table": self.table.name,
+            "context_table": self.context_table.name,
             "context": self.context_ports,
             "access_log": self.access_log_port,
         }
@@ -378,21 +388,25 @@ class Supervisor:
 
     async def _spawn(self, w: _Worker) -> None:
         cfg = self.config
-        assert self.table is not None
+        assert self.table is not None and self.table.fd is not None
+        assert self.context_table is not None and self.context_table.fd is not None
         w.port_file.unlink(missing_ok=True)
         w.ready = False
+        # The tables go by descriptor (they have no name, and a restarted worker must get the
+        # very table this process writes); so does the run directory's lock, which keeps the
+        # directory from being swept as dead while any worker lives.
+        fds = (self.table.fd, self.context_table.fd, self._run_dir.lock_fd)
         args = [
             sys.executable, "-m", "sidecar", "worker",
             "--profiles", str(cfg.profiles), "--listen", w.listen,
-            "--table", str(self.table.path), "--threads", str(cfg.threads),
+            "--table-fd", str(self.table.fd), "--context-table-fd", str(self.context_table.fd),
+            "--threads", str(cfg.threads),
             "--namespace", cfg.namespace, "--poll-seconds", str(cfg.poll_seconds),
             "--port-file", str(w.port_file), "--log-level", cfg.log_level,
             "--transport", cfg.transport,
             "--rate-share", repr(1.0 / cfg.workers),
             "--version-file", str(self._version_file(w)),
         ]  # fmt: skip
-        if self.context_table is not None:
-            args += ["--context-table", str(self.context_table.path)]
         if cfg.agent:
             args += ["--agent", cfg.agent]
         if cfg.service_account:
@@ -408,8 +422,10 @@ class Supervisor:
         # The worker stops if this process dies (server._stop_with_supervisor): serving a
         # table nothing updates would ignore every revocation made after the crash.
         env[SUPERVISOR_PID_ENV] = str(os.getpid())
+        env[RUN_DIR_ENV] = str(self._run_dir.path)
+        env[RUN_LOCK_FD_ENV] = str(self._run_dir.lock_fd)
         w.proc = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.DEVNULL, env=env
+            *args, stdin=asyncio.subprocess.DEVNULL, env=env, pass_fds=fds
         )
 
     def _version_file(self, w: _Worker) -> Path:
@@ -587,19 +603,19 @@ class Supervisor:
             self.behaviour.save()
         self.holder.stop()
         if self.table is not None:
-            self.table.close()
-            if self.config.table_path is None:
-                self.table.path.unlink(missing_ok=True)
+            self.table.close()  # a --table file stays: the caller's
         if self.context_table is not None:
             self.context_table.close()
-            self.context_table.path.unlink(missing_ok=True)
+            if self.context_table.path is not None:
+                self.context_table.path.unlink(missing_ok=True)
         if self._audit is not None:
             self._audit.close()
-        shutil.rmtree(self._workdir, ignore_errors=True)
+        if self._own_run_dir:
+            self._run_dir.remove()
 
 
-async def _serve(config: SupervisorConfig) -> None:
-    sup = Supervisor(config)
+async def _serve(config: SupervisorConfig, run_dir: RunDir | None) -> None:
+    sup = Supervisor(config, run_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -612,6 +628,6 @@ async def _serve(config: SupervisorConfig) -> None:
         await sup.stop()
 
 
-def run_supervisor(config: SupervisorConfig) -> None:
-    """Run until SIGTERM or SIGINT."""
-    asyncio.run(_serve(config))
+def run_supervisor(config: SupervisorConfig, run_dir: RunDir | None = None) -> None:
+    """Run until SIGTERM or SIGINT. ``run_dir``: see Supervisor."""
+    asyncio.run(_serve(config, run_dir))

@@ -10,6 +10,7 @@ time alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.local import MandateProcess, start_mandate
 from tests.kubeapi.faults import ListWatchErrors
 from tests.kubeapi.fixtures import Kubectl, kube_api, kubeconfig, kubectl  # noqa: F401
 from tests.kubeapi.server import KubeAPIServer
@@ -233,10 +235,214 @@ def test_killed_supervisor_takes_its_workers_down_and_envoy_fails_closed(
         for pid in workers:  # never leave an orphan behind, even when the test fails
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
-        if stack.mandate.table is not None:  # the supervisor could not remove its tables
-            stack.mandate.table.unlink(missing_ok=True)
-            stack.mandate.table.with_suffix(".context").unlink(missing_ok=True)
-        stop_stack(stack)
+        stop_stack(stack)  # the tables have no name: nothing of them to remove (see below)
+
+
+# -- what a killed supervisor leaves behind -----------------------------------------------------
+
+
+def _start_in(
+    tmp: Path, tmpdir: Path, workers: int = 2, extra: Sequence[str] = ()
+) -> MandateProcess:
+    """`mandate run` with a temp directory of its own (TMPDIR): whatever a run makes there
+    is this test's alone, whatever other tests run beside it."""
+    assert not os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # else the metrics would go there
+    return start_mandate(
+        DEMO_PROFILES,
+        tmp / "mandate",
+        extra=[
+            "--workers", str(workers), "--state-dir", str(tmp / "state"),
+            "--namespace", "agents", *extra,
+        ],
+        env={"TMPDIR": str(tmpdir)},
+    )  # fmt: skip
+
+
+def _named_files(pid: int) -> set[str]:
+    """Every file the process has open or mapped, by the name /proc shows for it."""
+    names = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            names.add(os.readlink(fd))
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6:
+            names.add(fields[5])
+    return {n for n in names if n.startswith("/")}
+
+
+def _shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def _revoke(mandate: MandateProcess, tmp: Path, reason: str) -> None:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{mandate.admin_port}/v1/revocations",
+        method="POST",
+        data=json.dumps({"agent": "billing-agent", "reason": reason}).encode(),
+        headers={"Authorization": f"Bearer {(tmp / 'state' / 'admin.token').read_text().strip()}"},
+    )
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.status in (200, 201)
+
+
+def _billing_check(port: int) -> tuple[int, str]:
+    status, body = direct_check("grpc", port, "billing-agent", LEDGER_HOST, "/v1/invoices/1")
+    return status, str(body.get("reason", ""))
+
+
+def _kill_all(mandate: MandateProcess, workers: Sequence[int]) -> None:
+    for pid in workers:  # never leave an orphan behind, even when a test fails
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    mandate.stop()
+
+
+def test_a_killed_supervisor_leaves_no_file_behind(tmp_path: Path) -> None:
+    """Issue 8 (hardening): a SIGKILLed supervisor (OOM, crash) used to leave its two 4 MiB
+    tables in /dev/shm and its directories in /tmp, and each container restart in the same
+    pod made new ones: /dev/shm and the pod's /tmp volume filled up. Now the tables have no
+    name (memfds, inherited by the workers), and the last worker to exit removes the run
+    directory: once the workers are gone, nothing the run made is left."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    shm_before = _shm()
+    mandate = _start_in(tmp_path, tmpdir)
+    workers: list[int] = []
+    try:
+        workers = _worker_pids(mandate)
+        pids = [mandate.proc.pid, *workers]
+        held = set().union(*(_named_files(pid) for pid in pids))
+        assert {n for n in held if n.startswith("/memfd:")} == {
+            "/memfd:mandate-revocations (deleted)",
+            "/memfd:mandate-context (deleted)",
+        }
+        assert not [n for n in held if n.startswith("/dev/shm/")], held
+        made = {n for n in held if n.startswith(f"{tmpdir}/")}
+        (run_dir,) = tmpdir.iterdir()
+        assert made and all(n.startswith(f"{run_dir}/") for n in made), made  # lock, metrics
+        assert _billing_check(mandate.grpc_ports[0])[0] == 200
+
+        os.kill(mandate.proc.pid, signal.SIGKILL)
+        mandate.proc.wait(5)
+        _wait("the workers to exit", lambda: not any(_alive(p) for p in workers), timeout=10)
+        assert list(tmpdir.iterdir()) == []
+        assert not [n for n in made if os.path.lexists(n)]
+        left = [n for n in _shm() - shm_before if any(str(p) in n for p in pids)]
+        assert left == []
+    finally:
+        _kill_all(mandate, workers)
+
+
+def test_the_next_start_removes_what_a_run_killed_at_once_left(tmp_path: Path) -> None:
+    """Every process SIGKILLed at once (a container's OOM kill with memory.oom.group): no
+    worker is left to clean up, so the run directory stays; the restarted container's
+    `mandate run` removes it before making its own, and a clean stop removes that."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    first = _start_in(tmp_path, tmpdir)
+    workers: list[int] = []
+    try:
+        workers = _worker_pids(first)
+        (old,) = tmpdir.iterdir()
+        os.kill(first.proc.pid, signal.SIGSTOP)  # no restarts, no death signal meanwhile
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        _wait("the workers to die", lambda: not any(_alive(p) for p in workers), timeout=10)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(5)
+        assert old.is_dir()  # nobody was left to remove it
+    finally:
+        _kill_all(first, workers)
+    second = _start_in(tmp_path, tmpdir, workers=1)
+    try:
+        (new,) = tmpdir.iterdir()
+        assert new != old and not old.exists()
+        assert _billing_check(second.grpc_port)[0] == 200
+    finally:
+        second.stop()
+    assert second.proc.returncode == 0
+    assert list(tmpdir.iterdir()) == []
+
+
+def test_a_restarted_worker_inherits_the_supervisors_table(tmp_path: Path) -> None:
+    """The tables reach the workers as descriptors the supervisor keeps: a worker it
+    restarts maps the very table it writes, and sees a revocation written afterwards."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    mandate = _start_in(tmp_path, tmpdir)
+    workers: list[int] = []
+    try:
+        workers = _worker_pids(mandate)
+        assert mandate.table is not None
+        table = os.stat(mandate.table)  # /proc/PID/fd/N: the supervisor's descriptor
+        victim = workers[0]
+        index = _worker_index(victim)
+        os.kill(victim, signal.SIGKILL)
+        _wait("the worker to die", lambda: not _alive(victim), timeout=5)
+        token = (tmp_path / "state" / "admin.token").read_text().strip()
+
+        def restarted() -> bool:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{mandate.admin_port}/v1/status",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                w = json.loads(resp.read())["workers"][index]
+            return bool(w["ready"] and w["restarts"] >= 1)
+
+        _wait("the worker restarted", restarted)
+        workers = _worker_pids(mandate)
+        (new,) = [p for p in workers if _worker_index(p) == index]
+        assert new != victim
+        mapped = [
+            os.stat(fd)
+            for fd in Path(f"/proc/{new}/fd").iterdir()
+            if os.readlink(fd) == "/memfd:mandate-revocations (deleted)"
+        ]
+        assert [(s.st_dev, s.st_ino) for s in mapped] == [(table.st_dev, table.st_ino)]
+        port = mandate.grpc_ports[index]
+        assert _billing_check(port)[0] == 200
+        _revoke(mandate, tmp_path, "after the restart")
+        assert _billing_check(port) == (403, "revoked: after the restart")
+    finally:
+        _kill_all(mandate, workers)
+
+
+def test_a_table_file_given_with_table_is_the_callers(tmp_path: Path) -> None:
+    """`--table PATH` still works; the file is the caller's: it stays after a SIGKILL (on a
+    memory volume of fixed size, as the injected sidecar has), and the next start reuses
+    it rather than making another."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    table = tmp_path / "volume" / "revocations.table"
+    table.parent.mkdir()
+    first = _start_in(tmp_path, tmpdir, extra=["--table", str(table)])
+    workers: list[int] = []
+    try:
+        assert first.table == table
+        workers = _worker_pids(first)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(5)
+        _wait("the workers to exit", lambda: not any(_alive(p) for p in workers), timeout=10)
+    finally:
+        _kill_all(first, workers)
+    assert sorted(p.name for p in table.parent.iterdir()) == [
+        "revocations.context",
+        "revocations.table",
+    ]
+    assert list(tmpdir.iterdir()) == []
+    second = _start_in(tmp_path, tmpdir, extra=["--table", str(table)])
+    try:
+        _revoke(second, tmp_path, "on a table file")
+        assert _billing_check(second.grpc_ports[1]) == (403, "revoked: on a table file")
+        assert sorted(p.name for p in table.parent.iterdir()) == [
+            "revocations.context",
+            "revocations.table",
+        ]
+    finally:
+        second.stop()
+    assert table.exists()
 
 
 # -- a worker killed --------------------------------------------------------------------------

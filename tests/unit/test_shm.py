@@ -6,10 +6,14 @@ parsed, or when the writer overflowed, it reads an incomplete table (every Check
 
 from __future__ import annotations
 
+import fcntl
+import gc
 import json
 import mmap
 import multiprocessing
+import os
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -18,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.core.context import ContextTable, RiskState
 from sidecar.core.revocation import Revocation, make_key
 from sidecar.errors import ConfigError
-from sidecar.shm import MAGIC, SharedTable
+from sidecar.shm import MAGIC, RunDir, SharedContext, SharedTable
 
 NOW = 1_700_000_000.0
 HEADER = 24
@@ -395,3 +400,240 @@ def test_concurrent_writer_process_never_tears_a_read(path: Path) -> None:
         reader.close()
     assert proc.exitcode == 0
     assert seen["small"] > 0 and seen["large"] > 0, seen
+
+
+# -- a table with no name, handed over as a descriptor (`mandate run`) ------------------------
+
+
+def _fd_target(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+@pytest.fixture
+def anonymous() -> Iterator[SharedTable]:
+    table = SharedTable.create(None, size=64 * 1024)
+    yield table
+    table.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="no memfd_create here")
+def test_a_table_with_no_name_is_a_memfd(anonymous: SharedTable) -> None:
+    assert anonymous.path is None and anonymous.fd is not None
+    assert _fd_target(anonymous.fd) == "/memfd:mandate-revocations (deleted)"
+    assert anonymous.name == f"/proc/{os.getpid()}/fd/{anonymous.fd}"
+    # Its size is sealed: nobody holding the descriptor can shrink it under a reader's mapping.
+    with pytest.raises(PermissionError):
+        os.ftruncate(anonymous.fd, 4096)
+    assert os.fstat(anonymous.fd).st_size == 64 * 1024
+
+
+def test_without_memfd_the_table_is_an_unlinked_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_memfd(*_: object) -> int:
+        raise OSError(38, "Function not implemented")  # e.g. a seccomp profile without it
+
+    monkeypatch.setattr(os, "memfd_create", no_memfd, raising=False)
+    table = SharedTable.create(None, size=4096)
+    try:
+        assert table.fd is not None
+        assert _fd_target(table.fd).endswith("(deleted)")  # no name, from the first moment on
+        reader = SharedTable.attach_fd(os.dup(table.fd))
+        table.write([rev(1)], complete=True)
+        assert reader.read().find("agents", "agent-1", NOW) == rev(1)
+        reader.close()
+    finally:
+        table.close()
+
+
+def test_attach_fd_reads_the_writers_table_and_takes_the_descriptor(
+    anonymous: SharedTable,
+) -> None:
+    assert anonymous.fd is not None
+    fd = os.dup(anonymous.fd)
+    reader = SharedTable.attach_fd(fd)
+    try:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed: the read-only mapping is all the reader keeps
+        anonymous.write([rev(1), rev(2, "*")], complete=True)
+        table = reader.read()
+        assert table.complete and set(table.entries) == {rev(1), rev(2, "*")}
+        with pytest.raises(AssertionError):
+            reader.write([], complete=True)
+    finally:
+        reader.close()
+
+
+def test_attach_fd_errors(tmp_path: Path, anonymous: SharedTable) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY)
+    with pytest.raises(ConfigError, match=f"revocation table \\(descriptor {fd}\\)"):
+        SharedTable.attach_fd(fd)
+    with pytest.raises(ConfigError, match="Bad file descriptor"):
+        SharedTable.attach_fd(fd)  # closed above
+    assert anonymous.fd is not None
+    with pytest.raises(ConfigError, match="not a mandate context table"):
+        SharedContext.attach_fd(os.dup(anonymous.fd))
+
+
+def test_the_context_table_goes_by_descriptor_too() -> None:
+    writer = SharedContext.create(None, size=64 * 1024)
+    try:
+        assert writer.fd is not None
+        reader = SharedContext.attach_fd(os.dup(writer.fd))
+        risk = RiskState(namespace="agents", agent="billing-agent", score=0.5, updated_at=NOW)
+        generation = writer.write(ContextTable.build(0, risks=[risk]))
+        got = reader.read()
+        assert got.generation == generation and got.risks == (risk,)
+        reader.close()
+    finally:
+        writer.close()
+
+
+def test_close_closes_the_writers_descriptor(anonymous: SharedTable) -> None:
+    fd = anonymous.fd
+    assert fd is not None
+    anonymous.close()
+    assert anonymous.fd is None
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_a_table_dropped_without_close_closes_its_descriptor() -> None:
+    table = SharedTable.create(None, size=4096)
+    fd = table.fd
+    assert fd is not None
+    del table
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+_WORKER = """
+import sys, time
+from sidecar.shm import SharedTable
+table = SharedTable.attach_fd(int(sys.argv[1]))
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    agents = sorted(e.agent for e in table.read().entries)
+    if sys.argv[2] in agents:
+        print(" ".join(agents), flush=True)
+        sys.exit(0)
+    time.sleep(0.005)
+sys.exit(1)
+"""
+
+
+def _worker(fd: int, waits_for: str) -> subprocess.Popen[str]:
+    """A process that attaches the table by inherited descriptor, as `mandate worker
+    --table-fd` does, and prints the agents once ``waits_for`` is revoked."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _WORKER, str(fd), waits_for],
+        stdout=subprocess.PIPE,
+        text=True,
+        pass_fds=(fd,),
+        cwd=Path(__file__).resolve().parents[2],
+    )
+
+
+def test_a_restarted_worker_gets_the_same_table_and_sees_later_writes(
+    anonymous: SharedTable,
+) -> None:
+    """The supervisor keeps its descriptor for its lifetime: a worker started after a crash
+    inherits the very table the supervisor writes, and sees what is written after it
+    started; a worker attached before a write sees it too."""
+    fd = anonymous.fd
+    assert fd is not None
+    anonymous.write([rev(1, "first")], complete=True)
+    crashed = _worker(fd, "never")
+    try:
+        time.sleep(0.2)
+        crashed.kill()
+        crashed.wait(5)
+        anonymous.write([rev(1, "first"), rev(2, "second")], complete=True)
+        restarted = _worker(fd, "third")
+        try:
+            time.sleep(0.2)  # the restarted worker is reading by now
+            anonymous.write([rev(1, "first"), rev(2, "second"), rev(3, "third")], complete=True)
+            out, _ = restarted.communicate(timeout=15)
+        finally:
+            if restarted.poll() is None:  # pragma: no cover
+                restarted.kill()
+                restarted.wait(5)
+        assert restarted.returncode == 0
+        assert out.split() == ["first", "second", "third"]
+    finally:
+        if crashed.poll() is None:  # pragma: no cover
+            crashed.kill()
+            crashed.wait(5)
+
+
+# -- the run directory: gone once every process of the run is ---------------------------------
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Path:
+    d = tmp_path / "tmp"
+    d.mkdir()
+    return d
+
+
+def _locked(path: Path) -> bool:
+    fd = os.open(path / RunDir.LOCK, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_a_run_directory_is_locked_while_its_supervisor_lives(tmp: Path) -> None:
+    run = RunDir.create(tmp)
+    assert run.path.parent == tmp and run.path.name.startswith(RunDir.PREFIX)
+    assert sorted(os.listdir(run.path)) == [RunDir.LOCK]
+    assert _locked(run.path)
+    assert RunDir.sweep(tmp) == [] and run.path.is_dir()  # a second `mandate run` here
+    run.remove()
+    assert list(tmp.iterdir()) == []
+    assert run.lock_fd == -1
+
+
+def test_the_next_start_sweeps_a_run_whose_processes_were_all_killed(tmp: Path) -> None:
+    dead = RunDir.create(tmp)
+    (dead.path / "metrics").mkdir()
+    (dead.path / "metrics" / "counter_1.db").write_bytes(b"x" * 100)
+    os.close(dead.lock_fd)  # SIGKILL: the kernel drops the lock
+    live = RunDir.create(tmp)
+    try:
+        assert not dead.path.exists()
+        assert list(tmp.iterdir()) == [live.path]
+    finally:
+        live.remove()
+
+
+def test_the_last_worker_to_exit_removes_the_run_directory(tmp: Path) -> None:
+    run = RunDir.create(tmp)
+    # Workers inherit the lock's descriptor: the same open file, so the same lock.
+    workers = [os.dup(run.lock_fd), os.dup(run.lock_fd)]
+    assert not RunDir.release(run.path, workers[0])  # the supervisor still holds it
+    os.close(run.lock_fd)  # the supervisor is SIGKILLed
+    assert _locked(run.path)  # the second worker still holds it
+    assert RunDir.sweep(tmp) == []  # so a new run keeps its hands off
+    assert RunDir.release(run.path, workers[1])
+    assert list(tmp.iterdir()) == []
+
+
+def test_a_sweep_leaves_other_directories_alone(tmp: Path) -> None:
+    other = tmp / f"{RunDir.PREFIX}not-ours"
+    other.mkdir()
+    (other / "data").write_text("x")  # no lock: not a run directory (or not ours)
+    os.utime(other, (0, 0))
+    demo = tmp / "mandate-demo-x"
+    demo.mkdir()
+    unfinished = tmp / f"{RunDir.PREFIX}unfinished"  # its maker died before the lock
+    unfinished.mkdir()
+    (unfinished / f"{RunDir.LOCK}.new").touch()
+    recent = tmp / f"{RunDir.PREFIX}recent"  # being made right now
+    recent.mkdir()
+    os.utime(unfinished, (0, 0))
+    assert RunDir.sweep(tmp) == [unfinished]
+    assert sorted(p.name for p in tmp.iterdir()) == sorted([other.name, demo.name, recent.name])
