@@ -12,20 +12,19 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .audit_cli import add_audit_parser, run_audit
 from .core import RequestView, decide, load_profiles
 from .core.model import json_schema, parse_duration
+from .core.timefmt import parse_rfc3339, utc_seconds
 from .errors import BadRequestError, ConfigError, ProfileErrors
 from .inject_cli import add_inject_parser, run_inject
 
@@ -183,7 +182,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--table",
         type=Path,
-        help="the shared-memory revocation table file (default: a new file in /dev/shm)",
+        help="the shared-memory revocation table file, and PATH.context beside it (default: "
+        "tables with no name, freed with the last process even after a SIGKILL; a file given "
+        "here is yours: it stays when mandate is killed, and is reused on the next start)",
     )
     run.add_argument(
         "--admin-token-file",
@@ -236,10 +237,24 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve Check on one endpoint, reading revocations from the shared table.",
     )
     _serve_options(worker, admin=False)
-    worker.add_argument("--table", type=Path, required=True, help="the shared revocation table")
+    table = worker.add_mutually_exclusive_group(required=True)
+    table.add_argument("--table", type=Path, help="the shared revocation table")
+    table.add_argument(
+        "--table-fd",
+        type=int,
+        metavar="FD",
+        help="the shared revocation table, open as this inherited descriptor (`mandate run`)",
+    )
     worker.add_argument("--chain-id", default="", help="this worker's audit chain id")
-    worker.add_argument(
+    context = worker.add_mutually_exclusive_group()
+    context.add_argument(
         "--context-table", type=Path, help="the shared context table (grants, tasks, risk)"
+    )
+    context.add_argument(
+        "--context-table-fd",
+        type=int,
+        metavar="FD",
+        help="the shared context table, open as this inherited descriptor (`mandate run`)",
     )
     worker.add_argument(
         "--version-file", type=Path, help="where to report the profile version enforced"
@@ -446,10 +461,17 @@ def _starting(args: argparse.Namespace, start: Callable[[], None]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .shm import RunDir
+
+    # The run's directory (workers' port and version files, metrics): removed on exit, and
+    # after a SIGKILL by the last worker to go or else by the next start (shm.RunDir).
+    run_dir = RunDir.create()
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Before prometheus_client is imported: the supervisor's and the workers' metrics
         # then share one directory and /metrics reports them together.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mandate-metrics-")
+        metrics_dir = run_dir.path / "metrics"
+        metrics_dir.mkdir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     from .supervisor import SupervisorConfig, run_supervisor
 
     config = SupervisorConfig(
@@ -480,10 +502,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         publish_behaviour_revocations=args.publish_behaviour_revocations,
     )
     try:
-        return _starting(args, lambda: run_supervisor(config))
+        return _starting(args, lambda: run_supervisor(config, run_dir))
     finally:
-        if os.environ["PROMETHEUS_MULTIPROC_DIR"].startswith(tempfile.gettempdir()):
-            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+        run_dir.remove()
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -497,6 +518,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         service_account=args.service_account,
         namespace=args.namespace,
         table=args.table,
+        table_fd=args.table_fd,
         threads=args.threads,
         poll_seconds=args.poll_seconds,
         port_file=args.port_file,
@@ -510,6 +532,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         chain_id=args.chain_id,
         transport=args.transport,
         context_table=args.context_table,
+        context_table_fd=args.context_table_fd,
         rate_share=args.rate_share,
         version_file=args.version_file,
     )
@@ -556,10 +579,10 @@ def _expires(text: str) -> str:
     try:
         seconds = parse_duration(text)
     except ValueError:
-        datetime.fromisoformat(text.replace("Z", "+00:00"))  # ValueError if neither
-        return text
-    end = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=seconds)
-    return end.isoformat().replace("+00:00", "Z")
+        if parse_rfc3339(text) is None:
+            raise ValueError(text) from None
+        return text.strip()
+    return utc_seconds(time.time() + seconds)
 
 
 def _cmd_admin(args: argparse.Namespace) -> int:
@@ -582,7 +605,10 @@ def _cmd_admin(args: argparse.Namespace) -> int:
         try:
             body["expiresAt"] = _expires(args.expires)
         except ValueError:
-            return _bad(f"--expires {args.expires!r}: expected a duration (30m) or RFC 3339 time")
+            return _bad(
+                f"--expires {args.expires!r}: expected a duration (30m) or an RFC 3339 time "
+                "with a time zone (2026-12-01T00:00:00Z)"
+            )
     return _admin_call(args, "POST", "/v1/revocations", body)
 
 

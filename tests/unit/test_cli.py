@@ -199,3 +199,29 @@ def test_run_refuses_invalid_profiles(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"{tmp_path / 'a.yaml'}, document 1: invalid YAML" in result.stderr
     assert "refusing to start" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "bad", ["2026-12-01 00:00:00Z", "2026-12-01T00:00:00", "soon", "30 parsecs"]
+)
+def test_revoke_refuses_an_expiry_that_is_neither_a_duration_nor_rfc3339(
+    bad: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    # Refused before any request: the admin address is never contacted.
+    code = main(["revoke", "some-agent", "--reason", "r", "--expires", bad,
+                 "--admin", "127.0.0.1:9", "--token-file", str(token)])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert repr(bad) in err and "RFC 3339" in err
+
+
+def test_revoke_expiry_forms() -> None:
+    from sidecar.cli import _expires
+    from sidecar.core.timefmt import parse_rfc3339
+
+    assert _expires("2026-12-01T01:00:00+01:00") == "2026-12-01T01:00:00+01:00"
+    assert _expires(" 2026-12-01T00:00:00.5Z ") == "2026-12-01T00:00:00.5Z"
+    end = parse_rfc3339(_expires("30m"))
+    assert end is not None and _expires("30m").endswith("Z")
