@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -281,11 +282,35 @@ def serve(config: ServeConfig) -> None:
     _stop_with_supervisor(stop)
     try:
         sidecar.start()
+        tune_gc()
         stop.wait()
         log.info("mandate stopping")
         sidecar.stop()
     finally:
         _release_run_dir()
+
+
+# Young objects per generation-0 collection (CPython's default: 700). See `tune_gc`.
+GC_GEN0_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """After start-up: move everything alive now (modules, protobuf descriptors, the
+    profile snapshot, gRPC's objects) out of the collector's reach (`gc.freeze`), and
+    collect the young generation every 10,000 allocations instead of 700.
+
+    Why: with the audit trail on, each Check's record lives on until the writer thread
+    takes it (up to its 20 ms linger), long enough to survive young collections; the older
+    generations then fill and are scanned far more often, each scan walking every object
+    start-up made. Measured (gRPC, 1 worker, 2 CPUs, interleaved rounds, wrk -c16 through
+    Envoy): audit on cost 2,598 vs 3,106 req/s and +64 µs of CPU per Check; with this,
+    2,912 vs 3,222 req/s and +37 µs. Cyclic garbage is still collected (the thresholds of
+    the older generations are CPython's); objects made before the freeze that later become
+    cyclic garbage are not (the first snapshot after a reload: bounded, once)."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 def _release_run_dir() -> None:
