@@ -51,6 +51,7 @@ CASES = ("off", "audit", "trace", "both")
 
 
 def run_once(case: str, transport: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    work.mkdir(parents=True, exist_ok=True)
     script = work / "report.lua"
     script.write_text(WRK_SCRIPT)
     with contextlib.ExitStack() as stack:
