@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,21 @@ def worker_pid(supervisor: int) -> int:
     if not kids:
         raise BenchError("mandate has no worker process")
     return kids[0]
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user+system) per thread name (/proc/PID/task/*/comm) of one process.
+    grpcio's C-core threads name themselves; Python's threads all carry the process name."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: collections.Counter[str] = collections.Counter()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        out[comm] += (int(fields[11]) + int(fields[12])) / ticks
+    return dict(out)
 
 
 def summarize(folded: str, top: int) -> dict[str, Any]:
@@ -126,12 +142,23 @@ def run_case(
             cmd.append("--idle")
         spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(0.5)
+        cpu0 = thread_cpu(pid)
         load = run_wrk(stack.envoy.port, script, args.connections, args.duration)
+        cpu1 = thread_cpu(pid)
         _, err = spy.communicate(timeout=args.duration + 30)
         if spy.returncode != 0 or not folded.exists():
             raise BenchError(f"py-spy failed ({spy.returncode}): {err.strip()[-600:]}")
     result = summarize(folded.read_text(), args.top)
-    result |= {"case": name, "rps": round(load["rps"]), "folded": folded.name}
+    per_check = {
+        comm: round((cpu1.get(comm, 0.0) - cpu0.get(comm, 0.0)) / load["requests"] * 1e6, 1)
+        for comm in cpu1
+    }
+    result |= {
+        "case": name,
+        "rps": round(load["rps"]),
+        "folded": folded.name,
+        "cpu_us_per_check_by_thread_name": dict(sorted(per_check.items(), key=lambda kv: -kv[1])),
+    }
     return result
 
 
@@ -145,6 +172,16 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     )
     for r in results:
         out += ["", f"## {r['case']}: {r['rps']:,} req/s, {r['samples']:,} samples", ""]
+        by_thread = r["cpu_us_per_check_by_thread_name"]
+        out += [
+            f"Worker CPU per Check by OS thread name (/proc, while py-spy samples; "
+            f"total {sum(by_thread.values()):.0f} µs):",
+            "",
+            "| thread name | µs per Check |",
+            "|---|---|",
+        ]
+        out += [f"| `{k}` | {v} |" for k, v in by_thread.items() if v >= 0.5]
+        out += ["", "Python frames of the thread holding the GIL (py-spy):", ""]
         out += ["| thread | share |", "|---|---|"]
         out += [f"| `{t}` | {p}% |" for t, p in r["threads"]]
         out += ["", "| function (self) | share |", "|---|---|"]
