@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import DEFAULT_THREADS
 from .audit_cli import add_audit_parser, run_audit
 from .core import RequestView, decide, load_profiles
 from .core.model import json_schema, parse_duration
@@ -87,8 +88,9 @@ def _serve_options(cmd: argparse.ArgumentParser, admin: bool) -> None:
     cmd.add_argument(
         "--threads",
         type=int,
-        default=int(_env("MANDATE_THREADS", "4") or 4),
-        help="gRPC Check threads per worker (default %(default)s)",
+        default=int(_env("MANDATE_THREADS", str(DEFAULT_THREADS)) or DEFAULT_THREADS),
+        help="gRPC Check threads per worker (env MANDATE_THREADS; default %(default)s: "
+        "the fastest measured on 2 CPUs, bench/telemetry_cost.py --threads)",
     )
     cmd.add_argument(
         "--poll-seconds",

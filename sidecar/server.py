@@ -30,7 +30,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import metrics
+from . import DEFAULT_THREADS, metrics
 from .audit import AuditWriter
 from .authz import Audit, Authorizer, Identity
 from .core import Snapshot
@@ -94,7 +94,7 @@ class ServeConfig:
     audit_on_failure: str = "fail-closed"
     audit_fsync: str = "interval"
     chain_id: str = ""  # this worker's audit chain (unique per writer process)
-    threads: int = 4  # gRPC Check threads (the HTTP transport runs on one event loop)
+    threads: int = DEFAULT_THREADS  # gRPC Check threads (HTTP runs on one event loop)
     poll_seconds: float = 2.0
     port_file: Path | None = None
     transport: str = "grpc"  # grpc | http (Envoy's ext_authz http_service)

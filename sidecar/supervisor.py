@@ -39,7 +39,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import metrics
+from . import DEFAULT_THREADS, metrics
 from .admin import ElevationAPI, RevocationAPI, add_probe_routes, read_token
 from .audit import AuditWriter, event_record
 from .context_store import ContextStore
@@ -61,7 +61,7 @@ class SupervisorConfig:
     listen: str = "127.0.0.1:9001"  # worker i serves PORT+i; port 0: free ports are picked
     admin: str = "127.0.0.1:9901"
     workers: int = 1
-    threads: int = 4
+    threads: int = DEFAULT_THREADS
     agent: str | None = None
     service_account: str | None = None
     namespace: str = "default"
