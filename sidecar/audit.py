@@ -80,6 +80,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from json.encoder import encode_basestring as _encode_str
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,6 +158,74 @@ _HASH_KEY = b'"hash":"'
 _PLACEHOLDER = "0" * 64
 
 
+# The keys of a decision record (`record_from_decision`); `_decision_line` writes them and
+# the chain's (hash, prev, seq) in canonical (sorted) order.
+_DECISION_KEYS = frozenset(
+    [
+        "agent",
+        "code",
+        "decision",
+        "decision_id",
+        "elevation",
+        "host",
+        "identity_source",
+        "mcp_tools",
+        "method",
+        "namespace",
+        "owner",
+        "path",
+        "pod",
+        "port",
+        "purpose",
+        "reason",
+        "revocation",
+        "risk",
+        "rule",
+        "task",
+        "time",
+        "trace_id",
+        "type",
+    ]
+)
+
+
+def _json(value: Any) -> str:
+    """One value as canonical JSON text: strings, None and ints inline, the rest by
+    `canonical_json` (the same escaping: json's C `encode_basestring`)."""
+    if value is None:
+        return "null"
+    kind = type(value)
+    if kind is str:
+        return _encode_str(value)
+    if kind is int:
+        return int.__repr__(value)
+    return canonical_json(value).decode("utf-8")
+
+
+def _decision_line(r: Mapping[str, Any], seq: int, prev: str) -> tuple[bytes, str]:
+    """`chained_line` for a decision record: its fixed keys written in canonical order
+    around the chain's `hash`, `prev` and `seq`, without a generic encoder (a third of the
+    cost; this runs once per audited decision). Byte-identical to the generic path
+    (tests/property/test_audit_line.py)."""
+    j = _json
+    head = (
+        f'{{"agent":{j(r["agent"])},"code":{j(r["code"])},"decision":{j(r["decision"])}'
+        f',"decision_id":{j(r["decision_id"])},"elevation":{j(r["elevation"])}'
+    )
+    rest = (
+        f',"host":{j(r["host"])},"identity_source":{j(r["identity_source"])}'
+        f',"mcp_tools":{j(r["mcp_tools"])},"method":{j(r["method"])}'
+        f',"namespace":{j(r["namespace"])},"owner":{j(r["owner"])},"path":{j(r["path"])}'
+        f',"pod":{j(r["pod"])},"port":{j(r["port"])},"prev":{_encode_str(prev)}'
+        f',"purpose":{j(r["purpose"])},"reason":{j(r["reason"])}'
+        f',"revocation":{j(r["revocation"])},"risk":{j(r["risk"])},"rule":{j(r["rule"])}'
+        f',"seq":{int.__repr__(seq)},"task":{j(r["task"])},"time":{j(r["time"])}'
+        f',"trace_id":{j(r["trace_id"])},"type":{j(r["type"])}}}'
+    )
+    digest = hashlib.sha256((head + rest).encode("utf-8")).hexdigest()
+    return f'{head},"hash":"{digest}"{rest}\n'.encode(), digest
+
+
 def chained_line(record: Mapping[str, Any], *, seq: int, prev: str) -> tuple[bytes, str]:
     """``canonical_json(link(record, seq=seq, prev=prev)) + b"\\n"`` and that record's hash,
     with one JSON encoding instead of two (this runs once per audited decision).
@@ -167,6 +236,8 @@ def chained_line(record: Mapping[str, Any], *, seq: int, prev: str) -> tuple[byt
     splice is safe only where ``"hash":"`` occurs once: inside JSON strings every quote is
     escaped, so the one occurrence is our top-level key; a nested ``hash`` key takes the
     two-encoding path."""
+    if record.keys() == _DECISION_KEYS:
+        return _decision_line(record, seq, prev)
     out = {k: v for k, v in record.items() if k != "hash"}
     out["seq"] = seq
     out["prev"] = prev
