@@ -773,17 +773,7 @@ class AuditWriter:
         fd = self._fd
         assert fd is not None
         try:
-            if self._dirty:
-                os.ftruncate(fd, size)
-                self._dirty = False
-            view = memoryview(b"".join(lines))
-            try:
-                while view:
-                    n = _write_fd(fd, view)
-                    view = view[n:]
-            except OSError:
-                self._dirty = True
-                raise
+            self._write_all(fd, size, b"".join(lines))
         except OSError as exc:
             self._size, self._seq, self._prev, self._file_records = size, seq, prev, file_records
             error = _describe(exc)
@@ -798,6 +788,22 @@ class AuditWriter:
             log.warning("audit chain %s: writing again (seq %d)", self.chain_id, self._seq - 1)
             self._healthy = True
 
+    def _write_all(self, fd: int, size: int, data: bytes) -> None:
+        """Cut a partial write left by a failure back to ``size`` (the complete records),
+        then write ``data`` with one write(2), looping over short writes. On an error the
+        file is marked to be cut back before the next write."""
+        if self._dirty:
+            os.ftruncate(fd, size)
+            self._dirty = False
+        view = memoryview(data)
+        try:
+            while view:
+                n = _write_fd(fd, view)
+                view = view[n:]
+        except OSError:
+            self._dirty = True
+            raise
+
     def _line(self, record: Mapping[str, Any]) -> tuple[bytes, str]:
         return chained_line(record, seq=self._seq, prev=self._prev)
 
@@ -807,17 +813,7 @@ class AuditWriter:
         self._write_pending()
         fd = self._fd
         assert fd is not None
-        if self._dirty:
-            os.ftruncate(fd, self._size)
-            self._dirty = False
-        view = memoryview(line)
-        try:
-            while view:
-                n = _write_fd(fd, view)
-                view = view[n:]
-        except OSError:
-            self._dirty = True
-            raise
+        self._write_all(fd, self._size, line)
         self._size += len(line)
         self._seq += 1
         self._prev = digest
