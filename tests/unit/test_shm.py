@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -308,10 +309,11 @@ SMALL = [rev(0, "solo")]
 LARGE = [rev(i) for i in range(50)]
 
 
-def _writer_loop(path: str, seconds: float) -> None:
+def _writer_loop(path: str, seconds: float, stop: Any = None) -> None:
+    """Alternate the two tables for ``seconds``, or until ``stop`` (an Event) is set."""
     writer = _open_writer(path)
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
         writer.write(SMALL, complete=True)
         writer.write(LARGE, complete=True)
 
@@ -325,10 +327,16 @@ def _open_writer(path: str) -> SharedTable:
     return table
 
 
-def _check_reads(reader: SharedTable, done: threading.Event | None, until: float) -> dict[str, int]:
+def _check_reads(
+    reader: SharedTable, done: threading.Event | None, until: float, enough: int = 0
+) -> dict[str, int]:
+    """Read until ``until``, ``done`` or (``enough`` > 0) that many of each table were seen,
+    asserting that no read is torn."""
     small, large = frozenset(SMALL), frozenset(LARGE)
     seen = {"small": 0, "large": 0, "incomplete": 0, "reads": 0}
     while time.monotonic() < until and not (done is not None and done.is_set()):
+        if enough and seen["small"] >= enough and seen["large"] >= enough and seen["reads"] > 1000:
+            break
         table = reader.read()
         seen["reads"] += 1
         if not table.complete:
@@ -383,15 +391,19 @@ def test_concurrent_writer_process_never_tears_a_read(path: Path) -> None:
     writer.close()
     reader = SharedTable.attach(path)
     ctx = multiprocessing.get_context("fork")
-    proc = ctx.Process(target=_writer_loop, args=(str(path), 0.6), daemon=True)
+    stop = ctx.Event()
+    # The writer runs until told to stop (at most 20 s): on a loaded machine a fixed short
+    # run could end before the reader saw both tables (this test flaked that way once).
+    proc = ctx.Process(target=_writer_loop, args=(str(path), 20.0, stop), daemon=True)
     proc.start()
     try:
-        # wait for the writer to start, then read until it stops (bounded)
-        deadline = time.monotonic() + 5.0
+        # wait for the writer to start, then read until both tables were seen often
+        deadline = time.monotonic() + 10.0
         start = reader.read().generation
         while reader.read().generation <= start + 2 and time.monotonic() < deadline:
             time.sleep(0.001)
-        seen = _check_reads(reader, None, time.monotonic() + 0.5)
+        seen = _check_reads(reader, None, time.monotonic() + 10.0, enough=50)
+        stop.set()
         proc.join(timeout=5.0)
     finally:
         if proc.is_alive():  # pragma: no cover
