@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from importlib import metadata
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -42,6 +44,7 @@ from sidecar.local import (
     render_envoy_config,
     start_envoy,
     start_mandate,
+    stop_subprocess,
 )
 
 __all__ = [
@@ -885,6 +888,68 @@ def running_stack(
             raise
 
 
+def wait_for(
+    cond: Callable[[], Any],
+    what: str,
+    timeout: float,
+    interval: float = 0.05,
+    tolerate: tuple[type[BaseException], ...] = (),
+) -> Any:
+    """``cond()``'s first true value, polled every ``interval`` s; BenchError after
+    ``timeout`` s. Exceptions of the ``tolerate`` types count as not yet (the last one is
+    named in the error)."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+            if value:
+                return value
+        except tolerate as exc:
+            last = exc
+        time.sleep(interval)
+    raise BenchError(f"{what}: not after {timeout:g} s" + (f" ({last})" if last else ""))
+
+
+def stop_process(proc: BaseProcess, timeout: float = 5.0) -> None:
+    """Stop a multiprocessing child: terminate, then kill."""
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(timeout)
+
+
+def upstream_main(port_out: Connection) -> None:
+    """The demo upstream in a process of its own (its GIL is not the clients'); sends its
+    port through ``port_out``. It keeps every request it receives: that list is cleared
+    every second so its memory stays flat. Ctrl-C is left to the controller."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import asyncio
+
+    from aiohttp import web
+
+    from sidecar.demo.upstream import RECEIVED, make_app
+
+    async def serve() -> None:
+        app = make_app()
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        server: Any = site._server  # aiohttp has no public accessor for the bound port
+        port_out.send(int(server.sockets[0].getsockname()[1]))
+        try:
+            while True:  # until the controller terminates this process
+                await asyncio.sleep(1.0)
+                app[RECEIVED].clear()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(serve())
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -898,17 +963,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- start-up
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout)
 
 
 def start_to_ready(
@@ -973,7 +1027,7 @@ def start_to_ready(
                 }
             )
         finally:
-            _stop(proc)
+            stop_subprocess(proc)
     return {
         "command": " ".join(Path(a).name if a == cmd[0] else a for a in [cmd[0], "run", *extra]),
         "repeats": repeats,

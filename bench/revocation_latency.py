@@ -42,7 +42,6 @@ Run: .venv/bin/python bench/revocation_latency.py [--flips 100] [--clients 4] [-
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime
 import http.client
@@ -65,7 +64,6 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +80,11 @@ from benchlib import (  # noqa: E402
     machine_ticks,
     package_version,
     process_tree,
+    sigterm_as_interrupt,
+    stop_process,
     unlimited_profiles,
+    upstream_main,
+    wait_for,
 )
 
 from sidecar.local import (  # noqa: E402
@@ -113,32 +115,6 @@ CTX = mp.get_context("spawn")
 def _quiet_child() -> None:
     """Children leave Ctrl-C to the controller, which stops them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def upstream_main(port_out: Connection) -> None:
-    """The demo upstream in a process of its own (its GIL is not the clients'). It keeps
-    every request it receives: clear that list every second so memory stays flat."""
-    _quiet_child()
-    from aiohttp import web
-
-    from sidecar.demo.upstream import RECEIVED, make_app
-
-    async def serve() -> None:
-        app = make_app()
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        server: Any = site._server  # aiohttp has no public accessor for the bound port
-        port_out.send(int(server.sockets[0].getsockname()[1]))
-        try:
-            while True:  # until the controller terminates this process
-                await asyncio.sleep(1.0)
-                app[RECEIVED].clear()
-        finally:
-            await runner.cleanup()
-
-    asyncio.run(serve())
 
 
 REQUEST = f"GET {URL} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
@@ -219,16 +195,6 @@ class Stack:
                 if attempt:
                     raise
         raise AssertionError("unreachable")
-
-
-def wait_for(cond: Any, what: str, timeout: float, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise BenchError(f"{what}: not after {timeout:g} s")
 
 
 def one_request(port: int) -> tuple[int, bytes]:
@@ -318,15 +284,6 @@ def verify(stack: Stack, workers: int) -> None:
     if status != 200:
         raise BenchError(f"DELETE /v1/revocations/{AGENT}: {status} {body}")
     wait_for(ok, "restored -> 200", 5)
-
-
-def stop_process(proc: BaseProcess, timeout: float = 5.0) -> None:
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(timeout)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(timeout)
 
 
 # ---------------------------------------------------------------- one phase of flips
@@ -1069,18 +1026,6 @@ def kubectl_markdown(k: Any) -> str:
 
 
 # ---------------------------------------------------------------- main
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -57,7 +57,6 @@ import multiprocessing as mp
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -69,10 +68,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import product
-from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import yaml
@@ -92,7 +89,11 @@ from benchlib import (  # noqa: E402
     package_version,
     process_tree,
     rss_mb,
+    sigterm_as_interrupt,
+    stop_process,
     unlimited_profiles,
+    upstream_main,
+    wait_for,
 )
 
 from sidecar.local import (  # noqa: E402
@@ -119,6 +120,8 @@ REASON = "bench: soak"
 SAMPLE_S = 5.0
 RSS_GOAL_PCT = 10.0
 CTX = mp.get_context("spawn")
+# What a start-up wait polls through while the stack comes up.
+_TRANSIENT = (OSError, http.client.HTTPException, ValueError)
 
 ALLOW = "allow"
 # Outcomes that are no answer of mandate's (errors whatever was expected).
@@ -239,32 +242,6 @@ ELEVATED = next(k for k in KINDS if k.name == "export")
 
 
 # ---------------------------------------------------------------- child process: upstream
-
-
-def upstream_main(port_out: Connection) -> None:
-    """The demo upstream in a process of its own. It keeps every request it receives: clear
-    that list every second so its memory stays flat."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from aiohttp import web
-
-    from sidecar.demo.upstream import RECEIVED, make_app
-
-    async def serve() -> None:
-        app = make_app()
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        server: Any = site._server  # aiohttp has no public accessor for the bound port
-        port_out.send(int(server.sockets[0].getsockname()[1]))
-        try:
-            while True:  # until terminated
-                await asyncio.sleep(1.0)
-                app[RECEIVED].clear()
-        finally:
-            await runner.cleanup()
-
-    asyncio.run(serve())
 
 
 def outcome_of(status: int, headers: dict[str, str], body: bytes) -> str:
@@ -498,29 +475,6 @@ class Admin:
         raise AssertionError("unreachable")
 
 
-def wait_for(cond: Callable[[], Any], what: str, timeout: float, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = cond()
-            if value:
-                return value
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            last = exc
-        time.sleep(interval)
-    raise BenchError(f"{what}: not after {timeout:g} s" + (f" ({last})" if last else ""))
-
-
-def stop_process(proc: BaseProcess, timeout: float = 5.0) -> None:
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(timeout)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(timeout)
-
-
 @contextlib.contextmanager
 def running_stack(work: Path, args: argparse.Namespace, learning_s: int) -> Iterator[Stack]:
     """Upstream, mandate, Envoy; stopped on the way out, whatever happens."""
@@ -547,7 +501,12 @@ def running_stack(work: Path, args: argparse.Namespace, learning_s: int) -> Iter
         )  # fmt: skip
         es.callback(mandate.stop)
         token_file = state / "admin.token"
-        wait_for(lambda: token_file.exists() and token_file.read_text().strip(), "token", 10)
+        wait_for(
+            lambda: token_file.exists() and token_file.read_text().strip(),
+            "token",
+            10,
+            tolerate=_TRANSIENT,
+        )
         if not mandate.access_log_port or not mandate.context_ports:
             raise BenchError(f"mandate serves no access log or context API: {mandate}")
         config = render_envoy_config(
@@ -631,7 +590,13 @@ def verify(stack: Stack, admin: Admin, workers: int) -> None:
         return bad
 
     first = KINDS[0]
-    wait_for(lambda: one_call(stack, first) == ALLOW, f"{first.name} through Envoy", 30, 0.1)
+    wait_for(
+        lambda: one_call(stack, first) == ALLOW,
+        f"{first.name} through Envoy",
+        30,
+        0.1,
+        tolerate=_TRANSIENT,
+    )
     tries = 2 * workers
     if bad := all_expected(BASE, tries):
         raise BenchError("base state: " + "; ".join(bad))
@@ -1327,18 +1292,6 @@ def work_directory(keep: bool) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix="mandate-soak-")
     print(f"   work directory (kept): {tmp}", flush=True)
     yield tmp
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

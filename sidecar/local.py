@@ -31,6 +31,7 @@ __all__ = [
     "render_envoy_config",
     "start_envoy",
     "start_mandate",
+    "stop_subprocess",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +165,7 @@ class EnvoyProcess:
         return next(iter(self.listeners.values()))
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_subprocess(self.proc)
 
     def access_records(self) -> list[dict[str, Any]]:
         if not self.access_log.exists():
@@ -218,7 +219,7 @@ def start_envoy(
             "envoy live", timeout, proc,
         )  # fmt: skip
     except BaseException:
-        _stop(proc)
+        stop_subprocess(proc)
         raise
     return EnvoyProcess(proc, port, found, workdir, log_path, access_log or workdir / "access.log")
 
@@ -239,7 +240,7 @@ class MandateProcess:
         return self.grpc_ports[0]
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_subprocess(self.proc)
 
     def ready(self) -> dict[str, Any]:
         result: dict[str, Any] = _get_json(f"http://127.0.0.1:{self.admin_port}/readyz")
@@ -281,7 +282,7 @@ def start_mandate(
             proc,
         )
     except BaseException:
-        _stop(proc)
+        stop_subprocess(proc)
         raise
     return MandateProcess(
         proc, list(ports["grpc"]), ports["admin"], log_path, args, Path(ports["table"]),
@@ -289,7 +290,8 @@ def start_mandate(
     )  # fmt: skip
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+def stop_subprocess(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` s; nothing if it has already exited."""
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
