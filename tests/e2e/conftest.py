@@ -24,6 +24,7 @@ from sidecar.local import (
     ENVOY_DIR,
     EnvoyProcess,
     MandateProcess,
+    envoy_binary,
     render_envoy_config,
     start_envoy,
     start_mandate,
@@ -139,6 +140,20 @@ class Stack:
 
 
 NAMESPACE = "agents"
+
+
+def validate_envoy_config(text: str, tmp_path: Path) -> None:
+    """Real Envoy's `--mode validate` accepts ``text``."""
+    cfg = tmp_path / "envoy.yaml"
+    cfg.write_text(text)
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(cfg), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout + result.stderr
 
 
 def start_mandate_for(

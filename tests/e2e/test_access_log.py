@@ -5,7 +5,6 @@ agent with mandate's code and decision id, the status Envoy answered and the byt
 from __future__ import annotations
 
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,9 +14,16 @@ import pytest
 
 from sidecar.als import AccessLogServicer, start_als_server
 from sidecar.core.behaviour import BehaviourEngine, BehaviourSettings, CallEvent
-from sidecar.local import ENVOY_DIR, envoy_binary, render_envoy_config
+from sidecar.local import ENVOY_DIR, render_envoy_config
 
-from .conftest import NAMESPACE, TEMPLATES, Stack, start_stack, stop_stack
+from .conftest import (
+    NAMESPACE,
+    TEMPLATES,
+    Stack,
+    start_stack,
+    stop_stack,
+    validate_envoy_config,
+)
 
 LEDGER = "ledger.finance.svc.cluster.local"
 REPORTS = "reports.finance.svc.cluster.local"
@@ -216,15 +222,7 @@ def test_local_configs_with_the_als_validate(tmp_path: Path, name: str) -> None:
         als_port=9003,
     )  # fmt: skip
     assert "mandate_als" in config
-    cfg = tmp_path / "envoy.yaml"
-    cfg.write_text(config)
-    result = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(cfg), "--disable-hot-restart"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    validate_envoy_config(config, tmp_path)
 
 
 def test_without_an_als_port_nothing_of_it_is_rendered() -> None:

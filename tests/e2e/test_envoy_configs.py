@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from sidecar.local import ENVOY_DIR, envoy_binary, render_envoy_config
+from sidecar.local import ENVOY_DIR, render_envoy_config
+
+from .conftest import validate_envoy_config
 
 ROOT = ENVOY_DIR.parent
 VALUES = {
@@ -23,37 +24,24 @@ VALUES = {
 }
 
 
-def _validate(text: str, tmp_path: Path) -> None:
-    cfg = tmp_path / "envoy.yaml"
-    cfg.write_text(text)
-    result = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(cfg), "--disable-hot-restart"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "OK" in result.stdout + result.stderr
-
-
 SIDECAR_CONFIGS = ["sidecar.yaml", "sidecar-http.yaml"]  # gRPC and HTTP transports
 LOCAL_CONFIGS = ["local.yaml", "local-http.yaml"]
 
 
 @pytest.mark.parametrize("name", SIDECAR_CONFIGS)
 def test_sidecar_config_validates(tmp_path: Path, name: str) -> None:
-    _validate((ENVOY_DIR / name).read_text(), tmp_path)
+    validate_envoy_config((ENVOY_DIR / name).read_text(), tmp_path)
 
 
 @pytest.mark.parametrize("name", LOCAL_CONFIGS)
 @pytest.mark.parametrize("agents", [None, ["billing-agent", "research-agent"]])
 def test_local_config_validates(tmp_path: Path, agents: list[str] | None, name: str) -> None:
-    _validate(render_envoy_config(ENVOY_DIR / name, VALUES, agents=agents), tmp_path)
+    validate_envoy_config(render_envoy_config(ENVOY_DIR / name, VALUES, agents=agents), tmp_path)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "bench").glob("*.yaml")), ids=lambda p: p.name)
-def test_bench_configs_validate(tmp_path: Path, path: Path) -> None:
-    _validate(render_envoy_config(path, VALUES | {"RBAC_HOST": "x"}), tmp_path)
+def test_bench_configsvalidate_envoy_config(tmp_path: Path, path: Path) -> None:
+    validate_envoy_config(render_envoy_config(path, VALUES | {"RBAC_HOST": "x"}), tmp_path)
 
 
 def test_broken_config_is_rejected(tmp_path: Path) -> None:
@@ -62,7 +50,7 @@ def test_broken_config_is_rejected(tmp_path: Path) -> None:
         (ENVOY_DIR / "sidecar.yaml").read_text().replace("failure_mode_allow", "failure_mode_alow")
     )
     with pytest.raises(AssertionError):
-        _validate(text, tmp_path)
+        validate_envoy_config(text, tmp_path)
 
 
 def test_configs_fail_closed() -> None:
