@@ -3,8 +3,8 @@
 A body is parsed at most once per decision into :class:`McpBody`. A rule with `mcpTools`
 or `mcpMethods` allows the call only if every message in it passes (`mcp_allows`); a deny
 rule with those fields matches if any message names what it lists (`mcp_denies`). A body
-that is missing, truncated by Envoy's `with_request_body` limit (the adapters also count a
-body without the call's Content-Length as truncated: nothing shows it complete), not JSON,
+that is missing, truncated by Envoy's `with_request_body` limit (`authz.body_truncated` also
+counts a body without the call's Content-Length as truncated: nothing shows it whole), not JSON,
 or not JSON-RPC 2.0 never passes an allow rule and always matches a deny rule.
 
 "Not JSON" is strict (RFC 8259), because the upstream parses the same bytes with a parser
@@ -146,13 +146,13 @@ def mcp_allows(body: McpBody, tools: frozenset[str], methods: frozenset[str]) ->
 
 
 def mcp_denies(body: McpBody, tools: frozenset[str], methods: frozenset[str]) -> bool:
-    """True if a deny rule listing ``tools`` and ``methods`` matches this body. Methods
-    match in any case: an upstream that folds case must not run a method denied here."""
+    """True if a deny rule listing ``tools`` and ``methods`` (case-folded: the compiled
+    rule's `mcp_methods_folded`) matches this body. Methods match in any case: an upstream
+    that folds case must not run a method denied here."""
     if body.error is not None:
         return True
-    folded = {m.casefold() for m in methods}
     return any(
         (msg.tool is not None and msg.tool in tools)
-        or (msg.method is not None and msg.method.casefold() in folded)
+        or (msg.method is not None and msg.method.casefold() in methods)
         for msg in body.messages
     )

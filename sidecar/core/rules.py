@@ -48,6 +48,7 @@ class CompiledRule:
     path_re: re.Pattern[str] | None
     mcp_tools: frozenset[str]
     mcp_methods: frozenset[str]
+    mcp_methods_folded: frozenset[str]  # case-folded, for deny rules (`mcp_denies`)
     is_mcp: bool
     whole_host: bool  # restricts only hosts: may authorise a CONNECT tunnel
     # The literal first path segments its patterns start with; None: any path (no paths, or
@@ -172,7 +173,7 @@ class RuleIndex:
                         continue  # MCP messages travel by POST; other methods carry none
                     parsed = body()
                     if deny:
-                        if not mcp_denies(parsed, r.mcp_tools, r.mcp_methods):
+                        if not mcp_denies(parsed, r.mcp_tools, r.mcp_methods_folded):
                             continue
                     else:
                         why = mcp_allows(parsed, r.mcp_tools, r.mcp_methods)
@@ -214,6 +215,7 @@ def compile_rules(rules: Sequence[Rule], id_prefix: str) -> RuleIndex:
             path_re=compile_path_patterns(rule.paths) if rule.paths else None,
             mcp_tools=frozenset(rule.mcp_tools or ()),
             mcp_methods=frozenset(rule.mcp_methods or ()),
+            mcp_methods_folded=frozenset(m.casefold() for m in rule.mcp_methods or ()),
             is_mcp=is_mcp,
             whole_host=rule.methods is None and rule.paths is None and not is_mcp,
             first_segments=_first_segments(rule.paths),

@@ -241,3 +241,22 @@ def test_compiled_rule_fields() -> None:
     assert not first.whole_host and not first.admits_connect()
     assert (second.rule_id, second.methods, second.path_re) == ("reconcile.allow[1]", None, None)
     assert second.whole_host and second.admits_connect()
+
+
+@pytest.mark.parametrize("listed", ["resources/read", "Resources/Read", "RESOURCES/READ"])
+@pytest.mark.parametrize("sent", ["resources/read", "Resources/READ"])
+def test_an_mcp_deny_rule_matches_its_methods_in_any_case(listed: str, sent: str) -> None:
+    """The rule's methods are folded once, at compile time; the body's on each match."""
+    from sidecar.core.mcp import parse_mcp_body
+
+    raw = f'{{"jsonrpc": "2.0", "id": 1, "method": "{sent}"}}'.encode()
+    index = _index([{"hosts": ["mcp.example"], "mcpMethods": [listed]}], "p.deny")
+    match = index.lookup(
+        "mcp.example", 443, "POST", "/mcp", lambda: parse_mcp_body(raw, False), deny=True
+    )
+    assert match.rule is not None and match.rule.rule_id == "p.deny[0]"
+    other = b'{"jsonrpc": "2.0", "id": 1, "method": "prompts/get"}'
+    miss = index.lookup(
+        "mcp.example", 443, "POST", "/mcp", lambda: parse_mcp_body(other, False), deny=True
+    )
+    assert miss.rule is None
