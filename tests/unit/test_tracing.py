@@ -405,12 +405,15 @@ def test_export_settings_from_the_endpoint_and_environment(tmp_path: Path) -> No
         "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "gzip",
         "OTEL_EXPORTER_OTLP_CERTIFICATE": str(ca),
     }
-    tls = ExportSettings.from_env("https://collector:4317", env)
-    assert (tls.target, tls.secure, tls.timeout, tls.gzip) == ("collector:4317", True, 2.5, True)
-    assert tls.headers == (("x-only", "traces"),)  # the traces variable wins, whole
-    assert tls.root_certificates == b"PEM" and tls.private_key is None
-    # certificates are read for TLS only
-    assert ExportSettings.from_env("http://c:4317", env).root_certificates is None
+    plain_env = ExportSettings.from_env("http://collector:4317", env)
+    assert (plain_env.target, plain_env.secure, plain_env.timeout, plain_env.gzip) == (
+        "collector:4317", False, 2.5, True,
+    )  # fmt: skip
+    assert plain_env.headers == (("x-only", "traces"),)  # the traces variable wins, whole
+    # certificates are read for TLS only (a real CA: tests/adapter/test_otlp_transport.py)
+    assert plain_env.root_certificates is None
+    with pytest.raises(ConfigError, match=r"OTEL_EXPORTER_OTLP_CERTIFICATE=.*not a PEM"):
+        ExportSettings.from_env("https://collector:4317", env)
 
 
 @pytest.mark.parametrize(

@@ -136,6 +136,42 @@ def test_a_full_batch_is_exported_without_waiting_for_the_delay(make: Any) -> No
     assert exporter.stats() == ExportStats(accepted=4, exported=4, dropped=0, failed=0, queued=0)
 
 
+def test_spans_that_come_during_an_export_wait_for_a_full_batch_or_the_delay(
+    make: Any,
+) -> None:
+    """Under load, what arrives while a batch is in flight is not sent at once as a small
+    request of its own (that made hundreds of tiny requests a second)."""
+    transport = FakeTransport()
+    transport.release.clear()
+    exporter = make(transport, max_queue=64, max_batch=8)
+    for i in range(1, 9):
+        exporter.submit(span(i))
+    assert transport.entered.wait(5)  # the first full batch is in flight
+    for i in range(9, 12):
+        exporter.submit(span(i))  # three more meanwhile
+    transport.entered.clear()
+    transport.release.set()
+    assert not transport.entered.wait(0.3)  # no second request for the three
+    assert transport.batch_sizes() == [8]
+    for i in range(12, 17):
+        exporter.submit(span(i))  # the queue fills a batch: it goes without waiting
+    assert transport.entered.wait(5)
+    exporter.submit(span(17))
+    assert exporter.flush()  # flush sends the partial rest
+    assert transport.batch_sizes() == [8, 8, 1]
+    assert transport.spans() == list(range(1, 18))
+
+
+def test_a_partial_batch_goes_when_the_delay_has_passed(make: Any) -> None:
+    transport = FakeTransport()
+    exporter = make(transport, max_queue=64, max_batch=8, delay=0.05)
+    for i in range(1, 4):
+        exporter.submit(span(i))
+    assert transport.entered.wait(5)
+    assert exporter.flush()
+    assert transport.batch_sizes() == [3]
+
+
 def test_a_full_queue_drops_and_counts_without_blocking(make: Any) -> None:
     transport = FakeTransport()
     transport.release.clear()  # the receiver hangs
