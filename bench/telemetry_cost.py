@@ -14,7 +14,12 @@ median over rounds of req/s and of mandate's CPU per Check (all its processes an
 from /proc), and the cost relative to `off` (issue 4's goal: `both` within 20 % of `off`'s
 throughput). Writes bench/results/telemetry_cost.{md,json}.
 
+--pin puts mandate (all its processes and threads) on a CPU of its own and Envoy, wrk, this
+script and its receiver on the other (benchlib.plan_pinning): mandate is then the bottleneck
+and other parties' noise stays off its CPU, so rounds vary less.
+
 Run: .venv/bin/python bench/telemetry_cost.py [--duration 8] [--rounds 3] [--transport grpc]
+     [--pin]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -38,8 +44,11 @@ from benchlib import (  # noqa: E402
     WRK_SCRIPT,
     BenchError,
     MandateOptions,
+    Pinning,
     discarding_otlp_receiver,
     machine_base,
+    pin_tree,
+    plan_pinning,
     run_wrk,
     running_stack,
     tree_cpu_seconds,
@@ -50,7 +59,9 @@ OUT = ROOT / "bench" / "results"
 CASES = ("off", "audit", "trace", "both")
 
 
-def run_once(case: str, transport: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_once(
+    case: str, transport: str, args: argparse.Namespace, work: Path, pinning: Pinning | None
+) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     script = work / "report.lua"
     script.write_text(WRK_SCRIPT)
@@ -62,10 +73,15 @@ def run_once(case: str, transport: str, args: argparse.Namespace, work: Path) ->
             port = stack.enter_context(discarding_otlp_receiver())
             extra += ["--otlp-endpoint", f"http://127.0.0.1:{port}"]
         opts = MandateOptions(transport=transport, threads=args.threads, extra=tuple(extra))
-        s = stack.enter_context(running_stack(case, TEMPLATES[transport], work, opts))
+        s = stack.enter_context(
+            running_stack(case, TEMPLATES[transport], work, opts, pinning=pinning)
+        )
         assert s.mandate is not None
         verify(case, s.envoy, s.mandate)
         run_wrk(s.envoy.port, script, args.connections, args.warmup)
+        if pinning is not None:  # threads started since (gRPC pools, exporters) inherit; re-check
+            pin_tree(s.envoy.proc.pid, pinning.envoy)
+            pin_tree(s.mandate.proc.pid, pinning.mandate)
         cpu0 = tree_cpu_seconds(s.mandate.proc.pid)
         load = run_wrk(s.envoy.port, script, args.connections, args.duration)
         cpu = tree_cpu_seconds(s.mandate.proc.pid) - cpu0
@@ -96,7 +112,8 @@ def markdown(info: dict[str, Any], runs: dict[str, Any], med: dict[str, Any]) ->
         "Written by `bench/telemetry_cost.py`; see its docstring. "
         f"Transport {info['transport']}, 1 worker, {info['threads'] or 'default'} Check "
         f"threads, wrk -t1 -c{info['connections']}, "
-        f"{info['duration']:g} s per run, {info['rounds']} rounds (medians).",
+        f"{info['duration']:g} s per run, {info['rounds']} rounds (medians). "
+        f"Pinning: {info['pinning']}.",
         "",
         "| configuration | req/s | throughput cost vs off | mandate CPU µs/Check | added µs "
         "| req/s per round |",
@@ -133,8 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="mandate's Check threads")
     p.add_argument("--cases", default=",".join(CASES), help="a subset of " + ",".join(CASES))
     p.add_argument("--name", default="", help="results file stem (default telemetry_cost)")
+    p.add_argument("--pin", action="store_true", help="mandate on a CPU of its own")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
+    pinning = plan_pinning() if args.pin else None
+    if pinning is not None:
+        os.sched_setaffinity(0, pinning.load)  # this script, its receiver and wrk
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if "off" not in cases or any(c not in CASES for c in cases):
         p.error(f"--cases: a subset of {','.join(CASES)} that includes off")
@@ -142,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mandate-telemetry-") as tmp:
         for r in range(args.rounds):
             for case in cases:
-                result = run_once(case, args.transport, args, Path(tmp) / f"r{r}")
+                result = run_once(case, args.transport, args, Path(tmp) / f"r{r}", pinning)
                 runs[case].append(result)
                 print(
                     f"round {r + 1}/{args.rounds} {case:5}: {result['rps']:,.0f} req/s, "
@@ -157,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "duration": args.duration,
         "rounds": args.rounds,
+        "pinning": pinning.describe() if pinning else "none",
         "machine": f"{base.get('nproc')} CPUs, {base.get('cpu_model', '?')}",
         "git": base.get("git_commit"),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
