@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from . import metrics
-from .audit import AuditWriter, record_from_decision
+from .audit import AuditWriter
 from .core import Code, Decision, RequestView, Snapshot, decide
 from .core.context import EMPTY_CONTEXT, ContextTable
 from .core.ratelimit import RateLimiter
@@ -191,10 +191,8 @@ class Audit:
                 reason="the audit trail cannot be written: failing closed",
             )
         if self.allows or not decision.allowed:
-            self.writer.write(
-                record_from_decision(
-                    decision, pod=self.pod, namespace=self.namespace, now=time.time()
-                )
+            self.writer.write_decision(
+                decision, pod=self.pod, namespace=self.namespace, now=time.time()
             )
         return decision
 

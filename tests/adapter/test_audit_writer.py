@@ -40,14 +40,25 @@ TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 Make = Callable[..., AuditWriter]
 
 
-def rec(i: int, *, agent: str = "billing-agent", allowed: bool = True, trace: str = "",
-        now: float = NOW) -> dict[str, Any]:  # fmt: skip
-    d = Decision(
+def dec(i: int, *, agent: str = "billing-agent", allowed: bool = True, trace: str = "") -> Decision:
+    return Decision(
         f"d{i:04d}", allowed, Code.ALLOWED if allowed else Code.OUTSIDE_PURPOSE, "because",
         agent, "finance", "billing", "", "r1" if allowed else "", "sidecar-config", "GET",
         "api.example.com", 443, f"/v1/items/{i}", (), trace,
     )  # fmt: skip
+
+
+def rec(i: int, *, agent: str = "billing-agent", allowed: bool = True, trace: str = "",
+        now: float = NOW) -> dict[str, Any]:  # fmt: skip
+    d = dec(i, agent=agent, allowed=allowed, trace=trace)
     return record_from_decision(d, pod="pod-1", namespace="agents", now=now + i)
+
+
+def write_via(w: AuditWriter, via: str, i: int) -> bool:
+    """Record ``rec(i)``: as a record (`write`) or as its decision (`write_decision`)."""
+    if via == "write":
+        return w.write(rec(i))
+    return w.write_decision(dec(i), pod="pod-1", namespace="agents", now=NOW + i)
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 3.0) -> bool:
@@ -136,6 +147,21 @@ def test_written_record_is_the_given_record_chained(make: Make, tmp_path: Path) 
     header, stored = all_records(tmp_path / "audit")
     assert stored == link(given, seq=1, prev=header["hash"])
     assert w.stats().written == 1 and w.healthy and not w.must_deny()
+
+
+def test_a_decision_queued_as_such_is_written_as_its_record(make: Make, tmp_path: Path) -> None:
+    """`write_decision` builds the record on the writer thread: the chain is byte for byte
+    the one `write(record_from_decision(...))` makes."""
+    files = {}
+    for via in ("write", "write_decision"):
+        d = tmp_path / via
+        w = make(d, clock=lambda: NOW)
+        for i in range(30):
+            assert write_via(w, via, i)
+        assert w.close(5)
+        files[via] = [p.read_bytes() for p in chain_files(d)]
+    assert files["write"] == files["write_decision"] and len(files["write"]) == 1
+    assert len(files["write"][0].splitlines()) == 31  # the header and 30 decisions
 
 
 # -- tampering: verify names the first bad record ------------------------------------------------
@@ -596,15 +622,16 @@ def test_unwritable_directory_at_start_fails_closed(
     assert verify(tmp_path / "audit").ok
 
 
+@pytest.mark.parametrize("via", ["write", "write_decision"])
 @pytest.mark.parametrize("mode", ["fail-closed", "continue"])
-def test_full_queue(make: Make, faults: Faults, tmp_path: Path, mode: str) -> None:
+def test_full_queue(make: Make, faults: Faults, tmp_path: Path, mode: str, via: str) -> None:
     d = tmp_path / "audit"
     w = make(d, on_failure=mode, queue_max=3)
     faults.gate.clear()
     faults.entered.clear()
-    w.write(rec(0))
+    write_via(w, via, 0)
     assert faults.entered.wait(2)  # the writer thread is stuck in write(2) with record 0
-    accepted = [w.write(rec(i)) for i in range(1, 8)]
+    accepted = [write_via(w, via, i) for i in range(1, 8)]
     assert accepted == [True] * 3 + [False] * 4
     s = w.stats()
     assert (s.dropped, s.backlog) == (4, 3)
@@ -620,10 +647,11 @@ def test_full_queue(make: Make, faults: Faults, tmp_path: Path, mode: str) -> No
     assert sum(r["type"] == "decision" for r in all_records(d)) == 4
 
 
-def test_write_after_close_is_counted_and_denied(make: Make) -> None:
+@pytest.mark.parametrize("via", ["write", "write_decision"])
+def test_write_after_close_is_counted_and_denied(make: Make, via: str) -> None:
     w = make()
     assert w.close(5)
-    assert not w.write(rec(0))
+    assert not write_via(w, via, 0)
     assert w.stats().dropped == 1 and w.must_deny()
     assert not w.flush(1)
 
