@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import grpc
@@ -217,9 +217,11 @@ class ExportStats:
 
 
 class BatchExporter:
-    """A bounded queue of encoded spans and the thread that exports it. ``resource`` and
-    ``scope`` are the `Resource` and `InstrumentationScope` messages every request
-    carries. ``on_cycle`` is called from the thread with the stats after each wake-up."""
+    """A bounded queue of spans and the thread that exports it. ``resource`` and ``scope``
+    are the `Resource` and `InstrumentationScope` messages every request carries.
+    ``encode``, if given, makes a span's `ScopeSpans.spans` bytes of what `submit` queued,
+    on the thread, just before its batch is sent (else `submit` takes the bytes).
+    ``on_cycle`` is called from the thread with the stats after each wake-up."""
 
     def __init__(
         self,
@@ -233,6 +235,7 @@ class BatchExporter:
         timeout: float = 10.0,
         retry_base: float = 1.0,
         on_cycle: Callable[[ExportStats], None] | None = None,
+        encode: Callable[[Any], bytes] | None = None,
     ) -> None:
         if not 0 < max_batch <= max_queue:
             raise ValueError(f"expected 0 < max_batch ({max_batch}) <= max_queue ({max_queue})")
@@ -245,7 +248,8 @@ class BatchExporter:
         self._timeout = timeout
         self._retry_base = retry_base
         self._on_cycle = on_cycle
-        self._queue: deque[bytes] = deque()
+        self._encode = encode
+        self._queue: deque[Any] = deque()
         self._wake = threading.Event()
         self._drain = threading.Event()  # set by flush: export what is queued, full or not
         self._closing = threading.Event()  # set by shutdown: final drain, no more retries
@@ -258,9 +262,10 @@ class BatchExporter:
         self._thread = threading.Thread(target=self._run, name="otlp-export", daemon=True)
         self._thread.start()
 
-    def submit(self, span: bytes) -> bool:
-        """Queue one span; False if the queue was full (the span is dropped and counted).
-        Never blocks: this runs on the Check path."""
+    def submit(self, span: Any) -> bool:
+        """Queue one span (its bytes, or what ``encode`` makes them of on the export
+        thread); False if the queue was full (the span is dropped and counted). Never
+        blocks: this runs on the Check path."""
         queue = self._queue
         if len(queue) >= self._max_queue or self._closing.is_set():
             with self._drop_lock:  # `+=` from several Check threads could lose counts
@@ -342,7 +347,18 @@ class BatchExporter:
             if self._closing.is_set() and not self._queue:
                 return
 
-    def _export(self, spans: list[bytes]) -> None:
+    def _export(self, items: list[Any]) -> None:
+        spans: list[bytes] = items
+        if self._encode is not None:
+            spans = []
+            for item in items:
+                try:
+                    spans.append(self._encode(item))
+                except Exception:  # a bug: lose this span, not the batch
+                    log.exception("encoding a span failed")
+                    self._failed += 1
+            if not spans:
+                return
         try:
             request = export_request(self._resource, self._scope, spans)
         except Exception:

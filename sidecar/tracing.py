@@ -16,12 +16,13 @@ it cost about 73 µs of CPU per decision span on the 2-CPU bench machine (the Sp
 and its attribute validation, the BatchSpanProcessor, the exporter's encoding), and with
 the audit trail it halved gRPC Check throughput (3,342 → 1,552 req/s). This tracer does
 only what a decision span needs: it parses the parent itself (`tracecontext`, the SDK
-propagator's rules), encodes the span straight into OTLP protobuf bytes on the Check
-thread (`otlp_wire`; repeated attribute groups are encoded once and remembered), and
-hands them to a bounded queue that one thread exports in batches with the SDK
-exporter's retry policy (`otlp_export`). `bench/span_cost.py` measured 6 µs of CPU per
-span in all (4.5 on the Check thread) against the SDK's 85 (30 on the Check thread);
-encoding in the export thread instead costs the same in all (bench/README.md).
+propagator's rules), queues the decision and its parent on a bounded queue, and one
+thread encodes each span straight into OTLP protobuf bytes (`otlp_wire`; repeated
+attribute groups are encoded once and remembered) and exports them in batches with the
+SDK exporter's retry policy (`otlp_export`). `bench/span_cost.py` measured 6 µs of CPU
+per span in all against the SDK's 85 (30 on the Check thread). Encoding on the export
+thread, a batch at a time, costs the worker less than on the Check thread between
+Checks: +13 against +21 µs of CPU per Check through real Envoy (bench/README.md).
 
 What it does not do, unlike the SDK: no span processors, samplers, exporters or ID
 generators to plug in (ParentBased(ALWAYS_ON) and OTLP/gRPC are fixed); no other span
@@ -59,7 +60,7 @@ from .otlp_wire import (
     span_attribute,
     string_attribute,
 )
-from .tracecontext import parent_of
+from .tracecontext import Parent, parent_of
 
 __all__ = ["Tracing", "resource_attributes"]
 
@@ -83,6 +84,9 @@ _MEMO_SIZE = 1024
 _random_bits = random.getrandbits  # ids need uniqueness, not secrecy (as the SDK's)
 _K = TypeVar("_K", bound=Hashable)
 _Where = tuple[str, tuple[str, ...], str, str, int]
+# A span `record` queued for the export thread: its parent (None: a new root), start and
+# end (ns), and the decision.
+_Pending = tuple[Parent | None, int, int, Decision]
 
 
 class Tracing:
@@ -113,9 +117,11 @@ class Tracing:
             delay=schedule_delay_ms / 1000,
             timeout=settings.timeout,
             on_cycle=self._count,
+            encode=self.encode,
         )
         self._submit = self._exporter.submit
         # Encoded attribute groups, by the fields they encode: most decisions repeat them.
+        # Used by the export thread only.
         self._who: dict[tuple[str, ...], bytes] = {}
         self._where: dict[_Where, bytes] = {}
 
@@ -126,26 +132,32 @@ class Tracing:
         start_ns: int,
         end_ns: int,
     ) -> None:
-        """Record one decision span; ``parents`` holds `traceparent`/`tracestate`."""
+        """Record one decision span; ``parents`` holds `traceparent`/`tracestate`. Only the
+        sampling decision is made here; the span is encoded on the export thread, in
+        batches (`encode`): per span it costs the worker less there than between Checks
+        (bench/README.md, telemetry section)."""
         parent = parent_of(parents)
+        if parent is not None and not parent.sampled:
+            return
+        self._submit((parent, start_ns, end_ns, decision))
+
+    def encode(self, item: _Pending) -> bytes:
+        """The `ScopeSpans.spans` entry of a span `record` queued (export thread)."""
+        parent, start_ns, end_ns, decision = item
         if parent is None:
             trace_id = (_random_bits(128) or 1).to_bytes(16, "big")
             parent_id, state = b"", ""
-        elif not parent.sampled:
-            return
         else:
             trace_id, parent_id, _, state = parent
-        self._submit(
-            _ENCODER.encode(
-                trace_id,
-                (_random_bits(64) or 1).to_bytes(8, "big"),
-                parent_id,
-                state,
-                start_ns,
-                end_ns,
-                self._attributes(decision),
-                parent is not None,
-            )
+        return _ENCODER.encode(
+            trace_id,
+            (_random_bits(64) or 1).to_bytes(8, "big"),
+            parent_id,
+            state,
+            start_ns,
+            end_ns,
+            self._attributes(decision),
+            parent is not None,
         )
 
     def _attributes(self, d: Decision) -> bytes:

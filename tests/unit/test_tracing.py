@@ -272,7 +272,8 @@ PARENTS: list[tuple[str, dict[str, str]]] = [
 def lean() -> Iterator[tuple[Tracing, list[bytes]]]:
     tracer = Tracing("http://127.0.0.1:9", schedule_delay_ms=3_600_000)  # never exports
     spans: list[bytes] = []
-    tracer._submit = spans.append  # type: ignore[method-assign]
+    # what the export thread would encode, as soon as it is queued
+    tracer._submit = lambda item: spans.append(tracer.encode(item))  # type: ignore[method-assign]
     yield tracer, spans
     tracer.shutdown()
 

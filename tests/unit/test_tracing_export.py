@@ -300,6 +300,26 @@ def test_a_bug_in_the_transport_fails_the_batch_not_the_thread(make: Any) -> Non
     assert (exporter.stats().failed, exporter.stats().exported) == (1, 1)
 
 
+def test_spans_are_encoded_on_the_thread_and_a_bad_one_is_lost_alone(make: Any) -> None:
+    transport = FakeTransport()
+    caller = threading.get_ident()
+    threads: set[int] = set()
+
+    def encode(i: int) -> bytes:
+        threads.add(threading.get_ident())
+        if i == 2:
+            raise ValueError("a bug")
+        return span(i)
+
+    exporter = make(transport, encode=encode)
+    for i in (1, 2, 3):
+        assert exporter.submit(i)
+    assert exporter.flush()
+    assert transport.spans() == [1, 3]
+    assert caller not in threads and len(threads) == 1
+    assert exporter.stats() == ExportStats(accepted=3, exported=2, dropped=0, failed=1, queued=0)
+
+
 def test_flush_reports_a_timeout(make: Any) -> None:
     transport = FakeTransport()
     transport.release.clear()
