@@ -158,37 +158,6 @@ _HASH_KEY = b'"hash":"'
 _PLACEHOLDER = "0" * 64
 
 
-# The keys of a decision record (`record_from_decision`); `_decision_line` writes them and
-# the chain's (hash, prev, seq) in canonical (sorted) order.
-_DECISION_KEYS = frozenset(
-    [
-        "agent",
-        "code",
-        "decision",
-        "decision_id",
-        "elevation",
-        "host",
-        "identity_source",
-        "mcp_tools",
-        "method",
-        "namespace",
-        "owner",
-        "path",
-        "pod",
-        "port",
-        "purpose",
-        "reason",
-        "revocation",
-        "risk",
-        "rule",
-        "task",
-        "time",
-        "trace_id",
-        "type",
-    ]
-)
-
-
 def _json(value: Any) -> str:
     """One value as canonical JSON text: strings, None and ints inline, the rest by
     `canonical_json` (the same escaping: json's C `encode_basestring`)."""
@@ -202,33 +171,9 @@ def _json(value: Any) -> str:
     return canonical_json(value).decode("utf-8")
 
 
-def _decision_line(r: Mapping[str, Any], seq: int, prev: str) -> tuple[bytes, str]:
-    """`chained_line` for a decision record: its fixed keys written in canonical order
-    around the chain's `hash`, `prev` and `seq`, without a generic encoder (a third of the
-    cost; this runs once per audited decision). Byte-identical to the generic path
-    (tests/property/test_audit_line.py)."""
-    j = _json
-    head = (
-        f'{{"agent":{j(r["agent"])},"code":{j(r["code"])},"decision":{j(r["decision"])}'
-        f',"decision_id":{j(r["decision_id"])},"elevation":{j(r["elevation"])}'
-    )
-    rest = (
-        f',"host":{j(r["host"])},"identity_source":{j(r["identity_source"])}'
-        f',"mcp_tools":{j(r["mcp_tools"])},"method":{j(r["method"])}'
-        f',"namespace":{j(r["namespace"])},"owner":{j(r["owner"])},"path":{j(r["path"])}'
-        f',"pod":{j(r["pod"])},"port":{j(r["port"])},"prev":{_encode_str(prev)}'
-        f',"purpose":{j(r["purpose"])},"reason":{j(r["reason"])}'
-        f',"revocation":{j(r["revocation"])},"risk":{j(r["risk"])},"rule":{j(r["rule"])}'
-        f',"seq":{int.__repr__(seq)},"task":{j(r["task"])},"time":{j(r["time"])}'
-        f',"trace_id":{j(r["trace_id"])},"type":{j(r["type"])}}}'
-    )
-    digest = hashlib.sha256((head + rest).encode("utf-8")).hexdigest()
-    return f'{head},"hash":"{digest}"{rest}\n'.encode(), digest
-
-
 def chained_line(record: Mapping[str, Any], *, seq: int, prev: str) -> tuple[bytes, str]:
     """``canonical_json(link(record, seq=seq, prev=prev)) + b"\\n"`` and that record's hash,
-    with one JSON encoding instead of two (this runs once per audited decision).
+    with one JSON encoding instead of two (decision records take `decision_line`).
 
     The record is encoded once with a placeholder hash; the bytes hashed are that encoding
     without the ``"hash":"..."`` member, which is exactly the canonical JSON of the record
@@ -236,8 +181,6 @@ def chained_line(record: Mapping[str, Any], *, seq: int, prev: str) -> tuple[byt
     splice is safe only where ``"hash":"`` occurs once: inside JSON strings every quote is
     escaped, so the one occurrence is our top-level key; a nested ``hash`` key takes the
     two-encoding path."""
-    if record.keys() == _DECISION_KEYS:
-        return _decision_line(record, seq, prev)
     out = {k: v for k, v in record.items() if k != "hash"}
     out["seq"] = seq
     out["prev"] = prev
@@ -255,6 +198,42 @@ def chained_line(record: Mapping[str, Any], *, seq: int, prev: str) -> tuple[byt
     body = full[: at - 1] + full[end:] if full[at - 1 : at] == b"," else full[:at] + full[end + 1 :]
     digest = hashlib.sha256(body).hexdigest()
     return full[:value] + digest.encode("ascii") + full[value + len(_PLACEHOLDER) :] + b"\n", digest
+
+
+_ALLOW_DENY = ('"deny"', '"allow"')
+
+
+def decision_line(
+    d: Decision, *, pod: str, namespace: str, now: float, seq: int, prev: str
+) -> tuple[bytes, str]:
+    """``chained_line(record_from_decision(d, ...), seq=seq, prev=prev)`` straight from the
+    Decision, without the record dict (half the cost: this runs once per audited
+    decision). Byte-identical to that definition (tests/property/test_audit_line.py)."""
+    e = _encode_str
+    head = (
+        f'{{"agent":{e(d.agent) if d.agent else "null"},"code":{e(d.code)}'
+        f',"decision":{_ALLOW_DENY[d.allowed]},"decision_id":{e(d.decision_id)}'
+        f',"elevation":{"null" if d.grant is None else _json(_elevation(d.grant))}'
+    )
+    rest = (
+        f',"host":{e(d.host) if d.host else "null"}'
+        f',"identity_source":{e(d.identity_source) if d.identity_source else "null"}'
+        f',"mcp_tools":{_json(list(d.mcp_tools)) if d.mcp_tools else "[]"}'
+        f',"method":{e(d.method) if d.method else "null"}'
+        f',"namespace":{e(namespace) if namespace else "null"}'
+        f',"owner":{e(d.owner) if d.owner else "null"},"path":{e(d.path) if d.path else "null"}'
+        f',"pod":{e(pod) if pod else "null"}'
+        f',"port":{_json(d.port) if d.port else "null"},"prev":{e(prev)}'
+        f',"purpose":{e(d.purpose) if d.purpose else "null"},"reason":{e(d.reason)}'
+        f',"revocation":{e(d.rule) if d.rule and d.code == Code.REVOKED else "null"}'
+        f',"risk":{_json(round(d.risk, 4)) if d.risk >= 0 else "null"}'
+        f',"rule":{e(d.rule) if d.rule else "null"}'
+        f',"seq":{int.__repr__(seq)},"task":{e(d.task) if d.task else "null"}'
+        f',"time":"{utc_millis(now)}"'
+        f',"trace_id":{e(d.trace_id) if d.trace_id else "null"},"type":"decision"}}'
+    )
+    digest = hashlib.sha256((head + rest).encode("utf-8")).hexdigest()
+    return f'{head},"hash":"{digest}"{rest}\n'.encode(), digest
 
 
 def file_name(chain_id: str, index: int) -> str:
@@ -455,7 +434,7 @@ class AuditWriter:
         self._next_retry = 0.0
         self._recovered: dict[str, Any] | None = None
         # Decision records chained but not yet written (see `_put`); the state before them.
-        self._pending: list[Mapping[str, Any]] = []
+        self._pending: list[Mapping[str, Any] | _DecisionItem] = []
         self._pending_lines: list[bytes] = []
         self._pending_base: tuple[int, int, str, int] = (0, 0, "", 0)
 
@@ -506,17 +485,18 @@ class AuditWriter:
         return False
 
     def write_decision(self, decision: Decision, *, pod: str, namespace: str, now: float) -> bool:
-        """`write(record_from_decision(...))`, with the record built on the writer thread:
-        the Check thread only queues the (immutable) Decision and its time. Built there in
-        batches it costs the worker less than one at a time between Checks (bench/README.md,
-        telemetry section). Same result and drop accounting as `write`."""
+        """`write(record_from_decision(...))`, with the line made on the writer thread
+        (`decision_line`): the Check thread only queues the (immutable) Decision and its
+        time. Made there in batches it costs the worker less than one at a time between
+        Checks (bench/README.md, telemetry section). Same line and drop accounting as
+        `write`."""
         with self._put_lock:
             if not self._closed and self._q.qsize() < self._queue_max:
                 self._q.put(_DecisionItem(decision, pod, namespace, now))
                 return True
             closed = self._closed
-        record = record_from_decision(decision, pod=pod, namespace=namespace, now=now)
-        self._note_loss(record, dropped=True, error="writer closed" if closed else "queue full")
+        item = _DecisionItem(decision, pod, namespace, now)
+        self._note_loss(item, dropped=True, error="writer closed" if closed else "queue full")
         if closed:
             log.error("audit record %s dropped: writer closed", decision.decision_id)
         return False
@@ -578,7 +558,11 @@ class AuditWriter:
 
     # -- loss accounting ---------------------------------------------------------------------
 
-    def _note_loss(self, record: Mapping[str, Any], *, dropped: bool, error: str) -> None:
+    def _note_loss(
+        self, record: Mapping[str, Any] | _DecisionItem, *, dropped: bool, error: str
+    ) -> None:
+        if isinstance(record, _DecisionItem):
+            record = {"decision_id": record.decision.decision_id, "time": utc_millis(record.now)}
         did = record.get("decision_id") if isinstance(record, Mapping) else None
         with self._loss_lock:
             loss = self._loss
@@ -716,14 +700,7 @@ class AuditWriter:
             log.debug("audit chain %s: %s failed: %s", self.chain_id, what, _describe(exc))
         self._healthy = False
 
-    def _store_guarded(self, item: Mapping[str, Any] | _DecisionItem) -> None:
-        if isinstance(item, _DecisionItem):
-            d, pod, namespace, now = item
-            record: Mapping[str, Any] = record_from_decision(
-                d, pod=pod, namespace=namespace, now=now
-            )
-        else:
-            record = item
+    def _store_guarded(self, record: Mapping[str, Any] | _DecisionItem) -> None:
         try:
             self._prepare()
             self._put(record, pending=True)
@@ -769,7 +746,7 @@ class AuditWriter:
             )  # fmt: skip
             self._loss_logged = _Loss()
 
-    def _put(self, record: Mapping[str, Any], *, pending: bool = False) -> None:
+    def _put(self, record: Mapping[str, Any] | _DecisionItem, *, pending: bool = False) -> None:
         """Chain and append one record to the current file, rotating first if it is full.
         ``pending`` (decision records): only chained now and written with the others of the
         batch in one write(2) by `_write_pending` (its failure fails them all)."""
@@ -836,7 +813,12 @@ class AuditWriter:
             self._dirty = True
             raise
 
-    def _line(self, record: Mapping[str, Any]) -> tuple[bytes, str]:
+    def _line(self, record: Mapping[str, Any] | _DecisionItem) -> tuple[bytes, str]:
+        if isinstance(record, _DecisionItem):
+            d, pod, namespace, now = record
+            return decision_line(
+                d, pod=pod, namespace=namespace, now=now, seq=self._seq, prev=self._prev
+            )
         return chained_line(record, seq=self._seq, prev=self._prev)
 
     def _append(self, line: bytes, digest: str) -> None:
