@@ -40,9 +40,18 @@ def utc_millis(ts: float) -> str:
     """Seconds since the epoch as RFC 3339 UTC with milliseconds, truncated (``int(ts *
     1000)``, toward zero): ``1700000000.9999`` → ``2023-11-14T22:13:20.999Z``. Fixed width,
     so these strings sort by time. The audit trail's format: do not change it."""
+    global _last_second
     ms = int(ts * 1000)
     sec, frac = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{frac:03d}Z"
+    last = _last_second  # one read: another thread may replace it meanwhile
+    if last[0] != sec:
+        last = _last_second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{last[1]}.{frac:03d}Z"
+
+
+# The last second `utc_millis` formatted and its text: one audit record per decision, most
+# in the same second (strftime+gmtime is two thirds of the call).
+_last_second: tuple[int, str] = (-(2**63), "")
 
 
 def parse_rfc3339(value: object) -> float | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import random
+import time
 
 import pytest
 
@@ -64,6 +65,18 @@ def test_utc_millis_is_fixed_width_and_sorts_by_time() -> None:
     texts = [utc_millis(t) for t in times]
     assert {len(t) for t in texts} == {24}
     assert texts == sorted(texts)
+
+
+def test_the_remembered_second_never_shows_for_another() -> None:
+    """utc_millis remembers the last second's text: instants that hop between neighbouring
+    seconds (and days, and the epoch) in any order each get their own."""
+    rng = random.Random(3)
+    bases = [NOW - 1, NOW, NOW + 1, 86_399.0, 86_400.0, -1.0, 0.0]
+    for _ in range(5_000):
+        ts = rng.choice(bases) + rng.choice([0.0, 0.0004, 0.5, 0.999])
+        sec, frac = divmod(int(ts * 1000), 1000)
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{frac:03d}Z"
+        assert utc_millis(ts) == expected
 
 
 def test_millisecond_instants_round_trip() -> None:
