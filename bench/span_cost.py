@@ -260,11 +260,11 @@ def encodings(n: int) -> dict[str, float]:
         span_id = random.getrandbits(64).to_bytes(8, "big")
         return encoder.encode(trace_id, span_id, parent, "", start, end, b"".join(parts), True)
 
-    # What Tracing.record does, parent parsing included, minus the queue (the private
-    # `_submit` is swapped for a list's append: nothing is exported here).
+    # What Tracing.record and the export thread's encode do, parent parsing included, minus
+    # the queue (the private `_submit` encodes at once into a list: nothing is exported).
     tracer = Tracing("http://127.0.0.1:9", schedule_delay_ms=60_000)
     sink: list[bytes] = []
-    tracer._submit = sink.append  # type: ignore[method-assign]
+    tracer._submit = lambda item: sink.append(tracer.encode(item))  # type: ignore[method-assign]
 
     def lean_record(d: Decision, start: int, end: int, parents: dict[str, str]) -> None:
         tracer.record(d, parents, start, end)
