@@ -61,8 +61,8 @@ SIDECAR_CONTAINERS = (INIT, MANDATE, ENVOY)
 _VOLUMES = (
     "mandate-profiles",
     "mandate-state",
-    "mandate-table",
     "mandate-tmp",
+    "mandate-run",
     "mandate-admin-token",
     "mandate-kube-api-access",
 )
@@ -77,8 +77,7 @@ ENVOY_CONFIGS = {
 }
 PROFILES_DIR = "/etc/mandate/profiles"
 STATE_DIR = "/var/lib/mandate"
-TABLE_PATH = "/run/mandate/revocations.table"
-# Sockets shared by Envoy and mandate only (not /run/mandate: the table volume is mounted there).
+# Sockets shared by Envoy and mandate only.
 RUN_DIR = "/run/mandate-io"
 TOKEN_DIR = "/etc/mandate/admin"
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -506,7 +505,6 @@ def _mandate_container(config: InjectConfig, agent: str | None) -> dict[str, Any
     mounts: list[dict[str, Any]] = [
         {"name": "mandate-profiles", "mountPath": PROFILES_DIR, "readOnly": True},
         {"name": "mandate-state", "mountPath": STATE_DIR},
-        {"name": "mandate-table", "mountPath": TABLE_PATH.rsplit("/", 1)[0]},
         {"name": "mandate-tmp", "mountPath": "/tmp"},
         {"name": "mandate-kube-api-access", "mountPath": SA_DIR, "readOnly": True},
         {"name": "mandate-run", "mountPath": RUN_DIR},
@@ -525,7 +523,9 @@ def _mandate_container(config: InjectConfig, agent: str | None) -> dict[str, Any
         "imagePullPolicy": config.image_pull_policy,
         "restartPolicy": "Always",  # a native sidecar
         "command": ["mandate"],
-        "args": ["run", "--table", TABLE_PATH],
+        # No --table: the shared tables are memfds with no name, which no other container
+        # (nor another process in this one) can open by a path, freed with the last process.
+        "args": ["run"],
         "env": env,
         "ports": [{"name": "mandate-admin", "containerPort": config.admin_port}],
         # Startup holds the agent back until revocations are synced (or the last known
@@ -592,9 +592,6 @@ def _volumes(config: InjectConfig) -> list[dict[str, Any]]:
     volumes: list[dict[str, Any]] = [
         {"name": "mandate-profiles", "configMap": {"name": config.profiles_config_map}},
         {"name": "mandate-state", **copy.deepcopy(dict(config.state_volume))},
-        # The shared-memory revocation table: in memory, and only in mandate's container (a
-        # pod-wide /dev/shm would let the agent write it).
-        {"name": "mandate-table", "emptyDir": {"medium": "Memory", "sizeLimit": "8Mi"}},
         {"name": "mandate-tmp", "emptyDir": {"sizeLimit": "64Mi"}},
         # Sockets between Envoy and mandate (the access log): mounted in those two containers
         # only, so the agent cannot connect to them.

@@ -253,20 +253,31 @@ def test_volumes_and_where_they_are_mounted() -> None:
     volumes = {v["name"]: v for v in out["spec"]["volumes"]}
     assert "data" in volumes
     assert volumes["mandate-profiles"]["configMap"] == {"name": "mandate-profiles"}
-    assert volumes["mandate-table"]["emptyDir"]["medium"] == "Memory"
+    assert "mandate-table" not in volumes  # the shared tables are nameless memfds
     assert volumes["mandate-state"] == {"name": "mandate-state", "emptyDir": {}}
     assert volumes["mandate-admin-token"]["secret"]["secretName"] == "mandate-admin-token"
     mounts = {m["name"]: m for m in sidecar(out, "mandate")["volumeMounts"]}
     # No subPath on the profiles: a ConfigMap update (the ..data symlink swap) must reach mandate.
     assert "subPath" not in mounts["mandate-profiles"]
     assert mounts["mandate-profiles"]["readOnly"] is True
-    assert mounts["mandate-table"]["mountPath"] == "/run/mandate"
-    assert sidecar(out, "mandate")["args"] == ["run", "--table", "/run/mandate/revocations.table"]
-    # The admin token, the table and the state only in mandate's container.
+    assert sidecar(out, "mandate")["args"] == ["run"]  # no --table: no table file at all
+    # The admin token and the state only in mandate's container.
     for c in out["spec"]["containers"] + out["spec"]["initContainers"]:
         if c["name"] != "mandate":
             used = {m["name"] for m in c.get("volumeMounts", [])}
-            assert not used & {"mandate-admin-token", "mandate-table", "mandate-state"}, c["name"]
+            assert not used & {"mandate-admin-token", "mandate-state"}, c["name"]
+
+
+def test_every_volume_the_injection_adds_is_a_reserved_name() -> None:
+    """A pod that already had one of these names would be refused by the API server (two
+    volumes of one name): the injection names it instead."""
+    from sidecar.inject import _VOLUMES
+
+    added = {v["name"] for v in inject(pod(), CONFIG)["spec"]["volumes"]}
+    assert added <= set(_VOLUMES)
+    for name in sorted(added):
+        with pytest.raises(InjectError, match=f"{name!r} is reserved"):
+            inject(pod(spec__volumes=[{"name": name, "emptyDir": {}}]), CONFIG)
 
 
 def test_state_on_a_shared_claim_gets_a_directory_per_pod() -> None:
@@ -370,6 +381,11 @@ BROKEN = [
     ("host-network", {"spec__hostNetwork": True}, "spec.hostNetwork"),
     ("reserved-name", {"spec__containers": [{"name": "mandate-envoy"}]}, "reserved"),
     ("reserved-volume", {"spec__volumes": [{"name": "mandate-state"}]}, "volumes[0].name"),
+    (
+        "reserved-volume-run",
+        {"spec__volumes": [{"name": "x"}, {"name": "mandate-run"}]},
+        "volumes[1].name",
+    ),
     ("envoy-uid-pod", {"spec__securityContext": {"runAsUser": 1337}}, "UID 1337"),
     (
         "mandate-uid-container",
