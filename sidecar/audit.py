@@ -127,10 +127,12 @@ FailureMode = Literal["fail-closed", "continue"]
 
 def canonical_json(obj: Any) -> bytes:
     """The canonical bytes of a JSON value: keys sorted, compact, UTF-8, no ASCII escaping.
-    NaN and infinities are refused (ValueError): they have no JSON form."""
+    NaN and infinities are refused (ValueError): they have no JSON form. A lone surrogate,
+    which has no UTF-8 form, is written as its JSON escape (``\\udcff``), which reads back
+    as the same string: no record is refused for a string an agent made up."""
     return json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    ).encode("utf-8", "backslashreplace")
 
 
 def genesis(chain_id: str) -> str:
@@ -232,8 +234,8 @@ def decision_line(
         f',"time":"{utc_millis(now)}"'
         f',"trace_id":{e(d.trace_id) if d.trace_id else "null"},"type":"decision"}}'
     )
-    digest = hashlib.sha256((head + rest).encode("utf-8")).hexdigest()
-    return f'{head},"hash":"{digest}"{rest}\n'.encode(), digest
+    digest = hashlib.sha256((head + rest).encode("utf-8", "backslashreplace")).hexdigest()
+    return f'{head},"hash":"{digest}"{rest}\n'.encode("utf-8", "backslashreplace"), digest
 
 
 def file_name(chain_id: str, index: int) -> str:

@@ -126,7 +126,9 @@ def _query(args: argparse.Namespace) -> int:
             until=until,
             trace_id=args.trace_id,
         ):
-            sys.stdout.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+            line = json.dumps(rec, ensure_ascii=False, sort_keys=True)
+            # a lone surrogate (made up by an agent) as its JSON escape, as in the file
+            sys.stdout.write(line.encode("utf-8", "backslashreplace").decode("utf-8") + "\n")
     except AuditError as exc:
         return _bad(str(exc))
     except BrokenPipeError:  # `| head`: stop quietly

@@ -12,7 +12,8 @@ of its own and must not read a tool or method other than the one decided here: a
 be UTF-8 without a byte order mark, without NaN/Infinity, with no object naming a key twice
 (Python keeps the last value, other parsers the first: `{"name": "allowed", "name":
 "forbidden"}`), and nested no deeper than the parser's recursion limit. A method that is
-`tools/call` in another case is refused too (an upstream may fold it and run the tool).
+`tools/call` in another case is refused too (an upstream may fold it and run the tool), and
+so is a method or tool name with a lone surrogate escape (`"\\udcff"`).
 This module must not import any transport, Kubernetes or telemetry library.
 """
 
@@ -66,6 +67,8 @@ def _message(obj: object) -> McpMessage | str:
         return "JSON-RPC message without a method"
     if not isinstance(method, str):
         return "JSON-RPC method is not a string"
+    if not _unicode(method):
+        return "JSON-RPC method is not valid Unicode (a lone surrogate escape)"
     if method != _TOOLS_CALL and method.casefold() == _TOOLS_CALL:
         return f"JSON-RPC method {method[:64]!r} is {_TOOLS_CALL!r} in another case"
     tool = None
@@ -74,8 +77,21 @@ def _message(obj: object) -> McpMessage | str:
         name = params.get("name") if isinstance(params, dict) else None
         if not isinstance(name, str):
             return "tools/call without a tool name"
+        if not _unicode(name):
+            return "tools/call tool name is not valid Unicode (a lone surrogate escape)"
         tool = name
     return McpMessage(method=method, tool=tool)
+
+
+def _unicode(s: str) -> bool:
+    """False for a string with a lone surrogate: JSON lets `\\udcff` through, but it is no
+    character (I-JSON, RFC 7493, refuses it), other parsers read it each their own way, and
+    no UTF-8 can carry it (the audit trail, spans)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Refused(ValueError):

@@ -795,3 +795,32 @@ def test_cli_query(make: Make, tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert [json.loads(x)["decision_id"] for x in out.splitlines()] == ["d0000", "d0001"]
     code, out, _ = cli(["query", str(d), "--since", "yesterday"], capsys)
     assert code == 2
+
+
+def test_strings_no_utf8_can_carry_are_written_and_verify(
+    make: Make, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A lone surrogate (an agent can make one up: a JSON `\\udcff` escape in a header or
+    a body) goes into the record as its JSON escape instead of failing the record: the
+    attempt stays on the trail, the chain verifies, and query prints it."""
+    d = tmp_path / "audit"
+    w = make(d)
+    odd = Decision(
+        "d-odd", False, Code.OUTSIDE_PURPOSE, "no \udcff", agent="a\ud83d", path="/x\udcff",
+        mcp_tools=("tool\udcff", "\\udcff"), task="t\udcff",
+    )  # fmt: skip
+    assert w.write_decision(odd, pod="p", namespace="n", now=NOW)
+    assert w.write(rec(1, agent="b\udcff"))
+    assert w.flush(2)
+    s = w.stats()
+    assert (s.written, s.failed) == (2, 0) and w.healthy
+    assert w.close(5)
+    raw = chain_files(d)[0].read_bytes()
+    raw.decode("utf-8")  # the file is UTF-8 throughout
+    assert b'"tool\\udcff","\\\\udcff"' in raw  # the surrogate escaped; the text of one, not
+    assert verify(d).ok
+    got = {r["decision_id"]: r for r in query(d)}
+    assert got["d-odd"]["mcp_tools"] == ["tool\udcff", "\\udcff"]
+    assert got["d-odd"]["agent"] == "a\ud83d" and got["d0001"]["agent"] == "b\udcff"
+    code, out, _ = cli(["query", str(d), "--agent", "a\ud83d"], capsys)
+    assert code == 0 and json.loads(out)["decision_id"] == "d-odd"

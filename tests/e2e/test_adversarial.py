@@ -281,6 +281,8 @@ HOSTILE_MCP: list[tuple[str, bytes, str, str]] = [
         "",
         "not JSON",
     ),
+    # A lone surrogate escape: JSON lets it through, but it names no character.
+    ("lone-surrogate-tool", _tool_call(ALLOWED_TOOL + "\udcff").encode(), "", "not valid Unicode"),
     # mandate decides on the bytes as sent: compressed, they are not JSON-RPC.
     (
         "gzip",

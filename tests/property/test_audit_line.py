@@ -24,7 +24,19 @@ from sidecar.core import Code, Decision
 from sidecar.core.context import Grant
 
 _TRICKY = st.sampled_from(
-    ['"hash":"', '\\"hash\\":\\"', "0" * 64, "hash", "é", "\u2028", '{"hash":"x"}', ","]
+    [
+        '"hash":"',
+        '\\"hash\\":\\"',
+        "0" * 64,
+        "hash",
+        "é",
+        "\u2028",
+        '{"hash":"x"}',
+        ",",
+        "\udcff",
+        "a\ud83d",
+        "\\udcff",
+    ]  # lone surrogates, and the text of their escape
 )
 _TEXT = st.one_of(st.text(max_size=30), _TRICKY)
 _KEYS = st.one_of(st.sampled_from(["hash", "seq", "prev", "agent", "a", "zz", "é"]), _TEXT)

@@ -106,6 +106,23 @@ HOSTILE: list[tuple[str, bytes, str]] = [
     ("overlong-utf8", SEARCH.encode().replace(b"_", b"\xc1\x9f"), "not UTF-8"),
     ("utf8-surrogate", SEARCH.encode().replace(b"_", b"\xed\xa0\x80"), "not UTF-8"),
     ("bom", b"\xef\xbb\xbf" + SEARCH.encode(), "byte order mark"),
+    # A lone surrogate escape is valid JSON text but no character: refused in the names
+    # decided on (parsers read it differently; no UTF-8 audit record could carry it).
+    (
+        "lone-surrogate-tool",
+        SEARCH.replace("search_papers", "search_papers\\udcff").encode(),
+        "not valid Unicode",
+    ),
+    (
+        "lone-high-surrogate-tool",
+        SEARCH.replace("search_papers", "\\ud83dsearch_papers").encode(),
+        "not valid Unicode",
+    ),
+    (
+        "lone-surrogate-method",
+        SEARCH.replace('"tools/call"', '"tools/call\\udcff"').encode(),
+        "not valid Unicode",
+    ),
     ("utf-16", SEARCH.encode("utf-16"), "not UTF-8"),
     ("utf-16-le-no-bom", SEARCH.encode("utf-16-le"), "not JSON"),
     ("utf-32", SEARCH.encode("utf-32"), "not UTF-8"),
