@@ -300,7 +300,7 @@ def tune_gc() -> None:
     collect the young generation every 10,000 allocations instead of 700.
 
     Why: with the audit trail on, each Check's record lives on until the writer thread
-    takes it (up to its 20 ms linger), long enough to survive young collections; the older
+    takes it (up to its 100 ms linger), long enough to survive young collections; the older
     generations then fill and are scanned far more often, each scan walking every object
     start-up made. Measured (gRPC, 1 worker, 2 CPUs, interleaved rounds, wrk -c16 through
     Envoy): audit on cost 2,598 vs 3,106 req/s and +64 µs of CPU per Check; with this,
