@@ -484,8 +484,11 @@ class AuditWriter:
         """Queue one record (never blocks on disk). False if it was dropped (queue full or
         writer closed); the drop is counted, logged and later recorded in the chain."""
         with self._put_lock:
-            if not self._closed and self._q.qsize() < self._queue_max:
+            queued = self._q.qsize()
+            if not self._closed and queued < self._queue_max:
                 self._q.put(record)
+                if queued + 1 == _BATCH:
+                    self._nudge.set()  # a full batch is waiting: cut the linger short
                 return True
             closed = self._closed
         self._note_loss(record, dropped=True, error="writer closed" if closed else "queue full")
@@ -500,8 +503,11 @@ class AuditWriter:
         Checks (bench/README.md, telemetry section). Same line and drop accounting as
         `write`."""
         with self._put_lock:
-            if not self._closed and self._q.qsize() < self._queue_max:
+            queued = self._q.qsize()
+            if not self._closed and queued < self._queue_max:
                 self._q.put(_DecisionItem(decision, pod, namespace, now))
+                if queued + 1 == _BATCH:
+                    self._nudge.set()  # a full batch is waiting: cut the linger short
                 return True
             closed = self._closed
         item = _DecisionItem(decision, pod, namespace, now)
@@ -649,7 +655,9 @@ class AuditWriter:
                     except queue.Empty:
                         item = None
                 self._housekeeping(force=stop)
-                if handled and not stop and self._linger > 0:
+                # Linger only after a batch that emptied the queue: after a full one more is
+                # waiting, and waiting would cap the writer at _BATCH records per linger.
+                if 0 < handled < _BATCH and not stop and self._linger > 0:
                     self._nudge.wait(self._linger)
                     self._nudge.clear()
             except Exception:  # the thread must outlive any bug: count it and go on
