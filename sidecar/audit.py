@@ -483,18 +483,7 @@ class AuditWriter:
     def write(self, record: Mapping[str, Any]) -> bool:
         """Queue one record (never blocks on disk). False if it was dropped (queue full or
         writer closed); the drop is counted, logged and later recorded in the chain."""
-        with self._put_lock:
-            queued = self._q.qsize()
-            if not self._closed and queued < self._queue_max:
-                self._q.put(record)
-                if queued + 1 == _BATCH:
-                    self._nudge.set()  # a full batch is waiting: cut the linger short
-                return True
-            closed = self._closed
-        self._note_loss(record, dropped=True, error="writer closed" if closed else "queue full")
-        if closed:
-            log.error("audit record %s dropped: writer closed", record.get("decision_id"))
-        return False
+        return self._enqueue(record)
 
     def write_decision(self, decision: Decision, *, pod: str, namespace: str, now: float) -> bool:
         """`write(record_from_decision(...))`, with the line made on the writer thread
@@ -502,18 +491,25 @@ class AuditWriter:
         time. Made there in batches it costs the worker less than one at a time between
         Checks (bench/README.md, telemetry section). Same line and drop accounting as
         `write`."""
+        return self._enqueue(_DecisionItem(decision, pod, namespace, now))
+
+    def _enqueue(self, item: Mapping[str, Any] | _DecisionItem) -> bool:
         with self._put_lock:
             queued = self._q.qsize()
             if not self._closed and queued < self._queue_max:
-                self._q.put(_DecisionItem(decision, pod, namespace, now))
+                self._q.put(item)
                 if queued + 1 == _BATCH:
                     self._nudge.set()  # a full batch is waiting: cut the linger short
                 return True
             closed = self._closed
-        item = _DecisionItem(decision, pod, namespace, now)
         self._note_loss(item, dropped=True, error="writer closed" if closed else "queue full")
         if closed:
-            log.error("audit record %s dropped: writer closed", decision.decision_id)
+            did: object = (
+                item.decision.decision_id
+                if isinstance(item, _DecisionItem)
+                else item.get("decision_id")
+            )
+            log.error("audit record %s dropped: writer closed", did)
         return False
 
     @property
