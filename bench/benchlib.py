@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -86,6 +86,7 @@ __all__ = [
     "pss_mb",
     "request",
     "rss_mb",
+    "run_main",
     "run_openloop",
     "run_wrk",
     "running_stack",
@@ -100,6 +101,7 @@ __all__ = [
     "unlimited_profiles",
     "verify",
     "with_access_log",
+    "write_results",
 ]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -315,6 +317,23 @@ def _set_behaviour(profiles: Path, behaviour: Mapping[str, Mapping[str, Any]]) -
 
 class BenchError(RuntimeError):
     """The benchmark cannot produce meaningful figures; the message says why."""
+
+
+def write_results(stem: Path, doc: Any, text: str) -> None:
+    """STEM.json (``doc``, indented) and STEM.md (``text``), then ``text`` on stdout."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+
+
+def run_main(main: Callable[[], int], name: str) -> NoReturn:
+    """Exit with ``main()``'s code; a BenchError is one line on stderr and exit code 1."""
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 class RawClient:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import json
 import pstats
 import random
 import sys
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchlib import machine_base  # noqa: E402
+from benchlib import machine_base, write_results  # noqa: E402
 
 from sidecar.core.decide import Code, RequestView, decide  # noqa: E402
 from sidecar.core.loader import load_profiles  # noqa: E402
@@ -573,11 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "profiles": profiles,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decide_scaling.json").write_text(json.dumps(doc, indent=2) + "\n")
-    md = markdown(doc)
-    (args.out / "decide_scaling.md").write_text(md)
-    print(md)
+    write_results(args.out / "decide_scaling", doc, markdown(doc))
     return 0
 
 

@@ -28,7 +28,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchlib import PROFILES, BenchError, process_tree, unlimited_profiles  # noqa: E402
+from benchlib import (  # noqa: E402
+    PROFILES,
+    BenchError,
+    process_tree,
+    run_main,
+    unlimited_profiles,
+    write_results,
+)
 
 from sidecar.local import start_mandate  # noqa: E402
 
@@ -179,17 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         "processes": procs,
         "imports": {role: import_steps(mods) for role, mods in ROLES.items()},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory_breakdown.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    (args.out / "memory_breakdown.md").write_text(text)
-    print(text)
+    write_results(args.out / "memory_breakdown", result, markdown(result))
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"memory_breakdown: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, "memory_breakdown")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import shutil
 import subprocess
@@ -43,9 +42,11 @@ from benchlib import (  # noqa: E402
     BenchError,
     MandateOptions,
     process_tree,
+    run_main,
     run_wrk,
     running_stack,
     verify,
+    write_results,
 )
 
 OUT = ROOT / "bench" / "results" / "profile"
@@ -221,16 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_case(name, cases[name], args, work))
             shutil.copy(work / f"{name}.folded", args.out / f"{name}-{args.transport}.folded")
     stem = args.out / f"profile-{args.transport}{'-idle' if args.idle else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    text = markdown(results, args)
-    stem.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(stem, results, markdown(results, args))
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"profile_check: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, "profile_check")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -49,10 +48,12 @@ from benchlib import (  # noqa: E402
     machine_base,
     pin_tree,
     plan_pinning,
+    run_main,
     run_wrk,
     running_stack,
     tree_cpu_seconds,
     verify,
+    write_results,
 )
 
 OUT = ROOT / "bench" / "results"
@@ -187,19 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         args.name
         or ("telemetry_cost" if args.transport == "grpc" else f"telemetry_cost-{args.transport}")
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(
-        json.dumps({"info": info, "runs": runs, "median": med}, indent=2) + "\n"
-    )
-    text = markdown(info, runs, med)
-    stem.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(stem, {"info": info, "runs": runs, "median": med}, markdown(info, runs, med))
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"telemetry_cost: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, "telemetry_cost")
