@@ -334,6 +334,19 @@ class ContextStore:
                         f"in namespace {req.namespace!r}, not what this approval names"
                     )
                     return "Invalid", msg, "", None
+                lapsed = req.state == "expired" or (
+                    req.state == "pending"
+                    and req.expires_at is not None
+                    and req.expires_at <= self._clock()
+                )
+                if lapsed:
+                    # Too late, not wrong: the request ran out before the approval came.
+                    when = f" at {utc_seconds(req.expires_at)}" if req.expires_at else ""
+                    msg = (
+                        f"request {req.id} expired{when}, before this approval: nothing is "
+                        "granted; the agent must ask again (or approve without requestId)"
+                    )
+                    return "Expired", msg, "", None
                 if req.state != "pending":
                     return "Invalid", f"request {req.id} is {req.state}, not pending", "", None
             else:

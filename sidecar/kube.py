@@ -17,12 +17,19 @@ removes a revocation or ends a grant. `connected`, `last_error`, `relists` and
 Operators see the results from kubectl. Revocations: for each revocation newly in force in
 this pod, a core/v1 Event on the object (reason RevocationEnforced, naming the pod, the time
 the table write became visible and the delay since the object was created), and once per
-object, not once per pod, `status.firstEnforcedAt`/`firstEnforcedBy` (a merge patch on the
-status subresource, conditional on the resourceVersion, written only while absent).
+object, not once per pod, `status.firstEnforcedAt`/`firstEnforcedBy` with `state: Enforced`
+and an Enforced condition (a merge patch on the status subresource, conditional on the
+resourceVersion, written only while absent). A revocation whose `expiresAt` has passed gets
+`state: Expired` and an Expired condition, once per object: when it ends while watched, or
+at once when it was already past on arrival, which also earns a Warning Event
+(RevocationExpired) from the one pod that wrote the status, since such an object revokes
+nothing and the operator who applied it must learn that.
 Elevations: the sink's answer in `status` (state, message, grantId, expiresAt,
 observedGeneration; a merge patch conditional on the resourceVersion, where a better-informed
 answer wins over a worse one, see `_should_write`), an invalid object's problems as state
-Invalid, and an Event (ElevationGranted) from each pod that holds the grant. Reporting
+Invalid, and an Event (ElevationGranted) from each pod that holds the grant; an approval that
+came after its request lapsed is Expired, with a Warning Event (ElevationExpired) from the pod
+that held the request. Reporting
 failures are logged and never affect enforcement.
 
 This module writes revocations only through RevocationStore (replace_source, upsert,
@@ -63,10 +70,12 @@ from .revocations import Change, RevocationStore
 
 __all__ = [
     "ELEVATION_EVENT_REASON",
+    "ELEVATION_EXPIRED_EVENT_REASON",
     "ELEVATION_KIND",
     "ELEVATION_PLURAL",
     "ELEVATION_STATES",
     "EVENT_REASON",
+    "EXPIRED_EVENT_REASON",
     "GROUP",
     "KIND",
     "PLURAL",
@@ -92,7 +101,9 @@ GROUP, VERSION, PLURAL, KIND = "mandate.dev", "v1alpha1", "agentrevocations", "A
 ELEVATION_PLURAL, ELEVATION_KIND = "agentelevations", "AgentElevation"
 SOURCE = "kubernetes"
 EVENT_REASON = "RevocationEnforced"
+EXPIRED_EVENT_REASON = "RevocationExpired"
 ELEVATION_EVENT_REASON = "ElevationGranted"
+ELEVATION_EXPIRED_EVENT_REASON = "ElevationExpired"
 # The values of an AgentElevation's status.state, from the least to the best informed: a
 # status is only overwritten, for the same generation, by a better-informed state.
 ELEVATION_STATES = ("Invalid", "Pending", "Granted", "Expired")
@@ -670,8 +681,10 @@ class RevocationWatcher(_ListWatch):
     ) -> None:
         super().__init__(namespace, api_client=api_client, pod_name=pod_name, **options)
         self.store = store
-        self._objects: dict[str, tuple[str, str, bool]] = {}  # key -> (uid, rv, has status)
+        self._objects: dict[str, _Object] = {}
         self._reported: set[tuple[str, str]] = set()
+        self._expiry_reported: set[tuple[str, str]] = set()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self._subscribed = False
 
     def _started(self) -> None:
@@ -679,12 +692,19 @@ class RevocationWatcher(_ListWatch):
             self.store.subscribe(self._on_change)
             self._subscribed = True
 
+    def _finished(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+
     def _kept(self) -> int:
         return len(self.store.entries(SOURCE))
 
     def _replace(self, items: list[Mapping[str, Any]]) -> str:
         self._objects.clear()
         revocations = [self._convert(obj) for obj in items]
+        for key in set(self._timers) - {r.key for r in revocations}:
+            self._timers.pop(key).cancel()
         added, removed = self.store.replace_source(SOURCE, revocations)
         self.store.mark_complete()
         return f"{added} added, {removed} removed"
@@ -695,15 +715,24 @@ class RevocationWatcher(_ListWatch):
     def _remove(self, obj: Mapping[str, Any]) -> None:
         key = self._key(obj)
         self._objects.pop(key, None)
+        self._expiry_reported = {k for k in self._expiry_reported if k[0] != key}
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
         self.store.remove(key)
 
     def _convert(self, obj: Mapping[str, Any]) -> Revocation:
         rev, problems = revocation_from_object(obj, self.namespace)
         meta = obj.get("metadata") or {}
         status = obj.get("status")
-        has_status = isinstance(status, Mapping) and bool(status.get("firstEnforcedAt"))
-        self._objects[rev.key] = (rev.uid, str(meta.get("resourceVersion", "")), has_status)
+        self._objects[rev.key] = _Object(
+            rev.uid,
+            str(meta.get("resourceVersion", "")),
+            dict(status) if isinstance(status, Mapping) else {},
+            _generation(meta),
+        )
         self._warn(rev.name, rev.uid, problems)
+        self._watch_expiry(rev)
         return rev
 
     # -- reporting ------------------------------------------------------------------------
@@ -747,30 +776,142 @@ class RevocationWatcher(_ListWatch):
         await self._post_event(rev.name, rev.uid, EVENT_REASON, message, visible_at)
 
     async def _set_first_enforced(self, rev: Revocation, visible_at: float) -> None:
-        """status.firstEnforcedAt/By, once per object: a merge patch conditional on the
-        resourceVersion, so that of many pods racing exactly one writes it."""
-        uid, rv, has_status = self._objects.get(rev.key, (rev.uid, "", False))
-        if uid != rev.uid or has_status:
+        """status.firstEnforcedAt/By, state Enforced and the Enforced condition, once per
+        object: of many pods racing, exactly one writes it."""
+        stamp = utc_seconds(visible_at)
+
+        def desired(status: Mapping[str, Any], generation: int | None) -> dict[str, Any] | None:
+            if status.get("firstEnforcedAt"):
+                return None
+            return {
+                "firstEnforcedAt": stamp,
+                "firstEnforcedBy": self.pod_name,
+                # An Expired state written first (a race with the end) stays.
+                "state": status.get("state") or "Enforced",
+                "conditions": _with_condition(
+                    status,
+                    "Enforced",
+                    "InForce",
+                    f"enforced by pod {self.pod_name} from {stamp}",
+                    stamp,
+                    generation,
+                ),
+            }
+
+        await self._patch_status(rev, desired)
+
+    # -- expiry -----------------------------------------------------------------------------
+
+    def _watch_expiry(self, rev: Revocation) -> None:
+        """An expiresAt already past: report it now. One still ahead: report it when it comes
+        (the revocation itself ends by the reader's clock; this is what kubectl shows)."""
+        timer = self._timers.pop(rev.key, None)
+        if timer is not None:
+            timer.cancel()
+        if rev.expires_at is None or not self._report_enabled:
             return
-        body = {
-            "status": {"firstEnforcedAt": utc_seconds(visible_at), "firstEnforcedBy": self.pod_name}
-        }
+        seen = self._objects.get(rev.key)
+        if seen is not None and seen.status.get("state") == "Expired":
+            return
+        now = self._clock()
+        if rev.expires_at <= now:
+            self._report_expiry(rev, on_arrival=(rev.key, rev.uid) not in self._reported)
+        elif self._loop is not None and self._running:
+            self._timers[rev.key] = self._loop.call_later(
+                rev.expires_at - now, self._expiry_due, rev
+            )
+
+    def _expiry_due(self, rev: Revocation) -> None:
+        self._timers.pop(rev.key, None)
+        seen = self._objects.get(rev.key)
+        if seen is None or seen.uid != rev.uid:
+            return  # deleted or replaced meanwhile
+        if rev.expires_at is not None and rev.expires_at > self._clock():
+            self._watch_expiry(rev)  # the loop's timer fired early: wait again
+            return
+        self._report_expiry(rev, on_arrival=False)
+
+    def _report_expiry(self, rev: Revocation, *, on_arrival: bool) -> None:
+        if (rev.key, rev.uid) in self._expiry_reported:
+            return
+        self._expiry_reported.add((rev.key, rev.uid))
+        self._enqueue(
+            functools.partial(self._set_expired, rev, on_arrival),
+            f"the expiry of AgentRevocation {rev.namespace}/{rev.name}",
+        )
+
+    async def _set_expired(self, rev: Revocation, on_arrival: bool) -> None:
+        """state Expired and the Expired condition, once per object. An object that was
+        already expired when it arrived revokes nothing: the pod that wrote the status also
+        posts a Warning Event, so that `kubectl describe` and `kubectl get events` say so."""
+        assert rev.expires_at is not None
+        now = self._clock()
+        ended = utc_seconds(rev.expires_at)
+        if on_arrival:
+            reason = "ExpiredOnArrival"
+            message = (
+                f"spec.expiresAt {ended} had already passed when pod {self.pod_name} first saw "
+                f"this revocation at {utc_seconds(now)}: it revokes nothing. Delete it, or "
+                "set expiresAt in the future (or remove it) to revoke."
+            )
+        else:
+            reason, message = "Ended", f"the revocation ended at {ended} (spec.expiresAt)"
+
+        def desired(status: Mapping[str, Any], generation: int | None) -> dict[str, Any] | None:
+            if status.get("state") == "Expired":
+                return None
+            conditions = _with_condition(
+                status, "Expired", reason, message, utc_seconds(now), generation
+            )
+            return {"state": "Expired", "conditions": conditions}
+
+        try:
+            wrote = await self._patch_status(rev, desired)
+        except Exception:
+            self._expiry_reported.discard((rev.key, rev.uid))  # the next sight tries again
+            raise
+        if wrote and on_arrival:
+            await self._post_event(
+                rev.name, rev.uid, EXPIRED_EVENT_REASON, message, now, type_="Warning"
+            )
+
+    # -- status writes ------------------------------------------------------------------------
+
+    async def _patch_status(
+        self,
+        rev: Revocation,
+        desired: Callable[[Mapping[str, Any], int | None], dict[str, Any] | None],
+    ) -> bool:
+        """A merge patch of the status that `desired(current status, generation)` asks for
+        (None: nothing to write), conditional on the resourceVersion: of many pods racing,
+        one writes and the others, answered 409, read the object again and ask once more.
+        True if this pod wrote it."""
+        seen = self._objects.get(rev.key)
+        if seen is None or seen.uid != rev.uid:
+            seen = _Object(rev.uid, "", {}, None)
         for _ in range(3):
-            if rv:
+            status = desired(seen.status, seen.generation)
+            if status is None:
+                return False
+            if seen.resource_version:
                 try:
-                    await self._custom.patch_namespaced_custom_object_status(
+                    written = await self._custom.patch_namespaced_custom_object_status(
                         GROUP,
                         VERSION,
                         rev.namespace,
                         PLURAL,
                         rev.name,
-                        {"metadata": {"resourceVersion": rv, "uid": rev.uid}, **body},
+                        {
+                            "metadata": {"resourceVersion": seen.resource_version, "uid": rev.uid},
+                            "status": status,
+                        },
                         **self._merge_patch,
                     )
-                    return
+                    self._remember(rev, written)
+                    return True
                 except ApiException as exc:
                     if exc.status == 404:
-                        return  # deleted meanwhile
+                        return False  # deleted meanwhile
                     if exc.status != 409:
                         raise
             try:
@@ -784,12 +925,73 @@ class RevocationWatcher(_ListWatch):
                 )
             except ApiException as exc:
                 if exc.status == 404:
-                    return
+                    return False
                 raise
             meta = current.get("metadata") or {}
-            if meta.get("uid") != rev.uid or (current.get("status") or {}).get("firstEnforcedAt"):
-                return
-            rv = str(meta.get("resourceVersion", ""))
+            if meta.get("uid") != rev.uid:
+                return False
+            seen = self._remember(rev, current)
+        return False
+
+    def _remember(self, rev: Revocation, obj: Any) -> _Object:
+        """What this pod now knows of the object's status (a write's answer, or a read), so
+        that the next write of the same object starts from it."""
+        if not isinstance(obj, Mapping):
+            obj = {}
+        meta = obj.get("metadata") or {}
+        status = obj.get("status")
+        seen = _Object(
+            rev.uid,
+            str(meta.get("resourceVersion", "")),
+            dict(status) if isinstance(status, Mapping) else {},
+            _generation(meta),
+        )
+        known = self._objects.get(rev.key)
+        if known is not None and known.uid == rev.uid:
+            self._objects[rev.key] = seen
+        return seen
+
+
+@dataclass(frozen=True, slots=True)
+class _Object:
+    """What the revocation watcher last saw of one AgentRevocation."""
+
+    uid: str
+    resource_version: str
+    status: Mapping[str, Any]
+    generation: int | None
+
+
+def _generation(meta: Mapping[str, Any]) -> int | None:
+    value = meta.get("generation")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _with_condition(
+    status: Mapping[str, Any],
+    type_: str,
+    reason: str,
+    message: str,
+    stamp: str,
+    generation: int | None,
+) -> list[dict[str, Any]]:
+    """status.conditions with the condition `type_` set True (metav1.Condition's shape);
+    the others kept. A merge patch replaces a list whole, so the caller sends all of them."""
+    kept = [
+        dict(c)
+        for c in status.get("conditions") or []
+        if isinstance(c, Mapping) and c.get("type") != type_
+    ]
+    condition: dict[str, Any] = {
+        "type": type_,
+        "status": "True",
+        "reason": reason,
+        "message": message[:_MESSAGE_MAX],
+        "lastTransitionTime": stamp,
+    }
+    if generation is not None:
+        condition["observedGeneration"] = generation
+    return [*kept, condition]
 
 
 # -- AgentElevation -----------------------------------------------------------------------------
@@ -1122,6 +1324,17 @@ class ElevationWatcher(_ListWatch):
                 return
             raise
         self.status_writes += 1
+        if desired.get("state") == "Expired" and not desired.get("grantId"):
+            # Approved after the request had lapsed: nothing was granted. The pod that wrote
+            # this status (the one that held the request) warns the operator once.
+            await self._post_event(
+                seen.name,
+                seen.uid,
+                ELEVATION_EXPIRED_EVENT_REASON,
+                str(desired.get("message", "")),
+                self._clock(),
+                type_="Warning",
+            )
 
     def status(self) -> dict[str, Any]:
         return {

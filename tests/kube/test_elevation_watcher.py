@@ -16,7 +16,7 @@ from kubernetes_asyncio.client import ApiClient
 from sidecar.core.context import Approval
 from sidecar.core.revocation import make_key
 from sidecar.core.timefmt import parse_rfc3339
-from sidecar.kube import ELEVATION_EVENT_REASON, watch_elevations
+from sidecar.kube import ELEVATION_EVENT_REASON, ELEVATION_EXPIRED_EVENT_REASON, watch_elevations
 from tests.kubeapi.fixtures import Kubectl
 from tests.kubeapi.server import KubeAPIServer, merge_patch
 
@@ -298,6 +298,32 @@ async def test_the_status_says_expired_when_the_grant_ends(
         "observedGeneration": 1,
     }
     assert sink.count("upsert") == 1
+
+
+async def test_an_approval_after_the_request_lapsed_is_expired_with_one_warning(
+    kube_api: KubeAPIServer, sink: FakeSink, start_elevation_watcher: Any
+) -> None:
+    late = "request elev-1 expired at 2026-01-01T00:00:00Z, before this approval: nothing"
+    sink.answer = lambda a: ("Expired", late, "", None)
+    other = FakeSink()  # a pod that never held the request
+    other.answer = lambda a: ("Invalid", "no elevation request 'elev-1'", "", None)
+    kube_api.create(aelev("a", requestId="elev-1"))
+    await start_elevation_watcher(other, pod_name="pod-b")
+    await start_elevation_watcher(sink)
+    await wait_for(lambda: status(kube_api, "a").get("state") == "Expired", what="expired")
+    await asyncio.sleep(0.3)
+    written = status(kube_api, "a")
+    assert (written["state"], written["message"], written["observedGeneration"]) == (
+        "Expired",
+        late,
+        1,
+    )
+    assert not written.get("grantId") and not written.get("expiresAt")
+    events = kube_api.events("agents")
+    assert [(e["type"], e["reason"], e["reportingInstance"]) for e in events] == [
+        ("Warning", ELEVATION_EXPIRED_EVENT_REASON, "pod-a")
+    ]
+    assert events[0]["message"] == late
 
 
 async def test_report_false_writes_nothing(

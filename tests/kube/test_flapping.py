@@ -28,6 +28,7 @@ from sidecar.core.revocation import Revocation
 from sidecar.kube import SOURCE, revocation_from_object
 from sidecar.revocations import Change, RevocationStore
 from sidecar.shm import SharedTable
+from tests.clocks import YEAR, from_now
 from tests.kubeapi.faults import ListWatchErrors
 from tests.kubeapi.server import KubeAPIServer
 
@@ -108,7 +109,7 @@ class Mutator:
             "agent": self.rng.choice(AGENTS),
             "reason": f"reason {self.n}",
         }
-        expiry = self.rng.choice([None, None, "2099-01-01T00:00:00Z", "2001-01-01T00:00:00Z"])
+        expiry = self.rng.choice([None, None, from_now(50 * YEAR), from_now(-50 * YEAR)])
         if expiry:
             spec["expiresAt"] = expiry
         self.api.create(

@@ -4,6 +4,7 @@ watch, stream ends, 410 Gone, the API server down and back, enforcement reports.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ from kubernetes_asyncio.client import ApiClient
 
 from sidecar.core.revocation import make_key
 from sidecar.core.timefmt import parse_rfc3339
-from sidecar.kube import EVENT_REASON, watch_revocations
+from sidecar.kube import EVENT_REASON, EXPIRED_EVENT_REASON, watch_revocations
 from sidecar.revocations import RevocationStore
+from tests.clocks import DAY, YEAR, from_now, rfc3339
 from tests.kubeapi.fixtures import Kubectl
 from tests.kubeapi.server import KubeAPIServer
 
@@ -46,7 +48,8 @@ def watch_requests(api: KubeAPIServer) -> list[dict[str, str]]:
 async def test_initial_list_enforces_existing_objects_and_marks_complete(
     kube_api: KubeAPIServer, store: RevocationStore, start_watcher: Any
 ) -> None:
-    a = kube_api.create(arev("a", expiresAt="2099-01-01T00:00:00Z"))
+    a_expires = from_now(50 * YEAR)
+    a = kube_api.create(arev("a", expiresAt=a_expires))
     kube_api.create(arev("b", agent="*"))
     listed_at = str(kube_api.resource_version)
     store.load_persisted()
@@ -63,7 +66,7 @@ async def test_initial_list_enforces_existing_objects_and_marks_complete(
         "a",
     )
     assert rev.uid == a["metadata"]["uid"]
-    assert rev.expires_at == parse_rfc3339("2099-01-01T00:00:00Z")
+    assert rev.expires_at == parse_rfc3339(a_expires)
     assert rev.created_at == parse_rfc3339(a["metadata"]["creationTimestamp"])
     assert watcher.connected and watcher.last_error is None and watcher.last_sync_at
     assert (watcher.lists, watcher.relists) == (1, 0)
@@ -97,10 +100,11 @@ async def test_expiry_and_all_agents(
 ) -> None:
     await start_watcher(store)
     await wait_for(lambda: store.complete)
-    kube_api.create(arev("all", agent="*", expiresAt="2030-06-01T12:00:00.250+02:00"))
+    end = round(time.time() + YEAR) + 0.25  # an offset and a fraction, a year from now
+    kube_api.create(arev("all", agent="*", expiresAt=rfc3339(end, offset_minutes=120, millis=True)))
     rev = await wait_for(lambda: store.entries() and store.entries()[0], what="all")
     assert rev.agent == "*"
-    assert rev.expires_at == parse_rfc3339("2030-06-01T10:00:00.25Z")
+    assert rev.expires_at == end
     table = store.table()
     assert table.find("agents", "any-agent", rev.expires_at - 1) == rev
     assert table.find("other-namespace", "any-agent", rev.expires_at - 1) is None
@@ -300,21 +304,25 @@ async def test_report_failures_never_affect_enforcement(
 async def test_expired_or_known_revocations_are_not_reported(
     kube_api: KubeAPIServer, store: RevocationStore, start_watcher: Any
 ) -> None:
-    kube_api.create(arev("old", expiresAt="2000-01-01T00:00:00Z"))
+    old = kube_api.create(arev("old", expiresAt=from_now(-DAY)))
     obj = kube_api.create(arev("done"))
     kube_api.patch(
         "arev",
         "agents",
         "done",
-        {"status": {"firstEnforcedAt": "2026-01-01T00:00:00Z", "firstEnforcedBy": "pod-z"}},
+        {"status": {"firstEnforcedAt": from_now(-3600), "firstEnforcedBy": "pod-z"}},
         subresource="status",
     )
     await start_watcher(store)
     await wait_for(lambda: names(store) == ["done", "old"])
-    await wait_for(lambda: len(kube_api.events()) == 1, what="one event")
-    assert kube_api.events()[0]["involvedObject"]["uid"] == obj["metadata"]["uid"]
+    await wait_for(lambda: len(kube_api.events()) == 2, what="two events")
     await asyncio.sleep(0.2)
+    by_uid = {e["involvedObject"]["uid"]: e for e in kube_api.events()}
+    assert by_uid[obj["metadata"]["uid"]]["reason"] == EVENT_REASON
+    # The expired one is not enforced; it is reported as expired instead (below).
+    assert by_uid[old["metadata"]["uid"]]["reason"] == EXPIRED_EVENT_REASON
     assert kube_api.get("arev", "agents", "done")["status"]["firstEnforcedBy"] == "pod-z"
+    assert "firstEnforcedAt" not in kube_api.get("arev", "agents", "old")["status"]
 
 
 async def test_bounded_run_with_iterations(
@@ -350,9 +358,111 @@ async def test_kubectl_apply_is_seen_by_the_watcher(
         "billing-agent",
         "Anomalous refund volume (INC-4412)",
     )
-    assert rev.expires_at == parse_rfc3339("2026-12-01T00:00:00Z")
+    # The example has no end: it revokes whenever it is applied, today or in fifty years.
+    assert rev.expires_at is None
+    assert store.table().find("agents", "billing-agent", time.time() + 50 * YEAR) == rev
     await wait_for(lambda: kube_api.events(), what="event")
     out = (await asyncio.to_thread(kubectl, "get", "events")).stdout
     assert EVENT_REASON in out and "enforced by pod pod-a" in out
     await asyncio.to_thread(kubectl, "delete", "-f", str(EXAMPLE))
     await wait_for(lambda: names(store) == [], what="deleted")
+
+
+# -- expiry reported -----------------------------------------------------------------------------
+
+
+def revocation_yaml(name: str, expires_at: str) -> str:
+    return (
+        "apiVersion: mandate.dev/v1alpha1\nkind: AgentRevocation\n"
+        f"metadata: {{name: {name}, namespace: agents}}\n"
+        f"spec: {{agent: billing-agent, reason: 'reason {name}', expiresAt: '{expires_at}'}}\n"
+    )
+
+
+async def test_a_revocation_already_expired_when_applied_shows_as_expired_with_a_warning(
+    kube_api: KubeAPIServer,
+    kubectl: Kubectl,
+    store: RevocationStore,
+    start_watcher: Any,
+    tmp_path: Path,
+) -> None:
+    watcher = await start_watcher(store)
+    await wait_for(lambda: store.complete)
+    await kube_api.until_watches(1)
+    path = tmp_path / "stale.yaml"
+    path.write_text(revocation_yaml("stale", from_now(-DAY)))
+    await asyncio.to_thread(kubectl, "apply", "-f", str(path))
+    await wait_for(lambda: names(store) == ["stale"], what="seen")
+    # It revokes nothing ...
+    assert store.table().find("agents", "billing-agent", time.time()) is None
+    # ... and the operator is told, in `kubectl get` and in the events.
+    status = await wait_for(
+        lambda: kube_api.get("arev", "agents", "stale").get("status"), what="status"
+    )
+    assert status["state"] == "Expired" and "firstEnforcedAt" not in status
+    [condition] = status["conditions"]
+    assert condition["type"] == "Expired" and condition["status"] == "True"
+    assert condition["reason"] == "ExpiredOnArrival" and condition["observedGeneration"] == 1
+    assert "revokes nothing" in condition["message"]
+    table = (await asyncio.to_thread(kubectl, "get", "arev")).stdout.splitlines()
+    assert table[0].split()[:4] == ["NAME", "AGENT", "REASON", "STATE"]
+    assert "Expired" in table[1].split()
+    event = await wait_for(lambda: kube_api.events() and kube_api.events()[0], what="event")
+    assert (event["type"], event["reason"]) == ("Warning", EXPIRED_EVENT_REASON)
+    assert "pod pod-a" in event["message"] and "revokes nothing" in event["message"]
+    out = (await asyncio.to_thread(kubectl, "get", "events")).stdout
+    assert "Warning" in out and EXPIRED_EVENT_REASON in out
+    # Seen again (a relist; another pod, or this one restarted): no second status write,
+    # no second warning.
+    await asyncio.sleep(0.3)
+    version = kube_api.get("arev", "agents", "stale")["metadata"]["resourceVersion"]
+    kube_api.compact(expire_watches=True)
+    await wait_for(lambda: watcher.relists == 1, what="relisted")
+    other = make_store(tmp_path / "pod-b")
+    await start_watcher(other, pod_name="pod-b")
+    await wait_for(lambda: names(other) == ["stale"], what="seen by pod-b")
+    await asyncio.sleep(0.3)
+    assert len(kube_api.events()) == 1
+    assert kube_api.get("arev", "agents", "stale")["metadata"]["resourceVersion"] == version
+
+
+async def test_of_many_pods_one_marks_an_expired_revocation_and_warns(
+    kube_api: KubeAPIServer, start_watcher: Any, tmp_path: Path
+) -> None:
+    kube_api.create(arev("stale", expiresAt=from_now(-60)))
+    stores = [make_store(tmp_path / f"pod-{i}") for i in range(4)]
+    for i, s in enumerate(stores):
+        await start_watcher(s, pod_name=f"pod-{i}")
+    for s in stores:
+        await wait_for(lambda s=s: names(s) == ["stale"], what="seen by every pod")
+    await wait_for(lambda: kube_api.get("arev", "agents", "stale").get("status"), what="status")
+    await asyncio.sleep(0.5)
+    assert [e["reason"] for e in kube_api.events()] == [EXPIRED_EVENT_REASON]
+    assert kube_api.get("arev", "agents", "stale")["status"]["state"] == "Expired"
+
+
+async def test_a_revocation_that_ends_while_enforced_turns_expired_without_a_warning(
+    kube_api: KubeAPIServer, store: RevocationStore, start_watcher: Any
+) -> None:
+    await start_watcher(store)
+    await wait_for(lambda: store.complete)
+    kube_api.create(arev("brief", expiresAt=rfc3339(time.time() + 1.5, millis=True)))
+    status = await wait_for(
+        lambda: kube_api.get("arev", "agents", "brief").get("status"), what="enforced"
+    )
+    assert status["state"] == "Enforced" and status["firstEnforcedBy"] == "pod-a"
+    assert [c["type"] for c in status["conditions"]] == ["Enforced"]
+    assert store.table().find("agents", "billing-agent", time.time()) is not None
+    status = await wait_for(
+        lambda: (
+            kube_api.get("arev", "agents", "brief")["status"].get("state") == "Expired"
+            and kube_api.get("arev", "agents", "brief")["status"]
+        ),
+        what="expired",
+    )
+    assert status["firstEnforcedBy"] == "pod-a"  # kept
+    assert {c["type"]: c["reason"] for c in status["conditions"]} == {
+        "Enforced": "InForce",
+        "Expired": "Ended",
+    }
+    assert [e["reason"] for e in kube_api.events()] == [EVENT_REASON]  # no warning

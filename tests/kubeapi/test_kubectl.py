@@ -3,6 +3,8 @@ operator does with AgentRevocations works as against a real API server."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import threading
 from pathlib import Path
@@ -45,7 +47,7 @@ def test_apply_get_update_delete(kubectl: Kubectl, kube_api: KubeAPIServer, tmp_
     assert stored["metadata"]["uid"] and stored["metadata"]["creationTimestamp"]
 
     table = kubectl("get", "agentrevocations").stdout
-    assert table.split()[:6] == ["NAME", "AGENT", "REASON", "EXPIRES", "AGE", "ENFORCED"]
+    assert table.split()[:7] == ["NAME", "AGENT", "REASON", "STATE", "EXPIRES", "AGE", "ENFORCED"]
     assert NAME in table and "billing-agent" in table
 
     listed = kubectl.json("get", "arev")
@@ -212,3 +214,38 @@ def test_get_watch_and_wait_for_delete(kubectl: Kubectl, kube_api: KubeAPIServer
     lines = stdout.splitlines()
     assert lines[0].split()[:3] == ["NAME", "AGENT", "REASON"]
     assert any("watched change" in line for line in lines[1:])
+
+
+def test_kubectl_wait_for_the_expired_condition(kubectl: Kubectl, kube_api: KubeAPIServer) -> None:
+    kubectl("apply", "-f", str(EXAMPLE))
+    patch = ("patch", "arev", NAME, "--subresource=status", "--type=merge", "-p")
+    bad = kubectl(*patch, '{"status": {"state": "Gone"}}', check=False)
+    assert bad.returncode != 0 and "status.state" in bad.stderr
+    expired = {
+        "state": "Expired",
+        "conditions": [
+            {
+                "type": "Expired",
+                "status": "True",
+                "reason": "ExpiredOnArrival",
+                "message": "revokes nothing",
+                "lastTransitionTime": "2026-01-01T00:00:00Z",
+                "observedGeneration": 1,
+            }
+        ],
+    }
+    waiter = subprocess.Popen(
+        kubectl.command("wait", "--for=condition=Expired", f"arev/{NAME}", "--timeout=20s"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"HOME": str(kubectl.cache_dir.parent), "PATH": os.environ.get("PATH", "")},
+    )
+    try:
+        kubectl(*patch, json.dumps({"status": expired}))
+        out, err = waiter.communicate(timeout=30)
+    finally:
+        waiter.kill()
+    assert waiter.returncode == 0, err
+    assert "condition met" in out
+    assert " Expired " in kubectl("get", "arev").stdout.splitlines()[1]

@@ -255,6 +255,33 @@ def test_prune_expires_grants_pending_requests_and_tasks_with_audit(h: Harness) 
     assert h.kinds()[-1] == "elevation_lapsed"
 
 
+@pytest.mark.parametrize("pruned", [False, True], ids=["before-prune", "after-prune"])
+def test_an_approval_after_the_request_lapsed_is_expired_and_grants_nothing(
+    h: Harness, pruned: bool
+) -> None:
+    req = h.store.request_elevation("billing-agent", NS, "refund", "why", None)
+    assert req.expires_at is not None
+    h.clock.t = req.expires_at + 1  # the operator approves one second too late
+    if pruned:
+        h.store.prune()
+    state, message, grant, until = h.store.approve(
+        Approval(
+            key="kubernetes:agents/late",
+            agent="billing-agent",
+            namespace=NS,
+            elevation="refund",
+            approver="bob",
+            approved_at=h.clock.t,
+            request_id=req.id,
+            name="late",
+        )
+    )
+    assert (state, grant, until) == ("Expired", "", None)
+    assert f"request {req.id} expired at " in message and "nothing is granted" in message
+    assert h.reader.read().active_grants(NS, "billing-agent", h.clock.t) == ()
+    assert "elevation_granted" not in h.kinds()
+
+
 def test_tasks_are_checked_and_bounded(h: Harness) -> None:
     b = h.store.report_task("billing-agent", NS, "T-1", "report", None)
     assert b.purpose == "report" and b.expires_at is None
