@@ -57,6 +57,11 @@ DECISION_HEADER = "x-mandate-decision"
 PURPOSE_HEADER = "x-mandate-purpose"
 TASK_HEADER = "x-mandate-task"
 _SET_HEADERS = (AGENT_HEADER, PURPOSE_HEADER, TASK_HEADER, DECISION_HEADER)
+# Every spelling of "x-mandate-" that a CGI/WSGI upstream folds into HTTP_X_MANDATE_: an
+# agent's `x_mandate_agent` would sit next to the x-mandate-agent mandate sets. envoy/
+# refuses header names with "_" (headers_with_underscores_action); removing them here too
+# keeps that true behind an Envoy configured otherwise.
+_OWN_PREFIXES = ("x-mandate-", "x_mandate_", "x-mandate_", "x_mandate-")
 _PARTIAL_BODY = "x-envoy-auth-partial-body"
 TRACE_KEYS = ("traceparent", "tracestate")
 # version-traceid-parentid-flags[-more]; a character class, not int(x, 16), which also
@@ -147,8 +152,9 @@ def upstream_headers(
     d: Decision, agent_headers: Iterable[str]
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """For an allowed call: the headers to set on the upstream request (overwriting any
-    value the agent sent) and the names of the other `x-mandate-*` headers the agent sent,
-    to remove. ``agent_headers`` are the request's (lower-case) header names."""
+    value the agent sent) and the names of the other `x-mandate-*` headers the agent sent
+    (also spelt with "_"), to remove. ``agent_headers`` are the request's (lower-case)
+    header names."""
     to_set = [
         (AGENT_HEADER, d.agent),
         (PURPOSE_HEADER, d.purpose),
@@ -159,7 +165,7 @@ def upstream_headers(
     to_remove = [
         name
         for name in agent_headers
-        if name.startswith("x-mandate-")
+        if name.startswith(_OWN_PREFIXES)
         and (name not in _SET_HEADERS or (name == TASK_HEADER and not d.task))
     ]
     return to_set, to_remove

@@ -38,6 +38,14 @@ Answers, as the gRPC transport's:
 Nothing here raises into aiohttp: a malformed request or any error is a 403 deny (fail
 closed; a 5xx would be Envoy's `status_on_error`). There is deliberately no health route:
 any 200 on this port could pass as an allow. No decision logic here.
+
+Envoy forwards the call's method as the check request's own, as the agent sent it: over
+HTTP/2 that is any token (`get`, `FOO`), and aiohttp's C parser (llhttp) knows only a fixed
+list of upper-case methods. Its 400 quoted the request line, the internal prefix with it,
+and mandate never decided (issue 15). Such a message is parsed again by aiohttp's Python
+parser (:class:`_AnyMethodParser`, keeping the method's case), so that mandate decides it
+as the gRPC transport does; any other request aiohttp cannot parse is a `bad_request` deny
+with its decision id and audit record, and no answer echoes what was sent.
 """
 
 from __future__ import annotations
@@ -46,8 +54,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod
+from aiohttp.http_parser import HttpRequestParserPy, RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler, RequestPayloadError
 
 from .authz import DECISION_HEADER, Authorizer, make_view, request_parents, upstream_headers
 from .authz import deny_body as _deny_body
@@ -141,6 +154,114 @@ def _response(d: Decision, headers: Mapping[str, str]) -> web.Response:
     return web.Response(status=403, body=_deny_body(d), headers=out)
 
 
+def _unparsable(did: str) -> RequestView:
+    # Never the parser's message: it quotes the request line, the internal prefix with it.
+    raise BadRequestError("the ext_authz request could not be parsed")
+
+
+class _ExactMethodParser(HttpRequestParserPy):
+    """aiohttp's Python request parser, keeping the method as sent: it upper-cases it, and
+    `get` must reach the decision as `get` (RFC 9110: methods are case-sensitive)."""
+
+    def parse_message(self, lines: list[bytes]) -> RawRequestMessage:
+        message = super().parse_message(lines)  # the method is a token: ASCII
+        return message._replace(method=lines[0].split(b" ", 1)[0].decode("ascii"))
+
+
+class _AnyMethodParser:
+    """aiohttp's C request parser, and aiohttp's Python parser (any token as the method)
+    for a connection once the C parser refused a message for its method.
+
+    The switch is made only where the refused bytes begin a message: nothing of the next
+    message was fed yet and the previous message's body is complete (Envoy sends one check
+    at a time on a connection, each with a Content-Length). Elsewhere the error stands (and
+    becomes a `bad_request` deny). Python parsing costs about 18 µs more per request, so
+    such a connection is closed after its answer (:attr:`any_method`)."""
+
+    def __init__(self, fast: Any, slow: Callable[[], Any]) -> None:
+        self._parser = fast
+        self._slow = slow
+        self.any_method = False
+        self._body: StreamReader | None = None  # the last message's body
+        self._in_headers = False  # bytes of a message whose headers are not complete
+
+    def _at_message_start(self) -> bool:
+        return not self._in_headers and (self._body is None or self._body.is_eof())
+
+    def feed_data(self, data: bytes) -> Any:
+        if self.any_method:
+            return self._parser.feed_data(data)
+        at_start = self._at_message_start()
+        try:
+            result = self._parser.feed_data(data)
+        except BadHttpMethod:
+            if not at_start:
+                raise
+            self._parser, self.any_method = self._slow(), True
+            return self._parser.feed_data(data)
+        messages = result[0]
+        if messages:
+            self._body, self._in_headers = messages[-1][1], False
+        elif at_start:
+            self._in_headers = True
+        return result
+
+    def __getattr__(self, name: str) -> Any:  # feed_eof, pause_reading, message_consumed ...
+        return getattr(self._parser, name)
+
+
+class _CheckServer(web.Server):
+    """aiohttp's low-level server, with :class:`_CheckProtocol` for each connection."""
+
+    def __init__(self, authz: Authorizer, **kwargs: Any) -> None:
+        super().__init__(handler(authz), **kwargs)
+        self.authz = authz
+
+    def __call__(self) -> RequestHandler:
+        return _CheckProtocol(self, loop=self._loop, **self._kwargs)
+
+
+class _CheckProtocol(RequestHandler):
+    """aiohttp's connection handler with :class:`_AnyMethodParser`, and a mandate deny
+    (audited, echoing nothing) for a request aiohttp cannot parse at all."""
+
+    def __init__(self, manager: _CheckServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._authz = manager.authz
+        loop = kwargs["loop"]
+        decompress = bool(kwargs.get("auto_decompress", True))
+
+        def slow() -> Any:  # as RequestHandler builds its C parser
+            return _ExactMethodParser(
+                self, loop, kwargs.get("read_bufsize", 2**16), max_line_size=self.max_line_size,
+                max_field_size=self.max_field_size, max_headers=self.max_headers,
+                payload_exception=RequestPayloadError, auto_decompress=decompress,
+                max_msg_queue_size=MAX_MSG_QUEUE_SIZE,
+            )  # fmt: skip
+
+        self.parser = _AnyMethodParser(self._parser, slow)
+        self._parser = self.parser  # type: ignore[assignment]  # the same interface
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # as aiohttp's: too late for an answer
+            raise ConnectionError("an answer was sent already")
+        log.warning("an ext_authz request could not be parsed (%s); denying", type(exc).__name__)
+        authz = self._authz
+        start = time.perf_counter()
+        start_ns = time.time_ns() if authz.tracing is not None else 0
+        decision, headers = authz.decide(_unparsable)
+        response = _response(decision, headers)
+        authz.observe(decision, start, start_ns, dict)
+        response.force_close()
+        return response
+
+
 def handler(authz: Authorizer) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
     """The request handler of aiohttp's low-level server: one Check per request."""
 
@@ -166,6 +287,9 @@ def handler(authz: Authorizer) -> Callable[[web.BaseRequest], Awaitable[web.Stre
             log.exception("building the ext_authz response failed; denying")
             response = web.Response(status=403)
         authz.observe(decision, start, start_ns, lambda: request_parents(headers))
+        parser = getattr(request.protocol, "parser", None)
+        if isinstance(parser, _AnyMethodParser) and parser.any_method:
+            response.force_close()  # the next check on a new connection, with the C parser
         return response
 
     return check
@@ -178,7 +302,7 @@ class HttpAuthzServer:
     def __init__(self, authz: Authorizer, host: str, port: int, unix_path: str = "") -> None:
         self._authz = authz
         self._host, self._port, self._unix = host, port, unix_path
-        self._server: web.Server | None = None
+        self._server: _CheckServer | None = None
         self._listener: asyncio.base_events.Server | None = None
         self._thread = LoopThread("check-http")
         self.port = 0
@@ -188,8 +312,8 @@ class HttpAuthzServer:
         # (60 KiB of headers, 100 headers by default), so that mandate, not aiohttp, decides
         # on any request Envoy accepted; the body exactly as the agent sent it (no gzip
         # decoding), as over gRPC.
-        self._server = web.Server(
-            handler(self._authz),
+        self._server = _CheckServer(
+            self._authz,
             access_log=None,
             max_line_size=_MAX_HEADER_BYTES,
             max_field_size=_MAX_HEADER_BYTES,

@@ -36,12 +36,14 @@ __all__ = [
     "ANNOTATION_INJECTED",
     "ANNOTATION_MODE",
     "CAPTURE_SCRIPT",
+    "ENVOY_ADMIN_SOCKET",
     "LABEL_INJECT",
     "MODES",
     "SIDECAR_CONTAINERS",
     "InjectConfig",
     "agent_of",
     "capture_env",
+    "envoy_ready_probe",
     "inject",
     "is_injected",
     "mode_of",
@@ -63,6 +65,7 @@ _VOLUMES = (
     "mandate-state",
     "mandate-tmp",
     "mandate-run",
+    "mandate-envoy-admin",
     "mandate-admin-token",
     "mandate-kube-api-access",
 )
@@ -79,6 +82,12 @@ PROFILES_DIR = "/etc/mandate/profiles"
 STATE_DIR = "/var/lib/mandate"
 # Sockets shared by Envoy and mandate only.
 RUN_DIR = "/run/mandate-io"
+# Envoy's admin interface (envoy/sidecar*.yaml: admin.address.pipe), in a volume of its own
+# mounted by Envoy's container alone: on TCP the agent, which shares the pod's network
+# namespace, could stop Envoy (/quitquitquit), read its configuration (/config_dump) or
+# change its logging. mandate does not need it either.
+ENVOY_ADMIN_DIR = "/run/mandate-envoy"
+ENVOY_ADMIN_SOCKET = f"{ENVOY_ADMIN_DIR}/admin.sock"
 TOKEN_DIR = "/etc/mandate/admin"
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -179,7 +188,6 @@ class InjectConfig:
     envoy_uid: int = 1337
     mandate_uid: int = 1338
     proxy_port: int = 15001  # Envoy's egress listener (envoy/sidecar.yaml)
-    envoy_admin_port: int = 15000
     grpc_port: int = 9001  # mandate's first worker; Envoy's `mandate` cluster
     context_port: int = 9701  # the agent context API (sidecar/client.py), for the agent
     admin_port: int = 9901  # mandate's /healthz /readyz /metrics /v1
@@ -554,13 +562,20 @@ def _mandate_container(config: InjectConfig, agent: str | None) -> dict[str, Any
     }
 
 
-def _envoy_container(config: InjectConfig) -> dict[str, Any]:
-    # Envoy's admin listens on 127.0.0.1 only (the kubelet cannot reach it): probe from inside,
-    # with the image's Python.
-    ready = (
-        "import urllib.request as u; "
-        f"u.urlopen('http://127.0.0.1:{config.envoy_admin_port}/ready', timeout=2)"
+def envoy_ready_probe(socket_path: str = ENVOY_ADMIN_SOCKET) -> str:
+    """Python (for ``python -c``) that exits 0 if Envoy's admin on the unix socket
+    ``socket_path`` answers ``GET /ready`` with 200 (Envoy is LIVE), else non-zero. The
+    kubelet cannot reach a socket inside the pod, and urllib speaks no unix sockets: one
+    HTTP/1.1 request by hand, with the image's Python."""
+    return (
+        "import socket, sys; s = socket.socket(socket.AF_UNIX); s.settimeout(2); "
+        f"s.connect({socket_path!r}); "
+        r"s.sendall(b'GET /ready HTTP/1.1\r\nHost: envoy\r\nConnection: close\r\n\r\n'); "
+        "sys.exit(0 if s.makefile('rb').readline().split()[1:2] == [b'200'] else 1)"
     )
+
+
+def _envoy_container(config: InjectConfig) -> dict[str, Any]:
     return {
         "name": ENVOY,
         "image": config.image,
@@ -576,9 +591,14 @@ def _envoy_container(config: InjectConfig) -> dict[str, Any]:
             "--log-level",
             "warn",
         ],
-        "volumeMounts": [{"name": "mandate-run", "mountPath": RUN_DIR}],
+        "volumeMounts": [
+            {"name": "mandate-run", "mountPath": RUN_DIR},
+            {"name": "mandate-envoy-admin", "mountPath": ENVOY_ADMIN_DIR},
+        ],
+        # Envoy's admin is on a unix socket (no TCP port the kubelet could probe either):
+        # probe from inside, with the image's Python.
         "startupProbe": {
-            "exec": {"command": ["python", "-c", ready]},
+            "exec": {"command": ["python", "-c", envoy_ready_probe()]},
             "periodSeconds": 1,
             "timeoutSeconds": 3,
             "failureThreshold": 60,
@@ -596,6 +616,9 @@ def _volumes(config: InjectConfig) -> list[dict[str, Any]]:
         # Sockets between Envoy and mandate (the access log): mounted in those two containers
         # only, so the agent cannot connect to them.
         {"name": "mandate-run", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+        # Envoy's admin socket: mounted in Envoy's container only (not the agent's, not
+        # mandate's), so nothing else in the pod can stop or reconfigure Envoy.
+        {"name": "mandate-envoy-admin", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         # mandate's own API credential, whatever the pod's automountServiceAccountToken says.
         {
             "name": "mandate-kube-api-access",

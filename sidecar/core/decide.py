@@ -5,7 +5,8 @@
   2. revocation - the shared revocation table: the agent (or `*`) in its namespace
   3. purpose    - declared `x-mandate-purpose`, else the purpose the declared task was
                   reported for (`ReportTask`), else the profile's defaultPurpose
-  4. request    - canonical host, port and path; malformed → deny
+  4. request    - canonical host, port and path; a method not in upper case, or a
+                  method/URL override header; malformed → deny
   5. rules      - the purpose's deny rules win, then its allow rules
   6. elevation  - then the rules of the agent's active elevation grants
   7. behaviour  - an allowed call is still denied while the agent's risk score is at or
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from .context import EMPTY_CONTEXT, ContextTable, Grant
@@ -36,6 +37,7 @@ from .snapshot import CompiledAgent, Snapshot
 from .timefmt import utc_seconds
 
 __all__ = [
+    "OVERRIDE_HEADERS",
     "PURPOSE_HEADER",
     "TASK_HEADER",
     "Code",
@@ -47,6 +49,18 @@ __all__ = [
 PURPOSE_HEADER = "x-mandate-purpose"
 TASK_HEADER = "x-mandate-task"
 _TASK = re.compile(r"^[\x21-\x7e]{1,128}$")
+# Headers with which frameworks let a request say "treat me as another method or path"
+# (Express's method-override, Symfony, Rails' Rack::MethodOverride, IIS URL Rewrite ...):
+# a GET mandate allowed could become a DELETE, or another path, behind the decision. A call
+# carrying one is refused (bad_request) rather than stripped: mandate decides on the method
+# and path the upstream acts on, and the agent learns why instead of getting another call.
+OVERRIDE_HEADERS = (
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+)
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
@@ -174,6 +188,26 @@ def _attribute(snapshot: Snapshot, view: RequestView) -> tuple[str | None, str, 
     return None, Code.IDENTITY_CONFLICT, f"identity sources disagree: {detail}"
 
 
+def _request_shape(view: RequestView) -> str:
+    """Why the call's method or headers make it one mandate must not decide, or ''.
+
+    Methods are case-sensitive (RFC 9110 9.1): `get` is not GET, and an upstream may take
+    it for either. Rules match methods case-insensitively, so mandate could not tell them
+    apart: a method not in upper case (Envoy passes HTTP/2's `:method` as sent) is refused."""
+    if not view.method or view.method != view.method.upper():
+        return (
+            f"method {view.method[:32]!r} is not in upper case: methods are case-sensitive "
+            "(RFC 9110), so mandate refuses one it could confuse with another"
+        )
+    for name in OVERRIDE_HEADERS:
+        if name in view.headers:
+            return (
+                f"header {name!r}: a method or URL override could make the upstream act on "
+                "another method or path than the one decided; send the real one"
+            )
+    return ""
+
+
 def decide(
     snapshot: Snapshot,
     view: RequestView,
@@ -262,6 +296,13 @@ def decide(
         return done(False, Code.BAD_REQUEST, why, purpose=purpose.name, task=task)
     host, port = hp
     shown = "" if method == CONNECT else display_path(path)
+    why = _request_shape(view)
+    if why:
+        denied_shape = done(
+            False, Code.BAD_REQUEST, why, purpose=purpose.name, task=task, host=host,
+            port=port, path=shown,
+        )  # fmt: skip
+        return replace(denied_shape, method=view.method[:32])  # as sent, not upper-cased
     body = _Body(view)
 
     # 5. rules: deny wins, then allow

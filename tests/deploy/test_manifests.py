@@ -25,7 +25,7 @@ import yaml
 from sidecar import kube
 from sidecar.core import load_profiles
 from sidecar.core.model import parse_duration
-from sidecar.inject import InjectConfig
+from sidecar.inject import ENVOY_ADMIN_SOCKET, InjectConfig
 from sidecar.inject_cli import add_inject_parser, run_inject
 from sidecar.webhook import make_app
 from tests.kubeapi.schema import structural_errors
@@ -648,7 +648,8 @@ def test_sidecar_ports_and_paths_match_envoys_config_and_the_image(transport: st
         pytest.skip(f"no {path.name} in envoy/ (yet)")
     envoy = yaml.safe_load(path.read_text())
     assert Path(config.envoy_config_path).parent == Path("/etc/mandate/envoy")
-    assert envoy["admin"]["address"]["socket_address"]["port_value"] == config.envoy_admin_port
+    # Envoy's admin on the socket the injected startup probe asks, never on TCP.
+    assert envoy["admin"]["address"] == {"pipe": {"path": ENVOY_ADMIN_SOCKET, "mode": 0o600}}
     egress = next(lst for lst in envoy["static_resources"]["listeners"] if lst["name"] == "egress")
     assert egress["address"]["socket_address"] == {
         "address": "127.0.0.1",

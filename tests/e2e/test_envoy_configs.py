@@ -96,3 +96,16 @@ def test_http_configs_match_the_grpc_ones(name: str) -> None:
     assert list(filters).index("envoy.filters.http.lua") < list(filters).index(
         "envoy.filters.http.ext_authz"
     )
+
+
+@pytest.mark.parametrize("name", SIDECAR_CONFIGS + LOCAL_CONFIGS)
+def test_header_names_with_underscores_are_refused_and_admin_is_private(name: str) -> None:
+    """Issue 15: `x_mandate_agent` reached the upstream next to mandate's x-mandate-agent
+    (one CGI variable); and in a pod, Envoy's admin on TCP was the agent's to use."""
+    config = yaml.safe_load(render_envoy_config(ENVOY_DIR / name, VALUES))
+    for listener in config["static_resources"]["listeners"]:
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        options = hcm["common_http_protocol_options"]
+        assert options["headers_with_underscores_action"] == "REJECT_REQUEST", name
+    if name in SIDECAR_CONFIGS:  # tests and the demo may keep 127.0.0.1 (envoy/local*.yaml)
+        assert set(config["admin"]["address"]) == {"pipe"}, name

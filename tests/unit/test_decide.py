@@ -320,13 +320,28 @@ CASES = [
         "reconcile",
         "allowed by rule reconcile.allow[0] of purpose 'reconcile'",
     ),
-    case(
-        "rule-method-any-case",
-        view(method="get"),
-        ALLOWED,
-        "reconcile.allow[0]",
-        "reconcile",
-    ),
+    # Rules match methods case-insensitively; a call's method is case-sensitive (RFC 9110):
+    # `get` is not GET, so a method not in upper case is refused, never matched (issue 15).
+    case("call-method-lower-case", view(method="get"), Code.BAD_REQUEST, "", "reconcile"),
+    case("call-method-mixed-case", view(method="Get"), Code.BAD_REQUEST, "", "reconcile"),
+    # Method and URL override headers: refused, whatever their value (issue 15).
+    *[
+        case(
+            f"override-{name}",
+            view(headers={name: value}),
+            Code.BAD_REQUEST,
+            "",
+            "reconcile",
+            f"header {name!r}: a method or URL override",
+        )
+        for name, value in [
+            ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "GET"),
+            ("x-original-url", "/v1/ledger/admin/x"),
+            ("x-rewrite-url", "/v1/invoices/1"),
+        ]
+    ],
     case(
         "rule-second-rule-named",
         view(authority="API.Stripe.com", scheme="https", path="/v1/charges/ch_1"),
@@ -490,9 +505,17 @@ CASES = [
     ),
     case(
         "connect-listed-method",
-        ops("tunnel", method="connect", authority="db.internal:5432", path=""),
+        ops("tunnel", method="CONNECT", authority="db.internal:5432", path=""),
         ALLOWED,
         "tunnel.allow[1]",
+        "tunnel",
+        fixture="edge",
+    ),
+    case(
+        "connect-lower-case",
+        ops("tunnel", method="connect", authority="db.internal:5432", path=""),
+        Code.BAD_REQUEST,
+        "",
         "tunnel",
         fixture="edge",
     ),
@@ -579,7 +602,7 @@ def test_decide_is_deterministic(
 def test_allowed_decision_carries_the_whole_context() -> None:
     request = view(
         decision_id="dec-42",
-        method="get",
+        method="GET",
         authority=f"{LEDGER.upper()}.",
         path="/v1/ledger//2024/./07?x=1",
         headers={"x-mandate-purpose": "reconcile", "x-mandate-task": "task-9"},
@@ -731,7 +754,7 @@ def test_bad_task_is_reported_before_unknown_purpose() -> None:
 @pytest.mark.parametrize(
     ("fields", "code"),
     [
-        pytest.param({"method": ""}, Code.OUTSIDE_PURPOSE, id="empty-method"),
+        pytest.param({"method": ""}, Code.BAD_REQUEST, id="empty-method"),
         pytest.param({"authority": ""}, Code.BAD_REQUEST, id="empty-authority"),
         pytest.param({"authority": "\x00"}, Code.BAD_REQUEST, id="nul-authority"),
         pytest.param({"path": ""}, Code.BAD_REQUEST, id="empty-path"),

@@ -511,3 +511,33 @@ def test_access_log_socket_is_shared_by_envoy_and_mandate_only() -> None:
     assert vol["emptyDir"]["medium"] == "Memory"
     envoy_yaml = (Path(__file__).resolve().parents[2] / "envoy" / "sidecar.yaml").read_text()
     assert "pipe: { path: /run/mandate-io/als.sock }" in envoy_yaml
+
+
+def test_envoy_admin_is_a_socket_only_envoys_container_mounts() -> None:
+    """Issue 15: Envoy's admin on 127.0.0.1:15000 let the agent (same network namespace)
+    stop Envoy (/quitquitquit), read /config_dump and change logging. It is a unix socket
+    in a volume that Envoy's container alone mounts, and the startup probe asks it there."""
+    import json
+
+    from sidecar.inject import ENVOY_ADMIN_SOCKET, envoy_ready_probe
+
+    for mode in ("iptables", "proxy"):
+        out = inject(pod(metadata__annotations={"mandate.dev/mode": mode}), CONFIG)
+        (vol,) = [v for v in out["spec"]["volumes"] if v["name"] == "mandate-envoy-admin"]
+        assert vol["emptyDir"]["medium"] == "Memory"
+        for c in out["spec"]["containers"] + out["spec"]["initContainers"]:
+            mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+            if c["name"] == "mandate-envoy":
+                assert mounts["mandate-envoy-admin"] == str(Path(ENVOY_ADMIN_SOCKET).parent)
+            else:  # the agent's containers, mandate, the init container
+                assert "mandate-envoy-admin" not in mounts, c["name"]
+        envoy = sidecar(out, "mandate-envoy")
+        assert envoy["startupProbe"]["exec"]["command"] == ["python", "-c", envoy_ready_probe()]
+        assert repr(ENVOY_ADMIN_SOCKET) in envoy_ready_probe()
+        assert "15000" not in json.dumps(out)  # no TCP admin port anywhere in the pod
+    assert not hasattr(CONFIG, "envoy_admin_port")
+    for name in ("sidecar.yaml", "sidecar-http.yaml"):
+        envoy_yaml = yaml.safe_load((ROOT / "envoy" / name).read_text())
+        assert envoy_yaml["admin"]["address"] == {
+            "pipe": {"path": ENVOY_ADMIN_SOCKET, "mode": 0o600}
+        }, name

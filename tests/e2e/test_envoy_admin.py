@@ -1,0 +1,118 @@
+"""Envoy's admin interface in the shipped sidecar configs, run by real Envoy (issue 15).
+
+The agent shares the pod's network namespace: whatever Envoy listens on over TCP, the agent
+can reach. On TCP, Envoy's admin let it stop Envoy (`/quitquitquit`), read mandate's ports
+and the HTTP prefix (`/config_dump`) and turn on debug logging. envoy/sidecar*.yaml put the
+admin on a unix socket (mode 0600) in a volume only Envoy's container mounts
+(sidecar/inject.py); the injected startup probe asks `/ready` there. Here each config runs
+as the pod runs it, with only file paths and the egress port moved into the test's
+directory, and Envoy must listen on no TCP port but the egress listener.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar.inject import ENVOY_ADMIN_SOCKET, envoy_ready_probe
+from sidecar.local import ENVOY_DIR, envoy_binary, stop_subprocess
+
+CONFIGS = ["sidecar.yaml", "sidecar-http.yaml"]
+
+
+def _as_in_the_pod(name: str, tmp: Path) -> tuple[str, Path]:
+    """The shipped config, with the admin and access-log sockets in ``tmp`` (the pod's
+    volumes), the egress listener on a free port and the trace collector on 127.0.0.1 (its
+    cluster DNS name does not resolve here). Nothing about the admin's address changes but
+    its directory."""
+    config: dict[str, Any] = yaml.safe_load((ENVOY_DIR / name).read_text())
+    admin = config["admin"]["address"]
+    assert set(admin) == {"pipe"}, f"{name}: Envoy's admin must be a unix socket, not {admin}"
+    assert admin["pipe"]["path"] == ENVOY_ADMIN_SOCKET
+    socket_path = tmp / "envoy-admin" / Path(ENVOY_ADMIN_SOCKET).name
+    socket_path.parent.mkdir(mode=0o700)
+    admin["pipe"]["path"] = str(socket_path)
+    resources = config["static_resources"]
+    resources["listeners"][0]["address"]["socket_address"]["port_value"] = 0
+    for cluster in resources["clusters"]:
+        if "load_assignment" not in cluster:  # the dynamic forward proxy
+            continue
+        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        address = endpoint["address"]
+        if "pipe" in address:
+            address["pipe"]["path"] = str(tmp / Path(address["pipe"]["path"]).name)
+        if cluster["name"] == "otel_collector":
+            cluster["type"] = "STATIC"
+            address["socket_address"]["address"] = "127.0.0.1"
+    return yaml.safe_dump(config, sort_keys=False), socket_path
+
+
+def _probe(socket_path: Path) -> int:
+    """The injected startup probe's exit status, against ``socket_path``."""
+    return subprocess.run(
+        [sys.executable, "-c", envoy_ready_probe(str(socket_path))],
+        capture_output=True,
+        timeout=10,
+    ).returncode
+
+
+def _tcp_listening_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on (its sockets' inodes in /proc/net/tcp*)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+@pytest.fixture(params=CONFIGS)
+def envoy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Any, Path]]:
+    text, socket_path = _as_in_the_pod(str(request.param), tmp_path)
+    (tmp_path / "envoy.yaml").write_text(text)
+    proc = subprocess.Popen(
+        [envoy_binary(), "-c", str(tmp_path / "envoy.yaml"), "--concurrency", "1",
+         "--disable-hot-restart", "--log-level", "warning",
+         "--log-path", str(tmp_path / "envoy.log")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while _probe(socket_path) != 0:
+            assert proc.poll() is None, (tmp_path / "envoy.log").read_text()
+            assert time.monotonic() < deadline, "Envoy's admin socket never answered /ready"
+            time.sleep(0.2)
+        yield proc, socket_path
+    finally:
+        stop_subprocess(proc)
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+def test_envoys_admin_is_a_private_socket_and_no_tcp_port(envoy: tuple[Any, Path]) -> None:
+    proc, socket_path = envoy
+    # The injected startup probe works against the socket (it just did, in the fixture).
+    assert _probe(socket_path) == 0
+    # Only Envoy's UID may connect to it.
+    assert socket_path.stat().st_mode & 0o777 == 0o600
+    # The one TCP port Envoy listens on is the egress listener: no admin the agent can reach.
+    (egress,) = _tcp_listening_ports(proc.pid)
+    assert egress not in (0, 15000)
+    stop_subprocess(proc)
+    assert _probe(socket_path) != 0  # and the probe fails when Envoy is gone
