@@ -155,6 +155,8 @@ def _message(err: Any) -> str:
         parent = _schema_at(loc[:-1])
         allowed = sorted(parent.get("properties", {})) if parent else []
         hint = f"; allowed here: {', '.join(allowed)}" if allowed else ""
+        if loc[-1] == "foldPaths":
+            hint += " (foldPaths is for deny rules only: on an allow rule it would widen it)"
         return f"unknown field {loc[-1]!r}{hint}"
     if kind == "missing":
         return "required field is missing"

@@ -13,7 +13,12 @@ be UTF-8 without a byte order mark, without NaN/Infinity, with no object naming 
 (Python keeps the last value, other parsers the first: `{"name": "allowed", "name":
 "forbidden"}`), and nested no deeper than the parser's recursion limit. A method that is
 `tools/call` in another case is refused too (an upstream may fold it and run the tool), and
-so is a method or tool name with a lone surrogate escape (`"\\udcff"`).
+so is a method or tool name with a lone surrogate escape (`"\\udcff"`), and a message whose
+`id` is not a string, an integer within +-(2**53 - 1) (what every JSON parser, JavaScript's
+too, reads as the same integer) or null: `1e999` (Python reads infinity), `1.5`, `true`,
+an object, an array, a 400-digit integer. A JSON-RPC notification is a message without an
+`id`; `notifications/...` with an `id` is a request, so it passes only as a method a rule
+lists in `mcpMethods`, never as a session notification.
 This module must not import any transport, Kubernetes or telemetry library.
 """
 
@@ -35,6 +40,7 @@ __all__ = [
 # Methods that open, keep alive or describe a session; they reach no tool or data.
 SESSION_METHODS = frozenset({"initialize", "ping", "tools/list"})
 _TOOLS_CALL = "tools/call"
+_MAX_ID = 2**53 - 1  # JSON numbers beyond this are not the same integer to every parser
 _TRUNCATED = (
     "MCP body truncated at Envoy's with_request_body limit "
     "(or, without a Content-Length, not shown complete)"
@@ -47,6 +53,7 @@ class McpMessage:
 
     method: str | None
     tool: str | None
+    notification: bool = False  # no `id` member: JSON-RPC's notification
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +67,17 @@ class McpBody:
 def _message(obj: object) -> McpMessage | str:
     if not isinstance(obj, dict) or obj.get("jsonrpc") != "2.0":
         return "not a JSON-RPC 2.0 message"
+    notification = "id" not in obj
+    if not notification:
+        id_ = obj["id"]
+        if not (
+            id_ is None
+            or isinstance(id_, str)
+            # bool is an int in Python: `true` is no id
+            or (type(id_) is int and -_MAX_ID <= id_ <= _MAX_ID)
+        ):
+            why = "JSON-RPC id must be a string, an integer within +-(2**53 - 1) or null"
+            return f"{why}, got {_short(id_)}"
     method = obj.get("method")
     if method is None:
         if "id" in obj and ("result" in obj or "error" in obj):
@@ -80,7 +98,14 @@ def _message(obj: object) -> McpMessage | str:
         if not _unicode(name):
             return "tools/call tool name is not valid Unicode (a lone surrogate escape)"
         tool = name
-    return McpMessage(method=method, tool=tool)
+    return McpMessage(method=method, tool=tool, notification=notification)
+
+
+def _short(value: object) -> str:
+    if isinstance(value, dict | list):
+        return "an object" if isinstance(value, dict) else "an array"
+    text = repr(value)  # a float (inf, 1.5), a bool, a big int
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _unicode(s: str) -> bool:
@@ -141,8 +166,9 @@ def parse_mcp_body(body: bytes | None, truncated: bool) -> McpBody:
     return McpBody(tuple(messages))
 
 
-def _session_method(method: str) -> bool:
-    return method in SESSION_METHODS or method.startswith("notifications/")
+def _session_method(msg: McpMessage, method: str) -> bool:
+    """`initialize`, `ping`, `tools/list`, and a notification (no `id`) `notifications/...`."""
+    return method in SESSION_METHODS or (msg.notification and method.startswith("notifications/"))
 
 
 def mcp_allows(body: McpBody, tools: frozenset[str], methods: frozenset[str]) -> str | None:
@@ -151,7 +177,7 @@ def mcp_allows(body: McpBody, tools: frozenset[str], methods: frozenset[str]) ->
     if body.error is not None:
         return body.error
     for msg in body.messages:
-        if msg.method is None or _session_method(msg.method) or msg.method in methods:
+        if msg.method is None or _session_method(msg, msg.method) or msg.method in methods:
             continue
         if msg.tool is not None:
             if msg.tool not in tools:

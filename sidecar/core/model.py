@@ -32,6 +32,7 @@ __all__ = [
     "KIND",
     "AgentProfile",
     "Behavior",
+    "DenyRule",
     "Elevation",
     "Identity",
     "Metadata",
@@ -137,6 +138,26 @@ class Rule(_Model):
     )
 
 
+class DenyRule(Rule):
+    """A deny rule: an allow rule's fields, and `foldPaths` (deny rules only: on an allow rule
+    folding would widen what it allows)."""
+
+    fold_paths: bool = Field(
+        False,
+        description="match paths as an upstream that ignores case, Unicode compatibility "
+        "forms (NFKC: full-width letters) and trailing dots and spaces reads them "
+        "(`/v1/SECRETS.` is denied by `/v1/secrets/**`); for case-insensitive upstreams",
+    )
+
+    @field_validator("fold_paths")
+    @classmethod
+    def _fold_needs_paths(cls, value: bool, info: ValidationInfo) -> bool:
+        # (paths is missing from info.data when it was invalid: that error is reported)
+        if value and "paths" in info.data and info.data["paths"] is None:
+            raise ValueError("foldPaths: true needs paths to fold (this rule lists none)")
+        return value
+
+
 class RateLimit(_Model):
     requests: int = Field(gt=0)
     per: Duration
@@ -145,7 +166,7 @@ class RateLimit(_Model):
 class Purpose(_Model):
     description: str = ""
     allow: list[Rule] = Field(default_factory=list)
-    deny: list[Rule] = Field(default_factory=list)
+    deny: list[DenyRule] = Field(default_factory=list)
     rate_limit: RateLimit | None = None
 
 

@@ -10,6 +10,11 @@ in profile order. Lookup cost therefore follows the rules that could match, not 
 the profile. The first matching rule in profile order wins, so the
 rule a decision names is the one a reader finds first in the YAML.
 
+A deny rule with `foldPaths: true` matches the folded path (`paths.fold_path`: NFKC,
+case-folded, trailing dots and spaces stripped from each segment) against its folded
+patterns, and is a candidate for every first segment (`/V1/...` must reach a rule filed
+under `v1`); the folded path is computed once per lookup, and only if such a rule is tried.
+
 A deny rule with `mcpTools`/`mcpMethods` matches a POST whose body names what it lists or
 cannot be read as JSON-RPC (mandate cannot tell what it would do); other methods carry no
 MCP message, so it does not match them.
@@ -30,8 +35,8 @@ from types import MappingProxyType
 
 from .hosts import parse_host_pattern
 from .mcp import McpBody, mcp_allows, mcp_denies
-from .model import Rule
-from .paths import compile_path_patterns
+from .model import DenyRule, Rule
+from .paths import compile_path_patterns, fold_path
 
 __all__ = ["CONNECT", "CompiledRule", "RuleIndex", "compile_rules"]
 
@@ -51,6 +56,7 @@ class CompiledRule:
     mcp_methods_folded: frozenset[str]  # case-folded, for deny rules (`mcp_denies`)
     is_mcp: bool
     whole_host: bool  # restricts only hosts: may authorise a CONNECT tunnel
+    fold_paths: bool  # path_re matches fold_path(path) (deny rules with `foldPaths: true`)
     # The literal first path segments its patterns start with; None: any path (no paths, or
     # a pattern starting with `*`/`**`).
     first_segments: frozenset[str] | None = None
@@ -154,6 +160,7 @@ class RuleIndex:
             return self._lookup_connect(host, port, deny=deny)
         best: CompiledRule | None = None
         refusal: str | None = None
+        folded: str | None = None
         slash = path.find("/", 1)
         segment = path[1:] if slash == -1 else path[1:slash]
         for bucket in self._buckets(host):
@@ -166,8 +173,14 @@ class RuleIndex:
                     break
                 if e.port is not None and e.port != port:
                     continue
-                if r.path_re is not None and r.path_re.match(path) is None:
-                    continue
+                if r.path_re is not None:
+                    if r.fold_paths:
+                        if folded is None:
+                            folded = fold_path(path)
+                        if r.path_re.match(folded) is None:
+                            continue
+                    elif r.path_re.match(path) is None:
+                        continue
                 if r.is_mcp:
                     if deny and method != "POST":
                         continue  # MCP messages travel by POST; other methods carry none
@@ -208,17 +221,19 @@ def compile_rules(rules: Sequence[Rule], id_prefix: str) -> RuleIndex:
     any_host: list[_Entry] = []
     for i, rule in enumerate(rules):
         is_mcp = rule.mcp_tools is not None or rule.mcp_methods is not None
+        fold = isinstance(rule, DenyRule) and rule.fold_paths and rule.paths is not None
         compiled = CompiledRule(
             rule_id=f"{id_prefix}[{i}]",
             order=i,
             methods=frozenset(m.upper() for m in rule.methods) if rule.methods else None,
-            path_re=compile_path_patterns(rule.paths) if rule.paths else None,
+            path_re=compile_path_patterns(rule.paths, fold=fold) if rule.paths else None,
             mcp_tools=frozenset(rule.mcp_tools or ()),
             mcp_methods=frozenset(rule.mcp_methods or ()),
             mcp_methods_folded=frozenset(m.casefold() for m in rule.mcp_methods or ()),
             is_mcp=is_mcp,
             whole_host=rule.methods is None and rule.paths is None and not is_mcp,
-            first_segments=_first_segments(rule.paths),
+            fold_paths=fold,
+            first_segments=None if fold else _first_segments(rule.paths),
         )
         if rule.hosts is None:
             any_host.append(_Entry(compiled, None))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
+import unicodedata
 from functools import cache
 from urllib.parse import unquote
 
@@ -20,7 +22,7 @@ from hypothesis import strategies as st
 from sidecar.core.hosts import parse_authority, parse_host_pattern
 from sidecar.core.mcp import parse_mcp_body
 from sidecar.core.model import Rule
-from sidecar.core.paths import MAX_PATH_LENGTH, canonical_path, compile_path_patterns
+from sidecar.core.paths import MAX_PATH_LENGTH, canonical_path, compile_path_patterns, fold_path
 from sidecar.core.rules import compile_rules
 
 # --- reference: paths ------------------------------------------------------------------------
@@ -59,14 +61,50 @@ def ref_matches_any(patterns: list[str], canonical: str) -> bool:
     return any(ref_match(ref_pattern_segments(p), segs) for p in patterns)
 
 
+# Invisible code points: format characters, line/paragraph separators, variation selectors
+# and the rest of Unicode's Default_Ignorable_Code_Point set, and the noncharacters
+# U+FFFE/U+FFFF (issue 15, finding 8).
+REF_IGNORABLE = (
+    {0x34F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180C, 0x180D, 0x180F, 0x2065, 0x3164}
+    | {0xFFA0, 0xFFFE, 0xFFFF}
+    | set(range(0xFFF0, 0xFFF9))
+    | set(range(0x13430, 0x13440))
+    | set(range(0xE0000, 0xE1000))
+)
+REF_SLASH_LIKE = "\u2044\u2215\u2216\u29f5\u29f8\u29f9"  # best-fit slashes NFKC keeps
+
+
+def ref_invisible(c: str) -> bool:
+    return (
+        unicodedata.category(c) in ("Cf", "Zl", "Zp")
+        or "VARIATION SELECTOR" in unicodedata.name(c, "")
+        or ord(c) in REF_IGNORABLE
+    )
+
+
+def ref_ambiguous_segment(seg: str) -> bool:
+    """Only dots and spaces, or an NFKC form that is, or that has `/`, `\\`, `%` or `;`."""
+    nfkc = unicodedata.normalize("NFKC", seg)
+    return (
+        seg.strip(". ") == ""
+        or nfkc.strip(". ") == ""
+        or any(c in nfkc for c in "/\\%;")
+        or any(c in REF_SLASH_LIKE for c in seg)
+    )
+
+
 def ref_canonical(raw: str) -> str | None:
     """Drop query and fragment, percent-decode until stable (at most 3 rounds, strict UTF-8),
-    refuse control characters, path parameters (`;`) and anything still encoded, read `\\` as `/`, resolve `.` and
-    `..` (never above the root), drop empty segments."""
+    refuse a `%` that starts no two-hex-digit escape (as sent or after a round), control
+    characters, invisible code points, path parameters (`;`) and anything still encoded,
+    read `\\` as `/`, resolve `.` and `..` (never above the root), drop empty segments, refuse
+    a segment some upstream reads as structure (`ref_ambiguous_segment`)."""
     if len(raw) > MAX_PATH_LENGTH:
         return None
     path = re.split(r"[?#]", raw, maxsplit=1)[0]
     for _ in range(3):
+        if re.search(r"%(?![0-9A-Fa-f]{2})", path):
+            return None
         try:
             decoded = unquote(path, encoding="utf-8", errors="strict")
         except UnicodeDecodeError:
@@ -74,7 +112,9 @@ def ref_canonical(raw: str) -> str | None:
         if decoded == path:
             break
         path = decoded
-    if re.search(r"%[0-9A-Fa-f]{2}", path):
+    if "%" in path:
+        return None
+    if any(ref_invisible(c) for c in path):
         return None
     if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in path):
         return None
@@ -89,9 +129,23 @@ def ref_canonical(raw: str) -> str | None:
         if seg == "..":
             if stack:
                 stack.pop()
+        elif ref_ambiguous_segment(seg):
+            return None
         else:
             stack.append(seg)
     return "".join("/" + s for s in stack)
+
+
+def test_every_code_point_is_refused_or_kept_as_the_reference_says() -> None:
+    """Each code point (and each between two letters) once: invisible ones, the ones NFKC or
+    a best-fit code page turns into path structure, and dot look-alikes are refused; the
+    rest are kept as sent. Exhaustive, not sampled: every assigned plane but the private-use
+    ones (planes 4-13 hold no character yet)."""
+    assert sys.maxunicode == 0x10FFFF
+    for i in (*range(0x80, 0xD800), *range(0xE000, 0x32400), *range(0xE0000, 0xE1000)):
+        c = chr(i)
+        for raw in (f"/v1/{c}", f"/v1/a{c}b"):
+            assert canonical_path(raw) == ref_canonical(raw), (hex(i), raw)
 
 
 # --- strategies: paths -----------------------------------------------------------------------
@@ -105,7 +159,8 @@ TRICKY = [
     "%25252e%25252e", "%2525252e", "%2f", "%2F", "a%2fb", "a%2F..", "%252f", "%25", "%2525",
     "%5c", "%5C..", "\\", "..\\", "%c3%a9", "%C3%A9", "%e9", "%ff", "%", "%2", "%zz", ";",
     "..;", ";..", ".;", "\u212a", "\uff41", "\u2024\u2024", "\uff0e\uff0e", "e\u0301", "%00",
-    "%0a", "\t", " ", "%20", "?", "#", "*", "**",
+    "%0a", "\t", " ", "%20", "?", "#", "*", "**", "%u0073", "%25zz", "%E2%80%8B", "\u200b",
+    "a.", "a ", "a%20", ". ", "..%20", "\uff53", "%EF%BC%8F", "\u2215", "\u00a0",
 ]  # fmt: skip
 path_segment = st.one_of(
     st.sampled_from(LITERALS),
@@ -175,6 +230,33 @@ def test_a_dot_segment_escape_never_matches_the_prefix_it_left(
     ref = ref_canonical(raw)
     assert ref is not None
     assert matched == ref_matches_any([pattern], ref)
+
+
+def ref_fold_segment(seg: str) -> str:
+    nfkc = unicodedata.normalize("NFKC", seg)
+    return unicodedata.normalize("NFKC", nfkc.casefold()).rstrip(". ")
+
+
+@given(st.lists(path_pattern, min_size=1, max_size=3), raw_path)
+@example(["/v1/**"], "/V1/SECRETS./x")
+@example(["/A/**"], "/a/%EF%BD%81")
+def test_a_folding_deny_rule_matches_whatever_the_strict_one_does_and_every_spelling(
+    patterns: list[str], raw: str
+) -> None:
+    """Folding only adds matches (a deny rule never denies less for `foldPaths: true`), and
+    a folded match is a reference match of the folded segments."""
+    canonical = canonical_path(raw)
+    if canonical is None:
+        return
+    folded = fold_path(canonical)
+    assert folded == "".join("/" + f for f in map(ref_fold_segment, ref_segments(canonical)) if f)
+    strict = compile_path_patterns(patterns).match(canonical) is not None
+    fold = compile_path_patterns(patterns, fold=True).match(folded) is not None
+    if strict:
+        assert fold, (patterns, raw, canonical, folded)
+    pattern_segs = [tuple(map(ref_fold_segment, ref_pattern_segments(p))) for p in patterns]
+    expected = any(ref_match(segs, ref_segments(folded)) for segs in pattern_segs)
+    assert fold == expected, (patterns, raw, folded)
 
 
 # --- reference: hosts ------------------------------------------------------------------------

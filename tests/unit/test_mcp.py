@@ -44,7 +44,10 @@ RESPONSE = body({"jsonrpc": "2.0", "id": 7, "result": {}})
             body(rpc("initialize"), rpc("notifications/initialized", id_=None), batch=True),
             False,
             McpBody(
-                (McpMessage("initialize", None), McpMessage("notifications/initialized", None))
+                (
+                    McpMessage("initialize", None),
+                    McpMessage("notifications/initialized", None, notification=True),
+                )
             ),
             id="batch",
         ),
@@ -129,7 +132,40 @@ TOOLS = frozenset({"search_papers", "fetch_abstract"})
         pytest.param(body(rpc("ping")), (), None, id="ping"),
         pytest.param(body(rpc("tools/list")), (), None, id="tools-list"),
         pytest.param(body(rpc("notifications/initialized", id_=None)), (), None, id="notification"),
-        pytest.param(body(rpc("notifications/cancelled")), (), None, id="any-notification"),
+        pytest.param(
+            body(rpc("notifications/cancelled", id_=None)), (), None, id="any-notification"
+        ),
+        # Issue 15: with an `id` it is a request, not a notification: an unknown method.
+        pytest.param(
+            body(rpc("notifications/cancelled")),
+            (),
+            "MCP method 'notifications/cancelled' not allowed",
+            id="notification-with-id-is-a-request",
+        ),
+        pytest.param(
+            body(rpc("notifications/initialized", "delete_all")),
+            (),
+            "MCP method 'notifications/initialized' not allowed",
+            id="notification-with-id-and-tool-name",
+        ),
+        pytest.param(
+            body({"jsonrpc": "2.0", "id": None, "method": "notifications/initialized"}),
+            (),
+            "MCP method 'notifications/initialized' not allowed",
+            id="notification-with-null-id",
+        ),
+        pytest.param(
+            body(rpc("notifications/cancelled")),
+            ("notifications/cancelled",),
+            None,
+            id="notification-with-id-listed",
+        ),
+        pytest.param(
+            body(rpc("initialize"), rpc("notifications/initialized", "delete_all"), batch=True),
+            (),
+            "MCP method 'notifications/initialized' not allowed",
+            id="notification-with-id-in-a-batch",
+        ),
         pytest.param(RESPONSE, (), None, id="json-rpc-response"),
         pytest.param(
             body(rpc("resources/read")),
@@ -267,3 +303,67 @@ def test_mcp_rules(
     rules: list[dict[str, object]], raw: bytes | None, deny: bool, expected: str | None
 ) -> None:
     assert _lookup(rules, raw, deny=deny) == expected
+
+
+# Issue 15: a JSON-RPC id is a string, an integer or null. Anything else is malformed: a
+# number Python reads as infinity (`1e999`), a fraction, a boolean, an object or array, or
+# an integer past 2**53 - 1 (JavaScript and other double-based parsers read another number).
+_ID_ERROR = "JSON-RPC id must be a string, an integer within +-(2**53 - 1) or null"
+
+
+def _with_id(id_text: str, method: str = "tools/call") -> bytes:
+    return (
+        f'{{"jsonrpc": "2.0", "id": {id_text}, "method": "{method}", '
+        '"params": {"name": "search_papers"}}'
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    "id_text",
+    [
+        pytest.param("1e999", id="infinite"),
+        pytest.param("-1e999", id="minus-infinite"),
+        pytest.param("1e308", id="huge-float"),
+        pytest.param("1.5", id="fraction"),
+        pytest.param("1.0", id="float-integral"),
+        pytest.param("1e2", id="exponent"),
+        pytest.param("-0.0", id="negative-zero"),
+        pytest.param("true", id="true"),
+        pytest.param("false", id="false"),
+        pytest.param("{}", id="object"),
+        pytest.param('{"a": 1}', id="object-with-member"),
+        pytest.param("[]", id="array"),
+        pytest.param("[1]", id="array-of-int"),
+        pytest.param(str(2**53), id="past-2-53"),
+        pytest.param(str(-(2**53)), id="past-minus-2-53"),
+        pytest.param("9" * 400, id="400-digits"),
+    ],
+)
+def test_a_malformed_id_is_refused(id_text: str) -> None:
+    for raw in (_with_id(id_text), _with_id(id_text, "notifications/initialized")):
+        parsed = parse_mcp_body(raw, False)
+        assert parsed.error is not None and _ID_ERROR in parsed.error, parsed
+        assert mcp_allows(parsed, TOOLS, frozenset()) is not None
+        assert mcp_denies(parsed, frozenset(), frozenset())
+    response = f'{{"jsonrpc": "2.0", "id": {id_text}, "result": {{}}}}'.encode()
+    assert _ID_ERROR in (parse_mcp_body(response, False).error or "")
+
+
+@pytest.mark.parametrize(
+    "id_text",
+    [
+        pytest.param("1", id="one"),
+        pytest.param("0", id="zero"),
+        pytest.param("-7", id="negative"),
+        pytest.param(str(2**53 - 1), id="max-safe"),
+        pytest.param(str(-(2**53 - 1)), id="min-safe"),
+        pytest.param('"abc"', id="string"),
+        pytest.param('""', id="empty-string"),
+        pytest.param("null", id="null"),
+    ],
+)
+def test_a_well_formed_id_is_accepted(id_text: str) -> None:
+    parsed = parse_mcp_body(_with_id(id_text), False)
+    assert parsed.error is None
+    assert parsed.messages == (McpMessage("tools/call", "search_papers"),)
+    assert mcp_allows(parsed, TOOLS, frozenset()) is None

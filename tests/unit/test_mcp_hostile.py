@@ -147,6 +147,18 @@ HOSTILE: list[tuple[str, bytes, str]] = [
     ("name-object", call({"delete_corpus": 1}).encode(), "without a tool name"),
     ("name-null", call(None).encode(), "without a tool name"),
     ("name-bool", call(True).encode(), "without a tool name"),
+    # Ids (issue 15): a string, an integer within +-(2**53 - 1), or null; nothing else.
+    ("id-infinite", SEARCH.replace('"id": 1', '"id": 1e999').encode(), "JSON-RPC id must be"),
+    ("id-float", SEARCH.replace('"id": 1', '"id": 1.5').encode(), "JSON-RPC id must be"),
+    ("id-true", SEARCH.replace('"id": 1', '"id": true').encode(), "JSON-RPC id must be"),
+    ("id-object", SEARCH.replace('"id": 1', '"id": {"id": 1}').encode(), "JSON-RPC id must be"),
+    ("id-array", SEARCH.replace('"id": 1', '"id": [1]').encode(), "JSON-RPC id must be"),
+    ("id-huge", SEARCH.replace('"id": 1', f'"id": {10**30}').encode(), "JSON-RPC id must be"),
+    (
+        "id-bad-in-batch",
+        ("[" + SEARCH + ", " + SEARCH.replace('"id": 1', '"id": 1e999') + "]").encode(),
+        "JSON-RPC id must be",
+    ),
 ]
 
 

@@ -124,6 +124,44 @@ CASES = [
         "spec.purposes.reconcile.rate",
         "allowed here: allow, deny, description, rateLimit",
     ),
+    # foldPaths (issue 15, finding 8): deny rules only, a boolean, and only with paths
+    bad(
+        "fold-paths-on-an-allow-rule",
+        {f"{RULE}.foldPaths": True},
+        f"{RULE}.foldPaths",
+        "unknown field 'foldPaths'; allowed here: hosts, mcpMethods, mcpTools, methods, paths "
+        "(foldPaths is for deny rules only",
+    ),
+    bad(
+        "fold-paths-on-an-elevation-rule",
+        {"spec.elevations.refund.allow[0].foldPaths": True},
+        "spec.elevations.refund.allow[0].foldPaths",
+        "foldPaths is for deny rules only",
+    ),
+    bad(
+        "fold-paths-not-a-boolean",
+        {"spec.purposes.reconcile.deny[0].foldPaths": "yes"},
+        "spec.purposes.reconcile.deny[0].foldPaths",
+        "Input should be a valid boolean, got 'yes'",
+    ),
+    bad(
+        "fold-paths-null",
+        {"spec.purposes.reconcile.deny[0].foldPaths": None},
+        "spec.purposes.reconcile.deny[0].foldPaths",
+        "Input should be a valid boolean",
+    ),
+    bad(
+        "fold-paths-without-paths",
+        {"spec.purposes.reconcile.deny[0]": {"hosts": ["x.example"], "foldPaths": True}},
+        "spec.purposes.reconcile.deny[0].foldPaths",
+        "foldPaths: true needs paths to fold",
+    ),
+    bad(
+        "unknown-in-deny-rule",
+        {"spec.purposes.reconcile.deny[0].foldpaths": True},
+        "spec.purposes.reconcile.deny[0].foldpaths",
+        "unknown field 'foldpaths'; allowed here: foldPaths, hosts, mcpMethods, mcpTools, methods, paths",
+    ),
     bad(
         "unknown-in-rule",
         {f"{RULE}.path": ["/x"]},

@@ -11,13 +11,14 @@ from typing import Any
 import pytest
 
 from sidecar.core.mcp import McpBody
-from sidecar.core.model import Rule
+from sidecar.core.model import DenyRule, Rule
 from sidecar.core.paths import canonical_path
 from sidecar.core.rules import RuleIndex, compile_rules
 
 
 def _index(rules: list[dict[str, Any]], prefix: str = "p.allow") -> RuleIndex:
-    return compile_rules([Rule.model_validate(r) for r in rules], prefix)
+    model = DenyRule if prefix.endswith("deny") else Rule
+    return compile_rules([model.model_validate(r) for r in rules], prefix)
 
 
 def _no_body() -> McpBody:
@@ -219,6 +220,65 @@ def test_allow_lookup(rules: list[dict[str, Any]], request_: str, expected: str 
 )
 def test_deny_lookup(rules: list[dict[str, Any]], request_: str, expected: str | None) -> None:
     assert _first(rules, request_, deny=True, prefix="p.deny") == expected
+
+
+# Issue 15, finding 8: `foldPaths: true` deny rules, for upstreams that ignore case, Unicode
+# compatibility forms and trailing dots and spaces. Strict deny rules keep the spelling.
+FOLD_DENY: list[dict[str, Any]] = [
+    {"hosts": [LEDGER], "paths": ["/v1/public/**"], "methods": ["DELETE"]},
+    {"paths": ["/v1/secrets/**"], "foldPaths": True},
+]
+FULL_WIDTH_SECRETS = "%EF%BD%93%EF%BD%85%EF%BD%83%EF%BD%92%EF%BD%85%EF%BD%94%EF%BD%93"
+
+
+@pytest.mark.parametrize(
+    ("raw", "strict", "folded"),
+    [
+        pytest.param("/v1/secrets/db", "p.deny[0]", "p.deny[1]", id="plain"),
+        pytest.param("/v1/SECRETS/db", None, "p.deny[1]", id="upper-case"),
+        pytest.param("/V1/secrets/db", None, "p.deny[1]", id="upper-case-first-segment"),
+        pytest.param("/v1/Secrets", None, "p.deny[1]", id="mixed-case-top"),
+        pytest.param("/v1/secrets./db", None, "p.deny[1]", id="trailing-dot"),
+        pytest.param("/v1/secrets%20/db", None, "p.deny[1]", id="trailing-space"),
+        pytest.param("/v1/secrets.%20./db", None, "p.deny[1]", id="trailing-dots-and-spaces"),
+        pytest.param(f"/v1/{FULL_WIDTH_SECRETS}/db", None, "p.deny[1]", id="full-width"),
+        pytest.param("/v1/secrets%C2%A0/db", None, "p.deny[1]", id="trailing-nbsp"),
+        pytest.param("/v1/public/../SECRETS", None, "p.deny[1]", id="dot-dot-then-case"),
+        pytest.param("/v1/secretsx/db", None, None, id="other-segment"),
+        pytest.param("/v1/public/secrets", None, None, id="not-under-the-prefix"),
+    ],
+)
+def test_a_folding_deny_rule_matches_every_spelling_of_its_paths(
+    raw: str, strict: str | None, folded: str | None
+) -> None:
+    request = f"GET {LEDGER}:80 {raw}"
+    assert _first([{"paths": ["/v1/secrets/**"]}], request, deny=True, prefix="p.deny") == (
+        None if strict is None else "p.deny[0]"
+    )
+    assert _first(FOLD_DENY, request, deny=True, prefix="p.deny") == folded
+
+
+def test_a_folding_deny_rule_keeps_profile_order() -> None:
+    rules: list[dict[str, Any]] = [
+        {"paths": ["/v1/SECRETS/**"], "foldPaths": True},
+        {"paths": ["/v1/secrets/**"]},
+    ]
+    request = f"GET {LEDGER}:80 /v1/secrets/db"
+    assert _first(rules, request, deny=True, prefix="p.deny") == "p.deny[0]"
+    index = _index(rules, "p.deny")
+    rule = index.lookup(LEDGER, 80, "GET", "/v1/secrets", _no_body, deny=True).rule
+    assert rule is not None and rule.fold_paths and rule.first_segments is None
+    strict = _index(RECONCILE_DENY, "p.deny").lookup(
+        LEDGER, 80, "GET", "/v1/ledger/admin", _no_body, deny=True
+    )
+    assert strict.rule is not None and not strict.rule.fold_paths
+
+
+def test_an_allow_rule_cannot_fold() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="foldPaths"):
+        Rule.model_validate({"paths": ["/v1/**"], "foldPaths": True})
 
 
 def test_empty_index_matches_nothing() -> None:
