@@ -1,10 +1,17 @@
 """The admin HTTP server (aiohttp): liveness, readiness, Prometheus metrics and, on the
 supervisor, the revocation and elevation-approval APIs.
 
-`/healthz`, `/readyz` and `/metrics` are open (kubelet probes and Prometheus call them).
-Everything under `/v1/` needs `Authorization: Bearer <token>`, the token read from a file
-that only the mandate container mounts: the agent shares the pod's network namespace and
-can reach this port, so the port is no protection. Must not contain decision logic.
+`/healthz`, `/readyz` and `/metrics` are open (kubelet probes and Prometheus call them), so
+they say nothing an agent could use: `/readyz` answers only `{"ready": true|false}` (200 or
+503), and `/metrics` has only bounded label values (no reasons, justifications or paths).
+The details of readiness (`/readyz?verbose=1`) and everything under `/v1/` need
+`Authorization: Bearer <token>`, the token read from a file that only the mandate container
+mounts: the agent shares the pod's network namespace and can reach this port, so the port
+is no protection. Must not contain decision logic.
+
+An operator's action is answered with success only once it is durable: a revocation or
+restore whose state file cannot be written is a 500 `state_not_durable` naming the file and
+the OS error (see revocations.py for what is then in force).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from .core.context import Approval
 from .core.model import parse_duration
 from .core.revocation import ALL_AGENTS, Revocation, make_key
 from .core.timefmt import parse_rfc3339
+from .errors import ContextError, StateWriteError
 from .loopthread import LoopThread
 from .metrics import REGISTRY
 from .revocations import RevocationStore
@@ -37,16 +45,28 @@ Ready = Callable[[], tuple[bool, dict[str, Any]]]
 _AGENT = re.compile(r"^(\*|[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?)\Z")  # \Z: no trailing \n
 
 
-def add_probe_routes(app: web.Application, ready: Ready) -> None:
+def add_probe_routes(app: web.Application, ready: Ready, token: str | None = None) -> None:
     """/healthz, /readyz and /metrics (across worker processes when they share a
-    PROMETHEUS_MULTIPROC_DIR)."""
+    PROMETHEUS_MULTIPROC_DIR). ``ready`` returns (is ready, details); the details are shown
+    only to `/readyz?verbose=1` with the bearer ``token`` (none configured: never)."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
 
-    async def readyz(_: web.Request) -> web.Response:
+    async def readyz(request: web.Request) -> web.StreamResponse:
+        if _verbose(request):
+            shown: web.StreamResponse = await verbose_readyz(request)
+            return shown
+        # Open to anyone on the port, the agent included: the details hold elevation
+        # justifications, grants, risk explanations (issue 15, finding 7).
+        ok, _ = ready()
+        return web.json_response({"ready": ok}, status=200 if ok else 503)
+
+    async def readyz_details(_: web.Request) -> web.Response:
         ok, details = ready()
         return web.json_response({"ready": ok, **details}, status=200 if ok else 503)
+
+    verbose_readyz = _bearer(token, readyz_details)
 
     async def metrics(_: web.Request) -> web.Response:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -60,6 +80,11 @@ def add_probe_routes(app: web.Application, ready: Ready) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+
+
+def _verbose(request: web.Request) -> bool:
+    value = request.query.get("verbose")
+    return value is not None and value.lower() not in ("0", "false", "no")
 
 
 def read_token(path: Path) -> str:
@@ -147,23 +172,55 @@ class RevocationAPI:
             expires_at=expires_at,
             created_at=now,
         )
-        self._store.upsert(rev)
+        try:
+            self._store.upsert(rev, durable=True)
+        except StateWriteError as exc:
+            # In force now (the store never undoes enforcement), but a restart would forget
+            # it: not a success. Retrying after the volume is fixed makes it durable.
+            return _not_durable(
+                exc,
+                f"revoked in memory and in force now, but NOT durable: {exc}; it will be "
+                "forgotten at the next restart unless a later write succeeds (fix the volume, "
+                "then revoke again)",
+                revoked=_show(rev, now),
+                durable=False,
+                generation=self._store.generation,
+                visible_at=self._store.visible_at,
+            )
         written = {"generation": self._store.generation, "visible_at": self._store.visible_at}
-        return web.json_response({"revoked": _show(rev, now), **written}, status=201)
+        return web.json_response(
+            {"revoked": _show(rev, now), "durable": True, **written}, status=201
+        )
 
     async def _restore(self, request: web.Request) -> web.Response:
         agent = request.match_info["agent"]
         if not _AGENT.match(agent):
             return _error(400, "bad_request", "agent: expected a profile name or '*'")
-        removed = self._store.remove_matching(
+
+        def ends(r: Revocation) -> bool:
             # An operator's restore also ends an automatic (behaviour) revocation; one from
             # Kubernetes ends only when its object is deleted.
-            lambda r: (
+            return (
                 r.source in ("admin", "behaviour")
                 and r.agent == agent
                 and r.namespace == self._namespace
             )
-        )
+
+        try:
+            removed = self._store.remove_matching(ends, durable=True)
+        except StateWriteError as exc:
+            # Not done at all: allowing the agent now while the file still revokes it would
+            # flip back at the next restart, unseen. It stays revoked, now and after.
+            now = self._clock()
+            return _not_durable(
+                exc,
+                f"restore NOT done, {agent!r} stays revoked: {exc}; fix the volume, then "
+                "restore again",
+                restored=[],
+                still_revoked_by=[_show(r, now) for r in self._store.entries() if ends(r)],
+                generation=self._store.generation,
+                visible_at=self._store.visible_at,
+            )
         now = self._clock()
         remaining = [
             _show(r, now)
@@ -263,7 +320,13 @@ class ElevationAPI:
             source="admin",
             name=rid,
         )
-        state, message, grant, expires = self._store.approve(approval)
+        try:
+            state, message, grant, expires = self._store.approve(approval)
+        except StateWriteError as exc:  # nothing granted: the store undid it (issue 15)
+            msg = f"approval NOT done, nothing granted: {exc}; fix the volume, then approve again"
+            return _not_durable(exc, msg, state="NotDurable")
+        except ContextError as exc:  # e.g. the shared context table has no room for it
+            return _error(503, exc.code, f"approval NOT done, nothing granted: {exc}")
         body_out = {"state": state, "message": message, "grant": grant, "expires_at": expires}
         return web.json_response(body_out, status=200 if state == "Granted" else 409)
 
@@ -290,22 +353,35 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status)
 
 
+def _not_durable(exc: StateWriteError, message: str, **extra: Any) -> web.Response:
+    """500 `state_not_durable`: the file and the OS error, for the operator (this is behind
+    the token), and what is in force now."""
+    body = {"error": exc.code, "message": message, "file": exc.file, "os_error": exc.os_error}
+    return web.json_response({**body, **extra}, status=500)
+
+
 class AdminServer:
     """Probes in a thread of their own, for a single-process sidecar (tests, `Sidecar`).
     ``ready`` returns (is ready, details) for /readyz."""
 
     def __init__(
-        self, host: str, port: int, ready: Callable[[], tuple[bool, dict[str, Any]]]
+        self,
+        host: str,
+        port: int,
+        ready: Callable[[], tuple[bool, dict[str, Any]]],
+        token: str | None = None,
     ) -> None:
+        """``token``: the bearer token for `/readyz?verbose=1` (None: details never shown)."""
         self._host, self._port = host, port
         self._ready = ready
+        self._token = token
         self._runner: web.AppRunner | None = None
         self._thread = LoopThread("admin")
         self.port = 0
 
     def _app(self) -> web.Application:
         app = web.Application()
-        add_probe_routes(app, self._ready)
+        add_probe_routes(app, self._ready, self._token)
         return app
 
     async def _start(self) -> None:

@@ -62,6 +62,32 @@ the evidence stays in the chain and `verify` reports the recovery as a note. It 
 reports a torn line as a problem (verifying a live trail can also catch the newest line
 mid-write: verify again). A lock file (``.audit-<chain>.lock``, flock) stops two
 processes from writing one chain.
+
+Free-space reserve (``reserve_bytes``, default 8 MiB; 0: off). Records are written
+asynchronously, so a call is allowed before its record is on disk; a disk that simply
+fills would let the calls of one linger (up to 100 ms, issue 15: 10-16 calls) out with no
+record before the first failed write. So the writer thread reads the filesystem's free
+space (statvfs: about 0.5 µs) after every batch and every ``space_interval`` (0.5 s) when
+idle, and fails closed (`must_deny`) while it is under the reserve, back to normal at 5/4
+of it. Records are still written while under it: the calls allowed before `must_deny` saw
+the low space, and the denies after, land in the reserve, not in a ``loss`` record. What
+remains: space taken by something else faster than the reserve lasts (another process
+filling the filesystem in one go; a reserve smaller than one linger's records), and the
+usual crash window (the backlog not yet written, see the fsync policy).
+
+The health board (``.audit-health``, one byte per writer, see `_Board`). Every writer of
+the directory (a mandate's workers and its supervisor) sets its byte while it cannot write
+or is under the reserve, and a fail-closed writer's `must_deny` reads every byte (about
+0.05 µs, no system call): when one worker's writer fails, every worker denies from its
+next Check, not after its own writer's next batch.
+
+The manifest (``audit-manifest.jsonl``). Before its first file, a writer appends its chain
+id to the directory's manifest (hash-chained like a chain, from its own genesis; flock'd,
+fsynced). `verify` checks the chains against it: a listed chain with no file left is
+``missing_chain``, a chain not listed ``unlisted_chain``, chain files without a manifest
+``missing_manifest``. Someone able to delete files can still delete everything (verify then
+finds no trail: bad input), or rewrite the manifest without a chain (its hashes carry no
+secret): anchor the manifest's head elsewhere as for the chains.
 """
 
 from __future__ import annotations
@@ -73,13 +99,15 @@ import hashlib
 import heapq
 import json
 import logging
+import mmap
 import os
 import queue
 import re
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from json.encoder import encode_basestring as _encode_str
 from pathlib import Path
@@ -118,6 +146,15 @@ _LOSS_IDS_MAX = 100
 _BATCH = 512
 # A batch's decision records go out in one write(2) of at most about this many bytes.
 _PENDING_MAX_BYTES = 256 * 1024
+# Fail closed while the audit filesystem has less free space than this (see "Free-space
+# reserve" in the module docstring); back to normal at 5/4 of it.
+DEFAULT_RESERVE_BYTES = 8 * 1024 * 1024
+MANIFEST = "audit-manifest.jsonl"
+_MANIFEST_GENESIS = hashlib.sha256(b"mandate-audit-manifest").hexdigest()
+_BOARD = ".audit-health"
+_BOARD_SLOTS = 128
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock (Linux, 64-bit off_t)
+_F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", -1)  # -1: not Linux
 
 FsyncMode = Literal["always", "interval", "never"]
 FailureMode = Literal["fail-closed", "continue"]
@@ -307,6 +344,15 @@ _write_fd: Callable[[int, bytes | memoryview], int] = os.write
 _fsync_fd: Callable[[int], None] = os.fsync
 
 
+def _statvfs_free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize  # what an unprivileged writer may still use
+
+
+# Free bytes of the audit filesystem (a module attribute too: tests simulate a filling disk).
+_free_bytes: Callable[[Path], int] = _statvfs_free
+
+
 @dataclass(frozen=True, slots=True)
 class AuditStats:
     """Counters for metrics. ``written``/``failed``/``dropped`` count records given to
@@ -320,6 +366,7 @@ class AuditStats:
     healthy: bool
     next_seq: int
     file_index: int
+    low_space: bool = False
 
 
 @dataclass(slots=True)
@@ -372,6 +419,136 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class _Board:
+    """The directory's health board (``.audit-health``): one byte per writer, 1 while that
+    writer cannot write (or is under the free-space reserve). Every fail-closed writer of the
+    directory reads the whole board on each `must_deny` (one mmap read, no system call), so
+    when one worker's writer fails, every worker of the mandate denies from its next Check
+    instead of after its own writer's next batch.
+
+    A writer owns its slot by an open-file-description lock on that byte (F_OFD_SETLK), so
+    the slot frees itself when the writer's process dies; `sweep` clears the byte a dead
+    writer left set. The file is written with real zero bytes at creation, so setting a
+    flag later never needs free space."""
+
+    def __init__(self, directory: Path) -> None:
+        if _F_OFD_SETLK < 0:  # not Linux: no board (each writer fails closed on its own)
+            raise OSError(errno.ENOTSUP, "no open-file-description locks on this system")
+        fd = os.open(directory / _BOARD, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_size < _BOARD_SLOTS:
+                    os.pwrite(fd, bytes(_BOARD_SLOTS), 0)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            self.map = mmap.mmap(fd, _BOARD_SLOTS)
+            self.slot = next((i for i in range(_BOARD_SLOTS) if _ofd_lock(fd, i)), -1)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        if self.slot >= 0:
+            self.map[self.slot] = 0
+        else:
+            log.warning("audit health board %s: no free slot", directory / _BOARD)
+
+    def set(self, failing: bool) -> None:
+        if self.slot >= 0 and self.map[self.slot] != failing:
+            self.map[self.slot] = int(failing)
+
+    def failing(self) -> int:
+        return self.map[:].count(1)
+
+    def sweep(self) -> None:
+        """Clear the flags of writers that are gone (their slot's lock is free)."""
+        at = self.map.find(b"\x01")
+        while at >= 0:
+            if at != self.slot and _ofd_lock(self.fd, at):
+                self.map[at] = 0
+                _ofd_unlock(self.fd, at)
+            at = self.map.find(b"\x01", at + 1)
+
+    def close(self) -> None:
+        self.set(False)
+        os.close(self.fd)  # releases the slot; the map stays readable for racing Checks
+
+
+def _ofd_lock(fd: int, at: int) -> bool:
+    try:
+        fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, at, 1, 0))
+    except OSError:
+        return False
+    return True
+
+
+def _ofd_unlock(fd: int, at: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, at, 1, 0))
+
+
+def _list_in_manifest(directory: Path, chain_id: str, now: float, sync: bool) -> bool:
+    """Append ``chain_id`` to the directory's manifest unless it is listed already; True if
+    it was appended. Under an flock (writers of one directory append concurrently); a torn
+    last line (a crash mid-append) is cut first. OSError when it cannot be written."""
+    path = directory / MANIFEST
+    created = not path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, size, 0) if size else b""
+        cut = data.rfind(b"\n") + 1
+        if cut < len(data):
+            os.ftruncate(fd, cut)
+            data = data[:cut]
+        lines = data.splitlines()
+        seq, prev = 0, _MANIFEST_GENESIS
+        for raw in lines:
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                rec = None
+            if (
+                isinstance(rec, dict)
+                and rec.get("type") == "chain"
+                and rec.get("chain") == chain_id
+            ):
+                return False
+        if lines:
+            try:
+                last = json.loads(lines[-1])
+                seq, prev = int(last["seq"]) + 1, str(last["hash"])
+            except (ValueError, KeyError, TypeError):  # damaged: verify names it; go on
+                seq, prev = len(lines), hashlib.sha256(lines[-1]).hexdigest()
+        out = b""
+        if not lines:
+            head = {"type": "manifest", "format": FORMAT, "time": utc_millis(now)}
+            line, prev = chained_line(head, seq=seq, prev=prev)
+            out, seq = out + line, seq + 1
+        entry = {"type": "chain", "chain": chain_id, "time": utc_millis(now)}
+        out += chained_line(entry, seq=seq, prev=prev)[0]
+        view = memoryview(out)
+        try:
+            while view:
+                view = view[_write_fd(fd, view) :]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, cut)
+            raise
+        if sync:  # once per chain: not subject to the records' fsync policy
+            os.fsync(fd)
+            if created:
+                dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        return True
+    finally:
+        os.close(fd)
+
+
 class AuditWriter:
     """Appends records to one hash chain in ``directory``; the I/O runs on a daemon thread.
 
@@ -391,6 +568,8 @@ class AuditWriter:
         retry_interval: float = 0.5,
         clock: Callable[[], float] = time.time,
         linger: float | None = None,
+        reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+        space_interval: float = 0.5,
     ) -> None:
         if not _CHAIN_ID.match(chain_id):
             raise ConfigError(
@@ -401,10 +580,17 @@ class AuditWriter:
             raise ConfigError(f"audit fsync {fsync!r}: expected always, interval or never")
         if on_failure not in ("fail-closed", "continue"):
             raise ConfigError(f"audit on_failure {on_failure!r}: expected fail-closed or continue")
-        if max_bytes < 1024 or queue_max < 1 or fsync_interval <= 0 or retry_interval <= 0:
+        if (
+            max_bytes < 1024
+            or queue_max < 1
+            or fsync_interval <= 0
+            or retry_interval <= 0
+            or reserve_bytes < 0
+            or space_interval <= 0
+        ):
             raise ConfigError(
-                "audit: max_bytes >= 1024, queue_max >= 1, fsync_interval > 0 and "
-                "retry_interval > 0 are required"
+                "audit: max_bytes >= 1024, queue_max >= 1, fsync_interval > 0, "
+                "retry_interval > 0, reserve_bytes >= 0 and space_interval > 0 are required"
             )
         self.directory = Path(directory)
         self.chain_id = chain_id
@@ -427,6 +613,17 @@ class AuditWriter:
             linger = 0.02 if fsync == "always" else 0.1
         self._linger = linger
         self._nudge = threading.Event()
+        # Free-space reserve (module docstring): checked by the writer thread after every
+        # batch and every `space_interval` when idle; `_low` is read by `must_deny`.
+        self._reserve = reserve_bytes
+        self._space_interval = space_interval
+        self._next_space = 0.0
+        self._low = False
+        self._free: int | None = None
+        self._listed = False  # this chain is in the directory's manifest
+        self._board: _Board | None = None
+        self._board_map: mmap.mmap | None = None  # the board's bytes, for `must_deny`
+        self._next_board = 0.0
 
         # Chain and file state: owned by the writer thread once it runs.
         self._index = 0
@@ -471,10 +668,13 @@ class AuditWriter:
         except BaseException:
             self._release()
             raise
+        self._open_board()
+        self._check_space()
         try:  # open the file and write the header now, so `healthy` is true to fact at once
             self._prepare()
         except OSError as exc:
             self._error("opening the audit file", exc)
+        self._publish()
         self._thread = threading.Thread(target=self._run, name=f"audit-{chain_id}", daemon=True)
         self._thread.start()
 
@@ -518,11 +718,42 @@ class AuditWriter:
         return self._healthy
 
     def must_deny(self) -> bool:
-        """True when the caller must deny (fail-closed only): the log is failing, the queue
-        is full or the writer is closed."""
+        """True when the caller must deny (fail-closed only): the log is failing, its
+        filesystem is under the free-space reserve, the queue is full, the writer is closed,
+        or another writer of the same directory (another worker) is failing (the board)."""
         if not self._fail_closed:
             return False
-        return not self._healthy or self._closed or self._q.qsize() >= self._queue_max
+        if not self._healthy or self._low or self._closed or self._q.qsize() >= self._queue_max:
+            return True
+        board = self._board_map
+        return board is not None and board.find(b"\x01") >= 0
+
+    def health(self) -> dict[str, Any]:
+        """For readiness: ``state`` "ok" or "failing" (this writer or another writer of the
+        directory cannot write, or the filesystem is under the reserve); ``denying``: calls
+        are being denied for it (fail-closed). Reads free space now (one statvfs)."""
+        try:
+            free: int | None = _free_bytes(self.directory)
+        except OSError:
+            free = None
+        board = self._board
+        others = 0
+        if board is not None:
+            others = board.failing() - (board.map[board.slot] if board.slot >= 0 else 0)
+        failing = self._failing() or others > 0
+        return {
+            "state": "failing" if failing else "ok",
+            "denying": self.must_deny(),
+            "on_failure": "fail-closed" if self._fail_closed else "continue",
+            "writing": self._healthy,
+            "low_space": self._low,
+            "other_writers_failing": others,
+            "free_bytes": free,
+            "reserve_bytes": self._reserve,
+            "backlog": self._q.qsize(),
+            "failed": self._failed,
+            "dropped": self._dropped,
+        }
 
     def stats(self) -> AuditStats:
         return AuditStats(
@@ -534,6 +765,7 @@ class AuditWriter:
             healthy=self._healthy,
             next_seq=self._seq,
             file_index=self._index,
+            low_space=self._low,
         )
 
     def flush(self, timeout: float = 5.0) -> bool:
@@ -676,6 +908,8 @@ class AuditWriter:
             except OSError as exc:
                 self._error("closing the audit file", exc)
             self._fd = None
+        if self._board is not None:
+            self._board.close()
         self._release()
 
     def _timeout(self) -> float | None:
@@ -687,6 +921,8 @@ class AuditWriter:
             deadlines.append(max(self._next_retry - now, 0.01))
         if self._loss.failed or self._loss.dropped:
             deadlines.append(1.0)  # the summary log
+        if self._reserve:
+            deadlines.append(self._next_space - now)  # free space, also when idle
         return max(0.0, min(deadlines)) if deadlines else None
 
     def _housekeeping(self, force: bool = False) -> None:
@@ -703,6 +939,69 @@ class AuditWriter:
             except OSError as exc:
                 self._error("retrying the audit log", exc)
         self._sync(force=force)
+        self._check_space()
+        if self._board is None and now >= self._next_board:
+            self._open_board()
+        elif self._board is not None and now >= self._next_board:
+            self._next_board = now + self._space_interval
+            self._board.sweep()
+        self._publish()
+
+    # -- free-space reserve and the health board (writer thread) -----------------------------
+
+    def _failing(self) -> bool:
+        return not self._healthy or self._low
+
+    def _publish(self) -> None:
+        if self._board is not None:
+            self._board.set(self._failing())
+
+    def _raise_flag(self) -> None:
+        """Before this writer's own `must_deny` turns true: so that no other worker allows
+        a call after one of this worker's Checks has denied it."""
+        if self._board is not None:
+            self._board.set(True)
+
+    def _open_board(self) -> None:
+        self._next_board = time.monotonic() + self._space_interval
+        try:
+            self._board = _Board(self.directory)
+        except OSError as exc:
+            log.warning(
+                "audit chain %s: no health board (other workers will not see this writer "
+                "fail at once): %s", self.chain_id, _describe(exc),
+            )  # fmt: skip
+            return
+        self._board_map = self._board.map
+
+    def _check_space(self) -> None:
+        """Fail closed while the filesystem has less than the reserve free, before it is
+        full: the calls allowed until `must_deny` sees it still have room for their records
+        (so do the denies that follow). Back to normal at 5/4 of the reserve."""
+        if not self._reserve:
+            return
+        self._next_space = time.monotonic() + self._space_interval
+        try:
+            free = _free_bytes(self.directory)
+        except OSError as exc:
+            log.debug("audit chain %s: statvfs failed: %s", self.chain_id, _describe(exc))
+            return
+        self._free = free
+        if not self._low and free < self._reserve:
+            self._raise_flag()
+            self._low = True
+            log.error(
+                "audit chain %s: %d bytes free in %s, under the reserve of %d: failing closed "
+                "(records are still written into the reserve) until %d are free",
+                self.chain_id, free, self.directory, self._reserve,
+                self._reserve + self._reserve // 4,
+            )  # fmt: skip
+        elif self._low and free >= self._reserve + self._reserve // 4:
+            self._low = False
+            log.warning(
+                "audit chain %s: %d bytes free in %s again: no longer failing closed",
+                self.chain_id, free, self.directory,
+            )  # fmt: skip
 
     def _error(self, what: str, exc: BaseException) -> None:
         self._errors += 1
@@ -711,6 +1010,7 @@ class AuditWriter:
             log.error("audit chain %s: %s failed: %s", self.chain_id, what, _describe(exc))
         else:
             log.debug("audit chain %s: %s failed: %s", self.chain_id, what, _describe(exc))
+        self._raise_flag()
         self._healthy = False
 
     def _store_guarded(self, record: Mapping[str, Any] | _DecisionItem) -> None:
@@ -728,7 +1028,11 @@ class AuditWriter:
 
     def _prepare(self) -> None:
         """Before any record: an open file with a header, then the pending `recovered` and
-        `loss` records, so that the chain says what happened before it goes on."""
+        `loss` records, so that the chain says what happened before it goes on. The chain
+        is listed in the directory's manifest before its first file exists."""
+        if not self._listed:
+            _list_in_manifest(self.directory, self.chain_id, self._clock(), self._fsync != "never")
+            self._listed = True
         self._ensure_file()
         if self._recovered is not None:
             self._put(self._recovered)
@@ -1091,7 +1395,10 @@ class Problem:
     holds, or the seq expected there when the line is unreadable (torn, not JSON) or the
     file is missing; ``kind`` is a stable code: missing_file, empty_file, torn_line,
     bad_record, hash_mismatch, not_canonical, seq_gap, reordered, prev_mismatch,
-    bad_header, missing_tail_file."""
+    bad_header, missing_tail_file; for the directory as a whole (see `verify`):
+    missing_chain (listed in the manifest, no file left), unlisted_chain (files of a chain
+    the manifest does not list), missing_manifest, bad_manifest (the manifest's own chain
+    is broken: its ``chain`` is ``MANIFEST``)."""
 
     chain: str
     file: str
@@ -1125,17 +1432,27 @@ class ChainReport:
 
 @dataclass(frozen=True, slots=True)
 class VerifyResult:
+    """``chains``: the chains that have files; ``missing``: one missing_chain problem per
+    chain the manifest lists and no file is left of; ``manifest``: what is wrong with the
+    manifest itself (missing_manifest, bad_manifest, or a torn_line in it)."""
+
     directory: str
     chains: tuple[ChainReport, ...]
+    missing: tuple[Problem, ...] = ()
+    manifest: Problem | None = None
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.chains)
+        return all(c.ok for c in self.chains) and not self.missing and self.manifest is None
 
     @property
     def problem(self) -> Problem | None:
-        """The first problem, chains in order of their ids."""
-        return next((c.problem for c in self.chains if c.problem is not None), None)
+        """The first problem: chains in order of their ids, then missing chains, then the
+        manifest's own."""
+        found = next((c.problem for c in self.chains if c.problem is not None), None)
+        if found is None and self.missing:
+            found = self.missing[0]
+        return found or self.manifest
 
     def to_json(self) -> dict[str, Any]:
         def problem(p: Problem | None) -> dict[str, Any] | None:
@@ -1150,6 +1467,8 @@ class VerifyResult:
             "ok": self.ok,
             "directory": self.directory,
             "problem": problem(self.problem),
+            "missing_chains": [problem(p) for p in self.missing],
+            "manifest": problem(self.manifest),
             "chains": [
                 {
                     "chain": c.chain,
@@ -1313,15 +1632,99 @@ def _seq_problem(expected: int, found: int, lines: list[bytes], lineno: int) -> 
     return _Bad("reordered", why, found)
 
 
-def verify(directory: str | os.PathLike[str], chain_id: str | None = None) -> VerifyResult:
-    """Verify every chain in ``directory`` (or only ``chain_id``), each on its own.
+def _read_manifest(directory: Path) -> tuple[dict[str, int] | None, Problem | None]:
+    """The chains the manifest lists (chain id -> line), None without a manifest; and the
+    manifest's first problem. Chains listed after a broken line are not read."""
+    path = directory / MANIFEST
+    if not path.exists():
+        return None, None
+    data = _read(path)
+    listed: dict[str, int] = {}
+    lines = data.split(b"\n")
+    torn = lines.pop() != b""
+    if torn:
+        lines.append(data[data.rfind(b"\n") + 1 :])
+    seq, prev = 0, _MANIFEST_GENESIS
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            if torn and lineno == len(lines):
+                raise _Bad("torn_line", "torn last line (no newline): the manifest was truncated")
+            rec = _parse(raw)
+            if record_hash(rec) != rec["hash"]:
+                raise _Bad("bad_manifest", "entry edited: hash does not match", rec["seq"])
+            if canonical_json(rec) != raw:
+                raise _Bad("bad_manifest", "entry re-encoded: not canonical JSON", rec["seq"])
+            if rec["seq"] != seq or rec["prev"] != prev:
+                why = "entries removed, inserted or reordered: seq or prev does not follow"
+                raise _Bad("bad_manifest", why, rec["seq"])
+            kind, chain = rec.get("type"), rec.get("chain")
+            if (lineno == 1) != (kind == "manifest"):
+                raise _Bad("bad_manifest", "the first entry (only) is the manifest's header", seq)
+            if lineno > 1 and (kind != "chain" or not isinstance(chain, str)):
+                raise _Bad("bad_manifest", "not a chain entry", seq)
+        except _Bad as bad:
+            at = seq if bad.seq is None else bad.seq
+            kind_ = "torn_line" if bad.kind == "torn_line" else "bad_manifest"
+            return listed, Problem(MANIFEST, MANIFEST, lineno, at, kind_, bad.message)
+        if isinstance(chain, str):
+            listed.setdefault(chain, lineno)
+        seq, prev = seq + 1, rec["hash"]
+    return listed, None
 
-    Raises :class:`~sidecar.errors.AuditInputError` for a missing directory or no audit
-    files. A chain's report names its first bad record; later ones are not examined."""
-    chains = _trail(directory, chain_id)
-    return VerifyResult(
-        str(directory), tuple(_verify_chain(c, files) for c, files in chains.items())
+
+def _missing_why(chain: str, line: int) -> str:
+    return (
+        f"chain {chain!r} is listed in the manifest (line {line}) but no file of it is left "
+        "(deleted)"
     )
+
+
+def verify(directory: str | os.PathLike[str], chain_id: str | None = None) -> VerifyResult:
+    """Verify every chain in ``directory`` (or only ``chain_id``), each on its own, against
+    the directory's manifest (``audit-manifest.jsonl``: every writer lists its chain there
+    before the chain's first file): a listed chain with no file left is a missing_chain, a
+    chain with files that is not listed an unlisted_chain, no manifest beside chain files a
+    missing_manifest.
+
+    Raises :class:`~sidecar.errors.AuditInputError` for a missing directory, or neither
+    audit files nor a manifest. A chain's report names its first bad record; later ones
+    are not examined."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise AuditInputError(f"{d}: no such directory")
+    listed, manifest = _read_manifest(d)
+    found = _chain_files(d)
+    if listed is None and not found:
+        raise AuditInputError(f"{d}: no audit files (audit-<chain>-<index>.jsonl)")
+    expected = dict(listed or {})
+    if chain_id is not None:
+        if chain_id not in found and chain_id not in expected:
+            raise AuditInputError(f"{d}: no audit files of chain {chain_id!r}")
+        found = {c: f for c, f in found.items() if c == chain_id}
+        expected = {c: n for c, n in expected.items() if c == chain_id}
+    reports = []
+    for c, files in sorted(found.items()):
+        report = _verify_chain(c, [p for _, p in files])
+        if report.ok and listed is not None and manifest is None and c not in expected:
+            why = (
+                f"chain {c!r} is not listed in {MANIFEST} (every writer lists its chain "
+                "before its first file): files planted, or the manifest rewritten"
+            )
+            first = files[0][1].name
+            report = replace(report, problem=Problem(c, first, 1, 0, "unlisted_chain", why))
+        reports.append(report)
+    missing = tuple(
+        Problem(c, MANIFEST, line, 0, "missing_chain", _missing_why(c, line))
+        for c, line in sorted(expected.items())
+        if c not in found
+    )
+    if listed is None:
+        manifest = Problem(
+            MANIFEST, MANIFEST, 0, 0, "missing_manifest",
+            f"no {MANIFEST} beside the chains: deleted (so deleted chains cannot be named), "
+            "or the trail was written before mandate kept a manifest",
+        )  # fmt: skip
+    return VerifyResult(str(directory), tuple(reports), missing, manifest)
 
 
 # ---------------------------------------------------------------------------------------------

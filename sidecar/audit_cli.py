@@ -2,8 +2,9 @@
 
 Translates arguments into calls on :mod:`sidecar.audit` and results into output and exit
 codes: verify exits 0 when every chain is intact, 1 when one is not (naming its first bad
-record), 2 on bad input (no such directory, no audit files, a bad time). Must not contain
-chain logic: that lives in `sidecar.audit`.
+record) or a chain the manifest lists is gone (naming each), 2 on bad input (no such
+directory, no audit files, a bad time). Must not contain chain logic: that lives in
+`sidecar.audit`.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
         "verify",
         help="check every chain for edited, removed, reordered or truncated records",
         description=(
-            "Walk every chain (one per worker) of DIR in file order. Exit 0 if all are "
-            "intact, 1 naming the first bad record (file, line, seq, what is wrong), "
-            "2 on bad input."
+            "Walk every chain (one per worker) of DIR in file order, and check DIR's "
+            "manifest (audit-manifest.jsonl) for chains deleted whole or not listed. Exit 0 "
+            "if all are intact, 1 naming the first bad record (file, line, seq, what is "
+            "wrong) or each missing chain, 2 on bad input."
         ),
     )
     ver.add_argument("directory", metavar="DIR")
@@ -104,6 +106,10 @@ def _verify(args: argparse.Namespace) -> int:
                 print(f"TAMPERED: chain {c.chain}: {c.problem}")
             for note in c.notes:
                 print(f"  note: {note}")
+        for p in result.missing:
+            print(f"MISSING: chain {p.chain}: {p}")
+        if result.manifest is not None:
+            print(f"TAMPERED: manifest: {result.manifest}")
     problem = result.problem
     if problem is not None:
         print(f"mandate audit: chain {problem.chain}: first bad record: {problem}", file=sys.stderr)

@@ -2,13 +2,16 @@
 status, approve, elevations, audit, inject, webhook.
 
 Translates arguments into calls on the core and the server, and errors into exit codes:
-0 success (explain: allow), 1 explain: deny, 2 bad input (the message names the file,
-document and field, or the argument). Must not contain decision logic.
+0 success (explain: allow), 1 explain: deny (admin commands: refused with 409), 2 bad input
+(the message names the file, document and field, or the argument), 3 the sidecar failed to
+carry out an admin command (a 5xx: e.g. a revocation in force but not durable, a restore not
+done; the message says which file and why). Must not contain decision logic.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -31,7 +34,7 @@ from .inject_cli import add_inject_parser, run_inject
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_DENY, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_DENY, EXIT_BAD_INPUT, EXIT_FAILED = 0, 1, 2, 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -141,6 +144,15 @@ def _serve_options(cmd: argparse.ArgumentParser, admin: bool) -> None:
         choices=["interval", "always", "never"],
         default=_env("MANDATE_AUDIT_FSYNC", "interval"),
         help="fsync policy of the audit files (default %(default)s: at most once a second)",
+    )
+    cmd.add_argument(
+        "--audit-reserve",
+        type=_size,
+        default=_env("MANDATE_AUDIT_RESERVE", "8M"),
+        metavar="SIZE",
+        help="fail closed while the audit filesystem has less than this free, before it is "
+        "full, so that calls already allowed still get their records (bytes, or with K/M/G; "
+        "0: off; env MANDATE_AUDIT_RESERVE; default %(default)s)",
     )
     cmd.add_argument("--port-file", type=Path, help="write the bound ports as JSON to this file")
     cmd.add_argument(
@@ -531,6 +543,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         audit_allows=args.audit_allows == "all",
         audit_on_failure=args.audit_on_failure,
         audit_fsync=args.audit_fsync,
+        audit_reserve=args.audit_reserve,
         chain_id=args.chain_id,
         transport=args.transport,
         context_table=args.context_table,
@@ -548,11 +561,23 @@ def _audit_args(args: argparse.Namespace) -> tuple[str, ...]:
     return (
         "--audit-dir", str(args.audit_dir), "--audit-allows", args.audit_allows,
         "--audit-on-failure", args.audit_on_failure, "--audit-fsync", args.audit_fsync,
+        "--audit-reserve", str(args.audit_reserve),
     )  # fmt: skip
 
 
+def _size(text: str) -> int:
+    """A size in bytes: a whole number, optionally with K, M or G (binary: 1K = 1024)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    digits = t[:-1] if scale > 1 else t
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size like 8M, 512K or 0")
+    return int(digits) * scale
+
+
 def _admin_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> int:
-    """Call the sidecar's admin API; print its JSON answer; 0 on 2xx, 1 on 409, else 2."""
+    """Call the sidecar's admin API; print its JSON answer; 0 on 2xx, 1 on 409, 3 on 5xx
+    (the sidecar's message on stderr: an operator must not read "done" into it), else 2."""
     try:
         token = args.token_file.read_text().strip()
     except OSError as exc:
@@ -572,7 +597,13 @@ def _admin_call(args: argparse.Namespace, method: str, path: str, body: Any = No
     print(text)
     if 200 <= status < 300:
         return EXIT_OK
-    print(f"mandate: {method} {path}: HTTP {status}", file=sys.stderr)
+    message = ""
+    with contextlib.suppress(ValueError, AttributeError):
+        message = str(json.loads(text).get("message") or "")
+    line = f"mandate: {method} {path}: HTTP {status}"
+    print(f"{line}: {message}" if message else line, file=sys.stderr)
+    if status >= 500:
+        return EXIT_FAILED
     return EXIT_DENY if status == 409 else EXIT_BAD_INPUT
 
 

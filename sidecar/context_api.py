@@ -10,7 +10,10 @@ what an agent asks over its local socket and the supervisor's :class:`ContextBac
   field that names an agent. Metadata the agent sends (e.g. `x-mandate-agent`) is ignored.
 - The agent can ask but never approve: the service has no approve method; approvals arrive
   only through the operator paths (admin API, AgentElevation objects) of the supervisor.
-- Input is validated here, with messages that name the field (INVALID_ARGUMENT). A
+- Input is validated here, with messages that name the field (INVALID_ARGUMENT), before
+  the backend sees it: every string has a length bound and every number must be finite,
+  >= 0 and at most `MAX_TTL` (a compromised agent sends whatever it likes; issue 15,
+  finding 3: an infinite TTL stored a binding, then failed to be audited). A
   :class:`~sidecar.errors.ContextError` from the backend becomes its gRPC status with its
   message; any other exception becomes INTERNAL with a generic message and is logged: a
   handler never raises into gRPC and the server keeps serving.
@@ -36,6 +39,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from ._proto import context_pb2 as pb
+from .context_store import MAX_JUSTIFICATION, MAX_TTL
 from .core.context import ElevationRequest, Grant, RiskState, TaskBinding
 from .core.decide import Decision
 from .errors import ConfigError, ContextError
@@ -44,6 +48,7 @@ __all__ = [
     "MAX_BODY",
     "MAX_HEADERS",
     "MAX_JUSTIFICATION",
+    "MAX_TTL",
     "SERVICE_NAME",
     "AgentContextServicer",
     "AgentStatus",
@@ -59,7 +64,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "mandate.agent.v1.AgentContext"
 _SERVICE = pb.DESCRIPTOR.services_by_name["AgentContext"]
 
-MAX_JUSTIFICATION = 2000  # characters
 MAX_BODY = 64 * 1024  # bytes of an Explain body (Envoy's with_request_body limit is smaller)
 MAX_HEADERS = 100  # headers of an Explain request
 MAX_HEADER_NAME = 256
@@ -134,9 +138,12 @@ def _bad(message: str) -> ContextError:
 
 
 def _seconds(field: str, value: float) -> float | None:
-    """A duration field: finite and >= 0; 0 means "not given" (None)."""
-    if not math.isfinite(value) or value < 0:
-        raise _bad(f"{field}: must be a finite number of seconds >= 0 (0: none), not {value}")
+    """A duration field: finite, >= 0 and at most MAX_TTL; 0 means "not given" (None)."""
+    if not math.isfinite(value) or value < 0 or value > MAX_TTL:
+        raise _bad(
+            f"{field}: must be a finite number of seconds from 0 (none) to {MAX_TTL:.0f}, "
+            f"not {value}"
+        )
     return None if value == 0 else float(value)
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "ProfileError",
     "ProfileErrors",
     "ProfileProblem",
+    "StateWriteError",
 ]
 
 
@@ -129,3 +130,17 @@ class ContextError(MandateError):
     def __init__(self, message: str, status: str = "INVALID_ARGUMENT") -> None:
         super().__init__(message)
         self.status = status
+
+
+class StateWriteError(MandateError):
+    """A state file (the revocation table's ``revocations.json``, ...) could not be written,
+    so what is in force now would not survive a restart. ``file`` is the file, ``os_error``
+    the OS error as text; the message names both. Callers that report to an operator turn it
+    into an error answer: success is reported only for what is durable."""
+
+    code = "state_not_durable"
+
+    def __init__(self, file: str, os_error: str) -> None:
+        super().__init__(f"cannot write {file}: {os_error}")
+        self.file = file
+        self.os_error = os_error

@@ -135,7 +135,7 @@ def _remove_als(config: dict[str, Any]) -> None:
                 ]
 
 
-def _get_json(url: str, timeout: float = 1.0) -> Any:
+def _get_json(url: str | urllib.request.Request, timeout: float = 1.0) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return json.loads(resp.read())
 
@@ -247,8 +247,25 @@ class MandateProcess:
     def stop(self) -> None:
         stop_subprocess(self.proc)
 
+    @property
+    def token_file(self) -> Path | None:
+        """The admin token file this `mandate run` uses, from its arguments (None: none)."""
+        for flag, name in (("--admin-token-file", ""), ("--state-dir", "admin.token")):
+            given = [v for k, v in zip(self.args, self.args[1:], strict=False) if k == flag]
+            if given:
+                return Path(given[-1]) / name  # argparse: the last one wins
+        return None
+
     def ready(self) -> dict[str, Any]:
-        result: dict[str, Any] = _get_json(f"http://127.0.0.1:{self.admin_port}/readyz")
+        """/readyz with its details: `?verbose=1` and the admin token (without the token,
+        /readyz says only whether it is ready)."""
+        url = f"http://127.0.0.1:{self.admin_port}/readyz"
+        token = self.token_file
+        if token is None:
+            result: dict[str, Any] = _get_json(url)
+            return result
+        auth = {"Authorization": f"Bearer {token.read_text().strip()}"}
+        result = _get_json(urllib.request.Request(url + "?verbose=1", headers=auth))
         return result
 
 

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .core import Decision
 
-__all__ = ["REGISTRY", "observe_decision", "observe_reload"]
+__all__ = ["REGISTRY", "observe_audit_state", "observe_decision", "observe_reload"]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -59,6 +59,22 @@ REVOCATION_WRITES = Counter(
     "Generations of the shared revocation table written",
     registry=REGISTRY,
 )
+# The `file` label is one of a fixed few names (`revocations`), never a path: paths and OS
+# errors go to readiness details behind the admin token.
+STATE_DURABLE = Gauge(
+    "mandate_state_durable",
+    "1 while what is in force is also in the state file; 0 after a failed write (in force in "
+    "memory only, lost at a restart) until a later write succeeds",
+    ["file"],
+    registry=REGISTRY,
+    multiprocess_mode="max",
+)
+STATE_WRITE_FAILURES = Counter(
+    "mandate_state_write_failures",
+    "Failed writes of a state file (revocations.json, ...)",
+    ["file"],
+    registry=REGISTRY,
+)
 RISK = Gauge(
     "mandate_agent_risk",
     "Behaviour risk score of each analysed agent, in [0, 1]",
@@ -76,6 +92,23 @@ ELEVATION_EVENTS = Counter(
     "Elevation requests and grants by event (requested, granted, expired, lapsed, withdrawn)",
     ["event"],
     registry=REGISTRY,
+)
+# Issue 15, finding 2: the shared context table is full. `agent` is a profile name (the store
+# only holds agents with a profile), so the label set stays bounded.
+CONTEXT_WITHHELD = Gauge(
+    "mandate_context_withheld",
+    "1 while the agent's grants and tasks are withheld from the full shared context table "
+    "(its calls get none of them: fail closed for that agent only)",
+    ["agent"],
+    registry=REGISTRY,
+    multiprocess_mode="max",
+)
+CONTEXT_TABLE_OVERFLOW = Gauge(
+    "mandate_context_table_overflow",
+    "1 while not even the risk scores fit in the shared context table (every agent: no grant, "
+    "no task, maximum risk)",
+    registry=REGISTRY,
+    multiprocess_mode="max",
 )
 ALS_EVENTS = Counter(
     "mandate_access_log_events",
@@ -97,12 +130,33 @@ AUDIT_BACKLOG = Gauge(
     registry=REGISTRY,
     multiprocess_mode="livesum",
 )
+# Every process of a mandate sets this (a process that imports this module and never set it
+# would report 0, and livemin would say unhealthy forever): 1 also with audit off, which
+# mandate_audit_state says.
 AUDIT_HEALTHY = Gauge(
     "mandate_audit_healthy",
-    "1 while the audit trail is being written, 0 after a write error (until it recovers)",
+    "1 unless the audit trail is failing (a write error, or its filesystem under the "
+    "free-space reserve) until it recovers; 1 with audit off (see mandate_audit_state)",
     registry=REGISTRY,
     multiprocess_mode="livemin",
 )
+AUDIT_STATES = ("ok", "failing", "off")
+AUDIT_STATE = Gauge(
+    "mandate_audit_state",
+    "The audit trail's state (1 for the current one): ok, failing (some writer of the audit "
+    "directory cannot write or is under the free-space reserve; fail-closed denies every "
+    "allow), off (no --audit-dir)",
+    ["state"],
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
+)
+
+
+def observe_audit_state(state: str) -> None:
+    """Set mandate_audit_state (and this process's mandate_audit_healthy) to ``state``."""
+    for name in AUDIT_STATES:
+        AUDIT_STATE.labels(name).set(1 if name == state else 0)
+    AUDIT_HEALTHY.set(0 if state == "failing" else 1)
 
 
 class AuditMeter:

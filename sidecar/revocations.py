@@ -6,6 +6,17 @@ shared memory (workers see it on their next Check) and persists the full set to 
 file on a volume (atomic rename, fsync), so a restart enforces what was in force before.
 Listeners are told what was added and removed, after the write is visible to workers.
 No decision logic and no network I/O here.
+
+When the file cannot be written (a read-only or full volume), enforcement never weakens:
+- a new or changed revocation is in force in shared memory at once and stays so; the write
+  failure is kept (`persistence()`) until a later write of the whole set succeeds;
+- an operator's action (`durable=True`: the admin API) raises StateWriteError instead of
+  reporting success. A revocation is then in force but not durable (the answer says so); a
+  restore is not done at all — the file is written first and memory changed only after —
+  so the agent stays revoked now and after a restart, never "allowed now, revoked again at
+  the next restart" without anyone noticing;
+- every other writer (the Kubernetes watcher, behaviour analysis, expiry) goes on: its
+  source of truth is elsewhere, and the failure shows in readiness and the metrics.
 """
 
 from __future__ import annotations
@@ -15,14 +26,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .core.revocation import Revocation, RevocationTable
-from .errors import ConfigError
+from .errors import ConfigError, StateWriteError
 from .shm import SharedTable
-from .statefile import write_json_durably
+from .statefile import os_error_text, write_json_durably
 
-__all__ = ["Change", "RevocationStore"]
+__all__ = ["Change", "PersistFailure", "RevocationStore"]
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -31,16 +44,32 @@ STATE_VERSION = 1
 Change = tuple[list[Revocation], list[Revocation], int, float]
 
 
+@dataclass(frozen=True, slots=True)
+class PersistFailure:
+    """The state file has not been written since ``since``: what is in force in memory is
+    not what a restart would load. ``failures`` counts the attempts that failed since."""
+
+    file: str
+    error: str
+    since: float
+    failures: int
+
+
 class RevocationStore:
     def __init__(
         self,
         table: SharedTable,
         state_file: Path | None,
         clock: Callable[[], float] = time.time,
+        on_persist: Callable[[StateWriteError | None], None] = lambda _: None,
     ) -> None:
+        """``on_persist``: told after every write of the state file, with None on success
+        (metrics); called under the store's lock, so it must not call back into the store."""
         self._table = table
         self._state_file = state_file
         self._clock = clock
+        self._on_persist = on_persist
+        self._failure: PersistFailure | None = None
         self._entries: dict[str, Revocation] = {}
         self._complete = False
         self._lock = threading.RLock()
@@ -93,29 +122,87 @@ class RevocationStore:
         log.info("loaded %d persisted revocation(s) from %s", len(items), path)
         return len(items)
 
-    def _persist(self) -> None:
+    def persistence(self) -> dict[str, Any]:
+        """Readiness details: is what is in force also on disk? ``durable`` false names the
+        file, the OS error and since when (cleared by the next write that succeeds)."""
+        with self._lock:
+            f = self._failure
+            file = None if self._state_file is None else str(self._state_file)
+            if f is None:
+                return {"durable": self._state_file is not None, "file": file, "error": None}
+            return {
+                "durable": False,
+                "file": f.file,
+                "error": f.error,
+                "since": f.since,
+                "failures": f.failures,
+            }
+
+    def _save(self, entries: Iterable[Revocation]) -> StateWriteError | None:
+        """Write ``entries`` (the whole set) to the state file; the failure, if any, is kept
+        for readiness and returned (never raised: enforcement is the caller's business)."""
         path = self._state_file
         if path is None:
-            return
-        doc = {"version": STATE_VERSION, "revocations": [r.as_dict() for r in self.entries()]}
-        write_json_durably(path, doc, indent=1)
+            return None
+        doc = {
+            "version": STATE_VERSION,
+            "revocations": [r.as_dict() for r in sorted(entries, key=lambda r: r.key)],
+        }
+        try:
+            write_json_durably(path, doc, indent=1)
+        except OSError as exc:
+            err = StateWriteError(str(path), os_error_text(exc))
+            prev = self._failure
+            self._failure = PersistFailure(
+                err.file,
+                err.os_error,
+                since=self._clock() if prev is None else prev.since,
+                failures=1 if prev is None else prev.failures + 1,
+            )
+            log.error(
+                "could not persist revocations (in force in memory only, NOT durable: "
+                "lost at a restart): %s",
+                err,
+            )
+            self._notify_persist(err)
+            return err
+        if self._failure is not None:
+            log.warning("revocations persisted to %s again: durable", path)
+            self._failure = None
+        self._notify_persist(None)
+        return None
+
+    def flush(self) -> StateWriteError | None:
+        """After a failed write, try again (the supervisor calls this periodically): what
+        has been in force only in memory becomes durable once the volume is writable."""
+        with self._lock:
+            if self._failure is None:
+                return None
+            return self._save(self._entries.values())
+
+    def _notify_persist(self, err: StateWriteError | None) -> None:
+        try:
+            self._on_persist(err)
+        except Exception:
+            log.exception("persistence listener failed")
 
     # -- writing --------------------------------------------------------------------------
 
-    def _publish(self, added: list[Revocation], removed: list[Revocation]) -> None:
+    def _publish(
+        self, added: list[Revocation], removed: list[Revocation], *, persist: bool = True
+    ) -> StateWriteError | None:
         self.generation = self._table.write(self._entries.values(), self._complete)
         visible_at = self.visible_at = self._clock()
-        try:
-            self._persist()
-        except OSError:
-            # Enforcement is already in shared memory; losing persistence is reported loudly.
-            log.exception("could not persist revocations to %s", self._state_file)
+        # Enforcement is in shared memory already; a failed write is kept and reported (the
+        # caller decides whether it is an error), never a reason to undo enforcement.
+        failure = self._save(self._entries.values()) if persist else None
         change: Change = (added, removed, self.generation, visible_at)
         for listener in list(self._listeners):
             try:
                 listener(change)
             except Exception:
                 log.exception("revocation listener failed")
+        return failure
 
     def mark_complete(self) -> None:
         """The first full sync is done: workers may start allowing calls."""
@@ -124,13 +211,24 @@ class RevocationStore:
                 self._complete = True
                 self._publish([], [])
 
-    def upsert(self, rev: Revocation) -> bool:
+    def upsert(self, rev: Revocation, *, durable: bool = False) -> bool:
+        """Put ``rev`` in force (at once, in shared memory). ``durable``: an operator's
+        action, which raises StateWriteError when the file cannot be written — ``rev`` is
+        in force all the same (fail closed), but would not survive a restart."""
         with self._lock:
             old = self._entries.get(rev.key)
             if old == rev:
+                # Nothing new, but an earlier write may have failed: the operator retrying
+                # (e.g. after fixing the volume) must get "durable" only once it is.
+                if durable and self._failure is not None:
+                    failure = self._save(self._entries.values())
+                    if failure is not None:
+                        raise failure
                 return False
             self._entries[rev.key] = rev
-            self._publish([rev], [old] if old else [])
+            failure = self._publish([rev], [old] if old else [])
+            if durable and failure is not None:
+                raise failure
             return True
 
     def remove(self, key: str) -> Revocation | None:
@@ -140,13 +238,26 @@ class RevocationStore:
                 self._publish([], [old])
             return old
 
-    def remove_matching(self, predicate: Callable[[Revocation], bool]) -> list[Revocation]:
+    def remove_matching(
+        self, predicate: Callable[[Revocation], bool], *, durable: bool = False
+    ) -> list[Revocation]:
+        """End the entries ``predicate`` selects. ``durable`` (an operator's restore): the
+        file is written first and, if that fails, nothing changes and StateWriteError is
+        raised: the agent stays revoked, in memory and on disk alike."""
         with self._lock:
             gone = [r for r in self._entries.values() if predicate(r)]
+            if not gone:
+                return gone
+            written = False
+            if durable and self._state_file is not None:
+                ending = {r.key for r in gone}
+                failure = self._save(r for r in self._entries.values() if r.key not in ending)
+                if failure is not None:
+                    raise failure
+                written = True
             for r in gone:
                 del self._entries[r.key]
-            if gone:
-                self._publish([], gone)
+            self._publish([], gone, persist=not written)
             return gone
 
     def replace_source(self, source: str, entries: Iterable[Revocation]) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import DEFAULT_THREADS, metrics
-from .audit import AuditWriter
+from .audit import DEFAULT_RESERVE_BYTES, AuditWriter
 from .authz import Audit, Authorizer, Identity
 from .core import Snapshot
 from .core.context import EMPTY_CONTEXT, ContextTable
@@ -73,6 +73,9 @@ class ServeConfig:
     profiles: Path
     listen: str = "127.0.0.1:9001"
     admin: str | None = "127.0.0.1:9901"  # None: no admin server (a worker of a supervisor)
+    # The bearer token `/readyz?verbose=1` needs (the admin server's other pages are open and
+    # say no more than ready or not). None: the details are never shown.
+    admin_token: str | None = None
     agent: str | None = None
     service_account: str | None = None
     namespace: str = ""
@@ -93,6 +96,7 @@ class ServeConfig:
     audit_allows: bool = True
     audit_on_failure: str = "fail-closed"
     audit_fsync: str = "interval"
+    audit_reserve: int = DEFAULT_RESERVE_BYTES  # fail closed under this much free space
     chain_id: str = ""  # this worker's audit chain (unique per writer process)
     threads: int = DEFAULT_THREADS  # gRPC Check threads (HTTP runs on one event loop)
     poll_seconds: float = 2.0
@@ -134,7 +138,10 @@ class Sidecar:
 
     def _ready(self) -> tuple[bool, dict[str, Any]]:
         status = self.holder.status()
-        return self.holder.current is not None, {"profiles": status.as_dict()}
+        writer = self._audit_writer
+        audit = {"state": "off"} if writer is None else writer.health()
+        ready = self.holder.current is not None and not audit.get("denying", False)
+        return ready, {"profiles": status.as_dict(), "audit": audit}
 
     def start(self) -> None:
         cfg = self.config
@@ -188,9 +195,12 @@ class Sidecar:
                 chain_id=cfg.chain_id or f"{cfg.pod_name or socket.gethostname()}-{os.getpid()}",
                 fsync=cfg.audit_fsync,  # type: ignore[arg-type]
                 on_failure=cfg.audit_on_failure,  # type: ignore[arg-type]
+                reserve_bytes=cfg.audit_reserve,
             )
             audit = Audit(self._audit_writer, cfg.pod_name, cfg.namespace, cfg.audit_allows)
             threading.Thread(target=self._meter_audit, name="audit-metrics", daemon=True).start()
+        else:
+            metrics.observe_audit_state("off")
         if cfg.transport == "http":
             self._start_http(Authorizer(
                 self.holder.get, identity, revocations=revocations, tracing=self._tracing,
@@ -223,7 +233,7 @@ class Sidecar:
         if admin is not None:
             from .admin import AdminServer  # aiohttp: only where an admin server runs
 
-            self._admin = AdminServer(admin[0], admin[1], self._ready)
+            self._admin = AdminServer(admin[0], admin[1], self._ready, cfg.admin_token)
             try:
                 self.admin_port = self._admin.start()
             except OSError as exc:
@@ -256,6 +266,7 @@ class Sidecar:
         while writer is not None and not self._stopped.wait(1.0):
             st = writer.stats()
             meter.update(st.written, st.failed, st.dropped, st.backlog, st.healthy)
+            metrics.observe_audit_state(writer.health()["state"])
 
     def stop(self, grace: float = 1.0) -> None:
         self._stopped.set()

@@ -43,7 +43,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Self
 
-from .core.context import EMPTY_CONTEXT, ContextTable
+from .core.context import UNKNOWN_CONTEXT, ContextTable
 from .core.revocation import Revocation, RevocationTable
 from .errors import ConfigError
 
@@ -270,10 +270,12 @@ class SharedTable(_Segment):
 class SharedContext(_Segment):
     """The agents' run-time context: elevation grants, reported tasks, risk scores.
 
-    Unlike revocations, nothing here is needed to deny: a context that cannot be read
-    (stuck writer, corrupt payload) or overflowed reads as empty — no grant, no task
-    binding — and the risk scores are then unknown (no risk deny). What fails closed for
-    rights (grants) fails open only for the behaviour deny, which revocation backs up."""
+    A context that cannot be read (stuck writer, corrupt payload) or overflowed reads as
+    :data:`~sidecar.core.context.UNKNOWN_CONTEXT`: no grant, no task binding (no extra
+    rights), and every agent's risk at the maximum, so risk-based denial fails closed too.
+    The writer (the context store) avoids that state: it checks with `try_write` that a
+    table fits, and when it does not, withholds the grants and tasks of the agents that
+    fill it (see `ContextStore`) rather than let one agent empty the table for all."""
 
     MAGIC = CONTEXT_MAGIC
     WHAT = "context table"
@@ -290,10 +292,30 @@ class SharedContext(_Segment):
     def _empty_payload() -> bytes:
         return b"{}"
 
+    @property
+    def capacity(self) -> int:
+        """The largest payload (bytes of JSON) the table holds."""
+        return len(self._mm) - _HEADER
+
+    @staticmethod
+    def encode(table: ContextTable) -> bytes:
+        return json.dumps(table.as_dict(), separators=(",", ":")).encode()
+
     def write(self, table: ContextTable) -> int:
-        payload = json.dumps(table.as_dict(), separators=(",", ":")).encode()
-        generation, fits = self._write(payload, COMPLETE)
+        """Publish ``table``; one that does not fit is published as overflowed (readers
+        then see UNKNOWN_CONTEXT). Prefer `try_write`."""
+        generation, fits = self._write(self.encode(table), COMPLETE)
         self.overflowed = not fits
+        return generation
+
+    def try_write(self, table: ContextTable) -> int | None:
+        """Publish ``table`` if it fits and return its generation; else write nothing (the
+        readers keep the previous generation) and return None."""
+        payload = self.encode(table)
+        if _HEADER + len(payload) > len(self._mm):
+            return None
+        generation, _ = self._write(payload, COMPLETE)
+        self.overflowed = False
         return generation
 
     def read(self) -> ContextTable:
@@ -301,12 +323,14 @@ class SharedContext(_Segment):
             return self._cached
         got = self._read()
         if got is None:
-            return EMPTY_CONTEXT
-        generation, payload, _ = got
+            return UNKNOWN_CONTEXT
+        generation, payload, flags = got
+        if flags & OVERFLOW:
+            return UNKNOWN_CONTEXT  # fail closed, including the risk deny
         try:
             table = ContextTable.from_dict(generation, json.loads(payload))
         except (ValueError, KeyError, TypeError):
-            return EMPTY_CONTEXT
+            return UNKNOWN_CONTEXT
         self._cached = table
         return table
 

@@ -41,14 +41,15 @@ from aiohttp import web
 
 from . import DEFAULT_THREADS, metrics
 from .admin import ElevationAPI, RevocationAPI, add_probe_routes, read_token
-from .audit import AuditWriter, event_record
+from .audit import DEFAULT_RESERVE_BYTES, AuditWriter, event_record
 from .context_store import ContextStore
 from .core.revocation import Revocation
-from .errors import ConfigError
+from .errors import ConfigError, StateWriteError
 from .reload import SnapshotHolder
 from .revocations import RevocationStore
 from .server import RUN_DIR_ENV, RUN_LOCK_FD_ENV, SUPERVISOR_PID_ENV, split_hostport
 from .shm import RunDir, SharedContext, SharedTable
+from .statefile import os_error_text
 
 __all__ = ["Supervisor", "SupervisorConfig", "run_supervisor"]
 
@@ -146,9 +147,18 @@ class Supervisor:
         if path is None and cfg.state_dir is not None:
             path = cfg.state_dir / "admin.token"
             if not path.exists():
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    f.write(secrets.token_urlsafe(32) + "\n")
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "w") as f:
+                        f.write(secrets.token_urlsafe(32) + "\n")
+                except OSError as exc:
+                    # Without it nobody could revoke through the admin API: refuse to start
+                    # with a message that says why, not a traceback.
+                    raise ConfigError(
+                        f"--state-dir {cfg.state_dir}: cannot create the admin token {path} "
+                        f"({os_error_text(exc)}); make the directory writable or give "
+                        "--admin-token-file"
+                    ) from None
                 log.info("generated an admin token in %s", path)
         if path is None:
             log.warning("no admin token: the revocation API is disabled")
@@ -199,9 +209,14 @@ class Supervisor:
         )
         self.context.load_persisted()
         state_file = cfg.state_dir / "revocations.json" if cfg.state_dir else None
-        self.store = RevocationStore(self.table, state_file)
+        self.store = RevocationStore(self.table, state_file, on_persist=self._persisted)
         self.store.subscribe(self._count)
-        self.store.load_persisted()  # published incomplete: workers deny until synced
+        # Published incomplete: workers deny until synced. Also the start-up check of the
+        # state dir: this writes the file, and a state dir that cannot be written starts
+        # degraded and visibly so (readiness details `persistence`, mandate_state_durable
+        # 0, an ERROR line): every revocation is still enforced, and every operator action
+        # is answered "not durable" until a write succeeds.
+        self.store.load_persisted()
         if self._use_kubernetes():
             await self._start_kubernetes()
         else:
@@ -222,7 +237,7 @@ class Supervisor:
             await self._spawn(w)
         await self._wait_workers(timeout=30)
         app = web.Application()
-        add_probe_routes(app, self._ready)
+        add_probe_routes(app, self._ready, token)
         RevocationAPI(self.store, cfg.namespace, token, self.status).add_routes(app)
         ElevationAPI(self.context, cfg.namespace, token).add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
@@ -486,6 +501,11 @@ class Supervisor:
                 w.ready = True
                 backoff = 0.1
 
+    def _persisted(self, failure: StateWriteError | None) -> None:
+        metrics.STATE_DURABLE.labels("revocations").set(0 if failure else 1)
+        if failure is not None:
+            metrics.STATE_WRITE_FAILURES.labels("revocations").inc()
+
     def _count(self, _: object) -> None:
         assert self.store is not None
         metrics.REVOCATION_WRITES.inc()
@@ -511,6 +531,7 @@ class Supervisor:
             chain_id=f"{pod}-supervisor",
             fsync=opts.get("--audit-fsync", "interval"),  # type: ignore[arg-type]
             on_failure=opts.get("--audit-on-failure", "fail-closed"),  # type: ignore[arg-type]
+            reserve_bytes=int(opts.get("--audit-reserve", DEFAULT_RESERVE_BYTES)),
         )
 
     def _record(self, event: dict[str, Any]) -> None:
@@ -525,14 +546,21 @@ class Supervisor:
 
     async def _prune(self) -> None:
         assert self.store is not None
+        flushed = time.monotonic()
         while not self._stopping:
             await asyncio.sleep(0.25)
             self.store.prune_expired()
+            if time.monotonic() - flushed > 5:
+                # After a failed write, retry: a revocation in force only in memory becomes
+                # durable (and readiness says so) once the volume is writable again.
+                flushed = time.monotonic()
+                self.store.flush()
             if self.context is not None:
                 self.context.prune()
             if self._watcher is not None:
                 connected = bool(self._watcher.status().get("connected"))
                 metrics.KUBERNETES_CONNECTED.set(1 if connected else 0)
+            metrics.observe_audit_state(self._audit_health()["state"])
 
     # -- status -----------------------------------------------------------------------
 
@@ -554,6 +582,9 @@ class Supervisor:
                 "entries": len(self.store.entries()),
                 "generation": self.store.generation,
             },
+            # Is what is in force also on disk? One entry per state file this supervisor
+            # writes; `durable: false` names the file and the OS error (issue 15, finding 6).
+            "persistence": {"revocations": self.store.persistence()},
             "workers": [
                 {"index": w.index, "listen": w.listen, "ready": w.ready, "restarts": w.restarts}
                 for w in self._workers
@@ -570,9 +601,21 @@ class Supervisor:
             },
         }
 
+    def _audit_health(self) -> dict[str, Any]:
+        """ok / failing / off: the supervisor's writer reads the directory's health board,
+        so "failing" covers every worker's chain too (issue 15, finding 5)."""
+        return {"state": "off"} if self._audit is None else self._audit.health()
+
     def _ready(self) -> tuple[bool, dict[str, Any]]:
         status = self.status()
         ok = status["revocations"]["complete"] and all(w.ready for w in self._workers)
+        # Not ready while every allow is being denied because the audit trail cannot be
+        # written (fail-closed): the pod cannot do its job, and an operator should see it.
+        status["audit"] = audit = self._audit_health()
+        ok = ok and not audit.get("denying", False)
+        # A detail, not a reason to be unready: a full context table (one agent withheld)
+        # or an unwritable context.json must not stop the other agents (issue 15, 2-3).
+        status["context"] = self.context.health() if self.context is not None else None
         return ok, status
 
     async def stop(self) -> None:

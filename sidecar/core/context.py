@@ -19,6 +19,7 @@ from typing import Any
 
 __all__ = [
     "EMPTY_CONTEXT",
+    "UNKNOWN_CONTEXT",
     "Approval",
     "ContextTable",
     "ElevationRequest",
@@ -207,14 +208,25 @@ class ElevationRequest:
         )
 
 
+UNKNOWN_RISK = 1.0
+"""The score a reader assumes for every agent while the context cannot be read (the table
+overflowed, a stuck writer, a corrupt payload): risk-based denial fails closed."""
+
+
 @dataclass(frozen=True, slots=True)
 class ContextTable:
-    """One generation of the shared context, indexed by (namespace, agent)."""
+    """One generation of the shared context, indexed by (namespace, agent).
+
+    ``complete`` False: the reader could not get the writer's table (it overflowed, or could
+    not be read). Such a table has no grants and no tasks (no extra rights), and `risk`
+    answers :data:`UNKNOWN_RISK` (not learning) for every agent, so an agent whose profile
+    enforces a risk threshold is denied rather than let through unscored."""
 
     generation: int = 0
     grants: tuple[Grant, ...] = ()
     tasks: tuple[TaskBinding, ...] = ()
     risks: tuple[RiskState, ...] = ()
+    complete: bool = True
     _grants: Mapping[tuple[str, str], tuple[Grant, ...]] = field(
         default_factory=lambda: MappingProxyType({}), repr=False, compare=False
     )
@@ -246,9 +258,9 @@ class ContextTable:
             g,
             t,
             r,
-            MappingProxyType({k: tuple(v) for k, v in gi.items()}),
-            MappingProxyType(ti),
-            MappingProxyType(ri),
+            _grants=MappingProxyType({k: tuple(v) for k, v in gi.items()}),
+            _tasks=MappingProxyType(ti),
+            _risks=MappingProxyType(ri),
         )
 
     def active_grants(self, namespace: str, agent: str, now: float) -> tuple[Grant, ...]:
@@ -263,6 +275,9 @@ class ContextTable:
         return t if t is not None and t.active(now) else None
 
     def risk(self, namespace: str, agent: str) -> RiskState | None:
+        if not self.complete:
+            why = "risk unknown: the shared context table could not be read (failing closed)"
+            return RiskState(agent, namespace, UNKNOWN_RISK, why)
         if not self._risks:
             return None
         return self._risks.get((namespace, agent))
@@ -288,3 +303,6 @@ class ContextTable:
 
 
 EMPTY_CONTEXT = ContextTable()
+UNKNOWN_CONTEXT = ContextTable(generation=-1, complete=False)
+"""What a reader uses when the shared context cannot be read: no grant, no task, and every
+agent's risk at :data:`UNKNOWN_RISK`."""

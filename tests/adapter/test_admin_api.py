@@ -1,5 +1,6 @@
-"""The supervisor's admin HTTP API: open probes, and `/v1/*` behind a bearer token
-(revoke, list, restore, status), driven through aiohttp's test server and client."""
+"""The supervisor's admin HTTP API: open probes that say only ready or not, and `/v1/*` and
+readiness details behind a bearer token (revoke, list, restore, status), driven through
+aiohttp's test server and client."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from sidecar.admin import RevocationAPI, add_probe_routes, read_token
+from sidecar.admin import AdminServer, RevocationAPI, add_probe_routes, read_token
 from sidecar.core.revocation import Revocation, make_key
 from sidecar.revocations import RevocationStore
 from sidecar.shm import SharedTable
@@ -55,7 +56,10 @@ def store(shared: SharedTable, tmp_path: Path, clock: Clock) -> RevocationStore:
 
 def make_app(store: RevocationStore, token: str | None, clock: Clock) -> web.Application:
     app = web.Application()
-    add_probe_routes(app, lambda: (True, {"workers": 2}))
+    # Readiness details as the supervisor's hold them: every revocation, with its reason.
+    add_probe_routes(
+        app, lambda: (True, {"revocations": [r.as_dict() for r in store.entries()]}), token
+    )
     RevocationAPI(store, NS, token, lambda: STATUS, clock=clock).add_routes(app)
     return app
 
@@ -107,12 +111,72 @@ async def test_probes_need_no_token(client: TestClient[Any, Any], path: str) -> 
     assert resp.status == 200
 
 
-async def test_readyz_reports_details(store: RevocationStore, clock: Clock) -> None:
+CANARY = "canary-7f3a9c-justification-and-reason"
+DETAILS = {
+    "revocations": {"entries": 1, "reasons": [f"revoked: {CANARY}"]},
+    "elevations": {"requests": [{"justification": CANARY}]},
+}
+
+
+@pytest.mark.parametrize("ok", [True, False], ids=["ready", "not-ready"])
+async def test_readyz_says_only_ready_and_details_need_the_token(ok: bool) -> None:
+    """Issue 15, finding 7: the agent can reach this port; what it reads without the token
+    is whether mandate is ready, nothing of anyone's reasons, justifications or grants."""
     app = web.Application()
-    add_probe_routes(app, lambda: (False, {"why": "syncing"}))
+    add_probe_routes(app, lambda: (ok, DETAILS), TOKEN)
+    code = 200 if ok else 503
     async with TestClient(TestServer(app)) as c:
         resp = await c.get("/readyz")
-        assert (resp.status, await resp.json()) == (503, {"ready": False, "why": "syncing"})
+        assert (resp.status, await resp.json()) == (code, {"ready": ok})
+        for query in ("?verbose=1", "?verbose=true", "?verbose"):
+            for auth in ({}, {"Authorization": "Bearer guess-guess-guess-guess"}):
+                resp = await c.get("/readyz" + query, headers=auth)
+                assert resp.status == 401, query
+                assert CANARY not in await resp.text()
+            resp = await c.get("/readyz" + query, headers=AUTH)
+            assert (resp.status, await resp.json()) == (code, {"ready": ok, **DETAILS})
+        resp = await c.get("/readyz?verbose=0", headers=AUTH)
+        assert (resp.status, await resp.json()) == (code, {"ready": ok})
+        for path in ("/healthz", "/metrics"):
+            assert CANARY not in await (await c.get(path)).text()
+
+
+async def test_readyz_details_without_a_configured_token_are_never_shown() -> None:
+    app = web.Application()
+    add_probe_routes(app, lambda: (True, DETAILS))
+    async with TestClient(TestServer(app)) as c:
+        assert await (await c.get("/readyz")).json() == {"ready": True}
+        resp = await c.get("/readyz?verbose=1", headers=AUTH)
+        assert resp.status == 503 and CANARY not in await resp.text()
+
+
+def test_single_process_admin_server_keeps_details_behind_its_token() -> None:
+    import urllib.error
+    import urllib.request
+
+    server = AdminServer("127.0.0.1", 0, lambda: (True, DETAILS), TOKEN)
+    port = server.start()
+    try:
+        url = f"http://127.0.0.1:{port}/readyz"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert json.loads(resp.read()) == {"ready": True}
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url + "?verbose=1", timeout=5)
+        assert err.value.code == 401
+        req = urllib.request.Request(url + "?verbose=1", headers=AUTH)
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert json.loads(resp.read()) == {"ready": True, **DETAILS}
+    finally:
+        server.stop()
+
+
+async def test_revocation_reason_never_reaches_the_open_pages(
+    client: TestClient[Any, Any],
+) -> None:
+    status, _ = await revoke(client, {"agent": "billing-agent", "reason": CANARY})
+    assert status == 201
+    for path in ("/readyz", "/healthz", "/metrics", "/readyz?verbose=1"):
+        assert CANARY not in await (await client.get(path)).text(), path
 
 
 V1 = [
@@ -491,3 +555,62 @@ async def test_expiry_in_the_past_is_refused(client: TestClient[Any, Any]) -> No
     )
     assert resp.status == 400
     assert "expiresAt" in (await resp.json())["message"]
+
+
+# -- durability (issue 15, finding 6) ------------------------------------------------------------
+# The state file's write is made to fail by a directory where the store puts its temporary
+# file: open() fails with EISDIR even for root (who ignores read-only permissions).
+
+
+def _block(store_file: Path) -> Path:
+    blocker = store_file.with_name(f".{store_file.name}.tmp")
+    blocker.mkdir()
+    return blocker
+
+
+async def test_revoke_that_cannot_be_persisted_is_500_and_still_enforced(
+    client: TestClient[Any, Any], store: RevocationStore, shared: SharedTable, tmp_path: Path
+) -> None:
+    state = tmp_path / "revocations.json"
+    blocker = _block(state)
+    status, body = await revoke(client, {"agent": "billing-agent", "reason": "leaked key"})
+    assert status == 500
+    assert body["error"] == "state_not_durable"
+    assert body["durable"] is False
+    assert body["file"] == str(state) and "EISDIR" in body["os_error"]
+    assert str(state) in body["message"] and "NOT durable" in body["message"]
+    assert body["revoked"]["agent"] == "billing-agent"
+    # Fail closed: the disk failed, enforcement did not.
+    found = shared.read().find(NS, "billing-agent", NOW)
+    assert found is not None and found.reason == "leaked key"
+    assert json.loads(state.read_text())["revocations"] == []
+    # Visible in readiness (`/v1/status` and `/readyz?verbose=1` take it from here).
+    assert store.persistence()["durable"] is False
+    # Fixed volume: the same revoke again is durable and says so.
+    blocker.rmdir()
+    status, body = await revoke(client, {"agent": "billing-agent", "reason": "leaked key"})
+    assert (status, body["durable"]) == (201, True)
+    assert [r["agent"] for r in json.loads(state.read_text())["revocations"]] == ["billing-agent"]
+    assert store.persistence()["durable"] is True
+
+
+async def test_restore_that_cannot_be_persisted_is_500_and_leaves_the_agent_revoked(
+    client: TestClient[Any, Any], store: RevocationStore, shared: SharedTable, tmp_path: Path
+) -> None:
+    state = tmp_path / "revocations.json"
+    assert (await revoke(client, {"agent": "billing-agent", "reason": "x"}))[0] == 201
+    blocker = _block(state)
+    status, body = await restore(client, "billing-agent")
+    assert status == 500
+    assert body["error"] == "state_not_durable" and body["file"] == str(state)
+    assert "restore NOT done" in body["message"] and str(state) in body["message"]
+    assert body["restored"] == []
+    assert [r["key"] for r in body["still_revoked_by"]] == ["admin:agents/billing-agent"]
+    # Revoked now, and the file (what a restart loads) says the same.
+    assert shared.read().find(NS, "billing-agent", NOW) is not None
+    assert [r["agent"] for r in json.loads(state.read_text())["revocations"]] == ["billing-agent"]
+    blocker.rmdir()
+    status, body = await restore(client, "billing-agent")
+    assert status == 200 and [r["agent"] for r in body["restored"]] == ["billing-agent"]
+    assert shared.read().find(NS, "billing-agent", NOW) is None
+    assert json.loads(state.read_text())["revocations"] == []

@@ -844,3 +844,260 @@ def test_strings_no_utf8_can_carry_are_written_and_verify(
     assert got["d-odd"]["agent"] == "a\ud83d" and got["d0001"]["agent"] == "b\udcff"
     code, out, _ = cli(["query", str(d), "--agent", "a\ud83d"], capsys)
     assert code == 0 and json.loads(out)["decision_id"] == "d-odd"
+
+
+# -- issue 15, finding 5: the fail-closed window -------------------------------------------------
+
+
+class Space:
+    """Stands in for statvfs: the audit filesystem has `free` bytes free."""
+
+    def __init__(self) -> None:
+        self.free = 1 << 40
+
+    def __call__(self, path: Path) -> int:
+        return self.free
+
+
+@pytest.fixture
+def space(monkeypatch: pytest.MonkeyPatch) -> Space:
+    s = Space()
+    monkeypatch.setattr(audit, "_free_bytes", s)
+    return s
+
+
+def decision_ids(d: Path, chain: str = "w0") -> list[str]:
+    return [r["decision_id"] for r in all_records(d, chain) if r["type"] == "decision"]
+
+
+def test_under_the_reserve_it_fails_closed_before_the_disk_is_full(
+    make: Make, space: Space, tmp_path: Path
+) -> None:
+    """Issue 15 (5): the writer used to deny only after a write had failed, so the calls of
+    one linger were allowed with no record on disk. Now it denies once free space is under
+    the reserve, and every record (the allows before, the denies after) is still written:
+    nothing is lost, no `loss` record."""
+    d = tmp_path / "audit"
+    mib = 1 << 20
+    w = make(d, reserve_bytes=mib, retry_interval=60)
+    w.write(rec(0))
+    assert w.flush(2) and not w.must_deny() and w.health()["state"] == "ok"
+    space.free = mib - 1  # filling, not full
+    w.write(rec(1))  # allowed before the writer looked: its record goes into the reserve
+    assert w.flush(2)
+    assert w.must_deny() and w.stats().low_space
+    h = w.health()
+    assert (h["state"], h["denying"], h["low_space"], h["writing"]) == (
+        "failing", True, True, True,
+    )  # fmt: skip
+    for i in (2, 3):  # what the caller records while denying
+        w.write(rec(i))
+    assert w.flush(2) and w.must_deny()
+    space.free = mib + 1  # over the reserve, not by a quarter: still failing (no flapping)
+    w.write(rec(4))
+    assert w.flush(2) and w.must_deny()
+    space.free = 2 * mib
+    w.write(rec(5))
+    assert w.flush(2) and not w.must_deny() and w.health()["state"] == "ok"
+    s = w.stats()
+    assert (s.written, s.failed, s.dropped) == (6, 0, 0)
+    assert w.close(5)
+    assert verify(d).ok
+    assert decision_ids(d) == [f"d{i:04d}" for i in range(6)]
+    assert losses(d) == []
+
+
+def test_a_writer_started_under_the_reserve_denies_at_once(
+    make: Make, space: Space, tmp_path: Path
+) -> None:
+    space.free = 1000
+    w = make(reserve_bytes=4096)
+    assert w.must_deny() and w.health()["state"] == "failing"
+
+
+def test_an_idle_writer_notices_the_disk_filling(make: Make, space: Space, tmp_path: Path) -> None:
+    """Another process fills the filesystem while no call comes: the first call after it is
+    already denied (the writer looks every `space_interval` when idle)."""
+    w = make(reserve_bytes=4096, space_interval=0.02)
+    assert not w.must_deny()
+    space.free = 100
+    assert wait_for(w.must_deny, timeout=2)
+
+
+def test_reserve_zero_is_off(make: Make, space: Space) -> None:
+    space.free = 0
+    w = make(reserve_bytes=0)
+    w.write(rec(0))
+    assert w.flush(2) and not w.must_deny()
+
+
+def test_one_failing_writer_makes_every_writer_of_the_directory_deny(
+    make: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 (5): with two workers, the other worker allowed calls after the first one
+    denied, until its own writer failed. The health board makes the other deny at its next
+    Check, without writing anything itself; both allow again when the first recovers."""
+    d = tmp_path / "audit"
+    w0 = make(d, chain_id="w0", retry_interval=60)
+    w1 = make(d, chain_id="w1", retry_interval=60)
+    cont = make(d, chain_id="w2", on_failure="continue")
+    real = os.write
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        if fd == w0._fd:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(audit, "_write_fd", write)
+    w0.write(rec(0))
+    assert w0.flush(2) and w0.must_deny()
+    assert w1.must_deny()  # w1 has written nothing since: it sees w0 on the board
+    h = w1.health()
+    assert (h["state"], h["denying"], h["writing"], h["other_writers_failing"]) == (
+        "failing", True, True, 1,
+    )  # fmt: skip
+    assert not cont.must_deny()  # "continue" never denies
+    monkeypatch.setattr(audit, "_write_fd", real)
+    w0.write(rec(1))
+    assert w0.flush(2)
+    assert not w0.must_deny() and not w1.must_deny()
+    assert w1.health()["state"] == "ok"
+
+
+def test_a_dead_writers_flag_is_cleared(make: Make, tmp_path: Path) -> None:
+    """A worker killed while its writer was failing leaves its byte set; its slot's lock went
+    with its process, so a live writer clears the byte (no deny forever)."""
+    d = tmp_path / "audit"
+    w = make(d, chain_id="w0", space_interval=60)  # does not sweep during the test
+    with (d / ".audit-health").open("r+b") as f:
+        f.seek(100)
+        f.write(b"\x01")
+    assert w.must_deny()
+    make(d, chain_id="w1", space_interval=0.02)  # sweeps
+    assert wait_for(lambda: not w.must_deny())
+
+
+def test_a_closed_writer_clears_its_flag(make: Make, faults: Faults, tmp_path: Path) -> None:
+    d = tmp_path / "audit"
+    w0 = make(d, chain_id="w0", retry_interval=60)
+    w1 = make(d, chain_id="w1", retry_interval=60)
+    faults.full = True
+    w0.write(rec(0))
+    assert w0.flush(2) and w1.must_deny()
+    faults.full = False
+    assert w0.close(5)
+    assert not w1.must_deny()
+
+
+# -- issue 15, finding 9: a chain deleted whole --------------------------------------------------
+
+
+def manifest_lines(d: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (d / "audit-manifest.jsonl").read_bytes().splitlines()]
+
+
+def test_every_chain_is_listed_once_in_the_manifest(make: Make, tmp_path: Path) -> None:
+    d = tmp_path / "audit"
+    build(make, d, n=3, chain="w0")
+    build(make, d, n=3, chain="w0")  # a restart continues the chain: not listed again
+    build(make, d, n=3, chain="w1")
+    m = manifest_lines(d)
+    assert [(x["type"], x.get("chain")) for x in m] == [
+        ("manifest", None), ("chain", "w0"), ("chain", "w1"),
+    ]  # fmt: skip
+    assert [x["seq"] for x in m] == [0, 1, 2]
+    assert verify(d).ok
+
+
+def test_verify_names_a_chain_deleted_whole(
+    make: Make, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 15 (9): deleting every file of one worker's chain gave exit 0."""
+    d = tmp_path / "audit"
+    build(make, d, n=5, chain="w0")
+    build(make, d, n=5, chain="w1")
+    for f in chain_files(d, "w1"):
+        f.unlink()
+    result = verify(d)
+    assert not result.ok
+    assert [(p.chain, p.kind, p.line) for p in result.missing] == [("w1", "missing_chain", 3)]
+    assert result.problem is not None and result.problem.kind == "missing_chain"
+    assert not verify(d, "w1").ok
+    code, out, err = cli(["verify", str(d)], capsys)
+    assert code == 1
+    assert "ok: chain w0" in out and "MISSING: chain w1" in out and "chain w1" in err
+    code, out, _ = cli(["verify", str(d), "--json"], capsys)
+    assert code == 1 and json.loads(out)["missing_chains"][0]["chain"] == "w1"
+
+
+def test_verify_names_every_chain_when_all_are_deleted(
+    make: Make, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = tmp_path / "audit"
+    build(make, d, n=2, chain="w0")
+    build(make, d, n=2, chain="w1")
+    for f in chain_files(d, "*"):
+        f.unlink()
+    assert [p.chain for p in verify(d).missing] == ["w0", "w1"]
+    code, out, _ = cli(["verify", str(d)], capsys)
+    assert code == 1 and "MISSING: chain w0" in out and "MISSING: chain w1" in out
+
+
+def test_verify_reports_a_deleted_manifest(
+    make: Make, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = tmp_path / "audit"
+    build(make, d, n=2, chain="w0")
+    (d / "audit-manifest.jsonl").unlink()
+    result = verify(d)
+    assert result.manifest is not None and result.manifest.kind == "missing_manifest"
+    assert not result.ok
+    code, out, _ = cli(["verify", str(d)], capsys)
+    assert code == 1 and "TAMPERED: manifest" in out and "missing_manifest" in out
+
+
+def test_verify_reports_a_chain_the_manifest_does_not_list(make: Make, tmp_path: Path) -> None:
+    """Files of a chain no writer of this directory started (planted, or copied in)."""
+    d = tmp_path / "audit"
+    build(make, d, n=2, chain="w0")
+    for f in build(make, tmp_path / "elsewhere", n=2, chain="w5"):
+        f.rename(d / f.name)
+    result = verify(d)
+    (w0, w5) = result.chains
+    assert w0.ok and w5.problem is not None and w5.problem.kind == "unlisted_chain"
+    assert not result.ok
+
+
+@pytest.mark.parametrize("how", ["edit", "drop_entry", "torn"])
+def test_verify_reports_a_tampered_manifest(make: Make, tmp_path: Path, how: str) -> None:
+    d = tmp_path / "audit"
+    build(make, d, n=2, chain="w0")
+    build(make, d, n=2, chain="w1")
+    build(make, d, n=2, chain="w2")
+    path = d / "audit-manifest.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    if how == "edit":
+        lines[2] = lines[2].replace(b'"w1"', b'"w9"')
+    elif how == "drop_entry":  # hide w1 ...
+        del lines[2]
+    else:
+        lines[-1] = lines[-1][:-5]
+    path.write_bytes(b"".join(lines))
+    if how == "drop_entry":  # ... and then delete it
+        for f in chain_files(d, "w1"):
+            f.unlink()
+    m = verify(d).manifest
+    assert m is not None and m.file == "audit-manifest.jsonl"
+    assert m.kind == ("torn_line" if how == "torn" else "bad_manifest")
+    assert m.line == (4 if how == "torn" else 3)
+    assert not verify(d).ok
+
+
+def test_a_writer_cuts_a_torn_manifest_line_before_listing(make: Make, tmp_path: Path) -> None:
+    d = tmp_path / "audit"
+    build(make, d, n=2, chain="w0")
+    with (d / "audit-manifest.jsonl").open("ab") as f:
+        f.write(b'{"chain":"w1","ha')  # a crash mid-append
+    build(make, d, n=2, chain="w1")
+    assert [x.get("chain") for x in manifest_lines(d)] == [None, "w0", "w1"]
+    assert verify(d).ok

@@ -416,8 +416,13 @@ INVALID = [
     ("report_task", ("T", "refunds", -1.0), "ttl_seconds"),
     ("report_task", ("T", "refunds", float("inf")), "ttl_seconds"),
     ("report_task", ("T", "refunds", float("nan")), "ttl_seconds"),
+    # Issue 15, finding 3: a TTL that cannot become a time was stored, then failed in audit.
+    ("report_task", ("T", "refunds", 1e300), "ttl_seconds"),
+    ("report_task", ("T", "refunds", 30 * 86400 + 1.0), "ttl_seconds"),
+    ("request_elevation", ("refund", "why", 1e300), "duration_seconds"),
+    ("request_elevation", ("refund", "why", 30 * 86400 + 1.0), "duration_seconds"),
     ("request_elevation", ("", "why"), "elevation"),
-    ("request_elevation", ("refund", "x" * 2001), "justification"),
+    ("request_elevation", ("refund", "x" * 1025), "justification"),
     ("request_elevation", ("refund", "bad\x00byte"), "justification"),
     ("request_elevation", ("refund", "why", -5.0), "duration_seconds"),
     ("request_elevation", ("refund", "why", float("inf")), "duration_seconds"),
@@ -455,11 +460,12 @@ async def test_invalid_input_is_refused_before_the_backend(
 
 async def test_limits_are_inclusive(ctx: AgentContext, backend: FakeBackend) -> None:
     await ctx.report_task("t" * 128, "refunds")
-    await ctx.request_elevation("refund", "x" * 2000 + "")
+    await ctx.request_elevation("refund", "x" * 1024)
+    await ctx.report_task("T", "refunds", 30 * 86400.0)
     await ctx.request_elevation("refund", "line one\n\tline two")
     headers = {f"h{i}": "v" for i in range(100)}
     await ctx.explain("POST", "http://a.example/", headers, b"x" * (64 * 1024))
-    assert len(backend.calls) == 4
+    assert len(backend.calls) == 5
 
 
 async def test_a_message_too_large_for_the_listener_is_refused(

@@ -25,6 +25,7 @@ from .conftest import TRACE_ID, TRACEPARENT, CheckBuilder
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+TOKEN = "grpc-server-test-admin-token-0123456789"
 
 
 def config(profiles: Path, **kw: Any) -> ServeConfig:
@@ -34,6 +35,7 @@ def config(profiles: Path, **kw: Any) -> ServeConfig:
         "admin": "127.0.0.1:0",
         "agent": "billing-agent",
         "poll_seconds": 0.2,
+        "admin_token": TOKEN,  # readiness details (`/readyz?verbose=1`) need it
     }
     return ServeConfig(**(base | kw))
 
@@ -60,9 +62,12 @@ def channel(sidecar: Sidecar) -> Iterator[grpc.Channel]:
         ch.close()
 
 
-def http_get(port: int, path: str) -> tuple[int, bytes]:
+def http_get(port: int, path: str, token: str | None = TOKEN) -> tuple[int, bytes]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
-        with _NO_PROXY.open(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        with _NO_PROXY.open(req, timeout=5) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -140,7 +145,11 @@ def test_admin_health_readiness_and_metrics(
     assert status == 200
     assert json.loads(body) == {"status": "alive"}
 
-    status, body = http_get(sidecar.admin_port, "/readyz")
+    status, body = http_get(sidecar.admin_port, "/readyz", token=None)
+    assert (status, json.loads(body)) == (200, {"ready": True})  # open: no details
+    status, _ = http_get(sidecar.admin_port, "/readyz?verbose=1", token=None)
+    assert status == 401
+    status, body = http_get(sidecar.admin_port, "/readyz?verbose=1")
     assert status == 200
     ready = json.loads(body)
     assert ready["ready"] is True
@@ -178,7 +187,7 @@ def test_profile_edit_reaches_readiness_and_checks(
     stub = external_auth_pb2_grpc.AuthorizationStub(channel)
     req = make_check(path="/v1/ledger/admin/purge")
     assert stub.Check(req, timeout=5).status.code == code_pb2.PERMISSION_DENIED
-    first = json.loads(http_get(sidecar.admin_port, "/readyz")[1])["profiles"]["version"]
+    first = json.loads(http_get(sidecar.admin_port, "/readyz?verbose=1")[1])["profiles"]["version"]
 
     # lift the deny rule: the same call is allowed once the reload is in force
     agents = profiles_dir / "agents.yaml"
@@ -189,17 +198,20 @@ def test_profile_edit_reaches_readiness_and_checks(
     wait_for(
         lambda: stub.Check(req, timeout=5).status.code == code_pb2.OK, what="reload of the edit"
     )
-    ready = json.loads(http_get(sidecar.admin_port, "/readyz")[1])
+    ready = json.loads(http_get(sidecar.admin_port, "/readyz?verbose=1")[1])
     assert ready["profiles"]["version"] != first
     assert ready["profiles"]["ok"] is True
 
     # a broken edit: still ready and still enforcing the last good version, but not ok
     agents.write_text(edited.replace("defaultPurpose: reconcile", "defaultPurpose: [oops"))
     wait_for(
-        lambda: json.loads(http_get(sidecar.admin_port, "/readyz")[1])["profiles"]["ok"] is False,
+        lambda: (
+            json.loads(http_get(sidecar.admin_port, "/readyz?verbose=1")[1])["profiles"]["ok"]
+            is False
+        ),
         what="failed reload visible in /readyz",
     )
-    status, body = http_get(sidecar.admin_port, "/readyz")
+    status, body = http_get(sidecar.admin_port, "/readyz?verbose=1")
     assert status == 200
     ready = json.loads(body)
     assert ready["ready"] is True

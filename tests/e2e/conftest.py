@@ -10,6 +10,9 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +112,35 @@ class Stack:
              f"127.0.0.1:{self.mandate.admin_port}", "--token-file", str(self.token_file)],
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
+
+    def readyz(self) -> tuple[int, dict[str, Any]]:
+        """`/readyz?verbose=1`: the status code and the details (they need the admin token)."""
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.mandate.admin_port}/readyz?verbose=1",
+            headers={"Authorization": f"Bearer {self.token_file.read_text().strip()}"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return int(resp.status), json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def audit_record(self, trace: str) -> dict[str, Any]:
+        """The one audit record of ``trace`` (`mandate audit query`, from `tmp/audit`;
+        bounded wait: the worker writes it off the Check path)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            out = subprocess.run(
+                [sys.executable, "-m", "sidecar", "audit", "query", str(self.tmp / "audit"),
+                 "--trace-id", trace],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            lines = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+            if lines:
+                assert len(lines) == 1, lines
+                return lines[0]  # type: ignore[no-any-return]
+            time.sleep(0.2)
+        raise AssertionError(f"no audit record for trace {trace}")
 
     def port(self, agent: str) -> int:
         return self.envoy.listeners[f"egress-{agent}"]

@@ -19,9 +19,6 @@ from __future__ import annotations
 import json
 import socket
 import struct
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,24 +38,6 @@ def audited(tmp_path_factory: pytest.TempPathFactory, transport: str) -> Iterato
     stack = start_stack(tmp, transport=transport, extra=["--audit-dir", str(tmp / "audit")])
     yield stack
     stop_stack(stack)
-
-
-def _audit_record(stack: Stack, trace: str) -> dict[str, Any]:
-    """The one audit record of ``trace`` (`mandate audit query`; the worker writes it off
-    the Check path, so wait a little)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        out = subprocess.run(
-            [sys.executable, "-m", "sidecar", "audit", "query", str(stack.tmp / "audit"),
-             "--trace-id", trace],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
-        lines = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
-        if lines:
-            assert len(lines) == 1, lines
-            return lines[0]  # type: ignore[no-any-return]
-        time.sleep(0.2)
-    raise AssertionError(f"no audit record for trace {trace}")
 
 
 def _traceparent(n: int) -> tuple[str, str]:
@@ -229,7 +208,7 @@ def test_method_and_url_override_headers_are_denied(audited: Stack, name: str, v
     assert deny["error"] == "bad_request" and name.lower() in deny["reason"], deny
     assert f"x-mandate-decision: {deny['decision']}".encode() in head.lower()
     assert _arrived(stack, since) == []
-    record = _audit_record(stack, trace)
+    record = stack.audit_record(trace)
     assert (record["decision"], record["code"], record["decision_id"]) == (
         "deny", "bad_request", deny["decision"],
     )  # fmt: skip
@@ -258,7 +237,7 @@ def test_an_http2_method_not_in_upper_case_is_denied_alike_on_both_transports(
     assert deny["reason"].startswith(f"method {method!r} is not in upper case"), deny
     assert deny["trace_id"] == trace
     assert _arrived(stack, since) == []
-    record = _audit_record(stack, trace)
+    record = stack.audit_record(trace)
     assert (record["decision"], record["code"], record["decision_id"]) == (
         "deny", "bad_request", deny["decision"],
     )  # fmt: skip
@@ -277,7 +256,7 @@ def test_an_http2_method_aiohttp_does_not_know_is_decided_like_any_other(audited
     status, body = h2_request(port, "FOO", LEDGER, ALLOWED_PATH, {"traceparent": parent})
     deny = _deny_body(status, body)
     assert (deny["error"], deny["reason"]) == ("outside_purpose", "outside purpose 'reconcile'")
-    record = _audit_record(stack, trace)
+    record = stack.audit_record(trace)
     assert (record["method"], record["code"]) == ("FOO", "outside_purpose")
     # And the next call on the same Envoy is decided as usual (allowed, over HTTP/2 too).
     status, body = h2_request(port, "GET", LEDGER, ALLOWED_PATH)

@@ -160,16 +160,6 @@ def _admin(stack: Stack, method: str, path: str, body: object = None) -> tuple[i
         return exc.code, json.loads(exc.read() or b"null")
 
 
-def _readyz(stack: Stack) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{stack.mandate.admin_port}/readyz", timeout=5
-        ) as resp:
-            return int(resp.status), json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name("." + path.name + ".tmp")
     tmp.write_text(text)
@@ -545,7 +535,7 @@ def kube_stack(tmp_path: Path, kubeconfig: Path) -> Iterator[Stack]:  # noqa: F8
         extra=["--kubernetes", "on", "--kubeconfig", str(kubeconfig), "--pod-name", "flappy"],
     )
     try:
-        _wait("first sync", lambda: _readyz(stack)[0] == 200)
+        _wait("first sync", lambda: stack.readyz()[0] == 200)
         yield stack
     finally:
         stop_stack(stack)
@@ -569,7 +559,7 @@ def _connected_metric(stack: Stack) -> float:
 
 
 def _kube_status(stack: Stack) -> dict[str, Any]:
-    code, body = _readyz(stack)
+    code, body = stack.readyz()
     assert code == 200 and body["ready"] is True, body  # the last known state is enforced
     kube: dict[str, Any] = body["kubernetes"]
     return kube

@@ -3,7 +3,6 @@ decision span and the upstream call are one trace, received over real OTLP/gRPC.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -79,7 +78,7 @@ def test_decision_span_is_a_child_of_envoys_span_in_the_requests_trace(
     assert envoy and envoy[0].trace_id == trace
     assert span.parent_span_id != "00f067aa0ba902b7"  # not the agent's span: Envoy's
     # The audit record says who, what and why, with the same decision id and trace id.
-    record = _audit_record(stack, trace)
+    record = stack.audit_record(trace)
     assert record["decision_id"] == decision_id
     assert (record["agent"], record["owner"], record["pod"]) == (
         "billing-agent", "finance-platform", "agent-pod-1",
@@ -95,24 +94,6 @@ def test_decision_span_is_a_child_of_envoys_span_in_the_requests_trace(
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert verify.returncode == 0, verify.stdout + verify.stderr
-
-
-def _audit_record(stack: Stack, trace: str) -> dict[str, object]:
-    """The audit record of a trace, through `mandate audit query` (bounded wait: the worker
-    writes off the Check path)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        out = subprocess.run(
-            [sys.executable, "-m", "sidecar", "audit", "query", str(stack.tmp / "audit"),
-             "--trace-id", trace],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
-        lines = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
-        if lines:
-            assert len(lines) == 1, lines
-            return lines[0]  # type: ignore[no-any-return]
-        time.sleep(0.2)
-    raise AssertionError(f"no audit record for trace {trace}")
 
 
 def test_denied_call_has_a_span_with_the_reason(traced: tuple[Stack, OtlpReceiver]) -> None:
@@ -131,7 +112,7 @@ def test_denied_call_has_a_span_with_the_reason(traced: tuple[Stack, OtlpReceive
     assert spans and spans[0].attributes["mandate.decision"] == "deny"
     assert spans[0].attributes["mandate.decision_id"] == body["decision"]
     assert spans[0].attributes["mandate.code"] == "denied_by_rule"
-    record = _audit_record(stack, trace)
+    record = stack.audit_record(trace)
     assert (record["decision"], record["decision_id"]) == ("deny", body["decision"])
     assert record["code"] == "denied_by_rule" and record["rule"] == "reconcile.deny[0]"
 

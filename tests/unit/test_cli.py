@@ -225,3 +225,68 @@ def test_revoke_expiry_forms() -> None:
     assert _expires(" 2026-12-01T00:00:00.5Z ") == "2026-12-01T00:00:00.5Z"
     end = parse_rfc3339(_expires("30m"))
     assert end is not None and _expires("30m").endswith("Z")
+
+
+class _FailingAdmin:
+    """An admin API whose state file cannot be written: every revoke and restore is a 500
+    `state_not_durable`, as sidecar/admin.py answers it."""
+
+    FILE = "/var/lib/mandate/revocations.json"
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _fail(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                body = json.dumps(
+                    {
+                        "error": "state_not_durable",
+                        "message": f"cannot write {outer.FILE}: Read-only file system (EROFS)",
+                        "file": outer.FILE,
+                        "os_error": "Read-only file system (EROFS)",
+                    }
+                ).encode()
+                self.send_response(500)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_DELETE = _fail
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(
+    "command", [["revoke", "billing-agent", "--reason", "r"], ["restore", "billing-agent"]]
+)
+def test_revoke_and_restore_that_are_not_durable_exit_3_with_the_message(
+    command: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Issue 15, finding 6: `mandate revoke` said 0 while nothing was persisted. A 5xx is
+    the sidecar failing, not the operator's bad input: exit 3, and stderr says why."""
+    admin = _FailingAdmin()
+    token = tmp_path / "token"
+    token.write_text("t" * 32 + "\n")
+    try:
+        code = main([*command, "--admin", f"127.0.0.1:{admin.port}", "--token-file", str(token)])
+    finally:
+        admin.close()
+    out, err = capsys.readouterr()
+    assert code == 3
+    assert json.loads(out)["error"] == "state_not_durable"
+    assert "HTTP 500" in err and _FailingAdmin.FILE in err and "Read-only file system" in err

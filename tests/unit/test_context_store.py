@@ -8,16 +8,22 @@ operator, maxDuration 10m, justification required) plus an auto elevation added 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sidecar.context_store import ContextStore
+from sidecar import metrics
+from sidecar.context_store import (
+    MAX_FINISHED_PER_AGENT,
+    MAX_TASKS_PER_AGENT,
+    MAX_TTL,
+    ContextStore,
+)
 from sidecar.core import load_profiles
-from sidecar.core.context import Approval
-from sidecar.errors import ConfigError, ContextError
+from sidecar.core.context import Approval, ContextTable, Grant, RiskState, TaskBinding
+from sidecar.core.decide import RequestView, decide
+from sidecar.errors import ConfigError, ContextError, StateWriteError
 from sidecar.shm import SharedContext
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "profiles"
@@ -124,7 +130,9 @@ def test_operator_elevation_stays_pending_until_approved(h: Harness) -> None:
         ("refund", "why", 601, "INVALID_ARGUMENT", "exceeds maxDuration 10m"),
         ("refund", "why", -1, "INVALID_ARGUMENT", "positive"),
         ("refund", "why", float("nan"), "INVALID_ARGUMENT", "positive"),
-        ("refund", "x" * 2001, None, "INVALID_ARGUMENT", "at most 2000"),
+        ("refund", "x" * 1025, None, "INVALID_ARGUMENT", "at most 1024"),
+        ("refund", "why", 1e300, "INVALID_ARGUMENT", "positive"),
+        ("refund", "why", float("inf"), "INVALID_ARGUMENT", "positive"),
         ("nope", "why", None, "NOT_FOUND", "no elevation 'nope'"),
     ],
 )
@@ -295,10 +303,12 @@ def test_tasks_are_checked_and_bounded(h: Harness) -> None:
     with pytest.raises(ContextError, match="ttl"):
         h.store.report_task("billing-agent", NS, "T-3", "report", 0)
     unpersisted = ContextStore(h.shared, None, lambda: h.snapshot, clock=h.clock)
-    for i in range(1005):
+    for i in range(100):
         h.clock.t += 0.001
         unpersisted.report_task("billing-agent", NS, f"bulk-{i}", "report", None)
-    assert len(unpersisted.tasks(NS, "billing-agent")) == 1000
+    kept = unpersisted.tasks(NS, "billing-agent")
+    assert len(kept) == MAX_TASKS_PER_AGENT == 64
+    assert kept[0].task == "bulk-36" and kept[-1].task == "bulk-99"  # its own oldest went
 
 
 def test_state_survives_a_restart(h: Harness) -> None:
@@ -338,15 +348,242 @@ def test_a_corrupt_state_file_is_refused_naming_the_file(h: Harness, content: st
         h.new_store().load_persisted()
 
 
-def test_reader_sees_an_empty_context_when_the_table_overflows(
+def test_reader_of_an_overflowed_table_sees_no_rights_and_maximum_risk(
+    tmp_path: Path, profiles: Path
+) -> None:
+    """Only when not even the risk scores fit: the readers fail closed on every count
+    (no grant, no task, risk deny), where before the risk became unknown (no risk deny)."""
+    h = Harness(tmp_path, profiles)
+    small = SharedContext.create(tmp_path / "small", size=600)
+    reader = SharedContext.attach(tmp_path / "small")
+    tasks = [TaskBinding("billing-agent", NS, f"task-{i}", "report", T0) for i in range(20)]
+    small.write(ContextTable.build(0, (), tasks, ()))
+    assert small.overflowed
+    table = reader.read()
+    assert table.tasks == () and table.active_grants(NS, "billing-agent", T0) == ()
+    risk = table.risk(NS, "billing-agent")
+    assert risk is not None and risk.score == 1.0 and not risk.learning
+    view = RequestView(
+        decision_id="d1", method="GET", authority="ledger.finance.svc.cluster.local",
+        path="/v1/invoices/7", configured_agent="billing-agent", namespace=NS,
+    )  # fmt: skip
+    assert decide(h.snapshot, view, T0).allowed  # the call itself is allowed...
+    denied = decide(h.snapshot, view, T0, context=table)
+    assert (denied.allowed, denied.code) == (False, "risk")  # ...but not with risk unknown
+
+
+# -- issue 15, finding 2: everything an agent can create is bounded -------------------------
+
+LONG = "x" * 1024
+
+
+def test_repeated_auto_requests_store_nothing_new(h: Harness) -> None:
+    first = h.store.request_elevation("billing-agent", NS, "read-audit", LONG, None)
+    for _ in range(2000):  # the review's flood: ~1,900 filled the table
+        again = h.store.request_elevation("billing-agent", NS, "read-audit", LONG, None)
+        assert again == first  # the same request: not a new one, not extended
+    assert len(h.store.grants()) == 1 and len(h.store.requests()) == 1
+    assert h.kinds() == ["elevation_requested", "elevation_granted"]
+    assert h.state.stat().st_size < 8 * 1024
+    # Once it has run out, the agent may ask again: a new grant.
+    h.clock.t = (first.expires_at or 0) + 1
+    h.store.prune()
+    renewed = h.store.request_elevation("billing-agent", NS, "read-audit", "", None)
+    assert renewed.id != first.id and renewed.state == "granted"
+
+
+def test_finished_requests_are_bounded_per_agent(h: Harness) -> None:
+    for _ in range(100):
+        h.store.request_elevation("billing-agent", NS, "read-audit", LONG, 1)
+        h.clock.t += 2
+        h.store.prune()  # the grant expires: its request is finished
+    finished = [r for r in h.store.requests() if r.state == "expired"]
+    assert len(finished) <= MAX_FINISHED_PER_AGENT
+    assert h.state.stat().st_size < 64 * 1024
+
+
+def test_one_agent_flooding_within_its_bounds_fits_the_default_table(h: Harness) -> None:
+    for i in range(1000):
+        h.clock.t += 0.001
+        h.store.report_task("billing-agent", NS, f"{i:04d}" + "t" * 124, "report", None)
+        h.store.request_elevation("billing-agent", NS, "read-audit", LONG, None)
+    h.store.report_task("research-agent", NS, "lit-1", "tool-use", None)
+    table = h.reader.read()
+    assert table.complete and len(table.tasks) == MAX_TASKS_PER_AGENT + 1
+    assert table.task(NS, "research-agent", "lit-1", h.clock.t) is not None
+    assert len(table.active_grants(NS, "billing-agent", h.clock.t)) == 1
+    health = h.store.health()
+    assert health["table"]["withheld"] == [] and not health["table"]["overflow"]
+    assert health["table"]["bytes"] < 64 * 1024  # of 4 MiB: ~65 agents at their worst fit
+
+
+def test_a_full_table_withholds_only_the_agent_that_fills_it(
     tmp_path: Path, profiles: Path
 ) -> None:
     h = Harness(tmp_path, profiles)
-    small = SharedContext.create(tmp_path / "small", size=600)
-    store = ContextStore(small, None, lambda: h.snapshot, clock=h.clock)
+    small = SharedContext.create(tmp_path / "small", size=4096)
     reader = SharedContext.attach(tmp_path / "small")
-    for i in range(20):
-        store.report_task("billing-agent", NS, f"task-{i}", "report", None)
-    assert small.overflowed
-    assert reader.read().tasks == ()
-    shutil.rmtree(tmp_path / "profiles", ignore_errors=True)
+    store = ContextStore(small, h.state, lambda: h.snapshot, clock=h.clock)
+    store.load_persisted()
+    store.set_risks(
+        [RiskState("billing-agent", NS, 0.5, "new hosts"), RiskState("research-agent", NS, 0.1)]
+    )
+    store.report_task("research-agent", NS, "lit-1", "tool-use", None)
+    refused = 0
+    for i in range(64):
+        h.clock.t += 0.001
+        try:
+            store.report_task("billing-agent", NS, f"{i:04d}" + "t" * 124, "report", None)
+        except ContextError as exc:
+            assert exc.status == "RESOURCE_EXHAUSTED" and "table is full" in str(exc)
+            refused += 1
+    assert refused  # the flood hit the table: refused, not stored unseen...
+    table = reader.read()
+    assert table.task(NS, "research-agent", "lit-1", h.clock.t) is not None  # ...others unhurt
+    stored = store.tasks(NS, "billing-agent")
+    assert stored and all(table.task(NS, "billing-agent", t.task, h.clock.t) for t in stored)
+    # The other agent's next change still fits: the agent with the largest share is withheld.
+    store.report_task("research-agent", NS, "lit-2" + "r" * 120, "tool-use", None)
+    table = reader.read()
+    assert table.task(NS, "research-agent", "lit-1", h.clock.t) is not None
+    assert table.task(NS, "research-agent", "lit-2" + "r" * 120, h.clock.t) is not None
+    assert table.task(NS, "billing-agent", stored[0].task, h.clock.t) is None  # fail closed
+    billing_risk = table.risk(NS, "billing-agent")  # risk scores are never withheld
+    assert billing_risk is not None and billing_risk.score == 0.5
+    assert store.health()["table"]["withheld"] == [f"{NS}/billing-agent"]
+    sample = metrics.REGISTRY.get_sample_value(
+        "mandate_context_withheld", {"agent": "billing-agent"}
+    )
+    assert sample == 1.0
+    with pytest.raises(ContextError) as exc:
+        store.report_task("billing-agent", NS, "more", "report", None)
+    assert exc.value.status == "RESOURCE_EXHAUSTED"
+    # Its tasks end: it has room again.
+    for t in stored:
+        store._tasks.pop((NS, "billing-agent", t.task))  # as if they had expired
+    store.report_task("billing-agent", NS, "after", "report", None)
+    assert store.health()["table"]["withheld"] == []
+    assert reader.read().task(NS, "billing-agent", "after", h.clock.t) is not None
+    assert (
+        metrics.REGISTRY.get_sample_value("mandate_context_withheld", {"agent": "billing-agent"})
+        == 0.0
+    )
+
+
+def test_a_state_file_from_before_the_bounds_is_trimmed_at_load(h: Harness) -> None:
+    grants = [
+        Grant(f"grant-{i}", "billing-agent", NS, "read-audit", T0 - 10, T0 + 100 + i, "auto",
+              "x" * 2000, "auto", f"elev-{i}").as_dict()
+        for i in range(1900)
+    ]  # fmt: skip
+    requests = [
+        {"id": f"elev-{i}", "agent": "billing-agent", "namespace": NS, "elevation": "read-audit",
+         "justification": "x" * 2000, "requested_at": T0 - 10, "duration": 120.0,
+         "state": "granted", "approval": "auto", "grant_id": f"grant-{i}",
+         "expires_at": T0 + 100 + i, "approver": "auto"}
+        for i in range(1900)
+    ]  # fmt: skip
+    tasks = [
+        TaskBinding("billing-agent", NS, f"t-{i}", "report", T0 - i).as_dict() for i in range(500)
+    ]
+    doc = {"version": 1, "tasks": tasks, "requests": requests, "grants": grants, "approvals": {}}
+    h.state.write_text(json.dumps(doc))
+    store = h.new_store()
+    assert store.load_persisted() == MAX_TASKS_PER_AGENT + 2
+    (g,) = store.grants()
+    assert g.id == "grant-1899"  # the one that lasts longest
+    assert len(h.reader.read().tasks) == MAX_TASKS_PER_AGENT
+    assert h.state.stat().st_size < 64 * 1024  # rewritten trimmed
+
+
+# -- issue 15, finding 3: numbers are checked before anything is stored, and nothing is
+# stored unless it is also audited and persisted ---------------------------------------------
+
+
+@pytest.mark.parametrize("ttl", [1e300, float("inf"), float("nan"), -1.0, MAX_TTL + 1])
+def test_a_ttl_that_is_not_a_sane_number_of_seconds_stores_nothing(h: Harness, ttl: float) -> None:
+    with pytest.raises(ContextError, match="ttl") as exc:
+        h.store.report_task("billing-agent", NS, "INC-1", "report", ttl)
+    assert exc.value.status == "INVALID_ARGUMENT"
+    assert h.store.tasks(NS, "billing-agent") == [] and h.reader.read().tasks == ()
+    assert h.events == [] and not h.state.exists()
+
+
+def test_the_longest_ttl_is_accepted_and_audited(h: Harness) -> None:
+    b = h.store.report_task("billing-agent", NS, "INC-1", "report", MAX_TTL)
+    assert b.expires_at == T0 + MAX_TTL
+    assert h.kinds() == ["task_reported"] and h.events[0]["expires"]
+
+
+class AuditDown(Exception):
+    pass
+
+
+def test_nothing_is_stored_when_its_audit_record_cannot_be_written(h: Harness) -> None:
+    def fail(_: dict[str, Any]) -> None:
+        raise AuditDown("audit refused the record")
+
+    h.store._audit = fail
+    with pytest.raises(AuditDown):
+        h.store.report_task("billing-agent", NS, "INC-1", "report", 60)
+    with pytest.raises(AuditDown):
+        h.store.request_elevation("billing-agent", NS, "read-audit", "", None)
+    assert h.store.tasks(NS, "billing-agent") == [] and h.store.grants() == []
+    assert h.store.requests() == []
+    table = h.reader.read()
+    assert table.tasks == () and table.grants == ()
+    assert not h.state.exists() or json.loads(h.state.read_text())["tasks"] == []
+    restarted = h.new_store()
+    restarted.load_persisted()
+    assert restarted.tasks(NS, "billing-agent") == [] and restarted.grants() == []
+
+
+def test_an_unwritable_state_file_fails_every_change_and_undoes_it(h: Harness) -> None:
+    blocker = h.tmp / "state-dir"
+    blocker.write_text("a file where the state directory should be")  # ENOTDIR, even as root
+    store = ContextStore(
+        h.shared, blocker / "context.json", lambda: h.snapshot, clock=h.clock,
+        audit=h.events.append,
+    )  # fmt: skip
+    # The agent's change: UNAVAILABLE, nothing stored.
+    with pytest.raises(ContextError) as exc:
+        store.report_task("billing-agent", NS, "INC-1", "report", 60)
+    assert exc.value.status == "UNAVAILABLE"
+    assert store.tasks(NS, "billing-agent") == [] and h.reader.read().tasks == ()
+    # An operator's approval: StateWriteError (the admin API answers 500), nothing granted.
+    approval = Approval(
+        key="admin:x", agent="billing-agent", namespace=NS, elevation="refund", approver="al",
+        approved_at=T0, duration=60.0, source="admin", name="x",
+    )  # fmt: skip
+    with pytest.raises(StateWriteError, match=r"context\.json"):
+        store.approve(approval)
+    assert store.grants() == [] and store.requests() == []
+    assert h.reader.read().active_grants(NS, "billing-agent", T0) == ()
+    assert h.events == []  # nothing audited as granted
+    persistence = store.health()["persistence"]
+    assert persistence["durable"] is False and persistence["failures"] == 2
+    assert "Not a directory" in persistence["error"]
+    durable = metrics.REGISTRY.get_sample_value("mandate_state_durable", {"file": "context"})
+    assert durable == 0.0
+    # The volume is fixed: the next change is durable, and so says health.
+    blocker.unlink()
+    blocker.mkdir()
+    state, *_ = store.approve(approval)
+    assert state == "Granted" and store.health()["persistence"]["durable"] is True
+    assert metrics.REGISTRY.get_sample_value("mandate_state_durable", {"file": "context"}) == 1.0
+
+
+def test_a_failed_write_after_expiry_keeps_the_expiry_and_is_retried(h: Harness) -> None:
+    h.store.request_elevation("billing-agent", NS, "read-audit", "", 10)
+    h.state.unlink()
+    h.state.mkdir()  # the file can no longer be replaced
+    h.clock.t += 11
+    h.store.prune()
+    assert h.store.grants() == []  # rights taken away stay taken away
+    assert h.reader.read().active_grants(NS, "billing-agent", h.clock.t) == ()
+    assert h.store.health()["persistence"]["durable"] is False
+    h.state.rmdir()
+    h.store._persist_retry_at = 0.0
+    h.store.prune()
+    assert h.store.health()["persistence"]["durable"] is True
+    assert json.loads(h.state.read_text())["grants"] == []

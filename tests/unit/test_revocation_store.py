@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from sidecar.core.revocation import Revocation, make_key
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, StateWriteError
 from sidecar.revocations import STATE_VERSION, Change, RevocationStore
 from sidecar.shm import SharedTable
 
@@ -450,3 +450,93 @@ def test_listener_may_read_the_store(store: RevocationStore) -> None:
     store.upsert(rev("a"))
     store.upsert(rev("b"))
     assert counts == [1, 2]
+
+
+# -- durability (issue 15, finding 6) ------------------------------------------------------------
+# A root test process ignores read-only permissions: the write is made to fail by putting a
+# directory where the store's temporary file goes (open() then fails with EISDIR for anyone).
+
+
+def _block(state: Path) -> Path:
+    blocker = state.with_name(f".{state.name}.tmp")
+    blocker.mkdir()
+    return blocker
+
+
+def test_operator_revoke_that_cannot_be_persisted_raises_but_stays_enforced(
+    store: RevocationStore, state: Path, reader: SharedTable, clock: Clock
+) -> None:
+    store.upsert(rev("a"))
+    blocker = _block(state)
+    with pytest.raises(StateWriteError) as err:
+        store.upsert(rev("b"), durable=True)
+    assert err.value.code == "state_not_durable"
+    assert err.value.file == str(state) and "EISDIR" in err.value.os_error
+    assert str(state) in str(err.value)
+    assert reader.read().find(NS, "b", NOW) == rev("b")  # fail closed: in force all the same
+    assert persisted(state) == [rev("a")]
+    assert store.persistence() == {
+        "durable": False,
+        "file": str(state),
+        "error": err.value.os_error,
+        "since": NOW,
+        "failures": 1,
+    }
+    # The operator retries the same revocation: still not durable, still an error.
+    with pytest.raises(StateWriteError):
+        store.upsert(rev("b"), durable=True)
+    assert store.persistence()["failures"] == 2
+    # The volume is fixed: the retry (nothing new to publish) writes it and says durable.
+    blocker.rmdir()
+    assert store.upsert(rev("b"), durable=True) is False
+    assert persisted(state) == [rev("a"), rev("b")]
+    assert store.persistence() == {"durable": True, "file": str(state), "error": None}
+
+
+def test_operator_restore_that_cannot_be_persisted_changes_nothing(
+    store: RevocationStore, state: Path, reader: SharedTable, changes: list[Change]
+) -> None:
+    store.upsert(rev("a"))
+    generation, seen = store.generation, len(changes)
+    blocker = _block(state)
+    with pytest.raises(StateWriteError):
+        store.remove_matching(lambda r: r.agent == "a", durable=True)
+    # Revoked now and after a restart alike: never "allowed now, revoked again later".
+    assert keys(store.entries()) == keys([rev("a")])
+    assert reader.read().find(NS, "a", NOW) == rev("a")
+    assert persisted(state) == [rev("a")]
+    assert (store.generation, len(changes)) == (generation, seen)
+    assert store.persistence()["durable"] is False
+    blocker.rmdir()
+    assert store.remove_matching(lambda r: r.agent == "a", durable=True) == [rev("a")]
+    assert reader.read().find(NS, "a", NOW) is None
+    assert persisted(state) == []
+    assert store.persistence()["durable"] is True
+
+
+def test_watcher_writes_go_on_and_the_failure_is_kept_until_a_write_succeeds(
+    store: RevocationStore, state: Path, reader: SharedTable
+) -> None:
+    told: list[StateWriteError | None] = []
+    store._on_persist = told.append
+    blocker = _block(state)
+    kube = rev("k", source="kubernetes")
+    assert store.replace_source("kubernetes", [kube]) == (1, 0)  # no exception: the watcher
+    assert reader.read().find(NS, "k", NOW) == kube
+    assert store.persistence()["durable"] is False
+    assert isinstance(told[-1], StateWriteError)
+    assert store.flush() is not None  # still blocked
+    blocker.rmdir()
+    assert store.flush() is None
+    assert persisted(state) == [kube]
+    assert store.persistence()["durable"] is True and told[-1] is None
+    assert store.flush() is None  # nothing to do once durable
+
+
+def test_unwritable_state_at_start_is_visible(table: SharedTable, tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "state"
+    not_a_dir.write_text("a file where the state directory should be")
+    store = RevocationStore(table, not_a_dir / "revocations.json")
+    store.load_persisted()
+    status = store.persistence()
+    assert status["durable"] is False and "ENOTDIR" in status["error"]

@@ -1,0 +1,161 @@
+"""Issue 15, findings 2 and 3, end to end: one agent floods the context API as a compromised
+agent would (about 2,000 `approval: auto` RequestElevation calls with long justifications,
+tasks with absurd TTLs, many distinct tasks) while mandate serves two agents through real
+Envoy, on both transports. The other agent's reported task, and the flooding agent's own
+grant, task and purpose calls, keep working; nothing the flood sent grows the state file
+without bound; readiness details say the table has room and the state is durable.
+
+Before the bounds, the auto grants filled the shared context table: from then on no task and
+no grant reached the workers (every agent's task calls 200 -> 403), and a TTL of 1e300 was
+stored and enforced although the agent got INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.client import AgentContext
+from sidecar.errors import ContextError
+
+from .conftest import DEMO_PROFILES, Stack, start_stack, stop_stack
+
+EXPORT = "http://ledger.finance.svc.cluster.local/v1/exports/2026-11"
+INVOICE = "http://ledger.finance.svc.cluster.local/v1/invoices/7"
+REPORT = "http://reports.finance.svc.cluster.local/v1/reports/november"
+MCP = "http://mcp.tools.svc.cluster.local/mcp"
+SEARCH = json.dumps(
+    {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "search_papers", "arguments": {"q": "x"}},
+    }
+).encode()
+
+AUTO = """  elevations:                         # temporary extra rights, asked for at run time
+    ledger-export:
+      description: Export the month's ledger for the auditors
+      approval: auto
+      maxDuration: 10m
+      allow:
+        - hosts: [ledger.finance.svc.cluster.local]
+          methods: [GET]
+          paths: ["/v1/exports/*"]
+"""
+
+
+@pytest.fixture
+def two_agents(tmp_path: Path, transport: str) -> Iterator[tuple[Stack, str, str]]:
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    text = (DEMO_PROFILES / "agents.yaml").read_text()
+    marker = (
+        "  elevations:                         # temporary extra rights, asked for at run time\n"
+    )
+    assert marker in text
+    (profiles / "agents.yaml").write_text(text.replace(marker, AUTO, 1))
+    sockets = tmp_path / "ctx"
+    sockets.mkdir()
+    billing, research = sockets / "billing.sock", sockets / "research.sock"
+    stack = start_stack(
+        tmp_path,
+        profiles=profiles,
+        transport=transport,
+        extra=[
+            "--context-api", f"billing-agent=unix:{billing}",
+            "--context-api", f"research-agent=unix:{research}",
+        ],
+    )  # fmt: skip
+    try:
+        yield stack, f"unix:{billing}", f"unix:{research}"
+    finally:
+        stop_stack(stack)
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+async def _flood(calls: list[Callable[[], Awaitable[Any]]], batch: int = 8) -> dict[str, int]:
+    """Run ``calls`` a few at a time (the listener's own concurrency limit is 16); count the
+    outcomes by gRPC status name."""
+    outcomes: dict[str, int] = {}
+    for i in range(0, len(calls), batch):
+        results = await asyncio.gather(*(c() for c in calls[i : i + batch]), return_exceptions=True)
+        for r in results:
+            name = r.status if isinstance(r, ContextError) else type(r).__name__
+            if isinstance(r, BaseException) and not isinstance(r, ContextError):
+                raise r
+            outcomes[name] = outcomes.get(name, 0) + 1
+    return outcomes
+
+
+def test_one_agent_flooding_the_context_api_stops_no_one(
+    two_agents: tuple[Stack, str, str],
+) -> None:
+    stack, billing_api, research_api = two_agents
+    task = {"x-mandate-task": "close-nov"}
+    lit = {"x-mandate-task": "lit-1", "content-type": "application/json"}
+
+    async def setup() -> Any:
+        async with AgentContext(research_api) as research, AgentContext(billing_api) as billing:
+            await research.report_task("lit-1", "tool-use")
+            await billing.report_task("close-nov", "report", ttl=600)
+            return await billing.request_elevation("ledger-export", "auditors asked")
+
+    granted = asyncio.run(setup())
+    assert granted.state == "granted"
+    assert stack.call("research-agent", "POST", MCP, lit, SEARCH).status == 200
+    assert stack.call("billing-agent", "GET", EXPORT).status == 200
+
+    async def flood() -> dict[str, int]:
+        async with AgentContext(billing_api) as ctx:
+            calls: list[Callable[[], Awaitable[Any]]] = []
+            for _ in range(2000):  # the review's flood (2,000-character justifications)
+                calls.append(lambda: ctx.request_elevation("ledger-export", "j" * 2000))
+                calls.append(lambda: ctx.request_elevation("ledger-export", "k" * 1024))
+            for i in range(200):
+                calls.append(lambda i=i: ctx.report_task(f"flood-{i}", "report", ttl=1e300))
+                calls.append(lambda i=i: ctx.report_task(f"bulk-{i:03d}" + "t" * 119, "report"))
+            return await _flood(calls)
+
+    outcomes = asyncio.run(flood())
+
+    # The other agent's task still selects its purpose...
+    resp = stack.call("research-agent", "POST", MCP, lit, SEARCH)
+    assert resp.status == 200, resp.body
+    assert resp.json()["mcp"]["result"]  # only purpose tool-use, selected by the task, allows it
+    # ...and the flooding agent's own grant and purposes still work.
+    resp = stack.call("billing-agent", "GET", EXPORT)
+    assert resp.status == 200, resp.body
+    assert stack.call("billing-agent", "GET", INVOICE).status == 200
+    # Refused at the boundary: the over-long justifications and the absurd TTLs (a TTL of
+    # 1e300 was stored and enforced while the agent got INTERNAL).
+    assert outcomes.get("INVALID_ARGUMENT") == 2000 + 200, outcomes
+    assert "INTERNAL" not in outcomes
+
+    async def after() -> Any:
+        async with AgentContext(billing_api) as ctx:
+            again = await ctx.request_elevation("ledger-export", "once more")
+            # Its own tasks are bounded: the flood pushed out its oldest, so it reports the
+            # one it works on again (an agent that floods only harms itself).
+            await ctx.report_task("close-nov", "report", ttl=600)
+            return again, await ctx.status()
+
+    again, status = asyncio.run(after())
+    assert again.id == granted.id and again.expires_at == granted.expires_at  # not extended
+    assert [g.elevation for g in status.grants] == ["ledger-export"]
+    assert len(status.tasks) <= 64 and not any(t.task_id.startswith("flood-") for t in status.tasks)
+    resp = stack.call("billing-agent", "PUT", REPORT, headers=task, body=b"{}")
+    assert resp.status == 200, resp.body
+
+    _, ready = stack.readyz()
+    assert ready["ready"] is True
+    context = ready["context"]
+    assert context["table"]["withheld"] == [] and context["table"]["overflow"] is False
+    assert context["persistence"]["durable"] is True
+    assert (stack.tmp / "state" / "context.json").stat().st_size < 256 * 1024
