@@ -188,9 +188,16 @@ class RevocationAPI:
                 visible_at=self._store.visible_at,
             )
         written = {"generation": self._store.generation, "visible_at": self._store.visible_at}
-        return web.json_response(
-            {"revoked": _show(rev, now), "durable": True, **written}, status=201
-        )
+        answer: dict[str, Any] = {"revoked": _show(rev, now), "durable": True, **written}
+        if not self._store.persistent:
+            # No state file at all (run without --state-dir): in force, but only until a
+            # restart. Said plainly rather than called durable.
+            answer["durable"] = False
+            answer["warning"] = (
+                "mandate runs without a state file (--state-dir): this revocation is in "
+                "memory only and ends at the next restart"
+            )
+        return web.json_response(answer, status=201)
 
     async def _restore(self, request: web.Request) -> web.Response:
         agent = request.match_info["agent"]

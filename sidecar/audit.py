@@ -713,6 +713,11 @@ class AuditWriter:
         return False
 
     @property
+    def fail_closed(self) -> bool:
+        """on_failure is fail-closed: a record that cannot be written must deny its call."""
+        return self._fail_closed
+
+    @property
     def healthy(self) -> bool:
         """False from a write error until a later write succeeds."""
         return self._healthy

@@ -59,7 +59,7 @@ class BehaviourService:
         namespace: str,
         *,
         state_file: Path | None = None,
-        audit: Callable[[dict[str, Any]], None] = lambda _: None,
+        audit: Callable[[dict[str, Any]], object] = lambda _: None,
         on_revoke: Callable[[Revocation], None] = lambda _: None,
         clock: Callable[[], float] = time.time,
         engine: BehaviourEngine | None = None,

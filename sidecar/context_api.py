@@ -4,7 +4,9 @@ what an agent asks over its local socket and the supervisor's :class:`ContextBac
 - `ReportTask` binds a task id to one of the agent's purposes; `RequestElevation` asks for a
   temporary elevation (granted at once with `approval: auto`, else pending for an operator);
   `GetStatus` is the agent's own status; `Explain` answers "would this call be allowed, and
-  why?" without side effects, rate-limited per agent (a token bucket).
+  why?" without side effects, rate-limited per agent (a token bucket). The calls that change
+  state (`ReportTask`, `RequestElevation`) have a bucket of their own (10/s, burst 100): each
+  takes the store's lock, writes the state file and publishes a table every worker reads.
 - The caller's agent is never read from the request: each listener serves exactly one agent,
   fixed by mandate's configuration (:class:`ContextAPIServer`), and the messages have no
   field that names an agent. Metadata the agent sends (e.g. `x-mandate-agent`) is ignored.
@@ -322,8 +324,10 @@ def _status_code(name: str) -> grpc.StatusCode:
 
 
 class ExplainLimiter:
-    """Per-agent token buckets for `Explain`: ``rate`` tokens a second, at most ``burst``
-    saved. Thread-safe (the listeners' gRPC threads share one)."""
+    """Per-agent token buckets: ``rate`` tokens a second, at most ``burst`` saved. One for
+    `Explain`, one for the calls that change state (`ReportTask`, `RequestElevation`: each
+    takes the store's lock, writes the state file and publishes a table generation that
+    every worker reads). Thread-safe (the listeners' gRPC threads share one)."""
 
     def __init__(
         self, rate: float = 20.0, burst: int = 40, clock: Callable[[], float] = time.monotonic
@@ -354,12 +358,29 @@ _R = TypeVar("_R")
 class AgentContextServicer:
     """`mandate.agent.v1.AgentContext` for one agent (the listener's), over ``backend``."""
 
-    def __init__(self, backend: ContextBackend, agent: str, limiter: ExplainLimiter) -> None:
+    def __init__(
+        self,
+        backend: ContextBackend,
+        agent: str,
+        limiter: ExplainLimiter,
+        writes: ExplainLimiter | None = None,
+    ) -> None:
         if not agent:
             raise ValueError("the context API needs the agent its listener serves")
         self.backend = backend
         self.agent = agent
         self._limiter = limiter
+        self._writes = writes
+
+    def _take_write(self, rpc: str) -> None:
+        """Spend one of the agent's state-changing calls (after validation: a refused call
+        changes nothing and costs the store nothing)."""
+        if self._writes is not None and not self._writes.take(self.agent):
+            raise ContextError(
+                f"{rpc} is limited to {self._writes.rate:g} calls a second "
+                f"(burst {self._writes.burst}) per agent: retry later",
+                "RESOURCE_EXHAUSTED",
+            )
 
     def _answer(self, rpc: str, context: grpc.ServicerContext, fn: Callable[[], _R]) -> _R:
         """Run ``fn``; turn a ContextError into its status, anything else into INTERNAL."""
@@ -380,6 +401,7 @@ class AgentContextServicer:
             task = _task("task_id", request.task_id)
             purpose = _name("purpose", request.purpose)
             ttl = _seconds("ttl_seconds", request.ttl_seconds)
+            self._take_write("ReportTask")
             return _task_pb(self.backend.report_task(self.agent, task, purpose, ttl))
 
         return self._answer("ReportTask", context, run)
@@ -391,6 +413,7 @@ class AgentContextServicer:
             elevation = _name("elevation", request.elevation)
             justification = _justification(request.justification)
             duration = _seconds("duration_seconds", request.duration_seconds)
+            self._take_write("RequestElevation")
             return _request_pb(
                 self.backend.request_elevation(self.agent, elevation, justification, duration)
             )
@@ -474,6 +497,8 @@ class ContextAPIServer:
         *,
         explain_rate: float = 20.0,
         explain_burst: int = 40,
+        write_rate: float = 10.0,
+        write_burst: int = 100,
         threads: int = 4,
         socket_mode: int | None = 0o666,
         clock: Callable[[], float] = time.monotonic,
@@ -489,6 +514,7 @@ class ContextAPIServer:
         self.backend = backend
         self.listeners = tuple(listeners)
         self.limiter = ExplainLimiter(explain_rate, explain_burst, clock)
+        self.writes = ExplainLimiter(write_rate, write_burst, clock)
         self._threads = threads
         self._socket_mode = socket_mode
         self._servers: list[grpc.Server] = []
@@ -498,7 +524,7 @@ class ContextAPIServer:
         ConfigError when an address cannot be bound (nothing is left running)."""
         ports: list[int] = []
         for agent, address in self.listeners:
-            servicer = AgentContextServicer(self.backend, agent, self.limiter)
+            servicer = AgentContextServicer(self.backend, agent, self.limiter, self.writes)
             server = grpc.server(
                 futures.ThreadPoolExecutor(
                     max_workers=self._threads, thread_name_prefix=f"context-{agent}"[:32]

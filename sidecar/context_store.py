@@ -144,14 +144,18 @@ class ContextStore:
         snapshot: Callable[[], Snapshot | None],
         *,
         clock: Callable[[], float] = time.time,
-        audit: Callable[[dict[str, Any]], None] = lambda _: None,
+        audit: Callable[[dict[str, Any]], bool | None] = lambda _: None,
+        audit_blocked: Callable[[], bool] = lambda: False,
         pending_ttl: float = PENDING_TTL,
     ) -> None:
         self._table = table
         self._state_file = state_file
         self._snapshot = snapshot
         self._clock = clock
+        # `audit` returns False when the record was not taken (the trail is failing closed);
+        # `audit_blocked` says, before anything is stored, that it cannot take one now.
         self._audit = audit
+        self._audit_blocked = audit_blocked
         self._pending_ttl = pending_ttl
         self._lock = threading.RLock()
         self._tasks: dict[tuple[str, str, str], TaskBinding] = {}
@@ -408,6 +412,9 @@ class ContextStore:
         table without withholding ``agent``, be written to the state file and be audited;
         else it is undone and the caller gets the error. Published last, so a worker never
         enforces what was not stored (issue 15, finding 3)."""
+        if events and self._audit_blocked():
+            self._restore(saved)
+            raise _unaudited()
         layout = self._layout()
         if agent in layout.withheld or layout.overflow:
             self._restore(saved)
@@ -437,7 +444,8 @@ class ContextStore:
             raise
         try:
             for event in events:
-                self._audit(event)
+                if self._audit(event) is False:
+                    raise _unaudited()
         except Exception:
             self._restore(saved)
             self._persist()
@@ -859,3 +867,12 @@ def status_of(store: ContextStore, agent: str, namespace: str) -> Mapping[str, A
         "grants": [g.as_dict() for g in store.grants(namespace, agent)],
         "risk": None if (r := store.risk(namespace, agent)) is None else r.as_dict(),
     }
+
+
+def _unaudited() -> ContextError:
+    """The audit trail cannot take the record of a change (fail-closed and failing, under
+    its free-space reserve, or its queue full): the change is not made."""
+    return ContextError(
+        "the audit trail cannot record this change now, so it is not made; retry later",
+        "UNAVAILABLE",
+    )

@@ -703,8 +703,10 @@ class RevocationWatcher(_ListWatch):
     def _replace(self, items: list[Mapping[str, Any]]) -> str:
         self._objects.clear()
         revocations = [self._convert(obj) for obj in items]
-        for key in set(self._timers) - {r.key for r in revocations}:
+        current = {r.key for r in revocations}
+        for key in set(self._timers) - current:
             self._timers.pop(key).cancel()
+        self._expiry_reported = {k for k in self._expiry_reported if k[0] in current}
         added, removed = self.store.replace_source(SOURCE, revocations)
         self.store.mark_complete()
         return f"{added} added, {removed} removed"
@@ -808,12 +810,23 @@ class RevocationWatcher(_ListWatch):
         timer = self._timers.pop(rev.key, None)
         if timer is not None:
             timer.cancel()
-        if rev.expires_at is None or not self._report_enabled:
-            return
-        seen = self._objects.get(rev.key)
-        if seen is not None and seen.status.get("state") == "Expired":
+        if not self._report_enabled:
             return
         now = self._clock()
+        seen = self._objects.get(rev.key)
+        if seen is not None and seen.status.get("state") == "Expired":
+            if rev.expires_at is None or rev.expires_at > now:
+                # The operator moved expiresAt ahead (or removed it): the agent is revoked
+                # again, and kubectl must not keep calling the object inert.
+                self._expiry_reported.discard((rev.key, rev.uid))
+                self._enqueue(
+                    functools.partial(self._set_in_force_again, rev),
+                    f"the renewal of AgentRevocation {rev.namespace}/{rev.name}",
+                )
+            else:
+                return
+        if rev.expires_at is None:
+            return
         if rev.expires_at <= now:
             self._report_expiry(rev, on_arrival=(rev.key, rev.uid) not in self._reported)
         elif self._loop is not None and self._running:
@@ -874,6 +887,37 @@ class RevocationWatcher(_ListWatch):
             await self._post_event(
                 rev.name, rev.uid, EXPIRED_EVENT_REASON, message, now, type_="Warning"
             )
+
+    async def _set_in_force_again(self, rev: Revocation) -> None:
+        """state Enforced again, without the Expired condition, after expiresAt moved ahead."""
+        now = self._clock()
+        stamp = utc_seconds(now)
+
+        def desired(status: Mapping[str, Any], generation: int | None) -> dict[str, Any] | None:
+            if status.get("state") != "Expired":
+                return None
+            if rev.expires_at is not None and rev.expires_at <= self._clock():
+                return None  # ended again meanwhile
+            kept = {**status, "conditions": [
+                c for c in status.get("conditions") or []
+                if isinstance(c, Mapping) and c.get("type") != "Expired"
+            ]}  # fmt: skip
+            until = "" if rev.expires_at is None else f" until {utc_seconds(rev.expires_at)}"
+            return {
+                "state": "Enforced",
+                "firstEnforcedAt": status.get("firstEnforcedAt") or stamp,
+                "firstEnforcedBy": status.get("firstEnforcedBy") or self.pod_name,
+                "conditions": _with_condition(
+                    kept,
+                    "Enforced",
+                    "InForceAgain",
+                    f"in force again{until}: spec.expiresAt changed (pod {self.pod_name})",
+                    stamp,
+                    generation,
+                ),
+            }
+
+        await self._patch_status(rev, desired)
 
     # -- status writes ------------------------------------------------------------------------
 

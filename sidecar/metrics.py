@@ -82,6 +82,12 @@ RISK = Gauge(
     registry=REGISTRY,
     multiprocess_mode="max",
 )
+HOUSEKEEPING_ERRORS = Counter(
+    "mandate_housekeeping_errors",
+    "Passes of the supervisor's housekeeping (expiries, state-file retries, context prune) "
+    "that failed; each is logged with its traceback",
+    registry=REGISTRY,
+)
 AUTO_REVOCATIONS = Counter(
     "mandate_automatic_revocations",
     "Agents revoked by behaviour analysis (score at the profile's revokeAtRisk)",

@@ -211,6 +211,11 @@ class RevocationStore:
                 self._complete = True
                 self._publish([], [])
 
+    @property
+    def persistent(self) -> bool:
+        """Whether there is a state file at all (a store without one forgets at restart)."""
+        return self._state_file is not None
+
     def upsert(self, rev: Revocation, *, durable: bool = False) -> bool:
         """Put ``rev`` in force (at once, in shared memory). ``durable``: an operator's
         action, which raises StateWriteError when the file cannot be written — ``rev`` is

@@ -206,6 +206,7 @@ class Supervisor:
             cfg.state_dir / "context.json" if cfg.state_dir else None,
             self.holder.get,
             audit=self._record,
+            audit_blocked=self._audit_blocked,
         )
         self.context.load_persisted()
         state_file = cfg.state_dir / "revocations.json" if cfg.state_dir else None
@@ -534,33 +535,53 @@ class Supervisor:
             reserve_bytes=int(opts.get("--audit-reserve", DEFAULT_RESERVE_BYTES)),
         )
 
-    def _record(self, event: dict[str, Any]) -> None:
-        """Audit one supervisor event; without an audit trail, log it."""
+    def _record(self, event: dict[str, Any]) -> bool:
+        """Audit one supervisor event; without an audit trail, log it. False when a
+        fail-closed trail dropped it (the context store then undoes the change it records)."""
         kind = str(event.get("type", "event"))
         fields = {k: v for k, v in event.items() if k != "type"}
-        if self._audit is not None:
-            self._audit.write(
-                event_record(kind, now=time.time(), pod=self.config.pod_name or None, **fields)
-            )
         log.info("%s: %s", kind, json.dumps(fields, sort_keys=True))
+        if self._audit is None:
+            return True
+        written = self._audit.write(
+            event_record(kind, now=time.time(), pod=self.config.pod_name or None, **fields)
+        )
+        return written or not self._audit.fail_closed
+
+    def _audit_blocked(self) -> bool:
+        """A fail-closed trail that cannot take records now: no agent change is made."""
+        return self._audit is not None and self._audit.must_deny()
 
     async def _prune(self) -> None:
         assert self.store is not None
         flushed = time.monotonic()
         while not self._stopping:
             await asyncio.sleep(0.25)
-            self.store.prune_expired()
-            if time.monotonic() - flushed > 5:
-                # After a failed write, retry: a revocation in force only in memory becomes
-                # durable (and readiness says so) once the volume is writable again.
-                flushed = time.monotonic()
-                self.store.flush()
-            if self.context is not None:
-                self.context.prune()
-            if self._watcher is not None:
-                connected = bool(self._watcher.status().get("connected"))
-                metrics.KUBERNETES_CONNECTED.set(1 if connected else 0)
-            metrics.observe_audit_state(self._audit_health()["state"])
+            try:
+                if time.monotonic() - flushed > 5:
+                    flushed = time.monotonic()
+                    self._housekeeping(flush=True)
+                else:
+                    self._housekeeping(flush=False)
+            except Exception:
+                # One failing pass must not end housekeeping for good: nothing would end
+                # expired revocations, retry a failed state write or update the metrics.
+                metrics.HOUSEKEEPING_ERRORS.inc()
+                log.exception("housekeeping failed; trying again in 0.25 s")
+
+    def _housekeeping(self, *, flush: bool) -> None:
+        assert self.store is not None
+        self.store.prune_expired()
+        if flush:
+            # After a failed write, retry: a revocation in force only in memory becomes
+            # durable (and readiness says so) once the volume is writable again.
+            self.store.flush()
+        if self.context is not None:
+            self.context.prune()
+        if self._watcher is not None:
+            connected = bool(self._watcher.status().get("connected"))
+            metrics.KUBERNETES_CONNECTED.set(1 if connected else 0)
+        metrics.observe_audit_state(self._audit_health()["state"])
 
     # -- status -----------------------------------------------------------------------
 

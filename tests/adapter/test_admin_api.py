@@ -614,3 +614,15 @@ async def test_restore_that_cannot_be_persisted_is_500_and_leaves_the_agent_revo
     assert status == 200 and [r["agent"] for r in body["restored"]] == ["billing-agent"]
     assert shared.read().find(NS, "billing-agent", NOW) is None
     assert json.loads(state.read_text())["revocations"] == []
+
+
+async def test_a_revocation_without_a_state_file_is_not_called_durable(
+    shared: SharedTable, clock: Clock
+) -> None:
+    memory_only = RevocationStore(shared, None, clock=clock)
+    memory_only.mark_complete()
+    async with TestClient(TestServer(make_app(memory_only, TOKEN, clock))) as c:
+        status, body = await revoke(c, {"agent": "billing-agent", "reason": "x"})
+    assert status == 201 and body["durable"] is False
+    assert "ends at the next restart" in body["warning"]
+    assert shared.read().find(NS, "billing-agent", NOW) is not None  # in force all the same

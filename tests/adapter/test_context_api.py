@@ -622,3 +622,45 @@ async def test_stop_then_restart_on_the_same_unix_socket(
             assert (await client.status()).agent == AGENT
     finally:
         second.stop(0)
+
+
+async def test_state_changing_calls_are_rate_limited_per_agent_after_validation(
+    tmp_path: Path,
+    make_server: Callable[..., tuple[ContextAPIServer, list[int]]],
+    backend: FakeBackend,
+) -> None:
+    sock = tmp_path / "other.sock"
+    now = [100.0]
+    _, ports = make_server(
+        [(AGENT, "127.0.0.1:0"), (OTHER, f"unix:{sock}")],
+        write_rate=1.0,
+        write_burst=2,
+        clock=lambda: now[0],
+    )
+    async with AgentContext(f"127.0.0.1:{ports[0]}") as a, AgentContext(f"unix:{sock}") as b:
+        # Refused at the boundary: no token spent.
+        with pytest.raises(ContextError) as err:
+            await a.report_task("T-1", "report", ttl=1e300)
+        assert err.value.status == "INVALID_ARGUMENT"
+        await a.report_task("T-1", "report")
+        await a.request_elevation("refund", "INV-7")
+        with pytest.raises(ContextError) as err:
+            await a.report_task("T-2", "report")
+        assert err.value.status == "RESOURCE_EXHAUSTED" and "ReportTask" in str(err.value)
+        with pytest.raises(ContextError) as err:
+            await a.request_elevation("refund", "INV-8")
+        assert err.value.status == "RESOURCE_EXHAUSTED"
+        # The other agent has its own bucket; reading never spends one.
+        await b.report_task("T-9", "report")
+        assert (await a.status()).agent == AGENT
+        now[0] += 1.0  # one token at 1/s
+        await a.report_task("T-2", "report")
+    writes = [
+        (m, args[0]) for m, args in backend.calls if m in ("report_task", "request_elevation")
+    ]
+    assert writes == [
+        ("report_task", AGENT),
+        ("request_elevation", AGENT),
+        ("report_task", OTHER),
+        ("report_task", AGENT),
+    ]

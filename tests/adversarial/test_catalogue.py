@@ -536,6 +536,15 @@ def test_context_auto_elevation_flood_is_bounded(adversarial: AdversarialStack) 
         outcomes: dict[str, int] = {}
         ids: set[str] = set()
         async with _ctx(adversarial, "payroll-bot") as ctx:
+            # The grant first, waiting (bounded) for a token if earlier tests spent them.
+            deadline = time.monotonic() + 10
+            while not ids:
+                try:
+                    ids.add((await ctx.request_elevation("bonus", "first")).id)
+                except ContextError as exc:
+                    if exc.status != "RESOURCE_EXHAUSTED" or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
 
             async def one(justification: str) -> None:
                 try:
@@ -550,7 +559,11 @@ def test_context_auto_elevation_flood_is_bounded(adversarial: AdversarialStack) 
         return outcomes, ids
 
     outcomes, ids = asyncio.run(asyncio.wait_for(flood(), 30))
-    assert outcomes == {"INVALID_ARGUMENT": 200, "OK": 200}, outcomes
+    # The 2,000-character ones are refused at the boundary; of the others, the agent's
+    # bucket of state-changing calls (burst 100, 10/s) lets some through, the rest wait.
+    assert outcomes["INVALID_ARGUMENT"] == 200, outcomes
+    assert set(outcomes) <= {"INVALID_ARGUMENT", "OK", "RESOURCE_EXHAUSTED"}, outcomes
+    assert outcomes.get("OK", 0) + outcomes.get("RESOURCE_EXHAUSTED", 0) == 200, outcomes
     assert len(ids) == 1, ids  # one active auto grant, returned unchanged
     assert _call_code(adversarial, "mcp-runner", WIKI, "/pages/3", "GET", witness) == "allowed"
     assert _call_code(adversarial, "payroll-bot", HR, "/v2/bonus/q4") == "allowed"

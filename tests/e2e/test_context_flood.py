@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,8 @@ AUTO = """  elevations:                         # temporary extra rights, asked 
 """
 
 
-@pytest.fixture
-def two_agents(tmp_path: Path, transport: str) -> Iterator[tuple[Stack, str, str]]:
+def _profiles_with_auto(tmp_path: Path) -> Path:
+    """The demo's profiles with billing-agent's auto elevation `ledger-export`."""
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     text = (DEMO_PROFILES / "agents.yaml").read_text()
@@ -61,6 +62,12 @@ def two_agents(tmp_path: Path, transport: str) -> Iterator[tuple[Stack, str, str
     )
     assert marker in text
     (profiles / "agents.yaml").write_text(text.replace(marker, AUTO, 1))
+    return profiles
+
+
+@pytest.fixture
+def two_agents(tmp_path: Path, transport: str) -> Iterator[tuple[Stack, str, str]]:
+    profiles = _profiles_with_auto(tmp_path)
     sockets = tmp_path / "ctx"
     sockets.mkdir()
     billing, research = sockets / "billing.sock", sockets / "research.sock"
@@ -137,6 +144,9 @@ def test_one_agent_flooding_the_context_api_stops_no_one(
     # 1e300 was stored and enforced while the agent got INTERNAL).
     assert outcomes.get("INVALID_ARGUMENT") == 2000 + 200, outcomes
     assert "INTERNAL" not in outcomes
+    # The valid ones spend the agent's bucket of state-changing calls (10/s, burst 100).
+    assert outcomes.get("RESOURCE_EXHAUSTED", 0) > 0, outcomes
+    time.sleep(0.3)  # three tokens back, by the bucket's clock
 
     async def after() -> Any:
         async with AgentContext(billing_api) as ctx:
@@ -159,3 +169,42 @@ def test_one_agent_flooding_the_context_api_stops_no_one(
     assert context["table"]["withheld"] == [] and context["table"]["overflow"] is False
     assert context["persistence"]["durable"] is True
     assert (stack.tmp / "state" / "context.json").stat().st_size < 256 * 1024
+
+
+def test_a_change_the_audit_trail_cannot_record_is_not_made(tmp_path: Path, transport: str) -> None:
+    """A fail-closed audit trail that cannot take records (here: under a free-space reserve
+    no disk has) refuses the agent's task and auto grant instead of enforcing them with no
+    record (review of issue 15: the store only undid a change when the audit callback
+    raised, and the real writer only queues)."""
+    socket_path = tmp_path / "billing.sock"
+    stack = start_stack(
+        tmp_path,
+        profiles=_profiles_with_auto(tmp_path),
+        transport=transport,
+        extra=[
+            "--context-api", f"billing-agent=unix:{socket_path}",
+            "--audit-dir", str(tmp_path / "audit"), "--audit-reserve", "100000000G",
+        ],
+    )  # fmt: skip
+    try:
+
+        async def attempt() -> tuple[dict[str, int], Any]:
+            async with AgentContext(f"unix:{socket_path}") as ctx:
+                outcomes = await _flood(
+                    [
+                        lambda: ctx.report_task("close-nov", "report", ttl=600),
+                        lambda: ctx.request_elevation("ledger-export", "INV-7"),
+                    ]
+                )
+                return outcomes, await ctx.status()
+
+        outcomes, status = asyncio.run(attempt())
+        assert outcomes == {"UNAVAILABLE": 2}, outcomes
+        assert list(status.tasks) == [] and list(status.grants) == []
+        _, ready = stack.readyz()
+        assert ready["audit"]["state"] == "failing"
+        # The calls themselves are denied for the audit trail too (fail closed).
+        resp = stack.call("billing-agent", "GET", INVOICE)
+        assert resp.status == 403 and "audit trail" in resp.json()["reason"]
+    finally:
+        stop_stack(stack)

@@ -466,3 +466,40 @@ async def test_a_revocation_that_ends_while_enforced_turns_expired_without_a_war
         "Expired": "Ended",
     }
     assert [e["reason"] for e in kube_api.events()] == [EVENT_REASON]  # no warning
+
+
+async def test_an_expired_revocation_given_a_later_end_is_enforced_again_and_says_so(
+    kube_api: KubeAPIServer, store: RevocationStore, start_watcher: Any
+) -> None:
+    kube_api.create(arev("again", expiresAt=from_now(-60)))
+    await start_watcher(store)
+    await wait_for(
+        lambda: kube_api.get("arev", "agents", "again").get("status", {}).get("state") == "Expired",
+        what="expired on arrival",
+    )
+    # The operator moves the end ahead: the agent is revoked again, and kubectl says so.
+    kube_api.patch("arev", "agents", "again", {"spec": {"expiresAt": from_now(2.0)}})
+    status = await wait_for(
+        lambda: (
+            kube_api.get("arev", "agents", "again")["status"].get("state") == "Enforced"
+            and kube_api.get("arev", "agents", "again")["status"]
+        ),
+        what="in force again",
+    )
+    assert [c["type"] for c in status["conditions"]] == ["Enforced"]
+    assert status["conditions"][0]["reason"] == "InForceAgain"
+    assert status["conditions"][0]["observedGeneration"] == 2
+    assert store.table().find("agents", "billing-agent", time.time()) is not None
+    # And when that end comes, it is Expired again (Ended), without a second warning.
+    status = await wait_for(
+        lambda: (
+            kube_api.get("arev", "agents", "again")["status"].get("state") == "Expired"
+            and kube_api.get("arev", "agents", "again")["status"]
+        ),
+        what="expired again",
+    )
+    assert {c["type"]: c["reason"] for c in status["conditions"]} == {
+        "Enforced": "InForceAgain",
+        "Expired": "Ended",
+    }
+    assert [e["reason"] for e in kube_api.events()] == [EXPIRED_EVENT_REASON]
