@@ -3,12 +3,13 @@ at start, once per transport (grpc, http), with this directory's own profiles
 (tests/adversarial/profiles: payroll-bot, mcp-runner, tunnel-bot), the agent context API of
 two agents on unix sockets, an audit directory, and an upstream that records every header it received.
 
-The pieces are tests/e2e/conftest.py's (Upstream, Stack, start_mandate_for, the envoy/
-templates); only the agent list and the header recording differ.
+The stack is tests/e2e/conftest.py's `start_stack`; only the agent list, the profiles and
+the header-recording upstream differ.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +19,8 @@ import pytest
 from aiohttp import web
 
 from sidecar.demo.upstream import RECEIVED
-from sidecar.local import ENVOY_DIR, render_envoy_config, start_envoy
 
-from ..e2e.conftest import MAX_BODY, TEMPLATES, TRANSPORTS, Stack, Upstream, start_mandate_for
+from ..e2e.conftest import TRANSPORTS, Stack, Upstream, start_stack
 
 PROFILES = Path(__file__).parent / "profiles"
 AGENTS = ("payroll-bot", "mcp-runner", "tunnel-bot")
@@ -69,33 +69,11 @@ def start_adversarial_stack(tmp: Path, transport: str) -> AdversarialStack:
         arg for agent, target in context.items() for arg in ("--context-api", f"{agent}={target}")
     ]
     extra += ["--audit-dir", str(tmp / "audit")]
-    upstream = RecordingUpstream()
-    try:
-        mandate = start_mandate_for(tmp, profiles, 1, extra, transport)
-    except BaseException:
-        upstream.stop()
-        raise
-    try:
-        config = render_envoy_config(
-            ENVOY_DIR / TEMPLATES[transport],
-            {
-                "ADMIN_PORT": 0,
-                "LISTEN_PORT": 0,
-                "UPSTREAM_PORT": upstream.port,
-                "MAX_BODY": MAX_BODY,
-                "MAX_STREAM": "300s",
-                "ACCESS_LOG": tmp / "access.log",
-            },
-            agents=list(AGENTS),
-            mandate_ports=mandate.grpc_ports,
-            als_port=mandate.access_log_port or None,
-        )
-        envoy = start_envoy(config, tmp / "envoy", access_log=tmp / "access.log")
-    except BaseException:
-        mandate.stop()
-        upstream.stop()
-        raise
-    stack = AdversarialStack(upstream, mandate, envoy, profiles, tmp, transport)
+    base = start_stack(
+        tmp, profiles, extra=extra, transport=transport, agents=AGENTS,
+        upstream=RecordingUpstream(),
+    )  # fmt: skip
+    stack = AdversarialStack(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
     stack.context = context
     stack.denials = []
     return stack

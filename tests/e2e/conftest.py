@@ -254,14 +254,23 @@ def start_stack(
     max_stream: str = "300s",
     envoy_values: dict[str, object] | None = None,
     transport: str = "grpc",
+    *,
+    agents: Sequence[str] = AGENTS,
+    upstream: Upstream | None = None,
 ) -> Stack:
+    """Envoy (one egress listener per agent of ``agents``), `mandate run` and an upstream
+    (the demo's, or ``upstream``), on ports picked at start."""
     if profiles is None:
         profiles = tmp / "profiles"
         profiles.mkdir()
         shutil.copy(DEMO_PROFILES / "agents.yaml", profiles / "agents.yaml")
         shutil.copy(E2E_PROFILES / "tunnel.yaml", profiles / "tunnel.yaml")
-    upstream = Upstream()
-    mandate = start_mandate_for(tmp, profiles, workers, extra, transport)
+    upstream = upstream or Upstream()
+    try:
+        mandate = start_mandate_for(tmp, profiles, workers, extra, transport)
+    except BaseException:
+        upstream.stop()
+        raise
     try:
         config = render_envoy_config(
             ENVOY_DIR / TEMPLATES[transport],
@@ -274,7 +283,7 @@ def start_stack(
                 "ACCESS_LOG": tmp / "access.log",
                 **(envoy_values or {}),
             },
-            agents=AGENTS,
+            agents=list(agents),
             mandate_ports=mandate.grpc_ports,
             als_port=mandate.access_log_port or None,
         )
