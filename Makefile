@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard protos/mandate/*/*/*.proto)
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m sidecar.demo
+	$(BIN)/python -m devstack.demo
 
 # The egress-capture test (tests/netns) runs iptables in network namespaces of its own: as
 # root, install iptables and iproute2 when missing. Never fails; without them (or without
@@ -40,8 +40,8 @@ netns-tools:
 	fi
 
 test: $(STAMP) netns-tools
-	$(BIN)/ruff check sidecar tests bench
-	$(BIN)/ruff format --check sidecar tests bench
+	$(BIN)/ruff check sidecar devstack tests bench
+	$(BIN)/ruff format --check sidecar devstack tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/pytest
@@ -57,8 +57,8 @@ test-timeshift: $(STAMP)
 	tests/timeshift.sh $(OFFSET) -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check sidecar tests bench
-	$(BIN)/ruff format --check sidecar tests bench
+	$(BIN)/ruff check sidecar devstack tests bench
+	$(BIN)/ruff format --check sidecar devstack tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

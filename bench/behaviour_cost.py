@@ -8,9 +8,10 @@ Supervisor, off the Check path (one Envoy access-log entry per call):
 - **parse**: `StreamAccessLogsMessage.FromString` of a message of 9 entries (what Envoy's
   4,096-byte buffer holds of these), per entry: what grpcio's deserializer does before the
   servicer sees the stream's message.
-- **event_from_entry**: `sidecar.als.event_from_entry` of one entry shaped as Envoy 1.40's
-  http_grpc logger sends it for the benchmark's call (checked against a captured entry:
-  addresses, timings, stream id, the ext_authz metadata mandate's gRPC answer set).
+- **event_from_entry**: `sidecar.behaviour.access_log.event_from_entry` of one entry shaped
+  as Envoy 1.40's http_grpc logger sends it for the benchmark's call (checked against a
+  captured entry: addresses, timings, stream id, the ext_authz metadata mandate's gRPC answer
+  set).
 - **BehaviourEngine.observe**: one event, after the learning period (the steady state: the
   destination is known, the call is clipped and bucketed) and during it (the baseline and the
   learned peak window are updated too).
@@ -56,18 +57,18 @@ from envoy.config.core.v3 import base_pb2  # noqa: E402
 from envoy.data.accesslog.v3 import accesslog_pb2  # noqa: E402
 from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
 
-from sidecar.als import AUTHZ_NAMESPACE, AccessLogServicer, event_from_entry  # noqa: E402
-from sidecar.behaviour_service import BehaviourService, settings_of  # noqa: E402
-from sidecar.context_store import ContextStore  # noqa: E402
+from sidecar.behaviour.access_log import AUTHZ_NAMESPACE, AccessLogServicer, event_from_entry  # noqa: E402
+from sidecar.behaviour.service import BehaviourService, settings_of  # noqa: E402
 from sidecar.core.behaviour import BehaviourEngine, BehaviourSettings, CallEvent  # noqa: E402
 from sidecar.core.context import EMPTY_CONTEXT, ContextTable, Grant, RiskState  # noqa: E402
 from sidecar.core.decide import Code, RequestView, decide  # noqa: E402
 from sidecar.core.loader import load_profiles  # noqa: E402
-from sidecar.revocations import RevocationStore  # noqa: E402
-from sidecar.shm import SharedContext, SharedTable  # noqa: E402
+from sidecar.state.context_store import ContextStore  # noqa: E402
+from sidecar.state.revocations import RevocationStore  # noqa: E402
+from sidecar.state.shm import SharedContext, SharedTable  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
-PROFILES = ROOT / "sidecar" / "demo" / "profiles"
+PROFILES = ROOT / "devstack" / "demo" / "profiles"
 AGENT = "billing-agent"
 NS = "agents"
 HOST = "ledger.finance.svc.cluster.local"
@@ -209,7 +210,7 @@ def supervisor_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]
     )
     rows.append(
         row(
-            "sidecar.als.event_from_entry",
+            "sidecar.behaviour.access_log.event_from_entry",
             timed(lambda: event_from_entry(entry, NS, T0 + 30), number, repeat),
             "one HTTPAccessLogEntry -> CallEvent",
             where="supervisor",

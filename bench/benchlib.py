@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from sidecar.local import (
+from devstack.local import (
     ENVOY_DIR,
     EnvoyProcess,
     MandateProcess,
@@ -107,7 +107,7 @@ __all__ = [
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-PROFILES = ROOT / "sidecar" / "demo" / "profiles"
+PROFILES = ROOT / "devstack" / "demo" / "profiles"
 
 # The benchmark request: allowed by the RBAC policy of envoy-rbac.yaml and by the demo
 # profile's rule RULE (agent AGENT); DENIED_PATH is denied by both.
@@ -947,7 +947,7 @@ def upstream_main(port_out: Connection) -> None:
 
     from aiohttp import web
 
-    from sidecar.demo.upstream import RECEIVED, make_app
+    from devstack.demo.upstream import RECEIVED, make_app
 
     async def serve() -> None:
         app = make_app()

@@ -37,11 +37,11 @@ from benchlib import (  # noqa: E402
     write_results,
 )
 
-from sidecar.local import start_mandate  # noqa: E402
+from devstack.local import start_mandate  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 
-# What each role imports, in order (sidecar.server is the worker's entry, sidecar.supervisor
+# What each role imports, in order (sidecar.run.worker is the worker's entry, sidecar.run.supervisor
 # the supervisor's; the third-party modules first, so that their share shows on its own).
 ROLES: dict[str, list[str]] = {
     "worker": [
@@ -51,7 +51,7 @@ ROLES: dict[str, list[str]] = {
         "prometheus_client",
         "yaml",
         "sidecar.core",
-        "sidecar.server",
+        "sidecar.run.worker",
     ],
     "supervisor": [
         "google.protobuf",
@@ -59,7 +59,7 @@ ROLES: dict[str, list[str]] = {
         "prometheus_client",
         "aiohttp",
         "yaml",
-        "sidecar.supervisor",
+        "sidecar.run.supervisor",
     ],
 }
 

@@ -87,7 +87,7 @@ from benchlib import (  # noqa: E402
     wait_for,
 )
 
-from sidecar.local import (  # noqa: E402
+from devstack.local import (  # noqa: E402
     ENVOY_DIR,
     EnvoyProcess,
     MandateProcess,
@@ -97,7 +97,7 @@ from sidecar.local import (  # noqa: E402
 )
 
 BENCH = Path(__file__).resolve().parent
-PROFILES = ROOT / "sidecar" / "demo" / "profiles"
+PROFILES = ROOT / "devstack" / "demo" / "profiles"
 AGENT = "billing-agent"
 NAMESPACE = "agents"
 HOST = "ledger.finance.svc.cluster.local"
@@ -606,7 +606,7 @@ def analyse(rec: Records, flips: list[Flip], t_start: float, t_end: float) -> di
 # ---------------------------------------------------------------- kubectl apply -> first 403
 
 
-KUBE_PIECES = (ROOT / "tests" / "kubeapi", ROOT / "sidecar" / "kube.py")
+KUBE_PIECES = (ROOT / "tests" / "kubeapi", ROOT / "sidecar" / "kube" / "watch.py")
 KUBE_NAME = "bench-billing"
 KUBE_REASON = "bench: kubectl apply"
 POD_NAME = "bench-pod"

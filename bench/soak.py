@@ -96,7 +96,7 @@ from benchlib import (  # noqa: E402
     wait_for,
 )
 
-from sidecar.local import (  # noqa: E402
+from devstack.local import (  # noqa: E402
     ENVOY_DIR,
     EnvoyProcess,
     MandateProcess,
@@ -106,7 +106,7 @@ from sidecar.local import (  # noqa: E402
 )
 
 BENCH = Path(__file__).resolve().parent
-PROFILES = ROOT / "sidecar" / "demo" / "profiles"
+PROFILES = ROOT / "devstack" / "demo" / "profiles"
 NAMESPACE = "agents"
 BILLING, RESEARCH = "billing-agent", "research-agent"
 AGENTS = (BILLING, RESEARCH)
@@ -653,7 +653,7 @@ class Controller(threading.Thread):
         self._ctx: Any = None
 
     def run(self) -> None:
-        from sidecar.client import AgentContext
+        from sidecar.agentapi.client import AgentContext
 
         self._ctx = AgentContext(self.stack.context)
         a = self.args

@@ -141,11 +141,11 @@ def measure(path: str, port: int, spans: int, chunk: int) -> dict[str, float]:
     endpoint = f"http://127.0.0.1:{port}"
     tracer: Any
     if path == "sdk":
-        from sidecar.tracing_sdk import SdkTracing
+        from sidecar.telemetry.tracing_sdk import SdkTracing
 
         tracer = SdkTracing(endpoint, pod="bench-pod", namespace="agents")
     else:
-        from sidecar.tracing import Tracing
+        from sidecar.telemetry.tracing import Tracing
 
         tracer = Tracing(endpoint, pod="bench-pod", namespace="agents", max_batch=chunk)
     warm = inputs(2 * chunk)
@@ -178,8 +178,8 @@ def encodings(n: int) -> dict[str, float]:
     from opentelemetry.proto.common.v1 import common_pb2
     from opentelemetry.proto.trace.v1 import trace_pb2
 
-    from sidecar import otlp_wire
-    from sidecar.tracing import Tracing
+    from sidecar.telemetry import otlp_wire
+    from sidecar.telemetry.tracing import Tracing
 
     work = inputs(n)
     trace_id, parent = os.urandom(16), os.urandom(8)

@@ -24,13 +24,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import DEFAULT_THREADS
-from .audit_cli import add_audit_parser, run_audit
-from .core import RequestView, decide, load_profiles
-from .core.model import json_schema, parse_duration
-from .core.timefmt import parse_rfc3339, utc_seconds
-from .errors import BadRequestError, ConfigError, ProfileErrors
-from .inject_cli import add_inject_parser, run_inject
+from sidecar import DEFAULT_THREADS
+from sidecar.audit.cli import add_audit_parser, run_audit
+from sidecar.core import RequestView, decide, load_profiles
+from sidecar.core.model import json_schema, parse_duration
+from sidecar.core.timefmt import parse_rfc3339, utc_seconds
+from sidecar.errors import BadRequestError, ConfigError, ProfileErrors
+from sidecar.injection.cli import add_inject_parser, run_inject
 
 __all__ = ["main"]
 
@@ -405,7 +405,7 @@ def _view(args: argparse.Namespace) -> RequestView:
     if not (args.agent or args.service_account or args.spiffe):
         raise BadRequestError("give --agent, --service-account or --spiffe: who is calling?")
     # Imported here: authz imports prometheus_client, which `mandate run` must configure first.
-    from .authz import view_from_url
+    from sidecar.check.pipeline import view_from_url
 
     return view_from_url(
         method,
@@ -475,7 +475,7 @@ def _starting(args: argparse.Namespace, start: Callable[[], None]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .shm import RunDir
+    from sidecar.state.shm import RunDir
 
     # The run's directory (workers' port and version files, metrics): removed on exit, and
     # after a SIGKILL by the last worker to go or else by the next start (shm.RunDir).
@@ -486,7 +486,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         metrics_dir = run_dir.path / "metrics"
         metrics_dir.mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    from .supervisor import SupervisorConfig, run_supervisor
+    from sidecar.run.supervisor import SupervisorConfig, run_supervisor
 
     config = SupervisorConfig(
         profiles=Path(args.profiles),
@@ -522,7 +522,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from .server import ServeConfig, serve
+    from sidecar.run.worker import ServeConfig, serve
 
     config = ServeConfig(
         profiles=Path(args.profiles),

@@ -10,7 +10,7 @@
 # mandate's supervisor and workers, the upstreams, the Kubernetes emulation. Monotonic clocks
 # are left alone (timeouts and backoff stay real). Two exceptions, both reading the real clock:
 # Envoy, which hangs at start under libfaketime, runs through a wrapper that drops it
-# (MANDATE_ENVOY, see sidecar.local.envoy_binary), and kubectl, a static Go binary that
+# (MANDATE_ENVOY, see devstack.local.envoy_binary), and kubectl, a static Go binary that
 # LD_PRELOAD does not reach. Neither decides anything from the date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,7 @@ if [ -z "$lib" ]; then
 fi
 wrapper_dir="$(mktemp -d)"
 trap 'rm -rf "$wrapper_dir"' EXIT
-real_envoy="$(.venv/bin/python -c 'from sidecar.local import envoy_binary; print(envoy_binary())')"
+real_envoy="$(.venv/bin/python -c 'from devstack.local import envoy_binary; print(envoy_binary())')"
 cat > "$wrapper_dir/envoy" <<WRAPPER
 #!/bin/sh
 exec env -u LD_PRELOAD -u FAKETIME "$real_envoy" "\$@"

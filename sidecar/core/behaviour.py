@@ -3,7 +3,7 @@ baseline learned in its first minutes, combined into a risk score in [0, 1] that
 itself.
 
 The supervisor feeds call events (:class:`CallEvent`, from Envoy's access log service,
-`sidecar.als`) to :meth:`BehaviourEngine.observe` and publishes the agents' scores
+`sidecar.behaviour.access_log`) to :meth:`BehaviourEngine.observe` and publishes the agents' scores
 (:meth:`BehaviourEngine.score`); `decide` denies, and the supervisor revokes, on the
 published score per the profile's `behavior` (:class:`BehaviourSettings`).
 

@@ -26,15 +26,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from .context import EMPTY_CONTEXT, ContextTable, Grant
-from .hosts import parse_authority
-from .mcp import McpBody, parse_mcp_body
-from .paths import canonical_path, display_path
-from .ratelimit import RateLimiter
-from .revocation import EMPTY_TABLE, RevocationTable
-from .rules import CONNECT
-from .snapshot import CompiledAgent, Snapshot
-from .timefmt import utc_seconds
+from sidecar.core.context import EMPTY_CONTEXT, ContextTable, Grant
+from sidecar.core.hosts import parse_authority
+from sidecar.core.mcp import McpBody, parse_mcp_body
+from sidecar.core.paths import canonical_path, display_path
+from sidecar.core.ratelimit import RateLimiter
+from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
+from sidecar.core.rules import CONNECT
+from sidecar.core.snapshot import CompiledAgent, Snapshot
+from sidecar.core.timefmt import utc_seconds
 
 __all__ = [
     "OVERRIDE_HEADERS",

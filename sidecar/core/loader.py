@@ -21,9 +21,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from ..errors import ProfileErrors, ProfileProblem
-from .model import API_VERSION, KIND, AgentProfile, json_schema
-from .snapshot import Snapshot, SourceRef, compile_snapshot
+from sidecar.core.model import API_VERSION, KIND, AgentProfile, json_schema
+from sidecar.core.snapshot import Snapshot, SourceRef, compile_snapshot
+from sidecar.errors import ProfileErrors, ProfileProblem
 
 __all__ = ["fingerprint", "load_profiles", "profile_files"]
 

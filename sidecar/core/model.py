@@ -24,8 +24,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from .hosts import parse_host_pattern
-from .paths import validate_path_pattern
+from sidecar.core.hosts import parse_host_pattern
+from sidecar.core.paths import validate_path_pattern
 
 __all__ = [
     "API_VERSION",

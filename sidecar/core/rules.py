@@ -33,10 +33,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from .hosts import parse_host_pattern
-from .mcp import McpBody, mcp_allows, mcp_denies
-from .model import DenyRule, Rule
-from .paths import compile_path_patterns, fold_path
+from sidecar.core.hosts import parse_host_pattern
+from sidecar.core.mcp import McpBody, mcp_allows, mcp_denies
+from sidecar.core.model import DenyRule, Rule
+from sidecar.core.paths import compile_path_patterns, fold_path
 
 __all__ = ["CONNECT", "CompiledRule", "RuleIndex", "compile_rules"]
 

@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from .model import AgentProfile, Behavior, RateLimit, parse_duration
-from .rules import RuleIndex, compile_rules
+from sidecar.core.model import AgentProfile, Behavior, RateLimit, parse_duration
+from sidecar.core.rules import RuleIndex, compile_rules
 
 __all__ = [
     "CompiledAgent",

@@ -13,7 +13,7 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 from sidecar.core import Snapshot, load_profiles
 
-DEMO_PROFILES = Path(__file__).resolve().parents[2] / "sidecar" / "demo" / "profiles"
+DEMO_PROFILES = Path(__file__).resolve().parents[2] / "devstack" / "demo" / "profiles"
 
 BILLING_SPIFFE = "spiffe://cluster.local/ns/agents/sa/billing-agent"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -14,10 +14,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from sidecar.admin import AdminServer, RevocationAPI, add_probe_routes, read_token
 from sidecar.core.revocation import Revocation, make_key
-from sidecar.revocations import RevocationStore
-from sidecar.shm import SharedTable
+from sidecar.run.admin import AdminServer, RevocationAPI, add_probe_routes, read_token
+from sidecar.state.revocations import RevocationStore
+from sidecar.state.shm import SharedTable
 
 TOKEN = "s3cr3t-admin-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -15,8 +15,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-import sidecar.als
-from sidecar.als import AccessLogServicer, event_from_entry, start_als_server
+import sidecar.behaviour.access_log
+from sidecar.behaviour.access_log import AccessLogServicer, event_from_entry, start_als_server
 from sidecar.core.behaviour import CallEvent
 
 NOW = 1_800_000_000.0
@@ -209,14 +209,14 @@ def test_a_failing_sink_or_a_bad_entry_never_ends_the_stream(
     served: tuple[AccessLogServicer, grpc.Channel], sink: Sink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     servicer, channel = served
-    real = sidecar.als.event_from_entry
+    real = sidecar.behaviour.access_log.event_from_entry
 
     def flaky(e: accesslog_pb2.HTTPAccessLogEntry, namespace: str, now: float) -> Any:
         if e.request.path == "/unreadable":
             raise ValueError("unreadable entry")
         return real(e, namespace, now)
 
-    monkeypatch.setattr(sidecar.als, "event_from_entry", flaky)
+    monkeypatch.setattr(sidecar.behaviour.access_log, "event_from_entry", flaky)
     stream(
         channel,
         message(entry(GRPC_META, path="/sink-fails")),

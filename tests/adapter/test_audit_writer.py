@@ -1,6 +1,6 @@
 """The audit writer, `verify`, `query` and `mandate audit` on real files in tmp_path: rotation,
 tampering (each case names the first bad record), resuming, disk-full in both failure modes,
-a full queue and the fsync policies. Faults are injected through `sidecar.audit._write_fd` and
+a full queue and the fsync policies. Faults are injected through `sidecar.audit.trail._write_fd` and
 `_fsync_fd` (tests run as root, so permission bits would not stop a write)."""
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from sidecar import audit
-from sidecar.audit import (
+from sidecar.audit import trail as audit
+from sidecar.audit.cli import add_audit_parser, run_audit
+from sidecar.audit.trail import (
     AuditWriter,
     canonical_json,
     link,
@@ -29,7 +30,6 @@ from sidecar.audit import (
     record_from_decision,
     verify,
 )
-from sidecar.audit_cli import add_audit_parser, run_audit
 from sidecar.core import Code, Decision
 from sidecar.core.timefmt import utc_millis
 from sidecar.errors import AuditBusyError, AuditInputError, AuditResumeError, ConfigError

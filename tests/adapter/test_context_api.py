@@ -1,5 +1,5 @@
 """The agent context API over real gRPC: `ContextAPIServer` on 127.0.0.1 port 0 and on a unix
-socket, a fake backend (recording what it is asked), and the real client (`sidecar.client`).
+socket, a fake backend (recording what it is asked), and the real client (`sidecar.agentapi.client`).
 
 Every RPC round-trips; the agent is always the listener's, whatever the caller sends; there
 is no approve method; ContextError statuses become gRPC codes; bad input is refused before
@@ -23,8 +23,8 @@ import grpc.aio
 import pytest
 
 from sidecar._proto import context_pb2 as pb
-from sidecar.client import AgentContext, ElevationRefused
-from sidecar.context_api import SERVICE_NAME, AgentStatus, ContextAPIServer
+from sidecar.agentapi.client import AgentContext, ElevationRefused
+from sidecar.agentapi.server import SERVICE_NAME, AgentStatus, ContextAPIServer
 from sidecar.core.context import ElevationRequest, Grant, RiskState, TaskBinding
 from sidecar.core.decide import Decision
 from sidecar.errors import ConfigError, ContextError

@@ -15,10 +15,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from sidecar.admin import ElevationAPI
-from sidecar.context_store import ContextStore
 from sidecar.core import load_profiles
-from sidecar.shm import SharedContext
+from sidecar.run.admin import ElevationAPI
+from sidecar.state.context_store import ContextStore
+from sidecar.state.shm import SharedContext
 
 PROFILES = Path(__file__).resolve().parent.parent / "fixtures" / "profiles"
 NS = "agents"

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.errors import ConfigError, ProfileErrors
-from sidecar.server import ServeConfig, Sidecar
+from sidecar.run.worker import ServeConfig, Sidecar
 
 from .conftest import TRACE_ID, TRACEPARENT, CheckBuilder
 

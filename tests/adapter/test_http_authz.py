@@ -14,12 +14,12 @@ import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 
-from sidecar.authz import Authorizer, Identity
+from sidecar.check.grpc_transport import AuthorizationServicer
+from sidecar.check.http_transport import HttpAuthzServer, parse_target
+from sidecar.check.pipeline import Authorizer, Identity
 from sidecar.core import Snapshot, load_profiles
 from sidecar.errors import BadRequestError, ConfigError
-from sidecar.ext_authz import AuthorizationServicer
-from sidecar.http_authz import HttpAuthzServer, parse_target
-from sidecar.server import ServeConfig, Sidecar
+from sidecar.run.worker import ServeConfig, Sidecar
 
 from .conftest import TRACE_ID, TRACEPARENT, build_check
 

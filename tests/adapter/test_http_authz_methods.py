@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from sidecar.authz import Authorizer, Identity, upstream_headers
+from sidecar.check.http_transport import HttpAuthzServer
+from sidecar.check.pipeline import Authorizer, Identity, upstream_headers
 from sidecar.core import Code, Decision, Snapshot
-from sidecar.http_authz import HttpAuthzServer
 
 LEDGER = "ledger.finance.svc.cluster.local"
 

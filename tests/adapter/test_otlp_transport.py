@@ -21,9 +21,9 @@ from google.protobuf.duration_pb2 import Duration
 from google.rpc.error_details_pb2 import RetryInfo
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from sidecar import otlp_wire
 from sidecar.errors import ConfigError
-from sidecar.otlp_export import ExportSettings, GrpcTransport, _describe
+from sidecar.telemetry import otlp_wire
+from sidecar.telemetry.otlp_export import ExportSettings, GrpcTransport, _describe
 
 
 def transport(target: str, env: dict[str, str] | None = None) -> GrpcTransport:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.check.reload import SnapshotHolder
 from sidecar.core import Snapshot
-from sidecar.metrics import REGISTRY
-from sidecar.reload import SnapshotHolder
+from sidecar.telemetry.metrics import REGISTRY
 
 from .conftest import DEMO_PROFILES
 

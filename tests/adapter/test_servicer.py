@@ -13,9 +13,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
 
-from sidecar.authz import Identity, new_decision_id, trace_id_of
+from sidecar.check.grpc_transport import AuthorizationServicer
+from sidecar.check.pipeline import Identity, new_decision_id, trace_id_of
 from sidecar.core import Snapshot
-from sidecar.ext_authz import AuthorizationServicer
 
 from .conftest import BILLING_SPIFFE, TRACE_ID, TRACEPARENT, CheckBuilder
 
@@ -347,7 +347,7 @@ def test_clock_raising_is_denied(snapshot: Snapshot, make_check: CheckBuilder) -
 def test_response_building_failure_still_denies(
     snapshot: Snapshot, make_check: CheckBuilder
 ) -> None:
-    with mock.patch("sidecar.ext_authz.response_for", side_effect=ValueError("boom")):
+    with mock.patch("sidecar.check.grpc_transport.response_for", side_effect=ValueError("boom")):
         resp = servicer(snapshot).Check(make_check(), None)
     assert resp.status.code == code_pb2.PERMISSION_DENIED
     assert not resp.HasField("ok_response")

@@ -14,12 +14,12 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from sidecar import otlp_wire
 from sidecar.core import Decision
-from sidecar.metrics import REGISTRY
-from sidecar.otlp_export import BatchExporter, ExportSettings, GrpcTransport
-from sidecar.tracing import Tracing
-from sidecar.tracing_sdk import SdkTracing
+from sidecar.telemetry import otlp_wire
+from sidecar.telemetry.metrics import REGISTRY
+from sidecar.telemetry.otlp_export import BatchExporter, ExportSettings, GrpcTransport
+from sidecar.telemetry.tracing import Tracing
+from sidecar.telemetry.tracing_sdk import SdkTracing
 
 from ..e2e.otlp import OtlpReceiver
 

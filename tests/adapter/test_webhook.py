@@ -25,8 +25,8 @@ import kubernetes_validate.utils as kv
 import pytest
 import yaml
 
-from sidecar.inject import InjectConfig
-from sidecar.webhook import WebhookServer, review
+from sidecar.injection.pod import InjectConfig
+from sidecar.injection.webhook import WebhookServer, review
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "mandate-webhook.mandate-system.svc"
@@ -376,7 +376,7 @@ async def test_a_renewed_certificate_is_picked_up(
 _MAIN = """
 import sys
 from sidecar.cli import _Parser
-from sidecar.inject_cli import add_inject_parser, run_inject
+from sidecar.injection.cli import add_inject_parser, run_inject
 parser = _Parser(prog="mandate")
 add_inject_parser(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
 sys.exit(run_inject(parser.parse_args(sys.argv[1:])))

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from sidecar.demo.upstream import RECEIVED
+from devstack.demo.upstream import RECEIVED
 
 from ..e2e.conftest import TRANSPORTS, Stack, Upstream, start_stack
 

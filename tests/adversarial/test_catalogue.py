@@ -28,9 +28,9 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import yaml
 
-from sidecar.client import AgentContext
+from devstack.local import ENVOY_DIR
+from sidecar.agentapi.client import AgentContext
 from sidecar.errors import ContextError
-from sidecar.local import ENVOY_DIR
 
 from ..e2e.conftest import Stack, direct_check
 from ..e2e.test_adversarial_headers import h2_request

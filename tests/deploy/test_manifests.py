@@ -22,12 +22,12 @@ import jsonschema
 import pytest
 import yaml
 
-from sidecar import kube
 from sidecar.core import load_profiles
 from sidecar.core.model import parse_duration
-from sidecar.inject import ENVOY_ADMIN_SOCKET, InjectConfig
-from sidecar.inject_cli import add_inject_parser, run_inject
-from sidecar.webhook import make_app
+from sidecar.injection.cli import add_inject_parser, run_inject
+from sidecar.injection.pod import ENVOY_ADMIN_SOCKET, InjectConfig
+from sidecar.injection.webhook import make_app
+from sidecar.kube import watch as kube
 from tests.kubeapi.schema import structural_errors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -408,7 +408,7 @@ def test_prod_certificate_from_cert_manager_matches_the_webhook() -> None:
     assert _find(docs, "PodDisruptionBudget", "mandate-webhook")["spec"]["minAvailable"] == 1
 
 
-# -- RBAC: exactly what sidecar/kube.py calls ---------------------------------------------------
+# -- RBAC: exactly what sidecar/kube/watch.py calls ---------------------------------------------------
 
 # Each API call the watchers make on a custom resource, as RBAC (subresource, verb).
 _CUSTOM_CALLS = {
@@ -420,7 +420,7 @@ _CORE_CALLS = {"create_namespaced_event": {("", "events", "create")}}
 
 
 def _api_calls() -> set[tuple[str, str, str]]:
-    """(group, resource, verb) of every Kubernetes API call in sidecar/kube.py: the method
+    """(group, resource, verb) of every Kubernetes API call in sidecar/kube/watch.py: the method
     names which verbs, its `plural` argument which resource (`self._plural`: the shared
     list/watch loop, for every watcher)."""
     plurals = {
@@ -428,7 +428,7 @@ def _api_calls() -> set[tuple[str, str, str]]:
         "ELEVATION_PLURAL": {kube.ELEVATION_PLURAL},
         "self._plural": {kube.RevocationWatcher._plural, kube.ElevationWatcher._plural},
     }
-    tree = ast.parse((ROOT / "sidecar" / "kube.py").read_text())
+    tree = ast.parse((ROOT / "sidecar" / "kube" / "watch.py").read_text())
     calls: set[tuple[str, str, str]] = set()
     for node in ast.walk(tree):
         if not (
@@ -443,7 +443,7 @@ def _api_calls() -> set[tuple[str, str, str]]:
             calls |= _CORE_CALLS[method]
             continue
         assert method in _CUSTOM_CALLS, (
-            f"sidecar/kube.py calls {method}: add its RBAC to deploy/base/rbac.yaml and here"
+            f"sidecar/kube/watch.py calls {method}: add its RBAC to deploy/base/rbac.yaml and here"
         )
         plural = ast.unparse(node.args[3])
         assert plural in plurals, f"{method}: which resource is {plural}?"

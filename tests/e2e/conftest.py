@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 import pytest
 from aiohttp import web
 
-from sidecar.demo.upstream import RECEIVED, make_app
-from sidecar.local import (
+from devstack.demo.upstream import RECEIVED, make_app
+from devstack.local import (
     ENVOY_DIR,
     EnvoyProcess,
     MandateProcess,
@@ -34,7 +34,7 @@ from sidecar.local import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO_PROFILES = ROOT / "sidecar" / "demo" / "profiles"
+DEMO_PROFILES = ROOT / "devstack" / "demo" / "profiles"
 E2E_PROFILES = Path(__file__).parent / "profiles"
 AGENTS = ["billing-agent", "research-agent", "tunnel-agent"]
 MAX_BODY = 4096

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.als import AccessLogServicer, start_als_server
+from devstack.local import ENVOY_DIR, render_envoy_config
+from sidecar.behaviour.access_log import AccessLogServicer, start_als_server
 from sidecar.core.behaviour import BehaviourEngine, BehaviourSettings, CallEvent
-from sidecar.local import ENVOY_DIR, render_envoy_config
 
 from .conftest import (
     NAMESPACE,

@@ -152,7 +152,7 @@ def test_smuggling_shapes_do_not_carry_a_second_request(stack: Stack, headers: s
 
 # --- MCP bodies a hostile agent writes ----------------------------------------------------
 # research-agent's `tool-use` purpose allows POST http://mcp.tools.svc.cluster.local/mcp
-# with the tools search_papers and fetch_abstract (sidecar/demo/profiles/agents.yaml).
+# with the tools search_papers and fetch_abstract (devstack/demo/profiles/agents.yaml).
 
 MCP_HOST = "mcp.tools.svc.cluster.local"
 ALLOWED_TOOL, FORBIDDEN_TOOL = "search_papers", "delete_corpus"

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.client import AgentContext
+from sidecar.agentapi.client import AgentContext
 from sidecar.errors import ContextError
 
 from .conftest import DEMO_PROFILES, Stack, start_stack, stop_stack

@@ -1,5 +1,5 @@
 """Temporary elevation and reported tasks end to end: the agent uses the context API client
-(sidecar/client.py) on the port `mandate run --context-api` serves, and its calls go through
+(sidecar/agentapi/client.py) on the port `mandate run --context-api` serves, and its calls go through
 real Envoy. An auto grant allows the elevated call until it expires, then the call is denied;
 an operator grant stays pending until `mandate approve`; a revoked agent with a grant is
 denied; the agent cannot approve itself on any port it can reach.
@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
-from sidecar.client import AgentContext
+from sidecar.agentapi.client import AgentContext
 from sidecar.errors import ContextError
 
 from .conftest import DEMO_PROFILES, Stack, start_stack, stop_stack

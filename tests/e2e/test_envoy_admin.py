@@ -4,7 +4,7 @@ The agent shares the pod's network namespace: whatever Envoy listens on over TCP
 can reach. On TCP, Envoy's admin let it stop Envoy (`/quitquitquit`), read mandate's ports
 and the HTTP prefix (`/config_dump`) and turn on debug logging. envoy/sidecar*.yaml put the
 admin on a unix socket (mode 0600) in a volume only Envoy's container mounts
-(sidecar/inject.py); the injected startup probe asks `/ready` there. Here each config runs
+(sidecar/injection/pod.py); the injected startup probe asks `/ready` there. Here each config runs
 as the pod runs it, with only file paths and the egress port moved into the test's
 directory, and Envoy must listen on no TCP port but the egress listener.
 """
@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.inject import ENVOY_ADMIN_SOCKET, envoy_ready_probe
-from sidecar.local import ENVOY_DIR, envoy_binary, stop_subprocess
+from devstack.local import ENVOY_DIR, envoy_binary, stop_subprocess
+from sidecar.injection.pod import ENVOY_ADMIN_SOCKET, envoy_ready_probe
 
 CONFIGS = ["sidecar.yaml", "sidecar-http.yaml"]
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.local import ENVOY_DIR, render_envoy_config
+from devstack.local import ENVOY_DIR, render_envoy_config
 
 from .conftest import validate_envoy_config
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.local import MandateProcess, start_mandate
+from devstack.local import MandateProcess, start_mandate
 from tests.kubeapi.faults import ListWatchErrors
 from tests.kubeapi.fixtures import Kubectl, kube_api, kubeconfig, kubectl  # noqa: F401
 from tests.kubeapi.server import KubeAPIServer

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.client import AgentContext
+from sidecar.agentapi.client import AgentContext
 from tests.kubeapi.fixtures import Kubectl, kube_api, kubeconfig, kubectl  # noqa: F401
 from tests.kubeapi.server import KubeAPIServer
 

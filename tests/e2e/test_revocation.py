@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.local import MandateProcess
+from devstack.local import MandateProcess
 
 from .conftest import Stack, direct_check, start_mandate_for, start_stack, stop_stack
 

@@ -29,8 +29,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.client import AgentContext
-from sidecar.local import MandateProcess
+from devstack.local import MandateProcess
+from sidecar.agentapi.client import AgentContext
 
 from .conftest import DEMO_PROFILES, Stack, direct_check, start_mandate_for, start_stack, stop_stack
 

@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 
 from sidecar.core.revocation import Revocation
-from sidecar.kube import SOURCE, revocation_from_object
-from sidecar.revocations import Change, RevocationStore
-from sidecar.shm import SharedTable
+from sidecar.kube.watch import SOURCE, revocation_from_object
+from sidecar.state.revocations import Change, RevocationStore
+from sidecar.state.shm import SharedTable
 from tests.clocks import YEAR, from_now
 from tests.kubeapi.faults import ListWatchErrors
 from tests.kubeapi.server import KubeAPIServer

@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.local import ENVOY_DIR, envoy_binary
+from devstack.local import ENVOY_DIR, envoy_binary
 
 from .lab import NETTOOL, REMOTE_ADDR, WAIT, Lab, missing
 
-ENVOY_UID, MANDATE_UID, AGENT_UID = 1337, 1338, 1000  # as sidecar.inject.InjectConfig
+ENVOY_UID, MANDATE_UID, AGENT_UID = 1337, 1338, 1000  # as sidecar.injection.pod.InjectConfig
 AGENT, NAMESPACE = "billing-agent", "agents"
 HTTP_PORT, OTHER_PORT = 8080, 9090  # the remote server's TCP ports; UDP on OTHER_PORT too
 ENVOY_ADMIN, MANDATE_ADMIN = "http://127.0.0.1:15000", "http://127.0.0.1:9901"

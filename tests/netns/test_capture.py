@@ -1,4 +1,4 @@
-"""Egress capture for real: the init container's iptables rules (sidecar.inject's
+"""Egress capture for real: the init container's iptables rules (sidecar.injection.pod's
 CAPTURE_SCRIPT, with the environment it gets in the pod) applied in a network namespace, and
 an agent that ignores every proxy setting. Its direct connection to a remote host is captured
 by Envoy and decided by mandate; Envoy's own upstream connection is not captured again; a
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 
-from sidecar.inject import CAPTURE_SCRIPT, InjectConfig, capture_env
+from sidecar.injection.pod import CAPTURE_SCRIPT, InjectConfig, capture_env
 
 from .conftest import AGENT, ENVOY_UID, HTTP_PORT, MANDATE_UID, OTHER_PORT, Pod
 from .lab import REMOTE_ADDR, WAIT

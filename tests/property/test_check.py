@@ -18,14 +18,14 @@ from google.rpc import code_pb2
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
-from sidecar.authz import Identity
+from sidecar.check.grpc_transport import AuthorizationServicer, view_from_check
+from sidecar.check.pipeline import Identity
 from sidecar.core import Snapshot, decide, load_profiles
-from sidecar.ext_authz import AuthorizationServicer, view_from_check
-from sidecar.server import ServeConfig, Sidecar
+from sidecar.run.worker import ServeConfig, Sidecar
 
 from .test_matchers import ref_authority, ref_canonical, ref_matches_any
 
-DEMO = Path(__file__).resolve().parents[2] / "sidecar" / "demo" / "profiles"
+DEMO = Path(__file__).resolve().parents[2] / "devstack" / "demo" / "profiles"
 SNAPSHOT: Snapshot = load_profiles(DEMO)
 BILLING_SPIFFE = "spiffe://cluster.local/ns/agents/sa/billing-agent"
 LEDGER = "ledger.finance.svc.cluster.local"

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from sidecar.core import Snapshot, load_profiles
 from sidecar.errors import ProfileErrors
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "sidecar" / "demo" / "profiles" / "agents.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "devstack" / "demo" / "profiles" / "agents.yaml"
 EXAMPLE_DOCS: list[dict[str, Any]] = list(yaml.safe_load_all(EXAMPLE.read_text()))
 NAME = "profile.yaml"
 

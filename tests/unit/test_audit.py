@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from sidecar.audit import (
+from sidecar.audit.cli import parse_when
+from sidecar.audit.trail import (
     canonical_json,
     file_name,
     genesis,
@@ -16,7 +17,6 @@ from sidecar.audit import (
     record_from_decision,
     record_hash,
 )
-from sidecar.audit_cli import parse_when
 from sidecar.core import Code, Decision
 
 NOW = 1_700_000_000.0

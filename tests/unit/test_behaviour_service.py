@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from sidecar.behaviour_service import BehaviourService
-from sidecar.context_store import ContextStore
+from sidecar.behaviour.service import BehaviourService
 from sidecar.core import load_profiles
 from sidecar.core.behaviour import CallEvent
-from sidecar.revocations import RevocationStore
-from sidecar.shm import SharedContext, SharedTable
+from sidecar.state.context_store import ContextStore
+from sidecar.state.revocations import RevocationStore
+from sidecar.state.shm import SharedContext, SharedTable
 
 NS = "agents"
 T0 = 1_700_000_000.0

@@ -13,7 +13,7 @@ import pytest
 from sidecar.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-PROFILES = ROOT / "sidecar" / "demo" / "profiles"
+PROFILES = ROOT / "devstack" / "demo" / "profiles"
 LEDGER = "http://ledger.finance.svc.cluster.local"
 
 
@@ -229,7 +229,7 @@ def test_revoke_expiry_forms() -> None:
 
 class _FailingAdmin:
     """An admin API whose state file cannot be written: every revoke and restore is a 500
-    `state_not_durable`, as sidecar/admin.py answers it."""
+    `state_not_durable`, as sidecar/run/admin.py answers it."""
 
     FILE = "/var/lib/mandate/revocations.json"
 

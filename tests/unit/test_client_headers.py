@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from sidecar.client import PURPOSE_HEADER, TASK_HEADER, context_headers, use_context
+from sidecar.agentapi.client import PURPOSE_HEADER, TASK_HEADER, context_headers, use_context
 from sidecar.core.decide import PURPOSE_HEADER as CORE_PURPOSE
 from sidecar.core.decide import TASK_HEADER as CORE_TASK
 

@@ -24,15 +24,15 @@ from typing import Any
 
 import pytest
 
-from sidecar.authz import Authorizer, Identity
-from sidecar.context_store import ContextStore
+from sidecar.check.pipeline import Authorizer, Identity
 from sidecar.core import Code, Decision, RequestView, load_profiles
 from sidecar.core.context import EMPTY_CONTEXT, Approval, ContextTable
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import Revocation, RevocationTable, make_key
 from sidecar.core.timefmt import parse_rfc3339
-from sidecar.revocations import RevocationStore
-from sidecar.shm import SharedContext, SharedTable
+from sidecar.state.context_store import ContextStore
+from sidecar.state.revocations import RevocationStore
+from sidecar.state.shm import SharedContext, SharedTable
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "profiles"
 NS = "agents"

@@ -13,18 +13,18 @@ from typing import Any
 
 import pytest
 
-from sidecar import metrics
-from sidecar.context_store import (
+from sidecar.core import load_profiles
+from sidecar.core.context import Approval, ContextTable, Grant, RiskState, TaskBinding
+from sidecar.core.decide import RequestView, decide
+from sidecar.errors import ConfigError, ContextError, StateWriteError
+from sidecar.state.context_store import (
     MAX_FINISHED_PER_AGENT,
     MAX_TASKS_PER_AGENT,
     MAX_TTL,
     ContextStore,
 )
-from sidecar.core import load_profiles
-from sidecar.core.context import Approval, ContextTable, Grant, RiskState, TaskBinding
-from sidecar.core.decide import RequestView, decide
-from sidecar.errors import ConfigError, ContextError, StateWriteError
-from sidecar.shm import SharedContext
+from sidecar.state.shm import SharedContext
+from sidecar.telemetry import metrics
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "profiles"
 NS = "agents"

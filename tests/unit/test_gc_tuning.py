@@ -14,7 +14,7 @@ def test_tune_gc_freezes_start_up_and_still_collects_cycles() -> None:
     code = textwrap.dedent(
         """
         import gc, weakref
-        from sidecar.server import GC_GEN0_THRESHOLD, tune_gc
+        from sidecar.run.worker import GC_GEN0_THRESHOLD, tune_gc
 
         class Node:
             pass

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from sidecar.errors import ConfigError, InjectError
-from sidecar.inject import (
+from sidecar.injection.pod import (
     ANNOTATION_INJECTED,
     CAPTURE_SCRIPT,
     InjectConfig,
@@ -271,7 +271,7 @@ def test_volumes_and_where_they_are_mounted() -> None:
 def test_every_volume_the_injection_adds_is_a_reserved_name() -> None:
     """A pod that already had one of these names would be refused by the API server (two
     volumes of one name): the injection names it instead."""
-    from sidecar.inject import _VOLUMES
+    from sidecar.injection.pod import _VOLUMES
 
     added = {v["name"] for v in inject(pod(), CONFIG)["spec"]["volumes"]}
     assert added <= set(_VOLUMES)
@@ -519,7 +519,7 @@ def test_envoy_admin_is_a_socket_only_envoys_container_mounts() -> None:
     in a volume that Envoy's container alone mounts, and the startup probe asks it there."""
     import json
 
-    from sidecar.inject import ENVOY_ADMIN_SOCKET, envoy_ready_probe
+    from sidecar.injection.pod import ENVOY_ADMIN_SOCKET, envoy_ready_probe
 
     for mode in ("iptables", "proxy"):
         out = inject(pod(metadata__annotations={"mandate.dev/mode": mode}), CONFIG)

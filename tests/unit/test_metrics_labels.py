@@ -4,8 +4,8 @@ become label values; every unattributed or unknown caller shares the label "-"."
 
 from __future__ import annotations
 
-from sidecar import metrics
 from sidecar.core import Code, Decision
+from sidecar.telemetry import metrics
 
 
 def test_invented_agent_names_share_one_label() -> None:

@@ -14,8 +14,8 @@ import pytest
 
 from sidecar.core.revocation import Revocation, make_key
 from sidecar.errors import ConfigError, StateWriteError
-from sidecar.revocations import STATE_VERSION, Change, RevocationStore
-from sidecar.shm import SharedTable
+from sidecar.state.revocations import STATE_VERSION, Change, RevocationStore
+from sidecar.state.shm import SharedTable
 
 NOW = 1_700_000_000.0
 NS = "agents"
@@ -233,7 +233,7 @@ def test_fsync_failure_keeps_enforcement_and_does_not_raise(
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(os, "fsync", fail)
-    with caplog.at_level(logging.ERROR, logger="sidecar.revocations"):
+    with caplog.at_level(logging.ERROR, logger="sidecar.state.revocations"):
         assert store.upsert(rev("b"))
     assert reader.read().find(NS, "b", NOW) == rev("b")
     assert keys(store.entries()) == keys([rev("a"), rev("b")])
@@ -250,7 +250,7 @@ def test_unwritable_state_directory_keeps_enforcement(
 ) -> None:
     # The directory is gone (a root test process ignores read-only permissions).
     store = RevocationStore(table, tmp_path / "gone" / "revocations.json")
-    with caplog.at_level(logging.ERROR, logger="sidecar.revocations"):
+    with caplog.at_level(logging.ERROR, logger="sidecar.state.revocations"):
         store.load_persisted()
         store.upsert(rev())
         store.mark_complete()
@@ -435,7 +435,7 @@ def test_failing_listener_does_not_break_the_store(
 
     store.subscribe(broken)
     store.subscribe(after.append)
-    with caplog.at_level(logging.ERROR, logger="sidecar.revocations"):
+    with caplog.at_level(logging.ERROR, logger="sidecar.state.revocations"):
         assert store.upsert(rev())
     assert len(after) == 1
     assert reader.read().find(NS, "billing-agent", NOW) == rev()

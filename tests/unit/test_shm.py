@@ -26,7 +26,7 @@ import pytest
 from sidecar.core.context import ContextTable, RiskState
 from sidecar.core.revocation import Revocation, make_key
 from sidecar.errors import ConfigError
-from sidecar.shm import MAGIC, RunDir, SharedContext, SharedTable
+from sidecar.state.shm import MAGIC, RunDir, SharedContext, SharedTable
 
 NOW = 1_700_000_000.0
 HEADER = 24
@@ -520,7 +520,7 @@ def test_a_table_dropped_without_close_closes_its_descriptor() -> None:
 
 _WORKER = """
 import sys, time
-from sidecar.shm import SharedTable
+from sidecar.state.shm import SharedTable
 table = SharedTable.attach_fd(int(sys.argv[1]))
 deadline = time.monotonic() + 10
 while time.monotonic() < deadline:

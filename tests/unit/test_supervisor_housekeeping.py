@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.supervisor import Supervisor
+from sidecar.run.supervisor import Supervisor
 
 
 class _Store:
@@ -33,7 +33,7 @@ async def test_a_failing_pass_is_logged_and_housekeeping_goes_on(
     store = _Store()
     sup.store, sup.context, sup._watcher, sup._stopping = store, None, None, False
     sup._audit_health = lambda: {"state": "off"}
-    with caplog.at_level(logging.ERROR, logger="sidecar.supervisor"):
+    with caplog.at_level(logging.ERROR, logger="sidecar.run.supervisor"):
         task = asyncio.create_task(sup._prune())
         async with asyncio.timeout(10):
             while store.passes < 3:

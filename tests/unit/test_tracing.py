@@ -23,14 +23,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from sidecar import otlp_wire
 from sidecar.core import Decision
 from sidecar.core.context import Grant
 from sidecar.errors import ConfigError
-from sidecar.otlp_export import ExportSettings, parse_headers
-from sidecar.tracecontext import normalize_tracestate, parent_of, parse_traceparent
-from sidecar.tracing import Tracing, resource_attributes
-from sidecar.tracing_sdk import SdkTracing
+from sidecar.telemetry import otlp_wire
+from sidecar.telemetry.otlp_export import ExportSettings, parse_headers
+from sidecar.telemetry.tracecontext import normalize_tracestate, parent_of, parse_traceparent
+from sidecar.telemetry.tracing import Tracing, resource_attributes
+from sidecar.telemetry.tracing_sdk import SdkTracing
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN = "00f067aa0ba902b7"

@@ -14,8 +14,8 @@ from google.protobuf.duration_pb2 import Duration
 from google.rpc.error_details_pb2 import RetryInfo
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from sidecar import otlp_wire
-from sidecar.otlp_export import BatchExporter, ExportStats
+from sidecar.telemetry import otlp_wire
+from sidecar.telemetry.otlp_export import BatchExporter, ExportStats
 
 ENCODER = otlp_wire.SpanEncoder("mandate.authorize", otlp_wire.SPAN_KIND_SERVER)
 

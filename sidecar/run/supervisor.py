@@ -1,0 +1,698 @@
+"""`mandate run`: the supervisor process and its Check workers.
+
+The supervisor owns everything that is not a Check: the shared revocation table (the only
+writer), its persistence, the Kubernetes watcher, the admin server (probes, metrics, the
+revocation API) and N worker processes. Each worker (`mandate worker`, see server.py)
+serves Check on an endpoint of its own — with Envoy's gRPC client, SO_REUSEPORT alone sends
+all traffic to one process — and reads the table from shared memory on every Check.
+
+Start order makes "revoked before the first Check" hold: the persisted table is published
+(marked incomplete) before any worker starts, so a worker denies everything until the first
+Kubernetes list is merged (or, with Kubernetes unreachable, until `initial_sync_timeout`
+has passed; the last known state is then enforced and readiness says so). A worker that
+dies is restarted on the same endpoint; meanwhile Envoy's calls to it fail, and Envoy
+denies them (failure_mode_allow: false). No decision logic here.
+
+Nothing a run makes outlives it, even when the supervisor is SIGKILLed (OOM, crash): the
+shared tables have no name (shm: a memfd each) and reach the workers as inherited file
+descriptors (`pass_fds`), so their memory goes with the last process that maps them; the run
+directory (workers' port and version files, metrics) is removed by the last process of the
+run to exit, or else by the next start (shm.RunDir). Only a `--table PATH` is left in place:
+it is the caller's file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from sidecar import DEFAULT_THREADS
+from sidecar.audit.trail import DEFAULT_RESERVE_BYTES, AuditWriter, event_record
+from sidecar.check.reload import SnapshotHolder
+from sidecar.core.revocation import Revocation
+from sidecar.errors import ConfigError, StateWriteError
+from sidecar.run.admin import ElevationAPI, RevocationAPI, add_probe_routes, read_token
+from sidecar.run.worker import RUN_DIR_ENV, RUN_LOCK_FD_ENV, SUPERVISOR_PID_ENV, split_hostport
+from sidecar.state.context_store import ContextStore
+from sidecar.state.revocations import RevocationStore
+from sidecar.state.shm import RunDir, SharedContext, SharedTable
+from sidecar.state.statefile import os_error_text
+from sidecar.telemetry import metrics
+
+__all__ = ["Supervisor", "SupervisorConfig", "run_supervisor"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorConfig:
+    profiles: Path
+    listen: str = "127.0.0.1:9001"  # worker i serves PORT+i; port 0: free ports are picked
+    admin: str = "127.0.0.1:9901"
+    workers: int = 1
+    threads: int = DEFAULT_THREADS
+    agent: str | None = None
+    service_account: str | None = None
+    namespace: str = "default"
+    pod_name: str = ""
+    state_dir: Path | None = None  # revocations.json (and a generated admin.token) live here
+    # The revocation table's file (and the context table's: PATH.context), the caller's: it
+    # stays after a SIGKILL. None (the default): tables with no name (shm.SharedTable.create).
+    table_path: Path | None = None
+    admin_token_file: Path | None = None
+    kubernetes: str = "auto"  # auto | on | off
+    kubeconfig: Path | None = None
+    initial_sync_timeout: float = 10.0
+    poll_seconds: float = 2.0
+    port_file: Path | None = None
+    log_level: str = "INFO"
+    otlp_endpoint: str | None = None
+    tracer: str = "lean"  # lean | sdk
+    audit_args: tuple[str, ...] = ()  # worker options for the audit trail (see cli.py)
+    transport: str = "grpc"  # grpc | http: how Envoy's ext_authz filter asks the workers
+    # The agent context API: "ADDR" (serves the configured agent) or "AGENT=ADDR", ADDR being
+    # HOST:PORT or unix:/path. Empty: not served.
+    context_api: tuple[str, ...] = ()
+    # Envoy's gRPC access log service (HOST:PORT or unix:/path): responses' status and sizes
+    # for behaviour analysis. None: no behaviour analysis (no risk scores, no auto-revoke).
+    access_log: str | None = None
+    # Also create an AgentRevocation object when behaviour analysis revokes an agent (needs
+    # `create` on agentrevocations: deploy/components/behaviour-revocations).
+    publish_behaviour_revocations: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class _Worker:
+    index: int
+    listen: str
+    port_file: Path
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    ready: bool = False
+
+
+class Supervisor:
+    def __init__(self, config: SupervisorConfig, run_dir: RunDir | None = None) -> None:
+        """``run_dir``: the run directory `mandate run` made (it removes it); None: make one
+        here, removed by stop()."""
+        self.config = config
+        self._own_run_dir = run_dir is None
+        self._run_dir = RunDir.create() if run_dir is None else run_dir
+        self._workdir = self._run_dir.path
+        self._workers: list[_Worker] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = False
+        self._runner: web.AppRunner | None = None
+        self._watcher: Any = None
+        self._elevation_watcher: Any = None
+        self._kube_state = "off"
+        self.admin_port = 0
+        self.grpc_ports: list[int] = []
+        self.table: SharedTable | None = None
+        self.store: RevocationStore | None = None
+        self.context_table: SharedContext | None = None
+        self.context: ContextStore | None = None
+        self._audit: AuditWriter | None = None
+        self._context_api: Any = None
+        self.context_ports: list[int] = []
+        self.behaviour: Any = None
+        self._als: Any = None
+        self.access_log_port = 0
+        self.holder = SnapshotHolder(config.profiles)
+
+    # -- configuration ----------------------------------------------------------------
+
+    def _token(self) -> str | None:
+        cfg = self.config
+        path = cfg.admin_token_file
+        if path is None and cfg.state_dir is not None:
+            path = cfg.state_dir / "admin.token"
+            if not path.exists():
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "w") as f:
+                        f.write(secrets.token_urlsafe(32) + "\n")
+                except OSError as exc:
+                    # Without it nobody could revoke through the admin API: refuse to start
+                    # with a message that says why, not a traceback.
+                    raise ConfigError(
+                        f"--state-dir {cfg.state_dir}: cannot create the admin token {path} "
+                        f"({os_error_text(exc)}); make the directory writable or give "
+                        "--admin-token-file"
+                    ) from None
+                log.info("generated an admin token in %s", path)
+        if path is None:
+            log.warning("no admin token: the revocation API is disabled")
+            return None
+        try:
+            return read_token(path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--admin-token-file {path}: {exc}") from None
+
+    def _use_kubernetes(self) -> bool:
+        mode = self.config.kubernetes
+        if mode not in ("auto", "on", "off"):
+            raise ConfigError(f"--kubernetes {mode!r}: expected auto, on or off")
+        if mode == "auto":
+            return self.config.kubeconfig is not None or bool(
+                os.environ.get("KUBERNETES_SERVICE_HOST")
+            )
+        return mode == "on"
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        if cfg.workers < 1:
+            raise ConfigError(f"--workers {cfg.workers}: expected at least 1")
+        if cfg.threads < 1:
+            raise ConfigError(f"--threads {cfg.threads}: expected at least 1")
+        admin_host, admin_port = split_hostport(cfg.admin, "--admin")
+        host, base_port = split_hostport(cfg.listen, "--listen")
+        if cfg.state_dir is not None:
+            try:
+                cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"--state-dir {cfg.state_dir}: {exc.strerror or exc}") from None
+        token = self._token()
+        self.holder.load_initial()  # refuse to start (ProfileErrors) before anything runs
+        table_path = cfg.table_path
+        self.table = SharedTable.create(table_path)
+        self.context_table = SharedContext.create(
+            None if table_path is None else table_path.with_suffix(".context")
+        )
+        self._audit = self._audit_writer()
+        self.context = ContextStore(
+            self.context_table,
+            cfg.state_dir / "context.json" if cfg.state_dir else None,
+            self.holder.get,
+            audit=self._record,
+            audit_blocked=self._audit_blocked,
+        )
+        self.context.load_persisted()
+        state_file = cfg.state_dir / "revocations.json" if cfg.state_dir else None
+        self.store = RevocationStore(self.table, state_file, on_persist=self._persisted)
+        self.store.subscribe(self._count)
+        # Published incomplete: workers deny until synced. Also the start-up check of the
+        # state dir: this writes the file, and a state dir that cannot be written starts
+        # degraded and visibly so (readiness details `persistence`, mandate_state_durable
+        # 0, an ERROR line): every revocation is still enforced, and every operator action
+        # is answered "not durable" until a write succeeds.
+        self.store.load_persisted()
+        if self._use_kubernetes():
+            await self._start_kubernetes()
+        else:
+            self.store.mark_complete()
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Workers write their metrics there; `mandate run` sets it before importing
+            # prometheus_client so that the supervisor's own metrics go there too.
+            metrics_dir = self._workdir / "metrics"
+            metrics_dir.mkdir()
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        ports = [base_port + i if base_port else _free_port(host) for i in range(cfg.workers)]
+        self._workers = [
+            _Worker(i, f"{host}:{port}", self._workdir / f"worker-{i}.json")
+            for i, port in enumerate(ports)
+        ]
+        self.grpc_ports = ports
+        for w in self._workers:
+            await self._spawn(w)
+        await self._wait_workers(timeout=30)
+        app = web.Application()
+        add_probe_routes(app, self._ready, token)
+        RevocationAPI(self.store, cfg.namespace, token, self.status).add_routes(app)
+        ElevationAPI(self.context, cfg.namespace, token).add_routes(app)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, admin_host, admin_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(f"--admin {cfg.admin!r}: cannot bind ({exc})") from None
+        self.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.holder.start(cfg.poll_seconds)
+        if cfg.context_api:
+            self._start_context_api()
+        if cfg.access_log:
+            self._start_behaviour()
+        for w in self._workers:
+            self._tasks.append(asyncio.create_task(self._monitor(w)))
+        self._tasks.append(asyncio.create_task(self._prune()))
+        info = {
+            "grpc": self.grpc_ports,
+            "admin": self.admin_port,
+            "pid": os.getpid(),
+            "table": self.table.name,
+            "context_table": self.context_table.name,
+            "context": self.context_ports,
+            "access_log": self.access_log_port,
+        }
+        log.info("mandate serving: %s", json.dumps(info))
+        if cfg.port_file is not None:
+            tmp = cfg.port_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(info))
+            tmp.replace(cfg.port_file)
+
+    def _context_listeners(self) -> list[tuple[str, str]]:
+        """(agent, address) per `--context-api` entry; a bare address serves the pod's agent
+        (--agent, or the profile whose identities name --service-account)."""
+        cfg = self.config
+        snap = self.holder.get()
+        agents = snap.agents if snap is not None else {}
+        out: list[tuple[str, str]] = []
+        for entry in cfg.context_api:
+            agent, sep, address = entry.partition("=")
+            if not sep:
+                address, agent = entry, cfg.agent or ""
+                if not agent and cfg.service_account and snap is not None:
+                    agent = snap.by_service_account.get(cfg.service_account, "")
+                if not agent:
+                    raise ConfigError(
+                        f"--context-api {entry!r}: no agent to serve; give --agent, a "
+                        "--service-account a profile names, or AGENT=ADDRESS"
+                    )
+            if agent not in agents:
+                known = ", ".join(sorted(agents))
+                raise ConfigError(
+                    f"--context-api {entry!r}: no profile for agent {agent!r} (known: {known})"
+                )
+            out.append((agent, address))
+        return out
+
+    def _start_context_api(self) -> None:
+        from sidecar.agentapi.backend import SupervisorBackend
+        from sidecar.agentapi.server import ContextAPIServer
+
+        assert self.context is not None and self.store is not None
+        backend = SupervisorBackend(
+            self.context, self.store, self.holder.get, self.config.namespace
+        )
+        self._context_api = ContextAPIServer(backend, self._context_listeners())
+        self.context_ports = self._context_api.start()
+
+    def _start_behaviour(self) -> None:
+        from sidecar.behaviour.access_log import AccessLogServicer, start_als_server
+        from sidecar.behaviour.service import BehaviourService
+
+        assert self.context is not None and self.store is not None
+        cfg = self.config
+        assert cfg.access_log is not None
+        self.behaviour = BehaviourService(
+            self.holder.get,
+            self.context,
+            self.store,
+            cfg.namespace,
+            state_file=cfg.state_dir / "behaviour.json" if cfg.state_dir else None,
+            audit=self._record,
+            on_revoke=self._publish_revocation,
+        )
+        self.behaviour.load()
+        servicer = AccessLogServicer(self.behaviour.observe, namespace=cfg.namespace)
+        self._als, self.access_log_port = start_als_server(cfg.access_log, servicer)
+        self._tasks.append(asyncio.create_task(self._behaviour_loop()))
+
+    def _publish_revocation(self, rev: Revocation) -> None:
+        """Called on the event loop when behaviour analysis revoked an agent: in force
+        already here; with --publish-behaviour-revocations also as an AgentRevocation."""
+        cfg = self.config
+        if not cfg.publish_behaviour_revocations or not self._use_kubernetes():
+            return
+
+        async def publish() -> None:
+            from sidecar.kube import watch as kube
+
+            try:
+                name = await kube.publish_revocation(
+                    rev,
+                    namespace=cfg.namespace,
+                    kubeconfig=cfg.kubeconfig,
+                    pod_name=cfg.pod_name or socket.gethostname(),
+                )
+                self._record({"type": "revocation_published", "agent": rev.agent, "object": name})
+            except Exception as exc:  # still enforced here; the object is for everyone else
+                log.error("could not create the AgentRevocation for %s: %s", rev.agent, exc)
+
+        self._tasks.append(asyncio.get_running_loop().create_task(publish()))
+
+    async def _behaviour_loop(self) -> None:
+        """Score every 100 ms (Envoy flushes its access log every 100 ms); save baselines
+        every 10 s."""
+        saved = time.monotonic()
+        while not self._stopping:
+            await asyncio.sleep(0.1)
+            try:
+                self.behaviour.tick()
+                if time.monotonic() - saved > 10:
+                    saved = time.monotonic()
+                    await asyncio.to_thread(self.behaviour.save)
+            except Exception:  # analysis must never stop the supervisor
+                log.exception("behaviour analysis tick failed")
+
+    async def _start_kubernetes(self) -> None:
+        from sidecar.kube import watch as kube  # only when used: kubernetes_asyncio is heavy
+
+        assert self.store is not None
+        cfg = self.config
+        self._watcher = await kube.start_watcher(
+            self.store,
+            namespace=cfg.namespace,
+            kubeconfig=cfg.kubeconfig,
+            pod_name=cfg.pod_name or socket.gethostname(),
+        )
+        self._kube_state = "syncing"
+        assert self.context is not None
+        self._elevation_watcher = await kube.start_elevation_watcher(
+            self.context,
+            namespace=cfg.namespace,
+            kubeconfig=cfg.kubeconfig,
+            pod_name=cfg.pod_name or socket.gethostname(),
+        )
+
+        async def initial_sync_deadline() -> None:
+            assert self.store is not None
+            deadline = time.monotonic() + cfg.initial_sync_timeout
+            while time.monotonic() < deadline and not self.store.complete:
+                await asyncio.sleep(0.05)
+            if not self.store.complete:
+                log.error(
+                    "no Kubernetes sync within %.0fs: enforcing the last known revocations",
+                    cfg.initial_sync_timeout,
+                )
+                self._kube_state = "unsynced"
+                self.store.mark_complete()
+
+        self._tasks.append(asyncio.create_task(initial_sync_deadline()))
+
+    async def _spawn(self, w: _Worker) -> None:
+        cfg = self.config
+        assert self.table is not None and self.table.fd is not None
+        assert self.context_table is not None and self.context_table.fd is not None
+        w.port_file.unlink(missing_ok=True)
+        w.ready = False
+        # The tables go by descriptor (they have no name, and a restarted worker must get the
+        # very table this process writes); so does the run directory's lock, which keeps the
+        # directory from being swept as dead while any worker lives.
+        fds = (self.table.fd, self.context_table.fd, self._run_dir.lock_fd)
+        args = [
+            sys.executable, "-m", "sidecar", "worker",
+            "--profiles", str(cfg.profiles), "--listen", w.listen,
+            "--table-fd", str(self.table.fd), "--context-table-fd", str(self.context_table.fd),
+            "--threads", str(cfg.threads),
+            "--namespace", cfg.namespace, "--poll-seconds", str(cfg.poll_seconds),
+            "--port-file", str(w.port_file), "--log-level", cfg.log_level,
+            "--transport", cfg.transport,
+            "--rate-share", repr(1.0 / cfg.workers),
+            "--version-file", str(self._version_file(w)),
+        ]  # fmt: skip
+        if cfg.agent:
+            args += ["--agent", cfg.agent]
+        if cfg.service_account:
+            args += ["--service-account", cfg.service_account]
+        if cfg.otlp_endpoint:
+            args += ["--otlp-endpoint", cfg.otlp_endpoint, "--tracer", cfg.tracer]
+        if cfg.pod_name:
+            args += ["--pod-name", cfg.pod_name]
+        if cfg.audit_args:
+            pod = cfg.pod_name or socket.gethostname()
+            args += [*cfg.audit_args, "--chain-id", f"{pod}-w{w.index}"]
+        env = {**os.environ, **cfg.extra_env, "MANDATE_WORKER_INDEX": str(w.index)}
+        # The worker stops if this process dies (server._stop_with_supervisor): serving a
+        # table nothing updates would ignore every revocation made after the crash.
+        env[SUPERVISOR_PID_ENV] = str(os.getpid())
+        env[RUN_DIR_ENV] = str(self._run_dir.path)
+        env[RUN_LOCK_FD_ENV] = str(self._run_dir.lock_fd)
+        w.proc = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL, env=env, pass_fds=fds
+        )
+
+    def _version_file(self, w: _Worker) -> Path:
+        return self._workdir / f"worker-{w.index}.version"
+
+    def _profiles_status(self) -> dict[str, Any]:
+        """The supervisor's reload status, with ``version`` the one every worker enforces
+        (each reloads on its own; a caller who sees version V knows every Check is decided
+        under V). While they differ: ``converged`` false and ``version`` empty."""
+        status = self.holder.status().as_dict()
+        versions: list[str] = []
+        for w in self._workers:
+            try:
+                versions.append(str(json.loads(self._version_file(w).read_text())["version"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                versions.append("")
+        converged = bool(versions) and len(set(versions)) == 1 and versions[0] != ""
+        status["supervisor_version"] = status["version"]
+        status["worker_versions"] = versions
+        status["converged"] = converged
+        status["version"] = versions[0] if converged else ""
+        return status
+
+    async def _wait_workers(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for w in self._workers:
+            while not w.port_file.exists():
+                if w.proc is not None and w.proc.returncode is not None:
+                    raise ConfigError(f"worker {w.index} exited with code {w.proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"worker {w.index} not serving after {timeout}s")
+                await asyncio.sleep(0.02)
+            w.ready = True
+
+    async def _monitor(self, w: _Worker) -> None:
+        backoff = 0.1
+        while not self._stopping:
+            assert w.proc is not None
+            code = await w.proc.wait()
+            w.ready = False
+            if self._stopping:
+                return
+            with contextlib.suppress(Exception):
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(w.proc.pid)  # type: ignore[no-untyped-call]
+            log.error("worker %d exited with code %s; restarting in %.1fs", w.index, code, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            w.restarts += 1
+            await self._spawn(w)
+            started = time.monotonic()
+            while not w.port_file.exists() and time.monotonic() - started < 30:
+                if w.proc is not None and w.proc.returncode is not None:
+                    break
+                await asyncio.sleep(0.02)
+            if w.port_file.exists():
+                w.ready = True
+                backoff = 0.1
+
+    def _persisted(self, failure: StateWriteError | None) -> None:
+        metrics.STATE_DURABLE.labels("revocations").set(0 if failure else 1)
+        if failure is not None:
+            metrics.STATE_WRITE_FAILURES.labels("revocations").inc()
+
+    def _count(self, _: object) -> None:
+        assert self.store is not None
+        metrics.REVOCATION_WRITES.inc()
+        now = time.time()
+        counts = {
+            (src, act): 0 for src in ("kubernetes", "admin", "behaviour") for act in (True, False)
+        }
+        for r in self.store.entries():
+            key = (r.source, r.active(now))
+            counts[key] = counts.get(key, 0) + 1
+        for (src, act), n in counts.items():
+            metrics.REVOCATIONS.labels(src, "true" if act else "false").set(n)
+
+    def _audit_writer(self) -> AuditWriter | None:
+        """The supervisor's own audit chain (elevations, tasks, automatic revocations),
+        beside the workers' decision chains, with the same options."""
+        opts = dict(zip(self.config.audit_args[::2], self.config.audit_args[1::2], strict=False))
+        if "--audit-dir" not in opts:
+            return None
+        pod = self.config.pod_name or socket.gethostname()
+        return AuditWriter(
+            Path(opts["--audit-dir"]),
+            chain_id=f"{pod}-supervisor",
+            fsync=opts.get("--audit-fsync", "interval"),  # type: ignore[arg-type]
+            on_failure=opts.get("--audit-on-failure", "fail-closed"),  # type: ignore[arg-type]
+            reserve_bytes=int(opts.get("--audit-reserve", DEFAULT_RESERVE_BYTES)),
+        )
+
+    def _record(self, event: dict[str, Any]) -> bool:
+        """Audit one supervisor event; without an audit trail, log it. False when a
+        fail-closed trail dropped it (the context store then undoes the change it records)."""
+        kind = str(event.get("type", "event"))
+        fields = {k: v for k, v in event.items() if k != "type"}
+        log.info("%s: %s", kind, json.dumps(fields, sort_keys=True))
+        if self._audit is None:
+            return True
+        written = self._audit.write(
+            event_record(kind, now=time.time(), pod=self.config.pod_name or None, **fields)
+        )
+        return written or not self._audit.fail_closed
+
+    def _audit_blocked(self) -> bool:
+        """A fail-closed trail that cannot take records now: no agent change is made."""
+        return self._audit is not None and self._audit.must_deny()
+
+    async def _prune(self) -> None:
+        assert self.store is not None
+        flushed = time.monotonic()
+        while not self._stopping:
+            await asyncio.sleep(0.25)
+            try:
+                if time.monotonic() - flushed > 5:
+                    flushed = time.monotonic()
+                    self._housekeeping(flush=True)
+                else:
+                    self._housekeeping(flush=False)
+            except Exception:
+                # One failing pass must not end housekeeping for good: nothing would end
+                # expired revocations, retry a failed state write or update the metrics.
+                metrics.HOUSEKEEPING_ERRORS.inc()
+                log.exception("housekeeping failed; trying again in 0.25 s")
+
+    def _housekeeping(self, *, flush: bool) -> None:
+        assert self.store is not None
+        self.store.prune_expired()
+        if flush:
+            # After a failed write, retry: a revocation in force only in memory becomes
+            # durable (and readiness says so) once the volume is writable again.
+            self.store.flush()
+        if self.context is not None:
+            self.context.prune()
+        if self._watcher is not None:
+            connected = bool(self._watcher.status().get("connected"))
+            metrics.KUBERNETES_CONNECTED.set(1 if connected else 0)
+        metrics.observe_audit_state(self._audit_health()["state"])
+
+    # -- status -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        assert self.store is not None
+        kube: dict[str, Any] = {"state": self._kube_state}
+        if self._watcher is not None:
+            kube.update(self._watcher.status())
+            # Issue 8 (tests/e2e/test_faults.py): the state said "syncing" (or "unsynced")
+            # forever, even once the watcher had listed. After its first list it is "synced";
+            # `connected` and `last_error` say whether the watch is still up.
+            if kube.get("lists"):
+                kube["state"] = "synced"
+        if self._elevation_watcher is not None:
+            kube["elevations"] = self._elevation_watcher.status()
+        return {
+            "revocations": {
+                "complete": self.store.complete,
+                "entries": len(self.store.entries()),
+                "generation": self.store.generation,
+            },
+            # Is what is in force also on disk? One entry per state file this supervisor
+            # writes; `durable: false` names the file and the OS error (issue 15, finding 6).
+            "persistence": {"revocations": self.store.persistence()},
+            "workers": [
+                {"index": w.index, "listen": w.listen, "ready": w.ready, "restarts": w.restarts}
+                for w in self._workers
+            ],
+            "kubernetes": kube,
+            "profiles": self._profiles_status(),
+            "behaviour": {
+                "analysing": self.behaviour is not None,
+                "risks": [r.as_dict() for r in self.context.risks()] if self.context else [],
+            },
+            "elevations": {
+                "requests": [r.as_dict() for r in self.context.requests()] if self.context else [],
+                "grants": [g.as_dict() for g in self.context.grants()] if self.context else [],
+            },
+        }
+
+    def _audit_health(self) -> dict[str, Any]:
+        """ok / failing / off: the supervisor's writer reads the directory's health board,
+        so "failing" covers every worker's chain too (issue 15, finding 5)."""
+        return {"state": "off"} if self._audit is None else self._audit.health()
+
+    def _ready(self) -> tuple[bool, dict[str, Any]]:
+        status = self.status()
+        ok = status["revocations"]["complete"] and all(w.ready for w in self._workers)
+        # Not ready while every allow is being denied because the audit trail cannot be
+        # written (fail-closed): the pod cannot do its job, and an operator should see it.
+        status["audit"] = audit = self._audit_health()
+        ok = ok and not audit.get("denying", False)
+        # A detail, not a reason to be unready: a full context table (one agent withheld)
+        # or an unwritable context.json must not stop the other agents (issue 15, 2-3).
+        status["context"] = self.context.health() if self.context is not None else None
+        return ok, status
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for watcher in (self._watcher, self._elevation_watcher):
+            if watcher is not None:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
+        for w in self._workers:
+            if w.proc is not None and w.proc.returncode is None:
+                w.proc.send_signal(signal.SIGTERM)
+        for w in self._workers:
+            if w.proc is not None:
+                try:
+                    await asyncio.wait_for(w.proc.wait(), 5)
+                except TimeoutError:
+                    w.proc.kill()
+                    await w.proc.wait()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._context_api is not None:
+            self._context_api.stop(0.5)
+        if self._als is not None:
+            self._als.stop(0.5)
+        if self.behaviour is not None:
+            self.behaviour.save()
+        self.holder.stop()
+        if self.table is not None:
+            self.table.close()  # a --table file stays: the caller's
+        if self.context_table is not None:
+            self.context_table.close()
+            if self.context_table.path is not None:
+                self.context_table.path.unlink(missing_ok=True)
+        if self._audit is not None:
+            self._audit.close()
+        if self._own_run_dir:
+            self._run_dir.remove()
+
+
+async def _serve(config: SupervisorConfig, run_dir: RunDir | None) -> None:
+    sup = Supervisor(config, run_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await sup.start()
+        await stop.wait()
+        log.info("mandate stopping")
+    finally:
+        await sup.stop()
+
+
+def run_supervisor(config: SupervisorConfig, run_dir: RunDir | None = None) -> None:
+    """Run until SIGTERM or SIGINT. ``run_dir``: see Supervisor."""
+    asyncio.run(_serve(config, run_dir))

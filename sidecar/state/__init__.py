@@ -1,0 +1,9 @@
+"""The state wing: what the supervisor writes and the Check workers read.
+
+- `shm`: the shared tables (memfds, seqlock generations) and the run directory;
+- `revocations`: the revocation store, single writer of the revocation table;
+- `context_store`: the agent-state store (tasks, elevation requests, grants, risk), single
+  writer of the context table;
+- `statefile`: durable JSON state files (atomic rename, fsync).
+
+No transport, no Kubernetes: sources of revocations and approvals call in from above."""

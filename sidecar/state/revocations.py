@@ -1,0 +1,290 @@
+"""The supervisor's revocation store: the single writer of the shared table.
+
+Every source (the Kubernetes watcher, the admin API, behaviour analysis later) changes
+revocations through this store. Each change publishes a whole new table generation to
+shared memory (workers see it on their next Check) and persists the full set to a JSON
+file on a volume (atomic rename, fsync), so a restart enforces what was in force before.
+Listeners are told what was added and removed, after the write is visible to workers.
+No decision logic and no network I/O here.
+
+When the file cannot be written (a read-only or full volume), enforcement never weakens:
+- a new or changed revocation is in force in shared memory at once and stays so; the write
+  failure is kept (`persistence()`) until a later write of the whole set succeeds;
+- an operator's action (`durable=True`: the admin API) raises StateWriteError instead of
+  reporting success. A revocation is then in force but not durable (the answer says so); a
+  restore is not done at all — the file is written first and memory changed only after —
+  so the agent stays revoked now and after a restart, never "allowed now, revoked again at
+  the next restart" without anyone noticing;
+- every other writer (the Kubernetes watcher, behaviour analysis, expiry) goes on: its
+  source of truth is elsewhere, and the failure shows in readiness and the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidecar.core.revocation import Revocation, RevocationTable
+from sidecar.errors import ConfigError, StateWriteError
+from sidecar.state.shm import SharedTable
+from sidecar.state.statefile import os_error_text, write_json_durably
+
+__all__ = ["Change", "PersistFailure", "RevocationStore"]
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+# (added, removed, generation, time the write became visible)
+Change = tuple[list[Revocation], list[Revocation], int, float]
+
+
+@dataclass(frozen=True, slots=True)
+class PersistFailure:
+    """The state file has not been written since ``since``: what is in force in memory is
+    not what a restart would load. ``failures`` counts the attempts that failed since."""
+
+    file: str
+    error: str
+    since: float
+    failures: int
+
+
+class RevocationStore:
+    def __init__(
+        self,
+        table: SharedTable,
+        state_file: Path | None,
+        clock: Callable[[], float] = time.time,
+        on_persist: Callable[[StateWriteError | None], None] = lambda _: None,
+    ) -> None:
+        """``on_persist``: told after every write of the state file, with None on success
+        (metrics); called under the store's lock, so it must not call back into the store."""
+        self._table = table
+        self._state_file = state_file
+        self._clock = clock
+        self._on_persist = on_persist
+        self._failure: PersistFailure | None = None
+        self._entries: dict[str, Revocation] = {}
+        self._complete = False
+        self._lock = threading.RLock()
+        self._listeners: list[Callable[[Change], None]] = []
+        self.generation = 0
+        self.visible_at = 0.0  # when the last write became visible to workers
+
+    # -- reading --------------------------------------------------------------------------
+
+    def entries(self, source: str | None = None) -> list[Revocation]:
+        with self._lock:
+            return sorted(
+                (r for r in self._entries.values() if source is None or r.source == source),
+                key=lambda r: r.key,
+            )
+
+    def table(self) -> RevocationTable:
+        with self._lock:
+            return RevocationTable.build(self.generation, self._entries.values(), self._complete)
+
+    @property
+    def complete(self) -> bool:
+        return self._complete
+
+    def subscribe(self, listener: Callable[[Change], None]) -> None:
+        self._listeners.append(listener)
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def load_persisted(self) -> int:
+        """Load the state file (if any) and publish it, still marked incomplete. A file that
+        cannot be read is an error naming it: starting without it could forget revocations."""
+        path = self._state_file
+        if path is None or not path.exists():
+            self._publish([], [])
+            return 0
+        try:
+            doc = json.loads(path.read_text())
+            if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION:
+                raise ValueError(f"expected an object with version {STATE_VERSION}")
+            items = [Revocation.from_dict(d) for d in doc["revocations"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"revocation state {path}: cannot be read ({exc}); fix or move it aside "
+                "(revocations it holds would otherwise be forgotten)"
+            ) from None
+        with self._lock:
+            self._entries = {r.key: r for r in items}
+            self._publish(items, [])
+        log.info("loaded %d persisted revocation(s) from %s", len(items), path)
+        return len(items)
+
+    def persistence(self) -> dict[str, Any]:
+        """Readiness details: is what is in force also on disk? ``durable`` false names the
+        file, the OS error and since when (cleared by the next write that succeeds)."""
+        with self._lock:
+            f = self._failure
+            file = None if self._state_file is None else str(self._state_file)
+            if f is None:
+                return {"durable": self._state_file is not None, "file": file, "error": None}
+            return {
+                "durable": False,
+                "file": f.file,
+                "error": f.error,
+                "since": f.since,
+                "failures": f.failures,
+            }
+
+    def _save(self, entries: Iterable[Revocation]) -> StateWriteError | None:
+        """Write ``entries`` (the whole set) to the state file; the failure, if any, is kept
+        for readiness and returned (never raised: enforcement is the caller's business)."""
+        path = self._state_file
+        if path is None:
+            return None
+        doc = {
+            "version": STATE_VERSION,
+            "revocations": [r.as_dict() for r in sorted(entries, key=lambda r: r.key)],
+        }
+        try:
+            write_json_durably(path, doc, indent=1)
+        except OSError as exc:
+            err = StateWriteError(str(path), os_error_text(exc))
+            prev = self._failure
+            self._failure = PersistFailure(
+                err.file,
+                err.os_error,
+                since=self._clock() if prev is None else prev.since,
+                failures=1 if prev is None else prev.failures + 1,
+            )
+            log.error(
+                "could not persist revocations (in force in memory only, NOT durable: "
+                "lost at a restart): %s",
+                err,
+            )
+            self._notify_persist(err)
+            return err
+        if self._failure is not None:
+            log.warning("revocations persisted to %s again: durable", path)
+            self._failure = None
+        self._notify_persist(None)
+        return None
+
+    def flush(self) -> StateWriteError | None:
+        """After a failed write, try again (the supervisor calls this periodically): what
+        has been in force only in memory becomes durable once the volume is writable."""
+        with self._lock:
+            if self._failure is None:
+                return None
+            return self._save(self._entries.values())
+
+    def _notify_persist(self, err: StateWriteError | None) -> None:
+        try:
+            self._on_persist(err)
+        except Exception:
+            log.exception("persistence listener failed")
+
+    # -- writing --------------------------------------------------------------------------
+
+    def _publish(
+        self, added: list[Revocation], removed: list[Revocation], *, persist: bool = True
+    ) -> StateWriteError | None:
+        self.generation = self._table.write(self._entries.values(), self._complete)
+        visible_at = self.visible_at = self._clock()
+        # Enforcement is in shared memory already; a failed write is kept and reported (the
+        # caller decides whether it is an error), never a reason to undo enforcement.
+        failure = self._save(self._entries.values()) if persist else None
+        change: Change = (added, removed, self.generation, visible_at)
+        for listener in list(self._listeners):
+            try:
+                listener(change)
+            except Exception:
+                log.exception("revocation listener failed")
+        return failure
+
+    def mark_complete(self) -> None:
+        """The first full sync is done: workers may start allowing calls."""
+        with self._lock:
+            if not self._complete:
+                self._complete = True
+                self._publish([], [])
+
+    @property
+    def persistent(self) -> bool:
+        """Whether there is a state file at all (a store without one forgets at restart)."""
+        return self._state_file is not None
+
+    def upsert(self, rev: Revocation, *, durable: bool = False) -> bool:
+        """Put ``rev`` in force (at once, in shared memory). ``durable``: an operator's
+        action, which raises StateWriteError when the file cannot be written — ``rev`` is
+        in force all the same (fail closed), but would not survive a restart."""
+        with self._lock:
+            old = self._entries.get(rev.key)
+            if old == rev:
+                # Nothing new, but an earlier write may have failed: the operator retrying
+                # (e.g. after fixing the volume) must get "durable" only once it is.
+                if durable and self._failure is not None:
+                    failure = self._save(self._entries.values())
+                    if failure is not None:
+                        raise failure
+                return False
+            self._entries[rev.key] = rev
+            failure = self._publish([rev], [old] if old else [])
+            if durable and failure is not None:
+                raise failure
+            return True
+
+    def remove(self, key: str) -> Revocation | None:
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._publish([], [old])
+            return old
+
+    def remove_matching(
+        self, predicate: Callable[[Revocation], bool], *, durable: bool = False
+    ) -> list[Revocation]:
+        """End the entries ``predicate`` selects. ``durable`` (an operator's restore): the
+        file is written first and, if that fails, nothing changes and StateWriteError is
+        raised: the agent stays revoked, in memory and on disk alike."""
+        with self._lock:
+            gone = [r for r in self._entries.values() if predicate(r)]
+            if not gone:
+                return gone
+            written = False
+            if durable and self._state_file is not None:
+                ending = {r.key for r in gone}
+                failure = self._save(r for r in self._entries.values() if r.key not in ending)
+                if failure is not None:
+                    raise failure
+                written = True
+            for r in gone:
+                del self._entries[r.key]
+            self._publish([], gone, persist=not written)
+            return gone
+
+    def replace_source(self, source: str, entries: Iterable[Revocation]) -> tuple[int, int]:
+        """Make ``source``'s entries exactly ``entries`` (a relist); return (added, removed)."""
+        with self._lock:
+            new = {r.key: r for r in entries}
+            if any(r.source != source for r in new.values()):
+                raise ValueError(f"replace_source({source!r}) given another source's entry")
+            old = {k: r for k, r in self._entries.items() if r.source == source}
+            added = [r for k, r in new.items() if old.get(k) != r]
+            # a modified entry is reported as its old version removed, as upsert does
+            removed = [r for k, r in old.items() if new.get(k) != r]
+            if not added and not removed:
+                return 0, 0
+            for r in removed:
+                self._entries.pop(r.key, None)
+            self._entries.update({r.key: r for r in added})
+            self._publish(added, removed)
+            return len(added), len(removed)
+
+    def prune_expired(self, sources: tuple[str, ...] = ("admin", "behaviour")) -> int:
+        """Drop expired entries that no other system will remove (Kubernetes objects stay
+        until deleted; they are simply no longer in force)."""
+        now = self._clock()
+        return len(self.remove_matching(lambda r: r.source in sources and not r.active(now)))
