@@ -33,6 +33,8 @@ RUN apt-get update \
  && groupadd --gid 1337 envoy && useradd --uid 1337 --gid 1337 --no-create-home envoy
 COPY --from=build /opt/mandate /opt/mandate
 COPY envoy/*.yaml /etc/mandate/envoy/
+# The demo upstream for deploy/examples/ledger.yaml (devstack/ is not part of the package).
+COPY devstack/demo/upstream.py /opt/mandate/demo/upstream.py
 ENV PATH=/opt/mandate/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 USER 1338:1338
 ENTRYPOINT ["mandate"]
