@@ -288,20 +288,41 @@ class Sidecar:
 
 
 def serve(config: ServeConfig) -> None:
-    """Run until SIGTERM or SIGINT."""
+    """Run until SIGTERM or SIGINT (or, for a worker of `mandate run`, its supervisor's end)."""
     sidecar = Sidecar(config)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    signalled = _on_stop_signals()
     _stop_with_supervisor(stop)
     try:
         sidecar.start()
         tune_gc()
-        stop.wait()
+        while not stop.wait(STOP_POLL) and not signalled():
+            pass
         log.info("mandate stopping")
         sidecar.stop()
     finally:
         _release_run_dir()
+
+
+# How often the main thread looks at the stop signals (the stop latency on SIGTERM).
+STOP_POLL = 0.2
+
+
+def _on_stop_signals() -> Callable[[], bool]:
+    """SIGTERM and SIGINT only set a flag; the main thread looks at it. A handler runs in
+    the main thread between two bytecodes, even inside `Event.set`/`Event.wait` holding the
+    Event's (non-reentrant) lock: a handler calling `stop.set()` then deadlocked the worker
+    for good when a second SIGTERM came during the first one's `set` (seen: a worker whose
+    supervisor was killed got PDEATHSIG and a stop, and hung, orphaned, still serving Checks
+    from a table nothing updated)."""
+    state = {"signalled": False}
+
+    def handler(signum: int, frame: object) -> None:
+        state["signalled"] = True  # nothing else: no lock may be taken here
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+    return lambda: state["signalled"]
 
 
 # Young objects per generation-0 collection (CPython's default: 700). See `tune_gc`.
