@@ -259,14 +259,15 @@ class MandateProcess:
 
     def ready(self) -> dict[str, Any]:
         """/readyz with its details: `?verbose=1` and the admin token (without the token,
-        /readyz says only whether it is ready)."""
+        /readyz says only whether it is ready). Up to 10 s for an answer: a supervisor on
+        a 2-CPU machine under full-speed traffic may take more than a second to reply."""
         url = f"http://127.0.0.1:{self.admin_port}/readyz"
         token = self.token_file
         if token is None:
-            result: dict[str, Any] = _get_json(url)
+            result: dict[str, Any] = _get_json(url, timeout=10.0)
             return result
         auth = {"Authorization": f"Bearer {token.read_text().strip()}"}
-        result = _get_json(urllib.request.Request(url + "?verbose=1", headers=auth))
+        result = _get_json(urllib.request.Request(url + "?verbose=1", headers=auth), timeout=10.0)
         return result
 
 
