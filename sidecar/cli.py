@@ -30,6 +30,7 @@ from sidecar.core import RequestView, decide, load_profiles
 from sidecar.core.model import json_schema, parse_duration
 from sidecar.core.timefmt import parse_rfc3339, utc_seconds
 from sidecar.errors import BadRequestError, ConfigError, ProfileErrors
+from sidecar.headers import PURPOSE_HEADER, TASK_HEADER
 from sidecar.injection.cli import add_inject_parser, run_inject
 
 __all__ = ["main"]
@@ -390,9 +391,9 @@ def _view(args: argparse.Namespace) -> RequestView:
             raise BadRequestError(f"--header {item!r}: expected NAME=VALUE")
         headers[key.strip().lower()] = value
     if args.purpose is not None:
-        headers["x-mandate-purpose"] = args.purpose
+        headers[PURPOSE_HEADER] = args.purpose
     if args.task is not None:
-        headers["x-mandate-task"] = args.task
+        headers[TASK_HEADER] = args.task
     body: bytes | None = None
     if args.body is not None:
         if args.body.startswith("@"):

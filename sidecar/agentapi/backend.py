@@ -16,8 +16,8 @@ from sidecar.agentapi.server import AgentStatus
 from sidecar.check.pipeline import new_decision_id, view_from_url
 from sidecar.core import Decision, Snapshot, decide
 from sidecar.core.context import ElevationRequest, TaskBinding
-from sidecar.core.decide import PURPOSE_HEADER, TASK_HEADER
 from sidecar.errors import BadRequestError, ContextError
+from sidecar.headers import PURPOSE_HEADER, TASK_HEADER
 from sidecar.state.context_store import ContextStore
 from sidecar.state.revocations import RevocationStore
 

@@ -38,6 +38,7 @@ from google.protobuf.message import Message
 
 from sidecar._proto import context_pb2 as pb
 from sidecar.errors import ContextError
+from sidecar.headers import PURPOSE_HEADER, TASK_HEADER
 
 __all__ = [
     "PURPOSE_HEADER",
@@ -53,8 +54,6 @@ __all__ = [
     "use_context",
 ]
 
-PURPOSE_HEADER = "x-mandate-purpose"
-TASK_HEADER = "x-mandate-task"
 _SERVICE = "/mandate.agent.v1.AgentContext/"
 _TASK = re.compile(r"[\x21-\x7e]{1,128}")
 _PURPOSE = re.compile(r"[\x21-\x7e]{1,253}")

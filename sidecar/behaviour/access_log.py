@@ -38,10 +38,9 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from sidecar.check.http_transport import CODE_HEADER, LOG_AGENT_HEADER, OUTCOME_HEADER
-from sidecar.check.pipeline import DECISION_HEADER
 from sidecar.core.behaviour import CallEvent
 from sidecar.errors import ConfigError
+from sidecar.headers import CODE_HEADER, DECISION_HEADER, LOG_AGENT_HEADER, OUTCOME_HEADER
 
 __all__ = ["AUTHZ_NAMESPACE", "AccessLogServicer", "event_from_entry", "start_als_server"]
 

@@ -72,6 +72,13 @@ from sidecar.check.pipeline import (
 from sidecar.check.pipeline import deny_body as _deny_body
 from sidecar.core import Decision, RequestView
 from sidecar.errors import BadRequestError
+from sidecar.headers import (
+    CODE_HEADER,
+    LENGTH_HEADER,
+    LOG_AGENT_HEADER,
+    OUTCOME_HEADER,
+    SCHEME_HEADER,
+)
 from sidecar.loopthread import LoopThread
 
 __all__ = ["PREFIX", "HttpAuthzServer", "handler", "parse_target"]
@@ -81,12 +88,7 @@ log = logging.getLogger(__name__)
 PREFIX = "/mandate"
 _AGENT = ";agent="
 _CONNECT = ";connect"
-OUTCOME_HEADER = "x-mandate-outcome"
-CODE_HEADER = "x-mandate-code"  # for Envoy's access logs only (dynamic metadata)
-LOG_AGENT_HEADER = "x-mandate-log-agent"  # for Envoy's access logs only (dynamic metadata)
-LENGTH_HEADER = "x-mandate-content-length"
 LENGTH_PREFIX = "len="  # envoy/*-http.yaml: "len=%REQ(content-length)%", never empty
-SCHEME_HEADER = "x-mandate-scheme"
 _REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 _MAX_HEADER_BYTES = 128 * 1024
 _MAX_HEADERS = 512

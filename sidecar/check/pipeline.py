@@ -25,6 +25,14 @@ from sidecar.core.context import EMPTY_CONTEXT, ContextTable
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
 from sidecar.errors import BadRequestError
+from sidecar.headers import (
+    AGENT_HEADER,
+    DECISION_HEADER,
+    OWN_PREFIXES,
+    PURPOSE_HEADER,
+    SET_HEADERS,
+    TASK_HEADER,
+)
 from sidecar.telemetry import metrics
 
 if TYPE_CHECKING:
@@ -52,16 +60,8 @@ log = logging.getLogger(__name__)
 # Decision ids need uniqueness, not secrecy; `random` is re-seeded in forked children.
 _random_bits = random.getrandbits
 
-AGENT_HEADER = "x-mandate-agent"
-DECISION_HEADER = "x-mandate-decision"
-PURPOSE_HEADER = "x-mandate-purpose"
-TASK_HEADER = "x-mandate-task"
-_SET_HEADERS = (AGENT_HEADER, PURPOSE_HEADER, TASK_HEADER, DECISION_HEADER)
-# Every spelling of "x-mandate-" that a CGI/WSGI upstream folds into HTTP_X_MANDATE_: an
-# agent's `x_mandate_agent` would sit next to the x-mandate-agent mandate sets. envoy/
-# refuses header names with "_" (headers_with_underscores_action); removing them here too
-# keeps that true behind an Envoy configured otherwise.
-_OWN_PREFIXES = ("x-mandate-", "x_mandate_", "x-mandate_", "x_mandate-")
+_SET_HEADERS = SET_HEADERS
+_OWN_PREFIXES = OWN_PREFIXES
 _PARTIAL_BODY = "x-envoy-auth-partial-body"
 TRACE_KEYS = ("traceparent", "tracestate")
 # version-traceid-parentid-flags[-more]; a character class, not int(x, 16), which also

@@ -35,6 +35,7 @@ from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
 from sidecar.core.rules import CONNECT
 from sidecar.core.snapshot import CompiledAgent, Snapshot
 from sidecar.core.timefmt import utc_seconds
+from sidecar.headers import PURPOSE_HEADER, TASK_HEADER
 
 __all__ = [
     "OVERRIDE_HEADERS",
@@ -46,8 +47,6 @@ __all__ = [
     "decide",
 ]
 
-PURPOSE_HEADER = "x-mandate-purpose"
-TASK_HEADER = "x-mandate-task"
 _TASK = re.compile(r"^[\x21-\x7e]{1,128}$")
 # Headers with which frameworks let a request say "treat me as another method or path"
 # (Express's method-override, Symfony, Rails' Rack::MethodOverride, IIS URL Rewrite ...):
