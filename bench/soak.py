@@ -38,8 +38,8 @@ the new version]; grant [request sent, answer received] and its expires_at. Outc
 Every 5 s: RSS of the supervisor, each worker, Envoy (and the upstream), CPU, calls so far,
 /readyz. At the end: the sample table, totals, RSS growth from the first sample after the
 warm-up to the last (must be < 10 % for the supervisor, each worker and Envoy), and the audit
-trail verified (`mandate audit verify`). Writes bench/results/soak-<UTC date-time>.{json,md}
-(-http with --transport http); exits 1 on FAIL.
+trail verified (`mandate audit verify`). Writes bench/results/soak[-http].{json,md}, the
+latest run (git keeps the others; -http with --transport http); exits 1 on FAIL.
 
 Run: .venv/bin/python bench/soak.py [--minutes 10] [--workers 2] [--transport grpc|http]
 """
@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import http.client
 import json
 import math
@@ -1515,8 +1514,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d-%H%M%S")
-    base = args.out / f"soak-{stamp}{'-http' if args.transport == 'http' else ''}"
+    # The latest run only: git keeps the earlier ones (the file says when it ran).
+    base = args.out / f"soak{'-http' if args.transport == 'http' else ''}"
     base.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     base.with_suffix(".md").write_text(table)
     print(f"wrote {base}.json and {base}.md")
