@@ -1,6 +1,6 @@
 """`mandate audit verify` and `mandate audit query`: the command line of the audit trail.
 
-Translates arguments into calls on :mod:`sidecar.audit.trail` and results into output and exit
+Translates arguments into calls on :mod:`sidecar.audit` and results into output and exit
 codes: verify exits 0 when every chain is intact, 1 when one is not (naming its first bad
 record) or a chain the manifest lists is gone (naming each), 2 on bad input (no such
 directory, no audit files, a bad time). Must not contain chain logic: that lives in
@@ -15,7 +15,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sidecar.audit.trail import query, verify
+from sidecar.audit import query, verify
 from sidecar.core.model import parse_duration
 from sidecar.errors import AuditError
 

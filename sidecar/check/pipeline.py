@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from sidecar.audit.trail import AuditWriter
+from sidecar.audit import AuditWriter
 from sidecar.core import Code, Decision, RequestView, Snapshot, decide
 from sidecar.core.context import EMPTY_CONTEXT, ContextTable
 from sidecar.core.ratelimit import RateLimiter

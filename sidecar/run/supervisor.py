@@ -40,7 +40,7 @@ from typing import Any
 from aiohttp import web
 
 from sidecar import DEFAULT_THREADS
-from sidecar.audit.trail import DEFAULT_RESERVE_BYTES, AuditWriter, event_record
+from sidecar.audit import DEFAULT_RESERVE_BYTES, AuditWriter, event_record
 from sidecar.check.reload import SnapshotHolder
 from sidecar.core.revocation import Revocation
 from sidecar.errors import ConfigError, StateWriteError

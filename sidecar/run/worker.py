@@ -31,7 +31,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sidecar import DEFAULT_THREADS
-from sidecar.audit.trail import DEFAULT_RESERVE_BYTES, AuditWriter
+from sidecar.audit import DEFAULT_RESERVE_BYTES, AuditWriter
 from sidecar.check.grpc_transport import AuthorizationServicer
 from sidecar.check.pipeline import Audit, Authorizer, Identity
 from sidecar.check.reload import SnapshotHolder

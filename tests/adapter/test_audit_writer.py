@@ -1,6 +1,6 @@
 """The audit writer, `verify`, `query` and `mandate audit` on real files in tmp_path: rotation,
 tampering (each case names the first bad record), resuming, disk-full in both failure modes,
-a full queue and the fsync policies. Faults are injected through `sidecar.audit.trail._write_fd` and
+a full queue and the fsync policies. Faults are injected through `sidecar.audit.writer._write_fd` and
 `_fsync_fd` (tests run as root, so permission bits would not stop a write)."""
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.audit import trail as audit
-from sidecar.audit.cli import add_audit_parser, run_audit
-from sidecar.audit.trail import (
+from sidecar.audit import (
     AuditWriter,
     canonical_json,
     link,
@@ -30,6 +28,8 @@ from sidecar.audit.trail import (
     record_from_decision,
     verify,
 )
+from sidecar.audit import writer as audit
+from sidecar.audit.cli import add_audit_parser, run_audit
 from sidecar.core import Code, Decision
 from sidecar.core.timefmt import utc_millis
 from sidecar.errors import AuditBusyError, AuditInputError, AuditResumeError, ConfigError

@@ -12,7 +12,7 @@ from typing import Any
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sidecar.audit.trail import (
+from sidecar.audit import (
     canonical_json,
     chained_line,
     decision_line,

@@ -8,8 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from sidecar.audit.cli import parse_when
-from sidecar.audit.trail import (
+from sidecar.audit import (
     canonical_json,
     file_name,
     genesis,
@@ -17,6 +16,7 @@ from sidecar.audit.trail import (
     record_from_decision,
     record_hash,
 )
+from sidecar.audit.cli import parse_when
 from sidecar.core import Code, Decision
 
 NOW = 1_700_000_000.0

@@ -1,30 +1,7 @@
-"""The audit trail: one hash-chained JSON-lines record per decision, and its verification.
+"""The audit writer: records appended to size-rotated files off the hot path by one thread.
 
-Role. Turn a Decision into an audit record (who, what, why, when), append records to
-size-rotated files off the hot path, and verify or query those files later. This module must
-not decide anything, must not block a Check on disk I/O and must not raise into a Check:
-`AuditWriter.write` only enqueues; the background thread does the I/O.
-
-Pure part (top of the module, tested with plain data): canonical JSON, the chain math and
-`record_from_decision`. I/O part: `AuditWriter`, `verify`, `query`.
-
-Files. ``audit-<chain_id>-<index:06d>.jsonl`` in one directory; one chain per writer
-(process), several chains per directory, each verified on its own. Every line is one record
-in canonical JSON (keys sorted, compact separators, UTF-8, no ASCII escaping). Every record
-carries ``seq`` (0, 1, 2, ... over the whole chain), ``prev`` (the ``hash`` of the record
-before it; for the first record :func:`genesis` of the chain id) and ``hash`` (hex SHA-256 of
-the canonical JSON of the record without ``hash``). A file starts with a chained ``header``
-record (chain, file_index) and, when rotated, ends with a chained ``footer`` record that
-announces the next file index, so the chain runs unbroken across files and a deleted tail
-file is detected. Other record types: ``decision``; ``loss`` (written when the log becomes
-writable again: how many records failed or were dropped, when, and their decision ids);
-``recovered`` (see below).
-
-What verification proves. Any edited, removed, inserted or reordered record, a torn line, a
-deleted first, middle or announced tail file breaks the chain at a point `verify` names.
-Someone able to rewrite the whole chain from the edit onwards can recompute every hash, and
-cutting whole records off the very end of the newest file leaves a shorter valid chain: ship
-the chain heads (``seq``/``hash``) elsewhere (logs, metrics) to anchor them.
+Role. `AuditWriter.write` only enqueues; the background thread does the I/O. It must not
+block a Check on disk I/O and must not raise into a Check.
 
 fsync policy (``fsync=``). The writer thread takes what is queued every ``linger`` seconds
 under load (default 0.1 s; 0.02 s with ``"always"``) and hands it to the kernel with one
@@ -96,51 +73,44 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import heapq
 import json
 import logging
 import mmap
 import os
 import queue
-import re
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from json.encoder import encode_basestring as _encode_str
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from sidecar.core import Code, Decision
-from sidecar.core.context import Grant
+from sidecar.audit.files import _chain_files, _describe, _read
+from sidecar.audit.record import (
+    _CHAIN_ID,
+    _MANIFEST_GENESIS,
+    FORMAT,
+    MANIFEST,
+    _is_int,
+    chained_line,
+    decision_line,
+    file_name,
+    genesis,
+    record_hash,
+)
+from sidecar.core import Decision
 from sidecar.core.timefmt import utc_millis
 from sidecar.errors import AuditBusyError, AuditInputError, AuditResumeError, ConfigError
 
-__all__ = [
-    "AuditStats",
-    "AuditWriter",
-    "ChainReport",
-    "Problem",
-    "VerifyResult",
-    "canonical_json",
-    "file_name",
-    "genesis",
-    "link",
-    "query",
-    "record_from_decision",
-    "record_hash",
-    "verify",
-]
+__all__ = ["DEFAULT_RESERVE_BYTES", "AuditStats", "AuditWriter", "FailureMode", "FsyncMode"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+log = logging.getLogger(__name__)
+
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_QUEUE_MAX = 10_000
-_CHAIN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_FILE = re.compile(r"^audit-(?P<chain>[A-Za-z0-9][A-Za-z0-9_.-]*)-(?P<index>\d{6,})\.jsonl$")
 _TORN_TEXT_MAX = 64 * 1024
 _LOSS_IDS_MAX = 100
 _BATCH = 512
@@ -149,8 +119,6 @@ _PENDING_MAX_BYTES = 256 * 1024
 # Fail closed while the audit filesystem has less free space than this (see "Free-space
 # reserve" in the module docstring); back to normal at 5/4 of it.
 DEFAULT_RESERVE_BYTES = 8 * 1024 * 1024
-MANIFEST = "audit-manifest.jsonl"
-_MANIFEST_GENESIS = hashlib.sha256(b"mandate-audit-manifest").hexdigest()
 _BOARD = ".audit-health"
 _BOARD_SLOTS = 128
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock (Linux, 64-bit off_t)
@@ -158,181 +126,6 @@ _F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", -1)  # -1: not Linux
 
 FsyncMode = Literal["always", "interval", "never"]
 FailureMode = Literal["fail-closed", "continue"]
-
-# ---------------------------------------------------------------------------------------------
-# Pure: canonical JSON, chain math, records
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The canonical bytes of a JSON value: keys sorted, compact, UTF-8, no ASCII escaping.
-    NaN and infinities are refused (ValueError): they have no JSON form. A lone surrogate,
-    which has no UTF-8 form, is written as its JSON escape (``\\udcff``), which reads back
-    as the same string: no record is refused for a string an agent made up."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8", "backslashreplace")
-
-
-def genesis(chain_id: str) -> str:
-    """The ``prev`` of a chain's first record: derived from the chain id, so that the first
-    file of one chain cannot pass for another's."""
-    return hashlib.sha256(f"mandate-audit-genesis:{chain_id}".encode()).hexdigest()
-
-
-def record_hash(record: Mapping[str, Any]) -> str:
-    """Hex SHA-256 of the record's canonical JSON without its ``hash`` field."""
-    body = {k: v for k, v in record.items() if k != "hash"}
-    return hashlib.sha256(canonical_json(body)).hexdigest()
-
-
-def link(record: Mapping[str, Any], *, seq: int, prev: str) -> dict[str, Any]:
-    """A new record: ``record`` with ``seq``, ``prev`` and its ``hash`` set."""
-    out = {k: v for k, v in record.items() if k != "hash"}
-    out["seq"] = seq
-    out["prev"] = prev
-    out["hash"] = record_hash(out)
-    return out
-
-
-_HASH_KEY = b'"hash":"'
-_PLACEHOLDER = "0" * 64
-
-
-def _json(value: Any) -> str:
-    """One value as canonical JSON text: strings, None and ints inline, the rest by
-    `canonical_json` (the same escaping: json's C `encode_basestring`)."""
-    if value is None:
-        return "null"
-    kind = type(value)
-    if kind is str:
-        return _encode_str(value)
-    if kind is int:
-        return int.__repr__(value)
-    return canonical_json(value).decode("utf-8")
-
-
-def chained_line(record: Mapping[str, Any], *, seq: int, prev: str) -> tuple[bytes, str]:
-    """``canonical_json(link(record, seq=seq, prev=prev)) + b"\\n"`` and that record's hash,
-    with one JSON encoding instead of two (decision records take `decision_line`).
-
-    The record is encoded once with a placeholder hash; the bytes hashed are that encoding
-    without the ``"hash":"..."`` member, which is exactly the canonical JSON of the record
-    without ``hash`` (keys sorted, so removing one member leaves the rest in order). The
-    splice is safe only where ``"hash":"`` occurs once: inside JSON strings every quote is
-    escaped, so the one occurrence is our top-level key; a nested ``hash`` key takes the
-    two-encoding path."""
-    out = {k: v for k, v in record.items() if k != "hash"}
-    out["seq"] = seq
-    out["prev"] = prev
-    out["hash"] = _PLACEHOLDER
-    full = canonical_json(out)
-    at = full.find(_HASH_KEY)
-    if at < 0 or full.find(_HASH_KEY, at + 1) >= 0:
-        del out["hash"]
-        digest = record_hash(out)
-        out["hash"] = digest
-        return canonical_json(out) + b"\n", digest
-    value = at + len(_HASH_KEY)
-    end = value + len(_PLACEHOLDER) + 1  # past the closing quote
-    # Drop the member with one of its separating commas (it is never the only member).
-    body = full[: at - 1] + full[end:] if full[at - 1 : at] == b"," else full[:at] + full[end + 1 :]
-    digest = hashlib.sha256(body).hexdigest()
-    return full[:value] + digest.encode("ascii") + full[value + len(_PLACEHOLDER) :] + b"\n", digest
-
-
-_ALLOW_DENY = ('"deny"', '"allow"')
-
-
-def decision_line(
-    d: Decision, *, pod: str, namespace: str, now: float, seq: int, prev: str
-) -> tuple[bytes, str]:
-    """``chained_line(record_from_decision(d, ...), seq=seq, prev=prev)`` straight from the
-    Decision, without the record dict (half the cost: this runs once per audited
-    decision). Byte-identical to that definition (tests/property/test_audit_line.py)."""
-    e = _encode_str
-    head = (
-        f'{{"agent":{e(d.agent) if d.agent else "null"},"code":{e(d.code)}'
-        f',"decision":{_ALLOW_DENY[d.allowed]},"decision_id":{e(d.decision_id)}'
-        f',"elevation":{"null" if d.grant is None else _json(_elevation(d.grant))}'
-    )
-    rest = (
-        f',"host":{e(d.host) if d.host else "null"}'
-        f',"identity_source":{e(d.identity_source) if d.identity_source else "null"}'
-        f',"mcp_tools":{_json(list(d.mcp_tools)) if d.mcp_tools else "[]"}'
-        f',"method":{e(d.method) if d.method else "null"}'
-        f',"namespace":{e(namespace) if namespace else "null"}'
-        f',"owner":{e(d.owner) if d.owner else "null"},"path":{e(d.path) if d.path else "null"}'
-        f',"pod":{e(pod) if pod else "null"}'
-        f',"port":{_json(d.port) if d.port else "null"},"prev":{e(prev)}'
-        f',"purpose":{e(d.purpose) if d.purpose else "null"},"reason":{e(d.reason)}'
-        f',"revocation":{e(d.rule) if d.rule and d.code == Code.REVOKED else "null"}'
-        f',"risk":{_json(round(d.risk, 4)) if d.risk >= 0 else "null"}'
-        f',"rule":{e(d.rule) if d.rule else "null"}'
-        f',"seq":{int.__repr__(seq)},"task":{e(d.task) if d.task else "null"}'
-        f',"time":"{utc_millis(now)}"'
-        f',"trace_id":{e(d.trace_id) if d.trace_id else "null"},"type":"decision"}}'
-    )
-    digest = hashlib.sha256((head + rest).encode("utf-8", "backslashreplace")).hexdigest()
-    return f'{head},"hash":"{digest}"{rest}\n'.encode("utf-8", "backslashreplace"), digest
-
-
-def file_name(chain_id: str, index: int) -> str:
-    return f"audit-{chain_id}-{index:06d}.jsonl"
-
-
-def record_from_decision(
-    decision: Decision, *, pod: str, namespace: str, now: float
-) -> dict[str, Any]:
-    """The audit record of one decision (not yet chained). Absent values are null.
-
-    who: agent, owner, pod, namespace, identity_source; what: method, host, port, path,
-    mcp_tools; why: purpose, task, rule, code, reason, elevation, revocation (for a revoked
-    agent the revocation key, which is also the decision's rule); and decision_id, trace_id,
-    time, decision ("allow"/"deny")."""
-    d = decision
-    return {
-        "type": "decision",
-        "time": utc_millis(now),
-        "decision_id": d.decision_id,
-        "decision": "allow" if d.allowed else "deny",
-        "code": d.code,
-        "reason": d.reason,
-        "agent": d.agent or None,
-        "owner": d.owner or None,
-        "pod": pod or None,
-        "namespace": namespace or None,
-        "identity_source": d.identity_source or None,
-        "method": d.method or None,
-        "host": d.host or None,
-        "port": d.port or None,
-        "path": d.path or None,
-        "mcp_tools": list(d.mcp_tools),
-        "purpose": d.purpose or None,
-        "task": d.task or None,
-        "rule": d.rule or None,
-        "elevation": _elevation(d.grant),
-        "risk": round(d.risk, 4) if d.risk >= 0 else None,
-        "revocation": (d.rule or None) if d.code == Code.REVOKED else None,
-        "trace_id": d.trace_id or None,
-    }
-
-
-def _elevation(g: Grant | None) -> dict[str, Any] | None:
-    if g is None:
-        return None
-    return {
-        "name": g.elevation,
-        "grant": g.id,
-        "approver": g.approver,
-        "justification": g.justification or None,
-        "expires": utc_millis(g.expires_at),
-    }
-
-
-def event_record(event: str, *, now: float, **fields: Any) -> dict[str, Any]:
-    """The audit record of a supervisor event (not yet chained): an elevation requested,
-    granted, expired, refused; a task reported; an automatic revocation."""
-    return {"type": event, "time": utc_millis(now), **fields}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,13 +203,6 @@ class _Loss:
         self.ids.extend(other.ids[:room])
         self.ids_truncated |= other.ids_truncated or len(other.ids) > room
         self.error = other.error or self.error
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno is not None:
-        name = errno.errorcode.get(exc.errno, str(exc.errno))
-        return f"{name}: {exc.strerror or exc}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 class _Board:
@@ -1331,13 +1117,6 @@ class AuditWriter:
         self._file_records = records
 
 
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise AuditInputError(f"{path}: {_describe(exc)}") from None
-
-
 def _resume_record(path: Path, line: int, raw: bytes) -> dict[str, Any]:
     try:
         rec = json.loads(raw)
@@ -1355,441 +1134,3 @@ def _resume_record(path: Path, line: int, raw: bytes) -> dict[str, Any]:
             "aside to start a new chain"
         )
     return rec
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _chain_files(directory: Path) -> dict[str, list[tuple[int, Path]]]:
-    chains: dict[str, list[tuple[int, Path]]] = {}
-    try:
-        entries = list(directory.iterdir())
-    except OSError as exc:
-        raise AuditInputError(f"{directory}: {_describe(exc)}") from None
-    for entry in entries:
-        m = _FILE.match(entry.name)
-        if m is not None and entry.is_file():
-            chains.setdefault(m["chain"], []).append((int(m["index"]), entry))
-    for files in chains.values():
-        files.sort()
-    return chains
-
-
-def _trail(directory: str | os.PathLike[str], chain_id: str | None) -> dict[str, list[Path]]:
-    d = Path(directory)
-    if not d.is_dir():
-        raise AuditInputError(f"{d}: no such directory")
-    chains = _chain_files(d)
-    if chain_id is not None:
-        if chain_id not in chains:
-            raise AuditInputError(f"{d}: no audit files of chain {chain_id!r}")
-        chains = {chain_id: chains[chain_id]}
-    if not chains:
-        raise AuditInputError(f"{d}: no audit files (audit-<chain>-<index>.jsonl)")
-    return {c: [p for _, p in files] for c, files in sorted(chains.items())}
-
-
-# ---------------------------------------------------------------------------------------------
-# Verification
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """The first bad record of a chain. ``line`` is 1-based; ``seq`` is what the bad line
-    holds, or the seq expected there when the line is unreadable (torn, not JSON) or the
-    file is missing; ``kind`` is a stable code: missing_file, empty_file, torn_line,
-    bad_record, hash_mismatch, not_canonical, seq_gap, reordered, prev_mismatch,
-    bad_header, missing_tail_file; for the directory as a whole (see `verify`):
-    missing_chain (listed in the manifest, no file left), unlisted_chain (files of a chain
-    the manifest does not list), missing_manifest, bad_manifest (the manifest's own chain
-    is broken: its ``chain`` is ``MANIFEST``)."""
-
-    chain: str
-    file: str
-    line: int
-    seq: int
-    kind: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file} line {self.line} (seq {self.seq}): {self.kind}: {self.message}"
-
-
-@dataclass(frozen=True, slots=True)
-class ChainReport:
-    """One chain's verification. ``records`` counts decision records; ``notes`` are what
-    a valid chain admits to (recovered torn lines, recorded losses)."""
-
-    chain: str
-    files: int
-    records: int
-    last_seq: int | None
-    last_hash: str | None
-    lost: int
-    notes: tuple[str, ...]
-    problem: Problem | None
-
-    @property
-    def ok(self) -> bool:
-        return self.problem is None
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyResult:
-    """``chains``: the chains that have files; ``missing``: one missing_chain problem per
-    chain the manifest lists and no file is left of; ``manifest``: what is wrong with the
-    manifest itself (missing_manifest, bad_manifest, or a torn_line in it)."""
-
-    directory: str
-    chains: tuple[ChainReport, ...]
-    missing: tuple[Problem, ...] = ()
-    manifest: Problem | None = None
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.chains) and not self.missing and self.manifest is None
-
-    @property
-    def problem(self) -> Problem | None:
-        """The first problem: chains in order of their ids, then missing chains, then the
-        manifest's own."""
-        found = next((c.problem for c in self.chains if c.problem is not None), None)
-        if found is None and self.missing:
-            found = self.missing[0]
-        return found or self.manifest
-
-    def to_json(self) -> dict[str, Any]:
-        def problem(p: Problem | None) -> dict[str, Any] | None:
-            if p is None:
-                return None
-            return {
-                "chain": p.chain, "file": p.file, "line": p.line, "seq": p.seq,
-                "kind": p.kind, "message": p.message,
-            }  # fmt: skip
-
-        return {
-            "ok": self.ok,
-            "directory": self.directory,
-            "problem": problem(self.problem),
-            "missing_chains": [problem(p) for p in self.missing],
-            "manifest": problem(self.manifest),
-            "chains": [
-                {
-                    "chain": c.chain,
-                    "ok": c.ok,
-                    "files": c.files,
-                    "records": c.records,
-                    "last_seq": c.last_seq,
-                    "last_hash": c.last_hash,
-                    "lost": c.lost,
-                    "notes": list(c.notes),
-                    "problem": problem(c.problem),
-                }
-                for c in self.chains
-            ],
-        }
-
-
-class _Bad(Exception):
-    def __init__(self, kind: str, message: str, seq: int | None = None) -> None:
-        super().__init__(message)
-        self.kind, self.message, self.seq = kind, message, seq
-
-
-def _parse(raw: bytes) -> dict[str, Any]:
-    try:
-        rec = json.loads(raw)
-    except ValueError:
-        raise _Bad("bad_record", "not a JSON record") from None
-    if not isinstance(rec, dict):
-        raise _Bad("bad_record", "not a JSON object")
-    seq = rec.get("seq")
-    if not _is_int(seq) or not isinstance(rec.get("prev"), str):
-        raise _Bad("bad_record", "no integer seq or no prev")
-    if not isinstance(rec.get("hash"), str):
-        raise _Bad("bad_record", "no hash", seq)
-    return rec
-
-
-def _verify_chain(chain: str, files: list[Path]) -> ChainReport:
-    seq, prev = 0, genesis(chain)
-    records = lost = 0
-    notes: list[str] = []
-    last_hash: str | None = None
-    last: tuple[str, int, dict[str, Any]] | None = None  # file, line, record
-
-    def report(problem: Problem | None) -> ChainReport:
-        return ChainReport(
-            chain, len(files), records, seq - 1 if seq else None, last_hash, lost,
-            tuple(notes), problem,
-        )  # fmt: skip
-
-    for expect_index, path in enumerate(files):
-        name = path.name
-        m = _FILE.match(name)
-        assert m is not None
-        index = int(m["index"])
-        if index != expect_index:
-            missing = (
-                f"file {expect_index}" if index == expect_index + 1
-                else f"files {expect_index}-{index - 1}"
-            )  # fmt: skip
-            why = f"{missing} of chain {chain!r} missing (deleted): this file has index {index}"
-            try:
-                at = _parse(_read(path).split(b"\n", 1)[0])["seq"]
-            except _Bad:
-                at = seq
-            return report(Problem(chain, name, 1, at, "missing_file", why))
-        data = _read(path)
-        if not data:
-            return report(Problem(chain, name, 1, seq, "empty_file", "empty file: no header"))
-        lines = data.split(b"\n")
-        torn = lines.pop() != b""  # the text after the last newline
-        if torn:
-            lines.append(data[data.rfind(b"\n") + 1 :])
-        footer_at = 0
-        for lineno, raw in enumerate(lines, 1):
-            try:
-                if torn and lineno == len(lines):
-                    raise _Bad(
-                        "torn_line",
-                        "torn last line (no newline): the file was truncated or a write "
-                        "interrupted (a restarted writer recovers a crash's torn line)",
-                    )
-                rec = _parse(raw)
-                rseq: int = rec["seq"]
-                if record_hash(rec) != rec["hash"]:
-                    raise _Bad("hash_mismatch", "record edited: hash does not match content", rseq)
-                if canonical_json(rec) != raw:
-                    raise _Bad("not_canonical", "record re-encoded: not canonical JSON", rseq)
-                if rseq != seq:
-                    raise _seq_problem(seq, rseq, lines, lineno)
-                if rec["prev"] != prev:
-                    raise _Bad(
-                        "prev_mismatch",
-                        "prev is not the hash of the record before it (that record was "
-                        "edited and re-hashed, or records were removed or inserted)",
-                        rseq,
-                    )
-                kind = rec.get("type")
-                if lineno == 1:
-                    if kind != "header" or rec.get("chain") != chain:
-                        raise _Bad("bad_header", f"not a header of chain {chain!r}", rseq)
-                    if rec.get("file_index") != index:
-                        why = f"header says file_index {rec.get('file_index')}, name says {index}"
-                        raise _Bad("bad_header", why, rseq)
-                elif kind == "header":
-                    raise _Bad("bad_header", "a header inside a file", rseq)
-                if footer_at:
-                    why = f"a record after the file's footer (line {footer_at})"
-                    raise _Bad("bad_record", why, rseq)
-                if kind == "footer":
-                    footer_at = lineno
-                    if rec.get("next_file_index") != index + 1:
-                        raise _Bad("bad_record", "footer announces a wrong next file", rseq)
-            except _Bad as bad:
-                at = seq if bad.seq is None else bad.seq
-                return report(Problem(chain, name, lineno, at, bad.kind, bad.message))
-            seq, prev, last_hash = seq + 1, rec["hash"], rec["hash"]
-            last = (name, lineno, rec)
-            if kind == "decision":
-                records += 1
-            elif kind == "recovered":
-                notes.append(
-                    f"{name} line {lineno} (seq {rseq}): recovered a torn line of "
-                    f"{rec.get('torn_bytes')} bytes cut from {rec.get('file')}"
-                )
-            elif kind == "loss":
-                n = _int(rec.get("failed")) + _int(rec.get("dropped"))
-                lost += n
-                notes.append(
-                    f"{name} line {lineno} (seq {rseq}): {rec.get('failed')} record(s) failed, "
-                    f"{rec.get('dropped')} dropped, {rec.get('unsynced')} unsynced "
-                    f"({rec.get('error')})"
-                )
-    if last is not None and last[2].get("type") == "footer":
-        name, lineno, rec = last
-        why = (
-            f"the chain ends with a footer announcing file {rec.get('next_file_index')}, "
-            "which is missing (deleted)"
-        )
-        return report(Problem(chain, name, lineno, rec["seq"], "missing_tail_file", why))
-    return report(None)
-
-
-def _int(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _seq_problem(expected: int, found: int, lines: list[bytes], lineno: int) -> _Bad:
-    for later, raw in enumerate(lines[lineno:], lineno + 1):
-        try:
-            if _parse(raw)["seq"] == expected:
-                why = f"out of order: expected seq {expected} here; it is at line {later}"
-                return _Bad("reordered", why, found)
-        except _Bad:
-            continue
-    if found > expected:
-        why = f"seq gap: expected {expected}, found {found}: {found - expected} record(s) removed"
-        return _Bad("seq_gap", why, found)
-    why = f"seq goes back: expected {expected}, found {found} (duplicated or reordered)"
-    return _Bad("reordered", why, found)
-
-
-def _read_manifest(directory: Path) -> tuple[dict[str, int] | None, Problem | None]:
-    """The chains the manifest lists (chain id -> line), None without a manifest; and the
-    manifest's first problem. Chains listed after a broken line are not read."""
-    path = directory / MANIFEST
-    if not path.exists():
-        return None, None
-    data = _read(path)
-    listed: dict[str, int] = {}
-    lines = data.split(b"\n")
-    torn = lines.pop() != b""
-    if torn:
-        lines.append(data[data.rfind(b"\n") + 1 :])
-    seq, prev = 0, _MANIFEST_GENESIS
-    for lineno, raw in enumerate(lines, 1):
-        try:
-            if torn and lineno == len(lines):
-                raise _Bad("torn_line", "torn last line (no newline): the manifest was truncated")
-            rec = _parse(raw)
-            if record_hash(rec) != rec["hash"]:
-                raise _Bad("bad_manifest", "entry edited: hash does not match", rec["seq"])
-            if canonical_json(rec) != raw:
-                raise _Bad("bad_manifest", "entry re-encoded: not canonical JSON", rec["seq"])
-            if rec["seq"] != seq or rec["prev"] != prev:
-                why = "entries removed, inserted or reordered: seq or prev does not follow"
-                raise _Bad("bad_manifest", why, rec["seq"])
-            kind, chain = rec.get("type"), rec.get("chain")
-            if (lineno == 1) != (kind == "manifest"):
-                raise _Bad("bad_manifest", "the first entry (only) is the manifest's header", seq)
-            if lineno > 1 and (kind != "chain" or not isinstance(chain, str)):
-                raise _Bad("bad_manifest", "not a chain entry", seq)
-        except _Bad as bad:
-            at = seq if bad.seq is None else bad.seq
-            kind_ = "torn_line" if bad.kind == "torn_line" else "bad_manifest"
-            return listed, Problem(MANIFEST, MANIFEST, lineno, at, kind_, bad.message)
-        if isinstance(chain, str):
-            listed.setdefault(chain, lineno)
-        seq, prev = seq + 1, rec["hash"]
-    return listed, None
-
-
-def _missing_why(chain: str, line: int) -> str:
-    return (
-        f"chain {chain!r} is listed in the manifest (line {line}) but no file of it is left "
-        "(deleted)"
-    )
-
-
-def verify(directory: str | os.PathLike[str], chain_id: str | None = None) -> VerifyResult:
-    """Verify every chain in ``directory`` (or only ``chain_id``), each on its own, against
-    the directory's manifest (``audit-manifest.jsonl``: every writer lists its chain there
-    before the chain's first file): a listed chain with no file left is a missing_chain, a
-    chain with files that is not listed an unlisted_chain, no manifest beside chain files a
-    missing_manifest.
-
-    Raises :class:`~sidecar.errors.AuditInputError` for a missing directory, or neither
-    audit files nor a manifest. A chain's report names its first bad record; later ones
-    are not examined."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise AuditInputError(f"{d}: no such directory")
-    listed, manifest = _read_manifest(d)
-    found = _chain_files(d)
-    if listed is None and not found:
-        raise AuditInputError(f"{d}: no audit files (audit-<chain>-<index>.jsonl)")
-    expected = dict(listed or {})
-    if chain_id is not None:
-        if chain_id not in found and chain_id not in expected:
-            raise AuditInputError(f"{d}: no audit files of chain {chain_id!r}")
-        found = {c: f for c, f in found.items() if c == chain_id}
-        expected = {c: n for c, n in expected.items() if c == chain_id}
-    reports = []
-    for c, files in sorted(found.items()):
-        report = _verify_chain(c, [p for _, p in files])
-        if report.ok and listed is not None and manifest is None and c not in expected:
-            why = (
-                f"chain {c!r} is not listed in {MANIFEST} (every writer lists its chain "
-                "before its first file): files planted, or the manifest rewritten"
-            )
-            first = files[0][1].name
-            report = replace(report, problem=Problem(c, first, 1, 0, "unlisted_chain", why))
-        reports.append(report)
-    missing = tuple(
-        Problem(c, MANIFEST, line, 0, "missing_chain", _missing_why(c, line))
-        for c, line in sorted(expected.items())
-        if c not in found
-    )
-    if listed is None:
-        manifest = Problem(
-            MANIFEST, MANIFEST, 0, 0, "missing_manifest",
-            f"no {MANIFEST} beside the chains: deleted (so deleted chains cannot be named), "
-            "or the trail was written before mandate kept a manifest",
-        )  # fmt: skip
-    return VerifyResult(str(directory), tuple(reports), missing, manifest)
-
-
-# ---------------------------------------------------------------------------------------------
-# Query
-
-
-def _bound(when: datetime) -> str:
-    """A query bound in the records' own `time` format (naive datetimes are UTC)."""
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return utc_millis(when.timestamp())
-
-
-def _records(chain: str, files: list[Path]) -> Iterator[dict[str, Any]]:
-    for path in files:
-        try:
-            handle = path.open("rb")
-        except OSError as exc:
-            log.warning("audit query: skipping %s: %s", path, _describe(exc))
-            continue
-        with handle:
-            for lineno, raw in enumerate(handle, 1):
-                try:
-                    rec = json.loads(raw)
-                except ValueError:
-                    log.warning("audit query: %s line %d is not JSON; skipped", path, lineno)
-                    continue
-                if isinstance(rec, dict) and rec.get("type") == "decision":
-                    yield rec
-
-
-def query(
-    directory: str | os.PathLike[str],
-    *,
-    agent: str | None = None,
-    decision: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    trace_id: str | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Decision records matching every filter given, all chains merged by time.
-
-    ``since`` is inclusive, ``until`` exclusive (naive datetimes are UTC); ``decision`` is
-    "allow" or "deny". Raises AuditInputError for a missing directory or no audit files.
-    This does not verify: run `verify` for that."""
-    chains = _trail(directory, None)
-    lo = _bound(since) if since is not None else None
-    hi = _bound(until) if until is not None else None
-    trace = trace_id.lower() if trace_id else None
-    merged = heapq.merge(
-        *(_records(c, files) for c, files in chains.items()),
-        key=lambda r: str(r.get("time", "")),
-    )
-    for rec in merged:
-        t = str(rec.get("time", ""))
-        if (
-            (agent is None or rec.get("agent") == agent)
-            and (decision is None or rec.get("decision") == decision)
-            and (lo is None or t >= lo)
-            and (hi is None or t < hi)
-            and (trace is None or rec.get("trace_id") == trace)
-        ):
-            yield rec
