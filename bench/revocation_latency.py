@@ -606,7 +606,7 @@ def analyse(rec: Records, flips: list[Flip], t_start: float, t_end: float) -> di
 # ---------------------------------------------------------------- kubectl apply -> first 403
 
 
-KUBE_PIECES = (ROOT / "tests" / "kubeapi", ROOT / "sidecar" / "kube" / "watch.py")
+KUBE_PIECES = (ROOT / "tests" / "kubeapi", ROOT / "sidecar" / "kube")
 KUBE_NAME = "bench-billing"
 KUBE_REASON = "bench: kubectl apply"
 POD_NAME = "bench-pod"

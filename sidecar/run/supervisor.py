@@ -339,7 +339,7 @@ class Supervisor:
             return
 
         async def publish() -> None:
-            from sidecar.kube import watch as kube
+            import sidecar.kube as kube
 
             try:
                 name = await kube.publish_revocation(
@@ -369,7 +369,7 @@ class Supervisor:
                 log.exception("behaviour analysis tick failed")
 
     async def _start_kubernetes(self) -> None:
-        from sidecar.kube import watch as kube  # only when used: kubernetes_asyncio is heavy
+        import sidecar.kube as kube  # only when used: kubernetes_asyncio is heavy
 
         assert self.store is not None
         cfg = self.config

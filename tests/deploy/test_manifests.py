@@ -22,12 +22,12 @@ import jsonschema
 import pytest
 import yaml
 
+import sidecar.kube as kube
 from sidecar.core import load_profiles
 from sidecar.core.model import parse_duration
 from sidecar.injection.cli import add_inject_parser, run_inject
 from sidecar.injection.pod import ENVOY_ADMIN_SOCKET, InjectConfig
 from sidecar.injection.webhook import make_app
-from sidecar.kube import watch as kube
 from tests.kubeapi.schema import structural_errors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -408,7 +408,7 @@ def test_prod_certificate_from_cert_manager_matches_the_webhook() -> None:
     assert _find(docs, "PodDisruptionBudget", "mandate-webhook")["spec"]["minAvailable"] == 1
 
 
-# -- RBAC: exactly what sidecar/kube/watch.py calls ---------------------------------------------------
+# -- RBAC: exactly what sidecar/kube/ calls ---------------------------------------------------------
 
 # Each API call the watchers make on a custom resource, as RBAC (subresource, verb).
 _CUSTOM_CALLS = {
@@ -420,7 +420,7 @@ _CORE_CALLS = {"create_namespaced_event": {("", "events", "create")}}
 
 
 def _api_calls() -> set[tuple[str, str, str]]:
-    """(group, resource, verb) of every Kubernetes API call in sidecar/kube/watch.py: the method
+    """(group, resource, verb) of every Kubernetes API call in sidecar/kube/: the method
     names which verbs, its `plural` argument which resource (`self._plural`: the shared
     list/watch loop, for every watcher)."""
     plurals = {
@@ -428,9 +428,9 @@ def _api_calls() -> set[tuple[str, str, str]]:
         "ELEVATION_PLURAL": {kube.ELEVATION_PLURAL},
         "self._plural": {kube.RevocationWatcher._plural, kube.ElevationWatcher._plural},
     }
-    tree = ast.parse((ROOT / "sidecar" / "kube" / "watch.py").read_text())
+    trees = [ast.parse(f.read_text()) for f in sorted((ROOT / "sidecar" / "kube").glob("*.py"))]
     calls: set[tuple[str, str, str]] = set()
-    for node in ast.walk(tree):
+    for node in (n for tree in trees for n in ast.walk(tree)):
         if not (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
@@ -443,7 +443,7 @@ def _api_calls() -> set[tuple[str, str, str]]:
             calls |= _CORE_CALLS[method]
             continue
         assert method in _CUSTOM_CALLS, (
-            f"sidecar/kube/watch.py calls {method}: add its RBAC to deploy/base/rbac.yaml and here"
+            f"sidecar/kube/ calls {method}: add its RBAC to deploy/base/rbac.yaml and here"
         )
         plural = ast.unparse(node.args[3])
         assert plural in plurals, f"{method}: which resource is {plural}?"

@@ -14,7 +14,7 @@ import pytest
 from kubernetes_asyncio.client import ApiClient
 
 from sidecar.core.context import Approval
-from sidecar.kube.watch import ElevationWatcher, RevocationWatcher, make_api_client
+from sidecar.kube import ElevationWatcher, RevocationWatcher, make_api_client
 from sidecar.state.revocations import RevocationStore
 from sidecar.state.shm import SharedTable
 from tests.kubeapi.fixtures import kube_api, kubeconfig, kubectl  # noqa: F401

@@ -6,7 +6,7 @@ import datetime
 
 import pytest
 
-from sidecar.kube.watch import revocation_from_object
+from sidecar.kube import revocation_from_object
 
 UTC = datetime.UTC
 

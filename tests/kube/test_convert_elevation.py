@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from sidecar.core.context import Approval
-from sidecar.kube.watch import approval_from_object
+from sidecar.kube import approval_from_object
 
 CREATED = datetime.datetime(2026, 11, 1, tzinfo=datetime.UTC).timestamp()
 NOW = CREATED + 3600.0

@@ -16,7 +16,7 @@ from kubernetes_asyncio.client import ApiClient
 from sidecar.core.context import Approval
 from sidecar.core.revocation import make_key
 from sidecar.core.timefmt import parse_rfc3339
-from sidecar.kube.watch import (
+from sidecar.kube import (
     ELEVATION_EVENT_REASON,
     ELEVATION_EXPIRED_EVENT_REASON,
     watch_elevations,

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from sidecar.core.revocation import Revocation
-from sidecar.kube.watch import SOURCE, revocation_from_object
+from sidecar.kube import SOURCE, revocation_from_object
 from sidecar.state.revocations import Change, RevocationStore
 from sidecar.state.shm import SharedTable
 from tests.clocks import YEAR, from_now

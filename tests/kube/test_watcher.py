@@ -12,7 +12,7 @@ from kubernetes_asyncio.client import ApiClient
 
 from sidecar.core.revocation import make_key
 from sidecar.core.timefmt import parse_rfc3339
-from sidecar.kube.watch import EVENT_REASON, EXPIRED_EVENT_REASON, watch_revocations
+from sidecar.kube import EVENT_REASON, EXPIRED_EVENT_REASON, watch_revocations
 from sidecar.state.revocations import RevocationStore
 from tests.clocks import DAY, YEAR, from_now, rfc3339
 from tests.kubeapi.fixtures import Kubectl
