@@ -25,6 +25,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from urllib.parse import unquote_plus
 
 from sidecar.core.context import EMPTY_CONTEXT, ContextTable, Grant
 from sidecar.core.hosts import parse_authority
@@ -204,7 +205,35 @@ def _request_shape(view: RequestView) -> str:
                 f"header {name!r}: a method or URL override could make the upstream act on "
                 "another method or path than the one decided; send the real one"
             )
+    if _has_method_parameter(view):
+        return (
+            "a `_method` parameter (query or form body): a method override could make the "
+            "upstream act on another method than the one decided; send the real one"
+        )
     return ""
+
+
+_FORM = "application/x-www-form-urlencoded"
+
+
+def _has_method_parameter(view: RequestView) -> bool:
+    """A `_method` parameter in the query, or in a form body mandate sees: Laravel and
+    Symfony (query or form) and Rails' Rack::MethodOverride (form) read the method from it."""
+    _, _, query = view.path.partition("?")
+    if "method" in query.lower() and _names_method(query):
+        return True
+    body = view.body
+    if body and view.headers.get("content-type", "").lower().startswith(_FORM):
+        return b"method" in body.lower() and _names_method(body.decode("latin-1"))
+    return False
+
+
+def _names_method(form: str) -> bool:
+    for pair in form.split("&"):
+        name = unquote_plus(pair.partition("=")[0]).strip().lower()
+        if name == "_method":
+            return True
+    return False
 
 
 def decide(

@@ -847,6 +847,18 @@ OVERRIDES: list[Case] = [
         method="get",
         target=_url(HR, ALLOWED_PATH),
     ),
+    get(
+        "override-method-query-parameter",
+        "method-override",
+        ALLOWED_PATH + "?_method=DELETE",
+        deny("bad_request", "_method"),
+    ),
+    get(
+        "override-method-query-parameter-encoded",
+        "method-override",
+        ALLOWED_PATH + "?x=1&%5Fmethod=DELETE",
+        deny("bad_request", "_method"),
+    ),
     Case(
         "override-post-on-get-rule",
         "method-override",

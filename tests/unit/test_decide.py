@@ -342,6 +342,37 @@ CASES = [
             ("x-rewrite-url", "/v1/invoices/1"),
         ]
     ],
+    # A `_method` parameter, in the query or a form body (Laravel, Symfony, Rails).
+    *[
+        case(
+            f"method-parameter-{i}",
+            view(path=path, headers=headers, body=body),
+            Code.BAD_REQUEST,
+            "",
+            "reconcile",
+            "a `_method` parameter",
+        )
+        for i, (path, headers, body) in enumerate(
+            [
+                ("/v1/ledger/2024?_method=DELETE", {}, None),
+                ("/v1/ledger/2024?page=2&%5Fmethod=DELETE", {}, None),
+                ("/v1/ledger/2024?_METHOD=put", {}, None),
+                (
+                    "/v1/ledger/2024",
+                    {"content-type": "application/x-www-form-urlencoded; charset=utf-8"},
+                    b"a=1&_method=DELETE",
+                ),
+            ]
+        )
+    ],
+    case(
+        "method-word-elsewhere-is-fine",
+        view(path="/v1/ledger/2024?sort=method&payment_method=card"),
+        ALLOWED,
+        "reconcile.allow[0]",
+        "reconcile",
+        "allowed by rule reconcile.allow[0]",
+    ),
     case(
         "rule-second-rule-named",
         view(authority="API.Stripe.com", scheme="https", path="/v1/charges/ch_1"),
