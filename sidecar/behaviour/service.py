@@ -24,7 +24,6 @@ from typing import Any
 
 from sidecar.core.behaviour import BehaviourEngine, BehaviourSettings, CallEvent, Risk
 from sidecar.core.context import RiskState
-from sidecar.core.model import Behavior, parse_duration
 from sidecar.core.revocation import Revocation, make_key
 from sidecar.core.snapshot import Snapshot
 from sidecar.errors import ConfigError
@@ -33,21 +32,10 @@ from sidecar.state.revocations import Change, RevocationStore
 from sidecar.state.statefile import write_json_durably
 from sidecar.telemetry import metrics
 
-__all__ = ["BehaviourService", "settings_of"]
+__all__ = ["BehaviourService"]
 
 log = logging.getLogger(__name__)
 SOURCE = "behaviour"
-
-
-def settings_of(b: Behavior) -> BehaviourSettings:
-    return BehaviourSettings(
-        mode=b.mode,
-        deny_at=b.deny_threshold,
-        revoke_at=b.revoke_at_risk,
-        learning_seconds=parse_duration(b.learning_period),
-        window_seconds=parse_duration(b.window),
-        min_calls=b.min_calls,
-    )
 
 
 class BehaviourService:
@@ -100,7 +88,7 @@ class BehaviourService:
             self._settings = {}
             for name, agent in (snap.agents if snap is not None else {}).items():
                 if agent.behavior is not None:
-                    self._settings[name] = settings_of(agent.behavior)
+                    self._settings[name] = agent.behavior
         return self._settings
 
     # -- scoring (the supervisor's loop) --------------------------------------------------

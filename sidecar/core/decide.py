@@ -370,10 +370,10 @@ def decide(
             and settings is not None
             and settings.mode == "enforce"
             and not risk_state.learning
-            and risk_state.score >= settings.deny_threshold
+            and risk_state.score >= settings.deny_at
         ):
             why = (
-                f"behaviour risk {risk_state.score:.2f} >= {settings.deny_threshold:.2f}: "
+                f"behaviour risk {risk_state.score:.2f} >= {settings.deny_at:.2f}: "
                 f"{risk_state.explanation}"
             )
             return done(

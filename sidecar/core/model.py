@@ -202,12 +202,6 @@ class Behavior(_Model):
         10, ge=1, le=100_000, description="fewer calls than this in the window: score 0"
     )
 
-    @property
-    def deny_threshold(self) -> float:
-        if self.deny_at_risk is not None:
-            return self.deny_at_risk
-        return min(0.8, self.revoke_at_risk) if self.revoke_at_risk is not None else 0.8
-
 
 class Identity(_Model):
     """Exactly one of ``serviceAccount`` (namespace/name) or ``spiffe``."""

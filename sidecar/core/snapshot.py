@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from sidecar.core.behaviour import BehaviourSettings
 from sidecar.core.model import AgentProfile, Behavior, RateLimit, parse_duration
 from sidecar.core.rules import RuleIndex, compile_rules
 
@@ -70,7 +71,7 @@ class CompiledAgent:
     elevations: Mapping[str, CompiledElevation] = field(
         default_factory=lambda: MappingProxyType({})
     )
-    behavior: Behavior | None = None
+    behavior: BehaviourSettings | None = None  # compiled from the profile's `behavior`
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,27 @@ def _compile_agent(profile: AgentProfile, source: SourceRef) -> CompiledAgent:
         profile=profile,
         source=source,
         elevations=MappingProxyType(elevations),
-        behavior=profile.spec.behavior,
+        behavior=compile_behaviour(profile.spec.behavior),
+    )
+
+
+def compile_behaviour(b: Behavior | None) -> BehaviourSettings | None:
+    """A profile's `behavior` as the engine and `decide` use it: durations in seconds, the
+    deny threshold resolved (``denyAtRisk``, else 0.8, or ``revokeAtRisk`` if lower). The one
+    spelling of behaviour settings after loading."""
+    if b is None:
+        return None
+    if b.deny_at_risk is not None:
+        deny_at = b.deny_at_risk
+    else:
+        deny_at = min(0.8, b.revoke_at_risk) if b.revoke_at_risk is not None else 0.8
+    return BehaviourSettings(
+        mode=b.mode,
+        deny_at=deny_at,
+        revoke_at=b.revoke_at_risk,
+        learning_seconds=parse_duration(b.learning_period),
+        window_seconds=parse_duration(b.window),
+        min_calls=b.min_calls,
     )
 
 

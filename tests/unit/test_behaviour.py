@@ -19,6 +19,8 @@ from sidecar.core.behaviour import (
     destination,
     path_template,
 )
+from sidecar.core.model import Behavior
+from sidecar.core.snapshot import compile_behaviour
 
 T0 = 1_800_000_000.0
 NS = "agents"
@@ -464,3 +466,30 @@ def test_a_state_too_large_for_the_caps_is_refused() -> None:
     assert small.agents() == []
     with pytest.raises(ValueError, match="destinations: 5, more than 1"):
         BehaviourEngine(max_destinations=1).import_state(_state())
+
+
+# -- compiled from the profile: the one spelling of the settings ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "deny_at", "revoke_at"),
+    [
+        ({}, 0.8, None),
+        ({"revokeAtRisk": 0.6}, 0.6, 0.6),  # a lower revokeAtRisk lowers the default deny
+        ({"revokeAtRisk": 0.95}, 0.8, 0.95),
+        ({"revokeAtRisk": 0.95, "denyAtRisk": 0.5}, 0.5, 0.95),
+    ],
+)
+def test_a_profiles_behavior_compiles_to_the_engines_settings(
+    spec: dict[str, Any], deny_at: float, revoke_at: float | None
+) -> None:
+    settings = compile_behaviour(
+        Behavior.model_validate(
+            {"mode": "enforce", "learningPeriod": "2m", "window": "30s", **spec}
+        )
+    )
+    assert settings == BehaviourSettings(
+        mode="enforce", deny_at=deny_at, revoke_at=revoke_at, learning_seconds=120.0,
+        window_seconds=30.0, min_calls=10,
+    )  # fmt: skip
+    assert compile_behaviour(None) is None
