@@ -107,8 +107,6 @@ __all__ = ["DEFAULT_RESERVE_BYTES", "AuditStats", "AuditWriter", "FailureMode", 
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_QUEUE_MAX = 10_000
 _TORN_TEXT_MAX = 64 * 1024

@@ -60,8 +60,6 @@ log = logging.getLogger(__name__)
 # Decision ids need uniqueness, not secrecy; `random` is re-seeded in forked children.
 _random_bits = random.getrandbits
 
-_SET_HEADERS = SET_HEADERS
-_OWN_PREFIXES = OWN_PREFIXES
 _PARTIAL_BODY = "x-envoy-auth-partial-body"
 TRACE_KEYS = ("traceparent", "tracestate")
 # version-traceid-parentid-flags[-more]; a character class, not int(x, 16), which also
@@ -165,8 +163,8 @@ def upstream_headers(
     to_remove = [
         name
         for name in agent_headers
-        if name.startswith(_OWN_PREFIXES)
-        and (name not in _SET_HEADERS or (name == TASK_HEADER and not d.task))
+        if name.startswith(OWN_PREFIXES)
+        and (name not in SET_HEADERS or (name == TASK_HEADER and not d.task))
     ]
     return to_set, to_remove
 

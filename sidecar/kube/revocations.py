@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Unpack
@@ -31,8 +30,6 @@ from sidecar.kube.listwatch import WatchOptions, _ListWatch
 from sidecar.state.revocations import Change, RevocationStore
 
 __all__ = ["RevocationWatcher"]
-
-log = logging.getLogger(__name__)
 
 
 class RevocationWatcher(_ListWatch):

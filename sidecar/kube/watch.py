@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Unpack
 
@@ -24,8 +23,6 @@ __all__ = [
     "watch_elevations",
     "watch_revocations",
 ]
-
-log = logging.getLogger(__name__)
 
 # -- running them ---------------------------------------------------------------------------------
 

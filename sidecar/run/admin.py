@@ -188,11 +188,11 @@ class RevocationAPI:
                 visible_at=self._store.visible_at,
             )
         written = {"generation": self._store.generation, "visible_at": self._store.visible_at}
-        answer: dict[str, Any] = {"revoked": _show(rev, now), "durable": True, **written}
-        if not self._store.persistent:
+        durable = self._store.persistent
+        answer: dict[str, Any] = {"revoked": _show(rev, now), "durable": durable, **written}
+        if not durable:
             # No state file at all (run without --state-dir): in force, but only until a
             # restart. Said plainly rather than called durable.
-            answer["durable"] = False
             answer["warning"] = (
                 "mandate runs without a state file (--state-dir): this revocation is in "
                 "memory only and ends at the next restart"
