@@ -21,7 +21,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from typing import Any
 import pytest
 
 from .conftest import Stack, start_stack, stop_stack
-from .test_faults import INVOICE, _unlimited_profiles
+from .test_faults import INVOICE, _unlimited_profiles, _wait
 
 RESERVE = 1 << 20  # 1 MiB
 FS_SIZE = "4m"
@@ -79,17 +78,6 @@ def _audit_state_metric(stack: Stack) -> str:
     return ",".join(sorted(on)) + "/" + ",".join(healthy)
 
 
-def _wait(what: str, cond: Any, timeout: float = 15) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.05)
-
-
 def _records(path: Path) -> list[dict[str, Any]]:
     out = []
     for f in sorted(path.glob("audit-*-*.jsonl")):
@@ -122,7 +110,7 @@ def test_a_filling_audit_disk_denies_before_an_allowed_call_goes_unrecorded(
         assert _call(stack, 0)[0] == 200
         status, details = stack.readyz()
         assert status == 200 and details["audit"]["state"] == "ok", details
-        _wait("mandate_audit_state ok", lambda: _audit_state_metric(stack) == "ok/1.0")
+        _wait("mandate_audit_state ok", lambda: _audit_state_metric(stack) == "ok/1.0", timeout=15)
 
         filler = _fill(small_fs, RESERVE + 256 * 1024)
         allowed: list[str] = []
@@ -154,14 +142,18 @@ def test_a_filling_audit_disk_denies_before_an_allowed_call_goes_unrecorded(
         assert status == 503, details
         audit = details["audit"]
         assert (audit["state"], audit["denying"]) == ("failing", True), audit
-        _wait("audit failing metrics", lambda: _audit_state_metric(stack) == "failing/0.0")
+        _wait(
+            "audit failing metrics", lambda: _audit_state_metric(stack) == "failing/0.0", timeout=15
+        )
 
         filler.unlink()  # space returns: every worker allows again by itself
-        _wait("an allowed call after space returned", lambda: _call(stack, 9000)[0] == 200)
+        _wait(
+            "an allowed call after space returned", lambda: _call(stack, 9000)[0] == 200, timeout=15
+        )
         assert {_call(stack, 9001 + i)[0] for i in range(6)} == {200}  # both workers
         status, details = stack.readyz()
         assert status == 200 and details["audit"]["state"] == "ok", details
-        _wait("audit ok again metrics", lambda: _audit_state_metric(stack) == "ok/1.0")
+        _wait("audit ok again metrics", lambda: _audit_state_metric(stack) == "ok/1.0", timeout=15)
     finally:
         stop_stack(stack)
     verify = subprocess.run(
@@ -177,4 +169,4 @@ def test_audit_off_reads_off_not_unhealthy(stack: Stack) -> None:
     """Without --audit-dir, readiness and the metrics say "off" (and nothing unhealthy)."""
     status, details = stack.readyz()
     assert status == 200 and details["audit"] == {"state": "off"}, details
-    _wait("mandate_audit_state off", lambda: _audit_state_metric(stack) == "off/1.0")
+    _wait("mandate_audit_state off", lambda: _audit_state_metric(stack) == "off/1.0", timeout=15)

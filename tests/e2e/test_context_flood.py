@@ -25,7 +25,8 @@ import pytest
 from sidecar.agentapi.client import AgentContext
 from sidecar.errors import ContextError
 
-from .conftest import DEMO_PROFILES, Stack, start_stack, stop_stack
+from .conftest import Stack, start_stack, stop_stack
+from .test_elevation import profiles_with_auto
 
 EXPORT = "http://ledger.finance.svc.cluster.local/v1/exports/2026-11"
 INVOICE = "http://ledger.finance.svc.cluster.local/v1/invoices/7"
@@ -40,34 +41,10 @@ SEARCH = json.dumps(
     }
 ).encode()
 
-AUTO = """  elevations:                         # temporary extra rights, asked for at run time
-    ledger-export:
-      description: Export the month's ledger for the auditors
-      approval: auto
-      maxDuration: 10m
-      allow:
-        - hosts: [ledger.finance.svc.cluster.local]
-          methods: [GET]
-          paths: ["/v1/exports/*"]
-"""
-
-
-def _profiles_with_auto(tmp_path: Path) -> Path:
-    """The demo's profiles with billing-agent's auto elevation `ledger-export`."""
-    profiles = tmp_path / "profiles"
-    profiles.mkdir()
-    text = (DEMO_PROFILES / "agents.yaml").read_text()
-    marker = (
-        "  elevations:                         # temporary extra rights, asked for at run time\n"
-    )
-    assert marker in text
-    (profiles / "agents.yaml").write_text(text.replace(marker, AUTO, 1))
-    return profiles
-
 
 @pytest.fixture
 def two_agents(tmp_path: Path, transport: str) -> Iterator[tuple[Stack, str, str]]:
-    profiles = _profiles_with_auto(tmp_path)
+    profiles = profiles_with_auto(tmp_path, "10m")
     sockets = tmp_path / "ctx"
     sockets.mkdir()
     billing, research = sockets / "billing.sock", sockets / "research.sock"
@@ -179,7 +156,7 @@ def test_a_change_the_audit_trail_cannot_record_is_not_made(tmp_path: Path, tran
     socket_path = tmp_path / "billing.sock"
     stack = start_stack(
         tmp_path,
-        profiles=_profiles_with_auto(tmp_path),
+        profiles=profiles_with_auto(tmp_path, "10m"),
         transport=transport,
         extra=[
             "--context-api", f"billing-agent=unix:{socket_path}",

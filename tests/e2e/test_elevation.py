@@ -33,7 +33,7 @@ AUTO = """  elevations:                         # temporary extra rights, asked 
     ledger-export:
       description: Export the month's ledger for the auditors
       approval: auto
-      maxDuration: 2s
+      maxDuration: {max_duration}
       allow:
         - hosts: [ledger.finance.svc.cluster.local]
           methods: [GET]
@@ -41,8 +41,8 @@ AUTO = """  elevations:                         # temporary extra rights, asked 
 """
 
 
-@pytest.fixture
-def elevated_stack(tmp_path: Path, transport: str) -> Iterator[tuple[Stack, str]]:
+def profiles_with_auto(tmp_path: Path, max_duration: str) -> Path:
+    """The demo's profiles with billing-agent's auto elevation `ledger-export`."""
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     text = (DEMO_PROFILES / "agents.yaml").read_text()
@@ -50,7 +50,14 @@ def elevated_stack(tmp_path: Path, transport: str) -> Iterator[tuple[Stack, str]
         "  elevations:                         # temporary extra rights, asked for at run time\n"
     )
     assert marker in text
-    (profiles / "agents.yaml").write_text(text.replace(marker, AUTO, 1))
+    auto = AUTO.format(max_duration=max_duration)
+    (profiles / "agents.yaml").write_text(text.replace(marker, auto, 1))
+    return profiles
+
+
+@pytest.fixture
+def elevated_stack(tmp_path: Path, transport: str) -> Iterator[tuple[Stack, str]]:
+    profiles = profiles_with_auto(tmp_path, "2s")
     sock = tmp_path / "ctx" / "billing.sock"
     sock.parent.mkdir()
     stack = start_stack(

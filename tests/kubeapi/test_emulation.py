@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.clocks import from_now
 from tests.kubeapi.server import KubeAPIServer
 
 BASE = "/apis/mandate.dev/v1alpha1"
@@ -242,7 +243,7 @@ def test_status_subresource(kube_api: KubeAPIServer) -> None:
         f"{COLL}/a/status",
         {
             "spec": {"reason": "ignored"},
-            "status": {"firstEnforcedAt": "2026-01-01T00:00:00Z", "firstEnforcedBy": "pod-a"},
+            "status": {"firstEnforcedAt": from_now(-60), "firstEnforcedBy": "pod-a"},
         },
         "application/merge-patch+json",
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.clocks import from_now
 from tests.kubeapi.fixtures import Kubectl, kubectl_binary
 from tests.kubeapi.server import CRD_PATH, KubeAPIServer
 
@@ -134,7 +135,7 @@ def test_status_is_a_subresource(kubectl: Kubectl, kube_api: KubeAPIServer) -> N
         "--subresource=status",
         "--type=merge",
         "-p",
-        '{"status": {"firstEnforcedAt": "2026-01-01T00:00:00Z", "firstEnforcedBy": "pod-a"}}',
+        json.dumps({"status": {"firstEnforcedAt": from_now(-60), "firstEnforcedBy": "pod-a"}}),
     )
     assert kube_api.get("arev", "agents", NAME)["status"]["firstEnforcedBy"] == "pod-a"
     assert "pod-a" not in kubectl("get", "arev").stdout  # ENFORCED shows an age, not the pod
@@ -229,7 +230,7 @@ def test_kubectl_wait_for_the_expired_condition(kubectl: Kubectl, kube_api: Kube
                 "status": "True",
                 "reason": "ExpiredOnArrival",
                 "message": "revokes nothing",
-                "lastTransitionTime": "2026-01-01T00:00:00Z",
+                "lastTransitionTime": from_now(-60),
                 "observedGeneration": 1,
             }
         ],

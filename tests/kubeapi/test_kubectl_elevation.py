@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.clocks import from_now
 from tests.kubeapi.fixtures import Kubectl
 from tests.kubeapi.server import ELEVATION_CRD_PATH, KubeAPIServer
 
@@ -86,10 +87,11 @@ def test_status_is_a_subresource_with_known_states(
     result = kubectl(*patch, '{"status": {"state": "granted"}}', check=False)
     assert result.returncode != 0 and "status.state" in result.stderr
     assert "Unsupported value" in result.stderr
-    answer = {"state": "Granted", "grantId": "g-1", "expiresAt": "2026-12-01T00:00:00Z"}
+    expires = from_now(600)  # a grant ten minutes from now
+    answer = {"state": "Granted", "grantId": "g-1", "expiresAt": expires}
     kubectl(*patch, json.dumps({"status": {**answer, "observedGeneration": 1}}))
     row = kubectl("get", "aelev").stdout.splitlines()[1].split()
-    assert row[4:6] == ["Granted", "2026-12-01T00:00:00Z"]
+    assert row[4:6] == ["Granted", expires]
 
 
 def test_explain_uses_the_crd_schema(kubectl: Kubectl) -> None:
