@@ -24,10 +24,10 @@ Supervisor, off the Check path (one Envoy access-log entry per call):
 
 Worker, on the Check path:
 - **decide()** of the benchmark's call (billing-agent, `GET /v1/invoices/42`, allowed by
-  `reconcile.allow[0]`) with `EMPTY_CONTEXT` (behaviour off, no grants) vs with a context
+  `reconcile.allow[0]`) with `EMPTY_AGENT_STATE` (behaviour off, no grants) vs with a context
   holding the agent's RiskState (score 0.05, not learning) and an active grant of its
   `refund` elevation — the difference is what behaviour analysis adds to a Check's decision.
-- **SharedContext.read**: per Check, unchanged generation (the same with behaviour off); and
+- **SharedAgentState.read**: per Check, unchanged generation (the same with behaviour off); and
   the re-read after the supervisor published a new generation (once per publish, at most
   every 0.1 s, only when a score moved by 0.01).
 
@@ -59,13 +59,13 @@ from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
 
 from sidecar.behaviour.access_log import AUTHZ_NAMESPACE, AccessLogServicer, event_from_entry  # noqa: E402
 from sidecar.behaviour.service import BehaviourService, settings_of  # noqa: E402
+from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable, Grant, RiskState  # noqa: E402
 from sidecar.core.behaviour import BehaviourEngine, BehaviourSettings, CallEvent  # noqa: E402
-from sidecar.core.context import EMPTY_CONTEXT, ContextTable, Grant, RiskState  # noqa: E402
 from sidecar.core.decide import Code, RequestView, decide  # noqa: E402
 from sidecar.core.loader import load_profiles  # noqa: E402
-from sidecar.state.context_store import ContextStore  # noqa: E402
+from sidecar.state.agentstate import AgentStateStore  # noqa: E402
 from sidecar.state.revocations import RevocationStore  # noqa: E402
-from sidecar.state.shm import SharedContext, SharedTable  # noqa: E402
+from sidecar.state.shm import SharedAgentState, SharedTable  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 PROFILES = ROOT / "devstack" / "demo" / "profiles"
@@ -292,7 +292,7 @@ def supervisor_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]
     assert snapshot.agents[AGENT].behavior is not None
     if settings_of(snapshot.agents[AGENT].behavior) != settings:
         raise SystemExit("behaviour_cost: the profile's settings differ from the engine's")
-    context = ContextStore(SharedContext.create(work / "t.context"), None, lambda: snapshot)
+    context = AgentStateStore(SharedAgentState.create(work / "t.context"), None, lambda: snapshot)
     store = RevocationStore(SharedTable.create(work / "t.table"), None)
     store.mark_complete()
     clock = [cursor]
@@ -370,9 +370,9 @@ def worker_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]]:
     grant = Grant(
         "g-1", AGENT, NS, "refund", now - 60, now + 540, "alice", "refund INV-42", "admin", "r-1"
     )
-    full = ContextTable.build(7, grants=[grant], risks=[risk])
-    off = decide(snapshot, view, now, context=EMPTY_CONTEXT)
-    on = decide(snapshot, view, now, context=full)
+    full = AgentStateTable.build(7, grants=[grant], risks=[risk])
+    off = decide(snapshot, view, now, agent_state=EMPTY_AGENT_STATE)
+    on = decide(snapshot, view, now, agent_state=full)
     for d, want_risk in ((off, -1.0), (on, 0.05)):
         if d.code != Code.ALLOWED or d.rule != RULE or d.risk != want_risk:
             raise SystemExit(f"behaviour_cost: unexpected decision {d}")
@@ -380,15 +380,15 @@ def worker_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]]:
     # the median of the paired differences, so that a noisy moment cancels out.
     times = interleaved(
         {
-            "off": lambda: decide(snapshot, view, now, context=EMPTY_CONTEXT),
-            "on": lambda: decide(snapshot, view, now, context=full),
+            "off": lambda: decide(snapshot, view, now, agent_state=EMPTY_AGENT_STATE),
+            "on": lambda: decide(snapshot, view, now, agent_state=full),
         },
         max(1, number // 4),
         repeat * 4,
     )
     rows.append(
         row(
-            "decide(), EMPTY_CONTEXT",
+            "decide(), EMPTY_AGENT_STATE",
             times["off"],
             f"GET {HOST}{PATH}, allowed by {RULE}",
             where="worker",
@@ -413,19 +413,19 @@ def worker_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]]:
     )
 
     # the shared context table: unchanged (per Check) and re-read after a publish
-    writer = SharedContext.create(work / "w.context")
-    reader = SharedContext.attach(work / "w.context")
+    writer = SharedAgentState.create(work / "w.context")
+    reader = SharedAgentState.attach(work / "w.context")
     writer.write(full)
     reader.read()
     rows.append(
         row(
-            "SharedContext.read (unchanged)",
+            "SharedAgentState.read (unchanged)",
             timed(reader.read, number, repeat),
             "per Check, behaviour on or off",
             where="worker",
         )
     )
-    stale = ContextTable(generation=-1)
+    stale = AgentStateTable(generation=-1)
 
     def reread() -> None:  # as after a publish: the cached generation no longer matches
         reader._cached = stale
@@ -433,9 +433,9 @@ def worker_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]]:
 
     rows.append(
         row(
-            "SharedContext.read (after a publish)",
+            "SharedAgentState.read (after a publish)",
             timed(reread, number, repeat),
-            "JSON decode + ContextTable.build of one risk + one grant; once per publish "
+            "JSON decode + AgentStateTable.build of one risk + one grant; once per publish "
             "(≤ 10/s), not per Check",
             where="worker (per publish)",
         )
@@ -459,7 +459,7 @@ def summarize(rows: list[dict[str, Any]], rps: float) -> dict[str, Any]:
         "goal_added_us_per_check": GOAL_US,
         "worker_added_us_per_check": added,
         "worker_added_us_per_check_best": best("decide(), risk state + grant")
-        - best("decide(), EMPTY_CONTEXT"),
+        - best("decide(), EMPTY_AGENT_STATE"),
         "supervisor_us_per_call": per_event + tick_per_call,
         "supervisor_parse_and_handle_us_per_call": per_event,
         "supervisor_tick_us_per_call_at_rps": tick_per_call,

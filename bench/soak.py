@@ -674,7 +674,7 @@ class Controller(threading.Thread):
                     actions[name]()
                 except (BenchError, OSError, ValueError, http.client.HTTPException) as exc:
                     self.errors.append(f"{time.time():.3f} {name}: {exc}")
-                except Exception as exc:  # e.g. ContextError; keep the soak going, count it
+                except Exception as exc:  # e.g. AgentStateError; keep the soak going, count it
                     self.errors.append(f"{time.time():.3f} {name}: {type(exc).__name__}: {exc}")
                 due[name] += every[name]
             with contextlib.suppress(Exception):  # leave no revocation behind

@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "AgentStateError",
     "AuditBusyError",
     "AuditError",
     "AuditInputError",
     "AuditResumeError",
     "BadRequestError",
     "ConfigError",
-    "ContextError",
     "InjectError",
     "MandateError",
     "ProfileError",
@@ -119,7 +119,7 @@ class InjectError(MandateError):
     code = "inject_invalid"
 
 
-class ContextError(MandateError):
+class AgentStateError(MandateError):
     """The agent context API refused a request (bad task, unknown elevation, missing
     justification, too many pending requests...). ``status`` is the gRPC status name the
     API answers with: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,

@@ -1,4 +1,4 @@
-"""What the agent context API does, on the supervisor: the `ContextBackend` the gRPC servicer
+"""What the agent context API does, on the supervisor: the `AgentAPIBackend` the gRPC servicer
 (context_api.py) calls with the agent its listener serves.
 
 Tasks and elevation requests go to the context store; `Explain` runs the same `decide()` the
@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping
 from sidecar.agentapi.server import AgentStatus
 from sidecar.check.pipeline import new_decision_id, view_from_url
 from sidecar.core import Decision, Snapshot, decide
-from sidecar.core.context import ElevationRequest, TaskBinding
-from sidecar.errors import BadRequestError, ContextError
+from sidecar.core.agentstate import ElevationRequest, TaskBinding
+from sidecar.errors import AgentStateError, BadRequestError
 from sidecar.headers import PURPOSE_HEADER, TASK_HEADER
-from sidecar.state.context_store import ContextStore
+from sidecar.state.agentstate import AgentStateStore
 from sidecar.state.revocations import RevocationStore
 
 __all__ = ["SupervisorBackend"]
@@ -27,7 +27,7 @@ __all__ = ["SupervisorBackend"]
 class SupervisorBackend:
     def __init__(
         self,
-        store: ContextStore,
+        store: AgentStateStore,
         revocations: RevocationStore,
         snapshot: Callable[[], Snapshot | None],
         namespace: str,
@@ -53,7 +53,7 @@ class SupervisorBackend:
         snap = self._snapshot()
         compiled = snap.agents.get(agent) if snap is not None else None
         if compiled is None:
-            raise ContextError(f"no profile for agent {agent!r}", "FAILED_PRECONDITION")
+            raise AgentStateError(f"no profile for agent {agent!r}", "FAILED_PRECONDITION")
         ns, now = self._namespace, self._clock()
         revoked = self._revocations.table().find(ns, agent, now)
         return AgentStatus(
@@ -82,7 +82,7 @@ class SupervisorBackend:
     ) -> Decision:
         snap = self._snapshot()
         if snap is None:
-            raise ContextError("profiles not loaded yet", "FAILED_PRECONDITION")
+            raise AgentStateError("profiles not loaded yet", "FAILED_PRECONDITION")
         hdrs = dict(headers)  # view_from_url lower-cases the names
         if purpose:
             hdrs[PURPOSE_HEADER] = purpose
@@ -94,7 +94,7 @@ class SupervisorBackend:
                 agent=agent, namespace=self._namespace,
             )  # fmt: skip
         except BadRequestError as exc:
-            raise ContextError(str(exc)) from None
+            raise AgentStateError(str(exc)) from None
         return decide(
             snap, view, self._clock(), self._revocations.table(), self._store.table(), None
         )

@@ -17,7 +17,7 @@ explain calls; it can never approve its own elevation::
         print(why.allowed, why.reason)
 
 Every method returns plain frozen dataclasses of this module (no protobuf). Errors the API
-answers are raised as :class:`~sidecar.errors.ContextError` with the gRPC status name in
+answers are raised as :class:`~sidecar.errors.AgentStateError` with the gRPC status name in
 ``status`` (e.g. "NOT_FOUND" for an unknown purpose, "UNAVAILABLE" when mandate is not
 reachable); :meth:`AgentContext.wait_for_grant` raises :class:`ElevationRefused` or
 :class:`TimeoutError`. This module must not import anything of mandate's server side.
@@ -37,7 +37,7 @@ import grpc.aio
 from google.protobuf.message import Message
 
 from sidecar._proto import context_pb2 as pb
-from sidecar.errors import ContextError
+from sidecar.errors import AgentStateError
 from sidecar.headers import PURPOSE_HEADER, TASK_HEADER
 
 __all__ = [
@@ -144,7 +144,7 @@ class Explanation:
         return self.decision == "allow"
 
 
-class ElevationRefused(ContextError):
+class ElevationRefused(AgentStateError):
     """An elevation request ended without a grant: refused, or expired before an operator
     approved it. ``request`` is its last state (``message`` says why)."""
 
@@ -261,7 +261,7 @@ class AgentContext:
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             details = exc.details() or code.name
-            raise ContextError(f"{method}: {details}", code.name) from None
+            raise AgentStateError(f"{method}: {details}", code.name) from None
         return result
 
     async def report_task(self, task_id: str, purpose: str, ttl: float | None = None) -> Task:
@@ -290,7 +290,7 @@ class AgentContext:
     ) -> ElevationRequest:
         """Poll the status until the request is granted and return it. Raises
         :class:`ElevationRefused` when it is refused or expires, :class:`TimeoutError` when
-        it is still pending after ``timeout`` seconds, ContextError("NOT_FOUND") when
+        it is still pending after ``timeout`` seconds, AgentStateError("NOT_FOUND") when
         mandate does not know the request."""
         rid = request_id.id if isinstance(request_id, ElevationRequest) else request_id
         loop = asyncio.get_running_loop()
@@ -298,7 +298,7 @@ class AgentContext:
         while True:
             req = (await self.status()).request(rid)
             if req is None:
-                raise ContextError(f"no elevation request {rid!r} for this agent", "NOT_FOUND")
+                raise AgentStateError(f"no elevation request {rid!r} for this agent", "NOT_FOUND")
             if req.state == "granted":
                 return req
             if req.state != "pending":
@@ -321,7 +321,7 @@ class AgentContext:
         task: str = "",
     ) -> Explanation:
         """Would this call be allowed now, and why? No side effects; rate-limited
-        (ContextError "RESOURCE_EXHAUSTED" when asked too often)."""
+        (AgentStateError "RESOURCE_EXHAUSTED" when asked too often)."""
         req = pb.ExplainRequest(
             method=method,
             url=url,

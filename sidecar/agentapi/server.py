@@ -1,5 +1,5 @@
 """The agent context API (gRPC `mandate.agent.v1.AgentContext`, protos/): the adapter between
-what an agent asks over its local socket and the supervisor's :class:`ContextBackend`.
+what an agent asks over its local socket and the supervisor's :class:`AgentAPIBackend`.
 
 - `ReportTask` binds a task id to one of the agent's purposes; `RequestElevation` asks for a
   temporary elevation (granted at once with `approval: auto`, else pending for an operator);
@@ -8,7 +8,7 @@ what an agent asks over its local socket and the supervisor's :class:`ContextBac
   state (`ReportTask`, `RequestElevation`) have a bucket of their own (10/s, burst 100): each
   takes the store's lock, writes the state file and publishes a table every worker reads.
 - The caller's agent is never read from the request: each listener serves exactly one agent,
-  fixed by mandate's configuration (:class:`ContextAPIServer`), and the messages have no
+  fixed by mandate's configuration (:class:`AgentAPIServer`), and the messages have no
   field that names an agent. Metadata the agent sends (e.g. `x-mandate-agent`) is ignored.
 - The agent can ask but never approve: the service has no approve method; approvals arrive
   only through the operator paths (admin API, AgentElevation objects) of the supervisor.
@@ -16,7 +16,7 @@ what an agent asks over its local socket and the supervisor's :class:`ContextBac
   the backend sees it: every string has a length bound and every number must be finite,
   >= 0 and at most `MAX_TTL` (a compromised agent sends whatever it likes; issue 15,
   finding 3: an infinite TTL stored a binding, then failed to be audited). A
-  :class:`~sidecar.errors.ContextError` from the backend becomes its gRPC status with its
+  :class:`~sidecar.errors.AgentStateError` from the backend becomes its gRPC status with its
   message; any other exception becomes INTERNAL with a generic message and is logged: a
   handler never raises into gRPC and the server keeps serving.
 The service is bound from the compiled descriptor (`sidecar._proto.context_pb2`, generated
@@ -41,10 +41,10 @@ from urllib.parse import urlsplit
 import grpc
 
 from sidecar._proto import context_pb2 as pb
-from sidecar.core.context import ElevationRequest, Grant, RiskState, TaskBinding
+from sidecar.core.agentstate import ElevationRequest, Grant, RiskState, TaskBinding
 from sidecar.core.decide import Decision
-from sidecar.errors import ConfigError, ContextError
-from sidecar.state.context_store import MAX_JUSTIFICATION, MAX_TTL
+from sidecar.errors import AgentStateError, ConfigError
+from sidecar.state.agentstate import MAX_JUSTIFICATION, MAX_TTL
 
 __all__ = [
     "MAX_BODY",
@@ -52,10 +52,10 @@ __all__ = [
     "MAX_JUSTIFICATION",
     "MAX_TTL",
     "SERVICE_NAME",
+    "AgentAPIBackend",
+    "AgentAPIServer",
     "AgentContextServicer",
     "AgentStatus",
-    "ContextAPIServer",
-    "ContextBackend",
     "ExplainInput",
     "ExplainLimiter",
     "validate_explain",
@@ -101,9 +101,9 @@ class AgentStatus:
     risk: RiskState | None
 
 
-class ContextBackend(Protocol):
+class AgentAPIBackend(Protocol):
     """What the API asks of the supervisor. ``agent`` is always the listener's agent.
-    Raise :class:`~sidecar.errors.ContextError` (message, gRPC status name) to refuse."""
+    Raise :class:`~sidecar.errors.AgentStateError` (message, gRPC status name) to refuse."""
 
     def report_task(self, agent: str, task: str, purpose: str, ttl: float | None) -> TaskBinding:
         """Bind ``task`` to ``purpose`` (one of the agent's); ``ttl`` None: no expiry."""
@@ -135,8 +135,8 @@ class ContextBackend(Protocol):
 # -- validation (pure) ---------------------------------------------------------------------
 
 
-def _bad(message: str) -> ContextError:
-    return ContextError(message, "INVALID_ARGUMENT")
+def _bad(message: str) -> AgentStateError:
+    return AgentStateError(message, "INVALID_ARGUMENT")
 
 
 def _seconds(field: str, value: float) -> float | None:
@@ -229,7 +229,7 @@ class ExplainInput:
 
 
 def validate_explain(req: pb.ExplainRequest) -> ExplainInput:
-    """Check an ExplainRequest; raise ContextError (INVALID_ARGUMENT) naming the field."""
+    """Check an ExplainRequest; raise AgentStateError (INVALID_ARGUMENT) naming the field."""
     method = req.method.upper()
     if not method or len(method) > 32 or not _TOKEN.fullmatch(method):
         raise _bad(f"method: must be an HTTP method (e.g. GET), not {req.method[:32]!r}")
@@ -315,7 +315,7 @@ def _explain_pb(d: Decision) -> pb.ExplainResponse:
 def _status_code(name: str) -> grpc.StatusCode:
     code = grpc.StatusCode.__members__.get(name.upper())
     if code is None or code is grpc.StatusCode.OK:
-        log.warning("context API: ContextError with unknown status %r, answering UNKNOWN", name)
+        log.warning("context API: AgentStateError with unknown status %r, answering UNKNOWN", name)
         return grpc.StatusCode.UNKNOWN
     return code
 
@@ -360,7 +360,7 @@ class AgentContextServicer:
 
     def __init__(
         self,
-        backend: ContextBackend,
+        backend: AgentAPIBackend,
         agent: str,
         limiter: ExplainLimiter,
         writes: ExplainLimiter | None = None,
@@ -376,17 +376,17 @@ class AgentContextServicer:
         """Spend one of the agent's state-changing calls (after validation: a refused call
         changes nothing and costs the store nothing)."""
         if self._writes is not None and not self._writes.take(self.agent):
-            raise ContextError(
+            raise AgentStateError(
                 f"{rpc} is limited to {self._writes.rate:g} calls a second "
                 f"(burst {self._writes.burst}) per agent: retry later",
                 "RESOURCE_EXHAUSTED",
             )
 
     def _answer(self, rpc: str, context: grpc.ServicerContext, fn: Callable[[], _R]) -> _R:
-        """Run ``fn``; turn a ContextError into its status, anything else into INTERNAL."""
+        """Run ``fn``; turn a AgentStateError into its status, anything else into INTERNAL."""
         try:
             return fn()
-        except ContextError as exc:
+        except AgentStateError as exc:
             code, details = _status_code(exc.status), str(exc)
             log.debug("context API %s (agent %s): %s %s", rpc, self.agent, code.name, details)
         except Exception:
@@ -432,7 +432,7 @@ class AgentContextServicer:
     ) -> pb.ExplainResponse:
         def run() -> pb.ExplainResponse:
             if not self._limiter.take(self.agent):
-                raise ContextError(
+                raise AgentStateError(
                     f"Explain is limited to {self._limiter.rate:g} calls a second "
                     f"(burst {self._limiter.burst}) per agent: retry later",
                     "RESOURCE_EXHAUSTED",
@@ -483,7 +483,7 @@ def _unix_path(address: str) -> str | None:
     return "/" + path.lstrip("/") if path.startswith("//") else path
 
 
-class ContextAPIServer:
+class AgentAPIServer:
     """One gRPC server (sync, a small thread pool) per listener; each listener serves the one
     agent it is configured for. ``listeners``: (agent, address) pairs, address "HOST:PORT"
     (port 0: a free port) or "unix:/path". A unix socket is made connectable by any user
@@ -492,7 +492,7 @@ class ContextAPIServer:
 
     def __init__(
         self,
-        backend: ContextBackend,
+        backend: AgentAPIBackend,
         listeners: Sequence[tuple[str, str]],
         *,
         explain_rate: float = 20.0,

@@ -25,7 +25,7 @@ from json.encoder import encode_basestring as _encode_str
 from typing import Any
 
 from sidecar.core import Code, Decision
-from sidecar.core.context import Grant
+from sidecar.core.agentstate import Grant
 from sidecar.core.timefmt import utc_millis
 
 __all__ = [

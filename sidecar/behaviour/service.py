@@ -22,12 +22,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sidecar.core.agentstate import RiskState
 from sidecar.core.behaviour import BehaviourEngine, BehaviourSettings, CallEvent, Risk
-from sidecar.core.context import RiskState
 from sidecar.core.revocation import Revocation, make_key
 from sidecar.core.snapshot import Snapshot
 from sidecar.errors import ConfigError
-from sidecar.state.context_store import ContextStore
+from sidecar.state.agentstate import AgentStateStore
 from sidecar.state.revocations import Change, RevocationStore
 from sidecar.state.statefile import write_json_durably
 from sidecar.telemetry import metrics
@@ -42,7 +42,7 @@ class BehaviourService:
     def __init__(
         self,
         snapshot: Callable[[], Snapshot | None],
-        context: ContextStore,
+        context: AgentStateStore,
         revocations: RevocationStore,
         namespace: str,
         *,

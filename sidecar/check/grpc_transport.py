@@ -42,7 +42,7 @@ from sidecar.check.pipeline import (
     upstream_headers,
 )
 from sidecar.core import Decision, RequestView, Snapshot
-from sidecar.core.context import EMPTY_CONTEXT, ContextTable
+from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
 
@@ -132,11 +132,11 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         revocations: Callable[[], RevocationTable] = lambda: EMPTY_TABLE,
         tracing: Tracing | None = None,
         audit: Audit | None = None,
-        context: Callable[[], ContextTable] = lambda: EMPTY_CONTEXT,
+        agent_state: Callable[[], AgentStateTable] = lambda: EMPTY_AGENT_STATE,
         limiter: RateLimiter | None = None,
     ) -> None:
         self._authz = Authorizer(
-            snapshot, identity, clock, revocations, tracing, audit, context, limiter
+            snapshot, identity, clock, revocations, tracing, audit, agent_state, limiter
         )
 
     def Check(

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from sidecar.audit import AuditWriter
 from sidecar.core import Code, Decision, RequestView, Snapshot, decide
-from sidecar.core.context import EMPTY_CONTEXT, ContextTable
+from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
 from sidecar.errors import BadRequestError
@@ -214,7 +214,7 @@ class Authorizer:
         revocations: Callable[[], RevocationTable] = lambda: EMPTY_TABLE,
         tracing: Tracing | None = None,
         audit: Audit | None = None,
-        context: Callable[[], ContextTable] = lambda: EMPTY_CONTEXT,
+        agent_state: Callable[[], AgentStateTable] = lambda: EMPTY_AGENT_STATE,
         limiter: RateLimiter | None = None,
     ) -> None:
         self.identity = identity
@@ -223,7 +223,7 @@ class Authorizer:
         self._clock = clock
         self._revocations = revocations
         self._audit = audit
-        self._context = context
+        self._agent_state = agent_state
         self._limiter = limiter
 
     def decide(self, view_of: Callable[[str], RequestView]) -> tuple[Decision, Mapping[str, str]]:
@@ -240,7 +240,12 @@ class Authorizer:
                 view = view_of(did)
                 headers = view.headers
                 decision = decide(
-                    snap, view, self._clock(), self._revocations(), self._context(), self._limiter
+                    snap,
+                    view,
+                    self._clock(),
+                    self._revocations(),
+                    self._agent_state(),
+                    self._limiter,
                 )
         except BadRequestError as exc:  # what Envoy sent cannot be a call: say why
             decision = Decision(did, False, Code.BAD_REQUEST, str(exc))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from urllib.parse import unquote_plus
 
-from sidecar.core.context import EMPTY_CONTEXT, ContextTable, Grant
+from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable, Grant
 from sidecar.core.hosts import parse_authority
 from sidecar.core.mcp import McpBody, parse_mcp_body
 from sidecar.core.paths import canonical_path, display_path
@@ -241,11 +241,11 @@ def decide(
     view: RequestView,
     now: float,
     revocations: RevocationTable = EMPTY_TABLE,
-    context: ContextTable = EMPTY_CONTEXT,
+    agent_state: AgentStateTable = EMPTY_AGENT_STATE,
     limiter: RateLimiter | None = None,
 ) -> Decision:
     """Decide one call. ``now`` (seconds since the epoch) is for expiry-based phases;
-    ``revocations`` and ``context`` are the shared tables' generations read for this Check;
+    ``revocations`` and ``agent_state`` are the shared tables' generations read for this Check;
     ``limiter`` counts allowed calls against the purposes' rate limits (None: not enforced,
     e.g. `explain`)."""
     did, trace = view.decision_id, view.trace_id
@@ -263,7 +263,7 @@ def decide(
         )  # fmt: skip
 
     ns = view.namespace
-    risk_state = context.risk(ns, agent.name)
+    risk_state = agent_state.risk(ns, agent.name)
     risk = risk_state.score if risk_state is not None else -1.0
 
     def done(
@@ -299,7 +299,7 @@ def decide(
     task = view.headers.get(TASK_HEADER, "").strip()
     if task and not _TASK.match(task):
         return done(False, Code.BAD_TASK, "x-mandate-task must be 1-128 visible ASCII characters")
-    bound = context.task(ns, agent.name, task, now) if task else None
+    bound = agent_state.task(ns, agent.name, task, now) if task else None
     if bound is not None and declared and declared != bound.purpose:
         why = (
             f"task {task!r} was reported for purpose {bound.purpose!r}, "
@@ -349,7 +349,7 @@ def decide(
 
     # 6. elevation: the rules of each active grant, after the purpose's own rules
     if not rule and agent.elevations:
-        for g in context.active_grants(ns, agent.name, now):
+        for g in agent_state.active_grants(ns, agent.name, now):
             elevation = agent.elevations.get(g.elevation)
             if elevation is None:  # the profile no longer has it: the grant gives nothing
                 continue

@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from sidecar.core.context import Approval
+from sidecar.core.agentstate import Approval
 from sidecar.core.model import parse_duration
 from sidecar.core.revocation import ALL_AGENTS, Revocation, make_key
 from sidecar.core.timefmt import parse_rfc3339

@@ -14,7 +14,7 @@ from typing import Any, Protocol, Unpack
 from kubernetes_asyncio.client import ApiClient
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from sidecar.core.context import Approval
+from sidecar.core.agentstate import Approval
 from sidecar.core.timefmt import utc_seconds
 from sidecar.kube.convert import (
     _MESSAGE_MAX,

@@ -29,13 +29,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from sidecar.core.context import Approval
+from sidecar.core.agentstate import Approval
 from sidecar.core.model import parse_duration
 from sidecar.core.revocation import ALL_AGENTS, Revocation, make_key
 from sidecar.core.timefmt import parse_rfc3339
-from sidecar.errors import ContextError, StateWriteError
+from sidecar.errors import AgentStateError, StateWriteError
 from sidecar.loopthread import LoopThread
-from sidecar.state.context_store import ContextStore
+from sidecar.state.agentstate import AgentStateStore
 from sidecar.state.revocations import RevocationStore
 from sidecar.telemetry.metrics import REGISTRY
 
@@ -271,7 +271,7 @@ class ElevationAPI:
 
     def __init__(
         self,
-        store: ContextStore,
+        store: AgentStateStore,
         namespace: str,
         token: str | None,
         clock: Callable[[], float] = time.time,
@@ -332,7 +332,7 @@ class ElevationAPI:
         except StateWriteError as exc:  # nothing granted: the store undid it (issue 15)
             msg = f"approval NOT done, nothing granted: {exc}; fix the volume, then approve again"
             return _not_durable(exc, msg, state="NotDurable")
-        except ContextError as exc:  # e.g. the shared context table has no room for it
+        except AgentStateError as exc:  # e.g. the shared context table has no room for it
             return _error(503, exc.code, f"approval NOT done, nothing granted: {exc}")
         body_out = {"state": state, "message": message, "grant": grant, "expires_at": expires}
         return web.json_response(body_out, status=200 if state == "Granted" else 409)

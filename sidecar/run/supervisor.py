@@ -46,9 +46,9 @@ from sidecar.core.revocation import Revocation
 from sidecar.errors import ConfigError, StateWriteError
 from sidecar.run.admin import ElevationAPI, RevocationAPI, add_probe_routes, read_token
 from sidecar.run.worker import RUN_DIR_ENV, RUN_LOCK_FD_ENV, SUPERVISOR_PID_ENV, split_hostport
-from sidecar.state.context_store import ContextStore
+from sidecar.state.agentstate import AgentStateStore
 from sidecar.state.revocations import RevocationStore
-from sidecar.state.shm import RunDir, SharedContext, SharedTable
+from sidecar.state.shm import RunDir, SharedAgentState, SharedTable
 from sidecar.state.statefile import os_error_text
 from sidecar.telemetry import metrics
 
@@ -130,8 +130,8 @@ class Supervisor:
         self.grpc_ports: list[int] = []
         self.table: SharedTable | None = None
         self.store: RevocationStore | None = None
-        self.context_table: SharedContext | None = None
-        self.context: ContextStore | None = None
+        self.agent_state_table: SharedAgentState | None = None
+        self.agent_state: AgentStateStore | None = None
         self._audit: AuditWriter | None = None
         self._context_api: Any = None
         self.context_ports: list[int] = []
@@ -198,18 +198,18 @@ class Supervisor:
         self.holder.load_initial()  # refuse to start (ProfileErrors) before anything runs
         table_path = cfg.table_path
         self.table = SharedTable.create(table_path)
-        self.context_table = SharedContext.create(
+        self.agent_state_table = SharedAgentState.create(
             None if table_path is None else table_path.with_suffix(".context")
         )
         self._audit = self._audit_writer()
-        self.context = ContextStore(
-            self.context_table,
+        self.agent_state = AgentStateStore(
+            self.agent_state_table,
             cfg.state_dir / "context.json" if cfg.state_dir else None,
             self.holder.get,
             audit=self._record,
             audit_blocked=self._audit_blocked,
         )
-        self.context.load_persisted()
+        self.agent_state.load_persisted()
         state_file = cfg.state_dir / "revocations.json" if cfg.state_dir else None
         self.store = RevocationStore(self.table, state_file, on_persist=self._persisted)
         self.store.subscribe(self._count)
@@ -241,7 +241,7 @@ class Supervisor:
         app = web.Application()
         add_probe_routes(app, self._ready, token)
         RevocationAPI(self.store, cfg.namespace, token, self.status).add_routes(app)
-        ElevationAPI(self.context, cfg.namespace, token).add_routes(app)
+        ElevationAPI(self.agent_state, cfg.namespace, token).add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, admin_host, admin_port)
@@ -263,7 +263,7 @@ class Supervisor:
             "admin": self.admin_port,
             "pid": os.getpid(),
             "table": self.table.name,
-            "context_table": self.context_table.name,
+            "context_table": self.agent_state_table.name,
             "context": self.context_ports,
             "access_log": self.access_log_port,
         }
@@ -301,25 +301,25 @@ class Supervisor:
 
     def _start_context_api(self) -> None:
         from sidecar.agentapi.backend import SupervisorBackend
-        from sidecar.agentapi.server import ContextAPIServer
+        from sidecar.agentapi.server import AgentAPIServer
 
-        assert self.context is not None and self.store is not None
+        assert self.agent_state is not None and self.store is not None
         backend = SupervisorBackend(
-            self.context, self.store, self.holder.get, self.config.namespace
+            self.agent_state, self.store, self.holder.get, self.config.namespace
         )
-        self._context_api = ContextAPIServer(backend, self._context_listeners())
+        self._context_api = AgentAPIServer(backend, self._context_listeners())
         self.context_ports = self._context_api.start()
 
     def _start_behaviour(self) -> None:
         from sidecar.behaviour.access_log import AccessLogServicer, start_als_server
         from sidecar.behaviour.service import BehaviourService
 
-        assert self.context is not None and self.store is not None
+        assert self.agent_state is not None and self.store is not None
         cfg = self.config
         assert cfg.access_log is not None
         self.behaviour = BehaviourService(
             self.holder.get,
-            self.context,
+            self.agent_state,
             self.store,
             cfg.namespace,
             state_file=cfg.state_dir / "behaviour.json" if cfg.state_dir else None,
@@ -380,9 +380,9 @@ class Supervisor:
             pod_name=cfg.pod_name or socket.gethostname(),
         )
         self._kube_state = "syncing"
-        assert self.context is not None
+        assert self.agent_state is not None
         self._elevation_watcher = await kube.start_elevation_watcher(
-            self.context,
+            self.agent_state,
             namespace=cfg.namespace,
             kubeconfig=cfg.kubeconfig,
             pod_name=cfg.pod_name or socket.gethostname(),
@@ -406,17 +406,17 @@ class Supervisor:
     async def _spawn(self, w: _Worker) -> None:
         cfg = self.config
         assert self.table is not None and self.table.fd is not None
-        assert self.context_table is not None and self.context_table.fd is not None
+        assert self.agent_state_table is not None and self.agent_state_table.fd is not None
         w.port_file.unlink(missing_ok=True)
         w.ready = False
         # The tables go by descriptor (they have no name, and a restarted worker must get the
         # very table this process writes); so does the run directory's lock, which keeps the
         # directory from being swept as dead while any worker lives.
-        fds = (self.table.fd, self.context_table.fd, self._run_dir.lock_fd)
+        fds = (self.table.fd, self.agent_state_table.fd, self._run_dir.lock_fd)
         args = [
             sys.executable, "-m", "sidecar", "worker",
             "--profiles", str(cfg.profiles), "--listen", w.listen,
-            "--table-fd", str(self.table.fd), "--context-table-fd", str(self.context_table.fd),
+            "--table-fd", str(self.table.fd), "--context-table-fd", str(self.agent_state_table.fd),
             "--threads", str(cfg.threads),
             "--namespace", cfg.namespace, "--poll-seconds", str(cfg.poll_seconds),
             "--port-file", str(w.port_file), "--log-level", cfg.log_level,
@@ -577,8 +577,8 @@ class Supervisor:
             # After a failed write, retry: a revocation in force only in memory becomes
             # durable (and readiness says so) once the volume is writable again.
             self.store.flush()
-        if self.context is not None:
-            self.context.prune()
+        if self.agent_state is not None:
+            self.agent_state.prune()
         if self._watcher is not None:
             connected = bool(self._watcher.status().get("connected"))
             metrics.KUBERNETES_CONNECTED.set(1 if connected else 0)
@@ -588,6 +588,7 @@ class Supervisor:
 
     def status(self) -> dict[str, Any]:
         assert self.store is not None
+        state = self.agent_state
         kube: dict[str, Any] = {"state": self._kube_state}
         if self._watcher is not None:
             kube.update(self._watcher.status())
@@ -615,11 +616,11 @@ class Supervisor:
             "profiles": self._profiles_status(),
             "behaviour": {
                 "analysing": self.behaviour is not None,
-                "risks": [r.as_dict() for r in self.context.risks()] if self.context else [],
+                "risks": [r.as_dict() for r in state.risks()] if state else [],
             },
             "elevations": {
-                "requests": [r.as_dict() for r in self.context.requests()] if self.context else [],
-                "grants": [g.as_dict() for g in self.context.grants()] if self.context else [],
+                "requests": [r.as_dict() for r in state.requests()] if state else [],
+                "grants": [g.as_dict() for g in state.grants()] if state else [],
             },
         }
 
@@ -637,7 +638,7 @@ class Supervisor:
         ok = ok and not audit.get("denying", False)
         # A detail, not a reason to be unready: a full context table (one agent withheld)
         # or an unwritable context.json must not stop the other agents (issue 15, 2-3).
-        status["context"] = self.context.health() if self.context is not None else None
+        status["context"] = self.agent_state.health() if self.agent_state is not None else None
         return ok, status
 
     async def stop(self) -> None:
@@ -669,10 +670,10 @@ class Supervisor:
         self.holder.stop()
         if self.table is not None:
             self.table.close()  # a --table file stays: the caller's
-        if self.context_table is not None:
-            self.context_table.close()
-            if self.context_table.path is not None:
-                self.context_table.path.unlink(missing_ok=True)
+        if self.agent_state_table is not None:
+            self.agent_state_table.close()
+            if self.agent_state_table.path is not None:
+                self.agent_state_table.path.unlink(missing_ok=True)
         if self._audit is not None:
             self._audit.close()
         if self._own_run_dir:

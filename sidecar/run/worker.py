@@ -36,11 +36,11 @@ from sidecar.check.grpc_transport import AuthorizationServicer
 from sidecar.check.pipeline import Audit, Authorizer, Identity
 from sidecar.check.reload import SnapshotHolder
 from sidecar.core import Snapshot
-from sidecar.core.context import EMPTY_CONTEXT, ContextTable
+from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
 from sidecar.errors import ConfigError
-from sidecar.state.shm import RunDir, SharedContext, SharedTable
+from sidecar.state.shm import RunDir, SharedAgentState, SharedTable
 from sidecar.telemetry import metrics
 
 if TYPE_CHECKING:
@@ -158,11 +158,11 @@ class Sidecar:
             revocations = SharedTable.attach_fd(cfg.table_fd).read
         elif cfg.table is not None:
             revocations = SharedTable.attach(cfg.table).read
-        context: Callable[[], ContextTable] = lambda: EMPTY_CONTEXT  # noqa: E731
+        agent_state: Callable[[], AgentStateTable] = lambda: EMPTY_AGENT_STATE  # noqa: E731
         if cfg.context_table_fd is not None:
-            context = SharedContext.attach_fd(cfg.context_table_fd).read
+            agent_state = SharedAgentState.attach_fd(cfg.context_table_fd).read
         elif cfg.context_table is not None:
-            context = SharedContext.attach(cfg.context_table).read
+            agent_state = SharedAgentState.attach(cfg.context_table).read
         try:
             limiter = RateLimiter(share=cfg.rate_share)
         except ValueError as exc:
@@ -205,7 +205,7 @@ class Sidecar:
         if cfg.transport == "http":
             self._start_http(Authorizer(
                 self.holder.get, identity, revocations=revocations, tracing=self._tracing,
-                audit=audit, context=context, limiter=limiter,
+                audit=audit, agent_state=agent_state, limiter=limiter,
             ))  # fmt: skip
         else:
             servicer = AuthorizationServicer(
@@ -214,7 +214,7 @@ class Sidecar:
                 revocations=revocations,
                 tracing=self._tracing,
                 audit=audit,
-                context=context,
+                agent_state=agent_state,
                 limiter=limiter,
             )
             server = grpc.server(

@@ -2,7 +2,7 @@
 
 - `shm`: the shared tables (memfds, seqlock generations) and the run directory;
 - `revocations`: the revocation store, single writer of the revocation table;
-- `context_store`: the agent-state store (tasks, elevation requests, grants, risk), single
+- `agentstate`: the agent-state store (tasks, elevation requests, grants, risk), single
   writer of the context table;
 - `statefile`: durable JSON state files (atomic rename, fsync).
 

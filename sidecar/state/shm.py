@@ -1,6 +1,6 @@
 """The shared tables in shared memory: one writer (the supervisor), many readers (the Check
 workers), no IPC round trip on a Check. Two tables use the same layout: the revocation table
-(:class:`SharedTable`) and the agents' run-time context (:class:`SharedContext`: elevation
+(:class:`SharedTable`) and the agents' run-time context (:class:`SharedAgentState`: elevation
 grants, reported tasks, risk scores).
 
 The table is a memory-mapped file. By default (`create(None)`) it has no name at all: a
@@ -43,11 +43,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Self
 
-from sidecar.core.context import UNKNOWN_CONTEXT, ContextTable
+from sidecar.core.agentstate import UNKNOWN_AGENT_STATE, AgentStateTable
 from sidecar.core.revocation import Revocation, RevocationTable
 from sidecar.errors import ConfigError
 
-__all__ = ["DEFAULT_SIZE", "RunDir", "SharedContext", "SharedTable"]
+__all__ = ["DEFAULT_SIZE", "RunDir", "SharedAgentState", "SharedTable"]
 
 MAGIC = b"MNDTREV1"
 CONTEXT_MAGIC = b"MNDTCTX1"
@@ -267,15 +267,15 @@ class SharedTable(_Segment):
         return self._cached
 
 
-class SharedContext(_Segment):
+class SharedAgentState(_Segment):
     """The agents' run-time context: elevation grants, reported tasks, risk scores.
 
     A context that cannot be read (stuck writer, corrupt payload) or overflowed reads as
-    :data:`~sidecar.core.context.UNKNOWN_CONTEXT`: no grant, no task binding (no extra
+    :data:`~sidecar.core.agentstate.UNKNOWN_AGENT_STATE`: no grant, no task binding (no extra
     rights), and every agent's risk at the maximum, so risk-based denial fails closed too.
     The writer (the context store) avoids that state: it checks with `try_write` that a
     table fits, and when it does not, withholds the grants and tasks of the agents that
-    fill it (see `ContextStore`) rather than let one agent empty the table for all."""
+    fill it (see `AgentStateStore`) rather than let one agent empty the table for all."""
 
     MAGIC = CONTEXT_MAGIC
     WHAT = "context table"
@@ -285,7 +285,7 @@ class SharedContext(_Segment):
         self, path: Path | None, mm: mmap.mmap, writer: bool, fd: int | None = None
     ) -> None:
         super().__init__(path, mm, writer, fd)
-        self._cached = ContextTable(generation=-1)
+        self._cached = AgentStateTable(generation=-1)
         self.overflowed = False
 
     @staticmethod
@@ -298,17 +298,17 @@ class SharedContext(_Segment):
         return len(self._mm) - _HEADER
 
     @staticmethod
-    def encode(table: ContextTable) -> bytes:
+    def encode(table: AgentStateTable) -> bytes:
         return json.dumps(table.as_dict(), separators=(",", ":")).encode()
 
-    def write(self, table: ContextTable) -> int:
+    def write(self, table: AgentStateTable) -> int:
         """Publish ``table``; one that does not fit is published as overflowed (readers
-        then see UNKNOWN_CONTEXT). Prefer `try_write`."""
+        then see UNKNOWN_AGENT_STATE). Prefer `try_write`."""
         generation, fits = self._write(self.encode(table), COMPLETE)
         self.overflowed = not fits
         return generation
 
-    def try_write(self, table: ContextTable) -> int | None:
+    def try_write(self, table: AgentStateTable) -> int | None:
         """Publish ``table`` if it fits and return its generation; else write nothing (the
         readers keep the previous generation) and return None."""
         payload = self.encode(table)
@@ -318,19 +318,19 @@ class SharedContext(_Segment):
         self.overflowed = False
         return generation
 
-    def read(self) -> ContextTable:
+    def read(self) -> AgentStateTable:
         if not self._changed(self._cached.generation):
             return self._cached
         got = self._read()
         if got is None:
-            return UNKNOWN_CONTEXT
+            return UNKNOWN_AGENT_STATE
         generation, payload, flags = got
         if flags & OVERFLOW:
-            return UNKNOWN_CONTEXT  # fail closed, including the risk deny
+            return UNKNOWN_AGENT_STATE  # fail closed, including the risk deny
         try:
-            table = ContextTable.from_dict(generation, json.loads(payload))
+            table = AgentStateTable.from_dict(generation, json.loads(payload))
         except (ValueError, KeyError, TypeError):
-            return UNKNOWN_CONTEXT
+            return UNKNOWN_AGENT_STATE
         self._cached = table
         return table
 

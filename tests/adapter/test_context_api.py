@@ -1,8 +1,8 @@
-"""The agent context API over real gRPC: `ContextAPIServer` on 127.0.0.1 port 0 and on a unix
+"""The agent context API over real gRPC: `AgentAPIServer` on 127.0.0.1 port 0 and on a unix
 socket, a fake backend (recording what it is asked), and the real client (`sidecar.agentapi.client`).
 
 Every RPC round-trips; the agent is always the listener's, whatever the caller sends; there
-is no approve method; ContextError statuses become gRPC codes; bad input is refused before
+is no approve method; AgentStateError statuses become gRPC codes; bad input is refused before
 the backend sees it; Explain is rate-limited per agent; a failing backend is INTERNAL and the
 server keeps serving.
 """
@@ -24,10 +24,10 @@ import pytest
 
 from sidecar._proto import context_pb2 as pb
 from sidecar.agentapi.client import AgentContext, ElevationRefused
-from sidecar.agentapi.server import SERVICE_NAME, AgentStatus, ContextAPIServer
-from sidecar.core.context import ElevationRequest, Grant, RiskState, TaskBinding
+from sidecar.agentapi.server import SERVICE_NAME, AgentAPIServer, AgentStatus
+from sidecar.core.agentstate import ElevationRequest, Grant, RiskState, TaskBinding
 from sidecar.core.decide import Decision
-from sidecar.errors import ConfigError, ContextError
+from sidecar.errors import AgentStateError, ConfigError
 
 AGENT = "billing-agent"
 OTHER = "research-agent"
@@ -140,13 +140,13 @@ def backend() -> FakeBackend:
 @pytest.fixture
 def make_server(
     backend: FakeBackend,
-) -> Iterator[Callable[..., tuple[ContextAPIServer, list[int]]]]:
-    servers: list[ContextAPIServer] = []
+) -> Iterator[Callable[..., tuple[AgentAPIServer, list[int]]]]:
+    servers: list[AgentAPIServer] = []
 
     def make(
         listeners: list[tuple[str, str]] | None = None, **kwargs: Any
-    ) -> tuple[ContextAPIServer, list[int]]:
-        server = ContextAPIServer(backend, listeners or [(AGENT, "127.0.0.1:0")], **kwargs)
+    ) -> tuple[AgentAPIServer, list[int]]:
+        server = AgentAPIServer(backend, listeners or [(AGENT, "127.0.0.1:0")], **kwargs)
         servers.append(server)
         return server, server.start()
 
@@ -157,7 +157,7 @@ def make_server(
 
 @pytest.fixture
 async def ctx(
-    make_server: Callable[..., tuple[ContextAPIServer, list[int]]],
+    make_server: Callable[..., tuple[AgentAPIServer, list[int]]],
 ) -> AsyncIterator[AgentContext]:
     _, ports = make_server()
     async with AgentContext(f"127.0.0.1:{ports[0]}") as client:
@@ -265,7 +265,7 @@ async def test_explain_round_trip(ctx: AgentContext, backend: FakeBackend) -> No
 
 async def test_unix_socket_listener(
     tmp_path: Path,
-    make_server: Callable[..., tuple[ContextAPIServer, list[int]]],
+    make_server: Callable[..., tuple[AgentAPIServer, list[int]]],
     backend: FakeBackend,
 ) -> None:
     sock = tmp_path / "context.sock"
@@ -284,7 +284,7 @@ async def test_unix_socket_listener(
 
 async def test_each_listener_serves_its_own_agent(
     tmp_path: Path,
-    make_server: Callable[..., tuple[ContextAPIServer, list[int]]],
+    make_server: Callable[..., tuple[AgentAPIServer, list[int]]],
     backend: FakeBackend,
 ) -> None:
     sock = tmp_path / "research.sock"
@@ -298,7 +298,7 @@ async def test_each_listener_serves_its_own_agent(
 
 
 async def test_caller_metadata_cannot_name_another_agent(
-    make_server: Callable[..., tuple[ContextAPIServer, list[int]]], backend: FakeBackend
+    make_server: Callable[..., tuple[AgentAPIServer, list[int]]], backend: FakeBackend
 ) -> None:
     _, ports = make_server()
     forged = (("x-mandate-agent", OTHER), ("x-agent", OTHER), ("agent", OTHER))
@@ -371,8 +371,8 @@ async def test_an_approve_call_is_unimplemented(ctx: AgentContext, backend: Fake
 async def test_context_error_status_becomes_the_grpc_code(
     ctx: AgentContext, backend: FakeBackend, status: str
 ) -> None:
-    backend.fail["request_elevation"] = ContextError(f"refused because {status.lower()}", status)
-    with pytest.raises(ContextError) as err:
+    backend.fail["request_elevation"] = AgentStateError(f"refused because {status.lower()}", status)
+    with pytest.raises(AgentStateError) as err:
         await ctx.request_elevation("refund", "please")
     assert err.value.status == status
     assert f"refused because {status.lower()}" in str(err.value)
@@ -381,8 +381,8 @@ async def test_context_error_status_becomes_the_grpc_code(
 async def test_context_error_with_an_unknown_status_is_unknown(
     ctx: AgentContext, backend: FakeBackend
 ) -> None:
-    backend.fail["report_task"] = ContextError("odd", "NOT_A_STATUS")
-    with pytest.raises(ContextError) as err:
+    backend.fail["report_task"] = AgentStateError("odd", "NOT_A_STATUS")
+    with pytest.raises(AgentStateError) as err:
         await ctx.report_task("T", "refunds")
     assert err.value.status == "UNKNOWN" and "odd" in str(err.value)
 
@@ -398,7 +398,7 @@ async def test_backend_exception_is_internal_and_the_server_keeps_serving(
         "agent_status": ctx.status,
         "explain": lambda: ctx.explain("GET", "http://a.example/"),
     }
-    with pytest.raises(ContextError) as err:
+    with pytest.raises(AgentStateError) as err:
         await calls[method]()
     assert err.value.status == "INTERNAL"
     assert "secret" not in str(err.value) and "mandate's log" in str(err.value)
@@ -451,7 +451,7 @@ INVALID = [
 async def test_invalid_input_is_refused_before_the_backend(
     ctx: AgentContext, backend: FakeBackend, method: str, args: tuple[Any, ...], field: str
 ) -> None:
-    with pytest.raises(ContextError) as err:
+    with pytest.raises(AgentStateError) as err:
         await getattr(ctx, method)(*args)
     assert err.value.status == "INVALID_ARGUMENT"
     assert field in str(err.value)
@@ -471,7 +471,7 @@ async def test_limits_are_inclusive(ctx: AgentContext, backend: FakeBackend) -> 
 async def test_a_message_too_large_for_the_listener_is_refused(
     ctx: AgentContext, backend: FakeBackend
 ) -> None:
-    with pytest.raises(ContextError) as err:
+    with pytest.raises(AgentStateError) as err:
         await ctx.explain("POST", "http://a.example/", None, b"x" * (1024 * 1024))
     assert err.value.status == "RESOURCE_EXHAUSTED"
     assert backend.calls == []
@@ -482,7 +482,7 @@ async def test_a_message_too_large_for_the_listener_is_refused(
 
 async def test_explain_is_rate_limited_per_agent(
     tmp_path: Path,
-    make_server: Callable[..., tuple[ContextAPIServer, list[int]]],
+    make_server: Callable[..., tuple[AgentAPIServer, list[int]]],
     backend: FakeBackend,
 ) -> None:
     sock = tmp_path / "other.sock"
@@ -492,11 +492,11 @@ async def test_explain_is_rate_limited_per_agent(
     async with AgentContext(f"127.0.0.1:{ports[0]}") as a, AgentContext(f"unix:{sock}") as b:
         for _ in range(3):
             await a.explain("GET", "http://a.example/")
-        with pytest.raises(ContextError) as err:
+        with pytest.raises(AgentStateError) as err:
             await a.explain("GET", "http://a.example/")
         assert err.value.status == "RESOURCE_EXHAUSTED" and "Explain" in str(err.value)
         # Invalid requests spend the budget too (a flood is a flood).
-        with pytest.raises(ContextError) as err:
+        with pytest.raises(AgentStateError) as err:
             await a.explain("GET", "not a url")
         assert err.value.status == "RESOURCE_EXHAUSTED"
         # Another agent has its own bucket; the limited agent's other methods still work.
@@ -507,18 +507,18 @@ async def test_explain_is_rate_limited_per_agent(
 
 
 async def test_explain_bucket_refills(
-    make_server: Callable[..., tuple[ContextAPIServer, list[int]]],
+    make_server: Callable[..., tuple[AgentAPIServer, list[int]]],
 ) -> None:
     now = [100.0]
     _, ports = make_server(explain_rate=2.0, explain_burst=2, clock=lambda: now[0])
     async with AgentContext(f"127.0.0.1:{ports[0]}") as a:
         await a.explain("GET", "http://a.example/")
         await a.explain("GET", "http://a.example/")
-        with pytest.raises(ContextError):
+        with pytest.raises(AgentStateError):
             await a.explain("GET", "http://a.example/")
         now[0] += 0.5  # one token at 2/s
         await a.explain("GET", "http://a.example/")
-        with pytest.raises(ContextError):
+        with pytest.raises(AgentStateError):
             await a.explain("GET", "http://a.example/")
 
 
@@ -558,7 +558,7 @@ async def test_wait_for_grant_raises_when_refused_or_expired(
         await ctx.wait_for_grant(req.id, timeout=10, poll=0.01)
     assert err.value.request.state == state
     assert state in str(err.value) and "not today" in str(err.value)
-    assert isinstance(err.value, ContextError)
+    assert isinstance(err.value, AgentStateError)
 
 
 async def test_wait_for_grant_times_out_while_pending(ctx: AgentContext) -> None:
@@ -571,7 +571,7 @@ async def test_wait_for_grant_times_out_while_pending(ctx: AgentContext) -> None
 
 
 async def test_wait_for_an_unknown_request(ctx: AgentContext) -> None:
-    with pytest.raises(ContextError) as err:
+    with pytest.raises(AgentStateError) as err:
         await ctx.wait_for_grant("elev-nope", timeout=1)
     assert err.value.status == "NOT_FOUND"
 
@@ -581,13 +581,13 @@ async def test_wait_for_an_unknown_request(ctx: AgentContext) -> None:
 
 async def test_client_reports_an_unreachable_api_as_unavailable(tmp_path: Path) -> None:
     async with AgentContext(f"unix:{tmp_path / 'nobody.sock'}", timeout=2) as client:
-        with pytest.raises(ContextError) as err:
+        with pytest.raises(AgentStateError) as err:
             await client.status()
     assert err.value.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
 def test_an_address_in_use_is_a_config_error(
-    make_server: Callable[..., tuple[ContextAPIServer, list[int]]], backend: FakeBackend
+    make_server: Callable[..., tuple[AgentAPIServer, list[int]]], backend: FakeBackend
 ) -> None:
     _, ports = make_server()
     with pytest.raises(ConfigError, match="cannot bind"):
@@ -605,17 +605,17 @@ def test_an_address_in_use_is_a_config_error(
 )
 def test_bad_listener_configuration(backend: FakeBackend, listeners: list[tuple[str, str]]) -> None:
     with pytest.raises(ConfigError):
-        ContextAPIServer(backend, listeners)
+        AgentAPIServer(backend, listeners)
 
 
 async def test_stop_then_restart_on_the_same_unix_socket(
     tmp_path: Path, backend: FakeBackend
 ) -> None:
     sock = tmp_path / "context.sock"
-    first = ContextAPIServer(backend, [(AGENT, f"unix:{sock}")])
+    first = AgentAPIServer(backend, [(AGENT, f"unix:{sock}")])
     first.start()
     first.stop(0)
-    second = ContextAPIServer(backend, [(AGENT, f"unix:{sock}")])
+    second = AgentAPIServer(backend, [(AGENT, f"unix:{sock}")])
     second.start()  # a stale socket file does not block the next start
     try:
         async with AgentContext(f"unix:{sock}") as client:
@@ -626,7 +626,7 @@ async def test_stop_then_restart_on_the_same_unix_socket(
 
 async def test_state_changing_calls_are_rate_limited_per_agent_after_validation(
     tmp_path: Path,
-    make_server: Callable[..., tuple[ContextAPIServer, list[int]]],
+    make_server: Callable[..., tuple[AgentAPIServer, list[int]]],
     backend: FakeBackend,
 ) -> None:
     sock = tmp_path / "other.sock"
@@ -639,15 +639,15 @@ async def test_state_changing_calls_are_rate_limited_per_agent_after_validation(
     )
     async with AgentContext(f"127.0.0.1:{ports[0]}") as a, AgentContext(f"unix:{sock}") as b:
         # Refused at the boundary: no token spent.
-        with pytest.raises(ContextError) as err:
+        with pytest.raises(AgentStateError) as err:
             await a.report_task("T-1", "report", ttl=1e300)
         assert err.value.status == "INVALID_ARGUMENT"
         await a.report_task("T-1", "report")
         await a.request_elevation("refund", "INV-7")
-        with pytest.raises(ContextError) as err:
+        with pytest.raises(AgentStateError) as err:
             await a.report_task("T-2", "report")
         assert err.value.status == "RESOURCE_EXHAUSTED" and "ReportTask" in str(err.value)
-        with pytest.raises(ContextError) as err:
+        with pytest.raises(AgentStateError) as err:
             await a.request_elevation("refund", "INV-8")
         assert err.value.status == "RESOURCE_EXHAUSTED"
         # The other agent has its own bucket; reading never spends one.

@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.core import load_profiles
 from sidecar.run.admin import ElevationAPI
-from sidecar.state.context_store import ContextStore
-from sidecar.state.shm import SharedContext
+from sidecar.state.agentstate import AgentStateStore
+from sidecar.state.shm import SharedAgentState
 
 PROFILES = Path(__file__).resolve().parent.parent / "fixtures" / "profiles"
 NS = "agents"
@@ -34,14 +34,14 @@ def blocked_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(tmp_path: Path, blocked_dir: Path) -> ContextStore:
+def store(tmp_path: Path, blocked_dir: Path) -> AgentStateStore:
     snapshot = load_profiles(PROFILES)
-    table = SharedContext.create(tmp_path / "ctx")
-    return ContextStore(table, blocked_dir / "context.json", lambda: snapshot, clock=lambda: T0)
+    table = SharedAgentState.create(tmp_path / "ctx")
+    return AgentStateStore(table, blocked_dir / "context.json", lambda: snapshot, clock=lambda: T0)
 
 
 @pytest.fixture
-async def client(store: ContextStore) -> AsyncIterator[TestClient[Any, Any]]:
+async def client(store: AgentStateStore) -> AsyncIterator[TestClient[Any, Any]]:
     app = web.Application()
     ElevationAPI(store, NS, TOKEN, clock=lambda: T0).add_routes(app)
     async with TestClient(TestServer(app)) as c:
@@ -49,7 +49,7 @@ async def client(store: ContextStore) -> AsyncIterator[TestClient[Any, Any]]:
 
 
 async def test_an_approval_that_cannot_be_persisted_is_an_error_and_grants_nothing(
-    client: TestClient[Any, Any], store: ContextStore, blocked_dir: Path
+    client: TestClient[Any, Any], store: AgentStateStore, blocked_dir: Path
 ) -> None:
     store._state_file = None  # the agent's request is made while the volume still works
     req = store.request_elevation("billing-agent", NS, "refund", "INV-7 owed", None)

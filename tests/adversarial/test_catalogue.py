@@ -30,7 +30,7 @@ import yaml
 
 from devstack.local import ENVOY_DIR
 from sidecar.agentapi.client import AgentContext
-from sidecar.errors import ContextError
+from sidecar.errors import AgentStateError
 
 from ..e2e.conftest import Stack, direct_check
 from ..e2e.test_adversarial_headers import h2_request
@@ -390,7 +390,7 @@ def _ctx(stack: AdversarialStack, agent: str) -> AgentContext:
 async def _outcome(coro: Any) -> str:
     try:
         await coro
-    except ContextError as exc:
+    except AgentStateError as exc:
         return exc.status
     return "OK"
 
@@ -541,7 +541,7 @@ def test_context_auto_elevation_flood_is_bounded(adversarial: AdversarialStack) 
             while not ids:
                 try:
                     ids.add((await ctx.request_elevation("bonus", "first")).id)
-                except ContextError as exc:
+                except AgentStateError as exc:
                     if exc.status != "RESOURCE_EXHAUSTED" or time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.1)
@@ -550,7 +550,7 @@ def test_context_auto_elevation_flood_is_bounded(adversarial: AdversarialStack) 
                 try:
                     ids.add((await ctx.request_elevation("bonus", justification)).id)
                     outcomes["OK"] = outcomes.get("OK", 0) + 1
-                except ContextError as exc:
+                except AgentStateError as exc:
                     outcomes[exc.status] = outcomes.get(exc.status, 0) + 1
 
             for i in range(0, 400, 8):

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from sidecar.agentapi.client import AgentContext
-from sidecar.errors import ContextError
+from sidecar.errors import AgentStateError
 
 from .conftest import Stack, start_stack, stop_stack
 from .test_elevation import profiles_with_auto
@@ -71,8 +71,8 @@ async def _flood(calls: list[Callable[[], Awaitable[Any]]], batch: int = 8) -> d
     for i in range(0, len(calls), batch):
         results = await asyncio.gather(*(c() for c in calls[i : i + batch]), return_exceptions=True)
         for r in results:
-            name = r.status if isinstance(r, ContextError) else type(r).__name__
-            if isinstance(r, BaseException) and not isinstance(r, ContextError):
+            name = r.status if isinstance(r, AgentStateError) else type(r).__name__
+            if isinstance(r, BaseException) and not isinstance(r, AgentStateError):
                 raise r
             outcomes[name] = outcomes.get(name, 0) + 1
     return outcomes

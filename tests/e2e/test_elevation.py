@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from sidecar.agentapi.client import AgentContext
-from sidecar.errors import ContextError
+from sidecar.errors import AgentStateError
 
 from .conftest import DEMO_PROFILES, Stack, start_stack, stop_stack
 
@@ -106,7 +106,7 @@ def test_operator_grant_stays_pending_until_approved(elevated_stack: tuple[Stack
 
     async def request() -> Any:
         async with AgentContext(target) as ctx:
-            with pytest.raises(ContextError, match="justification"):
+            with pytest.raises(AgentStateError, match="justification"):
                 await ctx.request_elevation("refund", "", 60)
             return await ctx.request_elevation("refund", "INV-7 was charged twice", 60)
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from kubernetes_asyncio.client import ApiClient
 
-from sidecar.core.context import Approval
+from sidecar.core.agentstate import Approval
 from sidecar.kube import ElevationWatcher, RevocationWatcher, make_api_client
 from sidecar.state.revocations import RevocationStore
 from sidecar.state.shm import SharedTable

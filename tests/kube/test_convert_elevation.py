@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.core.context import Approval
+from sidecar.core.agentstate import Approval
 from sidecar.kube import approval_from_object
 
 CREATED = datetime.datetime(2026, 11, 1, tzinfo=datetime.UTC).timestamp()

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import yaml
 from kubernetes_asyncio.client import ApiClient
 
-from sidecar.core.context import Approval
+from sidecar.core.agentstate import Approval
 from sidecar.core.revocation import make_key
 from sidecar.core.timefmt import parse_rfc3339
 from sidecar.kube import (

@@ -21,7 +21,7 @@ from sidecar.audit import (
     record_hash,
 )
 from sidecar.core import Code, Decision
-from sidecar.core.context import Grant
+from sidecar.core.agentstate import Grant
 
 _TRICKY = st.sampled_from(
     [

@@ -15,9 +15,9 @@ import pytest
 from sidecar.behaviour.service import BehaviourService
 from sidecar.core import load_profiles
 from sidecar.core.behaviour import CallEvent
-from sidecar.state.context_store import ContextStore
+from sidecar.state.agentstate import AgentStateStore
 from sidecar.state.revocations import RevocationStore
-from sidecar.state.shm import SharedContext, SharedTable
+from sidecar.state.shm import SharedAgentState, SharedTable
 
 NS = "agents"
 T0 = 1_700_000_000.0
@@ -64,9 +64,9 @@ class Harness:
         self.audit: list[dict[str, Any]] = []
         self.revocations = RevocationStore(SharedTable.create(tmp / "rev"), None, self.clock)
         self.revocations.mark_complete()
-        shared = SharedContext.create(tmp / "ctx")
-        self.reader = SharedContext.attach(tmp / "ctx")
-        self.context = ContextStore(shared, None, lambda: self.snapshot, clock=self.clock)
+        shared = SharedAgentState.create(tmp / "ctx")
+        self.reader = SharedAgentState.attach(tmp / "ctx")
+        self.context = AgentStateStore(shared, None, lambda: self.snapshot, clock=self.clock)
         self.service = BehaviourService(
             lambda: self.snapshot, self.context, self.revocations, NS,
             audit=self.audit.append, clock=self.clock, state_file=tmp / "behaviour.json",

@@ -26,13 +26,13 @@ import pytest
 
 from sidecar.check.pipeline import Authorizer, Identity
 from sidecar.core import Code, Decision, RequestView, load_profiles
-from sidecar.core.context import EMPTY_CONTEXT, Approval, ContextTable
+from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable, Approval
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import Revocation, RevocationTable, make_key
 from sidecar.core.timefmt import parse_rfc3339
-from sidecar.state.context_store import ContextStore
+from sidecar.state.agentstate import AgentStateStore
 from sidecar.state.revocations import RevocationStore
-from sidecar.state.shm import SharedContext, SharedTable
+from sidecar.state.shm import SharedAgentState, SharedTable
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "profiles"
 NS = "agents"
@@ -77,7 +77,7 @@ def check(
 def authorizer(
     wall: Callable[[], float] | None = None,
     revocations: RevocationTable | Callable[[], RevocationTable] | None = None,
-    context: Callable[[], ContextTable] = lambda: EMPTY_CONTEXT,
+    agent_state: Callable[[], AgentStateTable] = lambda: EMPTY_AGENT_STATE,
     limiter: RateLimiter | None = None,
     profiles: Path = FIXTURES,
 ) -> Authorizer:
@@ -89,7 +89,7 @@ def authorizer(
         lambda: snapshot,
         Identity(agent="billing-agent", namespace=NS),
         revocations=read,
-        context=context,
+        agent_state=agent_state,
         limiter=limiter,
         **options,
     )
@@ -164,7 +164,7 @@ def test_the_check_pipeline_reads_the_wall_clock_by_default() -> None:
     running = authorizer(None, RevocationTable.build(1, [revocation("running", now + HOUR)]))
     assert check(running).code == Code.REVOKED
     assert inspect.signature(RevocationStore).parameters["clock"].default is time.time
-    assert inspect.signature(ContextStore).parameters["clock"].default is time.time
+    assert inspect.signature(AgentStateStore).parameters["clock"].default is time.time
 
 
 # -- elevation grants: wall-clock instants ---------------------------------------------------
@@ -173,14 +173,16 @@ def test_the_check_pipeline_reads_the_wall_clock_by_default() -> None:
 def test_a_jump_forward_past_a_grants_end_ends_it_for_good(tmp_path: Path) -> None:
     wall = Clock(T)
     snapshot = load_profiles(FIXTURES)
-    store = ContextStore(SharedContext.create(tmp_path / "ctx"), None, lambda: snapshot, clock=wall)
-    reader = SharedContext.attach(tmp_path / "ctx")
+    store = AgentStateStore(
+        SharedAgentState.create(tmp_path / "ctx"), None, lambda: snapshot, clock=wall
+    )
+    reader = SharedAgentState.attach(tmp_path / "ctx")
     state, _, _, end = store.approve(Approval(
         key="admin:a1", agent="billing-agent", namespace=NS, elevation="refund",
         approver="alice", approved_at=T, duration=120, source="admin",
     ))  # fmt: skip
     assert (state, end) == ("Granted", T + 120)
-    authz = authorizer(wall, context=reader.read)
+    authz = authorizer(wall, agent_state=reader.read)
     assert check(authz, REFUND).allowed
     wall.t = T - HOUR  # back: before the grant started, so not in force (never extended)
     assert check(authz, REFUND).code == Code.OUTSIDE_PURPOSE

@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from sidecar.core.context import ContextTable, RiskState
+from sidecar.core.agentstate import AgentStateTable, RiskState
 from sidecar.core.revocation import Revocation, make_key
 from sidecar.errors import ConfigError
-from sidecar.state.shm import MAGIC, RunDir, SharedContext, SharedTable
+from sidecar.state.shm import MAGIC, RunDir, SharedAgentState, SharedTable
 
 NOW = 1_700_000_000.0
 HEADER = 24
@@ -482,16 +482,16 @@ def test_attach_fd_errors(tmp_path: Path, anonymous: SharedTable) -> None:
         SharedTable.attach_fd(fd)  # closed above
     assert anonymous.fd is not None
     with pytest.raises(ConfigError, match="not a mandate context table"):
-        SharedContext.attach_fd(os.dup(anonymous.fd))
+        SharedAgentState.attach_fd(os.dup(anonymous.fd))
 
 
 def test_the_context_table_goes_by_descriptor_too() -> None:
-    writer = SharedContext.create(None, size=64 * 1024)
+    writer = SharedAgentState.create(None, size=64 * 1024)
     try:
         assert writer.fd is not None
-        reader = SharedContext.attach_fd(os.dup(writer.fd))
+        reader = SharedAgentState.attach_fd(os.dup(writer.fd))
         risk = RiskState(namespace="agents", agent="billing-agent", score=0.5, updated_at=NOW)
-        generation = writer.write(ContextTable.build(0, risks=[risk]))
+        generation = writer.write(AgentStateTable.build(0, risks=[risk]))
         got = reader.read()
         assert got.generation == generation and got.risks == (risk,)
         reader.close()

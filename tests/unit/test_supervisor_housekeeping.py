@@ -31,7 +31,7 @@ async def test_a_failing_pass_is_logged_and_housekeeping_goes_on(
 ) -> None:
     sup: Any = Supervisor.__new__(Supervisor)
     store = _Store()
-    sup.store, sup.context, sup._watcher, sup._stopping = store, None, None, False
+    sup.store, sup.agent_state, sup._watcher, sup._stopping = store, None, None, False
     sup._audit_health = lambda: {"state": "off"}
     with caplog.at_level(logging.ERROR, logger="sidecar.run.supervisor"):
         task = asyncio.create_task(sup._prune())

@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from sidecar.core import Decision
-from sidecar.core.context import Grant
+from sidecar.core.agentstate import Grant
 from sidecar.errors import ConfigError
 from sidecar.telemetry import otlp_wire
 from sidecar.telemetry.otlp_export import ExportSettings, parse_headers

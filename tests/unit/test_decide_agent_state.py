@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from sidecar.core import Code, RequestView, decide, load_profiles
-from sidecar.core.context import ContextTable, Grant, RiskState, TaskBinding
+from sidecar.core.agentstate import AgentStateTable, Grant, RiskState, TaskBinding
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import Revocation, RevocationTable, make_key
 
@@ -60,8 +60,8 @@ def ctx(
     grants: tuple[Grant, ...] = (),
     tasks: tuple[TaskBinding, ...] = (),
     risks: tuple[RiskState, ...] = (),
-) -> ContextTable:
-    return ContextTable.build(1, grants, tasks, risks)
+) -> AgentStateTable:
+    return AgentStateTable.build(1, grants, tasks, risks)
 
 
 def risk(score: float, *, agent: str = "billing-agent", learning: bool = False) -> RiskState:
@@ -97,7 +97,7 @@ def risk(score: float, *, agent: str = "billing-agent", learning: bool = False) 
     ],
 )
 def test_elevation_grants(case: str, g: Grant | None, at: float, allowed: bool, code: str) -> None:
-    d = decide(SNAPSHOT, view(**REFUND), at, context=ctx(grants=(g,) if g else ()))
+    d = decide(SNAPSHOT, view(**REFUND), at, agent_state=ctx(grants=(g,) if g else ()))
     assert (d.allowed, d.code) == (allowed, code), case
     if allowed:
         assert d.grant == g
@@ -113,13 +113,13 @@ def test_a_grant_adds_only_its_own_rules() -> None:
         SNAPSHOT,
         view(method="DELETE", authority="api.stripe.com", path="/v1/refunds"),
         NOW,
-        context=c,
+        agent_state=c,
     )
     assert (other.allowed, other.code) == (False, Code.OUTSIDE_PURPOSE)
 
 
 def test_own_rules_come_first_and_record_no_grant() -> None:
-    d = decide(SNAPSHOT, view(), NOW, context=ctx(grants=(grant(),)))
+    d = decide(SNAPSHOT, view(), NOW, agent_state=ctx(grants=(grant(),)))
     assert d.allowed and d.grant is None and d.rule == "reconcile.allow[0]"
 
 
@@ -127,7 +127,7 @@ def test_deny_rules_win_over_a_grant() -> None:
     # reconcile's deny rule covers /v1/ledger/admin/** on any host
     g = grant()
     snap_view = view(method="POST", authority="api.stripe.com", path="/v1/ledger/admin/x")
-    d = decide(SNAPSHOT, snap_view, NOW, context=ctx(grants=(g,)))
+    d = decide(SNAPSHOT, snap_view, NOW, agent_state=ctx(grants=(g,)))
     assert (d.allowed, d.code) == (False, Code.DENIED_BY_RULE)
 
 
@@ -145,7 +145,7 @@ def test_a_grant_applies_under_any_purpose_of_the_agent() -> None:
         SNAPSHOT,
         view(**REFUND, headers={"x-mandate-purpose": "report"}),
         NOW,
-        context=ctx(grants=(grant(),)),
+        agent_state=ctx(grants=(grant(),)),
     )
     assert d.allowed and d.purpose == "report" and d.grant is not None
 
@@ -225,7 +225,7 @@ def test_reported_tasks(
     code: str,
     purpose: str,
 ) -> None:
-    d = decide(SNAPSHOT, view(**REPORT, headers=headers), NOW, context=ctx(tasks=tasks))
+    d = decide(SNAPSHOT, view(**REPORT, headers=headers), NOW, agent_state=ctx(tasks=tasks))
     assert (d.allowed, d.code, d.purpose) == (allowed, code, purpose), case
 
 
@@ -249,7 +249,7 @@ def test_reported_tasks(
     ],
 )
 def test_risk_in_enforce_mode(case: str, r: RiskState | None, allowed: bool, code: str) -> None:
-    d = decide(SNAPSHOT, view(), NOW, context=ctx(risks=(r,) if r else ()))
+    d = decide(SNAPSHOT, view(), NOW, agent_state=ctx(risks=(r,) if r else ()))
     assert (d.allowed, d.code) == (allowed, code), case
     if r is not None and r.agent == "billing-agent":
         assert d.risk == r.score
@@ -264,13 +264,13 @@ def test_risk_never_denies_a_monitor_mode_agent() -> None:
         SNAPSHOT,
         view(configured_agent="research-agent", authority="api.semanticscholar.org", path="/x"),
         NOW,
-        context=ctx(risks=(r,)),
+        agent_state=ctx(risks=(r,)),
     )
     assert d.allowed and d.risk == 0.99
 
 
 def test_risk_does_not_turn_a_deny_into_another_reason() -> None:
-    d = decide(SNAPSHOT, view(path="/v1/ledger/admin/x"), NOW, context=ctx(risks=(risk(0.99),)))
+    d = decide(SNAPSHOT, view(path="/v1/ledger/admin/x"), NOW, agent_state=ctx(risks=(risk(0.99),)))
     assert d.code == Code.DENIED_BY_RULE
 
 

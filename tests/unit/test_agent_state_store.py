@@ -14,16 +14,16 @@ from typing import Any
 import pytest
 
 from sidecar.core import load_profiles
-from sidecar.core.context import Approval, ContextTable, Grant, RiskState, TaskBinding
+from sidecar.core.agentstate import AgentStateTable, Approval, Grant, RiskState, TaskBinding
 from sidecar.core.decide import RequestView, decide
-from sidecar.errors import ConfigError, ContextError, StateWriteError
-from sidecar.state.context_store import (
+from sidecar.errors import AgentStateError, ConfigError, StateWriteError
+from sidecar.state.agentstate import (
     MAX_FINISHED_PER_AGENT,
     MAX_TASKS_PER_AGENT,
     MAX_TTL,
-    ContextStore,
+    AgentStateStore,
 )
-from sidecar.state.shm import SharedContext
+from sidecar.state.shm import SharedAgentState
 from sidecar.telemetry import metrics
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "profiles"
@@ -70,13 +70,13 @@ class Harness:
         self.snapshot = load_profiles(profiles)
         self.clock = Clock()
         self.events: list[dict[str, Any]] = []
-        self.shared = SharedContext.create(tmp / "ctx")
-        self.reader = SharedContext.attach(tmp / "ctx")
+        self.shared = SharedAgentState.create(tmp / "ctx")
+        self.reader = SharedAgentState.attach(tmp / "ctx")
         self.state = tmp / "context.json"
         self.store = self.new_store()
 
-    def new_store(self) -> ContextStore:
-        return ContextStore(
+    def new_store(self) -> AgentStateStore:
+        return AgentStateStore(
             self.shared,
             self.state,
             lambda: self.snapshot,
@@ -139,14 +139,14 @@ def test_operator_elevation_stays_pending_until_approved(h: Harness) -> None:
 def test_bad_requests_are_refused_clearly(
     h: Harness, elevation: str, justification: str, duration: float | None, status: str, match: str
 ) -> None:
-    with pytest.raises(ContextError, match=match) as exc:
+    with pytest.raises(AgentStateError, match=match) as exc:
         h.store.request_elevation("billing-agent", NS, elevation, justification, duration)
     assert exc.value.status == status
     assert h.store.requests() == []
 
 
 def test_unknown_agent_is_refused(h: Harness) -> None:
-    with pytest.raises(ContextError, match="no profile") as exc:
+    with pytest.raises(AgentStateError, match="no profile") as exc:
         h.store.request_elevation("ghost", NS, "refund", "why", None)
     assert exc.value.status == "FAILED_PRECONDITION"
 
@@ -154,7 +154,7 @@ def test_unknown_agent_is_refused(h: Harness) -> None:
 def test_pending_requests_are_bounded_per_agent(h: Harness) -> None:
     for _ in range(8):
         h.store.request_elevation("billing-agent", NS, "refund", "why", None)
-    with pytest.raises(ContextError) as exc:
+    with pytest.raises(AgentStateError) as exc:
         h.store.request_elevation("billing-agent", NS, "refund", "why", None)
     assert exc.value.status == "RESOURCE_EXHAUSTED"
 
@@ -294,15 +294,15 @@ def test_tasks_are_checked_and_bounded(h: Harness) -> None:
     b = h.store.report_task("billing-agent", NS, "T-1", "report", None)
     assert b.purpose == "report" and b.expires_at is None
     assert h.reader.read().task(NS, "billing-agent", "T-1", T0 + 1e6) is not None
-    with pytest.raises(ContextError, match="unknown purpose") as exc:
+    with pytest.raises(AgentStateError, match="unknown purpose") as exc:
         h.store.report_task("billing-agent", NS, "T-2", "refunds", None)
     assert exc.value.status == "NOT_FOUND"
     for bad in ("", "has space", "x" * 129, "é"):
-        with pytest.raises(ContextError, match="task_id"):
+        with pytest.raises(AgentStateError, match="task_id"):
             h.store.report_task("billing-agent", NS, bad, "report", None)
-    with pytest.raises(ContextError, match="ttl"):
+    with pytest.raises(AgentStateError, match="ttl"):
         h.store.report_task("billing-agent", NS, "T-3", "report", 0)
-    unpersisted = ContextStore(h.shared, None, lambda: h.snapshot, clock=h.clock)
+    unpersisted = AgentStateStore(h.shared, None, lambda: h.snapshot, clock=h.clock)
     for i in range(100):
         h.clock.t += 0.001
         unpersisted.report_task("billing-agent", NS, f"bulk-{i}", "report", None)
@@ -354,10 +354,10 @@ def test_reader_of_an_overflowed_table_sees_no_rights_and_maximum_risk(
     """Only when not even the risk scores fit: the readers fail closed on every count
     (no grant, no task, risk deny), where before the risk became unknown (no risk deny)."""
     h = Harness(tmp_path, profiles)
-    small = SharedContext.create(tmp_path / "small", size=600)
-    reader = SharedContext.attach(tmp_path / "small")
+    small = SharedAgentState.create(tmp_path / "small", size=600)
+    reader = SharedAgentState.attach(tmp_path / "small")
     tasks = [TaskBinding("billing-agent", NS, f"task-{i}", "report", T0) for i in range(20)]
-    small.write(ContextTable.build(0, (), tasks, ()))
+    small.write(AgentStateTable.build(0, (), tasks, ()))
     assert small.overflowed
     table = reader.read()
     assert table.tasks == () and table.active_grants(NS, "billing-agent", T0) == ()
@@ -368,7 +368,7 @@ def test_reader_of_an_overflowed_table_sees_no_rights_and_maximum_risk(
         path="/v1/invoices/7", configured_agent="billing-agent", namespace=NS,
     )  # fmt: skip
     assert decide(h.snapshot, view, T0).allowed  # the call itself is allowed...
-    denied = decide(h.snapshot, view, T0, context=table)
+    denied = decide(h.snapshot, view, T0, agent_state=table)
     assert (denied.allowed, denied.code) == (False, "risk")  # ...but not with risk unknown
 
 
@@ -421,9 +421,9 @@ def test_a_full_table_withholds_only_the_agent_that_fills_it(
     tmp_path: Path, profiles: Path
 ) -> None:
     h = Harness(tmp_path, profiles)
-    small = SharedContext.create(tmp_path / "small", size=4096)
-    reader = SharedContext.attach(tmp_path / "small")
-    store = ContextStore(small, h.state, lambda: h.snapshot, clock=h.clock)
+    small = SharedAgentState.create(tmp_path / "small", size=4096)
+    reader = SharedAgentState.attach(tmp_path / "small")
+    store = AgentStateStore(small, h.state, lambda: h.snapshot, clock=h.clock)
     store.load_persisted()
     store.set_risks(
         [RiskState("billing-agent", NS, 0.5, "new hosts"), RiskState("research-agent", NS, 0.1)]
@@ -434,7 +434,7 @@ def test_a_full_table_withholds_only_the_agent_that_fills_it(
         h.clock.t += 0.001
         try:
             store.report_task("billing-agent", NS, f"{i:04d}" + "t" * 124, "report", None)
-        except ContextError as exc:
+        except AgentStateError as exc:
             assert exc.status == "RESOURCE_EXHAUSTED" and "table is full" in str(exc)
             refused += 1
     assert refused  # the flood hit the table: refused, not stored unseen...
@@ -455,7 +455,7 @@ def test_a_full_table_withholds_only_the_agent_that_fills_it(
         "mandate_context_withheld", {"agent": "billing-agent"}
     )
     assert sample == 1.0
-    with pytest.raises(ContextError) as exc:
+    with pytest.raises(AgentStateError) as exc:
         store.report_task("billing-agent", NS, "more", "report", None)
     assert exc.value.status == "RESOURCE_EXHAUSTED"
     # Its tasks end: it has room again.
@@ -502,7 +502,7 @@ def test_a_state_file_from_before_the_bounds_is_trimmed_at_load(h: Harness) -> N
 
 @pytest.mark.parametrize("ttl", [1e300, float("inf"), float("nan"), -1.0, MAX_TTL + 1])
 def test_a_ttl_that_is_not_a_sane_number_of_seconds_stores_nothing(h: Harness, ttl: float) -> None:
-    with pytest.raises(ContextError, match="ttl") as exc:
+    with pytest.raises(AgentStateError, match="ttl") as exc:
         h.store.report_task("billing-agent", NS, "INC-1", "report", ttl)
     assert exc.value.status == "INVALID_ARGUMENT"
     assert h.store.tasks(NS, "billing-agent") == [] and h.reader.read().tasks == ()
@@ -541,12 +541,12 @@ def test_nothing_is_stored_when_its_audit_record_cannot_be_written(h: Harness) -
 def test_an_unwritable_state_file_fails_every_change_and_undoes_it(h: Harness) -> None:
     blocker = h.tmp / "state-dir"
     blocker.write_text("a file where the state directory should be")  # ENOTDIR, even as root
-    store = ContextStore(
+    store = AgentStateStore(
         h.shared, blocker / "context.json", lambda: h.snapshot, clock=h.clock,
         audit=h.events.append,
     )  # fmt: skip
     # The agent's change: UNAVAILABLE, nothing stored.
-    with pytest.raises(ContextError) as exc:
+    with pytest.raises(AgentStateError) as exc:
         store.report_task("billing-agent", NS, "INC-1", "report", 60)
     assert exc.value.status == "UNAVAILABLE"
     assert store.tasks(NS, "billing-agent") == [] and h.reader.read().tasks == ()

@@ -3,7 +3,7 @@ tasks and the behaviour risk score.
 
 The supervisor is the only writer of this state (the agent context API, operator approvals,
 behaviour analysis); the Check workers read it, like the revocation table, from shared
-memory. A :class:`ContextTable` is an immutable index of one generation of that state:
+memory. A :class:`AgentStateTable` is an immutable index of one generation of that state:
 `decide` asks it for the agent's active grants, the purpose a reported task was bound to,
 and the agent's current risk. Expiry is decided by the reader at `now`, so a grant ends
 exactly on time with no writer involved.
@@ -18,10 +18,10 @@ from types import MappingProxyType
 from typing import Any
 
 __all__ = [
-    "EMPTY_CONTEXT",
-    "UNKNOWN_CONTEXT",
+    "EMPTY_AGENT_STATE",
+    "UNKNOWN_AGENT_STATE",
+    "AgentStateTable",
     "Approval",
-    "ContextTable",
     "ElevationRequest",
     "Grant",
     "RiskState",
@@ -214,7 +214,7 @@ overflowed, a stuck writer, a corrupt payload): risk-based denial fails closed."
 
 
 @dataclass(frozen=True, slots=True)
-class ContextTable:
+class AgentStateTable:
     """One generation of the shared context, indexed by (namespace, agent).
 
     ``complete`` False: the reader could not get the writer's table (it overflowed, or could
@@ -244,7 +244,7 @@ class ContextTable:
         grants: Iterable[Grant] = (),
         tasks: Iterable[TaskBinding] = (),
         risks: Iterable[RiskState] = (),
-    ) -> ContextTable:
+    ) -> AgentStateTable:
         g = tuple(sorted(grants, key=lambda x: (x.namespace, x.agent, x.elevation, x.id)))
         t = tuple(tasks)
         r = tuple(risks)
@@ -290,7 +290,7 @@ class ContextTable:
         }
 
     @classmethod
-    def from_dict(cls, generation: int, data: Mapping[str, Any]) -> ContextTable:
+    def from_dict(cls, generation: int, data: Mapping[str, Any]) -> AgentStateTable:
         """Inverse of `as_dict`; raises KeyError/TypeError/ValueError on bad data."""
         if not isinstance(data, Mapping):
             raise TypeError("the context table must be an object")
@@ -302,7 +302,7 @@ class ContextTable:
         )
 
 
-EMPTY_CONTEXT = ContextTable()
-UNKNOWN_CONTEXT = ContextTable(generation=-1, complete=False)
+EMPTY_AGENT_STATE = AgentStateTable()
+UNKNOWN_AGENT_STATE = AgentStateTable(generation=-1, complete=False)
 """What a reader uses when the shared context cannot be read: no grant, no task, and every
 agent's risk at :data:`UNKNOWN_RISK`."""

@@ -23,7 +23,7 @@ The agent may be compromised and call the context API as often as it likes, with
 - a change is stored only if it is also persisted and audited: it is made in memory, then
   the state file is written, then the audit records are handed over, then the table is
   published; a failure at any step undoes it in memory (and on disk), and the caller gets an
-  error (StateWriteError for an operator, ContextError UNAVAILABLE for the agent). What
+  error (StateWriteError for an operator, AgentStateError UNAVAILABLE for the agent). What
   takes rights away (expiry, a withdrawn approval) is never undone; a failed write then
   shows in `health()` and the metrics and is retried by `prune`;
 - a shared table too small for everything never empties it for all agents: the agents with
@@ -50,9 +50,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sidecar.core.context import (
+from sidecar.core.agentstate import (
+    AgentStateTable,
     Approval,
-    ContextTable,
     ElevationRequest,
     Grant,
     RiskState,
@@ -60,12 +60,12 @@ from sidecar.core.context import (
 )
 from sidecar.core.snapshot import CompiledAgent, Snapshot
 from sidecar.core.timefmt import utc_seconds
-from sidecar.errors import ConfigError, ContextError, StateWriteError
-from sidecar.state.shm import SharedContext
+from sidecar.errors import AgentStateError, ConfigError, StateWriteError
+from sidecar.state.shm import SharedAgentState
 from sidecar.state.statefile import os_error_text, write_json_durably
 from sidecar.telemetry import metrics
 
-__all__ = ["MAX_JUSTIFICATION", "MAX_TTL", "ContextStore", "check_seconds", "status_of"]
+__all__ = ["MAX_JUSTIFICATION", "MAX_TTL", "AgentStateStore", "check_seconds", "status_of"]
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -101,7 +101,7 @@ class _Layout:
     """What one publication holds: the table, the agents withheld from it ("ns/agent"),
     and whether even the risk scores alone did not fit (published as overflowed)."""
 
-    table: ContextTable
+    table: AgentStateTable
     withheld: frozenset[tuple[str, str]]
     overflow: bool
     size: int  # bytes of the table's JSON
@@ -118,9 +118,9 @@ def check_seconds(field: str, value: float | None) -> float | None:
     if value is None:
         return None
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ContextError(f"{field} must be a number of seconds")
+        raise AgentStateError(f"{field} must be a number of seconds")
     if not math.isfinite(value) or value <= 0 or value > MAX_TTL:
-        raise ContextError(
+        raise AgentStateError(
             f"{field} must be a positive number of seconds, at most {MAX_TTL:.0f} "
             f"({_span(MAX_TTL)}), not {value!r}"
         )
@@ -136,10 +136,10 @@ def _span(seconds: float) -> str:
     return f"{s}s"
 
 
-class ContextStore:
+class AgentStateStore:
     def __init__(
         self,
-        table: SharedContext,
+        table: SharedAgentState,
         state_file: Path | None,
         snapshot: Callable[[], Snapshot | None],
         *,
@@ -174,9 +174,9 @@ class ContextStore:
 
     # -- reading --------------------------------------------------------------------------
 
-    def table(self) -> ContextTable:
+    def table(self) -> AgentStateTable:
         with self._lock:
-            return ContextTable.build(
+            return AgentStateTable.build(
                 self.generation,
                 self._grants.values(),
                 self._tasks.values(),
@@ -341,7 +341,7 @@ class ContextStore:
         of the agent with the largest share, then the next, until the rest fits: one agent
         that fills the table loses its own context, never another agent's."""
         risks = list(self._risks.values())
-        table = ContextTable.build(0, self._grants.values(), self._tasks.values(), risks)
+        table = AgentStateTable.build(0, self._grants.values(), self._tasks.values(), risks)
         capacity = self._table.capacity
         size = len(self._table.encode(table))
         if size <= capacity:
@@ -357,7 +357,7 @@ class ContextStore:
             size -= share[key]
             if size > capacity:
                 continue
-            table = ContextTable.build(
+            table = AgentStateTable.build(
                 0,
                 (g for g in self._grants.values() if (g.namespace, g.agent) not in withheld),
                 (t for t in self._tasks.values() if (t.namespace, t.agent) not in withheld),
@@ -366,7 +366,7 @@ class ContextStore:
             size = len(self._table.encode(table))
             if size <= capacity:
                 return _Layout(table, frozenset(withheld), False, size)
-        table = ContextTable.build(0, (), (), risks)
+        table = AgentStateTable.build(0, (), (), risks)
         return _Layout(table, frozenset(share), True, len(self._table.encode(table)))
 
     def _publish(self, layout: _Layout | None = None) -> None:
@@ -418,7 +418,7 @@ class ContextStore:
         layout = self._layout()
         if agent in layout.withheld or layout.overflow:
             self._restore(saved)
-            raise ContextError(
+            raise AgentStateError(
                 f"the shared context table is full: this change for agent {agent[1]!r} would "
                 "not be visible to the workers, so it is not made",
                 "RESOURCE_EXHAUSTED",
@@ -427,7 +427,7 @@ class ContextStore:
             size = len(_compact(self._document()))
             if size > MAX_STATE_BYTES:
                 self._restore(saved)
-                raise ContextError(
+                raise AgentStateError(
                     f"the context state would exceed {MAX_STATE_BYTES} bytes: not stored",
                     "RESOURCE_EXHAUSTED",
                 )
@@ -436,7 +436,7 @@ class ContextStore:
         except StateWriteError as exc:
             self._restore(saved)
             if by_agent:
-                raise ContextError(
+                raise AgentStateError(
                     f"mandate cannot store this change durably ({exc.os_error}): not made; "
                     "retry later",
                     "UNAVAILABLE",
@@ -459,10 +459,10 @@ class ContextStore:
     ) -> TaskBinding:
         compiled = self._agent(agent)
         if not _TASK.match(task):
-            raise ContextError("task_id must be 1-128 visible ASCII characters")
+            raise AgentStateError("task_id must be 1-128 visible ASCII characters")
         if purpose not in compiled.purposes:
             known = ", ".join(sorted(compiled.purposes))
-            raise ContextError(
+            raise AgentStateError(
                 f"unknown purpose {purpose[:64]!r} for agent {agent!r} (known: {known})",
                 "NOT_FOUND",
             )
@@ -509,15 +509,15 @@ class ContextStore:
         elev = compiled.elevations.get(elevation)
         if elev is None:
             known = ", ".join(sorted(compiled.elevations)) or "none"
-            raise ContextError(
+            raise AgentStateError(
                 f"agent {agent!r} has no elevation {elevation[:64]!r} (known: {known})",
                 "NOT_FOUND",
             )
         justification = justification.strip()
         if len(justification) > MAX_JUSTIFICATION:
-            raise ContextError(f"justification: at most {MAX_JUSTIFICATION} characters")
+            raise AgentStateError(f"justification: at most {MAX_JUSTIFICATION} characters")
         if elev.justification_required and not justification:
-            raise ContextError(
+            raise AgentStateError(
                 f"elevation {elevation!r} requires a justification", "FAILED_PRECONDITION"
             )
         if duration == 0:
@@ -526,7 +526,7 @@ class ContextStore:
         if duration is None:
             duration = elev.max_seconds
         if duration > elev.max_seconds:
-            raise ContextError(
+            raise AgentStateError(
                 f"duration {_span(duration)} exceeds maxDuration {_span(elev.max_seconds)} "
                 f"of elevation {elevation!r}"
             )
@@ -550,7 +550,7 @@ class ContextStore:
                 if r.agent == agent and r.namespace == namespace and r.state == "pending"
             ]  # fmt: skip
             if elev.approval == "operator" and len(pending) >= MAX_PENDING_PER_AGENT:
-                raise ContextError(
+                raise AgentStateError(
                     f"{len(pending)} elevation requests already pending for {agent!r}",
                     "RESOURCE_EXHAUSTED",
                 )
@@ -574,7 +574,7 @@ class ContextStore:
         """An operator's approval; returns (state, message, grant id, grant end) for the
         AgentElevation's status. Idempotent per approval key (a relist re-applies it).
         Raises StateWriteError when the grant cannot be persisted (nothing is granted then:
-        an operator is told success only for what is durable) and ContextError
+        an operator is told success only for what is durable) and AgentStateError
         (RESOURCE_EXHAUSTED) when the shared table has no room for the agent's grant."""
         with self._lock:
             existing = self._by_approval.get(approval.key)
@@ -711,7 +711,7 @@ class ContextStore:
         for a in approvals:
             try:
                 self.approve(a)
-            except (StateWriteError, ContextError) as exc:
+            except (StateWriteError, AgentStateError) as exc:
                 # One approval that cannot be stored must not stop the others; it is not
                 # granted, and the next relist or event tries again.
                 log.error("approval %s not granted: %s", a.key, exc)
@@ -831,7 +831,7 @@ class ContextStore:
         snap = self._snapshot()
         compiled = snap.agents.get(agent) if snap is not None else None
         if compiled is None:
-            raise ContextError(f"no profile for agent {agent!r}", "FAILED_PRECONDITION")
+            raise AgentStateError(f"no profile for agent {agent!r}", "FAILED_PRECONDITION")
         return compiled
 
     def _finish_request(self, request_id: str, state: str, message: str) -> None:
@@ -859,7 +859,7 @@ class ContextStore:
         }  # fmt: skip
 
 
-def status_of(store: ContextStore, agent: str, namespace: str) -> Mapping[str, Any]:
+def status_of(store: AgentStateStore, agent: str, namespace: str) -> Mapping[str, Any]:
     """The context part of an agent's status (admin API, `mandate status`)."""
     return {
         "tasks": [t.as_dict() for t in store.tasks(namespace, agent)],
@@ -869,10 +869,10 @@ def status_of(store: ContextStore, agent: str, namespace: str) -> Mapping[str, A
     }
 
 
-def _unaudited() -> ContextError:
+def _unaudited() -> AgentStateError:
     """The audit trail cannot take the record of a change (fail-closed and failing, under
     its free-space reserve, or its queue full): the change is not made."""
-    return ContextError(
+    return AgentStateError(
         "the audit trail cannot record this change now, so it is not made; retry later",
         "UNAVAILABLE",
     )
