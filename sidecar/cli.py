@@ -406,7 +406,7 @@ def _view(args: argparse.Namespace) -> RequestView:
     if not (args.agent or args.service_account or args.spiffe):
         raise BadRequestError("give --agent, --service-account or --spiffe: who is calling?")
     # Imported here: authz imports prometheus_client, which `mandate run` must configure first.
-    from sidecar.check.pipeline import view_from_url
+    from sidecar.check.request import view_from_url
 
     return view_from_url(
         method,

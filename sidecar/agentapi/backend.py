@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from sidecar.agentapi.server import AgentStatus
-from sidecar.check.pipeline import new_decision_id, view_from_url
+from sidecar.check.request import new_decision_id, view_from_url
 from sidecar.core import Decision, Snapshot, decide
 from sidecar.core.agentstate import ElevationRequest, TaskBinding
 from sidecar.errors import AgentStateError, BadRequestError
@@ -95,6 +95,4 @@ class SupervisorBackend:
             )  # fmt: skip
         except BadRequestError as exc:
             raise AgentStateError(str(exc)) from None
-        return decide(
-            snap, view, self._clock(), self._revocations.table(), self._store.table(), None
-        )
+        return decide(snap, view, self._clock(), self._revocations.table(), self._store.table())

@@ -1,8 +1,8 @@
 """Envoy adapter: `envoy.service.auth.v3.Authorization/Check` on xds-protos classes.
 
-Translates a CheckRequest into a :class:`~sidecar.core.RequestView`, runs the shared
-pipeline (`authz.Authorizer`: the pure `decide`, audit, metrics, span), and translates the
-Decision into a CheckResponse:
+Translates a CheckRequest into a :class:`~sidecar.core.RequestView` (:func:`view_from_check`),
+runs the shared pipeline (`check.pipeline.CheckPipeline`: the pure `decide`, rate, audit,
+metrics, span), and translates the Decision into a CheckResponse (:func:`response_for`):
 - allow: OK with the `x-mandate-*` headers set (overwriting what the agent sent) and any
   other `x-mandate-*` header the agent sent removed;
 - deny: PERMISSION_DENIED with HTTP 403, a JSON body {error, reason, decision, trace_id}
@@ -18,10 +18,7 @@ This module must not contain decision logic.
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -30,28 +27,14 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from sidecar.check.pipeline import (
-    DECISION_HEADER,
-    TRACE_KEYS,
-    Audit,
-    Authorizer,
-    Identity,
-    deny_body,
-    make_view,
-    request_parents,
-    upstream_headers,
-)
-from sidecar.core import Decision, RequestView, Snapshot
-from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable
-from sidecar.core.ratelimit import RateLimiter
-from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
-
-if TYPE_CHECKING:
-    from sidecar.telemetry.tracing import Tracing
+from sidecar.check.pipeline import CheckPipeline
+from sidecar.check.request import TRACE_KEYS, Identity, make_view, request_parents
+from sidecar.check.response import deny_body, upstream_headers
+from sidecar.core import Decision, RequestView
+from sidecar.headers import DECISION_HEADER
 
 __all__ = ["AuthorizationServicer", "response_for", "view_from_check"]
 
-log = logging.getLogger(__name__)
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
@@ -121,40 +104,27 @@ def response_for(d: Decision, agent_headers: Mapping[str, str]) -> external_auth
     )
 
 
-class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    """The Check handler. ``snapshot`` returns the current snapshot (or None before load)."""
+_FALLBACK = external_auth_pb2.CheckResponse(
+    status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message="internal_error")
+)
 
-    def __init__(
-        self,
-        snapshot: Callable[[], Snapshot | None],
-        identity: Identity,
-        clock: Callable[[], float] = time.time,
-        revocations: Callable[[], RevocationTable] = lambda: EMPTY_TABLE,
-        tracing: Tracing | None = None,
-        audit: Audit | None = None,
-        agent_state: Callable[[], AgentStateTable] = lambda: EMPTY_AGENT_STATE,
-        limiter: RateLimiter | None = None,
-    ) -> None:
-        self._authz = Authorizer(
-            snapshot, identity, clock, revocations, tracing, audit, agent_state, limiter
-        )
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """The Check handler: a CheckRequest through the shared :class:`CheckPipeline`."""
+
+    def __init__(self, pipeline: CheckPipeline) -> None:
+        self._pipeline = pipeline
+        self._identity = pipeline.identity
 
     def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
-        authz = self._authz
-        start = time.perf_counter()
-        start_ns = time.time_ns() if authz.tracing is not None else 0
-        decision, headers = authz.decide(lambda did: view_from_check(request, authz.identity, did))
-        try:
-            response = response_for(decision, headers)
-        except Exception:
-            log.exception("building the CheckResponse failed; denying")
-            response = external_auth_pb2.CheckResponse(
-                status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message="internal_error")
-            )
-        authz.observe(decision, start, start_ns, lambda: _parents(context, headers))
-        return response
+        return self._pipeline.check(
+            lambda did: view_from_check(request, self._identity, did),
+            response_for,
+            lambda: _FALLBACK,
+            lambda headers: _parents(context, headers),
+        )
 
 
 def _parents(context: grpc.ServicerContext | None, headers: Mapping[str, str]) -> dict[str, str]:

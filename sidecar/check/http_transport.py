@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -62,18 +61,14 @@ from aiohttp.http_parser import HttpRequestParserPy, RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler, RequestPayloadError
 
-from sidecar.check.pipeline import (
-    DECISION_HEADER,
-    Authorizer,
-    make_view,
-    request_parents,
-    upstream_headers,
-)
-from sidecar.check.pipeline import deny_body as _deny_body
+from sidecar.check.pipeline import CheckPipeline
+from sidecar.check.request import Identity, make_view, request_parents
+from sidecar.check.response import deny_body, upstream_headers
 from sidecar.core import Decision, RequestView
 from sidecar.errors import BadRequestError
 from sidecar.headers import (
     CODE_HEADER,
+    DECISION_HEADER,
     LENGTH_HEADER,
     LOG_AGENT_HEADER,
     OUTCOME_HEADER,
@@ -115,7 +110,7 @@ def parse_target(raw_path: str) -> tuple[str, bool, str]:
     return agent, False, rest
 
 
-def _view(request: web.BaseRequest, body: bytes, authz: Authorizer, did: str) -> RequestView:
+def _view(request: web.BaseRequest, body: bytes, identity: Identity, did: str) -> RequestView:
     agent, connect, path = parse_target(request.raw_path)
     headers: dict[str, str] = {}
     for key, value in request.headers.items():
@@ -129,7 +124,7 @@ def _view(request: web.BaseRequest, body: bytes, authz: Authorizer, did: str) ->
         headers["content-length"] = length[len(LENGTH_PREFIX) :]
     return make_view(
         did,
-        authz.identity,
+        identity,
         method="CONNECT" if connect else request.method,
         authority=headers.get("host", ""),
         path=path,
@@ -141,6 +136,7 @@ def _view(request: web.BaseRequest, body: bytes, authz: Authorizer, did: str) ->
 
 
 def _response(d: Decision, headers: Mapping[str, str]) -> web.Response:
+    """The HTTP answer for a decision; ``headers`` are the request's headers."""
     if d.allowed:
         to_set, to_remove = upstream_headers(d, headers)
         out = dict(to_set)
@@ -159,7 +155,15 @@ def _response(d: Decision, headers: Mapping[str, str]) -> web.Response:
     }
     if d.agent:
         out[LOG_AGENT_HEADER] = d.agent
-    return web.Response(status=403, body=_deny_body(d), headers=out)
+    return web.Response(status=403, body=deny_body(d), headers=out)
+
+
+def _fallback() -> web.Response:
+    return web.Response(status=403)
+
+
+def _no_parents(headers: Mapping[str, str]) -> Mapping[str, str]:
+    return {}
 
 
 def _unparsable(did: str) -> RequestView:
@@ -221,9 +225,9 @@ class _AnyMethodParser:
 class _CheckServer(web.Server):
     """aiohttp's low-level server, with :class:`_CheckProtocol` for each connection."""
 
-    def __init__(self, authz: Authorizer, **kwargs: Any) -> None:
-        super().__init__(handler(authz), **kwargs)
-        self.authz = authz
+    def __init__(self, pipeline: CheckPipeline, **kwargs: Any) -> None:
+        super().__init__(handler(pipeline), **kwargs)
+        self.pipeline = pipeline
 
     def __call__(self) -> RequestHandler:
         return _CheckProtocol(self, loop=self._loop, **self._kwargs)
@@ -235,7 +239,7 @@ class _CheckProtocol(RequestHandler):
 
     def __init__(self, manager: _CheckServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
-        self._authz = manager.authz
+        self._pipeline = manager.pipeline
         loop = kwargs["loop"]
         decompress = bool(kwargs.get("auto_decompress", True))
 
@@ -260,22 +264,18 @@ class _CheckProtocol(RequestHandler):
         if request.writer.output_size > 0:  # as aiohttp's: too late for an answer
             raise ConnectionError("an answer was sent already")
         log.warning("an ext_authz request could not be parsed (%s); denying", type(exc).__name__)
-        authz = self._authz
-        start = time.perf_counter()
-        start_ns = time.time_ns() if authz.tracing is not None else 0
-        decision, headers = authz.decide(_unparsable)
-        response = _response(decision, headers)
-        authz.observe(decision, start, start_ns, dict)
+        response = self._pipeline.check(_unparsable, _response, _fallback, _no_parents)
         response.force_close()
         return response
 
 
-def handler(authz: Authorizer) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+def handler(
+    pipeline: CheckPipeline,
+) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
     """The request handler of aiohttp's low-level server: one Check per request."""
+    identity = pipeline.identity
 
     async def check(request: web.BaseRequest) -> web.StreamResponse:
-        start = time.perf_counter()
-        start_ns = time.time_ns() if authz.tracing is not None else 0
         error: Exception | None = None
         try:
             body = await request.read()
@@ -286,15 +286,9 @@ def handler(authz: Authorizer) -> Callable[[web.BaseRequest], Awaitable[web.Stre
         def view_of(did: str) -> RequestView:
             if error is not None:
                 raise error
-            return _view(request, body, authz, did)
+            return _view(request, body, identity, did)
 
-        decision, headers = authz.decide(view_of)
-        try:
-            response = _response(decision, headers)
-        except Exception:
-            log.exception("building the ext_authz response failed; denying")
-            response = web.Response(status=403)
-        authz.observe(decision, start, start_ns, lambda: request_parents(headers))
+        response = pipeline.check(view_of, _response, _fallback, request_parents)
         parser = getattr(request.protocol, "parser", None)
         if isinstance(parser, _AnyMethodParser) and parser.any_method:
             response.force_close()  # the next check on a new connection, with the C parser
@@ -307,8 +301,8 @@ class HttpAuthzServer:
     """The HTTP transport in a thread of its own (its event loop), on ``host:port`` or,
     with ``unix_path``, on a unix socket. start() returns the bound port (0 on a socket)."""
 
-    def __init__(self, authz: Authorizer, host: str, port: int, unix_path: str = "") -> None:
-        self._authz = authz
+    def __init__(self, pipeline: CheckPipeline, host: str, port: int, unix_path: str = "") -> None:
+        self._pipeline = pipeline
         self._host, self._port, self._unix = host, port, unix_path
         self._server: _CheckServer | None = None
         self._listener: asyncio.base_events.Server | None = None
@@ -321,7 +315,7 @@ class HttpAuthzServer:
         # on any request Envoy accepted; the body exactly as the agent sent it (no gzip
         # decoding), as over gRPC.
         self._server = _CheckServer(
-            self._authz,
+            self._pipeline,
             access_log=None,
             max_line_size=_MAX_HEADER_BYTES,
             max_field_size=_MAX_HEADER_BYTES,

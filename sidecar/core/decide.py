@@ -10,13 +10,17 @@
   5. rules      - the purpose's deny rules win, then its allow rules
   6. elevation  - then the rules of the agent's active elevation grants
   7. behaviour  - an allowed call is still denied while the agent's risk score is at or
-                  above the profile's threshold (`enforce` mode), or over the purpose's rate
-Nothing matched → deny "outside purpose P" (default deny).
+                  above the profile's threshold (`enforce` mode)
+Nothing matched → deny "outside purpose P" (default deny). Each phase is a function of its
+own that returns None (go on) or the Decision that ends the call; `decide` reads them in
+order. An allowed call is allowed "subject to rate key K" (`Decision.rate`): the Check
+pipeline counts it against the purpose's rate limit and denies it with :func:`over_rate`
+when the limit refuses it, so that only calls that would be allowed use the budget.
 
-Same inputs, `now` and rate-limiter state give the same Decision: the decision id comes in
-with the request view; the limiter is the one piece of state, and only allowed calls touch
-it. This module must not import any transport, Kubernetes or telemetry library, and must
-not raise for any request: the adapter still wraps it and fails closed if it does.
+`decide` is pure: the same inputs and `now` give the same Decision (the decision id comes
+in with the request view). This module must not import any transport, Kubernetes or
+telemetry library, and must not raise for any request: the pipeline still wraps it and
+fails closed if it does.
 """
 
 from __future__ import annotations
@@ -27,14 +31,14 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from urllib.parse import unquote_plus
 
-from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable, Grant
+from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable, Grant, RiskState
 from sidecar.core.hosts import parse_authority
 from sidecar.core.mcp import McpBody, parse_mcp_body
 from sidecar.core.paths import canonical_path, display_path
-from sidecar.core.ratelimit import RateLimiter
+from sidecar.core.ratelimit import RateCharge
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
 from sidecar.core.rules import CONNECT
-from sidecar.core.snapshot import CompiledAgent, Snapshot
+from sidecar.core.snapshot import CompiledAgent, CompiledPurpose, Snapshot
 from sidecar.core.timefmt import utc_seconds
 from sidecar.headers import PURPOSE_HEADER, TASK_HEADER
 
@@ -46,6 +50,7 @@ __all__ = [
     "Decision",
     "RequestView",
     "decide",
+    "over_rate",
 ]
 
 _TASK = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -137,6 +142,7 @@ class Decision:
     trace_id: str = ""
     grant: Grant | None = None  # the elevation grant that allowed the call
     risk: float = -1.0  # the agent's behaviour risk score when decided; -1: not scored
+    rate: RateCharge | None = None  # allowed subject to this rate limit (counted by the caller)
 
 
 class _Body:
@@ -159,7 +165,7 @@ class _Body:
         return tuple(m.tool for m in self._parsed.messages if m.tool is not None)
 
 
-def _attribute(snapshot: Snapshot, view: RequestView) -> tuple[str | None, str, str]:
+def _identity(snapshot: Snapshot, view: RequestView) -> tuple[str | None, str, str]:
     """(agent, identity source, "") or (None, code, reason). Every identity claim present
     must name the same agent; a header never counts as one."""
     claims: list[tuple[str, str | None, str]] = []  # (source, agent or None, what was claimed)
@@ -242,170 +248,216 @@ def decide(
     now: float,
     revocations: RevocationTable = EMPTY_TABLE,
     agent_state: AgentStateTable = EMPTY_AGENT_STATE,
-    limiter: RateLimiter | None = None,
 ) -> Decision:
     """Decide one call. ``now`` (seconds since the epoch) is for expiry-based phases;
-    ``revocations`` and ``agent_state`` are the shared tables' generations read for this Check;
-    ``limiter`` counts allowed calls against the purposes' rate limits (None: not enforced,
-    e.g. `explain`)."""
-    did, trace = view.decision_id, view.trace_id
-    method = view.method.upper()
+    ``revocations`` and ``agent_state`` are the shared tables' generations read for this
+    Check. An allowed call whose purpose has a rate limit carries it in ``Decision.rate``:
+    the caller counts it (:meth:`RateLimiter.charge`) and turns it into :func:`over_rate`
+    when the limit refuses it; `explain` does not count."""
+    call = _Call(view)
+    return (
+        _attribute(call, snapshot, view, agent_state)
+        or _revocation(call, revocations, now)
+        or _purpose(call, view, agent_state, now)
+        or _request(call, view)
+        or _rules(call)
+        or _elevation(call, agent_state, now)
+        or _behaviour(call)
+        or call.end(True, Code.ALLOWED, call.why)
+    )
 
-    # 1. attribute
-    agent_name, source, why = _attribute(snapshot, view)
-    if agent_name is None:
-        return Decision(did, False, source, why, method=method, trace_id=trace)
-    agent: CompiledAgent | None = snapshot.agents.get(agent_name)
+
+def over_rate(decision: Decision) -> Decision:
+    """The deny for an allowed call its purpose's rate limit refused."""
+    rate = decision.rate
+    limit = f" ({rate.requests} per {rate.per})" if rate is not None else ""
+    why = f"rate: over the rate limit of purpose {decision.purpose!r}{limit}"
+    return replace(decision, allowed=False, code=Code.RATE, reason=why)
+
+
+class _Call:
+    """What the phases have learnt of one call so far. Each phase returns None to go on,
+    or the Decision that ends the call, made by :meth:`end` from what is known by then."""
+
+    __slots__ = (
+        "agent", "body", "canonical", "did", "grant", "host", "method", "name", "ns", "owner",
+        "path", "port", "purpose", "rate", "refusal", "risk", "risk_state", "rule", "source",
+        "task", "trace", "why",
+    )  # fmt: skip
+
+    def __init__(self, view: RequestView) -> None:
+        self.did, self.trace, self.ns = view.decision_id, view.trace_id, view.namespace
+        self.method = view.method.upper()
+        self.agent: CompiledAgent | None = None
+        self.name = self.owner = self.source = ""
+        self.risk_state: RiskState | None = None
+        self.risk = -1.0
+        self.purpose: CompiledPurpose | None = None
+        self.task = self.host = self.path = self.canonical = self.rule = self.why = ""
+        self.refusal = ""
+        self.port = 0
+        self.body: _Body | None = None
+        self.grant: Grant | None = None
+        self.rate: RateCharge | None = None
+
+    def end(self, allowed: bool, code: str, reason: str) -> Decision:
+        purpose = self.purpose.name if self.purpose is not None else ""
+        tools = self.body.tools() if self.body is not None else ()
+        return Decision(
+            self.did, allowed, code, reason, self.name, self.owner, purpose, self.task,
+            self.rule, self.source, self.method, self.host, self.port, self.path, tools,
+            self.trace, self.grant, self.risk, self.rate,
+        )  # fmt: skip
+
+
+# 1. attribute: which agent is calling, from sources the agent cannot forge
+def _attribute(
+    call: _Call, snapshot: Snapshot, view: RequestView, agent_state: AgentStateTable
+) -> Decision | None:
+    name, source, why = _identity(snapshot, view)
+    if name is None:
+        return call.end(False, source, why)
+    call.name, call.source = name, source
+    agent = call.agent = snapshot.agents.get(name)
     if agent is None:
-        return Decision(
-            did, False, Code.UNKNOWN_AGENT, f"no profile for agent {agent_name!r}",
-            agent=agent_name, identity_source=source, method=method, trace_id=trace,
-        )  # fmt: skip
+        return call.end(False, Code.UNKNOWN_AGENT, f"no profile for agent {name!r}")
+    call.owner = agent.owner
+    call.risk_state = agent_state.risk(call.ns, name)
+    call.risk = call.risk_state.score if call.risk_state is not None else -1.0
+    return None
 
-    ns = view.namespace
-    risk_state = agent_state.risk(ns, agent.name)
-    risk = risk_state.score if risk_state is not None else -1.0
 
-    def done(
-        allowed: bool,
-        code: str,
-        reason: str,
-        *,
-        purpose: str = "",
-        task: str = "",
-        rule: str = "",
-        host: str = "",
-        port: int = 0,
-        path: str = "",
-        tools: tuple[str, ...] = (),
-        grant: Grant | None = None,
-    ) -> Decision:
-        return Decision(
-            did, allowed, code, reason, agent.name, agent.owner, purpose, task, rule,
-            source, method, host, port, path, tools, trace, grant, risk,
-        )  # fmt: skip
-
-    # 2. revocation: before anything the agent declares. An incomplete table (first sync not
-    # done, or an entry could not be stored) might be missing this agent's revocation.
+# 2. revocation: before anything the agent declares. An incomplete table (first sync not
+# done, or an entry could not be stored) might be missing this agent's revocation.
+def _revocation(call: _Call, revocations: RevocationTable, now: float) -> Decision | None:
     if not revocations.complete:
         why = "revocation state not known yet (starting, or the table is full): failing closed"
-        return done(False, Code.REVOCATIONS_UNKNOWN, why)
-    revoked = revocations.find(ns, agent.name, now)
+        return call.end(False, Code.REVOCATIONS_UNKNOWN, why)
+    revoked = revocations.find(call.ns, call.name, now)
     if revoked is not None:
-        return done(False, Code.REVOKED, f"revoked: {revoked.reason}", rule=revoked.key)
+        call.rule = revoked.key
+        return call.end(False, Code.REVOKED, f"revoked: {revoked.reason}")
+    return None
 
-    # 3. purpose and task
+
+# 3. purpose: declared, else the one the declared task was reported for, else the default
+def _purpose(
+    call: _Call, view: RequestView, agent_state: AgentStateTable, now: float
+) -> Decision | None:
+    assert call.agent is not None
     declared = view.headers.get(PURPOSE_HEADER, "").strip()
     task = view.headers.get(TASK_HEADER, "").strip()
     if task and not _TASK.match(task):
-        return done(False, Code.BAD_TASK, "x-mandate-task must be 1-128 visible ASCII characters")
-    bound = agent_state.task(ns, agent.name, task, now) if task else None
+        return call.end(
+            False, Code.BAD_TASK, "x-mandate-task must be 1-128 visible ASCII characters"
+        )
+    call.task = task
+    bound = agent_state.task(call.ns, call.name, task, now) if task else None
     if bound is not None and declared and declared != bound.purpose:
         why = (
             f"task {task!r} was reported for purpose {bound.purpose!r}, "
             f"the call declares {declared[:64]!r}"
         )
-        return done(False, Code.BAD_TASK, why, task=task)
-    purpose_name = declared or (bound.purpose if bound is not None else agent.default_purpose)
-    if not purpose_name:
+        return call.end(False, Code.BAD_TASK, why)
+    name = declared or (bound.purpose if bound is not None else call.agent.default_purpose)
+    if not name:
         why = "no x-mandate-purpose declared and the profile has no defaultPurpose"
-        return done(False, Code.NO_PURPOSE, why, task=task)
-    purpose = agent.purposes.get(purpose_name)
-    if purpose is None:
-        why = f"unknown purpose {purpose_name[:64]!r} for agent {agent.name!r}"
-        return done(False, Code.UNKNOWN_PURPOSE, why, task=task)
+        return call.end(False, Code.NO_PURPOSE, why)
+    call.purpose = call.agent.purposes.get(name)
+    if call.purpose is None:
+        why = f"unknown purpose {name[:64]!r} for agent {call.name!r}"
+        return call.end(False, Code.UNKNOWN_PURPOSE, why)
+    return None
 
-    # 4. the request itself
+
+# 4. the request itself: canonical host, port and path, and nothing that could make the
+# upstream act on another method or path than the one decided
+def _request(call: _Call, view: RequestView) -> Decision | None:
+    connect = call.method == CONNECT
     # A CONNECT target must name its port (RFC 9110 9.3.6): no scheme default applies.
-    hp = parse_authority(view.authority, "" if method == CONNECT else view.scheme)
-    path = "" if method == CONNECT else canonical_path(view.path)
+    hp = parse_authority(view.authority, "" if connect else view.scheme)
+    path = "" if connect else canonical_path(view.path)
     if hp is None or path is None:
         why = f"malformed or ambiguous {'authority' if hp is None else 'path'}"
-        return done(False, Code.BAD_REQUEST, why, purpose=purpose.name, task=task)
-    host, port = hp
-    shown = "" if method == CONNECT else display_path(path)
+        return call.end(False, Code.BAD_REQUEST, why)
+    call.host, call.port = hp
+    call.canonical, call.path = path, "" if connect else display_path(path)
     why = _request_shape(view)
     if why:
-        denied_shape = done(
-            False, Code.BAD_REQUEST, why, purpose=purpose.name, task=task, host=host,
-            port=port, path=shown,
-        )  # fmt: skip
-        return replace(denied_shape, method=view.method[:32])  # as sent, not upper-cased
-    body = _Body(view)
+        call.method = view.method[:32]  # as sent, not upper-cased
+        return call.end(False, Code.BAD_REQUEST, why)
+    call.body = _Body(view)
+    return None
 
-    # 5. rules: deny wins, then allow
-    denied = purpose.deny.lookup(host, port, method, path, body, deny=True)
+
+# 5. rules: the purpose's deny rules win, then its allow rules
+def _rules(call: _Call) -> Decision | None:
+    assert call.purpose is not None and call.body is not None
+    body, purpose = call.body, call.purpose
+    denied = purpose.deny.lookup(call.host, call.port, call.method, call.canonical, body, deny=True)
     if denied.rule is not None:
-        rule = denied.rule.rule_id
-        return done(
-            False, Code.DENIED_BY_RULE, f"denied by rule {rule} of purpose {purpose.name!r}",
-            purpose=purpose.name, task=task, rule=rule, host=host, port=port, path=shown,
-            tools=body.tools(),
-        )  # fmt: skip
-    allowed = purpose.allow.lookup(host, port, method, path, body, deny=False)
-    rule = allowed.rule.rule_id if allowed.rule is not None else ""
-    why = f"allowed by rule {rule} of purpose {purpose.name!r}"
-    grant: Grant | None = None
+        call.rule = denied.rule.rule_id
+        why = f"denied by rule {call.rule} of purpose {purpose.name!r}"
+        return call.end(False, Code.DENIED_BY_RULE, why)
+    allowed = purpose.allow.lookup(
+        call.host, call.port, call.method, call.canonical, body, deny=False
+    )
+    if allowed.rule is not None:
+        call.rule = allowed.rule.rule_id
+        call.why = f"allowed by rule {call.rule} of purpose {purpose.name!r}"
+    call.refusal = allowed.mcp_refusal or ""
+    return None
 
-    # 6. elevation: the rules of each active grant, after the purpose's own rules
-    if not rule and agent.elevations:
-        for g in agent_state.active_grants(ns, agent.name, now):
-            elevation = agent.elevations.get(g.elevation)
+
+# 6. elevation: the rules of the agent's active grants, after the purpose's own rules;
+# nothing matched at all: deny (default deny)
+def _elevation(call: _Call, agent_state: AgentStateTable, now: float) -> Decision | None:
+    assert call.agent is not None and call.purpose is not None and call.body is not None
+    if not call.rule and call.agent.elevations:
+        body = call.body
+        for g in agent_state.active_grants(call.ns, call.name, now):
+            elevation = call.agent.elevations.get(g.elevation)
             if elevation is None:  # the profile no longer has it: the grant gives nothing
                 continue
-            m = elevation.allow.lookup(host, port, method, path, body, deny=False)
+            m = elevation.allow.lookup(
+                call.host, call.port, call.method, call.canonical, body, deny=False
+            )
             if m.rule is not None:
-                grant, rule = g, m.rule.rule_id
-                why = (
-                    f"allowed by rule {rule} of elevation {g.elevation!r} "
+                call.grant, call.rule = g, m.rule.rule_id
+                call.why = (
+                    f"allowed by rule {call.rule} of elevation {g.elevation!r} "
                     f"(grant {g.id}, approved by {g.approver}, until {utc_seconds(g.expires_at)})"
                 )
                 break
+    if call.rule:
+        return None
+    reason = f"outside purpose {call.purpose.name!r}"
+    if call.refusal:
+        reason += f": {call.refusal}"
+    return call.end(False, Code.OUTSIDE_PURPOSE, reason)
 
-    if rule:
-        # 7. behaviour, then rate: only a call that would be allowed is counted.
-        settings = agent.behavior
-        if (
-            risk_state is not None
-            and settings is not None
-            and settings.mode == "enforce"
-            and not risk_state.learning
-            and risk_state.score >= settings.deny_at
-        ):
-            why = (
-                f"behaviour risk {risk_state.score:.2f} >= {settings.deny_at:.2f}: "
-                f"{risk_state.explanation}"
-            )
-            return done(
-                False, Code.RISK, why, purpose=purpose.name, task=task, rule=rule,
-                host=host, port=port, path=shown, tools=body.tools(), grant=grant,
-            )  # fmt: skip
-        limit = purpose.rate_limit
-        if (
-            limit is not None
-            and limiter is not None
-            and purpose.rate_per_seconds is not None
-            and not limiter.allow(
-                (ns, agent.name, purpose.name), limit.requests, purpose.rate_per_seconds
-            )
-        ):
-            why = (
-                f"rate: over the rate limit of purpose {purpose.name!r} "
-                f"({limit.requests} per {limit.per})"
-            )
-            return done(
-                False, Code.RATE, why, purpose=purpose.name, task=task, rule=rule,
-                host=host, port=port, path=shown, tools=body.tools(), grant=grant,
-            )  # fmt: skip
-        return done(
-            True, Code.ALLOWED, why, purpose=purpose.name, task=task, rule=rule, host=host,
-            port=port, path=shown, tools=body.tools(), grant=grant,
-        )  # fmt: skip
 
-    reason = f"outside purpose {purpose.name!r}"
-    if allowed.mcp_refusal:
-        reason += f": {allowed.mcp_refusal}"
-    return done(
-        False, Code.OUTSIDE_PURPOSE, reason, purpose=purpose.name, task=task, host=host,
-        port=port, path=shown, tools=body.tools(),
-    )  # fmt: skip
+# 7. behaviour: a call that would be allowed is still denied while the agent's risk is at
+# or above the profile's threshold (`enforce` mode); else it is allowed, subject to its
+# purpose's rate limit (counted by the caller)
+def _behaviour(call: _Call) -> Decision | None:
+    assert call.agent is not None and call.purpose is not None
+    settings, risk = call.agent.behavior, call.risk_state
+    if (
+        risk is not None
+        and settings is not None
+        and settings.mode == "enforce"
+        and not risk.learning
+        and risk.score >= settings.deny_at
+    ):
+        why = f"behaviour risk {risk.score:.2f} >= {settings.deny_at:.2f}: {risk.explanation}"
+        return call.end(False, Code.RISK, why)
+    purpose = call.purpose
+    if purpose.rate_limit is not None and purpose.rate_per_seconds is not None:
+        call.rate = RateCharge(
+            (call.ns, call.name, purpose.name),
+            purpose.rate_limit.requests,
+            purpose.rate_per_seconds,
+            purpose.rate_limit.per,
+        )
+    return None

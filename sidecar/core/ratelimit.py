@@ -20,8 +20,21 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
-__all__ = ["RateLimiter"]
+__all__ = ["RateCharge", "RateLimiter"]
+
+
+@dataclass(frozen=True, slots=True)
+class RateCharge:
+    """An allowed call is subject to a purpose's rate limit: count it under ``key``
+    (namespace, agent, purpose), at most ``requests`` per ``per_seconds`` (``per`` as the
+    profile spells it, for the deny reason)."""
+
+    key: tuple[str, str, str]
+    requests: int
+    per_seconds: float
+    per: str
 
 
 class RateLimiter:
@@ -44,6 +57,10 @@ class RateLimiter:
     def limit_for(self, limit: int) -> int:
         """This process's part of a profile's limit."""
         return max(1, math.ceil(limit * self._share))
+
+    def charge(self, rate: RateCharge) -> bool:
+        """Count one call subject to ``rate``; return whether the limit allowed it."""
+        return self.allow(rate.key, rate.requests, rate.per_seconds)
 
     def allow(self, key: tuple[str, str, str], limit: int, per: float) -> bool:
         """Count one call under ``key`` if fewer than the limit happened in the last ``per``

@@ -33,8 +33,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sidecar import DEFAULT_THREADS
 from sidecar.audit import DEFAULT_RESERVE_BYTES, AuditWriter
 from sidecar.check.grpc_transport import AuthorizationServicer
-from sidecar.check.pipeline import Audit, Authorizer, Identity
+from sidecar.check.pipeline import Audit, CheckPipeline
 from sidecar.check.reload import SnapshotHolder
+from sidecar.check.request import Identity
 from sidecar.core import Snapshot
 from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable
 from sidecar.core.ratelimit import RateLimiter
@@ -202,21 +203,14 @@ class Sidecar:
             threading.Thread(target=self._meter_audit, name="audit-metrics", daemon=True).start()
         else:
             metrics.observe_audit_state("off")
+        pipeline = CheckPipeline(
+            self.holder.get, identity, revocations=revocations, tracing=self._tracing,
+            audit=audit, agent_state=agent_state, limiter=limiter,
+        )  # fmt: skip
         if cfg.transport == "http":
-            self._start_http(Authorizer(
-                self.holder.get, identity, revocations=revocations, tracing=self._tracing,
-                audit=audit, agent_state=agent_state, limiter=limiter,
-            ))  # fmt: skip
+            self._start_http(pipeline)
         else:
-            servicer = AuthorizationServicer(
-                self.holder.get,
-                identity,
-                revocations=revocations,
-                tracing=self._tracing,
-                audit=audit,
-                agent_state=agent_state,
-                limiter=limiter,
-            )
+            servicer = AuthorizationServicer(pipeline)
             server = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="check"),
                 options=[("grpc.so_reuseport", 0)],
@@ -249,7 +243,7 @@ class Sidecar:
             tmp.write_text(json.dumps(ports))
             tmp.replace(cfg.port_file)
 
-    def _start_http(self, authz: Authorizer) -> None:
+    def _start_http(self, pipeline: CheckPipeline) -> None:
         listen = self.config.listen
         unix = listen.startswith("unix:")
         host, port = ("", 0) if unix else split_hostport(listen, "--listen")
@@ -257,7 +251,7 @@ class Sidecar:
             HttpAuthzServer,  # aiohttp: only for --transport http
         )
 
-        self._http = HttpAuthzServer(authz, host, port, listen[5:] if unix else "")
+        self._http = HttpAuthzServer(pipeline, host, port, listen[5:] if unix else "")
         try:
             self.http_port = self._http.start()
         except OSError as exc:

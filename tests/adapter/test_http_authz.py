@@ -16,7 +16,8 @@ from envoy.service.auth.v3 import external_auth_pb2
 
 from sidecar.check.grpc_transport import AuthorizationServicer
 from sidecar.check.http_transport import HttpAuthzServer, parse_target
-from sidecar.check.pipeline import Authorizer, Identity
+from sidecar.check.pipeline import CheckPipeline
+from sidecar.check.request import Identity
 from sidecar.core import Snapshot, load_profiles
 from sidecar.errors import BadRequestError, ConfigError
 from sidecar.run.worker import ServeConfig, Sidecar
@@ -316,7 +317,7 @@ def test_same_decision_headers_and_body_as_grpc(
     envoy/local-http.yaml asks), gets the same answer; decision ids differ, nothing else."""
     agent, method, host, path, headers, body = call
     req = build_check(method, host, path, headers=headers, body=body, agent=agent)
-    grpc_resp = AuthorizationServicer(lambda: snapshot, Identity()).Check(req, None)
+    grpc_resp = AuthorizationServicer(CheckPipeline(lambda: snapshot, Identity())).Check(req, None)
     extra: dict[str, str] = {}
     if method == "CONNECT":
         status, got, raw = ask(
@@ -425,9 +426,9 @@ def test_no_snapshot_and_internal_errors_deny(snapshot: Snapshot) -> None:
         raise RuntimeError("clock")
 
     for authz, error in (
-        (Authorizer(lambda: None, Identity(agent="billing-agent")), "internal_error"),
+        (CheckPipeline(lambda: None, Identity(agent="billing-agent")), "internal_error"),
         (
-            Authorizer(lambda: snapshot, Identity(agent="billing-agent"), clock=boom),
+            CheckPipeline(lambda: snapshot, Identity(agent="billing-agent"), clock=boom),
             "internal_error",
         ),
     ):
@@ -686,9 +687,9 @@ def test_a_look_alike_host_is_never_the_allowed_host_on_either_transport(
     (profiles_dir / "kube.yaml").write_text(KUBE_PROFILE)
     snapshot = load_profiles(profiles_dir)
     no_context = cast(grpc.ServicerContext, None)  # Check is called as Envoy's stub would
-    grpc_resp = AuthorizationServicer(lambda: snapshot, Identity(agent="kube-agent")).Check(
-        build_check("GET", host, "/api/v1/pods", agent="kube-agent"), no_context
-    )
+    grpc_resp = AuthorizationServicer(
+        CheckPipeline(lambda: snapshot, Identity(agent="kube-agent"))
+    ).Check(build_check("GET", host, "/api/v1/pods", agent="kube-agent"), no_context)
     if error is None:
         assert grpc_resp.HasField("ok_response"), grpc_resp
     else:

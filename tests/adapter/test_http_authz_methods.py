@@ -15,7 +15,9 @@ from collections.abc import Iterator
 import pytest
 
 from sidecar.check.http_transport import HttpAuthzServer
-from sidecar.check.pipeline import Authorizer, Identity, upstream_headers
+from sidecar.check.pipeline import CheckPipeline
+from sidecar.check.request import Identity
+from sidecar.check.response import upstream_headers
 from sidecar.core import Code, Decision, Snapshot
 
 LEDGER = "ledger.finance.svc.cluster.local"
@@ -24,7 +26,7 @@ LEDGER = "ledger.finance.svc.cluster.local"
 @pytest.fixture
 def port(snapshot: Snapshot) -> Iterator[int]:
     server = HttpAuthzServer(
-        Authorizer(lambda: snapshot, Identity(agent="billing-agent")), "127.0.0.1", 0
+        CheckPipeline(lambda: snapshot, Identity(agent="billing-agent")), "127.0.0.1", 0
     )
     yield server.start()
     server.stop(0.2)

@@ -14,7 +14,8 @@ from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
 
 from sidecar.check.grpc_transport import AuthorizationServicer
-from sidecar.check.pipeline import Identity, new_decision_id, trace_id_of
+from sidecar.check.pipeline import CheckPipeline
+from sidecar.check.request import Identity, new_decision_id, trace_id_of
 from sidecar.core import Snapshot
 
 from .conftest import BILLING_SPIFFE, TRACE_ID, TRACEPARENT, CheckBuilder
@@ -26,7 +27,7 @@ MCP_HOST = "mcp.tools.svc.cluster.local"
 def servicer(
     snapshot: Snapshot | None, agent: str | None = "billing-agent"
 ) -> AuthorizationServicer:
-    return AuthorizationServicer(lambda: snapshot, Identity(agent=agent))
+    return AuthorizationServicer(CheckPipeline(lambda: snapshot, Identity(agent=agent)))
 
 
 def set_headers(resp: external_auth_pb2.CheckResponse) -> dict[str, str]:
@@ -329,7 +330,7 @@ def test_snapshot_provider_raising_is_denied(
     def broken() -> Snapshot:
         raise RuntimeError("disk on fire")
 
-    svc = AuthorizationServicer(broken, Identity(agent="billing-agent"))
+    svc = AuthorizationServicer(CheckPipeline(broken, Identity(agent="billing-agent")))
     body = assert_denied(svc.Check(make_check(), None), "internal_error")
     assert body["reason"] == "internal error: RuntimeError"
     assert "disk on fire" not in body["reason"]  # internals stay in the log
@@ -340,7 +341,9 @@ def test_clock_raising_is_denied(snapshot: Snapshot, make_check: CheckBuilder) -
     def clock() -> float:
         raise OSError("clock")
 
-    svc = AuthorizationServicer(lambda: snapshot, Identity(agent="billing-agent"), clock=clock)
+    svc = AuthorizationServicer(
+        CheckPipeline(lambda: snapshot, Identity(agent="billing-agent"), clock=clock)
+    )
     assert_denied(svc.Check(make_check(), None), "internal_error")
 
 

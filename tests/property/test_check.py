@@ -19,7 +19,8 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from sidecar.check.grpc_transport import AuthorizationServicer, view_from_check
-from sidecar.check.pipeline import Identity
+from sidecar.check.pipeline import CheckPipeline
+from sidecar.check.request import Identity
 from sidecar.core import Snapshot, decide, load_profiles
 from sidecar.run.worker import ServeConfig, Sidecar
 
@@ -34,7 +35,7 @@ BOUND_SECONDS = 0.050
 MANDATE_HEADERS = {"x-mandate-agent", "x-mandate-purpose", "x-mandate-decision"}
 
 IDENTITIES = [Identity(agent="billing-agent"), Identity(agent="research-agent"), Identity()]
-SERVICERS = [AuthorizationServicer(lambda: SNAPSHOT, ident) for ident in IDENTITIES]
+SERVICERS = [AuthorizationServicer(CheckPipeline(lambda: SNAPSHOT, ident)) for ident in IDENTITIES]
 
 
 def request(
@@ -123,7 +124,7 @@ def check_one(servicer: AuthorizationServicer, req: external_auth_pb2.CheckReque
     assert elapsed < BOUND_SECONDS, f"Check took {elapsed * 1000:.1f} ms"
     allowed = check_contract(resp)
     event("allow" if allowed else "deny")
-    identity = servicer._authz.identity
+    identity = servicer._identity
     direct = decide(SNAPSHOT, view_from_check(req, identity, "d"), time.time())
     assert allowed == direct.allowed, (resp, direct)
     if allowed:

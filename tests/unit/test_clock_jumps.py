@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.check.pipeline import Authorizer, Identity
+from sidecar.check.pipeline import CheckPipeline
+from sidecar.check.request import Identity
 from sidecar.core import Code, Decision, RequestView, load_profiles
 from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable, Approval
 from sidecar.core.ratelimit import RateLimiter
@@ -59,7 +60,7 @@ class Clock:
 
 
 def check(
-    authz: Authorizer, call: dict[str, str] = INVOICE, agent: str = "billing-agent"
+    authz: CheckPipeline, call: dict[str, str] = INVOICE, agent: str = "billing-agent"
 ) -> Decision:
     def view(did: str) -> RequestView:
         return RequestView(
@@ -80,12 +81,12 @@ def authorizer(
     agent_state: Callable[[], AgentStateTable] = lambda: EMPTY_AGENT_STATE,
     limiter: RateLimiter | None = None,
     profiles: Path = FIXTURES,
-) -> Authorizer:
+) -> CheckPipeline:
     table = revocations
     read = table if callable(table) else (lambda: table or RevocationTable())
     snapshot = load_profiles(profiles)
     options: dict[str, Any] = {} if wall is None else {"clock": wall}
-    return Authorizer(
+    return CheckPipeline(
         lambda: snapshot,
         Identity(agent="billing-agent", namespace=NS),
         revocations=read,

@@ -15,8 +15,11 @@ from typing import Any
 
 import pytest
 
-from sidecar.core import Code, RequestView, decide, load_profiles
+from sidecar.check.pipeline import CheckPipeline
+from sidecar.check.request import Identity
+from sidecar.core import Code, Decision, RequestView, decide, load_profiles
 from sidecar.core.agentstate import AgentStateTable, Grant, RiskState, TaskBinding
+from sidecar.core.decide import over_rate
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import Revocation, RevocationTable, make_key
 
@@ -285,37 +288,54 @@ class FakeClock:
         return self.t
 
 
+def limited(call: RequestView, limiter: RateLimiter) -> Decision:
+    """The decision as a worker's Check pipeline makes it: decide, then count an allowed
+    call against its purpose's rate limit."""
+    pipeline = CheckPipeline(lambda: SNAPSHOT, Identity(), clock=lambda: NOW, limiter=limiter)
+    return pipeline.decide(lambda did: call)[0]
+
+
+def test_decide_is_pure_and_leaves_the_rate_to_its_caller() -> None:
+    first = decide(SNAPSHOT, view(), NOW)
+    again = [decide(SNAPSHOT, view(), NOW) for _ in range(1000)]  # over the 600/min limit
+    assert first.allowed and all(d == first for d in again)
+    assert first.rate is not None
+    assert first.rate.key == (NS, "billing-agent", first.purpose)
+    assert (first.rate.requests, first.rate.per_seconds, first.rate.per) == (600, 60.0, "1m")
+    no_limit = decide(SNAPSHOT, view(**REPORT, headers={"x-mandate-purpose": "report"}), NOW)
+    assert no_limit.allowed and no_limit.rate is None
+    assert decide(SNAPSHOT, view(path="/v1/ledger/admin/x"), NOW).rate is None  # denied
+    over = over_rate(first)
+    assert (over.allowed, over.code) == (False, Code.RATE)
+    assert over.reason == f"rate: over the rate limit of purpose {first.purpose!r} (600 per 1m)"
+
+
 def test_rate_limit_counts_allowed_calls_in_a_sliding_window() -> None:
     clock = FakeClock()
     limiter = RateLimiter(clock=clock)
-    results = [decide(SNAPSHOT, view(), NOW, limiter=limiter).code for _ in range(601)]
+    results = [limited(view(), limiter).code for _ in range(601)]
     assert results[:600] == [Code.ALLOWED] * 600
     assert results[600] == Code.RATE
     # denied calls do not use the budget
-    assert (
-        decide(SNAPSHOT, view(path="/v1/ledger/admin/x"), NOW, limiter=limiter).code
-        == Code.DENIED_BY_RULE
-    )
+    assert limited(view(path="/v1/ledger/admin/x"), limiter).code == Code.DENIED_BY_RULE
     clock.t += 59.9
-    assert decide(SNAPSHOT, view(), NOW, limiter=limiter).code == Code.RATE
+    assert limited(view(), limiter).code == Code.RATE
     clock.t += 0.2  # the first calls leave the window
-    assert decide(SNAPSHOT, view(), NOW, limiter=limiter).code == Code.ALLOWED
+    assert limited(view(), limiter).code == Code.ALLOWED
 
 
 def test_rate_limit_is_per_purpose_and_absent_without_a_limit() -> None:
     limiter = RateLimiter(clock=FakeClock())
     for _ in range(600):
-        decide(SNAPSHOT, view(), NOW, limiter=limiter)
-    assert decide(SNAPSHOT, view(), NOW, limiter=limiter).code == Code.RATE
+        limited(view(), limiter)
+    assert limited(view(), limiter).code == Code.RATE
     # `report` has no rate limit
-    assert decide(
-        SNAPSHOT, view(**REPORT, headers={"x-mandate-purpose": "report"}), NOW, limiter=limiter
-    ).allowed
+    assert limited(view(**REPORT, headers={"x-mandate-purpose": "report"}), limiter).allowed
 
 
 def test_rate_share_splits_the_limit_between_workers() -> None:
     limiter = RateLimiter(share=0.5, clock=FakeClock())
-    codes = [decide(SNAPSHOT, view(), NOW, limiter=limiter).code for _ in range(301)]
+    codes = [limited(view(), limiter).code for _ in range(301)]
     assert codes.count(Code.ALLOWED) == 300 and codes[-1] == Code.RATE
 
 
