@@ -452,12 +452,5 @@ def _behaviour(call: _Call) -> Decision | None:
     ):
         why = f"behaviour risk {risk.score:.2f} >= {settings.deny_at:.2f}: {risk.explanation}"
         return call.end(False, Code.RISK, why)
-    purpose = call.purpose
-    if purpose.rate_limit is not None and purpose.rate_per_seconds is not None:
-        call.rate = RateCharge(
-            (call.ns, call.name, purpose.name),
-            purpose.rate_limit.requests,
-            purpose.rate_per_seconds,
-            purpose.rate_limit.per,
-        )
+    call.rate = call.purpose.rate
     return None

@@ -27,11 +27,12 @@ __all__ = ["RateCharge", "RateLimiter"]
 
 @dataclass(frozen=True, slots=True)
 class RateCharge:
-    """An allowed call is subject to a purpose's rate limit: count it under ``key``
-    (namespace, agent, purpose), at most ``requests`` per ``per_seconds`` (``per`` as the
-    profile spells it, for the deny reason)."""
+    """An allowed call is subject to a purpose's rate limit: count it under ``key`` (agent,
+    purpose), at most ``requests`` per ``per_seconds`` (``per`` as the profile spells it,
+    for the deny reason). Compiled once per purpose with the profiles; a limiter belongs to
+    one worker process, which serves one namespace."""
 
-    key: tuple[str, str, str]
+    key: tuple[str, str]
     requests: int
     per_seconds: float
     per: str
@@ -50,8 +51,8 @@ class RateLimiter:
         self._share = share
         self._clock = clock
         self._max_keys = max_keys
-        self._calls: dict[tuple[str, str, str], deque[float]] = {}
-        self._per: dict[tuple[str, str, str], float] = {}
+        self._calls: dict[tuple[str, ...], deque[float]] = {}
+        self._per: dict[tuple[str, ...], float] = {}
         self._lock = threading.Lock()
 
     def limit_for(self, limit: int) -> int:
@@ -62,7 +63,7 @@ class RateLimiter:
         """Count one call subject to ``rate``; return whether the limit allowed it."""
         return self.allow(rate.key, rate.requests, rate.per_seconds)
 
-    def allow(self, key: tuple[str, str, str], limit: int, per: float) -> bool:
+    def allow(self, key: tuple[str, ...], limit: int, per: float) -> bool:
         """Count one call under ``key`` if fewer than the limit happened in the last ``per``
         seconds; return whether it was counted (allowed)."""
         limit = self.limit_for(limit)

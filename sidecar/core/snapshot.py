@@ -15,6 +15,7 @@ from types import MappingProxyType
 
 from sidecar.core.behaviour import BehaviourSettings
 from sidecar.core.model import AgentProfile, Behavior, RateLimit, parse_duration
+from sidecar.core.ratelimit import RateCharge
 from sidecar.core.rules import RuleIndex, compile_rules
 
 __all__ = [
@@ -45,7 +46,8 @@ class CompiledPurpose:
     allow: RuleIndex
     deny: RuleIndex
     rate_limit: RateLimit | None
-    rate_per_seconds: float | None
+    # What an allowed call of this purpose is charged against (None: no limit)
+    rate: RateCharge | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,12 @@ class Snapshot:
     files: tuple[str, ...] = field(default=())
 
 
+def _rate(agent: str, purpose: str, limit: RateLimit | None) -> RateCharge | None:
+    if limit is None:
+        return None
+    return RateCharge((agent, purpose), limit.requests, parse_duration(limit.per), limit.per)
+
+
 def _compile_agent(profile: AgentProfile, source: SourceRef) -> CompiledAgent:
     purposes = {}
     for name, p in profile.spec.purposes.items():
@@ -92,7 +100,7 @@ def _compile_agent(profile: AgentProfile, source: SourceRef) -> CompiledAgent:
             allow=compile_rules(p.allow, f"{name}.allow"),
             deny=compile_rules(p.deny, f"{name}.deny"),
             rate_limit=p.rate_limit,
-            rate_per_seconds=parse_duration(p.rate_limit.per) if p.rate_limit else None,
+            rate=_rate(profile.metadata.name, name, p.rate_limit),
         )
     elevations = {
         name: CompiledElevation(

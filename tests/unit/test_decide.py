@@ -658,7 +658,7 @@ def test_allowed_decision_carries_the_whole_context() -> None:
         path="/v1/ledger/2024/07",
         mcp_tools=(),
         trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
-        rate=RateCharge(("", "billing-agent", "reconcile"), 600, 60.0, "1m"),
+        rate=RateCharge(("billing-agent", "reconcile"), 600, 60.0, "1m"),
     )
 
 

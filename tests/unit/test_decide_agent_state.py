@@ -300,7 +300,7 @@ def test_decide_is_pure_and_leaves_the_rate_to_its_caller() -> None:
     again = [decide(SNAPSHOT, view(), NOW) for _ in range(1000)]  # over the 600/min limit
     assert first.allowed and all(d == first for d in again)
     assert first.rate is not None
-    assert first.rate.key == (NS, "billing-agent", first.purpose)
+    assert first.rate.key == ("billing-agent", first.purpose)
     assert (first.rate.requests, first.rate.per_seconds, first.rate.per) == (600, 60.0, "1m")
     no_limit = decide(SNAPSHOT, view(**REPORT, headers={"x-mandate-purpose": "report"}), NOW)
     assert no_limit.allowed and no_limit.rate is None

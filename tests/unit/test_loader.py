@@ -54,8 +54,12 @@ def test_example_profiles_load() -> None:
     reconcile = billing.purposes["reconcile"]
     assert (reconcile.allow.size, reconcile.deny.size) == (2, 1)
     assert reconcile.rate_limit is not None and reconcile.rate_limit.requests == 600
-    assert reconcile.rate_per_seconds == 60.0
-    assert billing.purposes["report"].rate_per_seconds is None
+    assert reconcile.rate is not None
+    assert (reconcile.rate.key, reconcile.rate.per_seconds) == (
+        ("billing-agent", "reconcile"),
+        60.0,
+    )
+    assert billing.purposes["report"].rate is None
     elevation = billing.profile.spec.elevations["refund"]
     assert (elevation.approval, elevation.max_duration, elevation.justification_required) == (
         "operator",
