@@ -1,7 +1,10 @@
 """The Check wing: Envoy asks, mandate answers.
 
-- `pipeline`: the transport-neutral half (request view, decide, audit, trace, response
-  headers and deny bodies), shared by both transports;
+- `request`: what Envoy sent as the pure request view (a BadRequestError is the typed bad
+  request);
+- `pipeline`: `CheckPipeline.check`, the one path of every Check: view, decide, rate,
+  audit, answer (with its fallback), metrics and span;
+- `response`: the headers an allowed call carries upstream and a deny's body;
 - `grpc_transport`: `envoy.service.auth.v3.Authorization/Check` (grpcio, xds-protos);
 - `http_transport`: Envoy's ext_authz `http_service` mode (aiohttp);
 - `reload`: hot reload of the profile directory into whole immutable snapshots.
