@@ -5,7 +5,8 @@ revocations through this store. Each change publishes a whole new table generati
 shared memory (workers see it on their next Check) and persists the full set to a JSON
 file on a volume (atomic rename, fsync), so a restart enforces what was in force before.
 Listeners are told what was added and removed, after the write is visible to workers.
-No decision logic and no network I/O here.
+The generation, the durable write and its health are `publisher.GenerationPublisher`'s;
+this module keeps the set and decides the order. No decision logic and no network I/O here.
 
 When the file cannot be written (a read-only or full volume), enforcement never weakens:
 - a new or changed revocation is in force in shared memory at once and stays so; the write
@@ -21,19 +22,17 @@ When the file cannot be written (a read-only or full volume), enforcement never 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from sidecar.core.revocation import Revocation, RevocationTable
-from sidecar.errors import ConfigError, StateWriteError
+from sidecar.errors import StateWriteError
+from sidecar.state.publisher import GenerationPublisher, PersistFailure
 from sidecar.state.shm import SharedTable
-from sidecar.state.statefile import os_error_text, write_json_durably
 
 __all__ = ["Change", "PersistFailure", "RevocationStore"]
 
@@ -42,17 +41,7 @@ STATE_VERSION = 1
 
 # (added, removed, generation, time the write became visible)
 Change = tuple[list[Revocation], list[Revocation], int, float]
-
-
-@dataclass(frozen=True, slots=True)
-class PersistFailure:
-    """The state file has not been written since ``since``: what is in force in memory is
-    not what a restart would load. ``failures`` counts the attempts that failed since."""
-
-    file: str
-    error: str
-    since: float
-    failures: int
+_UNREADABLE = "; fix or move it aside (revocations it holds would otherwise be forgotten)"
 
 
 class RevocationStore:
@@ -66,16 +55,31 @@ class RevocationStore:
         """``on_persist``: told after every write of the state file, with None on success
         (metrics); called under the store's lock, so it must not call back into the store."""
         self._table = table
-        self._state_file = state_file
         self._clock = clock
         self._on_persist = on_persist
-        self._failure: PersistFailure | None = None
+        self._published = GenerationPublisher(
+            state_file,
+            describe="revocations",
+            version=STATE_VERSION,
+            indent=1,
+            clock=clock,
+            on_persist=lambda failure: self._on_persist(failure),
+            log=log,
+        )
         self._entries: dict[str, Revocation] = {}
         self._complete = False
         self._lock = threading.RLock()
         self._listeners: list[Callable[[Change], None]] = []
-        self.generation = 0
-        self.visible_at = 0.0  # when the last write became visible to workers
+
+    @property
+    def generation(self) -> int:
+        """The generation of the table last published."""
+        return self._published.generation
+
+    @property
+    def visible_at(self) -> float:
+        """When the last write became visible to workers."""
+        return self._published.visible_at
 
     # -- reading --------------------------------------------------------------------------
 
@@ -102,101 +106,45 @@ class RevocationStore:
     def load_persisted(self) -> int:
         """Load the state file (if any) and publish it, still marked incomplete. A file that
         cannot be read is an error naming it: starting without it could forget revocations."""
-        path = self._state_file
-        if path is None or not path.exists():
-            self._publish([], [])
-            return 0
-        try:
-            doc = json.loads(path.read_text())
-            if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION:
-                raise ValueError(f"expected an object with version {STATE_VERSION}")
-            items = [Revocation.from_dict(d) for d in doc["revocations"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(
-                f"revocation state {path}: cannot be read ({exc}); fix or move it aside "
-                "(revocations it holds would otherwise be forgotten)"
-            ) from None
+        items = self._published.load(_parse, what="revocation state", hint=_UNREADABLE)
         with self._lock:
+            if items is None:
+                self._publish([], [])
+                return 0
             self._entries = {r.key: r for r in items}
             self._publish(items, [])
-        log.info("loaded %d persisted revocation(s) from %s", len(items), path)
+        log.info("loaded %d persisted revocation(s) from %s", len(items), self._published.path)
         return len(items)
 
     def persistence(self) -> dict[str, Any]:
         """Readiness details: is what is in force also on disk? ``durable`` false names the
         file, the OS error and since when (cleared by the next write that succeeds)."""
         with self._lock:
-            f = self._failure
-            file = None if self._state_file is None else str(self._state_file)
-            if f is None:
-                return {"durable": self._state_file is not None, "file": file, "error": None}
-            return {
-                "durable": False,
-                "file": f.file,
-                "error": f.error,
-                "since": f.since,
-                "failures": f.failures,
-            }
+            return self._published.health()
 
     def _save(self, entries: Iterable[Revocation]) -> StateWriteError | None:
         """Write ``entries`` (the whole set) to the state file; the failure, if any, is kept
         for readiness and returned (never raised: enforcement is the caller's business)."""
-        path = self._state_file
-        if path is None:
-            return None
-        doc = {
-            "version": STATE_VERSION,
-            "revocations": [r.as_dict() for r in sorted(entries, key=lambda r: r.key)],
-        }
-        try:
-            write_json_durably(path, doc, indent=1)
-        except OSError as exc:
-            err = StateWriteError(str(path), os_error_text(exc))
-            prev = self._failure
-            self._failure = PersistFailure(
-                err.file,
-                err.os_error,
-                since=self._clock() if prev is None else prev.since,
-                failures=1 if prev is None else prev.failures + 1,
-            )
-            log.error(
-                "could not persist revocations (in force in memory only, NOT durable: "
-                "lost at a restart): %s",
-                err,
-            )
-            self._notify_persist(err)
-            return err
-        if self._failure is not None:
-            log.warning("revocations persisted to %s again: durable", path)
-            self._failure = None
-        self._notify_persist(None)
-        return None
+        return self._published.persist(lambda: _document(entries))
 
     def flush(self) -> StateWriteError | None:
         """After a failed write, try again (the supervisor calls this periodically): what
         has been in force only in memory becomes durable once the volume is writable."""
         with self._lock:
-            if self._failure is None:
-                return None
-            return self._save(self._entries.values())
-
-    def _notify_persist(self, err: StateWriteError | None) -> None:
-        try:
-            self._on_persist(err)
-        except Exception:
-            log.exception("persistence listener failed")
+            return self._published.retry(lambda: _document(self._entries.values()))
 
     # -- writing --------------------------------------------------------------------------
 
     def _publish(
         self, added: list[Revocation], removed: list[Revocation], *, persist: bool = True
     ) -> StateWriteError | None:
-        self.generation = self._table.write(self._entries.values(), self._complete)
-        visible_at = self.visible_at = self._clock()
+        generation = self._published.publish(
+            lambda: self._table.write(self._entries.values(), self._complete)
+        )
         # Enforcement is in shared memory already; a failed write is kept and reported (the
         # caller decides whether it is an error), never a reason to undo enforcement.
         failure = self._save(self._entries.values()) if persist else None
-        change: Change = (added, removed, self.generation, visible_at)
+        change: Change = (added, removed, generation, self._published.visible_at)
         for listener in list(self._listeners):
             try:
                 listener(change)
@@ -214,7 +162,7 @@ class RevocationStore:
     @property
     def persistent(self) -> bool:
         """Whether there is a state file at all (a store without one forgets at restart)."""
-        return self._state_file is not None
+        return self._published.persistent
 
     def upsert(self, rev: Revocation, *, durable: bool = False) -> bool:
         """Put ``rev`` in force (at once, in shared memory). ``durable``: an operator's
@@ -225,7 +173,7 @@ class RevocationStore:
             if old == rev:
                 # Nothing new, but an earlier write may have failed: the operator retrying
                 # (e.g. after fixing the volume) must get "durable" only once it is.
-                if durable and self._failure is not None:
+                if durable and self._published.failing:
                     failure = self._save(self._entries.values())
                     if failure is not None:
                         raise failure
@@ -254,7 +202,7 @@ class RevocationStore:
             if not gone:
                 return gone
             written = False
-            if durable and self._state_file is not None:
+            if durable and self._published.persistent:
                 ending = {r.key for r in gone}
                 failure = self._save(r for r in self._entries.values() if r.key not in ending)
                 if failure is not None:
@@ -288,3 +236,11 @@ class RevocationStore:
         until deleted; they are simply no longer in force)."""
         now = self._clock()
         return len(self.remove_matching(lambda r: r.source in sources and not r.active(now)))
+
+
+def _document(entries: Iterable[Revocation]) -> dict[str, Any]:
+    return {"revocations": [r.as_dict() for r in sorted(entries, key=lambda r: r.key)]}
+
+
+def _parse(doc: Mapping[str, Any]) -> list[Revocation]:
+    return [Revocation.from_dict(d) for d in doc["revocations"]]

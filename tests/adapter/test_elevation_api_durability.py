@@ -51,9 +51,9 @@ async def client(store: AgentStateStore) -> AsyncIterator[TestClient[Any, Any]]:
 async def test_an_approval_that_cannot_be_persisted_is_an_error_and_grants_nothing(
     client: TestClient[Any, Any], store: AgentStateStore, blocked_dir: Path
 ) -> None:
-    store._state_file = None  # the agent's request is made while the volume still works
+    store._published.path = None  # the agent's request is made while the volume still works
     req = store.request_elevation("billing-agent", NS, "refund", "INV-7 owed", None)
-    store._state_file = blocked_dir / "context.json"
+    store._published.path = blocked_dir / "context.json"
     auth = {"Authorization": f"Bearer {TOKEN}"}
     url = f"/v1/elevations/{req.id}/approve"
     resp = await client.post(url, json={"approver": "alice"}, headers=auth)

@@ -460,7 +460,7 @@ def test_a_full_table_withholds_only_the_agent_that_fills_it(
     assert exc.value.status == "RESOURCE_EXHAUSTED"
     # Its tasks end: it has room again.
     for t in stored:
-        store._tasks.pop((NS, "billing-agent", t.task))  # as if they had expired
+        store._tasks.discard((NS, "billing-agent", t.task))  # as if they had expired
     store.report_task("billing-agent", NS, "after", "report", None)
     assert store.health()["table"]["withheld"] == []
     assert reader.read().task(NS, "billing-agent", "after", h.clock.t) is not None
@@ -583,7 +583,7 @@ def test_a_failed_write_after_expiry_keeps_the_expiry_and_is_retried(h: Harness)
     assert h.reader.read().active_grants(NS, "billing-agent", h.clock.t) == ()
     assert h.store.health()["persistence"]["durable"] is False
     h.state.rmdir()
-    h.store._persist_retry_at = 0.0
+    h.store._published._retry_at = 0.0  # the retry is due
     h.store.prune()
     assert h.store.health()["persistence"]["durable"] is True
     assert json.loads(h.state.read_text())["grants"] == []
