@@ -67,12 +67,12 @@ lint: $(STAMP)
 # By hand only, never part of test. BENCH_ARGS="--full" for the whole cross product (~22 min),
 # "--pin" to pin Envoy / mandate / the load generator, "--dry-run" to list the cases.
 bench: $(STAMP)
-	$(BIN)/python bench/matrix.py $(BENCH_ARGS)
+	$(BIN)/python -m bench matrix $(BENCH_ARGS)
 
 # 10 minutes of mixed traffic with revocations, reloads and elevations (bench/README.md);
 # by hand only, like bench. SOAK_ARGS="--minutes 1 --transport http" to change it.
 soak: $(STAMP)
-	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+	$(BIN)/python -m bench soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

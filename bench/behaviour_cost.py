@@ -32,7 +32,7 @@ Worker, on the Check path:
   every 0.1 s, only when a score moved by 0.01).
 
 Writes bench/results/behaviour_cost.{json,md}.
-Run: .venv/bin/python bench/behaviour_cost.py [--number 20000] [--repeat 7]
+Run: python -m bench behaviour_cost [--number 20000] [--repeat 7]
 """
 
 from __future__ import annotations
@@ -41,41 +41,31 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 import tempfile
 import timeit
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2
 
-from benchlib import machine_base, package_version, unlimited_profiles  # noqa: E402
-from envoy.config.core.v3 import base_pb2  # noqa: E402
-from envoy.data.accesslog.v3 import accesslog_pb2  # noqa: E402
-from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
+from bench.lib import PROFILES, RESULTS
+from bench.lib.report import machine_base, package_version
+from bench.lib.stack import AGENT, ALLOWED_PATH, BEHAVIOUR, HOST, RULE, unlimited_profiles
+from sidecar.behaviour.access_log import AUTHZ_NAMESPACE, AccessLogServicer, event_from_entry
+from sidecar.behaviour.service import BehaviourService
+from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable, Grant, RiskState
+from sidecar.core.behaviour import BehaviourEngine, BehaviourSettings, CallEvent
+from sidecar.core.decide import Code, RequestView, decide
+from sidecar.core.loader import load_profiles
+from sidecar.state.agentstate import AgentStateStore
+from sidecar.state.revocations import RevocationStore
+from sidecar.state.shm import SharedAgentState, SharedTable
 
-from sidecar.behaviour.access_log import AUTHZ_NAMESPACE, AccessLogServicer, event_from_entry  # noqa: E402
-from sidecar.behaviour.service import BehaviourService, settings_of  # noqa: E402
-from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable, Grant, RiskState  # noqa: E402
-from sidecar.core.behaviour import BehaviourEngine, BehaviourSettings, CallEvent  # noqa: E402
-from sidecar.core.decide import Code, RequestView, decide  # noqa: E402
-from sidecar.core.loader import load_profiles  # noqa: E402
-from sidecar.state.agentstate import AgentStateStore  # noqa: E402
-from sidecar.state.revocations import RevocationStore  # noqa: E402
-from sidecar.state.shm import SharedAgentState, SharedTable  # noqa: E402
-
-BENCH = Path(__file__).resolve().parent
-PROFILES = ROOT / "devstack" / "demo" / "profiles"
-AGENT = "billing-agent"
 NS = "agents"
-HOST = "ledger.finance.svc.cluster.local"
-PATH = "/v1/invoices/42"
-RULE = "reconcile.allow[0]"
-# The profile section check_throughput.py --behaviour gives the agent.
-BEHAVIOUR = {"mode": "enforce", "revokeAtRisk": 0.95, "learningPeriod": "8s", "window": "5s"}
+PATH = ALLOWED_PATH
 T0 = 1_800_000_000.0
 RATE = 3000.0  # calls per second of the synthetic stream (about check_throughput's)
 ENTRIES_PER_MESSAGE = 9  # Envoy's 4,096-byte buffer holds 9 of these entries
@@ -290,7 +280,7 @@ def supervisor_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]
     profiles = unlimited_profiles(PROFILES, work, behaviour={AGENT: BEHAVIOUR})
     snapshot = load_profiles(profiles)
     assert snapshot.agents[AGENT].behavior is not None
-    if settings_of(snapshot.agents[AGENT].behavior) != settings:
+    if snapshot.agents[AGENT].behavior != settings:
         raise SystemExit("behaviour_cost: the profile's settings differ from the engine's")
     context = AgentStateStore(SharedAgentState.create(work / "t.context"), None, lambda: snapshot)
     store = RevocationStore(SharedTable.create(work / "t.table"), None)
@@ -498,13 +488,16 @@ def markdown(info: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="python -m bench behaviour_cost",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
     p.add_argument("--number", type=int, default=20000, help="calls per timed run")
     p.add_argument("--repeat", type=int, default=7, help="timed runs per measure")
     p.add_argument(
         "--rps", type=float, default=3000.0, help="calls/s to spread the 0.1 s tick over"
     )
-    p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = p.parse_args(argv)
     if args.number < 100 or args.repeat < 3:
         p.error("--number >= 100 and --repeat >= 3")
@@ -529,12 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "behaviour_cost.json").write_text(json.dumps(doc, indent=2) + "\n")
     (args.out / "behaviour_cost.md").write_text(
         "# Behaviour analysis: cost per call, in-process\n\n"
-        "Written by `bench/behaviour_cost.py`; see its docstring for what each row measures."
+        "Written by `python -m bench behaviour_cost`; see its docstring for what each row measures."
         "\n\n" + table
     )
     print(f"wrote {args.out / 'behaviour_cost'}.json and .md")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,9 +26,12 @@ rounds, the order alternating), so that a noisy moment of the machine hits both 
 mandate's CPU is split into its Check workers and its supervisor (where the access log is
 decoded and scored). Written to check_throughput-behaviour.{json,md}.
 
-Prints a table with ratios and writes bench/results/check_throughput.{json,md}. Everything
+With --telemetry, mandate traces every decision (OTLP to a discarding receiver in this script)
+and audits it. Written to check_throughput-telemetry.{json,md}.
+
+Prints a table with ratios and writes bench/results/check_throughput[-http].{json,md}. Everything
 listens on 127.0.0.1; Envoy runs with --concurrency 1; processes are not pinned. Needs `wrk`
-(apt-get install -y wrk). Run: .venv/bin/python bench/check_throughput.py [--duration 10]
+(apt-get install -y wrk). Run: python -m bench check_throughput [--duration 10]
 [--transport grpc|http] [--behaviour]
 """
 
@@ -46,31 +49,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchlib import (  # noqa: E402
+from bench.lib import RESULTS, BenchError
+from bench.lib.load import WRK_SCRIPT, measure, run_wrk
+from bench.lib.proc import sigterm_as_interrupt
+from bench.lib.report import envoy_version, first_line, machine_base, package_version
+from bench.lib.stack import (
     AGENT,
     ALLOWED_PATH,
     BEHAVIOUR,
     BEHAVIOUR_LEARNING_S,
     BEHAVIOUR_WARMUP_S,
-    BENCH,
     HOST,
     TEMPLATES,
-    WRK_SCRIPT,
-    BenchError,
     MandateOptions,
     behaviour_state,
-    envoy_version,
-    first_line,
-    machine_base,
-    measure,
-    package_version,
-    run_wrk,
     running_stack,
-    sigterm_as_interrupt,
     verify,
 )
 
@@ -556,7 +549,10 @@ def markdown(info: dict[str, Any], results: list[dict[str, Any]], summary: dict[
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="python -m bench check_throughput",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
     p.add_argument("--duration", type=float, default=10.0, help="seconds per throughput run")
     p.add_argument(
         "--latency-duration",
@@ -592,7 +588,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="--behaviour: the two mandate cases run interleaved in this many rounds, each of "
         "--duration / rounds s (default 5)",
     )
-    p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = p.parse_args(argv)
     if args.latency_duration is None:
         args.latency_duration = args.duration
@@ -642,16 +638,19 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"machine": info, "summary": summary, "results": results}
-    # One pair of files per transport: check_throughput.* (gRPC), check_throughput-http.*;
-    # with --behaviour, check_throughput-behaviour.* (gRPC), check_throughput-http-behaviour.*
+    # One pair of files per variant: check_throughput.* (gRPC), check_throughput-http.*;
+    # -telemetry and -behaviour added with --telemetry and --behaviour (e.g.
+    # check_throughput-http-behaviour.*).
     stem = "check_throughput" + ("" if args.transport == "grpc" else f"-{args.transport}")
+    stem += "-telemetry" if args.telemetry else ""
     stem += "-behaviour" if args.behaviour else ""
     (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(
         "# Check throughput: Envoy alone vs Envoy + RBAC vs Envoy + mandate"
         + (", behaviour analysis off vs on" if args.behaviour else "")
         + f" ({args.transport})\n\n"
-        "Written by `bench/check_throughput.py`; see bench/README.md for what each column means."
+        "Written by `python -m bench check_throughput`; see bench/README.md for what each "
+        "column means."
         "\n\n" + table
     )
     print(f"wrote {args.out / stem}.json and {args.out / stem}.md")
@@ -670,7 +669,3 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

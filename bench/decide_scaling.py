@@ -20,7 +20,7 @@ missed, the worst kind is profiled with cProfile at 10 and 10,000 rules and the 
 `decide()` of the functions that grow are written to the report.
 
 Writes bench/results/decide_scaling.{json,md}.
-Run: .venv/bin/python bench/decide_scaling.py [--calls 20000] [--rounds 4] [--sizes 10,100,...]
+Run: python -m bench decide_scaling [--calls 20000] [--rounds 4] [--sizes 10,100,...]
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import cProfile
 import gc
 import pstats
 import random
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,17 +38,12 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench.lib import RESULTS
+from bench.lib.report import machine_base, write_results
+from sidecar.core.decide import Code, RequestView, decide
+from sidecar.core.loader import load_profiles
+from sidecar.core.snapshot import Snapshot, compile_snapshot
 
-from benchlib import machine_base, write_results  # noqa: E402
-
-from sidecar.core.decide import Code, RequestView, decide  # noqa: E402
-from sidecar.core.loader import load_profiles  # noqa: E402
-from sidecar.core.snapshot import Snapshot, compile_snapshot  # noqa: E402
-
-BENCH = Path(__file__).resolve().parent
 AGENT = "bench-agent"
 PURPOSE = "work"
 NOW = 1_800_000_000.0
@@ -377,7 +371,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         "# decide() scaling: 10 to 10,000 rules in one purpose",
         "",
-        "Written by `bench/decide_scaling.py`; see bench/README.md for what each column means.",
+        "Written by `python -m bench decide_scaling`; see bench/README.md for what each "
+        "column means.",
         "",
         "| rules | request | p50 µs | p99 µs | p99.9 µs | max µs | mean µs |",
         "|---|---|---|---|---|---|---|",
@@ -457,7 +452,10 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="python -m bench decide_scaling",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
     p.add_argument("--calls", type=int, default=20000, help="timed calls per (size, kind)")
     p.add_argument("--rounds", type=int, default=4, help="rounds the calls are split into")
     p.add_argument("--warmup", type=int, default=1000, help="warm-up calls before each round")
@@ -469,7 +467,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--load-repeats", type=int, default=3, help="loads per size (best is kept)")
     p.add_argument("--profile-calls", type=int, default=20000, help="calls under cProfile")
-    p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     return p.parse_args(argv)
 
 
@@ -574,7 +572,3 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_results(args.out / "decide_scaling", doc, markdown(doc))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

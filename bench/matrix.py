@@ -21,11 +21,11 @@ telemetry off, behaviour off), one configuration per other value of each dimensi
 baseline with that one value changed), and one with every dimension at its last value (http,
 2 workers, telemetry on, behaviour on); --full runs the whole cross product. --dry-run lists
 the cases and the expected duration. --pin puts Envoy, mandate and the load generator on
-CPUs of their own (benchlib.Pinning).
+CPUs of their own (bench.lib.proc.Pinning).
 
 Writes bench/results/matrix.{json,md,png} (--out, --name). Needs `wrk` (apt-get install -y
 wrk) and matplotlib (dev extras) for the plot. Everything listens on 127.0.0.1; Envoy runs
-with --concurrency 1. Run: .venv/bin/python bench/matrix.py [--duration 15] [--full] [--pin]
+with --concurrency 1. Run: python -m bench matrix [--duration 15] [--full] [--pin]
 """
 
 from __future__ import annotations
@@ -45,39 +45,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchlib import (  # noqa: E402
+from bench.lib import RESULTS, BenchError
+from bench.lib.load import WRK_SCRIPT, measure, run_openloop, run_wrk
+from bench.lib.proc import (
+    Pinning,
+    pin_tree,
+    plan_pinning,
+    sigterm_as_interrupt,
+    tree_affinity,
+    tree_pss_mb,
+    tree_rss_mb,
+)
+from bench.lib.report import envoy_version, first_line, machine_base, package_version
+from bench.lib.stack import (
     AGENT,
     ALLOWED_PATH,
     BEHAVIOUR,
     BEHAVIOUR_WARMUP_S,
-    BENCH,
     HOST,
     TEMPLATES,
-    WRK_SCRIPT,
-    BenchError,
     MandateOptions,
-    Pinning,
     Stack,
     behaviour_state,
-    envoy_version,
-    first_line,
-    machine_base,
-    measure,
-    package_version,
-    pin_tree,
-    plan_pinning,
-    run_openloop,
-    run_wrk,
     running_stack,
-    sigterm_as_interrupt,
     start_to_ready,
-    tree_affinity,
-    tree_pss_mb,
-    tree_rss_mb,
     verify,
 )
 
@@ -218,7 +209,7 @@ def estimate_s(args: argparse.Namespace, cases: Sequence[Case], loads: Sequence[
 
 
 def run_load(load: Load, stack: Stack, args: argparse.Namespace, script: Path) -> dict[str, Any]:
-    """One load on a running stack, measured (benchlib.measure)."""
+    """One load on a running stack, measured (bench.lib.load.measure)."""
     envoy = stack.envoy
 
     def go() -> dict[str, Any]:
@@ -635,9 +626,9 @@ def markdown(doc: dict[str, Any], loads: Sequence[Load]) -> str:
     lines = [
         "# Benchmark matrix: Envoy alone (a), Envoy + RBAC (b), Envoy + mandate (c)",
         "",
-        "Written by `bench/matrix.py` (`make bench`); see bench/README.md for what each column "
-        "means. Every figure is followed by its ratio to (b) under the same load in this run "
-        f"({TIMES}1.00 = as RBAC).",
+        "Written by `python -m bench matrix` (`make bench`); see bench/README.md for what "
+        "each column means. Every figure is followed by its ratio to (b) under the same load "
+        f"in this run ({TIMES}1.00 = as RBAC).",
         "",
         f"Machine: {info['nproc']} CPUs ({info['cpus_available']} usable), {info['cpu_model']}, "
         f"Linux {info['kernel']}; Python {info['python']}, grpcio {info['grpcio']}, Envoy "
@@ -778,7 +769,9 @@ def _transports(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="python -m bench matrix", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
     p.add_argument("--duration", type=float, default=15.0, help="seconds per load (default 15)")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per case")
     p.add_argument("--concurrency", type=_ints, default=[16, 64], help="closed loop: 16,64")
@@ -794,7 +787,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=32, help="open loop: keep-alive connections")
     p.add_argument("--drain", type=float, default=2.0, help="open loop: seconds for the last ones")
     p.add_argument("--dry-run", action="store_true", help="list the cases and the expected time")
-    p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     p.add_argument("--name", default="matrix", help="file stem of the results (default matrix)")
     args = p.parse_args(argv)
     if not 0 < args.duration <= 600 or not 0 <= args.warmup <= 60:
@@ -951,7 +944,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"matrix: FAILED cases: {bad}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,7 @@ fresh interpreter reaches after each import a worker and the supervisor make.
    printing the RSS after each (`/proc/self/statm`): what each import adds.
 
 Writes bench/results/memory_breakdown.{md,json}. Run:
-    .venv/bin/python bench/memory_breakdown.py [--workers 1] [--transport grpc|http]
+    python -m bench memory_breakdown [--workers 1] [--transport grpc|http]
 """
 
 from __future__ import annotations
@@ -24,22 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchlib import (  # noqa: E402
-    PROFILES,
-    BenchError,
-    process_tree,
-    run_main,
-    unlimited_profiles,
-    write_results,
-)
-
-from devstack.local import start_mandate  # noqa: E402
-
-OUT = ROOT / "bench" / "results"
+from bench.lib import PROFILES, RESULTS, ROOT, BenchError
+from bench.lib.proc import process_tree
+from bench.lib.report import write_results
+from bench.lib.stack import unlimited_profiles
+from devstack.local import start_mandate
 
 # What each role imports, in order (sidecar.run.worker is the worker's entry, sidecar.run.supervisor
 # the supervisor's; the third-party modules first, so that their share shows on its own).
@@ -140,7 +129,7 @@ def _group(path: str) -> str:
 def markdown(result: dict[str, Any]) -> str:
     out = ["# mandate's idle memory, by process, mapping and import", ""]
     out.append(
-        f"Written by `bench/memory_breakdown.py`; `mandate run --transport "
+        f"Written by `python -m bench memory_breakdown`; `mandate run --transport "
         f"{result['transport']} --workers {result['workers']}` idle for {result['idle_s']} s. "
         "RSS counts a shared page in every process that maps it; PSS divides it among them "
         "(what a pod's memory cgroup is charged is close to the sum of PSS, plus page cache)."
@@ -162,11 +151,13 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench memory_breakdown", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--transport", choices=["grpc", "http"], default="grpc")
     p.add_argument("--idle", type=float, default=2.0, help="seconds idle before reading")
-    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mandate-mem-") as tmp:
         work = Path(tmp)
@@ -188,7 +179,3 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_results(args.out / "memory_breakdown", result, markdown(result))
     return 0
-
-
-if __name__ == "__main__":
-    run_main(main, "memory_breakdown")

@@ -231,7 +231,9 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="python -m bench openloop", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
     p.add_argument("--port", type=int, required=True, help="127.0.0.1 port to load")
     p.add_argument("--host", required=True, help="Host header")
     p.add_argument("--path", default="/")

@@ -8,14 +8,16 @@ minus rate limits, `GET /v1/invoices/42` allowed). Configurations (--cases, comm
   off        tracing and audit off
   telemetry  every decision traced (OTLP to a discarding receiver) and audited
 
-py-spy runs with --native (C frames of grpcio's core and CPython) and --threads; with
---idle, samples of threads that wait (GIL, futex, epoll) are kept too, which shows how many
-threads hand work around. Writes, per case, the folded stacks (flamegraph.pl / speedscope
+py-spy runs with --threads and, by default, --gil --nonblocking (the thread holding the GIL,
+without stopping the worker); --native adds the C frames of grpcio's core and CPython but
+pauses the worker per sample. With --idle, samples of threads that wait (GIL, futex, epoll)
+are kept too, which shows how many threads hand work around. Meanwhile /proc gives the
+worker's CPU per OS thread name. Writes, per case, the folded stacks (flamegraph.pl / speedscope
 input) and a summary to bench/results/profile/. Needs py-spy (`pip install py-spy`, in the
 dev extras) and wrk, and ptrace rights over the worker (same user; on hardened kernels
 `kernel.yama.ptrace_scope` 0).
 
-Run: .venv/bin/python bench/profile_check.py [--duration 10] [--cases off,telemetry]
+Run: python -m bench profile_check [--duration 10] [--cases off,telemetry]
      [--transport grpc|http] [--idle]
 """
 
@@ -32,24 +34,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchlib import (  # noqa: E402
-    TEMPLATES,
-    WRK_SCRIPT,
-    BenchError,
-    MandateOptions,
-    process_tree,
-    run_main,
-    run_wrk,
-    running_stack,
-    verify,
-    write_results,
-)
-
-OUT = ROOT / "bench" / "results" / "profile"
+from bench.lib import RESULTS, BenchError
+from bench.lib.load import WRK_SCRIPT, run_wrk
+from bench.lib.proc import process_tree
+from bench.lib.report import write_results
+from bench.lib.stack import TEMPLATES, MandateOptions, running_stack, verify
 
 
 def py_spy() -> str:
@@ -164,9 +153,9 @@ def run_case(
 
 
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    out = ["# Where a Check worker's CPU goes (py-spy --native under wrk load)", ""]
+    out = ["# Where a Check worker's CPU goes (py-spy under wrk load)", ""]
     out.append(
-        f"Written by `bench/profile_check.py`; transport {args.transport}, wrk -t1 "
+        f"Written by `python -m bench profile_check`; transport {args.transport}, wrk -t1 "
         f"-c{args.connections} for {args.duration:g} s, py-spy {args.rate} Hz"
         f"{', --native (the worker is paused per sample)' if args.native else ', --gil'}"
         f"{' with idle samples' if args.idle else ''}."
@@ -193,7 +182,9 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench profile_check", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--duration", type=float, default=10.0, help="seconds sampled per case")
     p.add_argument("--cases", default="off,telemetry", help="off, telemetry (comma-separated)")
     p.add_argument("--transport", choices=["grpc", "http"], default="grpc")
@@ -204,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "--native", action="store_true", help="C frames too (stops the worker per sample)"
     )
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--out", type=Path, default=RESULTS / "profile")
     args = p.parse_args(argv)
     cases = {
         "off": MandateOptions(transport=args.transport),
@@ -224,7 +215,3 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.out / f"profile-{args.transport}{'-idle' if args.idle else ''}"
     write_results(stem, results, markdown(results, args))
     return 0
-
-
-if __name__ == "__main__":
-    run_main(main, "profile_check")

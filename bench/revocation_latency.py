@@ -36,7 +36,7 @@ skips it.
 
 Prints a table and writes bench/results/revocation_latency.{json,md}. Every wait has a
 deadline; all processes are stopped on exit, errors and Ctrl-C included.
-Run: .venv/bin/python bench/revocation_latency.py [--flips 100] [--clients 4] [--applies 30]
+Run: python -m bench revocation_latency [--flips 100] [--clients 4] [--applies 30]
 """
 
 from __future__ import annotations
@@ -66,28 +66,20 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchlib import (  # noqa: E402
+from bench.lib import PROFILES, RESULTS, ROOT, BenchError
+from bench.lib.load import RawClient
+from bench.lib.proc import (
     CLK_TCK,
-    BenchError,
-    RawClient,
     cpu_seconds,
-    envoy_version,
-    machine_base,
     machine_ticks,
-    package_version,
     process_tree,
     sigterm_as_interrupt,
     stop_process,
-    unlimited_profiles,
-    upstream_main,
     wait_for,
 )
-
-from devstack.local import (  # noqa: E402
+from bench.lib.report import envoy_version, machine_base, package_version
+from bench.lib.stack import unlimited_profiles, upstream_main
+from devstack.local import (
     ENVOY_DIR,
     EnvoyProcess,
     MandateProcess,
@@ -96,8 +88,6 @@ from devstack.local import (  # noqa: E402
     start_mandate,
 )
 
-BENCH = Path(__file__).resolve().parent
-PROFILES = ROOT / "devstack" / "demo" / "profiles"
 AGENT = "billing-agent"
 NAMESPACE = "agents"
 HOST = "ledger.finance.svc.cluster.local"
@@ -1029,7 +1019,10 @@ def kubectl_markdown(k: Any) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="python -m bench revocation_latency",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
     p.add_argument("--flips", type=int, default=100, help="revoke/restore flips per phase")
     p.add_argument("--clients", type=int, default=4, help="client processes, phase 1")
     p.add_argument(
@@ -1046,7 +1039,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-kubectl", action="store_true", help="skip the kubectl phase")
     p.add_argument("--applies", type=int, default=30, help="kubectl applies (kubectl phase)")
-    p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = p.parse_args(argv)
     if not 1 <= args.flips <= 10000 or not 1 <= args.clients <= 256:
         p.error("--flips: 1..10000; --clients: 1..256")
@@ -1116,7 +1109,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "revocation_latency.json").write_text(json.dumps(doc, indent=2) + "\n")
     (args.out / "revocation_latency.md").write_text(
         "# Revocation latency: flag written → first 403 through Envoy\n\n"
-        "Written by `bench/revocation_latency.py`; see bench/README.md for what each column "
+        "Written by `python -m bench revocation_latency`; see bench/README.md for what each column "
         "means.\n\n" + table
     )
     print(f"wrote {args.out / 'revocation_latency.json'} and {args.out / 'revocation_latency.md'}")
@@ -1126,7 +1119,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"revocation_latency: FAIL: {stale} stale allow(s)", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -41,7 +41,7 @@ warm-up to the last (must be < 10 % for the supervisor, each worker and Envoy), 
 trail verified (`mandate audit verify`). Writes bench/results/soak[-http].{json,md}, the
 latest run (git keeps the others; -http with --transport http); exits 1 on FAIL.
 
-Run: .venv/bin/python bench/soak.py [--minutes 10] [--workers 2] [--transport grpc|http]
+Run: python -m bench soak [--minutes 10] [--workers 2] [--transport grpc|http]
 """
 
 from __future__ import annotations
@@ -73,29 +73,21 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchlib import (  # noqa: E402
+from bench.lib import PROFILES, RESULTS, BenchError
+from bench.lib.load import RawClient
+from bench.lib.proc import (
     CLK_TCK,
-    BenchError,
-    RawClient,
     cpu_seconds,
-    envoy_version,
-    machine_base,
     machine_ticks,
-    package_version,
     process_tree,
     rss_mb,
     sigterm_as_interrupt,
     stop_process,
-    unlimited_profiles,
-    upstream_main,
     wait_for,
 )
-
-from devstack.local import (  # noqa: E402
+from bench.lib.report import envoy_version, machine_base, package_version
+from bench.lib.stack import unlimited_profiles, upstream_main
+from devstack.local import (
     ENVOY_DIR,
     EnvoyProcess,
     MandateProcess,
@@ -104,8 +96,6 @@ from devstack.local import (  # noqa: E402
     start_mandate,
 )
 
-BENCH = Path(__file__).resolve().parent
-PROFILES = ROOT / "devstack" / "demo" / "profiles"
 NAMESPACE = "agents"
 BILLING, RESEARCH = "billing-agent", "research-agent"
 AGENTS = (BILLING, RESEARCH)
@@ -1127,7 +1117,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"# Soak: {doc['settings']['minutes']:g} min, {doc['settings']['transport']}, "
         f"{doc['settings']['workers']} workers: **{'PASS' if doc['pass'] else 'FAIL'}**",
         "",
-        "Written by `bench/soak.py`; see bench/README.md. Command: "
+        "Written by `python -m bench soak`; see bench/README.md. Command: "
         f"`{doc['settings']['command']}`.",
         "",
         "| criterion | value | goal | |",
@@ -1294,7 +1284,9 @@ def work_directory(keep: bool) -> Iterator[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="python -m bench soak", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
     p.add_argument("--minutes", type=float, default=10.0, help="length of the traffic phase")
     p.add_argument("--workers", type=int, default=2, help="mandate's Check worker processes")
     p.add_argument("--transport", choices=["grpc", "http"], default="grpc")
@@ -1308,7 +1300,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--warmup", type=float, default=None,
         help="s before the RSS baseline sample (default 60, at most a quarter of the run)",
     )  # fmt: skip
-    p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     p.add_argument(
         "--keep", action="store_true", help="keep the work directory (audit trail, logs)"
     )
@@ -1342,7 +1334,7 @@ def main(argv: list[str] | None = None) -> int:
         "envoy": envoy_version(),
     }
     settings = {
-        "command": "python bench/soak.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m bench soak " + " ".join(sys.argv[1:] if argv is None else argv),
         **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "warmup_s": args.warmup,
         "learning_period_s": learning_s,
@@ -1524,7 +1516,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"soak: FAIL: {failed}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

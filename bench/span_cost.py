@@ -23,7 +23,7 @@ set in place) serialized, vs `otlp_wire`'s bytes with and without the memo of re
 attributes.
 
 Writes bench/results/span_cost.{json,md}.
-Run: .venv/bin/python bench/span_cost.py [--spans 20000] [--chunk 512] [--rounds 3]
+Run: python -m bench span_cost [--spans 20000] [--chunk 512] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -42,13 +42,9 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchlib import machine_base, package_version  # noqa: E402
-
-from sidecar.core import Decision  # noqa: E402
+from bench.lib import RESULTS, ROOT
+from bench.lib.report import machine_base, package_version, write_results
+from sidecar.core import Decision
 
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 COUNT = "/bench.SpanCount/Get"
@@ -297,25 +293,31 @@ def encodings(n: int) -> dict[str, float]:
 # --- the driver -----------------------------------------------------------------------
 
 
+# Children run this benchmark again through the runner, from the repository root.
+SELF = [sys.executable, "-m", "bench", "span_cost"]
+
+
 def child(args: list[str]) -> Any:
     proc = subprocess.run(
-        [sys.executable, __file__, *args], capture_output=True, text=True, timeout=600
+        [*SELF, *args], capture_output=True, text=True, timeout=600, cwd=ROOT, check=False
     )
     if proc.returncode != 0:
         raise SystemExit(f"span_cost {' '.join(args)} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench span_cost", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--spans", type=int, default=20_000)
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=(*PATHS, "encodings"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.receiver:
         receiver()
         return 0
@@ -327,9 +329,8 @@ def main() -> int:
         return 0
 
     recv = subprocess.Popen(
-        [sys.executable, __file__, "--receiver"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [*SELF, "--receiver"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
     try:
         assert recv.stdout is not None
         port = int(recv.stdout.readline())
@@ -366,11 +367,7 @@ def main() -> int:
         "summary": summary,
         "encodings_us": enc,
     }
-    md = render(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "span_cost.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "span_cost.md").write_text(md)
-    print(md)
+    write_results(args.out / "span_cost", result, render(result))
     return 0
 
 
@@ -380,7 +377,7 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         "# CPU per decision span: OpenTelemetry SDK vs lean tracer",
         "",
-        "Written by `bench/span_cost.py`; see bench/README.md.",
+        "Written by `python -m bench span_cost`; see bench/README.md.",
         "",
         "| path | record µs (Check thread) median / min | total µs (process) median / min |",
         "|---|---|---|",
@@ -413,7 +410,3 @@ def render(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,10 +15,10 @@ from /proc), and the cost relative to `off` (issue 4's goal: `both` within 20 % 
 throughput). Writes bench/results/telemetry_cost.{md,json}.
 
 --pin puts mandate (all its processes and threads) on a CPU of its own and Envoy, wrk, this
-script and its receiver on the other (benchlib.plan_pinning): mandate is then the bottleneck
+script and its receiver on the other (bench.lib.proc.plan_pinning): mandate is then the bottleneck
 and other parties' noise stays off its CPU, so rounds vary less.
 
-Run: .venv/bin/python bench/telemetry_cost.py [--duration 8] [--rounds 3] [--transport grpc]
+Run: python -m bench telemetry_cost [--duration 8] [--rounds 3] [--transport grpc]
      [--pin]
 """
 
@@ -28,35 +28,23 @@ import argparse
 import contextlib
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchlib import (  # noqa: E402
+from bench.lib import RESULTS, BenchError
+from bench.lib.load import WRK_SCRIPT, run_wrk
+from bench.lib.proc import Pinning, pin_tree, plan_pinning, tree_cpu_seconds
+from bench.lib.report import machine_base, write_results
+from bench.lib.stack import (
     TEMPLATES,
-    WRK_SCRIPT,
-    BenchError,
     MandateOptions,
-    Pinning,
     discarding_otlp_receiver,
-    machine_base,
-    pin_tree,
-    plan_pinning,
-    run_main,
-    run_wrk,
     running_stack,
-    tree_cpu_seconds,
     verify,
-    write_results,
 )
 
-OUT = ROOT / "bench" / "results"
 CASES = ("off", "audit", "trace", "both")
 
 
@@ -110,7 +98,7 @@ def markdown(info: dict[str, Any], runs: dict[str, Any], med: dict[str, Any]) ->
     out = [
         "# What tracing and the audit trail cost a Check",
         "",
-        "Written by `bench/telemetry_cost.py`; see its docstring. "
+        "Written by `python -m bench telemetry_cost`; see its docstring. "
         f"Transport {info['transport']}, 1 worker, {info['threads'] or 'default'} Check "
         f"threads, wrk -t1 -c{info['connections']}, "
         f"{info['duration']:g} s per run, {info['rounds']} rounds (medians). "
@@ -142,7 +130,9 @@ def markdown(info: dict[str, Any], runs: dict[str, Any], med: dict[str, Any]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench telemetry_cost", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=3)
@@ -152,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", default=",".join(CASES), help="a subset of " + ",".join(CASES))
     p.add_argument("--name", default="", help="results file stem (default telemetry_cost)")
     p.add_argument("--pin", action="store_true", help="mandate on a CPU of its own")
-    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     pinning = plan_pinning() if args.pin else None
     if pinning is not None:
@@ -190,7 +180,3 @@ def main(argv: list[str] | None = None) -> int:
     )
     write_results(stem, {"info": info, "runs": runs, "median": med}, markdown(info, runs, med))
     return 0
-
-
-if __name__ == "__main__":
-    run_main(main, "telemetry_cost")

@@ -1,113 +1,42 @@
-"""What every benchmark under bench/ reads from /proc and records about the machine, and the
-Envoy + authorizer stacks that check_throughput.py and matrix.py measure: start them, check
-them, load them (wrk, closed loop; openloop.py, fixed rate), and measure around the load.
-
-Imported by the benchmark scripts (`python bench/<script>.py` puts bench/ on sys.path).
-"""
+"""The stacks under test: the benchmark request, Envoy with bench/envoy-*.yaml (the ceiling,
+the RBAC floor, mandate over each transport) and `mandate run` behind it with the demo
+profiles minus rate limits; start them (`running_stack`), check them (`verify`), ask them
+(Envoy's counters, mandate's /metrics and /v1/status); the demo upstream in a process of its
+own; `mandate run`'s start-up time and idle memory."""
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import http.client
 import json
-import math
-import os
-import platform
 import re
-import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
-from importlib import metadata
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
-from types import FrameType
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 
+from bench.lib import BENCH, PROFILES, ROOT, BenchError
+from bench.lib.proc import Pinning, pin_tree, process_tree, spawning_on, tree_pss_mb, tree_rss_mb
 from devstack.local import (
     ENVOY_DIR,
     EnvoyProcess,
     MandateProcess,
-    envoy_binary,
     render_envoy_config,
     start_envoy,
     start_mandate,
     stop_subprocess,
 )
-
-__all__ = [
-    "AGENT",
-    "ALLOWED_PATH",
-    "BEHAVIOUR",
-    "BEHAVIOUR_LEARNING_S",
-    "BEHAVIOUR_WARMUP_S",
-    "BENCH",
-    "CLK_TCK",
-    "DENIED_PATH",
-    "HOST",
-    "PROFILES",
-    "RULE",
-    "TEMPLATES",
-    "WRK_SCRIPT",
-    "BenchError",
-    "MandateOptions",
-    "Pinning",
-    "RawClient",
-    "Stack",
-    "behaviour_state",
-    "cpu_seconds",
-    "discarding_otlp_receiver",
-    "envoy_stats",
-    "envoy_version",
-    "first_line",
-    "http_get",
-    "machine_base",
-    "machine_busy_seconds",
-    "machine_ticks",
-    "mandate_decisions",
-    "mandate_status",
-    "measure",
-    "package_version",
-    "pin_tree",
-    "plan_pinning",
-    "process_tree",
-    "pss_mb",
-    "request",
-    "rss_mb",
-    "run_main",
-    "run_openloop",
-    "run_wrk",
-    "running_stack",
-    "sigterm_as_interrupt",
-    "spawning_on",
-    "start_to_ready",
-    "tree_affinity",
-    "tree_cpu_seconds",
-    "tree_cpu_split",
-    "tree_pss_mb",
-    "tree_rss_mb",
-    "unlimited_profiles",
-    "verify",
-    "with_access_log",
-    "write_results",
-]
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
-PROFILES = ROOT / "devstack" / "demo" / "profiles"
 
 # The benchmark request: allowed by the RBAC policy of envoy-rbac.yaml and by the demo
 # profile's rule RULE (agent AGENT); DENIED_PATH is denied by both.
@@ -136,143 +65,6 @@ BEHAVIOUR = {
 }
 BEHAVIOUR_WARMUP_S = BEHAVIOUR_LEARNING_S + 2  # warm-up at least this long, behaviour on
 ALS_LOGGER = "envoy.access_loggers.http_grpc"
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds; 0 if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = raw[raw.rindex(")") + 2 :].split()  # fields from 3 (state) on
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (mandate: the supervisor and its workers)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    return sum(cpu_seconds(p) for p in process_tree(pid))
-
-
-def tree_cpu_split(pid: int) -> tuple[float, float]:
-    """(CPU seconds of ``pid`` itself, of all its descendants): for mandate, the supervisor's
-    and its Check workers'. A descendant that exited meanwhile no longer counts."""
-    own = cpu_seconds(pid)
-    return own, sum(cpu_seconds(p) for p in process_tree(pid) if p != pid)
-
-
-def tree_rss_mb(pid: int) -> float:
-    total = 0.0
-    for p in process_tree(pid):
-        with contextlib.suppress(OSError):
-            total += rss_mb(p)
-    return total
-
-
-def pss_mb(pid: int) -> float:
-    """Proportional set size (/proc/PID/smaps_rollup): shared pages divided among the
-    processes that map them, so that a tree's sum counts them once; NaN if unreadable."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def tree_pss_mb(pid: int) -> float:
-    return sum(pss_mb(p) for p in process_tree(pid))
-
-
-def machine_ticks() -> tuple[int, int]:
-    """(busy, total) CPU ticks of the whole machine, from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return sum(values) - idle, sum(values)
-
-
-def machine_busy_seconds() -> tuple[float, str]:
-    """CPU time used so far by every task, in seconds, and where it comes from: the root
-    cgroup's accounting (scheduler run time, exact: cgroup v2 `cpu.stat` usage_usec or v1
-    `cpuacct.usage`) if readable, else /proc/stat's busy ticks (sampled at each tick, which
-    undercounts short bursts between idle periods: light, bursty loads look idler)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/sys/fs/cgroup/cpu.stat").read_text().splitlines():
-            if line.startswith("usage_usec "):
-                return int(line.split()[1]) / 1e6, "cgroup cpu.stat"
-    with contextlib.suppress(OSError, ValueError):
-        usage = Path("/sys/fs/cgroup/cpuacct/cpuacct.usage").read_text()
-        return int(usage) / 1e9, "cgroup cpuacct.usage"
-    return machine_ticks()[0] / CLK_TCK, "/proc/stat ticks"
-
-
-def package_version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def first_line(cmd: list[str]) -> str:
-    """The first line a command prints (stdout, else stderr), or '' if it cannot run."""
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    lines = (proc.stdout.strip() or proc.stderr.strip()).splitlines()
-    return lines[0] if lines else ""
-
-
-def envoy_version() -> str:
-    text = first_line([envoy_binary(), "--version"])
-    m = re.search(r"/(\d+\.\d+\.\d+)/", text)
-    return m.group(1) if m else text
-
-
-def machine_base() -> dict[str, Any]:
-    """The machine and checkout every result file records; scripts add their own fields."""
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    commit = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = first_line(["git", "-C", str(ROOT), "status", "--porcelain"])
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "git_commit": commit + (" (dirty)" if dirty else ""),
-        "pinning": "none",
-        "loadavg_before": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
-    }
 
 
 def unlimited_profiles(
@@ -310,77 +102,6 @@ def _set_behaviour(profiles: Path, behaviour: Mapping[str, Mapping[str, Any]]) -
             f.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     if missing:
         raise ValueError(f"no profile for {', '.join(sorted(missing))} in {profiles}")
-
-
-# ---------------------------------------------------------------- the stacks under test
-
-
-class BenchError(RuntimeError):
-    """The benchmark cannot produce meaningful figures; the message says why."""
-
-
-def write_results(stem: Path, doc: Any, text: str) -> None:
-    """STEM.json (``doc``, indented) and STEM.md (``text``), then ``text`` on stdout."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(text)
-    print(text)
-
-
-def run_main(main: Callable[[], int], name: str) -> NoReturn:
-    """Exit with ``main()``'s code; a BenchError is one line on stderr and exit code 1."""
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"{name}: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-class RawClient:
-    """HTTP/1.1 over one keep-alive socket, requests pre-encoded: far less client CPU than
-    http.client, which matters when clients, Envoy and mandate share two CPUs."""
-
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.port = port
-        self.timeout = timeout
-        self.sock: socket.socket | None = None
-        self.buf = b""
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-        self.sock, self.buf = None, b""
-
-    def send(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
-        """(status, lower-case headers, body). Raises OSError (or ValueError on garbage)."""
-        if self.sock is None:
-            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(request)
-        while (end := self.buf.find(b"\r\n\r\n")) < 0:
-            self._more()
-        head, self.buf = self.buf[:end].decode("latin-1"), self.buf[end + 4 :]
-        lines = head.split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers = {
-            k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])
-        }
-        if "content-length" not in headers:
-            raise OSError(f"response without content-length: {head[:200]!r}")
-        length = int(headers["content-length"])
-        while len(self.buf) < length:
-            self._more()
-        body, self.buf = self.buf[:length], self.buf[length:]
-        if headers.get("connection", "").lower() == "close":
-            self.close()
-        return status, headers, body
-
-    def _more(self) -> None:
-        assert self.sock is not None
-        data = self.sock.recv(65536)
-        if not data:
-            raise OSError("connection closed by Envoy")
-        self.buf += data
 
 
 def http_get(url: str, timeout: float = 2.0) -> str:
@@ -540,248 +261,6 @@ def verify(
             raise BenchError(f"{name}: mandate did not see the probes' Checks: {before} -> {after}")
 
 
-# ---------------------------------------------------------------- load
-
-
-# wrk prints one JSON line at the end; latencies are in microseconds.
-WRK_SCRIPT = r"""
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRK_JSON {"requests": %d, "duration_us": %d, "bytes": %d, "connect": %d, "read": %d, ' ..
-    '"write": %d, "status": %d, "timeout": %d, "mean_us": %.1f, "max_us": %d, ' ..
-    '"p50_us": %d, "p90_us": %d, "p99_us": %d, "p999_us": %d}\n',
-    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status,
-    e.timeout, latency.mean, latency.max, latency:percentile(50), latency:percentile(90),
-    latency:percentile(99), latency:percentile(99.9)))
-end
-"""
-
-
-def _children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-
-def run_wrk(
-    port: int, script: Path, connections: int, duration: float, *, latency: bool = False
-) -> dict[str, Any]:
-    """Closed loop: `wrk -t1 -c<connections>` for ``duration`` s, the benchmark request;
-    latencies (µs) are wrk's, from each request's send. ``load_cpu_s``: wrk's CPU time.
-    wrk takes whole seconds: ``duration`` is rounded up."""
-    secs = max(1, math.ceil(duration))
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{secs}s", "--timeout", "2s"]
-    cmd += ["-s", str(script), "-H", f"Host: {HOST}"]
-    if latency:
-        cmd.append("--latency")
-    cmd.append(f"http://127.0.0.1:{port}{ALLOWED_PATH}")
-    before = _children_cpu()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30, check=False)
-    cpu = _children_cpu() - before  # wrk is the only child reaped meanwhile
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
-    if proc.returncode != 0 or line is None:
-        raise BenchError(f"wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout}")
-    result: dict[str, Any] = json.loads(line.removeprefix("WRK_JSON "))
-    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
-    result["non_2xx"] = result["status"]
-    result["socket_errors"] = sum(result[k] for k in ("connect", "read", "write", "timeout"))
-    result["wrk_cpu_s"] = result["load_cpu_s"] = cpu
-    return result
-
-
-OPENLOOP = BENCH / "openloop.py"
-
-
-def run_openloop(
-    port: int, rate: float, duration: float, *, connections: int = 32, drain: float = 2.0
-) -> dict[str, Any]:
-    """Open loop: bench/openloop.py sends the benchmark request at ``rate`` per second for
-    ``duration`` s over ``connections`` keep-alive connections, latencies (µs) from each
-    request's scheduled time (see its docstring). ``load_cpu_s``: the generator's CPU time."""
-    cmd = [sys.executable, str(OPENLOOP), "--port", str(port), "--host", HOST]
-    cmd += ["--path", ALLOWED_PATH, "--rate", f"{rate:g}", "--duration", f"{duration:g}"]
-    cmd += ["--connections", str(connections), "--drain", f"{drain:g}"]
-    before = _children_cpu()
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=duration + drain + 30, check=False
-    )
-    cpu = _children_cpu() - before
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("OPENLOOP_JSON ")), None)
-    if proc.returncode != 0 or line is None:
-        raise BenchError(f"openloop failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
-    result: dict[str, Any] = json.loads(line.removeprefix("OPENLOOP_JSON "))
-    result["load_cpu_s"] = cpu
-    answered = result["requests"]
-    result["load_cpu_us_per_request"] = cpu / answered * 1e6 if answered else None
-    return result
-
-
-def measure(
-    envoy: EnvoyProcess,
-    mandate: MandateProcess | None,
-    load: Callable[[], dict[str, Any]],
-) -> dict[str, Any]:
-    """Run ``load`` (one wrk or openloop run) and add the CPU and request counts measured
-    around it, from /proc, Envoy's admin stats and mandate's /metrics."""
-    stats0 = envoy_stats(envoy)
-    dec0 = mandate_decisions(mandate) if mandate else None
-    busy0, source = machine_busy_seconds()
-    wall0 = time.monotonic()
-    self0 = resource.getrusage(resource.RUSAGE_SELF)
-    env_cpu0 = cpu_seconds(envoy.proc.pid)
-    sup_cpu0, wrk_cpu0 = tree_cpu_split(mandate.proc.pid) if mandate else (0.0, 0.0)
-    result = load()
-    env_cpu = cpu_seconds(envoy.proc.pid) - env_cpu0
-    sup_cpu1, wrk_cpu1 = tree_cpu_split(mandate.proc.pid) if mandate else (0.0, 0.0)
-    sup_cpu, workers_cpu = sup_cpu1 - sup_cpu0, wrk_cpu1 - wrk_cpu0
-    man_cpu = sup_cpu + workers_cpu
-    busy1, _ = machine_busy_seconds()
-    wall = time.monotonic() - wall0
-    self1 = resource.getrusage(resource.RUSAGE_SELF)
-    stats1 = envoy_stats(envoy)
-
-    def delta(name: str) -> int:
-        return stats1.get(name, 0) - stats0.get(name, 0)
-
-    served = delta("http.egress.downstream_rq_total")
-    result["envoy_requests"] = served
-    result["envoy_2xx"] = delta("http.egress.downstream_rq_2xx")
-    # Started minus 2xx: also the requests a closed-loop client abandons in flight at its end.
-    result["envoy_non_2xx"] = served - result["envoy_2xx"]
-    result["envoy_4xx_5xx"] = delta("http.egress.downstream_rq_4xx") + delta(
-        "http.egress.downstream_rq_5xx"
-    )
-    result["envoy_cpu_s"] = env_cpu
-    result["envoy_cpu_us_per_request"] = env_cpu / served * 1e6 if served else None
-    result["envoy_rss_mb"] = rss_mb(envoy.proc.pid)
-    ncpu = os.cpu_count() or 1
-    result["machine_busy_pct"] = 100 * (busy1 - busy0) / (wall * ncpu) if wall > 0 else None
-    result["machine_busy_source"] = source
-    # This script's own CPU meanwhile (its polling; with tracing on, the OTLP receiver).
-    driver = (self1.ru_utime - self0.ru_utime) + (self1.ru_stime - self0.ru_stime)
-    result["driver_cpu_s"] = driver
-    # CPU used meanwhile by processes other than Envoy, mandate, the load generator and this
-    # script (others' noise), in CPUs: the machine's busy time minus ours, over the wall time
-    # of the run. Ours come from /proc/PID/stat in ticks (10 ms): about ±0.05 CPU over 10 s.
-    ours = env_cpu + man_cpu + result["load_cpu_s"] + driver
-    result["other_cpus"] = (busy1 - busy0 - ours) / wall if wall > 0 else None
-    result["authz"] = {
-        k.removeprefix("http.egress."): delta(k)
-        for k in sorted(stats1)
-        if k.startswith(("http.egress.ext_authz.", "http.egress.rbac."))
-    }
-    # The gRPC access logger (behaviour analysis): entries written to / dropped before mandate.
-    result["access_log"] = {
-        k.removeprefix("access_logs.grpc_access_log."): delta(k)
-        for k in sorted(stats1)
-        if k.startswith("access_logs.grpc_access_log.")
-    }
-    if mandate is not None and dec0 is not None:
-        dec1 = mandate_decisions(mandate)
-        allow, deny = dec1["allow"] - dec0["allow"], dec1["deny"] - dec0["deny"]
-        checks = allow + deny
-        result["checks"] = checks
-        result["checks_allowed"] = allow
-        result["checks_denied"] = deny
-        result["mandate_cpu_s"] = man_cpu
-        result["mandate_cpu_us_per_check"] = man_cpu / checks * 1e6 if checks else None
-        # Split by process: the Check workers (the Check path) and the supervisor (admin,
-        # tables; with behaviour analysis, the access log's decoding and scoring).
-        result["mandate_workers_cpu_s"] = workers_cpu
-        result["mandate_supervisor_cpu_s"] = sup_cpu
-        result["mandate_workers_cpu_us_per_check"] = workers_cpu / checks * 1e6 if checks else None
-        result["mandate_supervisor_cpu_us_per_check"] = sup_cpu / checks * 1e6 if checks else None
-        result["mandate_rss_mb"] = tree_rss_mb(mandate.proc.pid)
-        result["mandate_pss_mb"] = tree_pss_mb(mandate.proc.pid)
-    return result
-
-
-# ---------------------------------------------------------------- pinning
-
-
-@dataclass(frozen=True)
-class Pinning:
-    """Which CPUs each party runs on (--pin). Set with sched_setaffinity(2): the starting
-    thread of this script takes a party's CPUs just while it spawns that party (children and
-    their threads inherit them), and every thread of the party's process tree is set again
-    once it runs (pin_tree). The load generators (wrk, openloop.py) are children of this
-    script, which otherwise runs on the ``load`` CPUs."""
-
-    envoy: tuple[int, ...]
-    mandate: tuple[int, ...]
-    load: tuple[int, ...]
-
-    def describe(self) -> str:
-        def cpus(c: tuple[int, ...]) -> str:
-            return ("CPU " if len(c) == 1 else "CPUs ") + ",".join(map(str, c))
-
-        return (
-            f"Envoy (all threads) on {cpus(self.envoy)}; mandate (supervisor, workers, all "
-            f"threads) on {cpus(self.mandate)}; load generator (wrk / openloop.py) and the "
-            f"driver on {cpus(self.load)}; sched_setaffinity on every thread"
-        )
-
-
-@contextlib.contextmanager
-def spawning_on(cpus: tuple[int, ...] | None) -> Iterator[None]:
-    """This thread on ``cpus`` while it starts a process (which inherits them), then back;
-    nothing if None."""
-    if cpus is None:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
-
-
-def plan_pinning() -> Pinning:
-    """Envoy on the first CPU this script may use, mandate on the second, the load generator
-    on the third if there is one, else with Envoy (on 2 CPUs mandate is the busiest party)."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        raise BenchError(f"--pin needs at least 2 CPUs; this process may use {cpus}")
-    load = cpus[2] if len(cpus) > 2 else cpus[0]
-    return Pinning((cpus[0],), (cpus[1],), (load,))
-
-
-def _threads(pid: int) -> list[int]:
-    try:
-        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        return []
-
-
-def pin_tree(pid: int, cpus: tuple[int, ...]) -> int:
-    """Every thread of ``pid`` and its descendants on ``cpus``; the number of threads set.
-    Two passes: a thread started during the first inherits from one already set, or is set
-    by the second."""
-    done: set[int] = set()
-    for _ in range(2):
-        for p in process_tree(pid):
-            for tid in _threads(p):
-                with contextlib.suppress(OSError):
-                    os.sched_setaffinity(tid, cpus)
-                    done.add(tid)
-    return len(done)
-
-
-def tree_affinity(pid: int) -> dict[str, Any]:
-    """The processes and threads of ``pid``'s tree and the CPUs any of them may run on."""
-    procs = process_tree(pid)
-    threads = [t for p in procs for t in _threads(p)]
-    allowed: set[int] = set()
-    for t in threads:
-        with contextlib.suppress(OSError):
-            allowed |= os.sched_getaffinity(t)
-    return {"processes": len(procs), "threads": len(threads), "cpus": sorted(allowed)}
-
-
-# ---------------------------------------------------------------- one stack
-
-
 @dataclass(frozen=True)
 class MandateOptions:
     """How `mandate run` is started behind Envoy's ext_authz filter."""
@@ -905,39 +384,6 @@ def running_stack(
             raise
 
 
-def wait_for(
-    cond: Callable[[], Any],
-    what: str,
-    timeout: float,
-    interval: float = 0.05,
-    tolerate: tuple[type[BaseException], ...] = (),
-) -> Any:
-    """``cond()``'s first true value, polled every ``interval`` s; BenchError after
-    ``timeout`` s. Exceptions of the ``tolerate`` types count as not yet (the last one is
-    named in the error)."""
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = cond()
-            if value:
-                return value
-        except tolerate as exc:
-            last = exc
-        time.sleep(interval)
-    raise BenchError(f"{what}: not after {timeout:g} s" + (f" ({last})" if last else ""))
-
-
-def stop_process(proc: BaseProcess, timeout: float = 5.0) -> None:
-    """Stop a multiprocessing child: terminate, then kill."""
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(timeout)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(timeout)
-
-
 def upstream_main(port_out: Connection) -> None:
     """The demo upstream in a process of its own (its GIL is not the clients'); sends its
     port through ``port_out``. It keeps every request it receives: that list is cleared
@@ -965,21 +411,6 @@ def upstream_main(port_out: Connection) -> None:
             await runner.cleanup()
 
     asyncio.run(serve())
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-# ---------------------------------------------------------------- start-up
 
 
 def start_to_ready(
