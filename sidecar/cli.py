@@ -6,6 +6,9 @@ Translates arguments into calls on the core and the server, and errors into exit
 (the message names the file, document and field, or the argument), 3 the sidecar failed to
 carry out an admin command (a 5xx: e.g. a revocation in force but not durable, a restore not
 done; the message says which file and why). Must not contain decision logic.
+
+`run` and `worker` turn their options into the one settings model (sidecar.settings) once,
+here; a worker that `mandate run` starts takes its settings whole from its environment.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -32,6 +36,29 @@ from sidecar.core.timefmt import parse_rfc3339, utc_seconds
 from sidecar.errors import BadRequestError, ConfigError, ProfileErrors
 from sidecar.headers import PURPOSE_HEADER, TASK_HEADER
 from sidecar.injection.cli import add_inject_parser, run_inject
+from sidecar.settings import (
+    AUDIT_ALLOWS,
+    AUDIT_FAILURE_MODES,
+    AUDIT_FSYNC_MODES,
+    KUBERNETES_MODES,
+    LOG_LEVELS,
+    TRACERS,
+    TRANSPORTS,
+    WORKER_SETTINGS_ENV,
+    AdminSettings,
+    AuditSettings,
+    BehaviourAnalysisSettings,
+    CheckSettings,
+    ContextListener,
+    IdentitySettings,
+    KubernetesSettings,
+    ProfileSettings,
+    Settings,
+    StateSettings,
+    TableSource,
+    TracingSettings,
+    WorkerSettings,
+)
 
 __all__ = ["main"]
 
@@ -48,11 +75,27 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name) or default
 
 
-def _serve_options(cmd: argparse.ArgumentParser, admin: bool) -> None:
+def _serve_options(cmd: argparse.ArgumentParser, *, admin: bool, spawned: bool = False) -> None:
+    """The options `mandate run` and `mandate worker` share, in the order --help lists them.
+    ``spawned``: a worker `mandate run` started, whose settings come whole from
+    MANDATE_WORKER_SETTINGS (no option is required)."""
+    _endpoint_options(cmd, admin=admin, spawned=spawned)
+    _identity_options(cmd)
+    _runtime_options(cmd)
+    _audit_options(cmd)
+    cmd.add_argument("--port-file", type=Path, help="write the bound ports as JSON to this file")
+    cmd.add_argument(
+        "--log-level",
+        default=_env("MANDATE_LOG_LEVEL", "INFO"),
+        choices=LOG_LEVELS,
+    )
+
+
+def _endpoint_options(cmd: argparse.ArgumentParser, *, admin: bool, spawned: bool) -> None:
     cmd.add_argument(
         "--profiles",
         default=_env("MANDATE_PROFILES"),
-        required=not _env("MANDATE_PROFILES"),
+        required=not (_env("MANDATE_PROFILES") or spawned),
         help="profile directory (env MANDATE_PROFILES)",
     )
     cmd.add_argument(
@@ -62,7 +105,7 @@ def _serve_options(cmd: argparse.ArgumentParser, admin: bool) -> None:
     )
     cmd.add_argument(
         "--transport",
-        choices=["grpc", "http"],
+        choices=TRANSPORTS,
         default=_env("MANDATE_TRANSPORT", "grpc"),
         help="how Envoy's ext_authz filter asks: grpc_service or http_service (use the "
         "matching config of envoy/; env MANDATE_TRANSPORT; default %(default)s)",
@@ -73,6 +116,9 @@ def _serve_options(cmd: argparse.ArgumentParser, admin: bool) -> None:
             default=_env("MANDATE_ADMIN", "127.0.0.1:9901"),
             help="admin HTTP address HOST:PORT (env MANDATE_ADMIN; default %(default)s)",
         )
+
+
+def _identity_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--agent",
         default=_env("MANDATE_AGENT"),
@@ -89,6 +135,9 @@ def _serve_options(cmd: argparse.ArgumentParser, admin: bool) -> None:
         help="the pod's namespace: revocations apply per namespace (env MANDATE_NAMESPACE; "
         "default %(default)s)",
     )
+
+
+def _runtime_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--threads",
         type=int,
@@ -110,7 +159,7 @@ def _serve_options(cmd: argparse.ArgumentParser, admin: bool) -> None:
     )
     cmd.add_argument(
         "--tracer",
-        choices=["lean", "sdk"],
+        choices=TRACERS,
         default=_env("MANDATE_TRACER", "lean"),
         help="how decision spans are recorded: lean (mandate's OTLP encoder, ~6 us CPU per "
         "span) or sdk (the OpenTelemetry SDK and its OTLP exporter, ~85 us; see "
@@ -121,6 +170,9 @@ def _serve_options(cmd: argparse.ArgumentParser, admin: bool) -> None:
         default=_env("MANDATE_POD_NAME", ""),
         help="this pod's name, for spans, audit records and Events (env MANDATE_POD_NAME)",
     )
+
+
+def _audit_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--audit-dir",
         type=Path,
@@ -129,20 +181,20 @@ def _serve_options(cmd: argparse.ArgumentParser, admin: bool) -> None:
     )
     cmd.add_argument(
         "--audit-allows",
-        choices=["all", "none"],
+        choices=AUDIT_ALLOWS,
         default=_env("MANDATE_AUDIT_ALLOWS", "all"),
         help="record allowed calls too (denies are always recorded; default %(default)s)",
     )
     cmd.add_argument(
         "--audit-on-failure",
-        choices=["fail-closed", "continue"],
+        choices=AUDIT_FAILURE_MODES,
         default=_env("MANDATE_AUDIT_ON_FAILURE", "fail-closed"),
         help="when the audit trail cannot be written: deny every call, or count and go on "
         "(default %(default)s)",
     )
     cmd.add_argument(
         "--audit-fsync",
-        choices=["interval", "always", "never"],
+        choices=AUDIT_FSYNC_MODES,
         default=_env("MANDATE_AUDIT_FSYNC", "interval"),
         help="fsync policy of the audit files (default %(default)s: at most once a second)",
     )
@@ -155,12 +207,6 @@ def _serve_options(cmd: argparse.ArgumentParser, admin: bool) -> None:
         "full, so that calls already allowed still get their records (bytes, or with K/M/G; "
         "0: off; env MANDATE_AUDIT_RESERVE; default %(default)s)",
     )
-    cmd.add_argument("--port-file", type=Path, help="write the bound ports as JSON to this file")
-    cmd.add_argument(
-        "--log-level",
-        default=_env("MANDATE_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -170,7 +216,19 @@ def _parser() -> argparse.ArgumentParser:
         "(an Envoy ext_authz server).",
     )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _run_parser(sub)
+    _worker_parser(sub)
+    _admin_parsers(sub)
+    _validate_parser(sub)
+    _explain_parser(sub)
+    sch = sub.add_parser("schema", help="print the JSON Schema of the profile format")
+    sch.add_argument("--indent", type=int, default=2)
+    add_audit_parser(sub)
+    add_inject_parser(sub)
+    return p
 
+
+def _run_parser(sub: Any) -> None:
     run = sub.add_parser(
         "run",
         help="serve Envoy's ext_authz Check (supervisor and workers)",
@@ -208,9 +266,14 @@ def _parser() -> argparse.ArgumentParser:
         help="bearer token for /v1/* (env MANDATE_ADMIN_TOKEN_FILE; default: "
         "STATE_DIR/admin.token, generated if missing)",
     )
+    _run_cluster_options(run)
+
+
+def _run_cluster_options(run: argparse.ArgumentParser) -> None:
+    """Kubernetes, behaviour analysis and the agent context API (`mandate run` only)."""
     run.add_argument(
         "--kubernetes",
-        choices=["auto", "on", "off"],
+        choices=KUBERNETES_MODES,
         default=_env("MANDATE_KUBERNETES", "auto"),
         help="watch AgentRevocation objects (auto: when in a cluster or --kubeconfig is given)",
     )
@@ -246,13 +309,17 @@ def _parser() -> argparse.ArgumentParser:
         "revocations (default %(default)s)",
     )
 
+
+def _worker_parser(sub: Any) -> None:
     worker = sub.add_parser(
         "worker",
         help="one Check worker (started by `mandate run`)",
         description="Serve Check on one endpoint, reading revocations from the shared table.",
     )
-    _serve_options(worker, admin=False)
-    table = worker.add_mutually_exclusive_group(required=True)
+    # Started by `mandate run`: the settings come whole in the environment (_cmd_worker).
+    spawned = bool(os.environ.get(WORKER_SETTINGS_ENV))
+    _serve_options(worker, admin=False, spawned=spawned)
+    table = worker.add_mutually_exclusive_group(required=not spawned)
     table.add_argument("--table", type=Path, help="the shared revocation table")
     table.add_argument(
         "--table-fd",
@@ -281,6 +348,9 @@ def _parser() -> argparse.ArgumentParser:
         help="this worker's share of each purpose's rate limit (1/workers; default 1)",
     )
 
+
+def _admin_parsers(sub: Any) -> None:
+    """The commands that call a running sidecar's admin API."""
     for name, helptext in (
         ("revoke", "revoke an agent through the sidecar's admin API"),
         ("restore", "remove the admin API's revocation of an agent"),
@@ -317,6 +387,8 @@ def _parser() -> argparse.ArgumentParser:
             help="the admin bearer token file (env MANDATE_ADMIN_TOKEN_FILE)",
         )
 
+
+def _validate_parser(sub: Any) -> None:
     val = sub.add_parser(
         "validate",
         help="check a profile directory",
@@ -328,6 +400,8 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("directory")
     val.add_argument("--json", action="store_true", help="print the result as JSON")
 
+
+def _explain_parser(sub: Any) -> None:
     ex = sub.add_parser(
         "explain",
         help="decide one call offline and say why",
@@ -350,12 +424,6 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "url", help="absolute URL (http://host[:port]/path?query), or host:port for CONNECT"
     )
-
-    sch = sub.add_parser("schema", help="print the JSON Schema of the profile format")
-    sch.add_argument("--indent", type=int, default=2)
-    add_audit_parser(sub)
-    add_inject_parser(sub)
-    return p
 
 
 def _bad(message: str, **extra: Any) -> int:
@@ -458,10 +526,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK if d.allowed else EXIT_DENY
 
 
-def _starting(args: argparse.Namespace, start: Callable[[], None]) -> int:
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def _starting(log_level: str, start: Callable[[], None]) -> int:
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         start()
     except ProfileErrors as exc:
@@ -470,12 +536,93 @@ def _starting(args: argparse.Namespace, start: Callable[[], None]) -> int:
         print("mandate: refusing to start with invalid profiles", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ConfigError as exc:
-        print(f"mandate: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _config_error(exc)
     return EXIT_OK
 
 
+def _config_error(exc: ConfigError) -> int:
+    print(f"mandate: {exc}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """The settings of `mandate run` or of a `mandate worker` run by hand, from its options
+    (a worker has none of the supervisor's: those keep their defaults). Raises ConfigError
+    naming the option."""
+    run = args.command == "run"
+    settings = Settings(
+        profiles=ProfileSettings(directory=Path(args.profiles), poll_seconds=args.poll_seconds),
+        check=CheckSettings(
+            listen=args.listen,
+            transport=args.transport,
+            threads=args.threads,
+            workers=args.workers if run else 1,
+        ),
+        identity=IdentitySettings(
+            agent=args.agent,
+            service_account=args.service_account,
+            namespace=args.namespace,
+            pod_name=args.pod_name,
+        ),
+        tracing=TracingSettings(otlp_endpoint=args.otlp_endpoint, tracer=args.tracer),
+        audit=AuditSettings(
+            directory=args.audit_dir,
+            allows=args.audit_allows,
+            on_failure=args.audit_on_failure,
+            fsync=args.audit_fsync,
+            reserve_bytes=args.audit_reserve,
+        ),
+        log_level=args.log_level,
+        port_file=args.port_file,
+    )
+    return _with_supervisor_options(settings, args) if run else settings
+
+
+def _with_supervisor_options(settings: Settings, args: argparse.Namespace) -> Settings:
+    """The groups only `mandate run` has options for."""
+    return replace(
+        settings,
+        admin=AdminSettings(listen=args.admin, token_file=args.admin_token_file),
+        state=StateSettings(directory=args.state_dir, table=args.table),
+        kubernetes=KubernetesSettings(
+            mode=args.kubernetes,
+            kubeconfig=args.kubeconfig,
+            initial_sync_timeout=args.initial_sync_timeout,
+        ),
+        behaviour=BehaviourAnalysisSettings(
+            access_log=args.access_log, publish_revocations=args.publish_behaviour_revocations
+        ),
+        context_api=tuple(ContextListener.parse(entry) for entry in args.context_api),
+    )
+
+
+def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
+    """A worker's settings: whole from `mandate run` (WORKER_SETTINGS_ENV, where its command
+    line only names its endpoint), or from the options of a worker run by hand."""
+    handed = os.environ.get(WORKER_SETTINGS_ENV)
+    if handed:
+        config = WorkerSettings.from_json(handed)
+        if args.listen != config.run.check.listen:
+            raise ConfigError(
+                f"--listen {args.listen!r}: this worker's settings ({WORKER_SETTINGS_ENV}) "
+                f"say {config.run.check.listen!r}"
+            )
+        return config
+    return WorkerSettings(
+        run=_settings(args),
+        revocations=TableSource(path=args.table, fd=args.table_fd),
+        agent_state=TableSource(path=args.context_table, fd=args.context_table_fd),
+        chain_id=args.chain_id,
+        version_file=args.version_file,
+        rate_share=args.rate_share,
+    )
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args)  # every check of the options, once, before anything runs
+    except ConfigError as exc:
+        return _config_error(exc)
     from sidecar.state.shm import RunDir
 
     # The run's directory (workers' port and version files, metrics): removed on exit, and
@@ -487,83 +634,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         metrics_dir = run_dir.path / "metrics"
         metrics_dir.mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    from sidecar.run.supervisor import SupervisorConfig, run_supervisor
+    from sidecar.run.supervisor import run_supervisor
 
-    config = SupervisorConfig(
-        profiles=Path(args.profiles),
-        listen=args.listen,
-        admin=args.admin,
-        workers=args.workers,
-        threads=args.threads,
-        agent=args.agent,
-        service_account=args.service_account,
-        namespace=args.namespace,
-        pod_name=args.pod_name,
-        state_dir=args.state_dir,
-        table_path=args.table,
-        admin_token_file=args.admin_token_file,
-        kubernetes=args.kubernetes,
-        kubeconfig=args.kubeconfig,
-        initial_sync_timeout=args.initial_sync_timeout,
-        poll_seconds=args.poll_seconds,
-        port_file=args.port_file,
-        log_level=args.log_level,
-        otlp_endpoint=args.otlp_endpoint,
-        tracer=args.tracer,
-        audit_args=_audit_args(args),
-        transport=args.transport,
-        context_api=tuple(args.context_api),
-        access_log=args.access_log,
-        publish_behaviour_revocations=args.publish_behaviour_revocations,
-    )
     try:
-        return _starting(args, lambda: run_supervisor(config, run_dir))
+        return _starting(settings.log_level, lambda: run_supervisor(settings, run_dir))
     finally:
         run_dir.remove()
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from sidecar.run.worker import ServeConfig, serve
+    try:
+        config = _worker_settings(args)
+    except ConfigError as exc:
+        return _config_error(exc)
+    from sidecar.run.worker import serve
 
-    config = ServeConfig(
-        profiles=Path(args.profiles),
-        listen=args.listen,
-        admin=None,
-        agent=args.agent,
-        service_account=args.service_account,
-        namespace=args.namespace,
-        table=args.table,
-        table_fd=args.table_fd,
-        threads=args.threads,
-        poll_seconds=args.poll_seconds,
-        port_file=args.port_file,
-        otlp_endpoint=args.otlp_endpoint,
-        tracer=args.tracer,
-        pod_name=args.pod_name,
-        audit_dir=args.audit_dir,
-        audit_allows=args.audit_allows == "all",
-        audit_on_failure=args.audit_on_failure,
-        audit_fsync=args.audit_fsync,
-        audit_reserve=args.audit_reserve,
-        chain_id=args.chain_id,
-        transport=args.transport,
-        context_table=args.context_table,
-        context_table_fd=args.context_table_fd,
-        rate_share=args.rate_share,
-        version_file=args.version_file,
-    )
-    return _starting(args, lambda: serve(config))
-
-
-def _audit_args(args: argparse.Namespace) -> tuple[str, ...]:
-    """The audit options `mandate run` hands to each worker."""
-    if args.audit_dir is None:
-        return ()
-    return (
-        "--audit-dir", str(args.audit_dir), "--audit-allows", args.audit_allows,
-        "--audit-on-failure", args.audit_on_failure, "--audit-fsync", args.audit_fsync,
-        "--audit-reserve", str(args.audit_reserve),
-    )  # fmt: skip
+    return _starting(config.run.log_level, lambda: serve(config))
 
 
 def _size(text: str) -> int:

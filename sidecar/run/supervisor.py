@@ -2,7 +2,7 @@
 
 The supervisor owns everything that is not a Check: the shared revocation table (the only
 writer), its persistence, the Kubernetes watcher, the admin server (probes, metrics, the
-revocation API) and N worker processes. Each worker (`mandate worker`, see server.py)
+revocation API) and N worker processes. Each worker (`mandate worker`, see worker.py)
 serves Check on an endpoint of its own — with Envoy's gRPC client, SO_REUSEPORT alone sends
 all traffic to one process — and reads the table from shared memory on every Check.
 
@@ -19,6 +19,10 @@ descriptors (`pass_fds`), so their memory goes with the last process that maps t
 directory (workers' port and version files, metrics) is removed by the last process of the
 run to exit, or else by the next start (shm.RunDir). Only a `--table PATH` is left in place:
 it is the caller's file.
+
+Settings come validated and whole (sidecar.settings); each worker gets the same tree, with
+its own endpoint, as JSON in its environment (settings.WORKER_SETTINGS_ENV), never as a
+command line to parse again.
 """
 
 from __future__ import annotations
@@ -33,66 +37,34 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from sidecar import DEFAULT_THREADS
-from sidecar.audit import DEFAULT_RESERVE_BYTES, AuditWriter, event_record
+from sidecar.audit import AuditWriter, event_record
 from sidecar.check.reload import SnapshotHolder
 from sidecar.core.revocation import Revocation
 from sidecar.errors import ConfigError, StateWriteError
 from sidecar.run.admin import ElevationAPI, RevocationAPI, add_probe_routes, read_token
-from sidecar.run.worker import RUN_DIR_ENV, RUN_LOCK_FD_ENV, SUPERVISOR_PID_ENV, split_hostport
+from sidecar.run.worker import RUN_DIR_ENV, RUN_LOCK_FD_ENV, SUPERVISOR_PID_ENV, WORKER_INDEX_ENV
+from sidecar.settings import (
+    WORKER_SETTINGS_ENV,
+    Settings,
+    TableSource,
+    WorkerSettings,
+    split_hostport,
+)
 from sidecar.state.agentstate import AgentStateStore
 from sidecar.state.revocations import RevocationStore
 from sidecar.state.shm import RunDir, SharedAgentState, SharedTable
 from sidecar.state.statefile import os_error_text
 from sidecar.telemetry import metrics
 
-__all__ = ["Supervisor", "SupervisorConfig", "run_supervisor"]
+__all__ = ["Supervisor", "run_supervisor"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class SupervisorConfig:
-    profiles: Path
-    listen: str = "127.0.0.1:9001"  # worker i serves PORT+i; port 0: free ports are picked
-    admin: str = "127.0.0.1:9901"
-    workers: int = 1
-    threads: int = DEFAULT_THREADS
-    agent: str | None = None
-    service_account: str | None = None
-    namespace: str = "default"
-    pod_name: str = ""
-    state_dir: Path | None = None  # revocations.json (and a generated admin.token) live here
-    # The revocation table's file (and the context table's: PATH.context), the caller's: it
-    # stays after a SIGKILL. None (the default): tables with no name (shm.SharedTable.create).
-    table_path: Path | None = None
-    admin_token_file: Path | None = None
-    kubernetes: str = "auto"  # auto | on | off
-    kubeconfig: Path | None = None
-    initial_sync_timeout: float = 10.0
-    poll_seconds: float = 2.0
-    port_file: Path | None = None
-    log_level: str = "INFO"
-    otlp_endpoint: str | None = None
-    tracer: str = "lean"  # lean | sdk
-    audit_args: tuple[str, ...] = ()  # worker options for the audit trail (see cli.py)
-    transport: str = "grpc"  # grpc | http: how Envoy's ext_authz filter asks the workers
-    # The agent context API: "ADDR" (serves the configured agent) or "AGENT=ADDR", ADDR being
-    # HOST:PORT or unix:/path. Empty: not served.
-    context_api: tuple[str, ...] = ()
-    # Envoy's gRPC access log service (HOST:PORT or unix:/path): responses' status and sizes
-    # for behaviour analysis. None: no behaviour analysis (no risk scores, no auto-revoke).
-    access_log: str | None = None
-    # Also create an AgentRevocation object when behaviour analysis revokes an agent (needs
-    # `create` on agentrevocations: deploy/components/behaviour-revocations).
-    publish_behaviour_revocations: bool = False
-    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 def _free_port(host: str) -> int:
@@ -112,10 +84,10 @@ class _Worker:
 
 
 class Supervisor:
-    def __init__(self, config: SupervisorConfig, run_dir: RunDir | None = None) -> None:
+    def __init__(self, settings: Settings, run_dir: RunDir | None = None) -> None:
         """``run_dir``: the run directory `mandate run` made (it removes it); None: make one
         here, removed by stop()."""
-        self.config = config
+        self.settings = settings
         self._own_run_dir = run_dir is None
         self._run_dir = RunDir.create() if run_dir is None else run_dir
         self._workdir = self._run_dir.path
@@ -138,15 +110,15 @@ class Supervisor:
         self.behaviour: Any = None
         self._als: Any = None
         self.access_log_port = 0
-        self.holder = SnapshotHolder(config.profiles)
+        self.holder = SnapshotHolder(settings.profiles.directory)
 
     # -- configuration ----------------------------------------------------------------
 
     def _token(self) -> str | None:
-        cfg = self.config
-        path = cfg.admin_token_file
-        if path is None and cfg.state_dir is not None:
-            path = cfg.state_dir / "admin.token"
+        state_dir = self.settings.state.directory
+        path = self.settings.admin.token_file
+        if path is None and state_dir is not None:
+            path = state_dir / "admin.token"
             if not path.exists():
                 try:
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -156,7 +128,7 @@ class Supervisor:
                     # Without it nobody could revoke through the admin API: refuse to start
                     # with a message that says why, not a traceback.
                     raise ConfigError(
-                        f"--state-dir {cfg.state_dir}: cannot create the admin token {path} "
+                        f"--state-dir {state_dir}: cannot create the admin token {path} "
                         f"({os_error_text(exc)}); make the directory writable or give "
                         "--admin-token-file"
                     ) from None
@@ -170,33 +142,27 @@ class Supervisor:
             raise ConfigError(f"--admin-token-file {path}: {exc}") from None
 
     def _use_kubernetes(self) -> bool:
-        mode = self.config.kubernetes
-        if mode not in ("auto", "on", "off"):
-            raise ConfigError(f"--kubernetes {mode!r}: expected auto, on or off")
-        if mode == "auto":
-            return self.config.kubeconfig is not None or bool(
-                os.environ.get("KUBERNETES_SERVICE_HOST")
-            )
-        return mode == "on"
+        kube = self.settings.kubernetes
+        if kube.mode == "auto":
+            return kube.kubeconfig is not None or bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        return kube.mode == "on"
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        cfg = self.config
-        if cfg.workers < 1:
-            raise ConfigError(f"--workers {cfg.workers}: expected at least 1")
-        if cfg.threads < 1:
-            raise ConfigError(f"--threads {cfg.threads}: expected at least 1")
-        admin_host, admin_port = split_hostport(cfg.admin, "--admin")
-        host, base_port = split_hostport(cfg.listen, "--listen")
-        if cfg.state_dir is not None:
+        cfg = self.settings
+        admin_host, admin_port = split_hostport(cfg.admin.listen, "--admin")
+        # Checked again here: a worker run by hand may take unix:/path, `mandate run` not.
+        host, base_port = split_hostport(cfg.check.listen, "--listen")
+        state_dir = cfg.state.directory
+        if state_dir is not None:
             try:
-                cfg.state_dir.mkdir(parents=True, exist_ok=True)
+                state_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise ConfigError(f"--state-dir {cfg.state_dir}: {exc.strerror or exc}") from None
+                raise ConfigError(f"--state-dir {state_dir}: {exc.strerror or exc}") from None
         token = self._token()
         self.holder.load_initial()  # refuse to start (ProfileErrors) before anything runs
-        table_path = cfg.table_path
+        table_path = cfg.state.table
         self.table = SharedTable.create(table_path)
         self.agent_state_table = SharedAgentState.create(
             None if table_path is None else table_path.with_suffix(".context")
@@ -204,13 +170,13 @@ class Supervisor:
         self._audit = self._audit_writer()
         self.agent_state = AgentStateStore(
             self.agent_state_table,
-            cfg.state_dir / "context.json" if cfg.state_dir else None,
+            state_dir / "context.json" if state_dir else None,
             self.holder.get,
             audit=self._record,
             audit_blocked=self._audit_blocked,
         )
         self.agent_state.load_persisted()
-        state_file = cfg.state_dir / "revocations.json" if cfg.state_dir else None
+        state_file = state_dir / "revocations.json" if state_dir else None
         self.store = RevocationStore(self.table, state_file, on_persist=self._persisted)
         self.store.subscribe(self._count)
         # Published incomplete: workers deny until synced. Also the start-up check of the
@@ -229,7 +195,8 @@ class Supervisor:
             metrics_dir = self._workdir / "metrics"
             metrics_dir.mkdir()
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-        ports = [base_port + i if base_port else _free_port(host) for i in range(cfg.workers)]
+        workers = range(cfg.check.workers)
+        ports = [base_port + i if base_port else _free_port(host) for i in workers]
         self._workers = [
             _Worker(i, f"{host}:{port}", self._workdir / f"worker-{i}.json")
             for i, port in enumerate(ports)
@@ -240,20 +207,20 @@ class Supervisor:
         await self._wait_workers(timeout=30)
         app = web.Application()
         add_probe_routes(app, self._ready, token)
-        RevocationAPI(self.store, cfg.namespace, token, self.status).add_routes(app)
-        ElevationAPI(self.agent_state, cfg.namespace, token).add_routes(app)
+        RevocationAPI(self.store, cfg.identity.namespace, token, self.status).add_routes(app)
+        ElevationAPI(self.agent_state, cfg.identity.namespace, token).add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, admin_host, admin_port)
         try:
             await site.start()
         except OSError as exc:
-            raise ConfigError(f"--admin {cfg.admin!r}: cannot bind ({exc})") from None
+            raise ConfigError(f"--admin {cfg.admin.listen!r}: cannot bind ({exc})") from None
         self.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.holder.start(cfg.poll_seconds)
+        self.holder.start(cfg.profiles.poll_seconds)
         if cfg.context_api:
             self._start_context_api()
-        if cfg.access_log:
+        if cfg.behaviour.access_log:
             self._start_behaviour()
         for w in self._workers:
             self._tasks.append(asyncio.create_task(self._monitor(w)))
@@ -276,16 +243,16 @@ class Supervisor:
     def _context_listeners(self) -> list[tuple[str, str]]:
         """(agent, address) per `--context-api` entry; a bare address serves the pod's agent
         (--agent, or the profile whose identities name --service-account)."""
-        cfg = self.config
+        pod = self.settings.identity
         snap = self.holder.get()
         agents = snap.agents if snap is not None else {}
         out: list[tuple[str, str]] = []
-        for entry in cfg.context_api:
-            agent, sep, address = entry.partition("=")
-            if not sep:
-                address, agent = entry, cfg.agent or ""
-                if not agent and cfg.service_account and snap is not None:
-                    agent = snap.by_service_account.get(cfg.service_account, "")
+        for listener in self.settings.context_api:
+            entry, agent, address = listener.spelling, listener.agent, listener.address
+            if agent is None:
+                agent = pod.agent or ""
+                if not agent and pod.service_account and snap is not None:
+                    agent = snap.by_service_account.get(pod.service_account, "")
                 if not agent:
                     raise ConfigError(
                         f"--context-api {entry!r}: no agent to serve; give --agent, a "
@@ -305,7 +272,7 @@ class Supervisor:
 
         assert self.agent_state is not None and self.store is not None
         backend = SupervisorBackend(
-            self.agent_state, self.store, self.holder.get, self.config.namespace
+            self.agent_state, self.store, self.holder.get, self.settings.identity.namespace
         )
         self._context_api = AgentAPIServer(backend, self._context_listeners())
         self.context_ports = self._context_api.start()
@@ -315,38 +282,37 @@ class Supervisor:
         from sidecar.behaviour.service import BehaviourService
 
         assert self.agent_state is not None and self.store is not None
-        cfg = self.config
-        assert cfg.access_log is not None
+        namespace, state_dir = self.settings.identity.namespace, self.settings.state.directory
+        access_log = self.settings.behaviour.access_log
+        assert access_log is not None
         self.behaviour = BehaviourService(
             self.holder.get,
             self.agent_state,
             self.store,
-            cfg.namespace,
-            state_file=cfg.state_dir / "behaviour.json" if cfg.state_dir else None,
+            namespace,
+            state_file=state_dir / "behaviour.json" if state_dir else None,
             audit=self._record,
             on_revoke=self._publish_revocation,
         )
         self.behaviour.load()
-        servicer = AccessLogServicer(self.behaviour.observe, namespace=cfg.namespace)
-        self._als, self.access_log_port = start_als_server(cfg.access_log, servicer)
+        servicer = AccessLogServicer(self.behaviour.observe, namespace=namespace)
+        self._als, self.access_log_port = start_als_server(access_log, servicer)
         self._tasks.append(asyncio.create_task(self._behaviour_loop()))
 
     def _publish_revocation(self, rev: Revocation) -> None:
         """Called on the event loop when behaviour analysis revoked an agent: in force
         already here; with --publish-behaviour-revocations also as an AgentRevocation."""
-        cfg = self.config
-        if not cfg.publish_behaviour_revocations or not self._use_kubernetes():
+        cfg = self.settings
+        if not cfg.behaviour.publish_revocations or not self._use_kubernetes():
             return
+        namespace, kubeconfig = cfg.identity.namespace, cfg.kubernetes.kubeconfig
 
         async def publish() -> None:
             import sidecar.kube as kube
 
             try:
                 name = await kube.publish_revocation(
-                    rev,
-                    namespace=cfg.namespace,
-                    kubeconfig=cfg.kubeconfig,
-                    pod_name=cfg.pod_name or socket.gethostname(),
+                    rev, namespace=namespace, kubeconfig=kubeconfig, pod_name=self._pod_name()
                 )
                 self._record({"type": "revocation_published", "agent": rev.agent, "object": name})
             except Exception as exc:  # still enforced here; the object is for everyone else
@@ -372,31 +338,27 @@ class Supervisor:
         import sidecar.kube as kube  # only when used: kubernetes_asyncio is heavy
 
         assert self.store is not None
-        cfg = self.config
+        cfg = self.settings
+        namespace, kubeconfig = cfg.identity.namespace, cfg.kubernetes.kubeconfig
+        timeout = cfg.kubernetes.initial_sync_timeout
         self._watcher = await kube.start_watcher(
-            self.store,
-            namespace=cfg.namespace,
-            kubeconfig=cfg.kubeconfig,
-            pod_name=cfg.pod_name or socket.gethostname(),
+            self.store, namespace=namespace, kubeconfig=kubeconfig, pod_name=self._pod_name()
         )
         self._kube_state = "syncing"
         assert self.agent_state is not None
         self._elevation_watcher = await kube.start_elevation_watcher(
-            self.agent_state,
-            namespace=cfg.namespace,
-            kubeconfig=cfg.kubeconfig,
-            pod_name=cfg.pod_name or socket.gethostname(),
+            self.agent_state, namespace=namespace, kubeconfig=kubeconfig, pod_name=self._pod_name()
         )
 
         async def initial_sync_deadline() -> None:
             assert self.store is not None
-            deadline = time.monotonic() + cfg.initial_sync_timeout
+            deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and not self.store.complete:
                 await asyncio.sleep(0.05)
             if not self.store.complete:
                 log.error(
                     "no Kubernetes sync within %.0fs: enforcing the last known revocations",
-                    cfg.initial_sync_timeout,
+                    timeout,
                 )
                 self._kube_state = "unsynced"
                 self.store.mark_complete()
@@ -404,7 +366,6 @@ class Supervisor:
         self._tasks.append(asyncio.create_task(initial_sync_deadline()))
 
     async def _spawn(self, w: _Worker) -> None:
-        cfg = self.config
         assert self.table is not None and self.table.fd is not None
         assert self.agent_state_table is not None and self.agent_state_table.fd is not None
         w.port_file.unlink(missing_ok=True)
@@ -413,30 +374,13 @@ class Supervisor:
         # very table this process writes); so does the run directory's lock, which keeps the
         # directory from being swept as dead while any worker lives.
         fds = (self.table.fd, self.agent_state_table.fd, self._run_dir.lock_fd)
-        args = [
-            sys.executable, "-m", "sidecar", "worker",
-            "--profiles", str(cfg.profiles), "--listen", w.listen,
-            "--table-fd", str(self.table.fd), "--context-table-fd", str(self.agent_state_table.fd),
-            "--threads", str(cfg.threads),
-            "--namespace", cfg.namespace, "--poll-seconds", str(cfg.poll_seconds),
-            "--port-file", str(w.port_file), "--log-level", cfg.log_level,
-            "--transport", cfg.transport,
-            "--rate-share", repr(1.0 / cfg.workers),
-            "--version-file", str(self._version_file(w)),
-        ]  # fmt: skip
-        if cfg.agent:
-            args += ["--agent", cfg.agent]
-        if cfg.service_account:
-            args += ["--service-account", cfg.service_account]
-        if cfg.otlp_endpoint:
-            args += ["--otlp-endpoint", cfg.otlp_endpoint, "--tracer", cfg.tracer]
-        if cfg.pod_name:
-            args += ["--pod-name", cfg.pod_name]
-        if cfg.audit_args:
-            pod = cfg.pod_name or socket.gethostname()
-            args += [*cfg.audit_args, "--chain-id", f"{pod}-w{w.index}"]
-        env = {**os.environ, **cfg.extra_env, "MANDATE_WORKER_INDEX": str(w.index)}
-        # The worker stops if this process dies (server._stop_with_supervisor): serving a
+        # The settings go whole, as JSON in the environment (no secret in them: the admin
+        # token is a path, and the worker never reads it). The command line only names the
+        # worker's endpoint, for process listings (bench/soak.py finds workers by it).
+        args = [sys.executable, "-m", "sidecar", "worker", "--listen", w.listen]
+        env = {**os.environ, WORKER_INDEX_ENV: str(w.index)}
+        env[WORKER_SETTINGS_ENV] = self._worker_settings(w).to_json()
+        # The worker stops if this process dies (worker._stop_with_supervisor): serving a
         # table nothing updates would ignore every revocation made after the crash.
         env[SUPERVISOR_PID_ENV] = str(os.getpid())
         env[RUN_DIR_ENV] = str(self._run_dir.path)
@@ -444,6 +388,24 @@ class Supervisor:
         w.proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, env=env, pass_fds=fds
         )
+
+    def _worker_settings(self, w: _Worker) -> WorkerSettings:
+        """The run's settings, whole, with ``w``'s own endpoint and port file; its tables as
+        the descriptors it inherits."""
+        cfg = self.settings
+        assert self.table is not None and self.agent_state_table is not None
+        return WorkerSettings(
+            run=replace(cfg, check=replace(cfg.check, listen=w.listen), port_file=w.port_file),
+            index=w.index,
+            revocations=TableSource(fd=self.table.fd),
+            agent_state=TableSource(fd=self.agent_state_table.fd),
+            chain_id=f"{self._pod_name()}-w{w.index}" if cfg.audit.directory else "",
+            version_file=self._version_file(w),
+            rate_share=1.0 / cfg.check.workers,
+        )
+
+    def _pod_name(self) -> str:
+        return self.settings.identity.pod_name or socket.gethostname()
 
     def _version_file(self, w: _Worker) -> Path:
         return self._workdir / f"worker-{w.index}.version"
@@ -524,16 +486,15 @@ class Supervisor:
     def _audit_writer(self) -> AuditWriter | None:
         """The supervisor's own audit chain (elevations, tasks, automatic revocations),
         beside the workers' decision chains, with the same options."""
-        opts = dict(zip(self.config.audit_args[::2], self.config.audit_args[1::2], strict=False))
-        if "--audit-dir" not in opts:
+        audit = self.settings.audit
+        if audit.directory is None:
             return None
-        pod = self.config.pod_name or socket.gethostname()
         return AuditWriter(
-            Path(opts["--audit-dir"]),
-            chain_id=f"{pod}-supervisor",
-            fsync=opts.get("--audit-fsync", "interval"),  # type: ignore[arg-type]
-            on_failure=opts.get("--audit-on-failure", "fail-closed"),  # type: ignore[arg-type]
-            reserve_bytes=int(opts.get("--audit-reserve", DEFAULT_RESERVE_BYTES)),
+            audit.directory,
+            chain_id=f"{self._pod_name()}-supervisor",
+            fsync=audit.fsync,
+            on_failure=audit.on_failure,
+            reserve_bytes=audit.reserve_bytes,
         )
 
     def _record(self, event: dict[str, Any]) -> bool:
@@ -545,7 +506,9 @@ class Supervisor:
         if self._audit is None:
             return True
         written = self._audit.write(
-            event_record(kind, now=time.time(), pod=self.config.pod_name or None, **fields)
+            event_record(
+                kind, now=time.time(), pod=self.settings.identity.pod_name or None, **fields
+            )
         )
         return written or not self._audit.fail_closed
 
@@ -680,8 +643,8 @@ class Supervisor:
             self._run_dir.remove()
 
 
-async def _serve(config: SupervisorConfig, run_dir: RunDir | None) -> None:
-    sup = Supervisor(config, run_dir)
+async def _serve(settings: Settings, run_dir: RunDir | None) -> None:
+    sup = Supervisor(settings, run_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -694,6 +657,6 @@ async def _serve(config: SupervisorConfig, run_dir: RunDir | None) -> None:
         await sup.stop()
 
 
-def run_supervisor(config: SupervisorConfig, run_dir: RunDir | None = None) -> None:
+def run_supervisor(settings: Settings, run_dir: RunDir | None = None) -> None:
     """Run until SIGTERM or SIGINT. ``run_dir``: see Supervisor."""
-    asyncio.run(_serve(config, run_dir))
+    asyncio.run(_serve(settings, run_dir))

@@ -1,6 +1,11 @@
-"""`mandate run`: wires the profile snapshot, the Check server (gRPC, or Envoy's HTTP
-ext_authz mode with `transport="http"`), gRPC health and the admin server together, and
-stops them cleanly on SIGTERM/SIGINT.
+"""One Check worker of `mandate run` (`mandate worker`): wires the profile snapshot, the
+Check server (gRPC, or Envoy's HTTP ext_authz mode with `transport="http"`), gRPC health
+and, for a single-process sidecar, the admin server together, and stops them cleanly on
+SIGTERM/SIGINT.
+
+It runs with a settings.WorkerSettings, validated where it was built (the command line, or
+the supervisor, which hands it over as JSON in settings.WORKER_SETTINGS_ENV): nothing here
+checks a setting again.
 
 The gRPC server is grpcio's synchronous server with a small thread pool: measured before
 any code, it costs about half the CPU per Check of grpc.aio (see bench/). The HTTP server
@@ -22,16 +27,13 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from sidecar import DEFAULT_THREADS
-from sidecar.audit import DEFAULT_RESERVE_BYTES, AuditWriter
+from sidecar.audit import AuditWriter
 from sidecar.check.grpc_transport import AuthorizationServicer
 from sidecar.check.pipeline import Audit, CheckPipeline
 from sidecar.check.reload import SnapshotHolder
@@ -41,6 +43,7 @@ from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
 from sidecar.errors import ConfigError
+from sidecar.settings import WorkerSettings, split_hostport
 from sidecar.state.shm import RunDir, SharedAgentState, SharedTable
 from sidecar.telemetry import metrics
 
@@ -53,10 +56,9 @@ __all__ = [
     "RUN_DIR_ENV",
     "RUN_LOCK_FD_ENV",
     "SUPERVISOR_PID_ENV",
-    "ServeConfig",
+    "WORKER_INDEX_ENV",
     "Sidecar",
     "serve",
-    "split_hostport",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,58 +69,22 @@ SUPERVISOR_PID_ENV = "MANDATE_SUPERVISOR_PID"
 # (shm.RunDir); the last process of the run to exit removes the directory.
 RUN_DIR_ENV = "MANDATE_RUN_DIR"
 RUN_LOCK_FD_ENV = "MANDATE_RUN_LOCK_FD"
+# And the worker's index (also in its settings; here for whoever looks at its environment).
+WORKER_INDEX_ENV = "MANDATE_WORKER_INDEX"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-@dataclass(frozen=True, slots=True)
-class ServeConfig:
-    profiles: Path
-    listen: str = "127.0.0.1:9001"
-    admin: str | None = "127.0.0.1:9901"  # None: no admin server (a worker of a supervisor)
-    # The bearer token `/readyz?verbose=1` needs (the admin server's other pages are open and
-    # say no more than ready or not). None: the details are never shown.
-    admin_token: str | None = None
-    agent: str | None = None
-    service_account: str | None = None
-    namespace: str = ""
-    table: Path | None = None  # the supervisor's shared revocation table, attached read-only
-    context_table: Path | None = None  # the supervisor's shared context (grants, tasks, risk)
-    # The same two, as descriptors inherited from the supervisor (`mandate run` passes these:
-    # its tables have no name). Each wins over the path.
-    table_fd: int | None = None
-    context_table_fd: int | None = None
-    rate_share: float = 1.0  # this worker's share of each rate limit (1 / workers)
-    # Written (atomically) with the profile version this worker enforces, after each swap:
-    # the supervisor reports a version as enforced only once every worker has it.
-    version_file: Path | None = None
-    otlp_endpoint: str | None = None  # OTLP/gRPC collector for decision spans; None: off
-    tracer: str = "lean"  # lean: mandate's OTLP encoder; sdk: the OpenTelemetry SDK
-    pod_name: str = ""
-    audit_dir: Path | None = None  # None: no audit trail
-    audit_allows: bool = True
-    audit_on_failure: str = "fail-closed"
-    audit_fsync: str = "interval"
-    audit_reserve: int = DEFAULT_RESERVE_BYTES  # fail closed under this much free space
-    chain_id: str = ""  # this worker's audit chain (unique per writer process)
-    threads: int = DEFAULT_THREADS  # gRPC Check threads (HTTP runs on one event loop)
-    poll_seconds: float = 2.0
-    port_file: Path | None = None
-    transport: str = "grpc"  # grpc | http (Envoy's ext_authz http_service)
-
-
-def split_hostport(text: str, what: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{what} {text!r}: expected HOST:PORT (port 0 picks a free one)")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 class Sidecar:
-    """The running sidecar: start(), then stop(). Used by `mandate run` and by tests."""
+    """The running sidecar: start(), then stop(). Used by `mandate run` and by tests.
 
-    def __init__(self, config: ServeConfig) -> None:
+    ``admin_token``: the bearer token `/readyz?verbose=1` needs when ``config.serve_admin``
+    (the admin server's other pages are open and say no more than ready or not); None: the
+    details are never shown. A value, never a setting: settings hold no secret."""
+
+    def __init__(self, config: WorkerSettings, *, admin_token: str | None = None) -> None:
         self.config = config
-        self.holder = SnapshotHolder(config.profiles, on_install=self._report_version)
+        self._admin_token = admin_token
+        self.holder = SnapshotHolder(config.run.profiles.directory, on_install=self._report_version)
         self.grpc_port = 0
         self.http_port = 0
         self.admin_port = 0
@@ -146,60 +112,50 @@ class Sidecar:
         return ready, {"profiles": status.as_dict(), "audit": audit}
 
     def start(self) -> None:
-        cfg = self.config
-        if cfg.threads < 1:
-            raise ConfigError(f"--threads {cfg.threads}: expected at least 1")
-        if cfg.transport not in ("grpc", "http"):
-            raise ConfigError(f"--transport {cfg.transport!r}: expected grpc or http")
-        admin = None if cfg.admin is None else split_hostport(cfg.admin, "--admin")
-        if not cfg.listen.startswith("unix:"):
-            split_hostport(cfg.listen, "--listen")
+        cfg, run = self.config, self.config.run
+        pod = run.identity
+        admin = split_hostport(run.admin.listen, "--admin") if cfg.serve_admin else None
         revocations: Callable[[], RevocationTable] = lambda: EMPTY_TABLE  # noqa: E731
-        if cfg.table_fd is not None:
-            revocations = SharedTable.attach_fd(cfg.table_fd).read
-        elif cfg.table is not None:
-            revocations = SharedTable.attach(cfg.table).read
+        if cfg.revocations.fd is not None:
+            revocations = SharedTable.attach_fd(cfg.revocations.fd).read
+        elif cfg.revocations.path is not None:
+            revocations = SharedTable.attach(cfg.revocations.path).read
         agent_state: Callable[[], AgentStateTable] = lambda: EMPTY_AGENT_STATE  # noqa: E731
-        if cfg.context_table_fd is not None:
-            agent_state = SharedAgentState.attach_fd(cfg.context_table_fd).read
-        elif cfg.context_table is not None:
-            agent_state = SharedAgentState.attach(cfg.context_table).read
-        try:
-            limiter = RateLimiter(share=cfg.rate_share)
-        except ValueError as exc:
-            raise ConfigError(f"--rate-share: {exc}") from None
+        if cfg.agent_state.fd is not None:
+            agent_state = SharedAgentState.attach_fd(cfg.agent_state.fd).read
+        elif cfg.agent_state.path is not None:
+            agent_state = SharedAgentState.attach(cfg.agent_state.path).read
+        limiter = RateLimiter(share=cfg.rate_share)
         self.holder.load_initial()  # raises ProfileErrors: refuse to start on bad profiles
         identity = Identity(
-            agent=cfg.agent, service_account=cfg.service_account, namespace=cfg.namespace
+            agent=pod.agent, service_account=pod.service_account, namespace=pod.namespace
         )
-        if cfg.otlp_endpoint:
+        if run.tracing.otlp_endpoint:
             # Imported only when on. The lean tracer is the default: ~6 us CPU per span against
             # the SDK's ~85 us (bench/span_cost.py); the SDK stays selectable and is the
             # reference the lean encoding is tested against (tests/unit/test_tracing.py).
-            if cfg.tracer == "sdk":
+            if run.tracing.tracer == "sdk":
                 from sidecar.telemetry.tracing_sdk import SdkTracing
 
                 self._tracing = SdkTracing(  # type: ignore[assignment]
-                    cfg.otlp_endpoint, pod=cfg.pod_name, namespace=cfg.namespace
+                    run.tracing.otlp_endpoint, pod=pod.pod_name, namespace=pod.namespace
                 )
-            elif cfg.tracer == "lean":
+            else:
                 from sidecar.telemetry.tracing import Tracing
 
                 self._tracing = Tracing(
-                    cfg.otlp_endpoint, pod=cfg.pod_name, namespace=cfg.namespace
+                    run.tracing.otlp_endpoint, pod=pod.pod_name, namespace=pod.namespace
                 )
-            else:
-                raise ConfigError(f"--tracer {cfg.tracer!r}: expected lean or sdk")
         audit = None
-        if cfg.audit_dir is not None:
+        if run.audit.directory is not None:
             self._audit_writer = AuditWriter(
-                cfg.audit_dir,
-                chain_id=cfg.chain_id or f"{cfg.pod_name or socket.gethostname()}-{os.getpid()}",
-                fsync=cfg.audit_fsync,  # type: ignore[arg-type]
-                on_failure=cfg.audit_on_failure,  # type: ignore[arg-type]
-                reserve_bytes=cfg.audit_reserve,
+                run.audit.directory,
+                chain_id=cfg.chain_id or f"{pod.pod_name or socket.gethostname()}-{os.getpid()}",
+                fsync=run.audit.fsync,
+                on_failure=run.audit.on_failure,
+                reserve_bytes=run.audit.reserve_bytes,
             )
-            audit = Audit(self._audit_writer, cfg.pod_name, cfg.namespace, cfg.audit_allows)
+            audit = Audit(self._audit_writer, pod.pod_name, pod.namespace, run.audit.records_allows)
             threading.Thread(target=self._meter_audit, name="audit-metrics", daemon=True).start()
         else:
             metrics.observe_audit_state("off")
@@ -207,20 +163,22 @@ class Sidecar:
             self.holder.get, identity, revocations=revocations, tracing=self._tracing,
             audit=audit, agent_state=agent_state, limiter=limiter,
         )  # fmt: skip
-        if cfg.transport == "http":
+        if run.check.transport == "http":
             self._start_http(pipeline)
         else:
             servicer = AuthorizationServicer(pipeline)
             server = grpc.server(
-                futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="check"),
+                futures.ThreadPoolExecutor(
+                    max_workers=run.check.threads, thread_name_prefix="check"
+                ),
                 options=[("grpc.so_reuseport", 0)],
             )
             external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             try:
-                self.grpc_port = server.add_insecure_port(cfg.listen)
+                self.grpc_port = server.add_insecure_port(run.check.listen)
             except RuntimeError as exc:
-                raise ConfigError(f"--listen {cfg.listen!r}: cannot bind ({exc})") from None
+                raise ConfigError(f"--listen {run.check.listen!r}: cannot bind ({exc})") from None
             server.start()
             self._server = server
             self._health.set(AUTHZ_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -228,23 +186,23 @@ class Sidecar:
         if admin is not None:
             from sidecar.run.admin import AdminServer  # aiohttp: only where an admin server runs
 
-            self._admin = AdminServer(admin[0], admin[1], self._ready, cfg.admin_token)
+            self._admin = AdminServer(admin[0], admin[1], self._ready, self._admin_token)
             try:
                 self.admin_port = self._admin.start()
             except OSError as exc:
                 self.stop()
-                raise ConfigError(f"--admin {cfg.admin!r}: cannot bind ({exc})") from None
-        self.holder.start(cfg.poll_seconds)
+                raise ConfigError(f"--admin {run.admin.listen!r}: cannot bind ({exc})") from None
+        self.holder.start(run.profiles.poll_seconds)
         port = self.http_port if self._http else self.grpc_port
-        ports = {cfg.transport: port, "admin": self.admin_port, "pid": os.getpid()}
+        ports = {run.check.transport: port, "admin": self.admin_port, "pid": os.getpid()}
         log.info("mandate serving: %s", json.dumps(ports))
-        if cfg.port_file is not None:
-            tmp = cfg.port_file.with_suffix(".tmp")
+        if run.port_file is not None:
+            tmp = run.port_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(ports))
-            tmp.replace(cfg.port_file)
+            tmp.replace(run.port_file)
 
     def _start_http(self, pipeline: CheckPipeline) -> None:
-        listen = self.config.listen
+        listen = self.config.run.check.listen
         unix = listen.startswith("unix:")
         host, port = ("", 0) if unix else split_hostport(listen, "--listen")
         from sidecar.check.http_transport import (
@@ -281,7 +239,7 @@ class Sidecar:
             self._audit_writer.close()
 
 
-def serve(config: ServeConfig) -> None:
+def serve(config: WorkerSettings) -> None:
     """Run until SIGTERM or SIGINT (or, for a worker of `mandate run`, its supervisor's end)."""
     sidecar = Sidecar(config)
     stop = threading.Event()

@@ -18,8 +18,17 @@ from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar import DEFAULT_THREADS
 from sidecar.errors import ConfigError, ProfileErrors
-from sidecar.run.worker import ServeConfig, Sidecar
+from sidecar.run.worker import Sidecar
+from sidecar.settings import (
+    AdminSettings,
+    CheckSettings,
+    IdentitySettings,
+    ProfileSettings,
+    Settings,
+    WorkerSettings,
+)
 
 from .conftest import TRACE_ID, TRACEPARENT, CheckBuilder
 
@@ -28,21 +37,31 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 TOKEN = "grpc-server-test-admin-token-0123456789"
 
 
-def config(profiles: Path, **kw: Any) -> ServeConfig:
-    base: dict[str, Any] = {
-        "profiles": profiles,
-        "listen": "127.0.0.1:0",
-        "admin": "127.0.0.1:0",
-        "agent": "billing-agent",
-        "poll_seconds": 0.2,
-        "admin_token": TOKEN,  # readiness details (`/readyz?verbose=1`) need it
-    }
-    return ServeConfig(**(base | kw))
+def config(
+    profiles: Path,
+    *,
+    listen: str = "127.0.0.1:0",
+    admin: str = "127.0.0.1:0",
+    threads: int = DEFAULT_THREADS,
+    port_file: Path | None = None,
+) -> WorkerSettings:
+    """A single-process sidecar with its admin server (Sidecar(..., admin_token=TOKEN):
+    readiness details, `/readyz?verbose=1`, need the token)."""
+    return WorkerSettings(
+        run=Settings(
+            profiles=ProfileSettings(profiles, poll_seconds=0.2),
+            check=CheckSettings(listen=listen, threads=threads),
+            identity=IdentitySettings(agent="billing-agent", namespace=""),
+            admin=AdminSettings(listen=admin),
+            port_file=port_file,
+        ),
+        serve_admin=True,
+    )
 
 
 @pytest.fixture
 def sidecar(profiles_dir: Path) -> Iterator[Sidecar]:
-    s = Sidecar(config(profiles_dir))
+    s = Sidecar(config(profiles_dir), admin_token=TOKEN)
     s.start()
     try:
         yield s
@@ -221,7 +240,7 @@ def test_profile_edit_reaches_readiness_and_checks(
 
 def test_port_file(profiles_dir: Path, tmp_path: Path) -> None:
     port_file = tmp_path / "ports.json"
-    s = Sidecar(config(profiles_dir, port_file=port_file))
+    s = Sidecar(config(profiles_dir, port_file=port_file), admin_token=TOKEN)
     try:
         s.start()
         ports = json.loads(port_file.read_text())
@@ -234,7 +253,7 @@ def test_port_file(profiles_dir: Path, tmp_path: Path) -> None:
 def test_invalid_profiles_refuse_to_start(profiles_dir: Path) -> None:
     agents = profiles_dir / "agents.yaml"
     agents.write_text(agents.read_text().replace("owner: data-science", "owner: [1, 2]"))
-    s = Sidecar(config(profiles_dir))
+    s = Sidecar(config(profiles_dir), admin_token=TOKEN)
     try:
         with pytest.raises(ProfileErrors) as err:
             s.start()
@@ -257,12 +276,9 @@ def test_invalid_profiles_refuse_to_start(profiles_dir: Path) -> None:
     ids=lambda kw: f"{next(iter(kw))}={next(iter(kw.values()))}",
 )
 def test_bad_config_raises_config_error(profiles_dir: Path, kw: dict[str, Any]) -> None:
-    s = Sidecar(config(profiles_dir, **kw))
-    try:
-        with pytest.raises(ConfigError):
-            s.start()
-    finally:
-        s.stop(grace=0.2)
+    """Refused when the settings are built, before anything starts."""
+    with pytest.raises(ConfigError, match=f"--{next(iter(kw))}"):
+        config(profiles_dir, **kw)
 
 
 @pytest.mark.parametrize("which", ["listen", "admin"])
@@ -271,7 +287,7 @@ def test_port_in_use_raises_config_error(profiles_dir: Path, which: str) -> None
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        s = Sidecar(config(profiles_dir, **{which: f"127.0.0.1:{port}"}))
+        s = Sidecar(config(profiles_dir, **{which: f"127.0.0.1:{port}"}), admin_token=TOKEN)
         try:
             with pytest.raises(ConfigError, match=f"--{which}"):
                 s.start()

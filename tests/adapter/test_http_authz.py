@@ -20,7 +20,15 @@ from sidecar.check.pipeline import CheckPipeline
 from sidecar.check.request import Identity
 from sidecar.core import Snapshot, load_profiles
 from sidecar.errors import BadRequestError, ConfigError
-from sidecar.run.worker import ServeConfig, Sidecar
+from sidecar.run.worker import Sidecar
+from sidecar.settings import (
+    CheckSettings,
+    IdentitySettings,
+    ProfileSettings,
+    Settings,
+    Transport,
+    WorkerSettings,
+)
 
 from .conftest import TRACE_ID, TRACEPARENT, build_check
 
@@ -75,16 +83,22 @@ def test_parse_target_rejects(raw: str) -> None:
 # --- the real server ---------------------------------------------------------------------
 
 
-def config(profiles: Path, **kw: Any) -> ServeConfig:
-    base: dict[str, Any] = {
-        "profiles": profiles,
-        "listen": "127.0.0.1:0",
-        "admin": None,
-        "agent": None,
-        "poll_seconds": 0.2,
-        "transport": "http",
-    }
-    return ServeConfig(**(base | kw))
+def config(
+    profiles: Path,
+    *,
+    listen: str = "127.0.0.1:0",
+    agent: str | None = None,
+    transport: Transport = "http",
+    port_file: Path | None = None,
+) -> WorkerSettings:
+    return WorkerSettings(
+        run=Settings(
+            profiles=ProfileSettings(profiles, poll_seconds=0.2),
+            check=CheckSettings(listen=listen, transport=transport),
+            identity=IdentitySettings(agent=agent, namespace=""),
+            port_file=port_file,
+        )
+    )
 
 
 @pytest.fixture
@@ -471,12 +485,9 @@ def test_port_file_and_unix_socket(profiles_dir: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kw", [{"transport": "h2"}, {"listen": "nonsense"}])
 def test_bad_config(profiles_dir: Path, kw: dict[str, Any]) -> None:
-    s = Sidecar(config(profiles_dir, **kw))
-    try:
-        with pytest.raises(ConfigError):
-            s.start()
-    finally:
-        s.stop(grace=0.2)
+    """Refused when the settings are built, before anything starts."""
+    with pytest.raises(ConfigError, match=f"--{next(iter(kw))}"):
+        config(profiles_dir, **kw)
 
 
 def test_port_in_use(profiles_dir: Path) -> None:

@@ -22,7 +22,14 @@ from sidecar.check.grpc_transport import AuthorizationServicer, view_from_check
 from sidecar.check.pipeline import CheckPipeline
 from sidecar.check.request import Identity
 from sidecar.core import Snapshot, decide, load_profiles
-from sidecar.run.worker import ServeConfig, Sidecar
+from sidecar.run.worker import Sidecar
+from sidecar.settings import (
+    CheckSettings,
+    IdentitySettings,
+    ProfileSettings,
+    Settings,
+    WorkerSettings,
+)
 
 from .test_matchers import ref_authority, ref_canonical, ref_matches_any
 
@@ -289,12 +296,12 @@ def channel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[grpc.Channel]:
     profiles = tmp_path_factory.mktemp("profiles")
     shutil.copy(DEMO / "agents.yaml", profiles / "agents.yaml")
     sidecar = Sidecar(
-        ServeConfig(
-            profiles=profiles,
-            listen="127.0.0.1:0",
-            admin=None,
-            agent="billing-agent",
-            poll_seconds=5.0,
+        WorkerSettings(
+            run=Settings(
+                profiles=ProfileSettings(profiles, poll_seconds=5.0),
+                check=CheckSettings(listen="127.0.0.1:0"),
+                identity=IdentitySettings(agent="billing-agent", namespace=""),
+            )
         )
     )
     sidecar.start()

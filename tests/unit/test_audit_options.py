@@ -4,10 +4,15 @@ it to every worker with the other audit options."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from sidecar.cli import _audit_args, _size
+from sidecar.cli import _parser, _settings, _size
+from sidecar.run.supervisor import Supervisor, _Worker
+from sidecar.settings import WorkerSettings
 
 
 @pytest.mark.parametrize(
@@ -25,10 +30,14 @@ def test_bad_sizes(text: str) -> None:
         _size(text)
 
 
-def test_run_hands_the_reserve_to_workers() -> None:
-    args = argparse.Namespace(
-        audit_dir="/a", audit_allows="all", audit_on_failure="fail-closed",
-        audit_fsync="interval", audit_reserve=1 << 20,
-    )  # fmt: skip
-    out = _audit_args(args)
-    assert out[out.index("--audit-reserve") + 1] == str(1 << 20)
+def test_run_hands_the_reserve_to_workers(tmp_path: Path) -> None:
+    args = _parser().parse_args(
+        ["run", "--profiles", "/p", "--audit-dir", "/a", "--audit-reserve", "1M"]
+    )
+    sup: Any = Supervisor.__new__(Supervisor)
+    sup.settings, sup._workdir = _settings(args), tmp_path
+    sup.table, sup.agent_state_table = SimpleNamespace(fd=7), SimpleNamespace(fd=8)
+    handed = sup._worker_settings(_Worker(0, "127.0.0.1:9001", tmp_path / "w.json"))
+    worker = WorkerSettings.from_json(handed.to_json())
+    assert worker.run.audit.reserve_bytes == 1 << 20
+    assert worker.run.audit == sup.settings.audit
