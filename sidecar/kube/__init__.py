@@ -1,50 +1,38 @@
 """Kubernetes adapter: the AgentRevocation and AgentElevation watchers and their reports.
 
-Role: keep mandate's state equal to two kinds of custom resources of one namespace.
+Role: keep mandate's state equal to two kinds of custom resources of one namespace, and
+tell operators, in kubectl, what it did.
 
 - AgentRevocation → the `kubernetes` source of the
   :class:`~sidecar.state.revocations.RevocationStore`.
 - AgentElevation → the operator approvals of an :class:`ApprovalSink` (the supervisor's
-  context store), which turns them into elevation grants.
+  agent state), which turns them into elevation grants.
 
-Both watchers share one loop (`_ListWatch`): list, then watch from the list's
-resourceVersion (with bookmarks), following every ADDED/MODIFIED/DELETED; on `410 Gone`
-list again and replace the whole source; when a stream ends resume from the last
-resourceVersion seen; when the API server is unreachable retry with exponential backoff and
-full jitter, keeping the last known state: a watcher that cannot reach Kubernetes never
-removes a revocation or ends a grant. `connected`, `last_error`, `relists` and
-`last_sync_at` say how it is doing (readiness, metrics).
+Split as kopf splits its clients (`sidecar/kube/`):
 
-Operators see the results from kubectl. Revocations: for each revocation newly in force in
-this pod, a core/v1 Event on the object (reason RevocationEnforced, naming the pod, the time
-the table write became visible and the delay since the object was created), and once per
-object, not once per pod, `status.firstEnforcedAt`/`firstEnforcedBy` with `state: Enforced`
-and an Enforced condition (a merge patch on the status subresource, conditional on the
-resourceVersion, written only while absent). A revocation whose `expiresAt` has passed gets
-`state: Expired` and an Expired condition, once per object: when it ends while watched, or
-at once when it was already past on arrival, which also earns a Warning Event
-(RevocationExpired) from the one pod that wrote the status, since such an object revokes
-nothing and the operator who applied it must learn that.
-Elevations: the sink's answer in `status` (state, message, grantId, expiresAt,
-observedGeneration; a merge patch conditional on the resourceVersion, where a better-informed
-answer wins over a worse one, see `_should_write`), an invalid object's problems as state
-Invalid, and an Event (ElevationGranted) from each pod that holds the grant; an approval that
-came after its request lapsed is Expired, with a Warning Event (ElevationExpired) from the pod
-that held the request. Reporting
-failures are logged and never affect enforcement.
+- `reflector`: list, then watch from the list's resourceVersion (with bookmarks), as an
+  async generator of events; on `410 Gone` list again and yield "replace everything"; when
+  a stream ends resume from the last resourceVersion seen; while the API server is
+  unreachable (or refuses, 403 included) yield nothing and retry with exponential backoff
+  and full jitter, so the last known state stays: a watcher that cannot reach Kubernetes
+  never removes a revocation or ends a grant. Its health (`connected`, `last_error`,
+  `relists`, `last_sync_at`, ...) is what readiness and metrics read.
+- `convert`: the resource names and the pure object → Revocation / Approval conversions.
+- `revocations`, `elevations`: the two consumers: events → store / sink writes and calls
+  to their reporter; `consumer` is what they share (the run, the status).
+- `reporter`: the Events and status patches (RevocationEnforced/Expired,
+  ElevationGranted/Expired, conditions, which elevation answer wins). Reporting failures
+  are logged and never affect enforcement.
+- `errors`: the one boundary where kubernetes_asyncio, aiohttp, timeout and OS errors
+  become KubeErrors (KubeUnavailable, KubeTimeout, KubeForbidden, KubeNotFound,
+  KubeConflict, KubeGone, KubeInvalid) with one description; nothing else catches them.
+- `client`: the API client; `watch`: running the watchers, publishing a revocation.
 
-This module writes revocations only through RevocationStore (replace_source, upsert,
-remove, mark_complete) and approvals only through the ApprovalSink; it never clears either
-because the API is unreachable. The object → Revocation / Approval conversions are pure
-(`revocation_from_object`, `approval_from_object`). kubernetes_asyncio and aiohttp errors
-are translated here; nothing else imports them. No decision logic here.
-
-Modules: `convert` (pure conversions and names), `client` (the API client and its
-errors), `listwatch` (the shared loop), `revocations` and `elevations` (the two consumers
-and their reports), `watch` (running them). The public face is re-exported here.
+No decision logic here. The public face is re-exported here.
 """
 
 from sidecar.kube.client import make_api_client
+from sidecar.kube.consumer import WatchOptions
 from sidecar.kube.convert import (
     ELEVATION_EVENT_REASON,
     ELEVATION_EXPIRED_EVENT_REASON,
@@ -62,7 +50,6 @@ from sidecar.kube.convert import (
     revocation_from_object,
 )
 from sidecar.kube.elevations import ApprovalSink, ElevationWatcher
-from sidecar.kube.listwatch import WatchOptions
 from sidecar.kube.revocations import RevocationWatcher
 from sidecar.kube.watch import (
     publish_revocation,

@@ -1,20 +1,15 @@
-"""The Kubernetes API client (kubernetes_asyncio) and the one place its errors are described
-for logs and readiness."""
+"""The Kubernetes API client (kubernetes_asyncio), from a kubeconfig or the pod's service
+account. Loading errors become ConfigError (in `sidecar.kube.errors`)."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client import ApiClient, Configuration
-from kubernetes_asyncio.client.exceptions import ApiException
-from kubernetes_asyncio.config.config_exception import ConfigException
 
-from sidecar.errors import ConfigError
+from sidecar.kube.errors import loading_config
 
 __all__ = ["make_api_client"]
 
@@ -24,7 +19,8 @@ async def make_api_client(
 ) -> ApiClient:
     """An ApiClient from a kubeconfig file, or from the pod's service account when None."""
     cfg = Configuration()
-    try:
+    where = f"kubeconfig {kubeconfig}" if kubeconfig is not None else "in-cluster config"
+    with loading_config(where):
         if kubeconfig is not None:
             await kube_config.load_kube_config(
                 config_file=str(kubeconfig),
@@ -35,23 +31,4 @@ async def make_api_client(
         else:
             load_incluster: Any = kube_config.load_incluster_config  # untyped in the library
             load_incluster(client_configuration=cfg)
-    except (ConfigException, OSError, ValueError, KeyError) as exc:
-        where = f"kubeconfig {kubeconfig}" if kubeconfig is not None else "in-cluster config"
-        raise ConfigError(f"{where}: cannot be loaded ({exc})") from None
     return ApiClient(configuration=cfg)
-
-
-class _StreamError(Exception):
-    """The watch stream carried something that is not a watch event."""
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ApiException):
-        message = ""
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            message = json.loads(exc.body or b"").get("message", "")
-        return f"HTTP {exc.status} {exc.reason or ''}".strip() + (f": {message}" if message else "")
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-_Job = tuple[Callable[[], Awaitable[None]], str]  # a report to send, and what it reports

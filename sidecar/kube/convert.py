@@ -1,11 +1,15 @@
 """AgentRevocation and AgentElevation objects as mandate's values: the resource names, the
-Event reasons and states, and the object → Revocation / Approval conversions. Pure."""
+Event reasons and states, the object → Revocation / Approval conversions, what a watcher
+keeps of an object to write its status, and an ApprovalSink's answer, checked.
+
+Pure: plain data in, values out. No I/O, no kubernetes_asyncio or aiohttp, no logging."""
 
 from __future__ import annotations
 
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from sidecar.core.agentstate import Approval
@@ -26,7 +30,12 @@ __all__ = [
     "PLURAL",
     "SOURCE",
     "VERSION",
+    "ObjectState",
+    "SinkAnswer",
+    "answer_from_sink",
     "approval_from_object",
+    "object_key",
+    "object_state",
     "revocation_from_object",
 ]
 
@@ -40,8 +49,8 @@ ELEVATION_EXPIRED_EVENT_REASON = "ElevationExpired"
 # The values of an AgentElevation's status.state, from the least to the best informed: a
 # status is only overwritten, for the same generation, by a better-informed state.
 ELEVATION_STATES = ("Invalid", "Pending", "Granted", "Expired")
-LIST_PAGE = 500
-_MESSAGE_MAX = 1000  # status.message: enough for every problem, bounded for etcd
+# What an ApprovalSink may answer (any case) → the state written; "refused" is Invalid.
+_STATE_NAMES = {state.lower(): state for state in ELEVATION_STATES} | {"refused": "Invalid"}
 
 # A profile or elevation name (the profile format's `Name`).
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
@@ -157,3 +166,79 @@ def approval_from_object(
         uid=str(meta.get("uid", "")),
     )
     return approval, []
+
+
+# -- what a watcher keeps of an object ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectState:
+    """What a watcher last saw of one object: enough to write its status conditionally
+    (on the resourceVersion, for the generation) and to weigh a new status against it."""
+
+    name: str
+    uid: str
+    resource_version: str
+    generation: int | None
+    status: Mapping[str, Any]
+
+
+def object_state(obj: Any) -> ObjectState:
+    """The ObjectState of an object (a watch event's, a list item, a write's answer); an
+    answer that is no object gives an empty one."""
+    if not isinstance(obj, Mapping):
+        obj = {}
+    raw_meta = obj.get("metadata")
+    meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, Mapping) else {}
+    status = obj.get("status")
+    generation = meta.get("generation")
+    return ObjectState(
+        name=str(meta.get("name", "")),
+        uid=str(meta.get("uid", "")),
+        resource_version=str(meta.get("resourceVersion", "")),
+        generation=generation
+        if isinstance(generation, int) and not isinstance(generation, bool)
+        else None,
+        status=dict(status) if isinstance(status, Mapping) else {},
+    )
+
+
+def object_key(obj: Mapping[str, Any], namespace: str) -> str:
+    """The key of a watched object of ``namespace`` (as Revocation.key / Approval.key)."""
+    meta = obj.get("metadata")
+    name = meta.get("name", "") if isinstance(meta, Mapping) else ""
+    return make_key(SOURCE, namespace, str(name))
+
+
+# -- an ApprovalSink's answer ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SinkAnswer:
+    """An ApprovalSink's answer for an approval, checked: ``state`` is one of
+    ELEVATION_STATES, or "" when the sink has no opinion (the status is left to others)."""
+
+    state: str
+    message: str
+    grant_id: str
+    expires_at: float | None
+
+
+def answer_from_sink(value: Any) -> tuple[SinkAnswer | None, str]:
+    """The sink's (state, message, grant_id, expires_at) as a SinkAnswer, and the problem
+    with it ("" if none). None when it is no such tuple; a state that is none of
+    ELEVATION_STATES is an answer without an opinion, and a problem."""
+    try:
+        state, message, grant_id, expires = value
+        expires_at = None if expires is None else float(expires)
+    except (TypeError, ValueError):
+        return None, f"the approval sink answered {value!r}: not (state, message, grant, end)"
+    raw = str(state)
+    known = _STATE_NAMES.get(raw.lower(), "")
+    problem = ""
+    if raw and not known:
+        problem = (
+            f"the approval sink answered state {raw!r}: not one of "
+            f"{', '.join(ELEVATION_STATES)}; leaving the status alone"
+        )
+    return SinkAnswer(known, str(message), str(grant_id), expires_at), problem

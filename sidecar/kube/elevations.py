@@ -1,40 +1,37 @@
 """The AgentElevation watcher: operator approvals into the ApprovalSink (the supervisor's
-context store), the sink's answer into the object's status (the best-informed answer of
-all pods wins), and an Event from each pod that holds the grant."""
+agent state), and the sink's answer for each object handed to its :class:`ElevationReporter`
+(status, Events; the best-informed answer of all pods wins).
+
+It calls the sink only through replace_approvals (after a list), upsert_approval and
+remove_approval; it never withdraws an approval because the API is unreachable (the
+reflector then yields nothing). It must not: talk to the API, or decide what to report.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, Unpack
 
 from kubernetes_asyncio.client import ApiClient
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from sidecar.core.agentstate import Approval
-from sidecar.core.timefmt import utc_seconds
+from sidecar.kube.consumer import Consumer, WatchOptions
 from sidecar.kube.convert import (
-    _MESSAGE_MAX,
-    ELEVATION_EVENT_REASON,
-    ELEVATION_EXPIRED_EVENT_REASON,
     ELEVATION_KIND,
     ELEVATION_PLURAL,
-    ELEVATION_STATES,
-    GROUP,
     SOURCE,
-    VERSION,
+    SinkAnswer,
+    answer_from_sink,
     approval_from_object,
+    object_key,
+    object_state,
 )
-from sidecar.kube.listwatch import WatchOptions, _ListWatch
+from sidecar.kube.reporter import ElevationReporter
 
 __all__ = ["ApprovalSink", "ElevationWatcher"]
 
 log = logging.getLogger(__name__)
-
-# -- AgentElevation -----------------------------------------------------------------------------
 
 
 class ApprovalSink(Protocol):
@@ -58,80 +55,16 @@ class ApprovalSink(Protocol):
     def remove_approval(self, key: str) -> None: ...
 
 
-_RANK = {state: rank for rank, state in enumerate(ELEVATION_STATES)}
-_STATE_NAMES = {state.lower(): state for state in ELEVATION_STATES} | {"refused": "Invalid"}
-
-
-@dataclass(frozen=True, slots=True)
-class _Seen:
-    """The latest version of an AgentElevation this watcher has seen."""
-
-    name: str
-    uid: str
-    resource_version: str
-    generation: int | None
-    status: Mapping[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    """The sink's answer for an approval (only used while the approval is unchanged)."""
-
-    approval: Approval
-    state: str
-    message: str
-    grant_id: str
-    expires_at: float | None
-
-
-def _status(
-    state: str, message: str, grant_id: str, expires_at: float | None, generation: int | None
-) -> dict[str, Any]:
-    """An AgentElevation's status as a merge patch: None removes a field left from before."""
-    return {
-        "state": state,
-        "message": message[:_MESSAGE_MAX] or None,
-        "grantId": grant_id or None,
-        "expiresAt": utc_seconds(expires_at) if expires_at is not None else None,
-        "observedGeneration": generation,
-    }
-
-
-def _ended(status: Mapping[str, Any]) -> dict[str, Any]:
-    """A Granted status once the grant's time is up."""
-    return {**status, "state": "Expired", "message": f"the grant ended at {status['expiresAt']}"}
-
-
-def _present(status: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in status.items() if v is not None and v != ""}
-
-
-def _should_write(current: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
-    """Whether this pod's answer should replace the object's status.
-
-    Every sidecar of the namespace answers for every AgentElevation, but only the pod that
-    holds the agent's request knows it can grant; the others answer, say, Invalid ("no
-    such request"). So for one generation of the object a status is replaced only by a
-    better-informed state (ELEVATION_STATES order), never by an equal or worse one: the
-    writes end after at most one per state, and the status the operator sees is the best
-    answer any pod had."""
-    if _present(current) == _present(desired):
-        return False
-    if current.get("observedGeneration") != desired.get("observedGeneration"):
-        return True  # an answer for an older version of the object
-    return _RANK.get(desired["state"], -1) > _RANK.get(current.get("state", ""), -1)
-
-
-class ElevationWatcher(_ListWatch):
-    """Lists and watches AgentElevations of one namespace into an ApprovalSink, and writes
-    each object's status from the sink's answer.
+class ElevationWatcher(Consumer):
+    """Lists and watches AgentElevations of one namespace into an ApprovalSink, and has
+    each object's status written from the sink's answer.
 
     `run()` is the infinite loop (bounded by `_iterations` in tests); `start()`/`stop()` run
     it as a task. With `report=False` it writes no status and no Event."""
 
     _plural = ELEVATION_PLURAL
     _kind = ELEVATION_KIND
-    _noun = "approval"
+    reporter: ElevationReporter
 
     def __init__(
         self,
@@ -144,88 +77,97 @@ class ElevationWatcher(_ListWatch):
     ) -> None:
         super().__init__(namespace, api_client=api_client, pod_name=pod_name, **options)
         self.sink = sink
-        self.status_writes = 0  # status patches the API server accepted
-        self._seen: dict[str, _Seen] = {}
-        self._answers: dict[str, _Answer] = {}  # valid objects the sink answered for
+        self.reporter = ElevationReporter(
+            api_client, namespace, pod_name=pod_name, **self._report_options
+        )
+        # Valid objects the sink answered for: the approval and the answer (the sink is
+        # asked again only when the approval changes).
+        self._answers: dict[str, tuple[Approval, SinkAnswer]] = {}
         self._invalid: set[str] = set()
-        self._desired: dict[str, dict[str, Any]] = {}  # key -> the status this pod wants
-        self._queued: set[str] = set()  # keys with a status write in the queue
-        self._granted: set[tuple[str, str, str]] = set()  # (key, uid, grant id) reported
-        self._timers: dict[str, asyncio.TimerHandle] = {}
 
-    def _kept(self) -> int:
-        return len(self._answers)
-
-    def _finished(self) -> None:
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
-        self._queued.clear()
+    @property
+    def status_writes(self) -> int:
+        return self.reporter.status_writes
 
     # -- objects → sink ---------------------------------------------------------------------
 
-    def _see(self, obj: Mapping[str, Any]) -> tuple[str, _Seen]:
-        meta = obj.get("metadata") or {}
-        status = obj.get("status")
-        generation = meta.get("generation")
-        seen = _Seen(
-            name=str(meta.get("name", "")),
-            uid=str(meta.get("uid", "")),
-            resource_version=str(meta.get("resourceVersion", "")),
-            generation=generation if isinstance(generation, int) else None,
-            status=status if isinstance(status, Mapping) else {},
-        )
-        key = self._key(obj)
-        self._seen[key] = seen
-        return key, seen
-
-    def _replace(self, items: list[Mapping[str, Any]]) -> str:
+    def _replace(self, items: Sequence[Mapping[str, Any]]) -> str:
         converted = []
         for obj in items:
-            key, seen = self._see(obj)
+            key = object_key(obj, self.namespace)
+            self.reporter.seen(key, object_state(obj))
             approval, problems = approval_from_object(obj, self.namespace, now=self._clock())
-            converted.append((key, seen, approval, problems))
+            converted.append((key, obj, approval, problems))
         listed = {key for key, *_ in converted}
-        for key in [k for k in self._seen if k not in listed]:
+        for key in (set(self._answers) | self._invalid) - listed:
             self._forget(key)  # deleted while this watcher was not watching
+        self.reporter.retain(listed)
         # The sink gets the whole valid set first (it withdraws what is gone), then each
         # object's answer is asked for again only where the approval is new or changed.
         self.sink.replace_approvals(SOURCE, [a for _, _, a, _ in converted if a is not None])
-        for key, seen, approval, problems in converted:
+        for key, obj, approval, problems in converted:
             if approval is None:
                 self._answers.pop(key, None)
-                self._set_invalid(key, seen, problems)
+                self._set_invalid(key, obj, problems)
             else:
                 self._invalid.discard(key)
-                self._answer(key, seen, approval)
+                self._answer(key, approval)
         valid = sum(1 for *_, a, _ in converted if a is not None)
         return f"{valid} valid, {len(converted) - valid} invalid"
 
     def _apply(self, obj: Mapping[str, Any]) -> None:
-        key, seen = self._see(obj)
+        key = object_key(obj, self.namespace)
+        self.reporter.seen(key, object_state(obj))
         approval, problems = approval_from_object(obj, self.namespace, now=self._clock())
         if approval is None:
             # No longer (or never) an approval: whatever it granted ends.
-            if self._answers.pop(key, None) is not None:
-                self._cancel_timer(key)
+            self._answers.pop(key, None)
             self._call_sink(self.sink.remove_approval, key)
-            self._set_invalid(key, seen, problems)
+            self._set_invalid(key, obj, problems)
             return
         self._invalid.discard(key)
-        self._answer(key, seen, approval)
+        self._answer(key, approval)
 
     def _remove(self, obj: Mapping[str, Any]) -> None:
-        key = self._key(obj)
+        key = object_key(obj, self.namespace)
         self._forget(key)
+        self.reporter.forget(key)
         self._call_sink(self.sink.remove_approval, key)
 
     def _forget(self, key: str) -> None:
-        self._seen.pop(key, None)
         self._answers.pop(key, None)
         self._invalid.discard(key)
-        self._desired.pop(key, None)
-        self._cancel_timer(key)
-        self._granted = {g for g in self._granted if g[0] != key}
+
+    def _set_invalid(self, key: str, obj: Mapping[str, Any], problems: Sequence[str]) -> None:
+        self._invalid.add(key)
+        meta = obj.get("metadata") or {}
+        self._warn(str(meta.get("name", "")), str(meta.get("uid", "")), problems)
+        self.reporter.invalid(key, problems)
+
+    def _answer(self, key: str, approval: Approval) -> None:
+        cached = self._answers.get(key)
+        fresh = cached is None or cached[0] != approval
+        if fresh:
+            # New or changed: ask the sink. (An unchanged approval, e.g. after a status
+            # write, keeps its answer: the sink is not asked once per status update.)
+            answer = self._ask(approval)
+            if answer is None:
+                return
+            self._answers[key] = (approval, answer)
+        else:
+            assert cached is not None
+            answer = cached[1]
+        self.reporter.answered(key, approval, answer, fresh=fresh)
+
+    def _ask(self, approval: Approval) -> SinkAnswer | None:
+        """The sink's answer for an approval, checked; None if it failed or made no sense."""
+        raw = self._call_sink(self.sink.upsert_approval, approval)
+        if raw is None:
+            return None
+        answer, problem = answer_from_sink(raw)
+        if problem:
+            log.error("AgentElevation %s/%s: %s", self.namespace, approval.name, problem)
+        return answer
 
     def _call_sink(self, method: Callable[..., Any], *args: Any) -> Any:
         """A sink call that cannot stop the watch: a failing sink is logged, and the same
@@ -237,149 +179,10 @@ class ElevationWatcher(_ListWatch):
             log.exception("the approval sink failed on %s(%r)", name, args[0] if args else "")
             return None
 
-    def _set_invalid(self, key: str, seen: _Seen, problems: Sequence[str]) -> None:
-        self._invalid.add(key)
-        self._warn(seen.name, seen.uid, problems)
-        self._want(key, _status("Invalid", "; ".join(problems), "", None, seen.generation))
-
-    def _answer(self, key: str, seen: _Seen, approval: Approval) -> None:
-        cached = self._answers.get(key)
-        if cached is None or cached.approval != approval:
-            # New or changed: ask the sink. (An unchanged approval, e.g. after a status
-            # write, keeps its answer: the sink is not asked once per status update.)
-            answer = self._call_sink(self.sink.upsert_approval, approval)
-            if answer is None:
-                return
-            try:
-                state, message, grant_id, expires = answer
-                expires_at = None if expires is None else float(expires)
-            except (TypeError, ValueError):
-                log.error("the approval sink answered %r: not (state, message, grant, end)", answer)
-                return
-            cached = _Answer(approval, str(state), str(message), str(grant_id), expires_at)
-            self._answers[key] = cached
-            self._cancel_timer(key)
-            if cached.state and cached.state.lower() not in _STATE_NAMES:
-                log.error(
-                    "the approval sink answered state %r for AgentElevation %s/%s: "
-                    "not one of %s; leaving the status alone",
-                    cached.state,
-                    self.namespace,
-                    seen.name,
-                    ", ".join(ELEVATION_STATES),
-                )
-        state = _STATE_NAMES.get(cached.state.lower(), "")
-        if not state:
-            return  # no opinion here: the status is some other sidecar's to write
-        expires_at = cached.expires_at
-        desired = _status(state, cached.message, cached.grant_id, expires_at, seen.generation)
-        if state == "Granted" and expires_at is not None:
-            if expires_at <= self._clock():
-                desired = _ended(desired)
-            else:
-                self._expire_later(key, cached.grant_id, expires_at)
-        self._want(key, desired)
-        if state == "Granted" and (key, seen.uid, cached.grant_id) not in self._granted:
-            self._granted.add((key, seen.uid, cached.grant_id))
-            until = f" until {utc_seconds(expires_at)}" if expires_at is not None else ""
-            self._enqueue_report(
-                functools.partial(
-                    self._post_event,
-                    seen.name,
-                    seen.uid,
-                    ELEVATION_EVENT_REASON,
-                    f"{approval.elevation} granted to {approval.agent} by pod {self.pod_name}"
-                    f" (grant {cached.grant_id or '?'}{until}; approver {approval.approver})",
-                    self._clock(),
-                ),
-                f"the grant of AgentElevation {self.namespace}/{seen.name}",
-            )
-
-    # -- expiry -------------------------------------------------------------------------------
-
-    def _expire_later(self, key: str, grant_id: str, expires_at: float) -> None:
-        """At the grant's end, the status says Expired (the grant itself ends by the reader's
-        clock, with no writer involved: this is only what kubectl shows)."""
-        if key in self._timers or self._loop is None or not self._running:
-            return
-        delay = max(0.0, expires_at - self._clock())
-        self._timers[key] = self._loop.call_later(delay, self._expired, key, grant_id)
-
-    def _expired(self, key: str, grant_id: str) -> None:
-        self._timers.pop(key, None)
-        desired = self._desired.get(key)
-        if desired is None or desired.get("state") != "Granted":
-            return
-        if (desired.get("grantId") or "") != grant_id:
-            return
-        self._want(key, _ended(desired))
-
-    def _cancel_timer(self, key: str) -> None:
-        timer = self._timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
-
-    # -- status -------------------------------------------------------------------------------
-
-    def _enqueue_report(self, job: Callable[[], Awaitable[None]], what: str) -> None:
-        if self._report_enabled:
-            self._enqueue(job, what)
-
-    def _want(self, key: str, desired: dict[str, Any]) -> None:
-        """Record the status this pod would write, and queue the write (one per object in
-        the queue at a time: it writes whatever is wanted when its turn comes)."""
-        self._desired[key] = desired
-        seen = self._seen.get(key)
-        if seen is None or key in self._queued or not _should_write(seen.status, desired):
-            return
-        if self._report_enabled and self._running:
-            self._queued.add(key)
-            self._enqueue(
-                functools.partial(self._write_status, key),
-                f"the status of AgentElevation {self.namespace}/{seen.name}",
-            )
-
-    async def _write_status(self, key: str) -> None:
-        self._queued.discard(key)
-        seen, desired = self._seen.get(key), self._desired.get(key)
-        if seen is None or desired is None or not _should_write(seen.status, desired):
-            return
-        meta: dict[str, Any] = {"uid": seen.uid}
-        if seen.resource_version:
-            meta["resourceVersion"] = seen.resource_version
-        try:
-            await self._custom.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                self.namespace,
-                ELEVATION_PLURAL,
-                seen.name,
-                {"metadata": meta, "status": desired},
-                **self._merge_patch,
-            )
-        except ApiException as exc:
-            if exc.status in (404, 409):
-                # Deleted, or changed since: the watch brings the new version, and its
-                # answer is weighed against the new status then.
-                return
-            raise
-        self.status_writes += 1
-        if desired.get("state") == "Expired" and not desired.get("grantId"):
-            # Approved after the request had lapsed: nothing was granted. The pod that wrote
-            # this status (the one that held the request) warns the operator once.
-            await self._post_event(
-                seen.name,
-                seen.uid,
-                ELEVATION_EXPIRED_EVENT_REASON,
-                str(desired.get("message", "")),
-                self._clock(),
-                type_="Warning",
-            )
-
     def status(self) -> dict[str, Any]:
         return {
             **super().status(),
             "approvals": len(self._answers),
             "invalid": len(self._invalid),
-            "status_writes": self.status_writes,
+            "status_writes": self.reporter.status_writes,
         }

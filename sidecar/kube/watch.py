@@ -10,9 +10,10 @@ from kubernetes_asyncio.client import ApiClient, CustomObjectsApi
 
 from sidecar.core.revocation import Revocation
 from sidecar.kube.client import make_api_client
+from sidecar.kube.consumer import WatchOptions
 from sidecar.kube.convert import GROUP, KIND, PLURAL, VERSION
 from sidecar.kube.elevations import ApprovalSink, ElevationWatcher
-from sidecar.kube.listwatch import WatchOptions
+from sidecar.kube.errors import translated
 from sidecar.kube.revocations import RevocationWatcher
 from sidecar.state.revocations import RevocationStore
 
@@ -97,7 +98,8 @@ async def publish_revocation(
 ) -> str:
     """Create an AgentRevocation object for a revocation mandate decided itself (behaviour
     analysis), so that every sidecar of the namespace and the operators see it; return the
-    object's name. The object is an ordinary one: deleting it is how an operator ends it."""
+    object's name (a KubeError if the API refused it). The object is an ordinary one:
+    deleting it is how an operator ends it."""
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
@@ -111,9 +113,10 @@ async def publish_revocation(
     }
     client = await make_api_client(kubeconfig)
     try:
-        created: Any = await CustomObjectsApi(client).create_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, body
-        )
+        with translated():
+            created: Any = await CustomObjectsApi(client).create_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, body
+            )
         return str(created["metadata"]["name"])
     finally:
         await client.close()

@@ -21,6 +21,7 @@ from sidecar.kube import (
     ELEVATION_EXPIRED_EVENT_REASON,
     watch_elevations,
 )
+from tests.kubeapi.faults import ListWatchErrors
 from tests.kubeapi.fixtures import Kubectl
 from tests.kubeapi.server import KubeAPIServer, merge_patch
 
@@ -253,6 +254,31 @@ async def test_api_down_keeps_the_approvals(
     kube_api.up()
     await wait_for(lambda: key("a") not in sink.approvals, what="deleted while down")
     assert watcher.relists == 0 and watcher.connected
+
+
+async def test_rbac_forbidden_keeps_the_approvals(
+    kube_api: KubeAPIServer, sink: FakeSink, start_elevation_watcher: Any
+) -> None:
+    """A relist refused with 403 is not an empty list: no approval is withdrawn."""
+    kube_api.create(aelev("a"))
+    watcher = await start_elevation_watcher(sink)
+    await wait_for(lambda: key("a") in sink.approvals and watcher.connected)
+    await kube_api.until_watches(1)
+    kube_api.down()
+    await wait_for(lambda: not watcher.connected, what="disconnected")
+    kube_api.delete("aelev", "agents", "a")
+    kube_api.compact()  # the resumed watch gets 410 Gone; the relist is then refused
+    forbidden = ListWatchErrors(kube_api, status=403, plural="agentelevations", requests="list")
+    forbidden.on()
+    calls = len(sink.calls)
+    kube_api.up()
+    await wait_for(lambda: forbidden.failed >= 3, what="three refused lists")
+    assert key("a") in sink.approvals and len(sink.calls) == calls
+    status = watcher.status()
+    assert status["connected"] is False and "HTTP 403" in (status["last_error"] or "")
+    forbidden.off()
+    await wait_for(lambda: key("a") not in sink.approvals, what="withdrawn once listed")
+    assert sink.calls[calls:] == [("replace", [])] and watcher.relists == 1
 
 
 async def test_several_sidecars_agree_on_the_best_answer(

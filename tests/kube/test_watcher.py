@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from kubernetes_asyncio.client import ApiClient
 
 from sidecar.core.revocation import make_key
@@ -15,6 +16,7 @@ from sidecar.core.timefmt import parse_rfc3339
 from sidecar.kube import EVENT_REASON, EXPIRED_EVENT_REASON, watch_revocations
 from sidecar.state.revocations import RevocationStore
 from tests.clocks import DAY, YEAR, from_now, rfc3339
+from tests.kubeapi.faults import ListWatchErrors
 from tests.kubeapi.fixtures import Kubectl
 from tests.kubeapi.server import KubeAPIServer
 
@@ -503,3 +505,81 @@ async def test_an_expired_revocation_given_a_later_end_is_enforced_again_and_say
         "Expired": "Ended",
     }
     assert [e["reason"] for e in kube_api.events()] == [EXPIRED_EVENT_REASON]
+
+
+# -- RBAC refusals and consumer failures ---------------------------------------------------------
+
+
+async def test_rbac_forbidden_at_start_never_claims_a_sync(
+    kube_api: KubeAPIServer, store: RevocationStore, start_watcher: Any
+) -> None:
+    """A 403 on the list is not an empty list: the table is never marked complete, the
+    persisted revocations stay in force, and the watcher says why it is not synced."""
+    kube_api.create(arev("a"))
+    forbidden = ListWatchErrors(kube_api, status=403)
+    forbidden.on()
+    watcher = await start_watcher(store)
+    await wait_for(lambda: forbidden.failed >= 3, what="three refused lists")
+    assert not store.complete and names(store) == []
+    status = watcher.status()
+    assert status["connected"] is False and status["lists"] == 0
+    assert (status["last_error"] or "").startswith("HTTP 403")
+    forbidden.off()
+    await wait_for(lambda: store.complete and names(store) == ["a"], what="synced once allowed")
+
+
+async def test_rbac_forbidden_keeps_every_revocation(
+    kube_api: KubeAPIServer, store: RevocationStore, changes: list[Any], start_watcher: Any
+) -> None:
+    """RBAC taken away while the watcher is away, with the watch position compacted (so the
+    next request is a list): every revocation stays in force, nothing is removed, and the
+    watcher reports unhealthy until it may list again."""
+    for n in ("a", "b"):
+        kube_api.create(arev(n))
+    watcher = await start_watcher(store)
+    await wait_for(lambda: names(store) == ["a", "b"] and watcher.connected)
+    await kube_api.until_watches(1)
+    before = len(changes)
+    kube_api.down()
+    await wait_for(lambda: not watcher.connected, what="disconnected")
+    kube_api.delete("arev", "agents", "a")
+    kube_api.compact()  # the resumed watch gets 410 Gone; the relist is then refused
+    forbidden = ListWatchErrors(kube_api, status=403, requests="list")
+    forbidden.on()
+    kube_api.up()
+    await wait_for(lambda: forbidden.failed >= 3, what="three refused lists")
+    assert names(store) == ["a", "b"] and store.complete and len(changes) == before
+    assert store.table().find("agents", "billing-agent", time.time()) is not None
+    status = watcher.status()
+    assert status["connected"] is False and "HTTP 403" in (status["last_error"] or "")
+    forbidden.off()
+    await wait_for(lambda: names(store) == ["b"] and watcher.connected, what="relisted")
+    assert watcher.relists == 1
+
+
+async def test_a_store_failure_is_retried_not_skipped(
+    kube_api: KubeAPIServer,
+    store: RevocationStore,
+    start_watcher: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A write that fails is thrown back into the reflector: it backs off and brings the
+    same event again, so the revocation is enforced once the store takes it."""
+    watcher = await start_watcher(store)
+    await wait_for(lambda: store.complete)
+    await kube_api.until_watches(1)
+    upsert = store.upsert
+    failures: list[str] = []
+
+    def failing_once(rev: Any, **kwargs: Any) -> bool:
+        if not failures:
+            failures.append(rev.key)
+            raise RuntimeError("the table is full")
+        return upsert(rev, **kwargs)
+
+    monkeypatch.setattr(store, "upsert", failing_once)
+    kube_api.create(arev("a"))
+    await wait_for(lambda: names(store) == ["a"], what="enforced after the failure")
+    assert failures == [key("a")]
+    assert watcher.lists == 1 and watcher.relists == 0  # resumed from before the event
+    await wait_for(lambda: watcher.connected and watcher.last_error is None, what="healthy")

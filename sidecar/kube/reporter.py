@@ -1,0 +1,641 @@
+"""What the watchers tell operators, in kubectl: core/v1 Events on the watched objects and
+their `status` (merge patches on the status subresource).
+
+AgentRevocations (:class:`RevocationReporter`): for each revocation newly in force in this
+pod (it listens to the RevocationStore), an Event (RevocationEnforced, naming the pod, the
+time the table write became visible and the delay since the object was created), and once
+per object, not once per pod, `status.firstEnforcedAt`/`firstEnforcedBy` with `state:
+Enforced` and an Enforced condition (conditional on the resourceVersion, written only while
+absent: of many pods racing, one writes, the others are answered 409 and find it written).
+A revocation whose `expiresAt` has passed gets `state: Expired` and an Expired condition,
+once per object: when it ends while watched, or at once when it was already past on
+arrival, which also earns a Warning Event (RevocationExpired) from the one pod that wrote
+the status, since such an object revokes nothing. An Expired one whose end moves ahead is
+Enforced again (InForceAgain).
+
+AgentElevations (:class:`ElevationReporter`): the ApprovalSink's answer in `status` (state,
+message, grantId, expiresAt, observedGeneration; conditional on the resourceVersion, where
+a better-informed answer wins over a worse one, see `should_write`), an invalid object's
+problems as state Invalid, Expired when a grant's time is up, an Event (ElevationGranted)
+from each pod that holds the grant, and a Warning Event (ElevationExpired) from the pod
+that held a request approved after it lapsed.
+
+Reports go through a queue and one task per watcher, so a report never holds up the
+watch; a failed report is counted (`reports_failed`) and logged, never raised: reporting
+never affects enforcement. The shapes of the statuses are pure functions in `status`.
+
+It must not write to the RevocationStore or the ApprovalSink, nor catch a library error
+(API calls are made inside `sidecar.kube.errors.translated`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypedDict, Unpack
+
+from kubernetes_asyncio.client import ApiClient, CoreV1Api, CustomObjectsApi
+
+from sidecar.core.agentstate import Approval
+from sidecar.core.revocation import Revocation
+from sidecar.core.timefmt import utc_millis, utc_seconds
+from sidecar.kube.convert import (
+    ELEVATION_EVENT_REASON,
+    ELEVATION_EXPIRED_EVENT_REASON,
+    ELEVATION_KIND,
+    ELEVATION_PLURAL,
+    EVENT_REASON,
+    EXPIRED_EVENT_REASON,
+    GROUP,
+    KIND,
+    PLURAL,
+    SOURCE,
+    VERSION,
+    ObjectState,
+    SinkAnswer,
+    object_state,
+)
+from sidecar.kube.errors import KubeConflict, KubeNotFound, describe, translated
+from sidecar.kube.status import (
+    elevation_status,
+    ended,
+    enforced_status,
+    expired_status,
+    in_force_again_status,
+    should_write,
+)
+from sidecar.state.revocations import Change, RevocationStore
+
+__all__ = [
+    "ElevationReporter",
+    "ReportOptions",
+    "Reporter",
+    "RevocationReporter",
+]
+
+log = logging.getLogger(__name__)
+
+
+_Job = tuple[Callable[[], Awaitable[None]], str]  # a report to send, and what it reports
+_Desired = Callable[[Mapping[str, Any], int | None], dict[str, Any] | None]
+
+
+class ReportOptions(TypedDict, total=False):
+    enabled: bool  # False: read only, nothing is written
+    clock: Callable[[], float]
+    request_timeout: float
+
+
+class Reporter:
+    """The reports of one watcher: a queue, the task that sends them, the Event and the
+    timers they share. `open()` in the watcher's task before it consumes, `drain()` to
+    flush, `close()` at the end."""
+
+    _kind = ""
+
+    def __init__(
+        self,
+        api_client: ApiClient,
+        namespace: str,
+        *,
+        pod_name: str,
+        enabled: bool = True,
+        clock: Callable[[], float] = time.time,
+        request_timeout: float = 30.0,
+    ) -> None:
+        self.namespace = namespace
+        self.pod_name = pod_name
+        self.enabled = enabled
+        self.reports_failed = 0
+        self._custom = CustomObjectsApi(api_client)
+        self._core = CoreV1Api(api_client)
+        self._clock = clock
+        self._request_timeout = request_timeout
+        # kubernetes_asyncio would send a dict as a JSON patch; status needs a merge patch.
+        # (Any: the library's stubs do not declare these keyword arguments.)
+        self._merge_patch: Any = {
+            "_content_type": "application/merge-patch+json",
+            "_request_timeout": request_timeout,
+        }
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.running = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        self.running = True
+        self._opened()
+        self._task = asyncio.create_task(
+            self._send_all(), name=f"mandate-kube-reports-{self._kind}"
+        )
+
+    def _opened(self) -> None:
+        """In `open()`, before the first report."""
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until every queued report is sent."""
+        if self._queue is not None and self.enabled:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queue.join(), timeout)
+
+    async def close(self) -> None:
+        self.running = False
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._closed()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _closed(self) -> None:
+        """In `close()`."""
+
+    # -- the queue --------------------------------------------------------------------------
+
+    def _enqueue(self, job: Callable[[], Awaitable[None]], what: str) -> None:
+        """Queue a report for the task; safe from any thread."""
+        if not self.enabled or not self.running or self._loop is None or self._queue is None:
+            return
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is self._loop:
+            self._queue.put_nowait((job, what))
+        else:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, (job, what))
+
+    async def _send_all(self) -> None:
+        assert self._queue is not None
+        while True:
+            job, what = await self._queue.get()
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never into the watch: reporting is no enforcement
+                self.reports_failed += 1
+                log.warning("could not report %s: %s", what, describe(exc))
+            finally:
+                self._queue.task_done()
+
+    def _later(self, key: str, delay: float, callback: Callable[..., None], *args: Any) -> None:
+        """Call ``callback(*args)`` after ``delay`` seconds, while running; one per key."""
+        if self._loop is not None and self.running:
+            self._timers[key] = self._loop.call_later(delay, callback, *args)
+
+    def _cancel_timer(self, key: str) -> None:
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
+    # -- an Event ---------------------------------------------------------------------------
+
+    async def post_event(
+        self, name: str, uid: str, reason: str, message: str, at: float, type_: str = "Normal"
+    ) -> None:
+        """A core/v1 Event on one of the watched objects, from this pod."""
+        stamp = utc_seconds(at)
+        body: Any = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            # Named as client-go names events: <object>.<nanoseconds in hex>.
+            "metadata": {"name": f"{name[:236]}.{time.time_ns():x}", "namespace": self.namespace},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": self._kind,
+                "name": name,
+                "namespace": self.namespace,
+                "uid": uid,
+            },
+            "reason": reason,
+            "message": message,
+            "type": type_,
+            "source": {"component": "mandate", "host": self.pod_name},
+            "reportingComponent": "mandate",
+            "reportingInstance": self.pod_name,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        with translated():
+            await self._core.create_namespaced_event(
+                self.namespace, body, _request_timeout=self._request_timeout
+            )
+
+
+# -- AgentRevocation ------------------------------------------------------------------------------
+
+
+class RevocationReporter(Reporter):
+    """The reports of the AgentRevocation watcher. The watcher tells it each object it
+    sees (`seen`, `replaced`, `forget`); the store tells it what became enforced."""
+
+    _kind = KIND
+
+    def __init__(
+        self,
+        store: RevocationStore,
+        api_client: ApiClient,
+        namespace: str,
+        *,
+        pod_name: str,
+        **options: Unpack[ReportOptions],
+    ) -> None:
+        super().__init__(api_client, namespace, pod_name=pod_name, **options)
+        self.store = store
+        self._objects: dict[str, ObjectState] = {}
+        self._reported: set[tuple[str, str]] = set()
+        self._expiry_reported: set[tuple[str, str]] = set()
+        self._subscribed = False
+
+    def _opened(self) -> None:
+        if self.enabled and not self._subscribed:
+            self.store.subscribe(self._on_change)
+            self._subscribed = True
+
+    # -- what the watcher sees --------------------------------------------------------------
+
+    def seen(self, rev: Revocation, state: ObjectState) -> None:
+        """An object as listed or watched (before the store write)."""
+        self._objects[rev.key] = state
+        self._watch_expiry(rev)
+
+    def replaced(self, seen: Iterable[tuple[Revocation, ObjectState]]) -> None:
+        """A (re)list: these are all the objects there are."""
+        self._objects.clear()
+        current = set()
+        for rev, state in seen:
+            self.seen(rev, state)
+            current.add(rev.key)
+        for key in set(self._timers) - current:
+            self._cancel_timer(key)
+        self._expiry_reported = {k for k in self._expiry_reported if k[0] in current}
+
+    def forget(self, key: str) -> None:
+        """The object was deleted."""
+        self._objects.pop(key, None)
+        self._expiry_reported = {k for k in self._expiry_reported if k[0] != key}
+        self._cancel_timer(key)
+
+    # -- enforced ---------------------------------------------------------------------------
+
+    def _on_change(self, change: Change) -> None:
+        """Store listener (called inside the store's write, maybe from another thread): queue
+        a report for each Kubernetes revocation newly in force here."""
+        if not self.running:
+            return
+        added, removed, _generation, visible_at = change
+        replaced = {r.key: r for r in removed}
+        added_keys = {r.key for r in added}
+        for r in removed:
+            if r.key not in added_keys:
+                self._reported.discard((r.key, r.uid))
+        for rev in added:
+            if rev.source != SOURCE or not rev.active(visible_at):
+                continue
+            old = replaced.get(rev.key)
+            if (old is not None and old.uid == rev.uid) or (rev.key, rev.uid) in self._reported:
+                continue  # an object already enforced here, changed
+            self._reported.add((rev.key, rev.uid))
+            self._enqueue(
+                functools.partial(self._report_enforced, rev, visible_at),
+                f"enforcement of AgentRevocation {rev.namespace}/{rev.name}",
+            )
+
+    async def _report_enforced(self, rev: Revocation, visible_at: float) -> None:
+        message = f"enforced by pod {self.pod_name} from {utc_millis(visible_at)}"
+        if rev.created_at:
+            # creationTimestamp has whole seconds: the delay is exact to about a second.
+            message += (
+                f", {max(0.0, visible_at - rev.created_at):.3f}s after the object was created"
+            )
+        try:
+            await self.post_event(rev.name, rev.uid, EVENT_REASON, message, visible_at)
+        finally:  # the Event and the status are independent
+            stamp = utc_seconds(visible_at)
+            await self._patch_status(
+                rev, functools.partial(enforced_status, pod=self.pod_name, stamp=stamp)
+            )
+
+    # -- expired ----------------------------------------------------------------------------
+
+    def _watch_expiry(self, rev: Revocation) -> None:
+        """An expiresAt already past: report it now. One still ahead: report it when it comes
+        (the revocation itself ends by the reader's clock; this is what kubectl shows)."""
+        self._cancel_timer(rev.key)
+        if not self.enabled:
+            return
+        now = self._clock()
+        seen = self._objects.get(rev.key)
+        if seen is not None and seen.status.get("state") == "Expired":
+            if rev.expires_at is not None and rev.expires_at <= now:
+                return
+            # The operator moved expiresAt ahead (or removed it): the agent is revoked
+            # again, and kubectl must not keep calling the object inert.
+            self._expiry_reported.discard((rev.key, rev.uid))
+            self._enqueue(
+                functools.partial(self._set_in_force_again, rev),
+                f"the renewal of AgentRevocation {rev.namespace}/{rev.name}",
+            )
+        if rev.expires_at is None:
+            return
+        if rev.expires_at <= now:
+            self._report_expiry(rev, on_arrival=(rev.key, rev.uid) not in self._reported)
+        else:
+            self._later(rev.key, rev.expires_at - now, self._expiry_due, rev)
+
+    def _expiry_due(self, rev: Revocation) -> None:
+        self._timers.pop(rev.key, None)
+        seen = self._objects.get(rev.key)
+        if seen is None or seen.uid != rev.uid:
+            return  # deleted or replaced meanwhile
+        if rev.expires_at is not None and rev.expires_at > self._clock():
+            self._watch_expiry(rev)  # the loop's timer fired early: wait again
+            return
+        self._report_expiry(rev, on_arrival=False)
+
+    def _report_expiry(self, rev: Revocation, *, on_arrival: bool) -> None:
+        if (rev.key, rev.uid) in self._expiry_reported:
+            return
+        self._expiry_reported.add((rev.key, rev.uid))
+        self._enqueue(
+            functools.partial(self._set_expired, rev, on_arrival),
+            f"the expiry of AgentRevocation {rev.namespace}/{rev.name}",
+        )
+
+    async def _set_expired(self, rev: Revocation, on_arrival: bool) -> None:
+        """state Expired and the Expired condition, once per object. An object that was
+        already expired when it arrived revokes nothing: the pod that wrote the status also
+        posts a Warning Event, so that `kubectl describe` and `kubectl get events` say so."""
+        assert rev.expires_at is not None
+        now = self._clock()
+        ended = utc_seconds(rev.expires_at)
+        if on_arrival:
+            reason = "ExpiredOnArrival"
+            message = (
+                f"spec.expiresAt {ended} had already passed when pod {self.pod_name} first saw "
+                f"this revocation at {utc_seconds(now)}: it revokes nothing. Delete it, or "
+                "set expiresAt in the future (or remove it) to revoke."
+            )
+        else:
+            reason, message = "Ended", f"the revocation ended at {ended} (spec.expiresAt)"
+        desired = functools.partial(
+            expired_status, reason=reason, message=message, stamp=utc_seconds(now)
+        )
+        try:
+            wrote = await self._patch_status(rev, desired)
+        except Exception:
+            self._expiry_reported.discard((rev.key, rev.uid))  # the next sight tries again
+            raise
+        if wrote and on_arrival:
+            await self.post_event(
+                rev.name, rev.uid, EXPIRED_EVENT_REASON, message, now, type_="Warning"
+            )
+
+    async def _set_in_force_again(self, rev: Revocation) -> None:
+        """state Enforced again, without the Expired condition, after expiresAt moved ahead."""
+        stamp = utc_seconds(self._clock())
+
+        def desired(status: Mapping[str, Any], generation: int | None) -> dict[str, Any] | None:
+            if rev.expires_at is not None and rev.expires_at <= self._clock():
+                return None  # ended again meanwhile
+            return in_force_again_status(
+                status, generation, expires_at=rev.expires_at, pod=self.pod_name, stamp=stamp
+            )
+
+        await self._patch_status(rev, desired)
+
+    # -- the status write -------------------------------------------------------------------
+
+    async def _patch_status(self, rev: Revocation, desired: _Desired) -> bool:
+        """A merge patch of the status that `desired(current status, generation)` asks for
+        (None: nothing to write), conditional on the resourceVersion: of many pods racing,
+        one writes and the others, answered 409, read the object again and ask once more.
+        True if this pod wrote it."""
+        seen: ObjectState | None = self._objects.get(rev.key)
+        if seen is None or seen.uid != rev.uid:
+            seen = ObjectState(rev.name, rev.uid, "", None, {})
+        for _ in range(3):
+            status = desired(seen.status, seen.generation)
+            if status is None:
+                return False
+            if seen.resource_version:
+                wrote = await self._write(rev, seen.resource_version, status)
+                if wrote is not None:
+                    return wrote
+            seen = await self._read(rev)
+            if seen is None:
+                return False
+        return False
+
+    async def _write(self, rev: Revocation, resource_version: str, status: Any) -> bool | None:
+        """One conditional write: True if written, False if the object is gone, None if it
+        changed since ``resource_version``."""
+        body = {
+            "metadata": {"resourceVersion": resource_version, "uid": rev.uid},
+            "status": status,
+        }
+        try:
+            with translated():
+                written = await self._custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, rev.namespace, PLURAL, rev.name, body, **self._merge_patch
+                )
+        except KubeNotFound:
+            return False  # deleted meanwhile
+        except KubeConflict:
+            return None
+        self._remember(rev, written)
+        return True
+
+    async def _read(self, rev: Revocation) -> ObjectState | None:
+        """The object's status as it is now; None if it is gone (or another object of the
+        same name took its place)."""
+        try:
+            with translated():
+                current = await self._custom.get_namespaced_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    rev.namespace,
+                    PLURAL,
+                    rev.name,
+                    _request_timeout=self._request_timeout,
+                )
+        except KubeNotFound:
+            return None
+        seen = self._remember(rev, current)
+        return seen if seen.uid == rev.uid else None
+
+    def _remember(self, rev: Revocation, obj: Any) -> ObjectState:
+        """What this pod now knows of the object's status (a write's answer, or a read), so
+        that the next write of the same object starts from it."""
+        seen = object_state(obj)
+        known = self._objects.get(rev.key)
+        if known is not None and known.uid == rev.uid and seen.uid == rev.uid:
+            self._objects[rev.key] = seen
+        return seen
+
+
+# -- AgentElevation -------------------------------------------------------------------------------
+
+
+class ElevationReporter(Reporter):
+    """The reports of the AgentElevation watcher. The watcher tells it each object it sees
+    (`seen`, `retain`, `forget`) and what it makes of it (`invalid`, `answered`); it writes
+    the status this pod wants (one write per object in the queue at a time) and the Events."""
+
+    _kind = ELEVATION_KIND
+
+    def __init__(
+        self,
+        api_client: ApiClient,
+        namespace: str,
+        *,
+        pod_name: str,
+        **options: Unpack[ReportOptions],
+    ) -> None:
+        super().__init__(api_client, namespace, pod_name=pod_name, **options)
+        self.status_writes = 0  # status patches the API server accepted
+        self._seen: dict[str, ObjectState] = {}
+        self._desired: dict[str, dict[str, Any]] = {}  # key -> the status this pod wants
+        self._queued: set[str] = set()  # keys with a status write in the queue
+        self._granted: set[tuple[str, str, str]] = set()  # (key, uid, grant id) reported
+
+    def _closed(self) -> None:
+        self._queued.clear()
+
+    # -- what the watcher sees --------------------------------------------------------------
+
+    def seen(self, key: str, state: ObjectState) -> None:
+        """The latest version of an object (its status, resourceVersion, generation)."""
+        self._seen[key] = state
+
+    def retain(self, keys: set[str]) -> None:
+        """A (re)list: forget every object not in ``keys``."""
+        for key in [k for k in self._seen if k not in keys]:
+            self.forget(key)
+
+    def forget(self, key: str) -> None:
+        """The object was deleted."""
+        self._seen.pop(key, None)
+        self._desired.pop(key, None)
+        self._cancel_timer(key)
+        self._granted = {g for g in self._granted if g[0] != key}
+
+    def invalid(self, key: str, problems: Sequence[str]) -> None:
+        """The object is no approval: its status says why."""
+        self._cancel_timer(key)
+        seen = self._seen[key]
+        self._want(key, elevation_status("Invalid", "; ".join(problems), "", None, seen.generation))
+
+    def answered(self, key: str, approval: Approval, answer: SinkAnswer, *, fresh: bool) -> None:
+        """The sink's answer for the object's approval (``fresh``: just asked, not cached)."""
+        if fresh:
+            self._cancel_timer(key)
+        if not answer.state:
+            return  # no opinion here: the status is some other sidecar's to write
+        seen = self._seen[key]
+        expires_at = answer.expires_at
+        desired = elevation_status(
+            answer.state, answer.message, answer.grant_id, expires_at, seen.generation
+        )
+        if answer.state == "Granted" and expires_at is not None:
+            if expires_at <= self._clock():
+                desired = ended(desired)
+            elif key not in self._timers:
+                delay = max(0.0, expires_at - self._clock())
+                self._later(key, delay, self._expired, key, answer.grant_id)
+        self._want(key, desired)
+        if answer.state == "Granted" and (key, seen.uid, answer.grant_id) not in self._granted:
+            self._granted.add((key, seen.uid, answer.grant_id))
+            until = f" until {utc_seconds(expires_at)}" if expires_at is not None else ""
+            message = (
+                f"{approval.elevation} granted to {approval.agent} by pod {self.pod_name}"
+                f" (grant {answer.grant_id or '?'}{until}; approver {approval.approver})"
+            )
+            self._enqueue(
+                functools.partial(
+                    self.post_event,
+                    seen.name,
+                    seen.uid,
+                    ELEVATION_EVENT_REASON,
+                    message,
+                    self._clock(),
+                ),
+                f"the grant of AgentElevation {self.namespace}/{seen.name}",
+            )
+
+    def _expired(self, key: str, grant_id: str) -> None:
+        """At the grant's end, the status says Expired (the grant itself ends by the reader's
+        clock, with no writer involved: this is only what kubectl shows)."""
+        self._timers.pop(key, None)
+        desired = self._desired.get(key)
+        if desired is None or desired.get("state") != "Granted":
+            return
+        if (desired.get("grantId") or "") != grant_id:
+            return
+        self._want(key, ended(desired))
+
+    # -- the status write -------------------------------------------------------------------
+
+    def _want(self, key: str, desired: dict[str, Any]) -> None:
+        """Record the status this pod would write, and queue the write (one per object in
+        the queue at a time: it writes whatever is wanted when its turn comes)."""
+        self._desired[key] = desired
+        seen = self._seen.get(key)
+        if seen is None or key in self._queued or not should_write(seen.status, desired):
+            return
+        if self.enabled and self.running:
+            self._queued.add(key)
+            self._enqueue(
+                functools.partial(self._write_status, key),
+                f"the status of AgentElevation {self.namespace}/{seen.name}",
+            )
+
+    async def _write_status(self, key: str) -> None:
+        self._queued.discard(key)
+        seen, desired = self._seen.get(key), self._desired.get(key)
+        if seen is None or desired is None or not should_write(seen.status, desired):
+            return
+        meta: dict[str, Any] = {"uid": seen.uid}
+        if seen.resource_version:
+            meta["resourceVersion"] = seen.resource_version
+        try:
+            with translated():
+                await self._custom.patch_namespaced_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    ELEVATION_PLURAL,
+                    seen.name,
+                    {"metadata": meta, "status": desired},
+                    **self._merge_patch,
+                )
+        except (KubeNotFound, KubeConflict):
+            # Deleted, or changed since: the watch brings the new version, and its answer
+            # is weighed against the new status then.
+            return
+        self.status_writes += 1
+        if desired.get("state") == "Expired" and not desired.get("grantId"):
+            # Approved after the request had lapsed: nothing was granted. The pod that wrote
+            # this status (the one that held the request) warns the operator once.
+            await self.post_event(
+                seen.name,
+                seen.uid,
+                ELEVATION_EXPIRED_EVENT_REASON,
+                str(desired.get("message", "")),
+                self._clock(),
+                type_="Warning",
+            )
