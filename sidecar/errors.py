@@ -18,6 +18,7 @@ __all__ = [
     "AuditResumeError",
     "BadRequestError",
     "ConfigError",
+    "CredentialUnavailable",
     "InjectError",
     "MandateError",
     "ProfileError",
@@ -144,3 +145,12 @@ class StateWriteError(MandateError):
         super().__init__(f"cannot write {file}: {os_error}")
         self.file = file
         self.os_error = os_error
+
+
+class CredentialUnavailable(MandateError):
+    """A credential mandate should add to an allowed call cannot be had now (its file is
+    missing or unreadable, the token endpoint or STS is down, slow or refused, no signing
+    key). The call is refused (`credential_unavailable`, HTTP 503), never sent without it.
+    The message names the credential and what failed, never a secret or token value."""
+
+    code = "credential_unavailable"
