@@ -50,6 +50,7 @@ from sidecar.settings import (
     BehaviourAnalysisSettings,
     CheckSettings,
     ContextListener,
+    CredentialSettings,
     IdentitySettings,
     KubernetesSettings,
     ProfileSettings,
@@ -83,6 +84,7 @@ def _serve_options(cmd: argparse.ArgumentParser, *, admin: bool, spawned: bool =
     _identity_options(cmd)
     _runtime_options(cmd)
     _audit_options(cmd)
+    _credential_options(cmd)
     cmd.add_argument("--port-file", type=Path, help="write the bound ports as JSON to this file")
     cmd.add_argument(
         "--log-level",
@@ -169,6 +171,29 @@ def _runtime_options(cmd: argparse.ArgumentParser) -> None:
         "--pod-name",
         default=_env("MANDATE_POD_NAME", ""),
         help="this pod's name, for spans, audit records and Events (env MANDATE_POD_NAME)",
+    )
+
+
+def _credential_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--txn-token-keys",
+        type=Path,
+        default=_env("MANDATE_TXN_TOKEN_KEYS") or None,
+        help="directory of the Transaction Token signing keys (a Secret mounted only into "
+        "mandate; env MANDATE_TXN_TOKEN_KEYS); needed by `transactionToken` credentials",
+    )
+    cmd.add_argument(
+        "--txn-token-issuer",
+        default=_env("MANDATE_TXN_TOKEN_ISSUER", "https://mandate.local"),
+        help="the `iss` of minted Transaction Tokens (env MANDATE_TXN_TOKEN_ISSUER; "
+        "default %(default)s)",
+    )
+    cmd.add_argument(
+        "--credential-wait",
+        type=float,
+        default=1.0,
+        help="seconds a Check waits for a first OAuth token in flight before refusing the "
+        "call (credential_unavailable; default %(default)s)",
     )
 
 
@@ -571,6 +596,11 @@ def _settings(args: argparse.Namespace) -> Settings:
             on_failure=args.audit_on_failure,
             fsync=args.audit_fsync,
             reserve_bytes=args.audit_reserve,
+        ),
+        credentials=CredentialSettings(
+            txn_token_keys=args.txn_token_keys,
+            txn_token_issuer=args.txn_token_issuer,
+            wait=args.credential_wait,
         ),
         log_level=args.log_level,
         port_file=args.port_file,

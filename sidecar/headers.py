@@ -13,6 +13,7 @@ from __future__ import annotations
 __all__ = [
     "AGENT_HEADER",
     "CODE_HEADER",
+    "CREDENTIAL_HEADERS",
     "DECISION_HEADER",
     "LENGTH_HEADER",
     "LOG_AGENT_HEADER",
@@ -22,6 +23,7 @@ __all__ = [
     "SCHEME_HEADER",
     "SET_HEADERS",
     "TASK_HEADER",
+    "TXN_TOKEN_HEADER",
 ]
 
 # Set by mandate on an allowed upstream request.
@@ -43,3 +45,10 @@ CODE_HEADER = "x-mandate-code"  # for Envoy's access logs only (dynamic metadata
 LOG_AGENT_HEADER = "x-mandate-log-agent"  # for Envoy's access logs only (dynamic metadata)
 LENGTH_HEADER = "x-mandate-content-length"
 SCHEME_HEADER = "x-mandate-scheme"
+
+# Credentials (issue 17): the headers mandate may set on an allowed call to a host that has a
+# credential, and removes when the agent sent them there (it holds no credential, so one it
+# sends is not its own). The HTTP transport's Envoy configs copy exactly these from mandate's
+# answer (`allowed_upstream_headers`), so a profile may name only these.
+TXN_TOKEN_HEADER = "txn-token"
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-auth-token", TXN_TOKEN_HEADER)

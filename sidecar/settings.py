@@ -238,6 +238,23 @@ class BehaviourAnalysisSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CredentialSettings:
+    """What the credentials profiles name need from the sidecar (issue 17)."""
+
+    # Signing keys of Transaction Tokens: a directory (a Secret mounted only into mandate)
+    txn_token_keys: Path | None = None
+    txn_token_issuer: str = "https://mandate.local"  # their `iss`
+    wait: float = 1.0  # how long a Check waits for a first token in flight
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.wait <= 10:
+            raise ConfigError(f"--credential-wait {self.wait}: expected 0 to 10 seconds")
+        issuer = self.txn_token_issuer
+        if not issuer.startswith(("https://", "http://")) or any(c.isspace() for c in issuer):
+            raise ConfigError(f"--txn-token-issuer {issuer!r}: expected an https:// URL")
+
+
+@dataclass(frozen=True, slots=True)
 class ContextListener:
     """One --context-api listener: ADDRESS (HOST:PORT or unix:/path) for the pod's agent
     (``agent`` None), or AGENT=ADDRESS."""
@@ -293,6 +310,7 @@ class Settings:
     state: StateSettings = field(default_factory=StateSettings)
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     behaviour: BehaviourAnalysisSettings = field(default_factory=BehaviourAnalysisSettings)
+    credentials: CredentialSettings = field(default_factory=CredentialSettings)
     # The agent context API's listeners (--context-api). Empty: not served.
     context_api: tuple[ContextListener, ...] = ()
     log_level: LogLevel = "INFO"

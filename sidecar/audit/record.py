@@ -141,6 +141,7 @@ def decision_line(
     e = _encode_str
     head = (
         f'{{"agent":{e(d.agent) if d.agent else "null"},"code":{e(d.code)}'
+        f"{_credentials(d)}"
         f',"decision":{_ALLOW_DENY[d.allowed]},"decision_id":{e(d.decision_id)}'
         f',"elevation":{"null" if d.grant is None else _json(_elevation(d.grant))}'
     )
@@ -159,10 +160,19 @@ def decision_line(
         f',"rule":{e(d.rule) if d.rule else "null"}'
         f',"seq":{int.__repr__(seq)},"task":{e(d.task) if d.task else "null"}'
         f',"time":"{utc_millis(now)}"'
-        f',"trace_id":{e(d.trace_id) if d.trace_id else "null"},"type":"decision"}}'
+        f',"trace_id":{e(d.trace_id) if d.trace_id else "null"}'
+        f'{_txn(d)},"type":"decision"}}'
     )
     digest = hashlib.sha256((head + rest).encode("utf-8", "backslashreplace")).hexdigest()
     return f'{head},"hash":"{digest}"{rest}\n'.encode("utf-8", "backslashreplace"), digest
+
+
+def _credentials(d: Decision) -> str:
+    return ',"credentials":' + _json(list(d.credentials)) if d.credentials else ""
+
+
+def _txn(d: Decision) -> str:
+    return ',"txn":' + _encode_str(d.txn) if d.txn else ""
 
 
 def file_name(chain_id: str, index: int) -> str:
@@ -177,9 +187,11 @@ def record_from_decision(
     who: agent, owner, pod, namespace, identity_source; what: method, host, port, path,
     mcp_tools; why: purpose, task, rule, code, reason, elevation, revocation (for a revoked
     agent the revocation key, which is also the decision's rule); and decision_id, trace_id,
-    time, decision ("allow"/"deny")."""
+    time, decision ("allow"/"deny"). An allowed call that carried credentials also has
+    `credentials` (their names in the profile, never a value) and, with a Transaction
+    Token, `txn` (the token's `txn` claim)."""
     d = decision
-    return {
+    record: dict[str, Any] = {
         "type": "decision",
         "time": utc_millis(now),
         "decision_id": d.decision_id,
@@ -204,6 +216,11 @@ def record_from_decision(
         "revocation": (d.rule or None) if d.code == Code.REVOKED else None,
         "trace_id": d.trace_id or None,
     }
+    if d.credentials:
+        record["credentials"] = list(d.credentials)
+    if d.txn:
+        record["txn"] = d.txn
+    return record
 
 
 def _elevation(g: Grant | None) -> dict[str, Any] | None:

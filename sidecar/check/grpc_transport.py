@@ -29,13 +29,15 @@ from google.rpc import code_pb2, status_pb2
 
 from sidecar.check.pipeline import CheckPipeline
 from sidecar.check.request import TRACE_KEYS, Identity, make_view, request_parents
-from sidecar.check.response import deny_body, upstream_headers
+from sidecar.check.response import deny_body, deny_status, upstream_headers
 from sidecar.core import Decision, RequestView
+from sidecar.credentials.broker import NOTHING, Injected
 from sidecar.headers import DECISION_HEADER
 
 __all__ = ["AuthorizationServicer", "response_for", "view_from_check"]
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_STATUS = {403: http_status_pb2.Forbidden, 503: http_status_pb2.ServiceUnavailable}
 
 
 def view_from_check(
@@ -72,8 +74,11 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
-def response_for(d: Decision, agent_headers: Mapping[str, str]) -> external_auth_pb2.CheckResponse:
-    """The CheckResponse for a decision; ``agent_headers`` are the request's headers."""
+def response_for(
+    d: Decision, agent_headers: Mapping[str, str], injected: Injected = NOTHING
+) -> external_auth_pb2.CheckResponse:
+    """The CheckResponse for a decision; ``agent_headers`` are the request's headers,
+    ``injected`` the credentials an allowed call carries."""
     meta = struct_pb2.Struct()
     fields = meta.fields  # set directly: Struct.update() costs twice as much per Check
     fields["decision_id"].string_value = d.decision_id
@@ -82,7 +87,7 @@ def response_for(d: Decision, agent_headers: Mapping[str, str]) -> external_auth
     fields["code"].string_value = d.code
     fields["purpose"].string_value = d.purpose
     if d.allowed:
-        to_set, to_remove = upstream_headers(d, agent_headers)
+        to_set, to_remove = upstream_headers(d, agent_headers, injected)
         ok = external_auth_pb2.OkHttpResponse(
             headers=[_header(k, v) for k, v in to_set], headers_to_remove=to_remove
         )
@@ -90,7 +95,7 @@ def response_for(d: Decision, agent_headers: Mapping[str, str]) -> external_auth
             status=status_pb2.Status(code=code_pb2.OK), ok_response=ok, dynamic_metadata=meta
         )
     denied = external_auth_pb2.DeniedHttpResponse(
-        status=http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden),
+        status=http_status_pb2.HttpStatus(code=_STATUS[deny_status(d)]),
         headers=[
             _header("content-type", "application/json"),
             _header(DECISION_HEADER, d.decision_id),

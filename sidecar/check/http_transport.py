@@ -63,8 +63,9 @@ from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler, RequestPayl
 
 from sidecar.check.pipeline import CheckPipeline
 from sidecar.check.request import Identity, make_view, request_parents
-from sidecar.check.response import deny_body, upstream_headers
+from sidecar.check.response import deny_body, deny_status, upstream_headers
 from sidecar.core import Decision, RequestView
+from sidecar.credentials.broker import NOTHING, Injected
 from sidecar.errors import BadRequestError
 from sidecar.headers import (
     CODE_HEADER,
@@ -135,10 +136,13 @@ def _view(request: web.BaseRequest, body: bytes, identity: Identity, did: str) -
     )
 
 
-def _response(d: Decision, headers: Mapping[str, str]) -> web.Response:
-    """The HTTP answer for a decision; ``headers`` are the request's headers."""
+def _response(
+    d: Decision, headers: Mapping[str, str], injected: Injected = NOTHING
+) -> web.Response:
+    """The HTTP answer for a decision; ``headers`` are the request's headers, ``injected``
+    the credentials an allowed call carries."""
     if d.allowed:
-        to_set, to_remove = upstream_headers(d, headers)
+        to_set, to_remove = upstream_headers(d, headers, injected)
         out = dict(to_set)
         out[OUTCOME_HEADER] = "allow"
         out[CODE_HEADER] = d.code
@@ -155,7 +159,7 @@ def _response(d: Decision, headers: Mapping[str, str]) -> web.Response:
     }
     if d.agent:
         out[LOG_AGENT_HEADER] = d.agent
-    return web.Response(status=403, body=deny_body(d), headers=out)
+    return web.Response(status=deny_status(d), body=deny_body(d), headers=out)
 
 
 def _fallback() -> web.Response:

@@ -9,10 +9,13 @@ give if encoding fails, and where the decision span's parents are. The pipeline:
    tables' generations (an error anywhere is a deny: `bad_request` or `internal_error`);
 2. counts an allowed call against its purpose's rate limit (`Decision.rate`), the one
    piece of per-process state a Check touches (:func:`~sidecar.core.decide.over_rate`);
-3. records the decision in the audit trail (:class:`Audit`; fail-closed turns an allow it
-   cannot record into a deny);
-4. encodes the answer, falling back to the transport's deny;
-5. counts the decision and its latency, and records its span.
+3. adds the credentials of the call's host (`Decision.credentials`, from the broker: a
+   credential it cannot have now refuses the call, `credential_unavailable`), and drops a
+   revoked agent's cached tokens;
+4. records the decision in the audit trail (:class:`Audit`; fail-closed turns an allow it
+   cannot record into a deny, and a deny carries no credential);
+5. encodes the answer, falling back to the transport's deny;
+6. counts the decision and its latency, and records its span.
 Nothing here raises into a transport. No protobuf, no aiohttp, no decision logic.
 """
 
@@ -31,7 +34,9 @@ from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable
 from sidecar.core.decide import over_rate
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
-from sidecar.errors import BadRequestError
+from sidecar.credentials.broker import NOTHING, CredentialBroker, Injected
+from sidecar.errors import BadRequestError, CredentialUnavailable
+from sidecar.headers import TXN_TOKEN_HEADER
 from sidecar.telemetry import metrics
 
 if TYPE_CHECKING:
@@ -62,6 +67,8 @@ class Audit:
                 allowed=False,
                 code=Code.AUDIT_UNAVAILABLE,
                 reason="the audit trail cannot be written: failing closed",
+                credentials=(),
+                txn="",
             )
         if self.allows or not decision.allowed:
             self.writer.write_decision(
@@ -85,6 +92,7 @@ class CheckPipeline:
         audit: Audit | None = None,
         agent_state: Callable[[], AgentStateTable] = lambda: EMPTY_AGENT_STATE,
         limiter: RateLimiter | None = None,
+        broker: CredentialBroker | None = None,
     ) -> None:
         self.identity = identity
         self.tracing = tracing
@@ -94,22 +102,23 @@ class CheckPipeline:
         self._audit = audit
         self._agent_state = agent_state
         self._limiter = limiter
+        self._broker = broker
 
     def check(
         self,
         view_of: Callable[[str], RequestView],
-        respond: Callable[[Decision, Headers], R],
+        respond: Callable[[Decision, Headers, Injected], R],
         fallback: Callable[[], R],
         parents: Callable[[Headers], Headers],
     ) -> R:
         """One Check: decide the call ``view_of(decision_id)`` describes, answer with
-        ``respond(decision, request headers)`` (or ``fallback()`` if that fails), then count
-        and trace it, the span parented on ``parents(request headers)``."""
+        ``respond(decision, request headers, credentials)`` (or ``fallback()`` if that
+        fails), then count and trace it, the span parented on ``parents(request headers)``."""
         started = time.perf_counter()
         start_ns = time.time_ns() if self.tracing is not None else 0
-        decision, headers = self.decide(view_of)
+        decision, headers, injected = self.decide(view_of)
         try:
-            answer = respond(decision, headers)
+            answer = respond(decision, headers, injected)
         except Exception:
             log.exception("encoding the answer failed; denying (decision %s)", decision.decision_id)
             answer = fallback()
@@ -121,11 +130,13 @@ class CheckPipeline:
                 log.exception("recording the decision span failed")
         return answer
 
-    def decide(self, view_of: Callable[[str], RequestView]) -> tuple[Decision, Headers]:
-        """Steps 1-3 of :meth:`check`: the audited Decision and the request's headers.
-        Never raises: an error building the view or deciding is a deny."""
+    def decide(self, view_of: Callable[[str], RequestView]) -> tuple[Decision, Headers, Injected]:
+        """Steps 1-4 of :meth:`check`: the audited Decision, the request's headers and the
+        credentials an allowed call carries. Never raises: an error building the view or
+        deciding is a deny."""
         did = new_decision_id()
         headers: Headers = {}
+        injected = NOTHING
         try:
             snap = self._snapshot()
             if snap is None:
@@ -133,12 +144,13 @@ class CheckPipeline:
             else:
                 view = view_of(did)
                 headers = view.headers
-                decision = decide(
-                    snap, view, self._clock(), self._revocations(), self._agent_state()
-                )
+                now, revocations = self._clock(), self._revocations()
+                decision = decide(snap, view, now, revocations, self._agent_state())
                 rate, limiter = decision.rate, self._limiter
                 if rate is not None and limiter is not None and not limiter.charge(rate):
                     decision = over_rate(decision)
+                if self._broker is not None:
+                    decision, injected = self._credentials(decision, view, snap, revocations, now)
         except BadRequestError as exc:  # what Envoy sent cannot be a call: say why
             decision = Decision(did, False, Code.BAD_REQUEST, str(exc))
         except Exception as exc:  # fail closed on anything at all
@@ -148,4 +160,36 @@ class CheckPipeline:
             )
         if self._audit is not None:
             decision = self._audit.record(decision)
-        return decision, headers
+        if not decision.allowed:
+            injected = NOTHING
+        return decision, headers, injected
+
+    def _credentials(
+        self,
+        decision: Decision,
+        view: RequestView,
+        snap: Snapshot,
+        revocations: RevocationTable,
+        now: float,
+    ) -> tuple[Decision, Injected]:
+        broker = self._broker
+        assert broker is not None
+        if decision.code == Code.REVOKED:
+            broker.forget(decision.agent)
+        broker.observe(revocations, now)
+        if not (decision.allowed and decision.credentials):
+            return decision, NOTHING
+        try:
+            injected = broker.inject(decision, view, snap)
+        except CredentialUnavailable as exc:
+            denied = replace(
+                decision,
+                allowed=False,
+                code=Code.CREDENTIAL_UNAVAILABLE,
+                reason=str(exc),
+                credentials=(),
+            )
+            return denied, NOTHING
+        if any(name == TXN_TOKEN_HEADER for name, _ in injected.set):
+            decision = replace(decision, txn=decision.decision_id)
+        return decision, injected

@@ -11,6 +11,8 @@
   6. elevation  - then the rules of the agent's active elevation grants
   7. behaviour  - an allowed call is still denied while the agent's risk score is at or
                   above the profile's threshold (`enforce` mode)
+  8. credentials - an allowed call names the credentials of its host (the pipeline adds
+                  them); a CONNECT tunnel to such a host is refused
 Nothing matched → deny "outside purpose P" (default deny). Each phase is a function of its
 own that returns None (go on) or the Decision that ends the call; `decide` reads them in
 order. An allowed call is allowed "subject to rate key K" (`Decision.rate`): the Check
@@ -92,6 +94,8 @@ class Code:
     AUDIT_UNAVAILABLE = "audit_unavailable"
     RATE = "rate"
     RISK = "risk"
+    CREDENTIAL_TUNNEL = "credential_tunnel"
+    CREDENTIAL_UNAVAILABLE = "credential_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +147,8 @@ class Decision:
     grant: Grant | None = None  # the elevation grant that allowed the call
     risk: float = -1.0  # the agent's behaviour risk score when decided; -1: not scored
     rate: RateCharge | None = None  # allowed subject to this rate limit (counted by the caller)
+    credentials: tuple[str, ...] = ()  # what an allowed call carries (the profile's names)
+    txn: str = ""  # the `txn` of the Transaction Token it carries, if any
 
 
 class _Body:
@@ -263,6 +269,7 @@ def decide(
         or _rules(call)
         or _elevation(call, agent_state, now)
         or _behaviour(call)
+        or _credentials(call)
         or call.end(True, Code.ALLOWED, call.why)
     )
 
@@ -280,9 +287,9 @@ class _Call:
     or the Decision that ends the call, made by :meth:`end` from what is known by then."""
 
     __slots__ = (
-        "agent", "body", "canonical", "did", "grant", "host", "method", "name", "ns", "owner",
-        "path", "port", "purpose", "rate", "refusal", "risk", "risk_state", "rule", "source",
-        "task", "trace", "why",
+        "agent", "body", "canonical", "credentials", "did", "grant", "host", "method", "name",
+        "ns", "owner", "path", "port", "purpose", "rate", "refusal", "risk", "risk_state",
+        "rule", "source", "task", "trace", "why",
     )  # fmt: skip
 
     def __init__(self, view: RequestView) -> None:
@@ -299,6 +306,7 @@ class _Call:
         self.body: _Body | None = None
         self.grant: Grant | None = None
         self.rate: RateCharge | None = None
+        self.credentials: tuple[str, ...] = ()
 
     def end(self, allowed: bool, code: str, reason: str) -> Decision:
         purpose = self.purpose.name if self.purpose is not None else ""
@@ -306,7 +314,7 @@ class _Call:
         return Decision(
             self.did, allowed, code, reason, self.name, self.owner, purpose, self.task,
             self.rule, self.source, self.method, self.host, self.port, self.path, tools,
-            self.trace, self.grant, self.risk, self.rate,
+            self.trace, self.grant, self.risk, self.rate, self.credentials,
         )  # fmt: skip
 
 
@@ -453,4 +461,26 @@ def _behaviour(call: _Call) -> Decision | None:
         why = f"behaviour risk {risk.score:.2f} >= {settings.deny_at:.2f}: {risk.explanation}"
         return call.end(False, Code.RISK, why)
     call.rate = call.purpose.rate
+    return None
+
+
+# 8. credentials: an allowed call to a host that has a credential will carry it (the
+# pipeline adds it); a CONNECT tunnel there is refused, since mandate could not add it
+def _credentials(call: _Call) -> Decision | None:
+    assert call.agent is not None
+    if not call.agent.credentials:
+        return None
+    host, port = call.host, call.port
+    matched = [c for c in call.agent.credentials if c.matches(host, port)]
+    if call.method == CONNECT:
+        refused = [c.name for c in matched if c.refuse_connect]
+        if refused:
+            why = (
+                f"CONNECT to {host}:{port}, a host with credential {refused[0]!r}: a tunnel is "
+                f"opaque, so mandate could not add it; call http://{host}:{port}/ instead "
+                "(the sidecar originates TLS)"
+            )
+            return call.end(False, Code.CREDENTIAL_TUNNEL, why)
+        return None  # nothing is added to a tunnel
+    call.credentials = tuple(c.name for c in matched)
     return None

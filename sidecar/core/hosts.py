@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-__all__ = ["HostPattern", "parse_authority", "parse_host_pattern"]
+__all__ = ["HostPattern", "host_matches", "overlaps", "parse_authority", "parse_host_pattern"]
 
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
@@ -122,3 +122,23 @@ def parse_host_pattern(text: str) -> HostPattern:
     if wildcard and host.startswith("["):
         raise ValueError(f"host pattern {text!r}: an IP address cannot have a wildcard label")
     return HostPattern(host=host, wildcard=wildcard, port=port)
+
+
+def overlaps(a: HostPattern, b: HostPattern) -> bool:
+    """Whether some host:port matches both patterns (a port on only one side matches). A
+    `*.` label stands for exactly one label, as in rule matching."""
+    if a.port is not None and b.port is not None and a.port != b.port:
+        return False
+    if a.wildcard == b.wildcard:
+        return a.host == b.host
+    exact, parent = (a.host, b.host) if b.wildcard else (b.host, a.host)
+    return exact.partition(".")[2] == parent
+
+
+def host_matches(pattern: HostPattern, host: str, port: int) -> bool:
+    """Whether a call's canonical ``host`` and ``port`` match ``pattern``."""
+    if pattern.port is not None and pattern.port != port:
+        return False
+    if pattern.wildcard:
+        return host.partition(".")[2] == pattern.host
+    return host == pattern.host

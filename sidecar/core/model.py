@@ -24,14 +24,17 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from sidecar.core.hosts import parse_host_pattern
+from sidecar.core.hosts import HostPattern, overlaps, parse_host_pattern
 from sidecar.core.paths import validate_path_pattern
+from sidecar.headers import CREDENTIAL_HEADERS, TXN_TOKEN_HEADER
 
 __all__ = [
     "API_VERSION",
     "KIND",
     "AgentProfile",
     "Behavior",
+    "ClientCredentials",
+    "Credential",
     "DenyRule",
     "Elevation",
     "Identity",
@@ -40,6 +43,9 @@ __all__ = [
     "Purpose",
     "RateLimit",
     "Rule",
+    "SecretValue",
+    "TokenExchange",
+    "TransactionToken",
     "json_schema",
     "parse_duration",
 ]
@@ -219,6 +225,203 @@ class Identity(_Model):
         return self
 
 
+def _file(text: str) -> str:
+    if not text.startswith("/") or "\x00" in text or "/../" in f"{text}/":
+        raise ValueError(f"{text!r}: expected an absolute path (a file mounted into mandate)")
+    return text
+
+
+def _token_url(text: str) -> str:
+    scheme, sep, rest = text.partition("://")
+    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    hostname = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+    if not sep or not host or scheme not in ("https", "http") or any(c in text for c in " \t\r\n"):
+        raise ValueError(f"{text!r}: expected an https:// URL")
+    if scheme == "http" and hostname not in ("127.0.0.1", "localhost", "[::1]"):
+        raise ValueError(
+            f"{text!r}: a token endpoint must be https:// (plain http only on the loopback "
+            "address, for local tests): a client secret or subject token must not cross the "
+            "network in clear"
+        )
+    return text
+
+
+def _credential_header(text: str) -> str:
+    if text not in CREDENTIAL_HEADERS or text == TXN_TOKEN_HEADER:
+        known = ", ".join(h for h in CREDENTIAL_HEADERS if h != TXN_TOKEN_HEADER)
+        raise ValueError(
+            f"header {text!r}: a credential goes in one of {known} (lower case; the Envoy "
+            "configs pass exactly these from mandate to the upstream)"
+        )
+    return text
+
+
+def _format(text: str) -> str:
+    if text.count("{}") != 1 or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise ValueError(
+            f"format {text!r}: expected one '{{}}' where the value goes, e.g. 'Bearer {{}}'"
+        )
+    return text
+
+
+FilePath = Annotated[
+    str, AfterValidator(_file), Field(description="absolute path of a file mounted into mandate")
+]
+TokenUrl = Annotated[
+    str, AfterValidator(_token_url), Field(description="the token endpoint, https://")
+]
+CredentialHeader = Annotated[
+    str,
+    AfterValidator(_credential_header),
+    Field(description="authorization, x-api-key, api-key or x-auth-token"),
+]
+HeaderFormat = Annotated[
+    str, AfterValidator(_format), Field(description="the header value, '{}' = the credential")
+]
+
+
+class SecretValue(_Model):
+    """A static secret read from a file (a Kubernetes Secret mounted only into mandate's
+    container; re-read when the kubelet updates it). Sent as ``format`` in ``header``, or,
+    with ``basicUsername``, as HTTP Basic (`Authorization: Basic base64(user:secret)`)."""
+
+    file: FilePath
+    header: CredentialHeader = "authorization"
+    format: HeaderFormat | None = Field(None, description="default 'Bearer {}'; '{}' = raw")
+    basic_username: Text | None = Field(
+        None, description="send as HTTP Basic with this user name and the file as password"
+    )
+
+    @model_validator(mode="after")
+    def _basic(self) -> SecretValue:
+        if self.basic_username is not None:
+            if self.format is not None:
+                raise ValueError("give format or basicUsername, not both")
+            if self.header != "authorization":
+                raise ValueError("basicUsername: HTTP Basic goes in the authorization header")
+            if ":" in self.basic_username:
+                raise ValueError("basicUsername must not contain ':' (RFC 7617)")
+        return self
+
+
+class ClientCredentials(_Model):
+    """OAuth 2.0 client credentials (RFC 6749 4.4): mandate asks ``tokenUrl`` for an access
+    token and sends it; cached until it expires (minus a skew), refreshed before."""
+
+    token_url: TokenUrl
+    client_id_file: FilePath
+    client_secret_file: FilePath
+    client_auth: Literal["basic", "post"] = Field(
+        "basic", description="client_secret_basic (default) or client_secret_post"
+    )
+    scopes: list[Text] = Field(default_factory=list)
+    audience: Text | None = None
+    resource: Text | None = Field(None, description="RFC 8707 resource indicator")
+    header: CredentialHeader = "authorization"
+    format: HeaderFormat = "Bearer {}"
+
+
+class TokenExchange(_Model):
+    """OAuth 2.0 token exchange (RFC 8693): the pod's projected, audience-bound
+    service-account token (or a SPIFFE JWT-SVID file) is exchanged at ``tokenUrl`` for a
+    token for this upstream; cached per agent, audience and scope."""
+
+    token_url: TokenUrl
+    subject_token_file: FilePath
+    subject_token_type: Text = "urn:ietf:params:oauth:token-type:jwt"
+    actor_token_file: FilePath | None = None
+    actor_token_type: Text | None = None
+    client_id_file: FilePath | None = None
+    client_secret_file: FilePath | None = None
+    audience: Text | None = None
+    resource: Text | None = None
+    scopes: list[Text] = Field(default_factory=list)
+    requested_token_type: Text = "urn:ietf:params:oauth:token-type:access_token"
+    header: CredentialHeader = "authorization"
+    format: HeaderFormat = "Bearer {}"
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TokenExchange:
+        if (self.actor_token_file is None) != (self.actor_token_type is None):
+            raise ValueError("actorTokenFile and actorTokenType go together")
+        if (self.client_id_file is None) != (self.client_secret_file is None):
+            raise ValueError("clientIdFile and clientSecretFile go together")
+        return self
+
+
+def _txn_ttl(text: str) -> str:
+    if parse_duration(text) > 60:
+        raise ValueError(f"ttl {text!r}: a transaction token lives at most 60s")
+    return text
+
+
+class TransactionToken(_Model):
+    """A Transaction Token minted by mandate for each allowed call (`Txn-Token` header,
+    `typ: txntoken+jwt`): `scope` = the purpose, `tctx` = task, decision, method, path or
+    tool and the grant, `aud` = the one upstream, `exp` <= 60 s."""
+
+    audience: Text | None = Field(None, description="default: the call's host")
+    ttl: Annotated[Duration, AfterValidator(_txn_ttl)] = "30s"
+
+
+class Credential(_Model):
+    """One credential the agent does not hold: mandate adds it to allowed calls to ``hosts``
+    only. Exactly one of ``secret``, ``oauth2ClientCredentials``, ``tokenExchange``,
+    ``transactionToken``."""
+
+    hosts: list[HostPatternText] = Field(min_length=1)
+    connect: Literal["refuse", "allow"] = Field(
+        "refuse",
+        description="a CONNECT tunnel to these hosts is opaque, so mandate could not add the "
+        "credential: refuse it (default), so that the agent calls http://host:443 instead",
+    )
+    secret: SecretValue | None = None
+    oauth2_client_credentials: ClientCredentials | None = None
+    token_exchange: TokenExchange | None = None
+    transaction_token: TransactionToken | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Credential:
+        kinds = [k for k in _KINDS if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(
+                "give exactly one of secret, oauth2ClientCredentials, tokenExchange, "
+                "transactionToken" + (f" (got {len(kinds)})" if kinds else "")
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _KINDS if getattr(self, k) is not None)
+
+    @property
+    def header(self) -> str:
+        """The header this credential is sent in."""
+        if self.transaction_token is not None:
+            return TXN_TOKEN_HEADER
+        spec = self.secret or self.oauth2_client_credentials or self.token_exchange
+        assert spec is not None
+        return spec.header
+
+
+_KINDS = ("secret", "oauth2_client_credentials", "token_exchange", "transaction_token")
+
+
+def _allowed_hosts(
+    purposes: dict[str, Purpose] | None, elevations: dict[str, Elevation] | None
+) -> list[HostPattern | None]:
+    """Every host pattern an allow rule names (None: a rule without hosts allows any)."""
+    out: list[HostPattern | None] = []
+    rules = [r for p in (purposes or {}).values() for r in p.allow]
+    rules += [r for e in (elevations or {}).values() for r in e.allow]
+    for rule in rules:
+        if rule.hosts is None:
+            out.append(None)
+        else:
+            out.extend(parse_host_pattern(h) for h in rule.hosts)
+    return out
+
+
 class ProfileSpec(_Model):
     owner: Text
     identities: list[Identity] = Field(default_factory=list)
@@ -228,6 +431,42 @@ class ProfileSpec(_Model):
     default_purpose: Name | None = None
     elevations: dict[Name, Elevation] = Field(default_factory=dict)
     behavior: Behavior | None = None
+    # after purposes and elevations: its validator checks its hosts against their rules
+    credentials: dict[Name, Credential] = Field(default_factory=dict)
+
+    @field_validator("credentials")
+    @classmethod
+    def _credential_hosts_are_allowed(
+        cls, value: dict[str, Credential], info: ValidationInfo
+    ) -> dict[str, Credential]:
+        if "purposes" not in info.data or "elevations" not in info.data:
+            return value  # they are invalid: that is what gets reported
+        allowed = _allowed_hosts(info.data["purposes"], info.data["elevations"])
+        problems = []
+        for name, cred in value.items():
+            for i, text in enumerate(cred.hosts):
+                host = parse_host_pattern(text)
+                if not any(a is None or overlaps(a, host) for a in allowed):
+                    problems.append(
+                        f"credentials.{name}.hosts[{i}] {text!r}: no purpose or elevation of "
+                        "this agent allows this host, so the credential could never be sent"
+                    )
+        names = sorted(value)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                ca, cb = value[a], value[b]
+                if ca.header == cb.header and any(
+                    overlaps(parse_host_pattern(x), parse_host_pattern(y))
+                    for x in ca.hosts
+                    for y in cb.hosts
+                ):
+                    problems.append(
+                        f"credentials {a!r} and {b!r} both set {ca.header!r} for a host they "
+                        "share: a call could carry only one of them"
+                    )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
     @field_validator("default_purpose")
     @classmethod

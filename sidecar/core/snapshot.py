@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from sidecar.core.behaviour import BehaviourSettings
-from sidecar.core.model import AgentProfile, Behavior, RateLimit, parse_duration
+from sidecar.core.hosts import HostPattern, host_matches, parse_host_pattern
+from sidecar.core.model import AgentProfile, Behavior, Credential, RateLimit, parse_duration
 from sidecar.core.ratelimit import RateCharge
 from sidecar.core.rules import RuleIndex, compile_rules
 
 __all__ = [
     "CompiledAgent",
+    "CompiledCredential",
     "CompiledElevation",
     "CompiledPurpose",
     "Snapshot",
@@ -63,6 +65,20 @@ class CompiledElevation:
 
 
 @dataclass(frozen=True, slots=True)
+class CompiledCredential:
+    """A credential mandate adds to allowed calls to ``hosts`` (the profile's
+    `spec.credentials.NAME`); ``spec`` is the validated source the broker builds it from."""
+
+    name: str
+    hosts: tuple[HostPattern, ...]
+    refuse_connect: bool
+    spec: Credential
+
+    def matches(self, host: str, port: int) -> bool:
+        return any(host_matches(p, host, port) for p in self.hosts)
+
+
+@dataclass(frozen=True, slots=True)
 class CompiledAgent:
     name: str
     owner: str
@@ -74,6 +90,7 @@ class CompiledAgent:
         default_factory=lambda: MappingProxyType({})
     )
     behavior: BehaviourSettings | None = None  # compiled from the profile's `behavior`
+    credentials: tuple[CompiledCredential, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +139,15 @@ def _compile_agent(profile: AgentProfile, source: SourceRef) -> CompiledAgent:
         source=source,
         elevations=MappingProxyType(elevations),
         behavior=compile_behaviour(profile.spec.behavior),
+        credentials=tuple(
+            CompiledCredential(
+                name=name,
+                hosts=tuple(parse_host_pattern(h) for h in c.hosts),
+                refuse_connect=c.connect == "refuse",
+                spec=c,
+            )
+            for name, c in profile.spec.credentials.items()
+        ),
     )
 
 

@@ -42,6 +42,7 @@ from sidecar.core import Snapshot
 from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
+from sidecar.credentials.broker import CredentialBroker
 from sidecar.errors import ConfigError
 from sidecar.settings import WorkerSettings, split_hostport
 from sidecar.state.shm import RunDir, SharedAgentState, SharedTable
@@ -94,6 +95,7 @@ class Sidecar:
         self._admin: AdminServer | None = None
         self._tracing: Tracing | None = None
         self._audit_writer: AuditWriter | None = None
+        self._broker: CredentialBroker | None = None
         self._stopped = threading.Event()
 
     def _report_version(self, snap: Snapshot) -> None:
@@ -159,9 +161,14 @@ class Sidecar:
             threading.Thread(target=self._meter_audit, name="audit-metrics", daemon=True).start()
         else:
             metrics.observe_audit_state("off")
+        creds = run.credentials
+        self._broker = CredentialBroker(
+            namespace=pod.namespace, pod=pod.pod_name, txn_keys=creds.txn_token_keys,
+            issuer=creds.txn_token_issuer, wait=creds.wait,
+        )  # fmt: skip
         pipeline = CheckPipeline(
             self.holder.get, identity, revocations=revocations, tracing=self._tracing,
-            audit=audit, agent_state=agent_state, limiter=limiter,
+            audit=audit, agent_state=agent_state, limiter=limiter, broker=self._broker,
         )  # fmt: skip
         if run.check.transport == "http":
             self._start_http(pipeline)
@@ -235,6 +242,8 @@ class Sidecar:
             self._admin.stop()
         if self._tracing is not None:
             self._tracing.shutdown()
+        if self._broker is not None:
+            self._broker.close()
         if self._audit_writer is not None:
             self._audit_writer.close()
 

@@ -101,6 +101,8 @@ _DECISIONS = st.builds(
     trace_id=_STR,
     grant=_GRANTS,
     risk=st.one_of(st.just(-1.0), st.floats(min_value=-1, max_value=1)),
+    credentials=st.lists(_TEXT, max_size=3).map(tuple),
+    txn=_STR,
 )
 
 
@@ -121,6 +123,12 @@ _DECISIONS = st.builds(
         grant=Grant("g", "a", "n", "e", 1.0, 2.0, "bob"), risk=0.123456,
     ),
     "p", "n", 1_764_000_000.999, 7, "f" * 64,
+)  # fmt: skip
+@example(
+    Decision(
+        "d", True, Code.ALLOWED, "ok", agent="a", credentials=("stripe", "ledger-txn"), txn="d",
+    ),
+    "p", "n", 1.0, 2, "0" * 64,
 )  # fmt: skip
 def test_the_line_of_a_decision_is_the_line_of_its_record(
     d: Decision, pod: str, namespace: str, now: float, seq: int, prev: str

@@ -61,6 +61,30 @@ def base(name: str = "billing-agent", sa: str | None = None) -> dict[str, Any]:
                 }
             },
             "behavior": {"mode": "enforce", "revokeAtRisk": 0.95},
+            "credentials": {
+                "ledger-key": {
+                    "hosts": ["ledger.finance.svc"],
+                    "secret": {"file": "/var/run/mandate/credentials/ledger/key"},
+                },
+                "stripe-oauth": {
+                    "hosts": ["api.stripe.com"],
+                    "oauth2ClientCredentials": {
+                        "tokenUrl": "https://idp.example.com/token",
+                        "clientIdFile": "/var/run/mandate/credentials/stripe/id",
+                        "clientSecretFile": "/var/run/mandate/credentials/stripe/secret",
+                        "scopes": ["refunds"],
+                    },
+                },
+                "mcp-exchange": {
+                    "hosts": ["mcp.tools.svc"],
+                    "tokenExchange": {
+                        "tokenUrl": "https://sts.example.com/token",
+                        "subjectTokenFile": "/var/run/secrets/tokens/sts",
+                        "audience": "mcp",
+                    },
+                },
+                "ledger-txn": {"hosts": ["ledger.finance.svc"], "transactionToken": {"ttl": "30s"}},
+            },
         },
     }
 
@@ -98,7 +122,131 @@ VALID = dump(base())
 RULE = "spec.purposes.reconcile.allow[0]"
 MCP_RULE = "spec.purposes.reconcile.allow[1]"
 
+CRED = "spec.credentials"
 CASES = [
+    # credentials (issue 17)
+    bad(
+        "credential-host-not-allowed",
+        {f"{CRED}.ledger-key.hosts": ["ledger.finance.svc", "evil.example.com"]},
+        CRED,
+        "credentials.ledger-key.hosts[1] 'evil.example.com': no purpose or elevation of this "
+        "agent allows this host",
+    ),
+    bad(
+        "credential-two-kinds",
+        {f"{CRED}.ledger-key.transactionToken": {}},
+        f"{CRED}.ledger-key",
+        "give exactly one of secret, oauth2ClientCredentials, tokenExchange, transactionToken "
+        "(got 2)",
+    ),
+    bad(
+        "credential-no-kind",
+        {f"{CRED}.ledger-key.secret": DELETE},
+        f"{CRED}.ledger-key",
+        "give exactly one of secret, oauth2ClientCredentials",
+    ),
+    bad(
+        "credential-no-hosts",
+        {f"{CRED}.ledger-key.hosts": []},
+        f"{CRED}.ledger-key.hosts",
+        "at least 1 item",
+    ),
+    bad(
+        "credential-bad-host",
+        {f"{CRED}.ledger-key.hosts": ["*.*.svc"]},
+        f"{CRED}.ledger-key.hosts[0]",
+        "only one leading '*.' label",
+    ),
+    bad(
+        "credential-relative-file",
+        {f"{CRED}.ledger-key.secret.file": "ledger/key"},
+        f"{CRED}.ledger-key.secret.file",
+        "expected an absolute path",
+    ),
+    bad(
+        "credential-header-not-a-credential-header",
+        {f"{CRED}.ledger-key.secret.header": "cookie"},
+        f"{CRED}.ledger-key.secret.header",
+        "header 'cookie': a credential goes in one of authorization, x-api-key",
+    ),
+    bad(
+        "credential-header-txn-token-reserved",
+        {f"{CRED}.ledger-key.secret.header": "txn-token"},
+        f"{CRED}.ledger-key.secret.header",
+        "header 'txn-token': a credential goes in one of",
+    ),
+    bad(
+        "credential-format-without-placeholder",
+        {f"{CRED}.ledger-key.secret.format": "Bearer"},
+        f"{CRED}.ledger-key.secret.format",
+        "expected one '{}' where the value goes",
+    ),
+    bad(
+        "credential-format-with-line-break",
+        {f"{CRED}.ledger-key.secret.format": "Bearer {}\r\nx-evil: 1"},
+        f"{CRED}.ledger-key.secret.format",
+        "expected one '{}' where the value goes",
+    ),
+    bad(
+        "credential-basic-and-format",
+        {f"{CRED}.ledger-key.secret.format": "{}", f"{CRED}.ledger-key.secret.basicUsername": "u"},
+        f"{CRED}.ledger-key.secret",
+        "give format or basicUsername, not both",
+    ),
+    bad(
+        "credential-basic-username-colon",
+        {f"{CRED}.ledger-key.secret.basicUsername": "a:b"},
+        f"{CRED}.ledger-key.secret",
+        "basicUsername must not contain ':'",
+    ),
+    bad(
+        "credential-token-url-plain-http",
+        {f"{CRED}.stripe-oauth.oauth2ClientCredentials.tokenUrl": "http://idp.example.com/t"},
+        f"{CRED}.stripe-oauth.oauth2ClientCredentials.tokenUrl",
+        "a token endpoint must be https://",
+    ),
+    bad(
+        "credential-token-url-not-a-url",
+        {f"{CRED}.stripe-oauth.oauth2ClientCredentials.tokenUrl": "idp.example.com"},
+        f"{CRED}.stripe-oauth.oauth2ClientCredentials.tokenUrl",
+        "expected an https:// URL",
+    ),
+    bad(
+        "credential-client-auth-unknown",
+        {f"{CRED}.stripe-oauth.oauth2ClientCredentials.clientAuth": "jwt"},
+        f"{CRED}.stripe-oauth.oauth2ClientCredentials.clientAuth",
+        "'basic' or 'post'",
+    ),
+    bad(
+        "credential-exchange-actor-without-type",
+        {f"{CRED}.mcp-exchange.tokenExchange.actorTokenFile": "/var/run/actor"},
+        f"{CRED}.mcp-exchange.tokenExchange",
+        "actorTokenFile and actorTokenType go together",
+    ),
+    bad(
+        "credential-txn-ttl-over-60s",
+        {f"{CRED}.ledger-txn.transactionToken.ttl": "2m"},
+        f"{CRED}.ledger-txn.transactionToken.ttl",
+        "a transaction token lives at most 60s",
+    ),
+    bad(
+        "credential-connect-unknown",
+        {f"{CRED}.ledger-key.connect": "sometimes"},
+        f"{CRED}.ledger-key.connect",
+        "'refuse' or 'allow'",
+    ),
+    bad(
+        "credential-header-clash",
+        {f"{CRED}.ledger-key-2": {"hosts": ["ledger.finance.svc"], "secret": {"file": "/k2"}}},
+        CRED,
+        "credentials 'ledger-key' and 'ledger-key-2' both set 'authorization' for a host",
+    ),
+    bad(
+        "credential-unknown-field",
+        {f"{CRED}.ledger-key.secret.value": "sk_live_123"},
+        f"{CRED}.ledger-key.secret.value",
+        "unknown field 'value'",
+    ),
     # unknown fields, at several depths (and the snake_case spelling of a known one)
     bad(
         "unknown-top-level",
@@ -110,7 +258,7 @@ CASES = [
         "unknown-in-spec",
         {"spec.ownr": "x"},
         "spec.ownr",
-        "unknown field 'ownr'; allowed here: behavior, defaultPurpose, elevations, identities, owner, purposes",
+        "unknown field 'ownr'; allowed here: behavior, credentials, defaultPurpose, elevations, identities, owner, purposes",
     ),
     bad(
         "unknown-snake-case",

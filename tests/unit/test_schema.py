@@ -58,8 +58,17 @@ def test_schema_uses_the_profile_field_names() -> None:
         "purposes",
         "elevations",
         "behavior",
+        "credentials",
     }
     assert set(defs["Purpose"]["properties"]) == {"description", "allow", "deny", "rateLimit"}
+    assert set(defs["Credential"]["properties"]) == {
+        "hosts",
+        "connect",
+        "secret",
+        "oauth2ClientCredentials",
+        "tokenExchange",
+        "transactionToken",
+    }
 
 
 def test_example_documents_validate_against_the_model() -> None:

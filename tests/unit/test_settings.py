@@ -22,6 +22,7 @@ from sidecar.settings import (
     BehaviourAnalysisSettings,
     CheckSettings,
     ContextListener,
+    CredentialSettings,
     IdentitySettings,
     KubernetesSettings,
     ProfileSettings,
@@ -61,6 +62,11 @@ EVERYTHING = WorkerSettings(
         ),
         behaviour=BehaviourAnalysisSettings(
             access_log="unix:/run/mandate-io/als.sock", publish_revocations=True
+        ),
+        credentials=CredentialSettings(
+            txn_token_keys=Path("/var/run/mandate/txn-keys"),
+            txn_token_issuer="https://mandate.agents.svc",
+            wait=0.25,
         ),
         context_api=(
             ContextListener("127.0.0.1:9701"),
