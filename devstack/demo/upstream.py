@@ -3,15 +3,19 @@
 It answers every request with what it received, in particular the `x-mandate-*` headers
 mandate set, so the demo and the end-to-end tests can show what reached the upstream.
 `POST /mcp` answers as a minimal MCP server (JSON-RPC 2.0). Every request is also kept in
-`app[RECEIVED]` so tests can assert that a denied call never arrived.
+`app[RECEIVED]` so tests can assert that a denied call never arrived, with the credential
+headers that arrived (the answer shows only their length and fingerprint).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
 from aiohttp import web
+
+from sidecar.headers import CREDENTIAL_HEADERS
 
 __all__ = ["RECEIVED", "make_app", "start_upstream"]
 
@@ -34,10 +38,20 @@ async def _echo(request: web.Request) -> web.Response:
         "traceparent": request.headers.get("traceparent"),
         "body": body.decode("utf-8", "replace"),
     }
-    request.app[RECEIVED].append(seen)
+    # Credentials mandate added (issue 17): the answer shows that one arrived, and its
+    # fingerprint, never the value (the agent reads this answer; it must not learn a key).
+    # Tests read the values from app[RECEIVED]["credentials"].
+    creds = {k: request.headers[k] for k in CREDENTIAL_HEADERS if k in request.headers}
+    shown = dict(seen)
+    shown["credentials"] = {k: _fingerprint(v) for k, v in creds.items()}
+    request.app[RECEIVED].append({**seen, "credentials": creds})
     if request.path == "/mcp" and request.method == "POST":
-        return _mcp(body, seen)
-    return web.json_response(seen)
+        return _mcp(body, shown)
+    return web.json_response(shown)
+
+
+def _fingerprint(value: str) -> str:
+    return f"{len(value)} characters, sha256 {hashlib.sha256(value.encode()).hexdigest()[:12]}"
 
 
 def _mcp(body: bytes, seen: dict[str, Any]) -> web.Response:

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from devstack.local import ENVOY_DIR, render_envoy_config
+from sidecar.headers import CREDENTIAL_HEADERS
 
 from .conftest import validate_envoy_config
 
@@ -64,7 +65,8 @@ def test_configs_fail_closed() -> None:
 def test_http_configs_match_the_grpc_ones(name: str) -> None:
     """The HTTP variants differ from the gRPC ones only in how the ext_authz filter asks:
     the listener's normalisation, limits and logging are the same, the agent's headers all
-    reach mandate, exactly mandate's four headers are set upstream, and the CONNECT check
+    reach mandate, exactly mandate's four headers and the credential headers (issue 17) are
+    set upstream, and the CONNECT check
     (Lua) uses the same path prefix as ext_authz."""
     config = yaml.safe_load(render_envoy_config(ENVOY_DIR / name, VALUES))
     twin = yaml.safe_load(render_envoy_config(ENVOY_DIR / name.replace("-http", ""), VALUES))
@@ -88,9 +90,10 @@ def test_http_configs_match_the_grpc_ones(name: str) -> None:
     assert authz["allowed_headers"] == {"patterns": [{"safe_regex": {"regex": ".*"}}]}
     service = authz["http_service"]
     upstream = service["authorization_response"]["allowed_upstream_headers"]["patterns"]
-    assert sorted(p["exact"] for p in upstream) == [
-        "x-mandate-agent", "x-mandate-decision", "x-mandate-purpose", "x-mandate-task",
-    ]  # fmt: skip
+    assert sorted(p["exact"] for p in upstream) == sorted(
+        ["x-mandate-agent", "x-mandate-decision", "x-mandate-purpose", "x-mandate-task",
+         *CREDENTIAL_HEADERS]
+    )  # fmt: skip
     lua = filters["envoy.filters.http.lua"]["default_source_code"]["inline_string"]
     assert f'"{service["path_prefix"]};connect"' in lua
     assert list(filters).index("envoy.filters.http.lua") < list(filters).index(
