@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, str] = {
     "behaviour_cost": "what behaviour analysis costs per call, in-process (~15 s)",
     "span_cost": "CPU per decision span: OpenTelemetry SDK vs lean tracer, in-process",
     "openloop": "the fixed-rate load generator matrix runs; prints one JSON line",
+    "credential_cost": "what minting a Txn-Token costs per algorithm and JOSE library (~30 s)",
 }
 
 

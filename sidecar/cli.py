@@ -250,7 +250,22 @@ def _parser() -> argparse.ArgumentParser:
     sch.add_argument("--indent", type=int, default=2)
     add_audit_parser(sub)
     add_inject_parser(sub)
+    _jwks_parser(sub)
     return p
+
+
+def _jwks_parser(sub: Any) -> None:
+    """`mandate jwks` (sidecar.credentials.cli; imported only when run: cryptography)."""
+    cmd = sub.add_parser(
+        "jwks",
+        help="print or serve the JWKS of the Transaction Token signing keys, or make a key",
+    )
+    cmd.add_argument("--keys", type=Path, help="the signing-key directory (--txn-token-keys)")
+    cmd.add_argument("--listen", help="serve the JWKS on HOST:PORT at /.well-known/jwks.json")
+    cmd.add_argument("--new-key", type=Path, help="write a new private key to DIR/KID.pem")
+    cmd.add_argument(
+        "--alg", default="ES256", choices=("ES256", "ES384", "EdDSA", "RS256"), help="new key"
+    )
 
 
 def _run_parser(sub: Any) -> None:
@@ -777,6 +792,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_audit(args)
     if args.command in ("inject", "webhook"):
         return run_inject(args)
+    if args.command == "jwks":
+        from sidecar.credentials.cli import run_jwks  # aiohttp and cryptography: only here
+
+        return run_jwks(args)
     if args.command in ("revoke", "restore", "status", "approve", "elevations"):
         return _cmd_admin(args)
     return _cmd_run(args)

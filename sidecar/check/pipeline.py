@@ -174,6 +174,7 @@ class CheckPipeline:
     ) -> tuple[Decision, Injected]:
         broker = self._broker
         assert broker is not None
+        broker.prepare(snap)
         if decision.code == Code.REVOKED:
             broker.forget(decision.agent)
         broker.observe(revocations, now)

@@ -317,6 +317,10 @@ class ClientCredentials(_Model):
     scopes: list[Text] = Field(default_factory=list)
     audience: Text | None = None
     resource: Text | None = Field(None, description="RFC 8707 resource indicator")
+    ca_file: FilePath | None = Field(
+        None,
+        description="CA bundle of the token endpoint's certificate (default: the system's)",
+    )
     header: CredentialHeader = "authorization"
     format: HeaderFormat = "Bearer {}"
 
@@ -337,6 +341,10 @@ class TokenExchange(_Model):
     resource: Text | None = None
     scopes: list[Text] = Field(default_factory=list)
     requested_token_type: Text = "urn:ietf:params:oauth:token-type:access_token"
+    ca_file: FilePath | None = Field(
+        None,
+        description="CA bundle of the token endpoint's certificate (default: the system's)",
+    )
     header: CredentialHeader = "authorization"
     format: HeaderFormat = "Bearer {}"
 

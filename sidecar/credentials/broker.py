@@ -164,8 +164,30 @@ class CredentialBroker:
         self._minter: Any = None
         self._lock = threading.Lock()
         self._generation = -1
+        self._prepared: Snapshot | None = None
 
     # -- the Check path --------------------------------------------------------------------
+
+    def prepare(self, snapshot: Snapshot | None) -> None:
+        """Build the sources of every credential of ``snapshot`` (a new one: after a load
+        or reload), so that OAuth tokens are fetched before the first call needs them, and
+        close those of credentials that are gone. Cheap when the snapshot is the same."""
+        if snapshot is None or snapshot is self._prepared:
+            return
+        self._prepared = snapshot
+        wanted = set()
+        for agent in snapshot.agents.values():
+            for cred in agent.credentials:
+                wanted.add((agent.name, cred.name))
+                try:
+                    self._source(agent, cred.name, cred.spec)
+                except Exception:  # a bad source is reported on the call that needs it
+                    log.warning("credential %s of %s not ready", cred.name, agent.name)
+        with self._lock:
+            gone = [k for k in self._sources if k not in wanted]
+            closing = [self._sources.pop(k)[1] for k in gone]
+        for source in closing:
+            source.close()
 
     def inject(self, decision: Decision, view: RequestView, snapshot: Snapshot) -> Injected:
         """The headers of ``decision.credentials`` for this allowed call. Raises
@@ -235,7 +257,7 @@ class CredentialBroker:
         if spec.transaction_token is not None:
             minter, subject = self._txn_minter(), self._subject(agent)
             return _TxnToken(spec.transaction_token, minter, subject, self._pod)
-        from sidecar.credentials.oauth import ClientCredentials, TokenExchange
+        from sidecar.credentials.oauth import ClientCredentials, TokenExchange, TokenSettings
         from sidecar.credentials.secrets import SecretFile
 
         def file(path: str | None) -> SecretFile | None:
@@ -253,7 +275,9 @@ class CredentialBroker:
                 audience=cc.audience,
                 resource=cc.resource,
                 auth="client_secret_basic" if cc.client_auth == "basic" else "client_secret_post",
+                settings=TokenSettings(ca_file=cc.ca_file),
             )
+            source.prefetch()
             return _Token(source, cc.format, self._wait)
         te = spec.token_exchange
         assert te is not None
@@ -270,7 +294,9 @@ class CredentialBroker:
             requested_token_type=te.requested_token_type,
             client_id=file(te.client_id_file),
             client_secret=file(te.client_secret_file),
+            settings=TokenSettings(ca_file=te.ca_file),
         )
+        source.prefetch()
         return _Token(source, te.format, self._wait)
 
     def _txn_minter(self) -> Any:
@@ -280,7 +306,8 @@ class CredentialBroker:
             from sidecar.credentials.keys import SigningKeys
             from sidecar.credentials.txntoken import TxnTokenMinter
 
-            self._minter = TxnTokenMinter(SigningKeys(self._txn_keys), self._issuer)
+            keys = SigningKeys(self._txn_keys, strict=False)  # a bad Secret: 503, not 500
+            self._minter = TxnTokenMinter(keys, self._issuer)
         return self._minter
 
     def _subject(self, agent: CompiledAgent) -> str:

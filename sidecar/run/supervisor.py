@@ -209,6 +209,11 @@ class Supervisor:
         add_probe_routes(app, self._ready, token)
         RevocationAPI(self.store, cfg.identity.namespace, token, self.status).add_routes(app)
         ElevationAPI(self.agent_state, cfg.identity.namespace, token).add_routes(app)
+        if cfg.credentials.txn_token_keys is not None:  # the public keys, for upstreams
+            from sidecar.credentials.cli import add_jwks_route
+            from sidecar.credentials.keys import SigningKeys
+
+            add_jwks_route(app, SigningKeys(cfg.credentials.txn_token_keys, strict=False))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, admin_host, admin_port)

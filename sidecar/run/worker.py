@@ -162,10 +162,14 @@ class Sidecar:
         else:
             metrics.observe_audit_state("off")
         creds = run.credentials
+        # The HTTP transport runs Checks on its event loop: a Check there must never wait
+        # for a token endpoint (OAuth tokens are fetched when the profiles load).
+        wait = 0.0 if run.check.transport == "http" else creds.wait
         self._broker = CredentialBroker(
             namespace=pod.namespace, pod=pod.pod_name, txn_keys=creds.txn_token_keys,
-            issuer=creds.txn_token_issuer, wait=creds.wait,
+            issuer=creds.txn_token_issuer, wait=wait,
         )  # fmt: skip
+        self._broker.prepare(self.holder.get())
         pipeline = CheckPipeline(
             self.holder.get, identity, revocations=revocations, tracing=self._tracing,
             audit=audit, agent_state=agent_state, limiter=limiter, broker=self._broker,

@@ -15,16 +15,21 @@ import secrets
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sidecar.credentials.keys import generate_key
+
 from .conftest import Stack, start_stack, stop_stack
 
 LEDGER = "ledger.finance.svc.cluster.local"
 OTHER = "reports.finance.svc.cluster.local"
+AUDIT = "audit.finance.svc.cluster.local"
+ISSUER = "https://mandate.agents.svc"
 AGENT = "cred-agent"
 
 PROFILE = """\
@@ -38,7 +43,7 @@ spec:
   purposes:
     reconcile:
       allow:
-        - hosts: [{ledger}, {other}]
+        - hosts: [{ledger}, {other}, audit.finance.svc.cluster.local]
           methods: [GET]
           paths: ["/v1/**"]
         - hosts: ["vault.finance.svc.cluster.local:443"]
@@ -57,6 +62,10 @@ spec:
         file: {secret}
         header: x-api-key
         format: "{{}}"
+    audit-txn:
+      hosts: [audit.finance.svc.cluster.local]
+      transactionToken:
+        ttl: 20s
 """
 
 
@@ -76,13 +85,19 @@ def cred_stack(
     profiles = tmp / "profiles"
     profiles.mkdir()
     (profiles / "cred.yaml").write_text(PROFILE.format(ledger=LEDGER, other=OTHER, secret=secret))
+    keys = tmp / "txn-keys"
+    keys.mkdir()
+    generate_key(keys / "k1.pem")
     stack = start_stack(
         tmp,
         profiles,
         transport=transport,
         agents=[AGENT],
-        extra=["--audit-dir", str(tmp / "audit")],
-    )
+        extra=[
+            "--audit-dir", str(tmp / "audit"),
+            "--txn-token-keys", str(keys), "--txn-token-issuer", ISSUER,
+        ],
+    )  # fmt: skip
     yield stack
     stop_stack(stack)
 
@@ -223,6 +238,70 @@ def test_after_a_revocation_no_call_gets_it(tmp_path: Path, transport: str, cana
         stop_stack(stack)
 
 
+def _jwks(stack: Stack) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{stack.mandate.admin_port}/.well-known/jwks.json"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.headers["Cache-Control"] == "public, max-age=60"
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+def _verify(token: str, jwks: dict[str, Any], *, aud: str, now: float) -> Any:
+    """What an upstream does, with a JOSE library other than mandate's (joserfc)."""
+    from joserfc import jwt as jose_jwt
+    from joserfc.jwk import KeySet
+
+    tok = jose_jwt.decode(token, KeySet.import_key_set(jwks), algorithms=["ES256"])
+    assert tok.header["typ"] == "txntoken+jwt"
+    jose_jwt.JWTClaimsRegistry(
+        now=int(now),
+        iss={"essential": True, "value": ISSUER},
+        aud={"essential": True, "value": aud},
+        exp={"essential": True},
+        txn={"essential": True},
+        scope={"essential": True},
+    ).validate(tok.claims)
+    return tok
+
+
+def test_a_transaction_token_is_minted_for_the_call_and_verifies_against_the_jwks(
+    cred_stack: Stack,
+) -> None:
+    from joserfc.errors import ExpiredTokenError, InvalidClaimError
+
+    trace = secrets.token_hex(16)
+    resp = cred_stack.call(
+        AGENT,
+        "GET",
+        f"http://{AUDIT}/v1/entries/9",
+        headers={
+            "Txn-Token": "forged.by.agent",
+            "x-mandate-task": "INC-7",
+            "traceparent": f"00-{trace}-{secrets.token_hex(8)}-01",
+        },
+    )
+    assert resp.status == 200, resp.body
+    (seen,) = _arrived(cred_stack, "/v1/entries/9")
+    token = seen["credentials"]["txn-token"]
+    assert token != "forged.by.agent" and set(seen["credentials"]) == {"txn-token"}
+    jwks = _jwks(cred_stack)
+    tok = _verify(token, jwks, aud=AUDIT, now=time.time())
+    decision = seen["mandate"]["x-mandate-decision"]
+    claims = tok.claims
+    assert claims["txn"] == decision and claims["scope"] == "reconcile"
+    assert claims["sub"] == f"agent:agents/{AGENT}"
+    assert claims["tctx"] == {
+        "decision": decision, "method": "GET", "path": "/v1/entries/9", "task": "INC-7",
+    }  # fmt: skip
+    assert 0 < claims["exp"] - claims["iat"] <= 20
+    with pytest.raises(InvalidClaimError):  # meant for another upstream
+        _verify(token, jwks, aud=LEDGER, now=time.time())
+    with pytest.raises(ExpiredTokenError):  # replayed after its ttl
+        _verify(token, jwks, aud=AUDIT, now=claims["exp"] + 1)
+    record = cred_stack.audit_record(trace)
+    assert record["credentials"] == ["audit-txn"] and record["txn"] == decision
+    assert token not in json.dumps(record)
+
+
 def test_no_output_of_mandate_holds_the_secret(cred_stack: Stack, canary: str) -> None:
     """The canary scan: after the calls above (allowed, denied, refused, audited), the value
     is nowhere but in what the ledger received."""
@@ -269,3 +348,191 @@ def _direct(stack: Stack, method: str, host: str, path: str) -> tuple[int, dict[
                 break
             rest += chunk
     return status, json.loads(rest) if rest else {}
+
+
+# -- OAuth: client credentials and RFC 8693 token exchange, against local endpoints ---------
+
+OAUTH_PROFILE = """\
+apiVersion: mandate.dev/v1alpha1
+kind: AgentProfile
+metadata:
+  name: cred-agent
+spec:
+  owner: finance-platform
+  defaultPurpose: reconcile
+  purposes:
+    reconcile:
+      allow:
+        - hosts: [{ledger}, {other}]
+          methods: [GET]
+  credentials:
+    ledger-oauth:
+      hosts: [{ledger}]
+      oauth2ClientCredentials:
+        tokenUrl: http://127.0.0.1:{port}/token
+        clientIdFile: {dir}/client-id
+        clientSecretFile: {dir}/client-secret
+        scopes: [ledger.read]
+        audience: ledger
+    reports-exchange:
+      hosts: [{other}]
+      tokenExchange:
+        tokenUrl: http://127.0.0.1:{port}/sts
+        subjectTokenFile: {dir}/sa-token
+        audience: reports
+"""
+
+
+class TokenEndpoints:
+    """A local OAuth token endpoint and STS that check what mandate sends, as a real
+    authorization server would, and answer short-lived tokens."""
+
+    def __init__(self, client_secret: str, subject_token: str) -> None:
+        from aiohttp import web
+
+        from sidecar.loopthread import LoopThread
+
+        self.client_secret, self.subject_token = client_secret, subject_token
+        self.issued: list[str] = []
+        self.refused: list[str] = []
+        self.port = 0
+        app = web.Application()
+        app.router.add_post("/token", self._token)
+        app.router.add_post("/sts", self._sts)
+        self._runner = web.AppRunner(app, access_log=None)
+        self._thread = LoopThread("token-endpoints")
+
+        async def start() -> None:
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+        self._thread.start(start)
+
+    def _answer(self, prefix: str) -> Any:
+        from aiohttp import web
+
+        token = f"{prefix}-{secrets.token_hex(8)}"
+        self.issued.append(token)
+        body = {"access_token": token, "token_type": "Bearer", "expires_in": 300}
+        if prefix == "xchg":
+            body["issued_token_type"] = "urn:ietf:params:oauth:token-type:access_token"
+        return web.json_response(body)
+
+    async def _token(self, request: Any) -> Any:
+        import base64
+
+        from aiohttp import web
+
+        form = await request.post()
+        basic = base64.b64encode(f"ledger-client:{self.client_secret}".encode()).decode()
+        if (
+            request.headers.get("Authorization") != f"Basic {basic}"
+            or form.get("grant_type") != "client_credentials"
+            or form.get("scope") != "ledger.read"
+            or form.get("audience") != "ledger"
+        ):
+            self.refused.append("token")
+            return web.json_response({"error": "invalid_client"}, status=401)
+        return self._answer("cc")
+
+    async def _sts(self, request: Any) -> Any:
+        from aiohttp import web
+
+        form = await request.post()
+        if (
+            form.get("grant_type") != "urn:ietf:params:oauth:grant-type:token-exchange"
+            or form.get("subject_token") != self.subject_token
+            or form.get("subject_token_type") != "urn:ietf:params:oauth:token-type:jwt"
+            or form.get("audience") != "reports"
+        ):
+            self.refused.append("sts")
+            return web.json_response({"error": "invalid_request"}, status=400)
+        return self._answer("xchg")
+
+    def stop(self) -> None:
+        self._thread.stop(self._runner.cleanup, timeout=5)
+
+
+def test_oauth_and_exchanged_tokens_are_added_and_dropped_on_revocation(
+    tmp_path: Path, transport: str
+) -> None:
+    client_secret, subject = secrets.token_hex(16), f"eyJ.sa-token.{secrets.token_hex(8)}"
+    files = tmp_path / "secrets"
+    files.mkdir()
+    (files / "client-id").write_text("ledger-client")
+    (files / "client-secret").write_text(client_secret)
+    (files / "sa-token").write_text(subject)
+    endpoints = TokenEndpoints(client_secret, subject)
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "cred.yaml").write_text(
+        OAUTH_PROFILE.format(ledger=LEDGER, other=OTHER, port=endpoints.port, dir=files)
+    )
+    stack = start_stack(tmp_path, profiles, transport=transport, agents=[AGENT])
+    try:
+        deadline = time.monotonic() + 10  # fetched when the profiles load
+        while len(endpoints.issued) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for i in range(3):
+            assert stack.call(AGENT, "GET", f"http://{LEDGER}/v1/o{i}").status == 200
+            assert stack.call(AGENT, "GET", f"http://{OTHER}/v1/x{i}").status == 200
+        ledger = {r["credentials"]["authorization"] for r in stack.upstream.received
+                  if r["path"].startswith("/v1/o")}  # fmt: skip
+        reports = {r["credentials"]["authorization"] for r in stack.upstream.received
+                   if r["path"].startswith("/v1/x")}  # fmt: skip
+        assert len(ledger) == 1 and ledger.pop().removeprefix("Bearer ").startswith("cc-")
+        assert len(reports) == 1 and reports.pop().removeprefix("Bearer ").startswith("xchg-")
+        assert endpoints.refused == []
+        assert len(endpoints.issued) == 2  # cached: one token each for six calls
+        issued = list(endpoints.issued)
+        revoked = stack.mandate_cli("revoke", AGENT, "--reason", "stolen")
+        assert revoked.returncode == 0, revoked.stderr
+        assert stack.call(AGENT, "GET", f"http://{LEDGER}/v1/after").status == 403
+        restored = stack.mandate_cli("restore", AGENT)
+        assert restored.returncode == 0, restored.stderr
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            resp = stack.call(AGENT, "GET", f"http://{LEDGER}/v1/again")
+            if resp.status == 200:
+                break
+            time.sleep(0.1)
+        assert resp.status == 200, resp.body
+        (again,) = [r for r in stack.upstream.received if r["path"] == "/v1/again"]
+        # the revoked agent's cached token was dropped: a new one was fetched for it
+        assert again["credentials"]["authorization"].removeprefix("Bearer ") not in issued
+        logs = (tmp_path / "mandate" / "mandate.log").read_text()
+        assert all(t not in logs for t in [client_secret, subject, *endpoints.issued])
+    finally:
+        stop_stack(stack)
+        endpoints.stop()
+
+
+def test_a_token_endpoint_that_is_down_refuses_the_call(tmp_path: Path, transport: str) -> None:
+    files = tmp_path / "secrets"
+    files.mkdir()
+    for name in ("client-id", "client-secret", "sa-token"):
+        (files / name).write_text("x")
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "cred.yaml").write_text(
+        OAUTH_PROFILE.format(ledger=LEDGER, other=OTHER, port=closed, dir=files)
+    )
+    stack = start_stack(tmp_path, profiles, transport=transport, agents=[AGENT])
+    try:
+        for i in range(3):
+            resp = stack.call(AGENT, "GET", f"http://{LEDGER}/v1/down{i}")
+            assert resp.status == 503
+            if transport == "grpc":
+                body = resp.json()
+                assert body["error"] == "credential_unavailable"
+                assert "ledger-oauth" in body["reason"]
+        assert not [r for r in stack.upstream.received if r["path"].startswith("/v1/down")]
+    finally:
+        stop_stack(stack)
