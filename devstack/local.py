@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -32,12 +33,17 @@ __all__ = [
     "start_envoy",
     "start_mandate",
     "stop_subprocess",
+    "system_ca_bundle",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY_DIR = ROOT / "envoy"
 # Values of envoy/local.yaml's placeholders that callers rarely change.
 ENVOY_DEFAULTS = {"MAX_BODY": "65536", "MAX_STREAM": "300s", "AGENT": "", "OTLP_PORT": "4317"}
+# TLS origination (envoy/local*.yaml's upstream_tls): the CAs Envoy trusts for HTTPS upstreams
+# unless told otherwise (UPSTREAM_CA, or render_envoy_config's upstream_ca): the system bundle,
+# the same file envoy/sidecar*.yaml name (Debian's ca-certificates, in mandate's image too).
+SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 # The cluster of mandate's Access Log Service in envoy/ (behaviour analysis,
 # sidecar/behaviour/access_log.py).
 ALS_CLUSTER = "mandate_als"
@@ -59,6 +65,14 @@ def envoy_binary() -> str:
     return found
 
 
+def system_ca_bundle() -> Path:
+    """The system's bundle of trusted CAs: SYSTEM_CA_BUNDLE, else OpenSSL's default file."""
+    if SYSTEM_CA_BUNDLE.exists():
+        return SYSTEM_CA_BUNDLE
+    paths = ssl.get_default_verify_paths()
+    return Path(paths.cafile or paths.openssl_cafile)
+
+
 def render_envoy_config(
     template: str | Path,
     values: Mapping[str, object],
@@ -66,6 +80,7 @@ def render_envoy_config(
     agents: Sequence[str] | None = None,
     mandate_ports: Sequence[int] | None = None,
     als_port: int | None = None,
+    upstream_ca: str | Path | None = None,
 ) -> str:
     """Fill a template's ${NAME} placeholders. With ``agents``, the template's single
     listener is repeated once per agent (each naming its agent: `context_extensions.agent`,
@@ -74,9 +89,18 @@ def render_envoy_config(
     one endpoint per worker (values["MANDATE_PORT"] may then be omitted). With ``als_port``
     (or values["ALS_PORT"]), Envoy streams its access log to mandate's Access Log Service
     on that port; without, the `mandate_als` cluster and the access logger that uses it
-    are left out."""
+    are left out.
+    TLS origination (calls to host:443, cluster `upstream_tls`): Envoy trusts the CAs in
+    ``upstream_ca`` (or values["UPSTREAM_CA"]), by default the system bundle, and sends
+    to 127.0.0.1:values["TLS_UPSTREAM_PORT"], by default the plain UPSTREAM_PORT (where a
+    handshake fails: 503)."""
     text = Path(template).read_text() if isinstance(template, Path) else template
     filled = {**ENVOY_DEFAULTS, **{k: str(v) for k, v in values.items()}}
+    if upstream_ca is not None:
+        filled["UPSTREAM_CA"] = str(upstream_ca)
+    filled.setdefault("UPSTREAM_CA", str(system_ca_bundle()))
+    if "UPSTREAM_PORT" in filled:
+        filled.setdefault("TLS_UPSTREAM_PORT", filled["UPSTREAM_PORT"])
     if mandate_ports:
         filled.setdefault("MANDATE_PORT", str(mandate_ports[0]))
     if als_port is not None:
