@@ -9,7 +9,8 @@ hands an audit event to ``audit`` (requested, granted, refused, expired, withdra
 reported). The rules an elevation grants live in the profiles; here only who holds which
 elevation until when. Nothing here can approve a request on the agent's behalf: approval
 arrives only through :meth:`approve` (operator paths) or the profile's `approval: auto`.
-No network I/O here; every method is thread-safe (gRPC threads and the event loop).
+No network I/O here; every method is thread-safe (on the supervisor, every caller is on its
+event loop).
 
 The agent may be compromised and call the context API as often as it likes, with any values
 (issue 15, findings 2 and 3). So:
