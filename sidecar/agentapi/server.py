@@ -19,6 +19,9 @@ what an agent asks over its local socket and the supervisor's :class:`AgentAPIBa
   :class:`~sidecar.errors.AgentStateError` from the backend becomes its gRPC status with its
   message; any other exception becomes INTERNAL with a generic message and is logged: a
   handler never raises into gRPC and the server keeps serving.
+- The servers are grpc.aio servers on the caller's event loop (the supervisor's): handlers are
+  coroutines, and the backend's calls (in memory, plus a durable file write for a change) run
+  on that loop. Nothing here is on the Check path.
 The service is bound from the compiled descriptor (`sidecar._proto.context_pb2`, generated
 at build time from protos/mandate/agent/v1/context.proto). This module must not contain
 decision logic or state of the agents' context: the backend owns both.
@@ -26,19 +29,19 @@ decision logic or state of the agents' context: the backend owns both.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
+import grpc.aio
 
 from sidecar._proto import context_pb2 as pb
 from sidecar.core.agentstate import ElevationRequest, Grant, RiskState, TaskBinding
@@ -327,7 +330,7 @@ class ExplainLimiter:
     """Per-agent token buckets: ``rate`` tokens a second, at most ``burst`` saved. One for
     `Explain`, one for the calls that change state (`ReportTask`, `RequestElevation`: each
     takes the store's lock, writes the state file and publishes a table generation that
-    every worker reads). Thread-safe (the listeners' gRPC threads share one)."""
+    every worker reads). The listeners share one, on one event loop (not thread-safe)."""
 
     def __init__(
         self, rate: float = 20.0, burst: int = 40, clock: Callable[[], float] = time.monotonic
@@ -338,21 +341,20 @@ class ExplainLimiter:
         self.burst = int(burst)
         self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # agent -> (tokens, when)
-        self._lock = threading.Lock()
 
     def take(self, agent: str) -> bool:
         now = self._clock()
-        with self._lock:
-            tokens, then = self._buckets.get(agent, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + max(0.0, now - then) * self.rate)
-            if tokens < 1.0:
-                self._buckets[agent] = (tokens, now)
-                return False
-            self._buckets[agent] = (tokens - 1.0, now)
-            return True
+        tokens, then = self._buckets.get(agent, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + max(0.0, now - then) * self.rate)
+        if tokens < 1.0:
+            self._buckets[agent] = (tokens, now)
+            return False
+        self._buckets[agent] = (tokens - 1.0, now)
+        return True
 
 
 _R = TypeVar("_R")
+_Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class AgentContextServicer:
@@ -382,7 +384,7 @@ class AgentContextServicer:
                 "RESOURCE_EXHAUSTED",
             )
 
-    def _answer(self, rpc: str, context: grpc.ServicerContext, fn: Callable[[], _R]) -> _R:
+    async def _answer(self, rpc: str, context: _Context, fn: Callable[[], _R]) -> _R:
         """Run ``fn``; turn a AgentStateError into its status, anything else into INTERNAL."""
         try:
             return fn()
@@ -394,9 +396,9 @@ class AgentContextServicer:
             code, details = grpc.StatusCode.INTERNAL, _INTERNAL
         if len(details) > MAX_DETAILS:
             details = details[: MAX_DETAILS - 3] + "..."
-        context.abort(code, details)
+        await context.abort(code, details)
 
-    def ReportTask(self, request: pb.ReportTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+    async def ReportTask(self, request: pb.ReportTaskRequest, context: _Context) -> pb.Task:
         def run() -> pb.Task:
             task = _task("task_id", request.task_id)
             purpose = _name("purpose", request.purpose)
@@ -404,10 +406,10 @@ class AgentContextServicer:
             self._take_write("ReportTask")
             return _task_pb(self.backend.report_task(self.agent, task, purpose, ttl))
 
-        return self._answer("ReportTask", context, run)
+        return await self._answer("ReportTask", context, run)
 
-    def RequestElevation(
-        self, request: pb.RequestElevationRequest, context: grpc.ServicerContext
+    async def RequestElevation(
+        self, request: pb.RequestElevationRequest, context: _Context
     ) -> pb.ElevationRequest:
         def run() -> pb.ElevationRequest:
             elevation = _name("elevation", request.elevation)
@@ -418,18 +420,16 @@ class AgentContextServicer:
                 self.backend.request_elevation(self.agent, elevation, justification, duration)
             )
 
-        return self._answer("RequestElevation", context, run)
+        return await self._answer("RequestElevation", context, run)
 
-    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.Status:
-        return self._answer(
+    async def GetStatus(self, request: pb.GetStatusRequest, context: _Context) -> pb.Status:
+        return await self._answer(
             "GetStatus",
             context,
             lambda: _status_pb(self.agent, self.backend.agent_status(self.agent)),
         )
 
-    def Explain(
-        self, request: pb.ExplainRequest, context: grpc.ServicerContext
-    ) -> pb.ExplainResponse:
+    async def Explain(self, request: pb.ExplainRequest, context: _Context) -> pb.ExplainResponse:
         def run() -> pb.ExplainResponse:
             if not self._limiter.take(self.agent):
                 raise AgentStateError(
@@ -443,11 +443,11 @@ class AgentContextServicer:
             )
             return _explain_pb(decision)
 
-        return self._answer("Explain", context, run)
+        return await self._answer("Explain", context, run)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's method handlers, bound from the compiled descriptor."""
-        methods: dict[str, tuple[Callable[[Any, grpc.ServicerContext], Any], Any, Any]] = {
+        methods: dict[str, tuple[Callable[[Any, _Context], Any], Any, Any]] = {
             "ReportTask": (self.ReportTask, pb.ReportTaskRequest, pb.Task),
             "RequestElevation": (
                 self.RequestElevation,
@@ -484,11 +484,13 @@ def _unix_path(address: str) -> str | None:
 
 
 class AgentAPIServer:
-    """One gRPC server (sync, a small thread pool) per listener; each listener serves the one
-    agent it is configured for. ``listeners``: (agent, address) pairs, address "HOST:PORT"
-    (port 0: a free port) or "unix:/path". A unix socket is made connectable by any user
-    (``socket_mode``, default 0o666): the agent's container runs as another user, and the
-    directory holding the socket (a volume only the pod mounts) is what restricts access."""
+    """One gRPC server (grpc.aio, on the event loop that starts it) per listener; each listener
+    serves the one agent it is configured for. ``listeners``: (agent, address) pairs, address
+    "HOST:PORT" (port 0: a free port) or "unix:/path". ``threads`` sizes the calls a listener
+    takes at once (``threads * 4``; more are refused with RESOURCE_EXHAUSTED). A unix socket
+    is made connectable by any user (``socket_mode``, default 0o666): the agent's container
+    runs as another user, and the directory holding the socket (a volume only the pod mounts)
+    is what restricts access."""
 
     def __init__(
         self,
@@ -517,18 +519,16 @@ class AgentAPIServer:
         self.writes = ExplainLimiter(write_rate, write_burst, clock)
         self._threads = threads
         self._socket_mode = socket_mode
-        self._servers: list[grpc.Server] = []
+        self._servers: list[grpc.aio.Server] = []
 
-    def start(self) -> list[int]:
-        """Bind and start every listener; return the bound ports (0 for a unix socket).
-        ConfigError when an address cannot be bound (nothing is left running)."""
+    async def start(self) -> list[int]:
+        """Bind and start every listener on the running event loop; return the bound ports
+        (0 for a unix socket). ConfigError when an address cannot be bound (nothing is left
+        running)."""
         ports: list[int] = []
         for agent, address in self.listeners:
             servicer = AgentContextServicer(self.backend, agent, self.limiter, self.writes)
-            server = grpc.server(
-                futures.ThreadPoolExecutor(
-                    max_workers=self._threads, thread_name_prefix=f"context-{agent}"[:32]
-                ),
+            server = grpc.aio.server(
                 handlers=[servicer.handler()],
                 options=[
                     ("grpc.so_reuseport", 0),
@@ -539,12 +539,12 @@ class AgentAPIServer:
             try:
                 port = server.add_insecure_port(address)
             except RuntimeError as exc:
-                self.stop(None)
+                await self.stop(None)
                 raise ConfigError(
                     f"context API for {agent!r}: cannot bind {address!r} ({exc})"
                 ) from None
             path = _unix_path(address)
-            server.start()
+            await server.start()
             self._servers.append(server)
             if path is not None:
                 if self._socket_mode is not None:
@@ -554,8 +554,7 @@ class AgentAPIServer:
             log.info("context API for agent %s on %s", agent, address)
         return ports
 
-    def stop(self, grace: float | None = None) -> None:
+    async def stop(self, grace: float | None = None) -> None:
         """Stop every listener (``grace`` seconds for calls in flight) and wait."""
         servers, self._servers = self._servers, []
-        for event in [s.stop(grace) for s in servers]:
-            event.wait()
+        await asyncio.gather(*(s.stop(grace) for s in servers))

@@ -21,20 +21,21 @@ An entry without an agent (Envoy answered before mandate was asked, or mandate c
 attribute the call) is skipped and counted. A bad entry never ends the stream and the
 sink's errors are logged, never raised into gRPC: Envoy would only drop the stream and
 reconnect. The attribution is the metadata mandate itself wrote: nothing the agent sends
-reaches it. No decision logic and no behaviour logic here.
+reaches it. The server is a grpc.aio server on the supervisor's event loop (not the Check
+path): each stream is a coroutine, and the sink is called on that loop. No decision logic
+and no behaviour logic here.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-from collections.abc import Callable, Iterable
-from concurrent import futures
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+import grpc.aio
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
@@ -129,8 +130,9 @@ def event_from_entry(
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     """StreamAccessLogs: every message's HTTP entries, converted, go to ``sink`` as one
-    list (called on gRPC's thread: it must be quick and thread-safe). ``namespace`` is the
-    pod's (the sidecar's configuration), as for revocations."""
+    list (called on the server's event loop: it must be quick). ``namespace`` is the pod's
+    (the sidecar's configuration), as for revocations. The counters are written on that
+    loop only."""
 
     def __init__(
         self,
@@ -142,16 +144,15 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         self._sink = sink
         self._namespace = namespace
         self._clock = clock
-        self._lock = threading.Lock()
         self._received = self._converted = self._skipped = 0
 
-    def StreamAccessLogs(
+    async def StreamAccessLogs(
         self,
-        request_iterator: Iterable[als_pb2.StreamAccessLogsMessage],
-        context: grpc.ServicerContext | None,
+        request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+        context: grpc.aio.ServicerContext[Any, Any] | None,
     ) -> als_pb2.StreamAccessLogsResponse:
         try:
-            for message in request_iterator:
+            async for message in request_iterator:
                 self._handle(message)
         except Exception as exc:  # the stream broke (Envoy went away): nothing to answer
             log.debug("access log stream ended: %r", exc)
@@ -172,10 +173,9 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                 skipped += 1
             else:
                 events.append(event)
-        with self._lock:
-            self._received += len(entries)
-            self._converted += len(events)
-            self._skipped += skipped
+        self._received += len(entries)
+        self._converted += len(events)
+        self._skipped += skipped
         if events:
             try:
                 self._sink(events)
@@ -184,39 +184,40 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
 
     def stats(self) -> dict[str, int]:
         """HTTP entries received, converted to events and skipped (no agent, unreadable)."""
-        with self._lock:
-            return {
-                "received": self._received,
-                "converted": self._converted,
-                "skipped": self._skipped,
-            }
+        return {
+            "received": self._received,
+            "converted": self._converted,
+            "skipped": self._skipped,
+        }
 
 
-def start_als_server(
+async def start_als_server(
     listen: str,
     servicer: AccessLogServicer,
     *,
     max_streams: int = 16,
     socket_mode: int | None = 0o666,
-) -> tuple[grpc.Server, int]:
-    """Serve the ALS on ``listen`` ("HOST:PORT", port 0 picks one, or "unix:/path"); return
-    the started server and its port (0 on a unix socket). Each Envoy worker thread holds one
-    stream (and one thread here) open: beyond ``max_streams`` a stream is refused rather
-    than left waiting, and Envoy drops those entries. Raises ConfigError if it cannot bind.
+) -> tuple[grpc.aio.Server, int]:
+    """Serve the ALS on ``listen`` ("HOST:PORT", port 0 picks one, or "unix:/path") on the
+    running event loop; return the started server and its port (0 on a unix socket). Each
+    Envoy worker thread holds one stream open: beyond ``max_streams`` a stream is refused
+    rather than left waiting, and Envoy drops those entries. Raises ConfigError if it cannot
+    bind (nothing is left running).
     A unix socket is made writable for every user (``socket_mode``): Envoy runs as another
     user; who may connect is decided by who mounts the socket's directory (in a pod, only
     Envoy's and mandate's containers, never the agent's).
     """
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="als"),
-        maximum_concurrent_rpcs=max_streams,
-    )
+    server = grpc.aio.server(maximum_concurrent_rpcs=max_streams)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(servicer, server)
     try:
         port = server.add_insecure_port(listen)
     except RuntimeError as exc:
         raise ConfigError(f"--access-log {listen!r}: cannot bind ({exc})") from None
-    server.start()
+    await server.start()
     if listen.startswith("unix:") and socket_mode is not None:
-        os.chmod(listen.removeprefix("unix:").removeprefix("//"), socket_mode)
+        try:
+            os.chmod(listen.removeprefix("unix:").removeprefix("//"), socket_mode)
+        except OSError:
+            await server.stop(None)
+            raise
     return server, 0 if listen.startswith("unix:") else port

@@ -61,14 +61,14 @@ class BehaviourService:
         self._audit = audit
         self._on_revoke = on_revoke
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # save() runs in a thread of its own (to_thread)
         self._settings: dict[str, BehaviourSettings] = {}
         self._settings_of: Snapshot | None = None
         self.observed = 0
         self.ignored = 0
         revocations.subscribe(self._on_revocations)
 
-    # -- input (ALS threads) --------------------------------------------------------------
+    # -- input (the access log service, on the supervisor's loop) ------------------------
 
     def observe(self, events: Sequence[CallEvent]) -> None:
         with self._lock:

@@ -13,6 +13,12 @@ has passed; the last known state is then enforced and readiness says so). A work
 dies is restarted on the same endpoint; meanwhile Envoy's calls to it fail, and Envoy
 denies them (failure_mode_allow: false). No decision logic here.
 
+What the supervisor runs is a list of services (`Supervisor._service_list`, run/services.py),
+started in order and stopped in reverse, all on its one event loop: the agent context API and
+Envoy's access log service are grpc.aio servers on it (neither is on the Check path), beside
+the admin API (aiohttp), the Kubernetes watchers and the loops. The only other threads are
+the profile watcher's, the audit writer's and the behaviour baselines' periodic save.
+
 Nothing a run makes outlives it, even when the supervisor is SIGKILLed (OOM, crash): the
 shared tables have no name (shm: a memfd each) and reach the workers as inherited file
 descriptors (`pass_fds`), so their memory goes with the last process that maps them; the run
@@ -38,6 +44,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +55,7 @@ from sidecar.check.reload import SnapshotHolder
 from sidecar.core.revocation import Revocation
 from sidecar.errors import ConfigError, StateWriteError
 from sidecar.run.admin import ElevationAPI, RevocationAPI, add_probe_routes, read_token
+from sidecar.run.services import Hooks, Service, Services, Tasks
 from sidecar.run.worker import RUN_DIR_ENV, RUN_LOCK_FD_ENV, SUPERVISOR_PID_ENV, WORKER_INDEX_ENV
 from sidecar.settings import (
     WORKER_SETTINGS_ENV,
@@ -92,11 +100,14 @@ class Supervisor:
         self._run_dir = RunDir.create() if run_dir is None else run_dir
         self._workdir = self._run_dir.path
         self._workers: list[_Worker] = []
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._services = Services()  # what start() started, stopped in reverse by stop()
+        self._tasks: list[asyncio.Task[Any]] = []  # started on the way (publications)
         self._stopping = False
         self._runner: web.AppRunner | None = None
         self._watcher: Any = None
         self._elevation_watcher: Any = None
+        self._sync_deadline: asyncio.Task[None] | None = None
+        self._behaviour_task: asyncio.Task[None] | None = None
         self._kube_state = "off"
         self.admin_port = 0
         self.grpc_ports: list[int] = []
@@ -185,9 +196,8 @@ class Supervisor:
         # 0, an ERROR line): every revocation is still enforced, and every operator action
         # is answered "not durable" until a write succeeds.
         self.store.load_persisted()
-        if self._use_kubernetes():
-            await self._start_kubernetes()
-        else:
+        kubernetes = self._use_kubernetes()
+        if not kubernetes:
             self.store.mark_complete()
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Workers write their metrics there; `mandate run` sets it before importing
@@ -202,34 +212,8 @@ class Supervisor:
             for i, port in enumerate(ports)
         ]
         self.grpc_ports = ports
-        for w in self._workers:
-            await self._spawn(w)
-        await self._wait_workers(timeout=30)
-        app = web.Application()
-        add_probe_routes(app, self._ready, token)
-        RevocationAPI(self.store, cfg.identity.namespace, token, self.status).add_routes(app)
-        ElevationAPI(self.agent_state, cfg.identity.namespace, token).add_routes(app)
-        if cfg.credentials.txn_token_keys is not None:  # the public keys, for upstreams
-            from sidecar.credentials.cli import add_jwks_route
-            from sidecar.credentials.keys import SigningKeys
-
-            add_jwks_route(app, SigningKeys(cfg.credentials.txn_token_keys, strict=False))
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, admin_host, admin_port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ConfigError(f"--admin {cfg.admin.listen!r}: cannot bind ({exc})") from None
-        self.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.holder.start(cfg.profiles.poll_seconds)
-        if cfg.context_api:
-            self._start_context_api()
-        if cfg.behaviour.access_log:
-            self._start_behaviour()
-        for w in self._workers:
-            self._tasks.append(asyncio.create_task(self._monitor(w)))
-        self._tasks.append(asyncio.create_task(self._prune()))
+        for service in self._service_list(kubernetes, admin_host, admin_port, token):
+            await self._services.start(service)
         info = {
             "grpc": self.grpc_ports,
             "admin": self.admin_port,
@@ -244,6 +228,91 @@ class Supervisor:
             tmp = cfg.port_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(info))
             tmp.replace(cfg.port_file)
+
+    # -- services -----------------------------------------------------------------------
+
+    def _service_list(
+        self, kubernetes: bool, admin_host: str, admin_port: int, token: str | None
+    ) -> list[Service]:
+        """What the supervisor runs, in the order it starts them (stop() stops them in
+        reverse): the Kubernetes watchers before the workers (a worker denies everything
+        until the first list is merged), the workers, the admin API, profile reloads, the
+        agent context API, behaviour analysis before the access log service that feeds it,
+        and last the loops that restart workers and keep house."""
+        cfg = self.settings
+        services: list[Service] = []
+        if kubernetes:
+            services.append(Hooks("kubernetes", self._start_kubernetes, self._stop_kubernetes))
+        services += [
+            Hooks("workers", self._start_workers, self._stop_workers),
+            Hooks(
+                "admin API",
+                partial(self._start_admin, admin_host, admin_port, token),
+                self._stop_admin,
+            ),
+            Hooks("profile reload", self._start_reload, self._stop_reload),
+        ]
+        if cfg.context_api:
+            services.append(Hooks("context API", self._start_context_api, self._stop_context_api))
+        if cfg.behaviour.access_log:
+            services += [
+                Hooks("behaviour analysis", self._start_behaviour, self._stop_behaviour),
+                Hooks("access log service", self._start_access_log, self._stop_access_log),
+            ]
+        services += [
+            Tasks("worker monitors", lambda: [self._monitor(w) for w in self._workers]),
+            Tasks("housekeeping", lambda: [self._prune()]),
+        ]
+        return services
+
+    async def _start_workers(self) -> None:
+        for w in self._workers:
+            await self._spawn(w)
+        await self._wait_workers(timeout=30)
+
+    async def _stop_workers(self) -> None:
+        for w in self._workers:
+            if w.proc is not None and w.proc.returncode is None:
+                w.proc.send_signal(signal.SIGTERM)
+        for w in self._workers:
+            if w.proc is not None:
+                try:
+                    await asyncio.wait_for(w.proc.wait(), 5)
+                except TimeoutError:
+                    w.proc.kill()
+                    await w.proc.wait()
+
+    async def _start_admin(self, host: str, port: int, token: str | None) -> None:
+        assert self.store is not None and self.agent_state is not None
+        cfg = self.settings
+        app = web.Application()
+        add_probe_routes(app, self._ready, token)
+        RevocationAPI(self.store, cfg.identity.namespace, token, self.status).add_routes(app)
+        ElevationAPI(self.agent_state, cfg.identity.namespace, token).add_routes(app)
+        if cfg.credentials.txn_token_keys is not None:  # the public keys, for upstreams
+            from sidecar.credentials.cli import add_jwks_route
+            from sidecar.credentials.keys import SigningKeys
+
+            add_jwks_route(app, SigningKeys(cfg.credentials.txn_token_keys, strict=False))
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(f"--admin {cfg.admin.listen!r}: cannot bind ({exc})") from None
+        self.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def _stop_admin(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def _start_reload(self) -> None:
+        self.holder.start(self.settings.profiles.poll_seconds)
+
+    async def _stop_reload(self) -> None:
+        self.holder.stop()
 
     def _context_listeners(self) -> list[tuple[str, str]]:
         """(agent, address) per `--context-api` entry; a bare address serves the pod's agent
@@ -271,7 +340,7 @@ class Supervisor:
             out.append((agent, address))
         return out
 
-    def _start_context_api(self) -> None:
+    async def _start_context_api(self) -> None:
         from sidecar.agentapi.backend import SupervisorBackend
         from sidecar.agentapi.server import AgentAPIServer
 
@@ -280,17 +349,20 @@ class Supervisor:
             self.agent_state, self.store, self.holder.get, self.settings.identity.namespace
         )
         self._context_api = AgentAPIServer(backend, self._context_listeners())
-        self.context_ports = self._context_api.start()
+        self.context_ports = await self._context_api.start()
 
-    def _start_behaviour(self) -> None:
-        from sidecar.behaviour.access_log import AccessLogServicer, start_als_server
+    async def _stop_context_api(self) -> None:
+        api, self._context_api = self._context_api, None
+        if api is not None:
+            await api.stop(0.5)
+
+    async def _start_behaviour(self) -> None:
+        """Behaviour analysis: the baselines loaded, scored every 100 ms."""
         from sidecar.behaviour.service import BehaviourService
 
         assert self.agent_state is not None and self.store is not None
         namespace, state_dir = self.settings.identity.namespace, self.settings.state.directory
-        access_log = self.settings.behaviour.access_log
-        assert access_log is not None
-        self.behaviour = BehaviourService(
+        behaviour = BehaviourService(
             self.holder.get,
             self.agent_state,
             self.store,
@@ -299,10 +371,35 @@ class Supervisor:
             audit=self._record,
             on_revoke=self._publish_revocation,
         )
-        self.behaviour.load()
+        behaviour.load()
+        self.behaviour = behaviour
+        self._behaviour_task = asyncio.create_task(self._behaviour_loop())
+
+    async def _stop_behaviour(self) -> None:
+        """Stop scoring; save the baselines."""
+        task, self._behaviour_task = self._behaviour_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.behaviour is not None:
+            self.behaviour.save()
+
+    async def _start_access_log(self) -> None:
+        """Envoy's access log service, feeding behaviour analysis."""
+        from sidecar.behaviour.access_log import AccessLogServicer, start_als_server
+
+        assert self.behaviour is not None
+        access_log = self.settings.behaviour.access_log
+        assert access_log is not None
+        namespace = self.settings.identity.namespace
         servicer = AccessLogServicer(self.behaviour.observe, namespace=namespace)
-        self._als, self.access_log_port = start_als_server(access_log, servicer)
-        self._tasks.append(asyncio.create_task(self._behaviour_loop()))
+        self._als, self.access_log_port = await start_als_server(access_log, servicer)
+
+    async def _stop_access_log(self) -> None:
+        als, self._als = self._als, None
+        if als is not None:
+            await als.stop(0.5)
 
     def _publish_revocation(self, rev: Revocation) -> None:
         """Called on the event loop when behaviour analysis revoked an agent: in force
@@ -368,7 +465,16 @@ class Supervisor:
                 self._kube_state = "unsynced"
                 self.store.mark_complete()
 
-        self._tasks.append(asyncio.create_task(initial_sync_deadline()))
+        self._sync_deadline = asyncio.create_task(initial_sync_deadline())
+
+    async def _stop_kubernetes(self) -> None:
+        task, self._sync_deadline = self._sync_deadline, None
+        if task is not None:
+            task.cancel()
+        for watcher in (self._watcher, self._elevation_watcher):
+            if watcher is not None:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
 
     async def _spawn(self, w: _Worker) -> None:
         assert self.table is not None and self.table.fd is not None
@@ -610,32 +716,12 @@ class Supervisor:
         return ok, status
 
     async def stop(self) -> None:
+        """Stop the services start() started, in reverse order; then close the tables and
+        the audit trail (and remove the run directory if it is this object's)."""
         self._stopping = True
         for t in self._tasks:
             t.cancel()
-        for watcher in (self._watcher, self._elevation_watcher):
-            if watcher is not None:
-                with contextlib.suppress(Exception):
-                    await watcher.stop()
-        for w in self._workers:
-            if w.proc is not None and w.proc.returncode is None:
-                w.proc.send_signal(signal.SIGTERM)
-        for w in self._workers:
-            if w.proc is not None:
-                try:
-                    await asyncio.wait_for(w.proc.wait(), 5)
-                except TimeoutError:
-                    w.proc.kill()
-                    await w.proc.wait()
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self._context_api is not None:
-            self._context_api.stop(0.5)
-        if self._als is not None:
-            self._als.stop(0.5)
-        if self.behaviour is not None:
-            self.behaviour.save()
-        self.holder.stop()
+        await self._services.stop()
         if self.table is not None:
             self.table.close()  # a --table file stays: the caller's
         if self.agent_state_table is not None:

@@ -1,6 +1,7 @@
-"""The Access Log Service: a real grpcio server on 127.0.0.1:0 (or a unix socket) and a
-real client streaming StreamAccessLogsMessages shaped as Envoy's http_grpc logger sends
-them (metadata as each transport's answer leaves it)."""
+"""The Access Log Service: a real grpc.aio server on 127.0.0.1:0 (or a unix socket), on an
+event loop of its own (as on the supervisor's), and a real client streaming
+StreamAccessLogsMessages shaped as Envoy's http_grpc logger sends them (metadata as each
+transport's answer leaves it)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 import sidecar.behaviour.access_log
 from sidecar.behaviour.access_log import AccessLogServicer, event_from_entry, start_als_server
 from sidecar.core.behaviour import CallEvent
+from tests.aio import on_loop_thread
 
 NOW = 1_800_000_000.0
 NS = "agents"
@@ -171,14 +173,17 @@ def sink() -> Sink:
 @pytest.fixture
 def served(sink: Sink) -> Iterator[tuple[AccessLogServicer, grpc.Channel]]:
     servicer = AccessLogServicer(sink, namespace=NS, clock=lambda: NOW)
-    server, port = start_als_server("127.0.0.1:0", servicer)
-    assert port > 0
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.enable_http_proxy", 0)])
-    try:
-        yield servicer, channel
-    finally:
-        channel.close()
-        server.stop(grace=None)
+    with on_loop_thread(
+        "als", lambda: start_als_server("127.0.0.1:0", servicer), lambda s: s[0].stop(None)
+    ) as (_, port):
+        assert port > 0
+        channel = grpc.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.enable_http_proxy", 0)]
+        )
+        try:
+            yield servicer, channel
+        finally:
+            channel.close()
 
 
 def stream(channel: grpc.Channel, *messages: als_pb2.StreamAccessLogsMessage) -> Any:
@@ -274,11 +279,10 @@ def test_concurrent_streams_and_a_dropped_one(
 def test_unix_socket(tmp_path: Path, sink: Sink) -> None:
     path = tmp_path / "als.sock"
     servicer = AccessLogServicer(sink, namespace=NS, clock=lambda: NOW)
-    server, port = start_als_server(f"unix:{path}", servicer)
-    try:
+    with on_loop_thread(
+        "als", lambda: start_als_server(f"unix:{path}", servicer), lambda s: s[0].stop(None)
+    ) as (_, port):
         assert port == 0 and path.exists()
         with grpc.insecure_channel(f"unix:{path}") as channel:
             stream(channel, message(entry(GRPC_META, path="/over-unix")))
         assert [e.path for e in sink.events] == ["/over-unix"]
-    finally:
-        server.stop(grace=None)

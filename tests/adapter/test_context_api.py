@@ -1,5 +1,6 @@
-"""The agent context API over real gRPC: `AgentAPIServer` on 127.0.0.1 port 0 and on a unix
-socket, a fake backend (recording what it is asked), and the real client (`sidecar.agentapi.client`).
+"""The agent context API over real gRPC: `AgentAPIServer` (grpc.aio, on the test's event loop
+as on the supervisor's) on 127.0.0.1 port 0 and on a unix socket, a fake backend (recording
+what it is asked), and the real client (`sidecar.agentapi.client`).
 
 Every RPC round-trips; the agent is always the listener's, whatever the caller sends; there
 is no approve method; AgentStateError statuses become gRPC codes; bad input is refused before
@@ -13,7 +14,7 @@ import asyncio
 import os
 import stat
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ AGENT = "billing-agent"
 OTHER = "research-agent"
 NS = "agents"
 T0 = 1_700_000_000.0
+
+MakeServer = Callable[..., Awaitable[tuple[AgentAPIServer, list[int]]]]
 
 
 class FakeBackend:
@@ -138,28 +141,26 @@ def backend() -> FakeBackend:
 
 
 @pytest.fixture
-def make_server(
-    backend: FakeBackend,
-) -> Iterator[Callable[..., tuple[AgentAPIServer, list[int]]]]:
+async def make_server(backend: FakeBackend) -> AsyncIterator[MakeServer]:
     servers: list[AgentAPIServer] = []
 
-    def make(
+    async def make(
         listeners: list[tuple[str, str]] | None = None, **kwargs: Any
     ) -> tuple[AgentAPIServer, list[int]]:
         server = AgentAPIServer(backend, listeners or [(AGENT, "127.0.0.1:0")], **kwargs)
         servers.append(server)
-        return server, server.start()
+        return server, await server.start()
 
     yield make
     for s in servers:
-        s.stop(0)
+        await s.stop(0)
 
 
 @pytest.fixture
 async def ctx(
-    make_server: Callable[..., tuple[AgentAPIServer, list[int]]],
+    make_server: MakeServer,
 ) -> AsyncIterator[AgentContext]:
-    _, ports = make_server()
+    _, ports = await make_server()
     async with AgentContext(f"127.0.0.1:{ports[0]}") as client:
         yield client
 
@@ -265,11 +266,11 @@ async def test_explain_round_trip(ctx: AgentContext, backend: FakeBackend) -> No
 
 async def test_unix_socket_listener(
     tmp_path: Path,
-    make_server: Callable[..., tuple[AgentAPIServer, list[int]]],
+    make_server: MakeServer,
     backend: FakeBackend,
 ) -> None:
     sock = tmp_path / "context.sock"
-    _, ports = make_server([(AGENT, f"unix:{sock}")])
+    _, ports = await make_server([(AGENT, f"unix:{sock}")])
     assert ports == [0]
     assert stat.S_ISSOCK(os.stat(sock).st_mode)
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o666  # the agent runs as another user
@@ -284,11 +285,11 @@ async def test_unix_socket_listener(
 
 async def test_each_listener_serves_its_own_agent(
     tmp_path: Path,
-    make_server: Callable[..., tuple[AgentAPIServer, list[int]]],
+    make_server: MakeServer,
     backend: FakeBackend,
 ) -> None:
     sock = tmp_path / "research.sock"
-    _, ports = make_server([(AGENT, "127.0.0.1:0"), (OTHER, f"unix:{sock}")])
+    _, ports = await make_server([(AGENT, "127.0.0.1:0"), (OTHER, f"unix:{sock}")])
     assert ports[0] > 0 and ports[1] == 0
     async with AgentContext(f"127.0.0.1:{ports[0]}") as a, AgentContext(f"unix:{sock}") as b:
         assert (await a.status()).agent == AGENT
@@ -298,9 +299,9 @@ async def test_each_listener_serves_its_own_agent(
 
 
 async def test_caller_metadata_cannot_name_another_agent(
-    make_server: Callable[..., tuple[AgentAPIServer, list[int]]], backend: FakeBackend
+    make_server: MakeServer, backend: FakeBackend
 ) -> None:
-    _, ports = make_server()
+    _, ports = await make_server()
     forged = (("x-mandate-agent", OTHER), ("x-agent", OTHER), ("agent", OTHER))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as channel:
         status = channel.unary_unary(
@@ -482,11 +483,11 @@ async def test_a_message_too_large_for_the_listener_is_refused(
 
 async def test_explain_is_rate_limited_per_agent(
     tmp_path: Path,
-    make_server: Callable[..., tuple[AgentAPIServer, list[int]]],
+    make_server: MakeServer,
     backend: FakeBackend,
 ) -> None:
     sock = tmp_path / "other.sock"
-    _, ports = make_server(
+    _, ports = await make_server(
         [(AGENT, "127.0.0.1:0"), (OTHER, f"unix:{sock}")], explain_rate=0.001, explain_burst=3
     )
     async with AgentContext(f"127.0.0.1:{ports[0]}") as a, AgentContext(f"unix:{sock}") as b:
@@ -507,10 +508,10 @@ async def test_explain_is_rate_limited_per_agent(
 
 
 async def test_explain_bucket_refills(
-    make_server: Callable[..., tuple[AgentAPIServer, list[int]]],
+    make_server: MakeServer,
 ) -> None:
     now = [100.0]
-    _, ports = make_server(explain_rate=2.0, explain_burst=2, clock=lambda: now[0])
+    _, ports = await make_server(explain_rate=2.0, explain_burst=2, clock=lambda: now[0])
     async with AgentContext(f"127.0.0.1:{ports[0]}") as a:
         await a.explain("GET", "http://a.example/")
         await a.explain("GET", "http://a.example/")
@@ -586,12 +587,27 @@ async def test_client_reports_an_unreachable_api_as_unavailable(tmp_path: Path) 
     assert err.value.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
-def test_an_address_in_use_is_a_config_error(
-    make_server: Callable[..., tuple[AgentAPIServer, list[int]]], backend: FakeBackend
+async def test_an_address_in_use_is_a_config_error(
+    make_server: MakeServer, backend: FakeBackend
 ) -> None:
-    _, ports = make_server()
+    _, ports = await make_server()
     with pytest.raises(ConfigError, match="cannot bind"):
-        make_server([(AGENT, f"127.0.0.1:{ports[0]}")])
+        await make_server([(AGENT, f"127.0.0.1:{ports[0]}")])
+
+
+async def test_a_listener_that_cannot_bind_leaves_nothing_running(
+    tmp_path: Path, make_server: MakeServer, backend: FakeBackend
+) -> None:
+    _, ports = await make_server()
+    sock = tmp_path / "first.sock"
+    server = AgentAPIServer(backend, [(OTHER, f"unix:{sock}"), (AGENT, f"127.0.0.1:{ports[0]}")])
+    with pytest.raises(ConfigError, match="cannot bind"):
+        await server.start()
+    async with AgentContext(f"unix:{sock}", timeout=2) as client:
+        with pytest.raises(AgentStateError) as err:
+            await client.status()  # the first listener, started, was stopped again
+    assert err.value.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+    assert backend.agents_seen() == set()
 
 
 @pytest.mark.parametrize(
@@ -613,25 +629,25 @@ async def test_stop_then_restart_on_the_same_unix_socket(
 ) -> None:
     sock = tmp_path / "context.sock"
     first = AgentAPIServer(backend, [(AGENT, f"unix:{sock}")])
-    first.start()
-    first.stop(0)
+    await first.start()
+    await first.stop(0)
     second = AgentAPIServer(backend, [(AGENT, f"unix:{sock}")])
-    second.start()  # a stale socket file does not block the next start
+    await second.start()  # a stale socket file does not block the next start
     try:
         async with AgentContext(f"unix:{sock}") as client:
             assert (await client.status()).agent == AGENT
     finally:
-        second.stop(0)
+        await second.stop(0)
 
 
 async def test_state_changing_calls_are_rate_limited_per_agent_after_validation(
     tmp_path: Path,
-    make_server: Callable[..., tuple[AgentAPIServer, list[int]]],
+    make_server: MakeServer,
     backend: FakeBackend,
 ) -> None:
     sock = tmp_path / "other.sock"
     now = [100.0]
-    _, ports = make_server(
+    _, ports = await make_server(
         [(AGENT, "127.0.0.1:0"), (OTHER, f"unix:{sock}")],
         write_rate=1.0,
         write_burst=2,

@@ -15,6 +15,7 @@ import pytest
 from devstack.local import ENVOY_DIR, render_envoy_config
 from sidecar.behaviour.access_log import AccessLogServicer, start_als_server
 from sidecar.core.behaviour import BehaviourEngine, BehaviourSettings, CallEvent
+from tests.aio import on_loop_thread
 
 from .conftest import (
     NAMESPACE,
@@ -59,9 +60,10 @@ class Collector:
 def als() -> Iterator[tuple[Collector, AccessLogServicer, int]]:
     collector = Collector()
     servicer = AccessLogServicer(collector, namespace=NAMESPACE)
-    server, port = start_als_server("127.0.0.1:0", servicer)
-    yield collector, servicer, port
-    server.stop(grace=None)
+    with on_loop_thread(
+        "als", lambda: start_als_server("127.0.0.1:0", servicer), lambda s: s[0].stop(None)
+    ) as (_, port):
+        yield collector, servicer, port
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
-"""The agent-state store's facade: the single writer of the shared context table.
+"""The agent-state store's facade: the single writer of the shared agent-state table.
 
-It composes the concepts (`tasks`, `elevations`, `risks`), holds the one lock (every method
-is thread-safe: gRPC threads and the event loop call it), and makes each change stick
+It composes the concepts (`tasks`, `elevations`, `risks`), holds the one lock (in the
+supervisor every caller is on its event loop; the lock keeps it safe for any other caller,
+e.g. the behaviour service's save thread), and makes each change stick
 through the shared mechanism (`publisher.GenerationPublisher`) in the order that never
 gives rights that are not stored:
 - what gives rights (a task, a request, a grant) is made in memory, then it must fit in the

@@ -1,0 +1,98 @@
+"""The supervisor's services, with the real classes: `Supervisor.start` starts its list in
+order (Kubernetes off: workers, admin API, profile reload, agent context API, behaviour
+analysis, access log service, worker monitors, housekeeping), the context API and the access
+log service answer on the supervisor's own event loop (grpc.aio), and `stop` stops them in
+reverse, leaving neither socket served."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+from sidecar.agentapi.client import AgentContext
+from sidecar.errors import AgentStateError
+from sidecar.run.supervisor import Supervisor
+from sidecar.settings import (
+    AdminSettings,
+    BehaviourAnalysisSettings,
+    CheckSettings,
+    ContextListener,
+    IdentitySettings,
+    KubernetesSettings,
+    ProfileSettings,
+    Settings,
+    StateSettings,
+)
+
+AGENT = "billing-agent"
+NS = "agents"
+# Kubernetes off: no watchers.
+STARTED = [
+    "workers",
+    "admin API",
+    "profile reload",
+    "context API",
+    "behaviour analysis",
+    "access log service",
+    "worker monitors",
+    "housekeeping",
+]
+
+
+async def test_services_start_in_order_serve_on_the_loop_and_stop_in_reverse(
+    tmp_path: Path,
+    profiles_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The workers' metrics go here (else start() would set it in this process's environment).
+    (tmp_path / "metrics").mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    context_sock, als_sock = tmp_path / "context.sock", tmp_path / "als.sock"
+    sup = Supervisor(
+        Settings(
+            profiles=ProfileSettings(profiles_dir, poll_seconds=0.5),
+            check=CheckSettings(listen="127.0.0.1:0"),
+            identity=IdentitySettings(namespace=NS),
+            admin=AdminSettings(listen="127.0.0.1:0"),
+            state=StateSettings(directory=tmp_path / "state"),
+            kubernetes=KubernetesSettings(mode="off"),
+            behaviour=BehaviourAnalysisSettings(access_log=f"unix:{als_sock}"),
+            context_api=(ContextListener.parse(f"{AGENT}=unix:{context_sock}"),),
+        )
+    )
+    with caplog.at_level(logging.DEBUG, logger="sidecar.run.services"):
+        try:
+            await sup.start()
+            assert sup._services.started == STARTED
+            assert sup.context_ports == [0] and sup.access_log_port == 0
+            async with AgentContext(f"unix:{context_sock}") as client:
+                assert (await client.status()).agent == AGENT
+                assert (await client.report_task("T-1", "reconcile")).task_id == "T-1"
+            assert [t.task for t in sup.agent_state.tasks(NS, AGENT)] == ["T-1"]  # type: ignore[union-attr]
+            message = als_pb2.StreamAccessLogsMessage()
+            entry = message.http_logs.log_entry.add()
+            meta = entry.common_properties.metadata.filter_metadata["envoy.filters.http.ext_authz"]
+            meta.update({"agent": AGENT, "code": "allowed", "decision": "allow"})
+            entry.request.authority = "ledger.finance.svc.cluster.local"
+            before = sup.behaviour.observed + sup.behaviour.ignored
+            async with grpc.aio.insecure_channel(f"unix:{als_sock}") as channel:
+                stub = als_pb2_grpc.AccessLogServiceStub(channel)
+                await stub.StreamAccessLogs(iter([message]), timeout=5)
+            assert sup.behaviour.observed + sup.behaviour.ignored == before + 1
+        finally:
+            await sup.stop()
+    starting = [r.args[0] for r in caplog.records if r.msg == "starting %s"]
+    stopping = [r.args[0] for r in caplog.records if r.msg == "stopping %s"]
+    assert starting == STARTED and stopping == starting[::-1]
+    assert sup._services.started == []
+    async with AgentContext(f"unix:{context_sock}", timeout=2) as client:
+        with pytest.raises(AgentStateError) as err:
+            await client.status()
+    assert err.value.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+    assert all(w.proc is not None and w.proc.returncode is not None for w in sup._workers)
