@@ -3,7 +3,9 @@
 `mandate inject -f FILE` reads Kubernetes objects (YAML or JSON, several documents, `List`s;
 `-` for stdin) and prints them with the sidecar added to every selected pod: a Pod itself,
 the pod template of a Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob or
-PodTemplate. Other objects pass through unchanged. What happened to each goes to stderr.
+PodTemplate. Other objects pass through unchanged. What happened to each goes to stderr:
+injected or not, who holds the pod's service-account token (mandate alone, and what the
+injection overrode for that), and the warnings the webhook would give.
 Exit 0, or 2 on bad input (unreadable file, bad YAML, a selected pod that cannot be
 injected: the message names the document and field).
 
@@ -27,7 +29,15 @@ from typing import Any
 import yaml
 
 from sidecar.errors import ConfigError, InjectError
-from sidecar.injection.pod import InjectConfig, inject, is_injected, mode_of, selected
+from sidecar.injection.pod import (
+    ANNOTATION_SERVICE_ACCOUNT_TOKEN,
+    InjectConfig,
+    inject,
+    is_injected,
+    mode_of,
+    selected,
+    warnings_for,
+)
 
 __all__ = ["add_inject_parser", "load_config", "run_inject"]
 
@@ -173,6 +183,10 @@ def _inject(args: argparse.Namespace) -> int:
                 obj.clear()
                 obj.update(new)
             print(f"injected {what} ({mode})", file=sys.stderr)
+            token = new["metadata"]["annotations"][ANNOTATION_SERVICE_ACCOUNT_TOKEN]
+            print(f"  service-account token: {token}", file=sys.stderr)
+            for warning in warnings_for(new, config):
+                print(f"  warning: {warning}", file=sys.stderr)
     _print(docs, args.output)
     return EXIT_OK
 

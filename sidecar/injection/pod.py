@@ -17,6 +17,22 @@ Envoy, ``NO_PROXY`` for loopback: in ``proxy`` mode that is all there is (for cl
 forbid NET_ADMIN; an agent that ignores the variables is not governed), in ``iptables`` mode it
 makes HTTPS work through CONNECT while the capture guarantees nothing bypasses Envoy.
 
+The agent's containers hold no credential (issue 17): the pod's
+``automountServiceAccountToken`` is set to false (whatever the pod said), the token the API
+server's ServiceAccount admission already mounted into the pod's containers (the
+``kube-api-access-*`` volume, which it adds before any webhook runs) is taken out of them,
+and a projected, audience-bound token that lives ``serviceAccountTokenSeconds`` (default
+3600; never 3607, which the API server extends to a year) is mounted at the standard path
+into mandate's container only, with the cluster CA and the namespace, so that in-cluster
+configuration works there unchanged. The annotation ``mandate.dev/service-account-token``
+says so. The Kubernetes Secrets that mandate's credentials read (the injector's
+``credentialSecrets`` and the pod's ``mandate.dev/credential-secrets``) and the
+Transaction Token signing keys (``txnTokenKeysSecret``, ``mandate.dev/txn-token-keys-secret``)
+are mounted read-only into mandate's container only, under :data:`CREDENTIALS_DIR` and at
+:data:`TXN_KEYS_DIR`; a pod whose own containers reference one of them (env, envFrom, a
+volume) is refused, since the agent would then hold the credential. A container of the pod
+that mounts a service-account token by itself keeps it, with a warning: agents must not.
+
 The injection is idempotent: a pod with the ``mandate.dev/injected`` annotation, or already
 carrying the sidecar containers, is left as it is. This module must not do I/O or import
 aiohttp, Kubernetes clients or YAML: dicts in, dicts out.
@@ -34,22 +50,30 @@ from sidecar.errors import ConfigError, InjectError
 
 __all__ = [
     "ANNOTATION_AGENT",
+    "ANNOTATION_CREDENTIAL_SECRETS",
     "ANNOTATION_INJECTED",
     "ANNOTATION_MODE",
+    "ANNOTATION_SERVICE_ACCOUNT_TOKEN",
+    "ANNOTATION_TXN_KEYS_SECRET",
     "CAPTURE_SCRIPT",
+    "CREDENTIALS_DIR",
     "ENVOY_ADMIN_SOCKET",
     "LABEL_INJECT",
     "MODES",
+    "SA_DIR",
     "SIDECAR_CONTAINERS",
+    "TXN_KEYS_DIR",
     "InjectConfig",
     "agent_of",
     "capture_env",
+    "credential_secrets_of",
     "envoy_ready_probe",
     "inject",
     "is_injected",
     "mode_of",
     "patch_for",
     "selected",
+    "txn_keys_secret_of",
     "warnings_for",
 ]
 
@@ -57,6 +81,14 @@ LABEL_INJECT = "mandate.dev/inject"  # "true" on a pod (or its namespace) select
 ANNOTATION_AGENT = "mandate.dev/agent"  # the agent id; else the pod's service account name
 ANNOTATION_MODE = "mandate.dev/mode"  # iptables | proxy; else the injector's default
 ANNOTATION_INJECTED = "mandate.dev/injected"  # set by the injection, value: the mode
+# Kubernetes Secrets mounted into mandate's container only, for the profile's credentials:
+# "name,name" (added to the injector's credentialSecrets).
+ANNOTATION_CREDENTIAL_SECRETS = "mandate.dev/credential-secrets"
+# The Secret of the Transaction Token signing keys (else the injector's txnTokenKeysSecret).
+ANNOTATION_TXN_KEYS_SECRET = "mandate.dev/txn-token-keys-secret"
+# Set by the injection: who holds the pod's service-account token ("mandate-only", and what
+# the injection overrode to make it so).
+ANNOTATION_SERVICE_ACCOUNT_TOKEN = "mandate.dev/service-account-token"
 
 MODES = ("iptables", "proxy")
 INIT, MANDATE, ENVOY = "mandate-init", "mandate", "mandate-envoy"
@@ -69,7 +101,11 @@ _VOLUMES = (
     "mandate-envoy-admin",
     "mandate-admin-token",
     "mandate-kube-api-access",
+    "mandate-txn-keys",
 )
+# One volume per credential Secret: this prefix and its index (a volume name is a DNS label
+# of at most 63 characters; a Secret name may be a 253-character subdomain).
+_CREDENTIAL_VOLUME = "mandate-credential-"
 _PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
 # The AgentRevocation CRD's pattern for spec.agent (without "*").
 _AGENT_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
@@ -90,7 +126,20 @@ RUN_DIR = "/run/mandate-io"
 ENVOY_ADMIN_DIR = "/run/mandate-envoy"
 ENVOY_ADMIN_SOCKET = f"{ENVOY_ADMIN_DIR}/admin.sock"
 TOKEN_DIR = "/etc/mandate/admin"
+# Where in-cluster clients (kubernetes_asyncio's load_incluster_config) look for the token,
+# the CA and the namespace: in mandate's container only.
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# The credential Secrets, one directory each (<name>/<key>), and the txn-token signing keys.
+CREDENTIALS_DIR = "/var/run/mandate/credentials"
+TXN_KEYS_DIR = "/var/run/mandate/txn-keys"
+# The name the API server's ServiceAccount admission gives the token volume it adds to every
+# container (a random 5-character suffix follows); it runs before any admission webhook.
+_DEFAULT_TOKEN_VOLUME = "kube-api-access-"
+# The kubelet refuses shorter; the API server extends exactly 3607 s (the legacy default of
+# the volume above) to a year when --service-account-extend-token-expiration is on (default).
+MIN_TOKEN_SECONDS, MAX_TOKEN_SECONDS, EXTENDED_TOKEN_SECONDS = 600, 86400, 3607
+# A Secret's name: a DNS-1123 subdomain (no "/", no "..", nothing path-like).
+_SECRET_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 # Run by the mandate-init container with `sh -c`, parameters in the environment (see
 # capture_env). Istio's scheme: a nat chain REDIRECTs every new outbound TCP connection to
@@ -200,6 +249,14 @@ class InjectConfig:
     log_level: str = "INFO"
     profiles_config_map: str = "mandate-profiles"
     admin_token_secret: str = "mandate-admin-token"  # "": mandate generates one in its state
+    # mandate's own service-account token: its audience ("" = the API server's own, which is
+    # what the in-cluster client needs) and lifetime (the kubelet renews it at 80 %).
+    service_account_token_audience: str = ""
+    service_account_token_seconds: int = 3600
+    # Secrets mounted into mandate's container of every injected pod (CREDENTIALS_DIR/<name>);
+    # a pod's mandate.dev/credential-secrets adds more.
+    credential_secrets: tuple[str, ...] = ()
+    txn_token_keys_secret: str = ""  # the signing keys' Secret ("": none, unless annotated)
     state_volume: Mapping[str, Any] = field(default_factory=lambda: {"emptyDir": {}})
     exclude_outbound_ports: tuple[int, ...] = ()
     exclude_outbound_cidrs: tuple[str, ...] = ()
@@ -241,6 +298,23 @@ def _camel(name: str) -> str:
 
 
 def _convert(name: str, value: Any, where: str) -> Any:
+    if name == "service_account_token_seconds":
+        return _token_seconds(value, where)
+    if name == "credential_secrets":
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of Secret names")
+        return _secret_names(value, where)
+    if name in ("txn_token_keys_secret", "admin_token_secret") and value:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        problem = _secret_name_problem(value)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
+        return value
+    if name == "service_account_token_audience":
+        if not isinstance(value, str) or any(c.isspace() for c in value):
+            raise ConfigError(f"{where}: expected an audience without spaces, got {value!r}")
+        return value
     ints = {f.name for f in fields(InjectConfig) if f.type == "int"}
     if name in ints:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
@@ -284,6 +358,56 @@ def _convert(name: str, value: Any, where: str) -> Any:
     if name == "image" and not value:
         raise ConfigError(f"{where}: must not be empty")
     return value
+
+
+def _token_seconds(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a number of seconds, got {value!r}")
+    if not MIN_TOKEN_SECONDS <= value <= MAX_TOKEN_SECONDS:
+        raise ConfigError(
+            f"{where}: expected {MIN_TOKEN_SECONDS} to {MAX_TOKEN_SECONDS} seconds (the kubelet "
+            f"refuses less than {MIN_TOKEN_SECONDS}), got {value}"
+        )
+    if value == EXTENDED_TOKEN_SECONDS:
+        raise ConfigError(
+            f"{where}: {EXTENDED_TOKEN_SECONDS} is the one lifetime the API server extends to a "
+            "year (--service-account-extend-token-expiration); use e.g. 3600"
+        )
+    return value
+
+
+def _secret_name_problem(name: str) -> str:
+    """What is wrong with ``name`` as the name of a Secret to mount; "" if nothing."""
+    if not name:
+        return "an empty Secret name"
+    if "/" in name or "\\" in name or name.startswith(".") or ".." in name:
+        return (
+            f"{name!r} looks like a path: name a Secret in the pod's namespace; it is mounted "
+            f"at {CREDENTIALS_DIR}/<name>/"
+        )
+    if len(name) > 253 or not _SECRET_NAME_RE.match(name):
+        return (
+            f"{name!r} is not a Secret name (a DNS-1123 subdomain: lower-case letters, digits, "
+            "'-' and '.', starting and ending with a letter or digit, at most 253 characters)"
+        )
+    return ""
+
+
+def _secret_names(
+    names: Sequence[Any], where: str, error: type[Exception] = ConfigError
+) -> tuple[str, ...]:
+    """The Secret names of a list, checked: each a Secret name, none twice."""
+    out: list[str] = []
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise error(f"{where}[{i}]: expected a Secret name, got {name!r}")
+        problem = _secret_name_problem(name)
+        if problem:
+            raise error(f"{where}: {problem}")
+        if name in out:
+            raise error(f"{where}: Secret {name!r} is named twice")
+        out.append(name)
+    return tuple(out)
 
 
 # -- reading a pod ----------------------------------------------------------------------------
@@ -385,6 +509,120 @@ def agent_of(pod: Mapping[str, Any]) -> str | None:
     return agent
 
 
+def credential_secrets_of(pod: Mapping[str, Any], config: InjectConfig) -> tuple[str, ...]:
+    """The Secrets to mount into mandate's container for the profile's credentials: the
+    injector's ``credentialSecrets``, then the pod's ``mandate.dev/credential-secrets``
+    ("a,b", spaces allowed around names; a name the injector lists already is mounted once).
+    InjectError names the annotation and the bad entry: not a Secret name, path-like, empty,
+    twice, or the Secret of the txn-token keys or of the admin token."""
+    where = f"pod {_name(pod)}: metadata.annotations[{ANNOTATION_CREDENTIAL_SECRETS}]"
+    raw = _annotations(pod).get(ANNOTATION_CREDENTIAL_SECRETS)
+    names = list(config.credential_secrets)
+    if raw is not None:
+        if not isinstance(raw, str):
+            raise InjectError(f"{where}: expected a comma-separated list of Secret names")
+        entries = [e.strip() for e in raw.split(",")] if raw.strip() else []
+        for i, entry in enumerate(entries):
+            if not entry:
+                raise InjectError(f'{where}: entry {i + 1} is empty (expected "name,name")')
+        own = _secret_names(entries, where, InjectError)
+        names += [n for n in own if n not in names]
+    keys = txn_keys_secret_of(pod, config)
+    reserved = {keys: "the txn-token keys Secret", config.admin_token_secret: "the admin token"}
+    for name in names:
+        if name and name in reserved:
+            raise InjectError(f"{where}: Secret {name!r} is {reserved[name]}; mount it once")
+    return tuple(names)
+
+
+def txn_keys_secret_of(pod: Mapping[str, Any], config: InjectConfig) -> str:
+    """The Secret of the Transaction Token signing keys: the pod's
+    ``mandate.dev/txn-token-keys-secret``, else the injector's ``txnTokenKeysSecret``; ""
+    for none."""
+    raw = _annotations(pod).get(ANNOTATION_TXN_KEYS_SECRET)
+    if raw is None:
+        return config.txn_token_keys_secret
+    where = f"pod {_name(pod)}: metadata.annotations[{ANNOTATION_TXN_KEYS_SECRET}]"
+    if not isinstance(raw, str):
+        raise InjectError(f"{where}: expected a Secret name")
+    problem = _secret_name_problem(raw.strip())
+    if problem:
+        raise InjectError(f"{where}: {problem}")
+    if raw.strip() == config.admin_token_secret:
+        raise InjectError(f"{where}: Secret {raw.strip()!r} is the admin token")
+    return raw.strip()
+
+
+def _volume_secrets(volume: Mapping[str, Any]) -> list[str]:
+    """The Secrets a pod volume shows (a secret volume, or secret sources of a projected one)."""
+    out: list[str] = []
+    secret = volume.get("secret")
+    if isinstance(secret, Mapping) and isinstance(secret.get("secretName"), str):
+        out.append(secret["secretName"])
+    projected = volume.get("projected")
+    if isinstance(projected, Mapping):
+        for source in projected.get("sources") or []:
+            if isinstance(source, Mapping) and isinstance(source.get("secret"), Mapping):
+                name = source["secret"].get("name")
+                if isinstance(name, str):
+                    out.append(name)
+    return out
+
+
+def _container_secret_refs(container: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(field, Secret) for each Secret a container's environment takes values from."""
+    out: list[tuple[str, str]] = []
+    for j, e in enumerate(container.get("env") or []):
+        value_from = e.get("valueFrom") if isinstance(e, Mapping) else None
+        ref = value_from.get("secretKeyRef") if isinstance(value_from, Mapping) else None
+        if isinstance(ref, Mapping) and isinstance(ref.get("name"), str):
+            out.append((f"env[{j}].valueFrom.secretKeyRef", ref["name"]))
+    for j, e in enumerate(container.get("envFrom") or []):
+        ref = e.get("secretRef") if isinstance(e, Mapping) else None
+        if isinstance(ref, Mapping) and isinstance(ref.get("name"), str):
+            out.append((f"envFrom[{j}].secretRef", ref["name"]))
+    return out
+
+
+def _check_secrets_stay_with_mandate(
+    pod: Mapping[str, Any], config: InjectConfig, where: str
+) -> None:
+    """Refuse a pod whose own containers would hold a Secret that only mandate may read."""
+    protected = {n: "a credential Secret" for n in credential_secrets_of(pod, config)}
+    keys = txn_keys_secret_of(pod, config)
+    if keys:
+        protected[keys] = "the txn-token keys Secret"
+    if config.admin_token_secret:
+        protected.setdefault(config.admin_token_secret, "mandate's admin token Secret")
+    spec: Mapping[str, Any] = pod["spec"]
+    mounted_by: dict[str, list[str]] = {}
+    for key in ("containers", "initContainers", "ephemeralContainers"):
+        for i, c in enumerate(_list(spec, key, f"{where}spec.")):
+            if not isinstance(c, Mapping):
+                continue
+            at = f"{where}spec.{key}[{i}] ({c.get('name')})"
+            for fieldname, secret in _container_secret_refs(c):
+                if secret in protected:
+                    raise InjectError(
+                        f"{at}.{fieldname}: Secret {secret!r} is {protected[secret]}, mounted "
+                        "into mandate's container only: the agent must not hold it (mandate "
+                        "adds the credential to the calls its profile allows); remove the "
+                        "reference"
+                    )
+            for m in c.get("volumeMounts") or []:
+                if isinstance(m, Mapping) and isinstance(m.get("name"), str):
+                    mounted_by.setdefault(m["name"], []).append(str(c.get("name")))
+    for i, v in enumerate(spec.get("volumes") or []):
+        for secret in _volume_secrets(v):
+            if secret in protected:
+                users = ", ".join(mounted_by.get(v["name"], [])) or "no container yet"
+                raise InjectError(
+                    f"{where}spec.volumes[{i}] ({v['name']}, mounted by {users}): Secret "
+                    f"{secret!r} is {protected[secret]}, mounted into mandate's container "
+                    "only: the agent must not hold it; remove the volume"
+                )
+
+
 def _check(pod: Mapping[str, Any], config: InjectConfig, mode: str) -> None:
     """Everything the injection touches or relies on, so that a malformed pod gets one clear
     error instead of a half-made patch."""
@@ -430,8 +668,16 @@ def _check(pod: Mapping[str, Any], config: InjectConfig, mode: str) -> None:
     for i, v in enumerate(_list(spec, "volumes", f"{where}spec.")):
         if not isinstance(v, Mapping) or not isinstance(v.get("name"), str):
             raise InjectError(f"{where}spec.volumes[{i}]: expected a volume with a name")
-        if v["name"] in _VOLUMES:
+        if v["name"] in _VOLUMES or v["name"].startswith(_CREDENTIAL_VOLUME):
             raise InjectError(f"{where}spec.volumes[{i}].name: {v['name']!r} is reserved")
+    for key in ("containers", "initContainers"):
+        for i, c in enumerate(_list(spec, key, f"{where}spec.")):
+            for j, m in enumerate(_list(c, "volumeMounts", f"{where}spec.{key}[{i}].")):
+                if not isinstance(m, Mapping) or not isinstance(m.get("name"), str):
+                    raise InjectError(
+                        f"{where}spec.{key}[{i}].volumeMounts[{j}]: expected a mount with a name"
+                    )
+    _check_secrets_stay_with_mandate(pod, config, where)
 
 
 # -- the sidecar --------------------------------------------------------------------------------
@@ -487,7 +733,9 @@ def _init_container(config: InjectConfig) -> dict[str, Any]:
     }
 
 
-def _mandate_container(config: InjectConfig, agent: str | None) -> dict[str, Any]:
+def _mandate_container(
+    config: InjectConfig, agent: str | None, secrets: Sequence[str], keys: str
+) -> dict[str, Any]:
     admin = {"port": config.admin_port, "scheme": "HTTP"}
     env: list[dict[str, Any]] = [
         {"name": "MANDATE_PROFILES", "value": PROFILES_DIR},
@@ -526,6 +774,18 @@ def _mandate_container(config: InjectConfig, agent: str | None) -> dict[str, Any
         mounts.append({"name": "mandate-admin-token", "mountPath": TOKEN_DIR, "readOnly": True})
     if config.otlp_endpoint:
         env.append({"name": "MANDATE_OTLP_ENDPOINT", "value": config.otlp_endpoint})
+    # The credentials' Secrets: here only (profiles name CREDENTIALS_DIR/<secret>/<key>).
+    for i, secret in enumerate(secrets):
+        mounts.append(
+            {
+                "name": f"{_CREDENTIAL_VOLUME}{i}",
+                "mountPath": f"{CREDENTIALS_DIR}/{secret}",
+                "readOnly": True,
+            }
+        )
+    if keys:
+        env.append({"name": "MANDATE_TXN_TOKEN_KEYS", "value": TXN_KEYS_DIR})
+        mounts.append({"name": "mandate-txn-keys", "mountPath": TXN_KEYS_DIR, "readOnly": True})
     return {
         "name": MANDATE,
         "image": config.image,
@@ -609,7 +869,17 @@ def _envoy_container(config: InjectConfig) -> dict[str, Any]:
     }
 
 
-def _volumes(config: InjectConfig) -> list[dict[str, Any]]:
+def _token_projection(config: InjectConfig) -> dict[str, Any]:
+    token: dict[str, Any] = {
+        "path": "token",
+        "expirationSeconds": config.service_account_token_seconds,
+    }
+    if config.service_account_token_audience:
+        token["audience"] = config.service_account_token_audience
+    return {"serviceAccountToken": token}
+
+
+def _volumes(config: InjectConfig, secrets: Sequence[str], keys: str) -> list[dict[str, Any]]:
     volumes: list[dict[str, Any]] = [
         {"name": "mandate-profiles", "configMap": {"name": config.profiles_config_map}},
         {"name": "mandate-state", **copy.deepcopy(dict(config.state_volume))},
@@ -620,13 +890,16 @@ def _volumes(config: InjectConfig) -> list[dict[str, Any]]:
         # Envoy's admin socket: mounted in Envoy's container only (not the agent's, not
         # mandate's), so nothing else in the pod can stop or reconfigure Envoy.
         {"name": "mandate-envoy-admin", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
-        # mandate's own API credential, whatever the pod's automountServiceAccountToken says.
+        # mandate's own API credential (the pod's automountServiceAccountToken is false):
+        # audience-bound, short-lived, renewed by the kubelet, mounted into mandate's
+        # container alone. Files are root's: 0444 lets mandate's UID read them, and no other
+        # container mounts the volume.
         {
             "name": "mandate-kube-api-access",
             "projected": {
                 "defaultMode": 0o444,
                 "sources": [
-                    {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                    _token_projection(config),
                     {
                         "configMap": {
                             "name": "kube-root-ca.crt",
@@ -655,6 +928,20 @@ def _volumes(config: InjectConfig) -> list[dict[str, Any]]:
                 "secret": {"secretName": config.admin_token_secret, "defaultMode": 0o444},
             }
         )
+    # Not optional: a missing Secret holds the pod at ContainerCreating with an Event naming
+    # it, rather than starting an agent whose credentials cannot work. 0444 as above: the
+    # kubelet makes the files root's, and mandate's container is the only one mounting them.
+    for i, secret in enumerate(secrets):
+        volumes.append(
+            {
+                "name": f"{_CREDENTIAL_VOLUME}{i}",
+                "secret": {"secretName": secret, "defaultMode": 0o444},
+            }
+        )
+    if keys:
+        volumes.append(
+            {"name": "mandate-txn-keys", "secret": {"secretName": keys, "defaultMode": 0o444}}
+        )
     return volumes
 
 
@@ -667,6 +954,71 @@ def _with_proxy_env(container: Mapping[str, Any], config: InjectConfig) -> dict[
         env.append({"name": name, "value": no_proxy if name.lower() == "no_proxy" else proxy})
     out["env"] = env
     return out
+
+
+def _is_default_token_volume(volume: Any) -> bool:
+    """The token volume the API server's ServiceAccount admission adds (``kube-api-access-``
+    and a suffix, a projected service-account token): it runs before admission webhooks, so
+    a pod that did not turn automount off arrives with it in every container."""
+    if not isinstance(volume, Mapping):
+        return False
+    name, projected = volume.get("name"), volume.get("projected")
+    if not isinstance(name, str) or not name.startswith(_DEFAULT_TOKEN_VOLUME):
+        return False
+    if not isinstance(projected, Mapping) or not isinstance(projected.get("sources"), list):
+        return False
+    return any(isinstance(s, Mapping) and "serviceAccountToken" in s for s in projected["sources"])
+
+
+def _is_api_token_volume(volume: Any, config: InjectConfig) -> bool:
+    """A volume with a service-account token the API server accepts: one without an
+    audience (the API server's own) or with the audience the injector gives mandate's. A
+    token for another audience (a cloud's workload identity, Vault) is no API credential."""
+    projected = volume.get("projected") if isinstance(volume, Mapping) else None
+    sources = projected.get("sources") if isinstance(projected, Mapping) else None
+    api = {None, "", config.service_account_token_audience}
+    return isinstance(sources, list) and any(
+        isinstance(s, Mapping)
+        and isinstance(s.get("serviceAccountToken"), Mapping)
+        and s["serviceAccountToken"].get("audience") in api
+        for s in sources
+    )
+
+
+def _without_mounts(container: Mapping[str, Any], volumes: set[str]) -> dict[str, Any]:
+    out = dict(container)
+    if "volumeMounts" in container:
+        out["volumeMounts"] = [
+            m for m in container["volumeMounts"] or [] if m.get("name") not in volumes
+        ]
+    return out
+
+
+def _token_note(spec: Mapping[str, Any], removed: set[str]) -> str:
+    """The value of ANNOTATION_SERVICE_ACCOUNT_TOKEN: "mandate-only", and what was overridden."""
+    said = spec.get("automountServiceAccountToken")
+    notes = []
+    if said is not False:
+        was = "unset" if said is None else _json_bool(said)
+        notes.append(f"automountServiceAccountToken was {was}, set to false")
+    if removed:
+        takers = sorted(
+            {
+                str(c.get("name"))
+                for key in ("containers", "initContainers")
+                for c in spec.get(key) or []
+                if any(m.get("name") in removed for m in c.get("volumeMounts") or [])
+            }
+        )
+        notes.append(
+            f"removed the API server's token ({', '.join(sorted(removed))}) from "
+            f"{', '.join(takers) or 'no container'}"
+        )
+    return "mandate-only" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _json_bool(value: Any) -> str:
+    return "true" if value is True else "false" if value is False else repr(value)
 
 
 # -- the injection ------------------------------------------------------------------------------
@@ -686,19 +1038,29 @@ def inject(
     mode = mode_of(pod, config)
     agent = agent_of(pod)
     _check(pod, config, mode)
+    secrets, keys = credential_secrets_of(pod, config), txn_keys_secret_of(pod, config)
     meta = out.setdefault("metadata", {})
     if meta.get("annotations") is None:
         meta["annotations"] = {}
     meta["annotations"][ANNOTATION_INJECTED] = mode
     spec = out["spec"]
-    ours = [_mandate_container(config, agent), _envoy_container(config)]
+    # The pod's token goes to mandate alone: no automount (also if the ServiceAccount
+    # admission runs again), and the token it already mounted taken out of every container.
+    removed = {v["name"] for v in spec.get("volumes") or [] if _is_default_token_volume(v)}
+    meta["annotations"][ANNOTATION_SERVICE_ACCOUNT_TOKEN] = _token_note(spec, removed)
+    spec["automountServiceAccountToken"] = False
+    ours = [_mandate_container(config, agent, secrets, keys), _envoy_container(config)]
     if mode == "iptables":
         ours.insert(0, _init_container(config))
     spec["initContainers"] = ours + [
-        _with_proxy_env(c, config) for c in spec.get("initContainers") or []
+        _with_proxy_env(_without_mounts(c, removed), config)
+        for c in spec.get("initContainers") or []
     ]
-    spec["containers"] = [_with_proxy_env(c, config) for c in spec["containers"]]
-    spec["volumes"] = list(spec.get("volumes") or []) + _volumes(config)
+    spec["containers"] = [
+        _with_proxy_env(_without_mounts(c, removed), config) for c in spec["containers"]
+    ]
+    spec["volumes"] = [v for v in spec.get("volumes") or [] if v["name"] not in removed]
+    spec["volumes"] += _volumes(config, secrets, keys)
     return out
 
 
@@ -727,18 +1089,19 @@ def patch_for(
         put(["metadata"], meta, "annotations", new["metadata"]["annotations"])
     else:
         for key, value in new["metadata"]["annotations"].items():
-            if key not in meta["annotations"]:
+            if meta["annotations"].get(key) != value:  # "add" replaces a member that exists
                 ops.append(
                     {"op": "add", "path": _pointer("metadata", "annotations", key), "value": value}
                 )
     spec, new_spec = pod["spec"], new["spec"]
-    for key in ("initContainers", "volumes"):
+    for key in ("initContainers", "volumes", "automountServiceAccountToken"):
         put(["spec"], spec, key, new_spec[key])
     for i, (old, updated) in enumerate(
         zip(spec["containers"], new_spec["containers"], strict=True)
     ):
-        if old.get("env") != updated["env"]:
-            put(["spec", "containers", i], old, "env", updated["env"])
+        for key in ("env", "volumeMounts"):
+            if key in updated and old.get(key) != updated[key]:
+                put(["spec", "containers", i], old, key, updated[key])
     return ops
 
 
@@ -748,6 +1111,41 @@ def warnings_for(pod: Mapping[str, Any], config: InjectConfig) -> list[str]:
         return []
     spec = pod["spec"]
     out: list[str] = []
+    note = _annotations(pod).get(ANNOTATION_SERVICE_ACCOUNT_TOKEN)
+    # Said only when the pod asked for the token explicitly: without the field (most pods)
+    # the annotation records it, and deploy/README.md explains it.
+    if isinstance(note, str) and "automountServiceAccountToken was true" in note:
+        out.append(
+            f"mandate: the pod's service-account token is mounted into the mandate container "
+            f"only: {note[len('mandate-only (') : -1]}"
+        )
+    # A container that mounts a token by itself keeps it (it asked for it), but it can then
+    # act as the pod's service account, whose RoleBinding is the sidecar's.
+    tokens = {
+        v.get("name")
+        for v in spec.get("volumes") or []
+        if _is_api_token_volume(v, config) and v.get("name") != "mandate-kube-api-access"
+    }
+    for key in ("containers", "initContainers"):
+        for c in spec.get(key) or []:
+            if c.get("name") in SIDECAR_CONTAINERS:
+                continue
+            held = sorted(
+                str(m.get("name")) for m in c.get("volumeMounts") or [] if m.get("name") in tokens
+            )
+            if held:
+                out.append(
+                    f"mandate: container {c.get('name')} mounts a service-account token "
+                    f"(volume {', '.join(held)}): it can use the pod's service account, which "
+                    "the sidecar's RoleBinding also grants (AgentRevocation/AgentElevation "
+                    "status, Events); agents must not hold a token"
+                )
+    if spec.get("shareProcessNamespace") is True:
+        out.append(
+            "mandate: shareProcessNamespace: true shows mandate's processes to the agent; as "
+            "mandate's UID or with CAP_SYS_PTRACE it could read mandate's token and "
+            "credentials through /proc; leave it off for agents"
+        )
     if _annotations(pod).get(ANNOTATION_INJECTED) == "iptables":
         pod_sc = spec.get("securityContext") or {}
         for c in spec.get("containers") or []:

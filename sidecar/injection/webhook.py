@@ -6,7 +6,9 @@ labelled; `GET /healthz` the kubelet. HTTPS only, with the certificate and key r
 their files change (a renewed Secret).
 
 What it answers (the MutatingWebhookConfiguration says ``failurePolicy: Fail``):
-- a selected pod: allowed, with the patch from :func:`sidecar.injection.pod.patch_for` and warnings;
+- a selected pod: allowed, with the patch from :func:`sidecar.injection.pod.patch_for` and warnings
+  (the patch also turns the pod's token automount off and takes the token the API server
+  mounted out of the pod's containers: only mandate's container gets one);
 - a pod not selected or already injected, or anything that is not a Pod CREATE: allowed,
   unchanged (the latter with a warning: the configuration routes nothing else here);
 - a selected pod that cannot be injected, or a Pod CREATE without an object: refused, with
@@ -36,6 +38,8 @@ from aiohttp import web
 
 from sidecar.errors import ConfigError, InjectError
 from sidecar.injection.pod import (
+    ANNOTATION_INJECTED,
+    ANNOTATION_SERVICE_ACCOUNT_TOKEN,
     InjectConfig,
     inject,
     is_injected,
@@ -125,8 +129,13 @@ def review(
     except InjectError as exc:
         log.warning("pod %s: refused: %s", where, exc)
         return _answer(uid, allowed=False, message=f"mandate: {exc}")
-    mode = injected["metadata"]["annotations"].get("mandate.dev/injected")
-    log.info("pod %s: injected (%s)", where, mode)
+    annotations = injected["metadata"]["annotations"]
+    log.info(
+        "pod %s: injected (%s); service-account token: %s",
+        where,
+        annotations.get(ANNOTATION_INJECTED),
+        annotations.get(ANNOTATION_SERVICE_ACCOUNT_TOKEN),
+    )
     return _answer(uid, patch=patch, warnings=warnings_for(injected, config))
 
 

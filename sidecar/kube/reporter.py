@@ -1,6 +1,11 @@
 """What the watchers tell operators, in kubectl: core/v1 Events on the watched objects and
 their `status` (merge patches on the status subresource).
 
+Both correct a status that contradicts what this pod knows (the module `status` says what
+each pod knows and may overwrite), on the next event of the object: at most
+:data:`MAX_CORRECTIONS` per object generation and pod, then a warning, so that pods never
+take turns with each other or with a writer that insists.
+
 AgentRevocations (:class:`RevocationReporter`): for each revocation newly in force in this
 pod (it listens to the RevocationStore), an Event (RevocationEnforced, naming the pod, the
 time the table write became visible and the delay since the object was created), and once
@@ -11,14 +16,15 @@ A revocation whose `expiresAt` has passed gets `state: Expired` and an Expired c
 once per object: when it ends while watched, or at once when it was already past on
 arrival, which also earns a Warning Event (RevocationExpired) from the one pod that wrote
 the status, since such an object revokes nothing. An Expired one whose end moves ahead is
-Enforced again (InForceAgain).
+Enforced again (InForceAgain). After each store write the watcher calls `check`, which
+writes what this pod knows when the status says otherwise (`status.revocation_status`).
 
 AgentElevations (:class:`ElevationReporter`): the ApprovalSink's answer in `status` (state,
 message, grantId, expiresAt, observedGeneration; conditional on the resourceVersion, where
-a better-informed answer wins over a worse one, see `should_write`), an invalid object's
-problems as state Invalid, Expired when a grant's time is up, an Event (ElevationGranted)
-from each pod that holds the grant, and a Warning Event (ElevationExpired) from the pod
-that held a request approved after it lapsed.
+what the answer rests on decides what it overwrites, see `status.elevation_verdict`), an
+invalid object's problems as state Invalid, Expired when a grant's time is up, an Event
+(ElevationGranted) from each pod that holds the grant, and a Warning Event
+(ElevationExpired) from the pod that held a request approved after it lapsed.
 
 Reports go through a queue and one task per watcher, so a report never holds up the
 watch; a failed report is counted (`reports_failed`) and logged, never raised: reporting
@@ -61,16 +67,18 @@ from sidecar.kube.convert import (
 )
 from sidecar.kube.errors import KubeConflict, KubeNotFound, describe, translated
 from sidecar.kube.status import (
+    Knowledge,
     elevation_status,
+    elevation_verdict,
     ended,
     enforced_status,
     expired_status,
-    in_force_again_status,
-    should_write,
+    revocation_status,
 )
 from sidecar.state.revocations import Change, RevocationStore
 
 __all__ = [
+    "MAX_CORRECTIONS",
     "ElevationReporter",
     "ReportOptions",
     "Reporter",
@@ -79,6 +87,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
+# Corrections of a status that contradicts this pod's knowledge, per object generation and
+# pod: one is what a forged status needs; more means another writer disagrees on purpose.
+MAX_CORRECTIONS = 3
 
 _Job = tuple[Callable[[], Awaitable[None]], str]  # a report to send, and what it reports
 _Desired = Callable[[Mapping[str, Any], int | None], dict[str, Any] | None]
@@ -122,6 +134,9 @@ class Reporter:
             "_request_timeout": request_timeout,
         }
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self.corrections = 0  # statuses replaced because they contradicted this pod's knowledge
+        self._corrected: dict[tuple[str, str, int | None], int] = {}  # per object generation
+        self._gave_up: set[tuple[str, str, int | None]] = set()
         self._queue: asyncio.Queue[_Job] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -201,6 +216,47 @@ class Reporter:
         if timer is not None:
             timer.cancel()
 
+    # -- corrections ------------------------------------------------------------------------
+
+    def _may_correct(self, key: str, seen: ObjectState, budget: int = MAX_CORRECTIONS) -> bool:
+        """Whether this pod may still replace a status of this object generation that
+        contradicts what it knows; once the budget is spent it says so, once, and stops."""
+        slot = (key, seen.uid, seen.generation)
+        if self._corrected.get(slot, 0) < budget:
+            return True
+        if slot not in self._gave_up:
+            self._gave_up.add(slot)
+            log.warning(
+                "%s %s/%s: its status was set again against what pod %s knows, after %d "
+                "correction(s); leaving it (another writer disagrees: who may patch its status?)",
+                self._kind,
+                self.namespace,
+                seen.name,
+                self.pod_name,
+                self._corrected.get(slot, 0),
+            )
+        return False
+
+    def _count_correction(
+        self, key: str, seen: ObjectState, before: Mapping[str, Any], after: Mapping[str, Any]
+    ) -> None:
+        slot = (key, seen.uid, seen.generation)
+        self._corrected[slot] = self._corrected.get(slot, 0) + 1
+        self.corrections += 1
+        log.warning(
+            "%s %s/%s: replaced a status that contradicted what pod %s knows (state %r, now %r)",
+            self._kind,
+            self.namespace,
+            seen.name,
+            self.pod_name,
+            before.get("state"),
+            after.get("state"),
+        )
+
+    def _forget_corrections(self, keep: Callable[[str], bool]) -> None:
+        self._corrected = {k: n for k, n in self._corrected.items() if keep(k[0])}
+        self._gave_up = {k for k in self._gave_up if keep(k[0])}
+
     # -- an Event ---------------------------------------------------------------------------
 
     async def post_event(
@@ -259,6 +315,7 @@ class RevocationReporter(Reporter):
         self._objects: dict[str, ObjectState] = {}
         self._reported: set[tuple[str, str]] = set()
         self._expiry_reported: set[tuple[str, str]] = set()
+        self._correcting: set[str] = set()  # keys with a correction in the queue
         self._subscribed = False
 
     def _opened(self) -> None:
@@ -283,12 +340,64 @@ class RevocationReporter(Reporter):
         for key in set(self._timers) - current:
             self._cancel_timer(key)
         self._expiry_reported = {k for k in self._expiry_reported if k[0] in current}
+        self._forget_corrections(lambda k: k in current)
 
     def forget(self, key: str) -> None:
         """The object was deleted."""
         self._objects.pop(key, None)
         self._expiry_reported = {k for k in self._expiry_reported if k[0] != key}
         self._cancel_timer(key)
+        self._forget_corrections(lambda k: k != key)
+
+    def check(self, rev: Revocation) -> None:
+        """After the store wrote ``rev`` (so this pod enforces it while it is in force): if
+        its status says otherwise than this pod knows (`status.revocation_status`), queue
+        the correction. An object that ended before this pod reported its end is left to
+        that report (and its Warning)."""
+        if not self.enabled or not self.running or rev.key in self._correcting:
+            return
+        seen = self._objects.get(rev.key)
+        if seen is None or seen.uid != rev.uid:
+            return
+        over = rev.expires_at is not None and rev.expires_at <= self._clock()
+        if over and (rev.key, rev.uid) not in self._expiry_reported:
+            return
+        if self._known(rev)(seen.status, seen.generation) is None:
+            return
+        if not self._may_correct(rev.key, seen):
+            return
+        self._correcting.add(rev.key)
+        self._enqueue(
+            functools.partial(self._correct, rev),
+            f"the status of AgentRevocation {rev.namespace}/{rev.name}",
+        )
+
+    def _known(self, rev: Revocation) -> _Desired:
+        """What this pod knows the status must say, as a `_patch_status` desire."""
+
+        def desired(status: Mapping[str, Any], generation: int | None) -> dict[str, Any] | None:
+            now = self._clock()
+            return revocation_status(
+                status,
+                generation,
+                expires_at=rev.expires_at,
+                now=now,
+                pod=self.pod_name,
+                stamp=utc_seconds(now),
+            )
+
+        return desired
+
+    async def _correct(self, rev: Revocation) -> None:
+        self._correcting.discard(rev.key)
+        seen = self._objects.get(rev.key)
+        if seen is None or seen.uid != rev.uid:
+            return
+        before = dict(seen.status)
+        if await self._patch_status(rev, self._known(rev)):
+            after = self._objects.get(rev.key)
+            if after is not None and before:  # an empty status is no contradiction
+                self._count_correction(rev.key, after, before, after.status)
 
     # -- enforced ---------------------------------------------------------------------------
 
@@ -339,17 +448,10 @@ class RevocationReporter(Reporter):
         if not self.enabled:
             return
         now = self._clock()
-        seen = self._objects.get(rev.key)
-        if seen is not None and seen.status.get("state") == "Expired":
-            if rev.expires_at is not None and rev.expires_at <= now:
-                return
-            # The operator moved expiresAt ahead (or removed it): the agent is revoked
-            # again, and kubectl must not keep calling the object inert.
+        if rev.expires_at is None or rev.expires_at > now:
+            # In force (again, if the operator moved expiresAt ahead or removed it): its end,
+            # if it comes, is reported anew. `check` turns an Expired status back to Enforced.
             self._expiry_reported.discard((rev.key, rev.uid))
-            self._enqueue(
-                functools.partial(self._set_in_force_again, rev),
-                f"the renewal of AgentRevocation {rev.namespace}/{rev.name}",
-            )
         if rev.expires_at is None:
             return
         if rev.expires_at <= now:
@@ -404,19 +506,6 @@ class RevocationReporter(Reporter):
             await self.post_event(
                 rev.name, rev.uid, EXPIRED_EVENT_REASON, message, now, type_="Warning"
             )
-
-    async def _set_in_force_again(self, rev: Revocation) -> None:
-        """state Enforced again, without the Expired condition, after expiresAt moved ahead."""
-        stamp = utc_seconds(self._clock())
-
-        def desired(status: Mapping[str, Any], generation: int | None) -> dict[str, Any] | None:
-            if rev.expires_at is not None and rev.expires_at <= self._clock():
-                return None  # ended again meanwhile
-            return in_force_again_status(
-                status, generation, expires_at=rev.expires_at, pod=self.pod_name, stamp=stamp
-            )
-
-        await self._patch_status(rev, desired)
 
     # -- the status write -------------------------------------------------------------------
 
@@ -510,6 +599,9 @@ class ElevationReporter(Reporter):
         self.status_writes = 0  # status patches the API server accepted
         self._seen: dict[str, ObjectState] = {}
         self._desired: dict[str, dict[str, Any]] = {}  # key -> the status this pod wants
+        # key -> what that answer rests on, and whether the approval names a request (then
+        # at most one pod holds it): see status.elevation_verdict
+        self._knowledge: dict[str, tuple[Knowledge, bool]] = {}
         self._queued: set[str] = set()  # keys with a status write in the queue
         self._granted: set[tuple[str, str, str]] = set()  # (key, uid, grant id) reported
 
@@ -531,14 +623,17 @@ class ElevationReporter(Reporter):
         """The object was deleted."""
         self._seen.pop(key, None)
         self._desired.pop(key, None)
+        self._knowledge.pop(key, None)
         self._cancel_timer(key)
         self._granted = {g for g in self._granted if g[0] != key}
+        self._forget_corrections(lambda k: k != key)
 
     def invalid(self, key: str, problems: Sequence[str]) -> None:
         """The object is no approval: its status says why."""
         self._cancel_timer(key)
         seen = self._seen[key]
-        self._want(key, elevation_status("Invalid", "; ".join(problems), "", None, seen.generation))
+        status = elevation_status("Invalid", "; ".join(problems), "", None, seen.generation)
+        self._want(key, status, ("object", True))  # every pod finds the same in the object
 
     def answered(self, key: str, approval: Approval, answer: SinkAnswer, *, fresh: bool) -> None:
         """The sink's answer for the object's approval (``fresh``: just asked, not cached)."""
@@ -557,7 +652,13 @@ class ElevationReporter(Reporter):
             elif key not in self._timers:
                 delay = max(0.0, expires_at - self._clock())
                 self._later(key, delay, self._expired, key, answer.grant_id)
-        self._want(key, desired)
+        single = bool(approval.request_id)
+        # Granted, Expired, Pending: the sink holds the request or the grant. Invalid for a
+        # request: perhaps only "no such request here"; without one: the profiles' answer.
+        knowledge: Knowledge = (
+            "holder" if answer.state != "Invalid" else "opinion" if single else "profile"
+        )
+        self._want(key, desired, (knowledge, single))
         if answer.state == "Granted" and (key, seen.uid, answer.grant_id) not in self._granted:
             self._granted.add((key, seen.uid, answer.grant_id))
             until = f" until {utc_seconds(expires_at)}" if expires_at is not None else ""
@@ -586,16 +687,18 @@ class ElevationReporter(Reporter):
             return
         if (desired.get("grantId") or "") != grant_id:
             return
-        self._want(key, ended(desired))
+        self._want(key, ended(desired), self._knowledge.get(key, ("holder", True)))
 
     # -- the status write -------------------------------------------------------------------
 
-    def _want(self, key: str, desired: dict[str, Any]) -> None:
-        """Record the status this pod would write, and queue the write (one per object in
-        the queue at a time: it writes whatever is wanted when its turn comes)."""
+    def _want(self, key: str, desired: dict[str, Any], knowledge: tuple[Knowledge, bool]) -> None:
+        """Record the status this pod would write and what it rests on, and queue the write
+        (one per object in the queue at a time: it writes whatever is wanted when its turn
+        comes)."""
         self._desired[key] = desired
+        self._knowledge[key] = knowledge
         seen = self._seen.get(key)
-        if seen is None or key in self._queued or not should_write(seen.status, desired):
+        if seen is None or key in self._queued or not self._verdict(key, seen):
             return
         if self.enabled and self.running:
             self._queued.add(key)
@@ -604,10 +707,27 @@ class ElevationReporter(Reporter):
                 f"the status of AgentElevation {self.namespace}/{seen.name}",
             )
 
+    def _verdict(self, key: str, seen: ObjectState) -> str:
+        """Why this pod's wanted status replaces the one there ("" = it does not)."""
+        desired, knowledge = self._desired.get(key), self._knowledge.get(key)
+        if desired is None or knowledge is None:
+            return ""
+        kind, single = knowledge
+        verdict = elevation_verdict(
+            seen.status, desired, knowledge=kind, single=single, now=self._clock()
+        )
+        if verdict == "contradicts":
+            # A profile's Invalid may be a lagging ConfigMap: it corrects once.
+            budget = 1 if kind == "profile" else MAX_CORRECTIONS
+            if not self._may_correct(key, seen, budget):
+                return ""
+        return verdict
+
     async def _write_status(self, key: str) -> None:
         self._queued.discard(key)
         seen, desired = self._seen.get(key), self._desired.get(key)
-        if seen is None or desired is None or not should_write(seen.status, desired):
+        verdict = self._verdict(key, seen) if seen is not None else ""
+        if seen is None or desired is None or not verdict:
             return
         meta: dict[str, Any] = {"uid": seen.uid}
         if seen.resource_version:
@@ -628,6 +748,8 @@ class ElevationReporter(Reporter):
             # is weighed against the new status then.
             return
         self.status_writes += 1
+        if verdict == "contradicts":
+            self._count_correction(key, seen, seen.status, desired)
         if desired.get("state") == "Expired" and not desired.get("grantId"):
             # Approved after the request had lapsed: nothing was granted. The pod that wrote
             # this status (the one that held the request) warns the operator once.

@@ -1,6 +1,7 @@
 """The AgentRevocation watcher: each AgentRevocation of the namespace as a revocation of the
 `kubernetes` source of the RevocationStore, and each object it sees handed to its
-:class:`RevocationReporter` (Events, status).
+:class:`RevocationReporter` (Events, status; after the store write, `check` corrects a status
+that says otherwise than this pod, which now enforces it, knows).
 
 It writes the store only through replace_source (after a list, then mark_complete), upsert
 and remove; it never clears it because the API is unreachable (the reflector then yields
@@ -61,12 +62,15 @@ class RevocationWatcher(Consumer):
         self.reporter.replaced(converted)
         added, removed = self.store.replace_source(SOURCE, [rev for rev, _ in converted])
         self.store.mark_complete()
+        for rev, _ in converted:  # enforced now: a status that says otherwise is corrected
+            self.reporter.check(rev)
         return f"{added} added, {removed} removed"
 
     def _apply(self, obj: Mapping[str, Any]) -> None:
         rev, state = self._convert(obj)
         self.reporter.seen(rev, state)
         self.store.upsert(rev)
+        self.reporter.check(rev)
 
     def _remove(self, obj: Mapping[str, Any]) -> None:
         key = object_key(obj, self.namespace)

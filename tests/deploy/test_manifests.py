@@ -26,7 +26,7 @@ import sidecar.kube as kube
 from sidecar.core import load_profiles
 from sidecar.core.model import parse_duration
 from sidecar.injection.cli import add_inject_parser, run_inject
-from sidecar.injection.pod import ENVOY_ADMIN_SOCKET, InjectConfig
+from sidecar.injection.pod import ANNOTATION_CREDENTIAL_SECRETS, ENVOY_ADMIN_SOCKET, InjectConfig
 from sidecar.injection.webhook import make_app
 from tests.kubeapi.schema import structural_errors
 
@@ -512,6 +512,29 @@ def test_copying_the_agent_namespace_kit_moves_the_binding_with_it(tmp_path: Pat
     binding = _find(docs, "RoleBinding", "mandate-sidecar")
     assert binding["metadata"]["namespace"] == "billing"
     assert binding["subjects"][0]["name"] == "system:serviceaccounts:billing"
+
+
+def test_the_dev_overlay_ships_the_secrets_its_agents_name_for_mandate_alone() -> None:
+    """Issue 17: the example agent's credential is a Secret named in its pod template's
+    mandate.dev/credential-secrets; the dev overlay creates it, and no container of the
+    template references it (the injection would refuse the pod)."""
+    docs = _rendered("dev")
+    secrets = {
+        (d["metadata"]["namespace"], d["metadata"]["name"]) for d in docs if d["kind"] == "Secret"
+    }
+    named = 0
+    for d in docs:
+        if d["kind"] != "Deployment":
+            continue
+        template = d["spec"]["template"]
+        annotation = (template["metadata"].get("annotations") or {}).get(
+            ANNOTATION_CREDENTIAL_SECRETS, ""
+        )
+        for name in filter(None, (n.strip() for n in annotation.split(","))):
+            named += 1
+            assert (d["metadata"]["namespace"], name) in secrets, name
+            assert name not in json.dumps(template["spec"]), "the agent must not reference it"
+    assert named >= 1
 
 
 # -- who may approve an elevation ----------------------------------------------------------------
