@@ -471,9 +471,10 @@ def _credentials(call: _Call) -> Decision | None:
     if not call.agent.credentials:
         return None
     host, port = call.host, call.port
-    matched = [c for c in call.agent.credentials if c.matches(host, port)]
     if call.method == CONNECT:
-        refused = [c.name for c in matched if c.refuse_connect]
+        refused = [
+            c.name for c in call.agent.credentials if c.refuse_connect and c.matches(host, port)
+        ]
         if refused:
             why = (
                 f"CONNECT to {host}:{port}, a host with credential {refused[0]!r}: a tunnel is "
@@ -482,5 +483,5 @@ def _credentials(call: _Call) -> Decision | None:
             )
             return call.end(False, Code.CREDENTIAL_TUNNEL, why)
         return None  # nothing is added to a tunnel
-    call.credentials = tuple(c.name for c in matched)
+    call.credentials = tuple(c.name for c in call.agent.credentials if c.matches(host, port))
     return None

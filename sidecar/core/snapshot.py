@@ -67,15 +67,37 @@ class CompiledElevation:
 @dataclass(frozen=True, slots=True)
 class CompiledCredential:
     """A credential mandate adds to allowed calls to ``hosts`` (the profile's
-    `spec.credentials.NAME`); ``spec`` is the validated source the broker builds it from."""
+    `spec.credentials.NAME`); ``spec`` is the validated source the broker builds it from.
+    Host patterns without a port are kept as sets (exact names, `*.` parents), so that a
+    Check looks them up instead of trying each."""
 
     name: str
     hosts: tuple[HostPattern, ...]
     refuse_connect: bool
     spec: Credential
+    header: str = ""
+    names: frozenset[str] = frozenset()
+    parents: frozenset[str] = frozenset()
+    with_port: tuple[HostPattern, ...] = ()
+
+    @classmethod
+    def compile(cls, name: str, spec: Credential) -> CompiledCredential:
+        hosts = tuple(parse_host_pattern(h) for h in spec.hosts)
+        return cls(
+            name=name,
+            hosts=hosts,
+            refuse_connect=spec.connect == "refuse",
+            spec=spec,
+            header=spec.header,
+            names=frozenset(h.host for h in hosts if h.port is None and not h.wildcard),
+            parents=frozenset(h.host for h in hosts if h.port is None and h.wildcard),
+            with_port=tuple(h for h in hosts if h.port is not None),
+        )
 
     def matches(self, host: str, port: int) -> bool:
-        return any(host_matches(p, host, port) for p in self.hosts)
+        if host in self.names or (self.parents and host.partition(".")[2] in self.parents):
+            return True
+        return any(host_matches(p, host, port) for p in self.with_port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,13 +162,7 @@ def _compile_agent(profile: AgentProfile, source: SourceRef) -> CompiledAgent:
         elevations=MappingProxyType(elevations),
         behavior=compile_behaviour(profile.spec.behavior),
         credentials=tuple(
-            CompiledCredential(
-                name=name,
-                hosts=tuple(parse_host_pattern(h) for h in c.hosts),
-                refuse_connect=c.connect == "refuse",
-                spec=c,
-            )
-            for name, c in profile.spec.credentials.items()
+            CompiledCredential.compile(name, c) for name, c in profile.spec.credentials.items()
         ),
     )
 

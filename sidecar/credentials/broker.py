@@ -194,8 +194,10 @@ class CredentialBroker:
         CredentialUnavailable naming the credential when one cannot be had now."""
         agent = snapshot.agents[decision.agent]
         to_set: list[tuple[str, str]] = []
-        for name in decision.credentials:
-            cred = next(c for c in agent.credentials if c.name == name)
+        for cred in agent.credentials:
+            name = cred.name
+            if name not in decision.credentials:
+                continue
             source = self._source(agent, name, cred.spec)
             try:
                 value = source.value(decision, view)
@@ -205,9 +207,11 @@ class CredentialBroker:
                 raise CredentialUnavailable(
                     f"credential {name!r}: its value holds a line break or NUL (not sent)"
                 )
-            to_set.append((cred.spec.header, value))
-        setting = {k for k, _ in to_set}
-        remove = tuple(h for h in CREDENTIAL_HEADERS if h in view.headers and h not in setting)
+            to_set.append((cred.header, value))
+        headers = view.headers
+        remove = tuple(
+            h for h in CREDENTIAL_HEADERS if h in headers and all(h != k for k, _ in to_set)
+        )
         return Injected(tuple(to_set), remove)
 
     def observe(self, revocations: RevocationTable, now: float) -> None:
@@ -239,11 +243,12 @@ class CredentialBroker:
     def _source(self, agent: CompiledAgent, name: str, spec: Credential) -> _Source:
         key = (agent.name, name)
         found = self._sources.get(key)
-        if found is not None and found[0] == spec:
+        if found is not None and found[0] is spec:  # the same snapshot's spec: the hot path
             return found[1]
         with self._lock:
             found = self._sources.get(key)
-            if found is not None and found[0] == spec:
+            if found is not None and found[0] == spec:  # a reload that left it unchanged
+                self._sources[key] = (spec, found[1])
                 return found[1]
             source = self._build(agent, spec)
             if found is not None:
