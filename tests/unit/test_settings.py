@@ -165,6 +165,10 @@ def _worker(**kw: Any) -> WorkerSettings:
         (lambda: _worker(agent_state=TableSource(fd=-1)), "--context-table-fd -1"),
         (lambda: _worker(rate_share=0), "--rate-share 0: expected 0 < share <= 1"),
         (lambda: _worker(rate_share=float("nan")), "--rate-share nan"),
+        (lambda: CredentialSettings(wait=-1), "--credential-wait -1: expected 0 to 10 seconds"),
+        (lambda: CredentialSettings(wait=60), "--credential-wait 60"),
+        (lambda: CredentialSettings(txn_token_issuer="mandate"), "--txn-token-issuer 'mandate': expected an https:// URL"),
+        (lambda: CredentialSettings(txn_token_issuer="https://a b"), "--txn-token-issuer 'https://a b'"),
     ],
 )  # fmt: skip
 def test_invalid_values_are_refused_naming_the_flag(build: Any, fragment: str) -> None:
@@ -188,6 +192,7 @@ def test_invalid_values_are_refused_naming_the_flag(build: Any, fragment: str) -
         ([], {"MANDATE_TRACER": "full"}, "--tracer 'full': expected lean or sdk"),
         ([], {"MANDATE_AUDIT_FSYNC": "weekly"}, "--audit-fsync 'weekly'"),
         ([], {"MANDATE_LOG_LEVEL": "debug"}, "--log-level 'debug'"),
+        ([], {"MANDATE_TXN_TOKEN_ISSUER": "urn:x"}, "--txn-token-issuer 'urn:x'"),
     ],
 )
 def test_run_refuses_invalid_settings_before_starting(
