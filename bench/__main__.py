@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, str] = {
     "span_cost": "CPU per decision span: OpenTelemetry SDK vs lean tracer, in-process",
     "openloop": "the fixed-rate load generator matrix runs; prints one JSON line",
     "credential_cost": "what minting a Txn-Token costs per algorithm and JOSE library (~30 s)",
+    "credential_check": "CPU per Check: no credential, secret, cached OAuth, Txn-Token (~3 min)",
 }
 
 

@@ -276,6 +276,8 @@ class MandateOptions:
     access_log: bool = False
     # More `mandate run` arguments, appended last (e.g. ("--audit-dir", DIR) alone).
     extra: tuple[str, ...] = ()
+    # The profile directory (minus its `rateLimit:` lines); None: the demo profiles.
+    profiles: Path | None = None
 
 
 @dataclass
@@ -347,7 +349,9 @@ def running_stack(
                 extra += ["--access-log", "127.0.0.1:0"]
             extra += mandate.extra
             profiles = unlimited_profiles(
-                PROFILES, where, behaviour={AGENT: BEHAVIOUR} if mandate.behaviour_profile else None
+                mandate.profiles or PROFILES,
+                where,
+                behaviour={AGENT: BEHAVIOUR} if mandate.behaviour_profile else None,
             )
             with spawning_on(pinning.mandate if pinning else None):
                 proc = start_mandate(profiles, where, extra=extra)
