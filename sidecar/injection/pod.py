@@ -670,12 +670,18 @@ def _check(pod: Mapping[str, Any], config: InjectConfig, mode: str) -> None:
             raise InjectError(f"{where}spec.volumes[{i}]: expected a volume with a name")
         if v["name"] in _VOLUMES or v["name"].startswith(_CREDENTIAL_VOLUME):
             raise InjectError(f"{where}spec.volumes[{i}].name: {v['name']!r} is reserved")
-    for key in ("containers", "initContainers"):
+    for key in ("containers", "initContainers", "ephemeralContainers"):
         for i, c in enumerate(_list(spec, key, f"{where}spec.")):
             for j, m in enumerate(_list(c, "volumeMounts", f"{where}spec.{key}[{i}].")):
+                at = f"{where}spec.{key}[{i}].volumeMounts[{j}]"
                 if not isinstance(m, Mapping) or not isinstance(m.get("name"), str):
+                    raise InjectError(f"{at}: expected a mount with a name")
+                # The injection adds these volumes: a mount of one by name would hand the
+                # agent the credentials, signing keys, token or sockets they hold.
+                if m["name"] in _VOLUMES or m["name"].startswith(_CREDENTIAL_VOLUME):
                     raise InjectError(
-                        f"{where}spec.{key}[{i}].volumeMounts[{j}]: expected a mount with a name"
+                        f"{at}.name: {m['name']!r} is one of mandate's volumes (credentials, "
+                        "keys, token, sockets): only mandate's and Envoy's containers mount it"
                     )
     _check_secrets_stay_with_mandate(pod, config, where)
 

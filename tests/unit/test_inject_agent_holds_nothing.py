@@ -629,6 +629,35 @@ def test_an_unrelated_secret_of_the_agent_is_its_own_business() -> None:
     assert holdings(out, containers(out)["tool"])["secrets"] == {"agent-own-config"}
 
 
+@pytest.mark.parametrize(
+    "volume",
+    [
+        "mandate-credential-0",
+        "mandate-txn-keys",
+        "mandate-kube-api-access",
+        "mandate-envoy-admin",
+        "mandate-run",
+        "mandate-admin-token",
+    ],
+)
+@pytest.mark.parametrize("key", ["containers", "initContainers", "ephemeralContainers"])
+def test_the_agent_cannot_mount_mandates_volumes_by_name(volume: str, key: str) -> None:
+    """Review of issue 17: the injection adds these volumes, so a mount naming one made the
+    pod valid and handed the agent the credentials, keys, token or sockets they hold."""
+    pod = agent_pod()
+    pod["metadata"]["annotations"][ANNOTATION_TXN_KEYS_SECRET] = "mandate-txn-keys"
+    c = {
+        "name": "sneaky",
+        "image": "agent:1",
+        "volumeMounts": [{"name": volume, "mountPath": "/x"}],
+    }
+    pod["spec"].setdefault(key, []).append(c)
+    with pytest.raises(
+        InjectError, match=rf"volumeMounts\[0\].name: '{volume}' is one of mandate's volumes"
+    ):
+        inject(pod, CONFIG)
+
+
 def test_a_volume_name_of_mandates_credentials_is_reserved() -> None:
     pod = agent_pod(volumes=[{"name": "mandate-credential-0", "emptyDir": {}}])
     with pytest.raises(
