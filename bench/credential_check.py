@@ -279,7 +279,7 @@ def envoy_template(transport: str, upstream_port: int, work: Path) -> Path:
 def credential_spec(case: Case, files: dict[str, Path], token_port: int) -> dict[str, Any] | None:
     if case.kind == "none":
         return None
-    spec: dict[str, Any] = {"hosts": [HOST]}
+    spec: dict[str, Any] = {"hosts": [f"{HOST}:80"]}  # plain HTTP to the bench upstream
     if case.kind == "secret":
         spec["secret"] = {"file": str(files["secret"])}
     elif case.kind == "oauth":

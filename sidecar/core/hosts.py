@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-__all__ = ["HostPattern", "host_matches", "overlaps", "parse_authority", "parse_host_pattern"]
+__all__ = ["HostPattern", "overlaps", "parse_authority", "parse_host_pattern"]
 
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
@@ -133,12 +133,3 @@ def overlaps(a: HostPattern, b: HostPattern) -> bool:
         return a.host == b.host
     exact, parent = (a.host, b.host) if b.wildcard else (b.host, a.host)
     return exact.partition(".")[2] == parent
-
-
-def host_matches(pattern: HostPattern, host: str, port: int) -> bool:
-    """Whether a call's canonical ``host`` and ``port`` match ``pattern``."""
-    if pattern.port is not None and pattern.port != port:
-        return False
-    if pattern.wildcard:
-        return host.partition(".")[2] == pattern.host
-    return host == pattern.host

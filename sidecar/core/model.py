@@ -30,6 +30,7 @@ from sidecar.headers import CREDENTIAL_HEADERS, TXN_TOKEN_HEADER
 
 __all__ = [
     "API_VERSION",
+    "DEFAULT_CREDENTIAL_PORT",
     "KIND",
     "AgentProfile",
     "Behavior",
@@ -46,6 +47,7 @@ __all__ = [
     "SecretValue",
     "TokenExchange",
     "TransactionToken",
+    "credential_host",
     "json_schema",
     "parse_duration",
 ]
@@ -377,7 +379,10 @@ class Credential(_Model):
     only. Exactly one of ``secret``, ``oauth2ClientCredentials``, ``tokenExchange``,
     ``transactionToken``."""
 
-    hosts: list[HostPatternText] = Field(min_length=1)
+    hosts: list[HostPatternText] = Field(
+        min_length=1,
+        description="where it may be sent; a host without a port means :443 (over TLS only)",
+    )
     connect: Literal["refuse", "allow"] = Field(
         "refuse",
         description="a CONNECT tunnel to these hosts is opaque, so mandate could not add the "
@@ -413,6 +418,17 @@ class Credential(_Model):
 
 
 _KINDS = ("secret", "oauth2_client_credentials", "token_exchange", "transaction_token")
+
+
+DEFAULT_CREDENTIAL_PORT = 443
+
+
+def credential_host(text: str) -> HostPattern:
+    """A credential's host pattern: without a port it means port 443, where the sidecar
+    originates TLS, so that a credential never leaves in clear unless its profile names a
+    plain-text port (e.g. an in-cluster service's :80)."""
+    p = parse_host_pattern(text)
+    return p if p.port is not None else HostPattern(p.host, p.wildcard, DEFAULT_CREDENTIAL_PORT)
 
 
 def _allowed_hosts(
@@ -453,18 +469,19 @@ class ProfileSpec(_Model):
         problems = []
         for name, cred in value.items():
             for i, text in enumerate(cred.hosts):
-                host = parse_host_pattern(text)
+                host = credential_host(text)
                 if not any(a is None or overlaps(a, host) for a in allowed):
                     problems.append(
                         f"credentials.{name}.hosts[{i}] {text!r}: no purpose or elevation of "
-                        "this agent allows this host, so the credential could never be sent"
+                        "this agent allows this host and port (no port: 443), so the credential "
+                        "could never be sent"
                     )
         names = sorted(value)
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
                 ca, cb = value[a], value[b]
                 if ca.header == cb.header and any(
-                    overlaps(parse_host_pattern(x), parse_host_pattern(y))
+                    overlaps(credential_host(x), credential_host(y))
                     for x in ca.hosts
                     for y in cb.hosts
                 ):

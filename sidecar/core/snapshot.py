@@ -14,8 +14,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from sidecar.core.behaviour import BehaviourSettings
-from sidecar.core.hosts import HostPattern, host_matches, parse_host_pattern
-from sidecar.core.model import AgentProfile, Behavior, Credential, RateLimit, parse_duration
+from sidecar.core.hosts import HostPattern
+from sidecar.core.model import (
+    AgentProfile,
+    Behavior,
+    Credential,
+    RateLimit,
+    credential_host,
+    parse_duration,
+)
 from sidecar.core.ratelimit import RateCharge
 from sidecar.core.rules import RuleIndex, compile_rules
 
@@ -68,36 +75,35 @@ class CompiledElevation:
 class CompiledCredential:
     """A credential mandate adds to allowed calls to ``hosts`` (the profile's
     `spec.credentials.NAME`); ``spec`` is the validated source the broker builds it from.
-    Host patterns without a port are kept as sets (exact names, `*.` parents), so that a
-    Check looks them up instead of trying each."""
+    A host without a port means port 443 (:data:`DEFAULT_CREDENTIAL_PORT`): the credential
+    goes only where the sidecar originates TLS, unless the profile names another port. The
+    hosts are kept as sets of (name, port) and (`*.` parent, port) for a lookup per Check."""
 
     name: str
     hosts: tuple[HostPattern, ...]
     refuse_connect: bool
     spec: Credential
     header: str = ""
-    names: frozenset[str] = frozenset()
-    parents: frozenset[str] = frozenset()
-    with_port: tuple[HostPattern, ...] = ()
+    names: frozenset[tuple[str, int]] = frozenset()
+    parents: frozenset[tuple[str, int]] = frozenset()
 
     @classmethod
     def compile(cls, name: str, spec: Credential) -> CompiledCredential:
-        hosts = tuple(parse_host_pattern(h) for h in spec.hosts)
+        hosts = tuple(credential_host(h) for h in spec.hosts)
         return cls(
             name=name,
             hosts=hosts,
             refuse_connect=spec.connect == "refuse",
             spec=spec,
             header=spec.header,
-            names=frozenset(h.host for h in hosts if h.port is None and not h.wildcard),
-            parents=frozenset(h.host for h in hosts if h.port is None and h.wildcard),
-            with_port=tuple(h for h in hosts if h.port is not None),
+            names=frozenset((h.host, h.port or 0) for h in hosts if not h.wildcard),
+            parents=frozenset((h.host, h.port or 0) for h in hosts if h.wildcard),
         )
 
     def matches(self, host: str, port: int) -> bool:
-        if host in self.names or (self.parents and host.partition(".")[2] in self.parents):
+        if (host, port) in self.names:
             return True
-        return any(host_matches(p, host, port) for p in self.with_port)
+        return bool(self.parents) and (host.partition(".")[2], port) in self.parents
 
 
 @dataclass(frozen=True, slots=True)

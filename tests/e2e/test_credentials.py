@@ -53,7 +53,7 @@ spec:
           paths: ["/v1/ledger/admin/**"]
   credentials:
     ledger-key:
-      hosts: [{ledger}]
+      hosts: ["{ledger}:80"]   # in-cluster plain HTTP: the port named on purpose
       secret:
         file: {secret}
     vault-key:
@@ -63,7 +63,7 @@ spec:
         header: x-api-key
         format: "{{}}"
     audit-txn:
-      hosts: [audit.finance.svc.cluster.local]
+      hosts: ["audit.finance.svc.cluster.local:80"]
       transactionToken:
         ttl: 20s
 """
@@ -367,7 +367,7 @@ spec:
           methods: [GET]
   credentials:
     ledger-oauth:
-      hosts: [{ledger}]
+      hosts: ["{ledger}:80"]
       oauth2ClientCredentials:
         tokenUrl: http://127.0.0.1:{port}/token
         clientIdFile: {dir}/client-id
@@ -375,7 +375,7 @@ spec:
         scopes: [ledger.read]
         audience: ledger
     reports-exchange:
-      hosts: [{other}]
+      hosts: ["{other}:80"]
       tokenExchange:
         tokenUrl: http://127.0.0.1:{port}/sts
         subjectTokenFile: {dir}/sa-token
