@@ -191,9 +191,10 @@ def _credential_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--credential-wait",
         type=float,
-        default=1.0,
-        help="seconds a Check waits for a first OAuth token in flight before refusing the "
-        "call (credential_unavailable; default %(default)s)",
+        default=0.25,
+        help="seconds a gRPC Check waits for a first OAuth token in flight before refusing "
+        "the call (credential_unavailable; at most 0.4, below Envoy's ext_authz timeout; the "
+        "HTTP transport never waits; default %(default)s)",
     )
 
 

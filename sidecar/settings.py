@@ -237,6 +237,9 @@ class BehaviourAnalysisSettings:
     publish_revocations: bool = False
 
 
+MAX_CREDENTIAL_WAIT = 0.4
+
+
 @dataclass(frozen=True, slots=True)
 class CredentialSettings:
     """What the credentials profiles name need from the sidecar (issue 17)."""
@@ -244,11 +247,16 @@ class CredentialSettings:
     # Signing keys of Transaction Tokens: a directory (a Secret mounted only into mandate)
     txn_token_keys: Path | None = None
     txn_token_issuer: str = "https://mandate.local"  # their `iss`
-    wait: float = 1.0  # how long a Check waits for a first token in flight
+    # How long a gRPC Check waits for a first token in flight: below Envoy's ext_authz
+    # timeout (0.5 s in envoy/), or Envoy gives up first while the Check holds a thread.
+    wait: float = 0.25
 
     def __post_init__(self) -> None:
-        if not 0 <= self.wait <= 10:
-            raise ConfigError(f"--credential-wait {self.wait}: expected 0 to 10 seconds")
+        if not 0 <= self.wait <= MAX_CREDENTIAL_WAIT:
+            raise ConfigError(
+                f"--credential-wait {self.wait}: expected 0 to {MAX_CREDENTIAL_WAIT} seconds "
+                "(below Envoy's ext_authz timeout)"
+            )
         issuer = self.txn_token_issuer
         if not issuer.startswith(("https://", "http://")) or any(c.isspace() for c in issuer):
             raise ConfigError(f"--txn-token-issuer {issuer!r}: expected an https:// URL")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -234,12 +235,22 @@ def _file(text: str) -> str:
 
 
 def _token_url(text: str) -> str:
-    scheme, sep, rest = text.partition("://")
-    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
-    hostname = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
-    if not sep or not host or scheme not in ("https", "http") or any(c in text for c in " \t\r\n"):
-        raise ValueError(f"{text!r}: expected an https:// URL")
-    if scheme == "http" and hostname not in ("127.0.0.1", "localhost", "[::1]"):
+    """An https:// URL read as the token client reads it (urlsplit): no userinfo, no
+    whitespace; plain http only on the loopback (local tests)."""
+    bad = ValueError(f"{text!r}: expected an https:// URL")
+    if any(c.isspace() or ord(c) < 0x20 for c in text):
+        raise bad
+    try:
+        parts = urlsplit(text)
+        hostname = parts.hostname
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError:
+        raise bad from None
+    if parts.scheme not in ("https", "http") or not hostname:
+        raise bad
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise ValueError(f"{text!r}: no user name or password in a token URL (give files)")
+    if parts.scheme == "http" and hostname not in ("127.0.0.1", "localhost", "::1"):
         raise ValueError(
             f"{text!r}: a token endpoint must be https:// (plain http only on the loopback "
             "address, for local tests): a client secret or subject token must not cross the "

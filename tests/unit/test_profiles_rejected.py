@@ -212,6 +212,18 @@ CASES = [
         "expected an https:// URL",
     ),
     bad(
+        "credential-token-url-userinfo-trick",
+        {f"{CRED}.stripe-oauth.oauth2ClientCredentials.tokenUrl": "http://evil.com#@localhost/t"},
+        f"{CRED}.stripe-oauth.oauth2ClientCredentials.tokenUrl",
+        "a token endpoint must be https://",
+    ),
+    bad(
+        "credential-token-url-userinfo",
+        {f"{CRED}.stripe-oauth.oauth2ClientCredentials.tokenUrl": "https://u:p@idp.example.com/t"},
+        f"{CRED}.stripe-oauth.oauth2ClientCredentials.tokenUrl",
+        "no user name or password in a token URL",
+    ),
+    bad(
         "credential-client-auth-unknown",
         {f"{CRED}.stripe-oauth.oauth2ClientCredentials.clientAuth": "jwt"},
         f"{CRED}.stripe-oauth.oauth2ClientCredentials.clientAuth",

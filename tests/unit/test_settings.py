@@ -66,7 +66,7 @@ EVERYTHING = WorkerSettings(
         credentials=CredentialSettings(
             txn_token_keys=Path("/var/run/mandate/txn-keys"),
             txn_token_issuer="https://mandate.agents.svc",
-            wait=0.25,
+            wait=0.1,
         ),
         context_api=(
             ContextListener("127.0.0.1:9701"),
@@ -165,8 +165,8 @@ def _worker(**kw: Any) -> WorkerSettings:
         (lambda: _worker(agent_state=TableSource(fd=-1)), "--context-table-fd -1"),
         (lambda: _worker(rate_share=0), "--rate-share 0: expected 0 < share <= 1"),
         (lambda: _worker(rate_share=float("nan")), "--rate-share nan"),
-        (lambda: CredentialSettings(wait=-1), "--credential-wait -1: expected 0 to 10 seconds"),
-        (lambda: CredentialSettings(wait=60), "--credential-wait 60"),
+        (lambda: CredentialSettings(wait=-1), "--credential-wait -1: expected 0 to 0.4 seconds"),
+        (lambda: CredentialSettings(wait=1), "--credential-wait 1: expected 0 to 0.4 seconds (below Envoy's ext_authz timeout)"),
         (lambda: CredentialSettings(txn_token_issuer="mandate"), "--txn-token-issuer 'mandate': expected an https:// URL"),
         (lambda: CredentialSettings(txn_token_issuer="https://a b"), "--txn-token-issuer 'https://a b'"),
     ],
