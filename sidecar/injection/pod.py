@@ -204,8 +204,19 @@ egress v4 4
 # 3. IPv6: Envoy listens on IPv4 only, so the agent gets no IPv6 way out (fail if unsure)
 if [ -e /proc/net/if_inet6 ]; then egress v6 6; fi
 
+# 4. mandate's Check ports: only Envoy (and mandate) may ask. An allowed Check's answer
+#    carries the call's credentials, which the agent must never read (issue 17 review).
+chain v4 filter MANDATE_CHECK
+for port in $CHECK_PORTS; do
+  for uid in $ENVOY_UID $MANDATE_UID; do
+    v4 -A MANDATE_CHECK -p tcp --dport "$port" -m owner --uid-owner "$uid" -j RETURN
+  done
+  v4 -A MANDATE_CHECK -o lo -p tcp --dport "$port" -j REJECT --reject-with tcp-reset
+done
+
 v4 -t nat -S MANDATE_OUTPUT
 v4 -S MANDATE_EGRESS
+v4 -S MANDATE_CHECK
 if [ -e /proc/net/if_inet6 ]; then v6 -S MANDATE_EGRESS; fi
 """
 
@@ -713,6 +724,7 @@ def capture_env(config: InjectConfig) -> dict[str, str]:
         "PROXY_PORT": str(config.proxy_port),
         "EXCLUDE_PORTS": " ".join(str(p) for p in config.exclude_outbound_ports),
         "EXCLUDE_CIDRS": " ".join(config.exclude_outbound_cidrs),
+        "CHECK_PORTS": " ".join(str(config.grpc_port + i) for i in range(config.workers)),
         # iptables-legacy takes a lock file; the root filesystem is read-only.
         "XTABLES_LOCKFILE": "/dev/shm/xtables.lock",
     }

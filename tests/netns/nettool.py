@@ -78,7 +78,7 @@ def one_request(req: dict[str, Any]) -> dict[str, Any]:
         body = resp.read().decode("utf-8", "replace")
         headers = {k.lower(): v for k, v in resp.getheaders()}
         return {"status": resp.status, "headers": headers, "body": body}
-    except OSError as exc:
+    except (OSError, http.client.HTTPException) as exc:  # e.g. an HTTP/2 server's answer
         return {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         conn.close()

@@ -52,6 +52,13 @@ def test_agent_egress_is_captured_decided_and_cut_off_on_revocation(pod: Pod) ->
         assert time.monotonic() < deadline, "UDP did not reach the remote host without capture"
         time.sleep(0.05)
 
+    # ... and the agent can open a connection to mandate's Check port (gRPC here: it hangs up
+    # on HTTP/1.1, but the connection is made).
+    before_check = pod.get("http://127.0.0.1:9001/mandate/v1/invoices/1")
+    assert not any(
+        e in before_check.get("error", "") for e in ("ConnectionReset", "ConnectionRefused")
+    ), before_check
+
     # Apply exactly what the mandate-init container runs.
     result = pod.lab.pod.run(
         ["sh", "-c", CAPTURE_SCRIPT], env={**pod.lab.env(pod.lab.workdir), **capture_env(config)}
@@ -86,6 +93,14 @@ def test_agent_egress_is_captured_decided_and_cut_off_on_revocation(pod: Pod) ->
     assert delta("listener.127.0.0.1_15001.downstream_cx_total") == 3
     assert delta("cluster.dynamic_forward_proxy.upstream_rq_total") == 1
     assert delta("cluster.dynamic_forward_proxy.upstream_cx_total") == 1
+
+    # mandate's Check port answers Envoy only: an allowed Check carries the call's
+    # credentials (issue 17 review, finding 1: the agent read them by asking directly).
+    check = pod.get("http://127.0.0.1:9001/mandate/v1/invoices/1")
+    assert "ConnectionResetError" in check.get("error", "") or "ConnectionRefused" in check.get(
+        "error", ""
+    ), check
+    assert "MANDATE_CHECK" in result.stdout and "--dport 9001" in result.stdout, result.stdout
 
     # Revoked: the agent reaches the remote host on no port.
     result = pod.mandate_cli("revoke", AGENT, "--reason", "x")
