@@ -25,6 +25,7 @@ import pytest
 from sidecar.credentials.keys import generate_key
 
 from .conftest import Stack, start_stack, stop_stack
+from .otlp import OtlpReceiver
 
 LEDGER = "ledger.finance.svc.cluster.local"
 OTHER = "reports.finance.svc.cluster.local"
@@ -88,6 +89,7 @@ def cred_stack(
     keys = tmp / "txn-keys"
     keys.mkdir()
     generate_key(keys / "k1.pem")
+    receiver = OtlpReceiver()  # decision spans (mandate's and Envoy's) for the canary scan
     stack = start_stack(
         tmp,
         profiles,
@@ -96,10 +98,14 @@ def cred_stack(
         extra=[
             "--audit-dir", str(tmp / "audit"),
             "--txn-token-keys", str(keys), "--txn-token-issuer", ISSUER,
+            "--otlp-endpoint", f"http://127.0.0.1:{receiver.port}",
         ],
+        envoy_values={"OTLP_PORT": receiver.port},
     )  # fmt: skip
+    stack.spans = receiver  # type: ignore[attr-defined]
     yield stack
     stop_stack(stack)
+    receiver.stop()
 
 
 def _arrived(stack: Stack, path: str) -> list[dict[str, Any]]:
@@ -307,6 +313,13 @@ def test_no_output_of_mandate_holds_the_secret(cred_stack: Stack, canary: str) -
     is nowhere but in what the ledger received."""
     for path in ("/v1/invoices/8", "/v1/ledger/admin/x"):
         cred_stack.call(AGENT, "GET", f"http://{LEDGER}{path}")
+    trace = secrets.token_hex(16)
+    headers = {"traceparent": f"00-{trace}-{secrets.token_hex(8)}-01"}
+    assert cred_stack.call(AGENT, "GET", f"http://{AUDIT}/v1/entries/scan", headers).status == 200
+    # written off the Check path: wait for the last call's record and span before scanning
+    assert cred_stack.audit_record(trace)["credentials"] == ["audit-txn"]
+    receiver: OtlpReceiver = cred_stack.spans  # type: ignore[attr-defined]
+    assert receiver.wait_for(lambda sp: sp.trace_id == trace and sp.service == "mandate")
     outputs: dict[str, str] = {}
     for f in cred_stack.tmp.rglob("*"):
         if f.is_file() and "secrets" not in f.parts and f.name != "ledger-key":
@@ -318,8 +331,16 @@ def test_no_output_of_mandate_holds_the_secret(cred_stack: Stack, canary: str) -
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     outputs["mandate status"] = status.stdout + status.stderr
+    metrics_url = f"http://127.0.0.1:{cred_stack.mandate.admin_port}/metrics"
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+        outputs["/metrics"] = resp.read().decode()
+    outputs["spans"] = repr(receiver.spans)
     assert any("audit" in name for name in outputs), sorted(outputs)
+    minted = [r["credentials"]["txn-token"] for r in cred_stack.upstream.received
+              if "txn-token" in r["credentials"]]  # fmt: skip
+    assert minted
     leaked = [name for name, text in outputs.items() if canary in text]
+    leaked += [name for name, text in outputs.items() for t in minted if t in text]
     assert leaked == []
 
 
