@@ -26,7 +26,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.core.arguments import check
 
 __all__ = [
     "SESSION_METHODS",
@@ -54,6 +58,8 @@ class McpMessage:
     method: str | None
     tool: str | None
     notification: bool = False  # no `id` member: JSON-RPC's notification
+    # tools/call: params.arguments as sent (None: absent); not part of the message's identity
+    arguments: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +96,7 @@ def _message(obj: object) -> McpMessage | str:
     if method != _TOOLS_CALL and method.casefold() == _TOOLS_CALL:
         return f"JSON-RPC method {method[:64]!r} is {_TOOLS_CALL!r} in another case"
     tool = None
+    arguments: object = None
     if method == _TOOLS_CALL:
         params = obj.get("params")
         name = params.get("name") if isinstance(params, dict) else None
@@ -98,7 +105,8 @@ def _message(obj: object) -> McpMessage | str:
         if not _unicode(name):
             return "tools/call tool name is not valid Unicode (a lone surrogate escape)"
         tool = name
-    return McpMessage(method=method, tool=tool, notification=notification)
+        arguments = params.get("arguments")  # type: ignore[union-attr]
+    return McpMessage(method=method, tool=tool, notification=notification, arguments=arguments)
 
 
 def _short(value: object) -> str:
@@ -171,9 +179,15 @@ def _session_method(msg: McpMessage, method: str) -> bool:
     return method in SESSION_METHODS or (msg.notification and method.startswith("notifications/"))
 
 
-def mcp_allows(body: McpBody, tools: frozenset[str], methods: frozenset[str]) -> str | None:
-    """None if every message is allowed by a rule listing ``tools`` and ``methods``;
-    otherwise the reason the first refused message is refused."""
+def mcp_allows(
+    body: McpBody,
+    tools: frozenset[str],
+    methods: frozenset[str],
+    arguments: Mapping[str, Callable[[Any], Any]] | None = None,
+) -> str | None:
+    """None if every message is allowed by a rule listing ``tools`` and ``methods`` (and,
+    for a tool with ``arguments`` constraints, whose arguments satisfy them); otherwise the
+    reason the first refused message is refused."""
     if body.error is not None:
         return body.error
     for msg in body.messages:
@@ -182,6 +196,12 @@ def mcp_allows(body: McpBody, tools: frozenset[str], methods: frozenset[str]) ->
         if msg.tool is not None:
             if msg.tool not in tools:
                 return f"MCP tool {msg.tool!r} not allowed"
+            if arguments:
+                validator = arguments.get(msg.tool)
+                if validator is not None:
+                    why = check(validator, msg.arguments, msg.tool)
+                    if why is not None:
+                        return why
             continue
         return f"MCP method {msg.method!r} not allowed"
     return None

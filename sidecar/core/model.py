@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from sidecar.core.arguments import validate_schema
 from sidecar.core.hosts import HostPattern, overlaps, parse_host_pattern
 from sidecar.core.paths import validate_path_pattern
 from sidecar.headers import CREDENTIAL_HEADERS, TXN_TOKEN_HEADER
@@ -145,6 +146,27 @@ class Rule(_Model):
     mcp_methods: list[McpMethod] | None = Field(
         None, min_length=1, description="extra MCP methods allowed (e.g. resources/read)"
     )
+    mcp_arguments: dict[Text, dict[str, Any]] | None = Field(
+        None,
+        description="per tool in mcpTools: a JSON Schema (type, enum, const, pattern, "
+        "minimum, maximum, exclusiveMinimum, exclusiveMaximum, minLength, maxLength, items, "
+        "minItems, maxItems, properties, required, additionalProperties) its tools/call "
+        "arguments must satisfy",
+    )
+
+    @field_validator("mcp_arguments")
+    @classmethod
+    def _arguments(
+        cls, value: dict[str, dict[str, Any]] | None, info: ValidationInfo
+    ) -> dict[str, dict[str, Any]] | None:
+        if value is None:
+            return None
+        tools = info.data.get("mcp_tools") or []
+        for tool, schema in value.items():
+            if tool not in tools:
+                raise ValueError(f"{tool!r}: constrain only a tool this rule lists in mcpTools")
+            validate_schema(schema, tool)
+        return value
 
 
 class DenyRule(Rule):
@@ -157,6 +179,15 @@ class DenyRule(Rule):
         "forms (NFKC: full-width letters) and trailing dots and spaces reads them "
         "(`/v1/SECRETS.` is denied by `/v1/secrets/**`); for case-insensitive upstreams",
     )
+
+    @model_validator(mode="after")
+    def _no_arguments(self) -> DenyRule:
+        if self.mcp_arguments is not None:
+            raise ValueError(
+                "mcpArguments: only an allow rule may constrain arguments (it narrows what it "
+                "allows); deny the tool, or allow it with the constraint"
+            )
+        return self
 
     @field_validator("fold_paths")
     @classmethod

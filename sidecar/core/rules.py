@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from sidecar.core.arguments import Validator, compile_arguments
 from sidecar.core.hosts import parse_host_pattern
 from sidecar.core.mcp import McpBody, mcp_allows, mcp_denies
 from sidecar.core.model import DenyRule, Rule
@@ -57,6 +58,8 @@ class CompiledRule:
     is_mcp: bool
     whole_host: bool  # restricts only hosts: may authorise a CONNECT tunnel
     fold_paths: bool  # path_re matches fold_path(path) (deny rules with `foldPaths: true`)
+    # per tool: the compiled `mcpArguments` constraint its tools/call arguments must satisfy
+    mcp_arguments: Mapping[str, Validator] | None = None
     # The literal first path segments its patterns start with; None: any path (no paths, or
     # a pattern starting with `*`/`**`).
     first_segments: frozenset[str] | None = None
@@ -189,7 +192,7 @@ class RuleIndex:
                         if not mcp_denies(parsed, r.mcp_tools, r.mcp_methods_folded):
                             continue
                     else:
-                        why = mcp_allows(parsed, r.mcp_tools, r.mcp_methods)
+                        why = mcp_allows(parsed, r.mcp_tools, r.mcp_methods, r.mcp_arguments)
                         if why is not None:
                             refusal = refusal or why
                             continue
@@ -234,6 +237,11 @@ def compile_rules(rules: Sequence[Rule], id_prefix: str) -> RuleIndex:
             whole_host=rule.methods is None and rule.paths is None and not is_mcp,
             fold_paths=fold,
             first_segments=None if fold else _first_segments(rule.paths),
+            mcp_arguments=(
+                MappingProxyType(dict(compile_arguments(rule.mcp_arguments)))
+                if rule.mcp_arguments
+                else None
+            ),
         )
         if rule.hosts is None:
             any_host.append(_Entry(compiled, None))

@@ -124,6 +124,150 @@ MCP_RULE = "spec.purposes.reconcile.allow[1]"
 
 CRED = "spec.credentials"
 CASES = [
+    # argument rules (issue 18): every keyword's bad value, and keywords outside the subset
+    bad(
+        "arguments-unknown-keyword",
+        {
+            f"{MCP_RULE}.mcpArguments": {
+                "search": {"properties": {"q": {"type": "string", "format": "email"}}}
+            }
+        },
+        f"{MCP_RULE}.mcpArguments",
+        "search.properties.q.format: keyword 'format' is not supported",
+    ),
+    bad(
+        "arguments-ref",
+        {f"{MCP_RULE}.mcpArguments": {"search": {"$ref": "#/x"}}},
+        f"{MCP_RULE}.mcpArguments",
+        "search.$ref: keyword '$ref' is not supported",
+    ),
+    bad(
+        "arguments-bad-type",
+        {f"{MCP_RULE}.mcpArguments": {"search": {"type": "text"}}},
+        f"{MCP_RULE}.mcpArguments",
+        "search.type: expected one of array, boolean, integer",
+    ),
+    bad(
+        "arguments-empty-enum",
+        {f"{MCP_RULE}.mcpArguments": {"search": {"properties": {"q": {"enum": []}}}}},
+        f"{MCP_RULE}.mcpArguments",
+        "search.properties.q.enum: expected a non-empty list of values",
+    ),
+    bad(
+        "arguments-minimum-not-a-number",
+        {f"{MCP_RULE}.mcpArguments": {"search": {"properties": {"n": {"minimum": "1"}}}}},
+        f"{MCP_RULE}.mcpArguments",
+        "search.properties.n.minimum: expected a number",
+    ),
+    bad(
+        "arguments-maximum-bool",
+        {f"{MCP_RULE}.mcpArguments": {"search": {"properties": {"n": {"maximum": True}}}}},
+        f"{MCP_RULE}.mcpArguments",
+        "search.properties.n.maximum: expected a number",
+    ),
+    bad(
+        "arguments-exclusive-minimum-not-a-number",
+        {f"{MCP_RULE}.mcpArguments": {"search": {"properties": {"n": {"exclusiveMinimum": "0"}}}}},
+        f"{MCP_RULE}.mcpArguments",
+        "search.properties.n.exclusiveMinimum: expected a number",
+    ),
+    bad(
+        "arguments-exclusive-maximum-not-a-number",
+        {f"{MCP_RULE}.mcpArguments": {"search": {"properties": {"n": {"exclusiveMaximum": None}}}}},
+        f"{MCP_RULE}.mcpArguments",
+        "search.properties.n.exclusiveMaximum: expected a number",
+    ),
+    bad(
+        "arguments-max-length-negative",
+        {f"{MCP_RULE}.mcpArguments": {"search": {"properties": {"q": {"maxLength": -1}}}}},
+        f"{MCP_RULE}.mcpArguments",
+        "search.properties.q.maxLength: expected a whole number >= 0",
+    ),
+    bad(
+        "arguments-min-length-float",
+        {f"{MCP_RULE}.mcpArguments": {"search": {"properties": {"q": {"minLength": 1.5}}}}},
+        f"{MCP_RULE}.mcpArguments",
+        "search.properties.q.minLength: expected a whole number >= 0",
+    ),
+    bad(
+        "arguments-max-items-negative",
+        {f"{MCP_RULE}.mcpArguments": {"search": {"properties": {"l": {"maxItems": -2}}}}},
+        f"{MCP_RULE}.mcpArguments",
+        "search.properties.l.maxItems: expected a whole number >= 0",
+    ),
+    bad(
+        "arguments-min-items-string",
+        {f"{MCP_RULE}.mcpArguments": {"search": {"properties": {"l": {"minItems": "2"}}}}},
+        f"{MCP_RULE}.mcpArguments",
+        "search.properties.l.minItems: expected a whole number >= 0",
+    ),
+    bad(
+        "arguments-pattern-not-a-string",
+        {f"{MCP_RULE}.mcpArguments": {"search": {"properties": {"q": {"pattern": 5}}}}},
+        f"{MCP_RULE}.mcpArguments",
+        "search.properties.q.pattern: expected a regular expression",
+    ),
+    bad(
+        "arguments-pattern-invalid",
+        {f"{MCP_RULE}.mcpArguments": {"search": {"properties": {"q": {"pattern": "("}}}}},
+        f"{MCP_RULE}.mcpArguments",
+        "search.properties.q.pattern: not a regular expression (missing ), unterminated",
+    ),
+    bad(
+        "arguments-required-not-a-list",
+        {f"{MCP_RULE}.mcpArguments": {"search": {"required": "q"}}},
+        f"{MCP_RULE}.mcpArguments",
+        "search.required: expected a list of property names",
+    ),
+    bad(
+        "arguments-properties-not-an-object",
+        {f"{MCP_RULE}.mcpArguments": {"search": {"properties": ["q"]}}},
+        f"{MCP_RULE}.mcpArguments",
+        "search.properties: expected an object of property schemas",
+    ),
+    bad(
+        "arguments-items-not-a-schema",
+        {f"{MCP_RULE}.mcpArguments": {"search": {"properties": {"l": {"items": 3}}}}},
+        f"{MCP_RULE}.mcpArguments",
+        "search.properties.l.items: expected a JSON Schema object",
+    ),
+    bad(
+        "arguments-additional-properties-bad",
+        {f"{MCP_RULE}.mcpArguments": {"search": {"additionalProperties": "no"}}},
+        f"{MCP_RULE}.mcpArguments",
+        "search.additionalProperties: expected a JSON Schema object",
+    ),
+    bad(
+        "arguments-const-any-value-ok-but-nested-unknown",
+        {
+            f"{MCP_RULE}.mcpArguments": {
+                "search": {"properties": {"q": {"const": "x", "default": "y"}}}
+            }
+        },
+        f"{MCP_RULE}.mcpArguments",
+        "search.properties.q.default: keyword 'default' is not supported",
+    ),
+    bad(
+        "arguments-schema-not-an-object",
+        {f"{MCP_RULE}.mcpArguments": {"search": "string"}},
+        f"{MCP_RULE}.mcpArguments.search",
+        "valid dictionary",
+    ),
+    bad(
+        "arguments-for-a-tool-the-rule-does-not-list",
+        {f"{MCP_RULE}.mcpArguments": {"delete_all": {"type": "object"}}},
+        f"{MCP_RULE}.mcpArguments",
+        "'delete_all': constrain only a tool this rule lists in mcpTools",
+    ),
+    bad(
+        "arguments-on-a-deny-rule",
+        {
+            "spec.purposes.reconcile.deny[0].mcpTools": ["search"],
+            "spec.purposes.reconcile.deny[0].mcpArguments": {"search": {"type": "object"}},
+        },
+        "spec.purposes.reconcile.deny[0]",
+        "mcpArguments: only an allow rule may constrain arguments",
+    ),
     # credentials (issue 17)
     bad(
         "credential-host-not-allowed",
@@ -289,7 +433,7 @@ CASES = [
         "fold-paths-on-an-allow-rule",
         {f"{RULE}.foldPaths": True},
         f"{RULE}.foldPaths",
-        "unknown field 'foldPaths'; allowed here: hosts, mcpMethods, mcpTools, methods, paths "
+        "unknown field 'foldPaths'; allowed here: hosts, mcpArguments, mcpMethods, mcpTools, methods, paths "
         "(foldPaths is for deny rules only",
     ),
     bad(
@@ -320,13 +464,13 @@ CASES = [
         "unknown-in-deny-rule",
         {"spec.purposes.reconcile.deny[0].foldpaths": True},
         "spec.purposes.reconcile.deny[0].foldpaths",
-        "unknown field 'foldpaths'; allowed here: foldPaths, hosts, mcpMethods, mcpTools, methods, paths",
+        "unknown field 'foldpaths'; allowed here: foldPaths, hosts, mcpArguments, mcpMethods, mcpTools, methods, paths",
     ),
     bad(
         "unknown-in-rule",
         {f"{RULE}.path": ["/x"]},
         f"{RULE}.path",
-        "unknown field 'path'; allowed here: hosts, mcpMethods, mcpTools, methods, paths",
+        "unknown field 'path'; allowed here: hosts, mcpArguments, mcpMethods, mcpTools, methods, paths",
     ),
     bad(
         "unknown-in-rate-limit",

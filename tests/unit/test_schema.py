@@ -50,6 +50,7 @@ def test_schema_uses_the_profile_field_names() -> None:
         "paths",
         "mcpTools",
         "mcpMethods",
+        "mcpArguments",
     }
     assert set(defs["ProfileSpec"]["properties"]) == {
         "owner",

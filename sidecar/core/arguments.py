@@ -1,0 +1,133 @@
+"""Argument rules (pure): a JSON Schema subset an MCP tool call's `arguments` must satisfy.
+
+A profile's allow rule may constrain, per tool, what a `tools/call` may pass
+(`mcpArguments: {send_money: {properties: {to: {enum: [...]}}, required: [to]}}`). The
+schema is checked against :data:`KEYWORDS` when profiles load (anything else is refused,
+naming the field) and compiled once with fastjsonschema (it generates Python code: ~1 µs per
+call, `python -m bench decide_scaling`). At call time :func:`check` says which argument broke
+which constraint, from the schema's own words: never the value, which may be a secret.
+
+`pattern` is a regular expression searched anywhere in the string, as in JSON Schema: anchor
+it with `^...$`. This module must not import any transport, Kubernetes or telemetry library.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import fastjsonschema  # type: ignore[import-untyped]
+
+__all__ = ["KEYWORDS", "Validator", "check", "compile_arguments", "validate_schema"]
+
+# The subset: editor-friendly, fast to check, and nothing that reaches outside the value.
+KEYWORDS = frozenset(
+    {
+        "type", "enum", "const", "pattern", "minimum", "maximum", "exclusiveMinimum",
+        "exclusiveMaximum", "minLength", "maxLength", "items", "minItems", "maxItems",
+        "properties", "required", "additionalProperties", "description", "title",
+    }
+)  # fmt: skip
+_TYPES = frozenset({"string", "number", "integer", "boolean", "object", "array", "null"})
+_NUMBERS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems")
+
+Validator = Callable[[Any], Any]
+
+
+def validate_schema(schema: object, where: str = "", *, top: bool = True) -> None:
+    """Raise ValueError naming the first keyword outside the subset or malformed value
+    (``where`` is the dotted path of ``schema`` in the profile; the whole schema is compiled
+    once, at the top)."""
+    at = where or "the schema"
+    if not isinstance(schema, dict):
+        raise ValueError(f"{at}: expected a JSON Schema object")
+    for key, value in schema.items():
+        here = f"{where}.{key}" if where else key
+        if key not in KEYWORDS:
+            supported = ", ".join(sorted(KEYWORDS - {"description", "title"}))
+            raise ValueError(f"{here}: keyword {key!r} is not supported (supported: {supported})")
+        _check_keyword(key, value, here)
+    if not top:
+        return
+    try:
+        fastjsonschema.compile(schema)
+    except Exception as exc:  # the library may raise anything on a schema it cannot use
+        raise ValueError(f"{at}: not a usable schema ({exc})") from None
+
+
+def _check_keyword(key: str, value: object, here: str) -> None:
+    if key == "type":
+        types = value if isinstance(value, list) else [value]
+        if not types or any(t not in _TYPES for t in types):
+            raise ValueError(f"{here}: expected one of {', '.join(sorted(_TYPES))}")
+    elif key == "enum":
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"{here}: expected a non-empty list of values")
+    elif key in _NUMBERS:
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+        ):
+            raise ValueError(f"{here}: expected a number")
+    elif key in _COUNTS:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{here}: expected a whole number >= 0")
+    elif key == "pattern":
+        if not isinstance(value, str):
+            raise ValueError(f"{here}: expected a regular expression")
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"{here}: not a regular expression ({exc})") from None
+    elif key == "required":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{here}: expected a list of property names")
+    elif key == "properties":
+        if not isinstance(value, dict):
+            raise ValueError(f"{here}: expected an object of property schemas")
+        for name, sub in value.items():
+            validate_schema(sub, f"{here}.{name}", top=False)
+    elif key == "items":
+        validate_schema(value, here, top=False)
+    elif key == "additionalProperties":
+        if not isinstance(value, bool):
+            validate_schema(value, here, top=False)
+    elif key in ("description", "title") and not isinstance(value, str):
+        raise ValueError(f"{here}: expected a string")
+
+
+def compile_arguments(schemas: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Validator]:
+    """The validators of a rule's `mcpArguments` (already checked by validate_schema)."""
+    return {tool: fastjsonschema.compile(dict(schema)) for tool, schema in schemas.items()}
+
+
+def check(validator: Validator, arguments: object, tool: str) -> str | None:
+    """None if ``arguments`` satisfy the tool's constraints, else the reason: the argument
+    and the constraint it broke (the schema's words, never the value)."""
+    if not isinstance(arguments, dict):
+        what = "missing" if arguments is None else "not an object"
+        return f"MCP tool {tool!r}: arguments {what}"
+    try:
+        validator(arguments)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        path = [str(p) for p in (exc.path or [])[1:]]  # drop the "data" root
+        name = ".".join(path) if path else "(the arguments)"
+        rule, definition = exc.rule or "schema", exc.rule_definition
+        if rule == "additionalProperties":
+            return f"MCP tool {tool!r}: argument {name} has properties the rule does not list"
+        if rule == "required":
+            return f"MCP tool {tool!r}: argument {name} lacks one of required {_show(definition)}"
+        return f"MCP tool {tool!r}: argument {name} breaks {rule} {_show(definition)}"
+    except (RecursionError, TypeError, ValueError):
+        return f"MCP tool {tool!r}: arguments could not be checked"
+    return None
+
+
+def _show(definition: object) -> str:
+    text = json.dumps(definition, ensure_ascii=False, default=str)
+    return text if len(text) <= 120 else text[:117] + "..."
