@@ -36,6 +36,7 @@ from sidecar.core.timefmt import parse_rfc3339, utc_seconds
 from sidecar.errors import BadRequestError, ConfigError, ProfileErrors
 from sidecar.headers import PURPOSE_HEADER, TASK_HEADER
 from sidecar.injection.cli import add_inject_parser, run_inject
+from sidecar.policy.cli import add_simulate_parser, run_simulate
 from sidecar.settings import (
     AUDIT_ALLOWS,
     AUDIT_FAILURE_MODES,
@@ -250,6 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     sch = sub.add_parser("schema", help="print the JSON Schema of the profile format")
     sch.add_argument("--indent", type=int, default=2)
     add_audit_parser(sub)
+    add_simulate_parser(sub)
     add_inject_parser(sub)
     _jwks_parser(sub)
     return p
@@ -791,6 +793,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_worker(args)
     if args.command == "audit":
         return run_audit(args)
+    if args.command == "simulate":
+        return run_simulate(args)
     if args.command in ("inject", "webhook"):
         return run_inject(args)
     if args.command == "jwks":

@@ -1,0 +1,213 @@
+"""`mandate simulate`: replay an audit trail against candidate profiles, from the command line.
+
+Reads the profile directory and the trail's decision records (every chain of the directory,
+merged by time, as `mandate audit query` reads them, but strictly: a line that is not a JSON
+object, or a decision record without the fields replay needs, is refused naming its file and
+line), hands them to the pure :mod:`sidecar.policy.simulate`, and prints its report as a
+table or one JSON document. Exit 0 when no replayed call would change, 1 when one would, 2 on
+bad input (no such directory, no audit files, an unreadable line, invalid profiles, a bad
+time). Verifies nothing: `mandate audit verify` does that. Must not contain replay logic.
+
+Imports only argparse at module level: `mandate` builds every subcommand's parser on each
+run, and the profile model and decision core are imported when `simulate` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sidecar.policy.simulate import Recorded
+
+__all__ = ["DEFAULT_LIMIT", "add_simulate_parser", "read_records", "run_simulate"]
+
+EXIT_UNCHANGED, EXIT_CHANGED, EXIT_BAD_INPUT = 0, 1, 2
+DEFAULT_LIMIT = 5
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
+    return value
+
+
+def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `simulate` to the `mandate` subcommands."""
+    cmd: argparse.ArgumentParser = subparsers.add_parser(
+        "simulate",
+        help="replay recorded calls against candidate profiles: what would change?",
+        description=(
+            "Replay the decision records of an audit directory against a candidate profile "
+            "directory and report which past calls would change (allow -> deny, deny -> "
+            "allow), grouped by agent, purpose and rule, with example calls. Outcomes of "
+            "run-time state (revocations, rate limits, risk, elevation grants, ...) are "
+            "counted as not replayable. Times are RFC 3339 (2025-01-31T12:00:00Z) or a "
+            "duration meaning that long ago (15m, 2h); --since is inclusive, --until "
+            "exclusive. Does not verify the chains. Exit 0 if nothing would change, 1 if "
+            "something would, 2 on bad input."
+        ),
+    )
+    cmd.add_argument("--profiles", required=True, metavar="DIR", help="the candidate profiles")
+    cmd.add_argument("--audit", required=True, metavar="DIR", help="the audit directory")
+    cmd.add_argument("--agent", help="replay only this agent's calls (its profile name)")
+    cmd.add_argument("--since", metavar="T", help="RFC 3339 time or duration ago (15m)")
+    cmd.add_argument("--until", metavar="T", help="RFC 3339 time or duration ago (15m)")
+    cmd.add_argument("--json", action="store_true", help="print one JSON document")
+    cmd.add_argument(
+        "--limit",
+        type=_count,
+        default=DEFAULT_LIMIT,
+        metavar="N",
+        help="example calls shown per group (default %(default)s)",
+    )
+    return cmd
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the trail
+
+
+def _bound(when: datetime | None) -> str | None:
+    from sidecar.core.timefmt import utc_millis
+
+    return None if when is None else utc_millis(when.timestamp())
+
+
+def _decision(path: Path, lineno: int, raw: bytes) -> Recorded | None:
+    """The decision record on one line, None for another record type; AuditInputError
+    naming the file and line if the line cannot be read."""
+    from sidecar.errors import AuditInputError
+    from sidecar.policy.simulate import parse_record
+
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        why = "not JSON"
+        if not raw.endswith(b"\n"):
+            why += (
+                " (the last line, without its newline: a write was cut short; a restarted "
+                "writer recovers it)"
+            )
+        raise AuditInputError(f"{path} line {lineno}: {why}") from None
+    if not isinstance(obj, dict):
+        raise AuditInputError(f"{path} line {lineno}: not a JSON object")
+    if obj.get("type") != "decision":
+        return None
+    try:
+        return parse_record(obj)
+    except ValueError as exc:
+        raise AuditInputError(f"{path} line {lineno}: {exc}") from None
+
+
+def _chain(
+    files: list[Path], agent: str | None, lo: str | None, hi: str | None
+) -> Iterator[Recorded]:
+    from sidecar.errors import AuditInputError
+
+    for path in files:
+        try:
+            handle = path.open("rb")
+        except OSError as exc:
+            raise AuditInputError(f"{path}: {exc.strerror or exc}") from None
+        with handle:
+            for lineno, raw in enumerate(handle, 1):
+                rec = _decision(path, lineno, raw)
+                if (
+                    rec is not None
+                    and (agent is None or rec.agent == agent)
+                    and (lo is None or rec.time >= lo)
+                    and (hi is None or rec.time < hi)
+                ):
+                    yield rec
+
+
+def read_records(
+    directory: str | Path,
+    *,
+    agent: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Iterator[Recorded]:
+    """The decision records of every chain of ``directory`` matching the filters, merged by
+    time (``since`` inclusive, ``until`` exclusive; naive datetimes are UTC). Raises
+    AuditInputError for a missing directory, no audit files, or an unreadable line."""
+    import heapq
+
+    from sidecar.audit.files import _trail  # the chains and files `mandate audit query` reads
+
+    chains = _trail(directory, None)
+    lo, hi = _bound(since), _bound(until)
+    return heapq.merge(
+        *(_chain(files, agent, lo, hi) for files in chains.values()), key=lambda r: r.time
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def _write(text: str) -> None:
+    # a lone surrogate (made up by an agent) as its JSON escape, as in the audit file
+    sys.stdout.write(text.encode("utf-8", "backslashreplace").decode("utf-8"))
+
+
+def _bad(message: str, **extra: Any) -> int:
+    _write(json.dumps({"error": "bad_input", "message": message, **extra}) + "\n")
+    print(f"mandate simulate: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _when(when: str | None) -> datetime | None:
+    from sidecar.audit.cli import parse_when
+
+    return parse_when(when) if when else None
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    """Run `mandate simulate` from parsed arguments; returns the exit code."""
+    from sidecar.core import load_profiles
+    from sidecar.errors import AuditError, ProfileErrors
+    from sidecar.policy.simulate import render_table, report_json, simulate
+
+    try:
+        since, until = _when(args.since), _when(args.until)
+    except ValueError as exc:
+        return _bad(f"--since/--until {exc}")
+    try:
+        snapshot = load_profiles(args.profiles)
+    except ProfileErrors as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return _bad(
+            f"profiles in {args.profiles} are invalid", problems=[str(p) for p in exc.problems]
+        )
+    try:
+        records = read_records(args.audit, agent=args.agent, since=since, until=until)
+        report = simulate(snapshot, records, limit=args.limit)
+    except AuditError as exc:
+        return _bad(str(exc))
+    filters = {"agent": args.agent, "since": _bound(since), "until": _bound(until)}
+    try:
+        if args.json:
+            doc = {"profiles": str(args.profiles), "audit": str(args.audit), "filters": filters}
+            doc.update(report_json(report))
+            _write(json.dumps(doc, ensure_ascii=False) + "\n")
+        else:
+            scope = ", ".join(f"{k} {v}" for k, v in filters.items() if v is not None)
+            _write(
+                f"Replaying {args.audit} against the profiles in {args.profiles}"
+                f"{f' ({scope})' if scope else ''}\n" + render_table(report)
+            )
+    except BrokenPipeError:  # `| head`: stop quietly
+        pass
+    return EXIT_CHANGED if report.changed else EXIT_UNCHANGED
