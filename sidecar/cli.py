@@ -1,5 +1,5 @@
 """The `mandate` command line: run, worker, validate, explain, schema, revoke, restore,
-status, approve, elevations, audit, inject, webhook.
+status, approve, elevations, audit, simulate, inject, webhook, jwks.
 
 Translates arguments into calls on the core and the server, and errors into exit codes:
 0 success (explain: allow), 1 explain: deny (admin commands: refused with 409), 2 bad input
