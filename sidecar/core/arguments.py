@@ -18,10 +18,19 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 import fastjsonschema  # type: ignore[import-untyped]
 
-__all__ = ["KEYWORDS", "Validator", "check", "compile_arguments", "validate_schema"]
+__all__ = [
+    "KEYWORDS",
+    "Validator",
+    "check",
+    "compile_arguments",
+    "compile_schema",
+    "query_arguments",
+    "validate_schema",
+]
 
 # The subset: editor-friendly, fast to check, and nothing that reaches outside the value.
 KEYWORDS = frozenset(
@@ -106,12 +115,40 @@ def compile_arguments(schemas: Mapping[str, Mapping[str, Any]]) -> Mapping[str, 
     return {tool: fastjsonschema.compile(dict(schema)) for tool, schema in schemas.items()}
 
 
-def check(validator: Validator, arguments: object, tool: str) -> str | None:
-    """None if ``arguments`` satisfy the tool's constraints, else the reason: the argument
-    and the constraint it broke (the schema's words, never the value)."""
+def compile_schema(schema: Mapping[str, Any]) -> Validator:
+    """One validator (a rule's `query` or `jsonBody`, already checked by validate_schema)."""
+    return fastjsonschema.compile(dict(schema))  # type: ignore[no-any-return]
+
+
+def query_arguments(path: str) -> dict[str, object] | str:
+    """The query parameters of a request target as the checked object: a name given once is
+    a string, a name given again a list of its values (so a rule expecting one string
+    refuses `to=a&to=b`, which upstreams read differently); or why it cannot be read."""
+    _, _, query = path.partition("?")
+    out: dict[str, object] = {}
+    if not query:
+        return out
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True, errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        return "the query cannot be read as name=value pairs"
+    for name, value in pairs:
+        if name in out:
+            prev = out[name]
+            out[name] = [*prev, value] if isinstance(prev, list) else [prev, value]
+        else:
+            out[name] = value
+    return out
+
+
+def check(validator: Validator, arguments: object, tool: str, label: str = "") -> str | None:
+    """None if ``arguments`` satisfy the constraints, else the reason: the argument and the
+    constraint it broke (the schema's words, never the value). ``label`` names what was
+    checked ("query", "JSON body"); by default the MCP tool ``tool``."""
+    label = label or f"MCP tool {tool!r}"
     if not isinstance(arguments, dict):
         what = "missing" if arguments is None else "not an object"
-        return f"MCP tool {tool!r}: arguments {what}"
+        return f"{label}: arguments {what}"
     try:
         validator(arguments)
     except fastjsonschema.JsonSchemaValueException as exc:
@@ -119,12 +156,12 @@ def check(validator: Validator, arguments: object, tool: str) -> str | None:
         name = ".".join(path) if path else "(the arguments)"
         rule, definition = exc.rule or "schema", exc.rule_definition
         if rule == "additionalProperties":
-            return f"MCP tool {tool!r}: argument {name} has properties the rule does not list"
+            return f"{label}: argument {name} has properties the rule does not list"
         if rule == "required":
-            return f"MCP tool {tool!r}: argument {name} lacks one of required {_show(definition)}"
-        return f"MCP tool {tool!r}: argument {name} breaks {rule} {_show(definition)}"
+            return f"{label}: argument {name} lacks one of required {_show(definition)}"
+        return f"{label}: argument {name} breaks {rule} {_show(definition)}"
     except (RecursionError, TypeError, ValueError):
-        return f"MCP tool {tool!r}: arguments could not be checked"
+        return f"{label}: arguments could not be checked"
     return None
 
 

@@ -34,12 +34,13 @@ from types import MappingProxyType
 from urllib.parse import unquote_plus
 
 from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable, Grant, RiskState
+from sidecar.core.arguments import check, query_arguments
 from sidecar.core.hosts import parse_authority
-from sidecar.core.mcp import McpBody, parse_mcp_body
+from sidecar.core.mcp import JsonRefusal, McpBody, parse_json_body, parse_mcp_body
 from sidecar.core.paths import canonical_path, display_path
 from sidecar.core.ratelimit import RateCharge
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
-from sidecar.core.rules import CONNECT
+from sidecar.core.rules import CONNECT, CompiledRule
 from sidecar.core.snapshot import CompiledAgent, CompiledPurpose, Snapshot
 from sidecar.core.timefmt import utc_seconds
 from sidecar.headers import PURPOSE_HEADER, TASK_HEADER
@@ -152,13 +153,15 @@ class Decision:
 
 
 class _Body:
-    """Parses the MCP body on first use only; most calls never need it."""
+    """The call's body and query for the rules, parsed on first use only: most calls never
+    need them."""
 
-    __slots__ = ("_parsed", "_view")
+    __slots__ = ("_json", "_parsed", "_view")
 
     def __init__(self, view: RequestView) -> None:
         self._view = view
         self._parsed: McpBody | None = None
+        self._json: object = _UNPARSED
 
     def __call__(self) -> McpBody:
         if self._parsed is None:
@@ -169,6 +172,26 @@ class _Body:
         if self._parsed is None:
             return ()
         return tuple(m.tool for m in self._parsed.messages if m.tool is not None)
+
+    def refusal(self, rule: CompiledRule) -> str | None:
+        """Why the call's query or JSON body breaks ``rule``'s constraints, or None."""
+        if rule.query_check is not None:
+            query = query_arguments(self._view.path)
+            if isinstance(query, str):
+                return f"query: {query}"
+            why = check(rule.query_check, query, "", "query")
+            if why is not None:
+                return why
+        if rule.body_check is not None:
+            if self._json is _UNPARSED:
+                self._json = parse_json_body(self._view.body, self._view.body_truncated)
+            if isinstance(self._json, JsonRefusal):
+                return f"JSON body: {self._json.why}"
+            return check(rule.body_check, self._json, "", "JSON body")
+        return None
+
+
+_UNPARSED = object()
 
 
 def _identity(snapshot: Snapshot, view: RequestView) -> tuple[str | None, str, str]:

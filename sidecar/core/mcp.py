@@ -218,3 +218,30 @@ def mcp_denies(body: McpBody, tools: frozenset[str], methods: frozenset[str]) ->
         or (msg.method is not None and msg.method.casefold() in methods)
         for msg in body.messages
     )
+
+
+@dataclass(frozen=True, slots=True)
+class JsonRefusal:
+    """Why a body cannot be checked against a rule's `jsonBody`."""
+
+    why: str
+
+
+def parse_json_body(body: bytes | None, truncated: bool) -> object:
+    """The JSON value of a plain HTTP body for `jsonBody` rules, read as strictly as an MCP
+    body (UTF-8, no byte order mark, no duplicate keys, no NaN/Infinity), or a JsonRefusal.
+    Never raises."""
+    if body is None or body == b"":
+        return JsonRefusal("missing (is with_request_body set in Envoy?)")
+    if truncated:
+        return JsonRefusal("not seen whole (Envoy's with_request_body limit, or no length)")
+    if body.startswith(b"\xef\xbb\xbf"):
+        return JsonRefusal("not JSON: it starts with a byte order mark")
+    try:
+        return json.loads(body.decode("utf-8"), object_pairs_hook=_object, parse_constant=_constant)
+    except _Refused as exc:
+        return JsonRefusal(str(exc).removeprefix("MCP body is "))
+    except RecursionError:
+        return JsonRefusal("not JSON: nested too deeply")
+    except (UnicodeDecodeError, ValueError):
+        return JsonRefusal("not JSON")

@@ -154,6 +154,22 @@ class Rule(_Model):
         "arguments must satisfy",
     )
 
+    query: dict[str, Any] | None = Field(
+        None,
+        description="a JSON Schema (the mcpArguments subset) the query parameters must "
+        "satisfy, as an object: a name given once is a string, again a list",
+    )
+    json_body: dict[str, Any] | None = Field(
+        None, description="a JSON Schema (the mcpArguments subset) the JSON body must satisfy"
+    )
+
+    @field_validator("query", "json_body")
+    @classmethod
+    def _schema(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        if value is not None:
+            validate_schema(value, to_camel(str(info.field_name)))
+        return value
+
     @field_validator("mcp_arguments")
     @classmethod
     def _arguments(
@@ -182,11 +198,16 @@ class DenyRule(Rule):
 
     @model_validator(mode="after")
     def _no_arguments(self) -> DenyRule:
-        if self.mcp_arguments is not None:
-            raise ValueError(
-                "mcpArguments: only an allow rule may constrain arguments (it narrows what it "
-                "allows); deny the tool, or allow it with the constraint"
-            )
+        for name, value in (
+            ("mcpArguments", self.mcp_arguments),
+            ("query", self.query),
+            ("jsonBody", self.json_body),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"{name}: only an allow rule may constrain arguments (it narrows what it "
+                    "allows); deny the call, or allow it with the constraint"
+                )
         return self
 
     @field_validator("fold_paths")

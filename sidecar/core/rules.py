@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from sidecar.core.arguments import Validator, compile_arguments
+from sidecar.core.arguments import Validator, compile_arguments, compile_schema
 from sidecar.core.hosts import parse_host_pattern
 from sidecar.core.mcp import McpBody, mcp_allows, mcp_denies
 from sidecar.core.model import DenyRule, Rule
@@ -60,6 +60,8 @@ class CompiledRule:
     fold_paths: bool  # path_re matches fold_path(path) (deny rules with `foldPaths: true`)
     # per tool: the compiled `mcpArguments` constraint its tools/call arguments must satisfy
     mcp_arguments: Mapping[str, Validator] | None = None
+    query_check: Validator | None = None  # the compiled `query` constraint
+    body_check: Validator | None = None  # the compiled `jsonBody` constraint
     # The literal first path segments its patterns start with; None: any path (no paths, or
     # a pattern starting with `*`/`**`).
     first_segments: frozenset[str] | None = None
@@ -196,6 +198,11 @@ class RuleIndex:
                         if why is not None:
                             refusal = refusal or why
                             continue
+                if not deny and (r.query_check is not None or r.body_check is not None):
+                    why = body.refusal(r)  # type: ignore[attr-defined]
+                    if why is not None:
+                        refusal = refusal or why
+                        continue
                 best = r
                 break
         if best is None:
@@ -242,6 +249,8 @@ def compile_rules(rules: Sequence[Rule], id_prefix: str) -> RuleIndex:
                 if rule.mcp_arguments
                 else None
             ),
+            query_check=compile_schema(rule.query) if rule.query is not None else None,
+            body_check=compile_schema(rule.json_body) if rule.json_body is not None else None,
         )
         if rule.hosts is None:
             any_host.append(_Entry(compiled, None))

@@ -37,6 +37,15 @@ spec:
                 amount: {{type: number, exclusiveMinimum: 0, maximum: 100}}
               required: [recipient, amount]
               additionalProperties: false
+        - hosts: [ledger.finance.svc.cluster.local]
+          methods: [POST]
+          paths: ["/v1/transfers"]
+          jsonBody:
+            type: object
+            properties:
+              to: {{type: string, enum: [{IBAN}]}}
+              amount: {{type: number, maximum: 100}}
+            required: [to, amount]
 """
 
 
@@ -97,3 +106,28 @@ def test_an_injected_recipient_or_amount_is_denied_and_never_arrives(
     if secret is not None:
         assert secret not in body["reason"]
     assert not _arrived(bank, marker)
+
+
+@pytest.mark.parametrize(
+    ("body", "allowed"),
+    [
+        ({"to": IBAN, "amount": 10}, True),
+        ({"to": "GB33BUKB20201555555555", "amount": 10}, False),
+        ({"to": IBAN, "amount": 10_000}, False),
+    ],
+)
+def test_a_plain_http_json_body_is_judged_by_its_fields(
+    bank: Stack, body: dict[str, Any], allowed: bool
+) -> None:
+    marker = f"transfer-{body['to']}-{body['amount']}"
+    raw = json.dumps({**body, "memo": marker}).encode()
+    resp = bank.call(
+        "bank-agent", "POST", "http://ledger.finance.svc.cluster.local/v1/transfers",
+        headers={"Content-Type": "application/json"}, body=raw,
+    )  # fmt: skip
+    assert (resp.status == 200) is allowed, resp.body
+    assert _arrived(bank, marker) is allowed
+    if not allowed:
+        reason = resp.json()["reason"]
+        assert reason.startswith("outside purpose 'pay': JSON body: argument ")
+        assert "GB33BUKB20201555555555" not in reason and "10000" not in reason

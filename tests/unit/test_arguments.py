@@ -131,3 +131,89 @@ def test_a_deny_never_echoes_the_value(snapshot: Snapshot, field: str, value: An
     d = call(snapshot, "send_money", {**OK, field: value})
     if not d.allowed:
         assert str(value) not in d.reason, d.reason
+
+
+HTTP_PROFILE = """\
+apiVersion: mandate.dev/v1alpha1
+kind: AgentProfile
+metadata: {name: bank-agent}
+spec:
+  owner: payments
+  defaultPurpose: pay
+  purposes:
+    pay:
+      allow:
+        - hosts: [bank.svc]
+          methods: [POST]
+          paths: ["/v1/transfers"]
+          jsonBody:
+            type: object
+            properties:
+              to: {type: string, enum: [DE89370400440532013000]}
+              amount: {type: number, maximum: 100}
+            required: [to, amount]
+        - hosts: [bank.svc]
+          methods: [GET]
+          paths: ["/v1/statements"]
+          query:
+            type: object
+            properties:
+              month: {type: string, pattern: "^2026-(0[1-9]|1[0-2])$"}
+            required: [month]
+            additionalProperties: false
+"""
+
+
+@pytest.fixture(scope="module")
+def http_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Snapshot:
+    d: Path = tmp_path_factory.mktemp("http-profiles")
+    (d / "bank.yaml").write_text(HTTP_PROFILE)
+    return load_profiles(d)
+
+
+def http(snapshot: Snapshot, method: str, path: str, body: bytes | None = None) -> Any:
+    headers = {} if body is None else {"content-length": str(len(body))}
+    view = RequestView(
+        decision_id="d", method=method, authority="bank.svc", path=path, body=body,
+        headers=headers, configured_agent="bank-agent", namespace="ns",
+    )  # fmt: skip
+    return decide(snapshot, view, 1e9)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "reason"),
+    [
+        ("POST", "/v1/transfers", b'{"to": "DE89370400440532013000", "amount": 5}', None),
+        ("POST", "/v1/transfers", b'{"to": "ATTACKER-IBAN", "amount": 5}', "JSON body: argument to breaks enum"),
+        ("POST", "/v1/transfers", b'{"to": "DE89370400440532013000", "amount": 500}', "JSON body: argument amount breaks maximum 100"),
+        ("POST", "/v1/transfers", b'{"to": "DE89370400440532013000", "to": "ATTACKER-IBAN", "amount": 5}', "appears twice"),
+        ("POST", "/v1/transfers", b"to=ATTACKER-IBAN&amount=5", "JSON body: not JSON"),
+        ("POST", "/v1/transfers", None, "JSON body: missing"),
+        ("POST", "/v1/transfers", b'[1, 2]', "JSON body: arguments not an object"),
+        ("GET", "/v1/statements?month=2026-03", None, None),
+        ("GET", "/v1/statements?month=2026-03&month=2026-04", None, 'query: argument month breaks type "string"'),
+        ("GET", "/v1/statements?month=2026-13", None, "query: argument month breaks pattern"),
+        ("GET", "/v1/statements?month=2026-03&debug=1", None, "has properties the rule does not list"),
+        ("GET", "/v1/statements", None, "lacks one of required"),
+    ],
+)  # fmt: skip
+def test_query_and_json_body_rules_decide_plain_http_calls(
+    http_snapshot: Snapshot, method: str, path: str, body: bytes | None, reason: str | None
+) -> None:
+    d = http(http_snapshot, method, path, body)
+    if reason is None:
+        assert d.allowed, d.reason
+        return
+    assert (d.allowed, d.code) == (False, Code.OUTSIDE_PURPOSE)
+    assert reason in d.reason, d.reason
+    assert "ATTACKER" not in d.reason
+
+
+def test_a_body_seen_only_in_part_is_denied(http_snapshot: Snapshot) -> None:
+    body = b'{"to": "DE89370400440532013000", "amount": 5}'
+    view = RequestView(
+        decision_id="d", method="POST", authority="bank.svc", path="/v1/transfers", body=body,
+        body_truncated=True, configured_agent="bank-agent", namespace="ns",
+    )  # fmt: skip
+    d = decide(http_snapshot, view, 1e9)
+    assert not d.allowed and "JSON body: not seen whole" in d.reason

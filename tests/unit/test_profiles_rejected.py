@@ -260,6 +260,24 @@ CASES = [
         "'delete_all': constrain only a tool this rule lists in mcpTools",
     ),
     bad(
+        "query-unknown-keyword",
+        {f"{RULE}.query": {"properties": {"q": {"format": "date"}}}},
+        f"{RULE}.query",
+        "query.properties.q.format: keyword 'format' is not supported",
+    ),
+    bad(
+        "json-body-bad-maximum",
+        {f"{RULE}.jsonBody": {"properties": {"amount": {"maximum": "100"}}}},
+        f"{RULE}.jsonBody",
+        "jsonBody.properties.amount.maximum: expected a number",
+    ),
+    bad(
+        "query-on-a-deny-rule",
+        {"spec.purposes.reconcile.deny[0].query": {"type": "object"}},
+        "spec.purposes.reconcile.deny[0]",
+        "query: only an allow rule may constrain arguments",
+    ),
+    bad(
         "arguments-on-a-deny-rule",
         {
             "spec.purposes.reconcile.deny[0].mcpTools": ["search"],
@@ -433,7 +451,7 @@ CASES = [
         "fold-paths-on-an-allow-rule",
         {f"{RULE}.foldPaths": True},
         f"{RULE}.foldPaths",
-        "unknown field 'foldPaths'; allowed here: hosts, mcpArguments, mcpMethods, mcpTools, methods, paths "
+        "unknown field 'foldPaths'; allowed here: hosts, jsonBody, mcpArguments, mcpMethods, mcpTools, methods, paths, query "
         "(foldPaths is for deny rules only",
     ),
     bad(
@@ -464,13 +482,13 @@ CASES = [
         "unknown-in-deny-rule",
         {"spec.purposes.reconcile.deny[0].foldpaths": True},
         "spec.purposes.reconcile.deny[0].foldpaths",
-        "unknown field 'foldpaths'; allowed here: foldPaths, hosts, mcpArguments, mcpMethods, mcpTools, methods, paths",
+        "unknown field 'foldpaths'; allowed here: foldPaths, hosts, jsonBody, mcpArguments, mcpMethods, mcpTools, methods, paths, query",
     ),
     bad(
         "unknown-in-rule",
         {f"{RULE}.path": ["/x"]},
         f"{RULE}.path",
-        "unknown field 'path'; allowed here: hosts, mcpArguments, mcpMethods, mcpTools, methods, paths",
+        "unknown field 'path'; allowed here: hosts, jsonBody, mcpArguments, mcpMethods, mcpTools, methods, paths, query",
     ),
     bad(
         "unknown-in-rate-limit",

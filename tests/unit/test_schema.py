@@ -51,6 +51,8 @@ def test_schema_uses_the_profile_field_names() -> None:
         "mcpTools",
         "mcpMethods",
         "mcpArguments",
+        "query",
+        "jsonBody",
     }
     assert set(defs["ProfileSpec"]["properties"]) == {
         "owner",
