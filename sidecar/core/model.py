@@ -52,6 +52,7 @@ __all__ = [
     "credential_host",
     "json_schema",
     "parse_duration",
+    "token_url_problem",
 ]
 
 API_VERSION = "mandate.dev/v1alpha1"
@@ -286,28 +287,41 @@ def _file(text: str) -> str:
     return text
 
 
-def _token_url(text: str) -> str:
-    """An https:// URL read as the token client reads it (urlsplit): no userinfo, no
-    whitespace; plain http only on the loopback (local tests)."""
-    bad = ValueError(f"{text!r}: expected an https:// URL")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def token_url_problem(text: str) -> str | None:
+    """Why ``text`` is no token endpoint URL, read as the token client reads it (urlsplit),
+    or None. The one check of both the profile validator and the client: https:// (plain
+    http only on the loopback address, for local tests), no user name or password, no
+    fragment. The problem never quotes the URL (its userinfo could be a secret)."""
     if any(c.isspace() or ord(c) < 0x20 for c in text):
-        raise bad
+        return "expected an https:// URL"
     try:
         parts = urlsplit(text)
         hostname = parts.hostname
         parts.port  # noqa: B018  (raises ValueError on a bad port)
     except ValueError:
-        raise bad from None
-    if parts.scheme not in ("https", "http") or not hostname:
-        raise bad
+        return "expected an https:// URL"
+    if not hostname:
+        return "expected an https:// URL"
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
-        raise ValueError(f"{text!r}: no user name or password in a token URL (give files)")
-    if parts.scheme == "http" and hostname not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError(
-            f"{text!r}: a token endpoint must be https:// (plain http only on the loopback "
-            "address, for local tests): a client secret or subject token must not cross the "
-            "network in clear"
+        return "no user name or password in a token URL (userinfo; give files)"
+    if parts.scheme != "https" and not (parts.scheme == "http" and hostname in _LOOPBACK):
+        return (
+            "a token endpoint must be https:// (plain http only on the loopback address, for "
+            "local tests): a client secret or subject token must not cross the network in clear"
         )
+    if parts.fragment:
+        return "no fragment (#...) in a token URL"
+    return None
+
+
+def _token_url(text: str) -> str:
+    problem = token_url_problem(text)
+    if problem is not None:
+        shown = "the URL" if "@" in text else repr(text)  # userinfo could be a secret
+        raise ValueError(f"{shown}: {problem}")
     return text
 
 

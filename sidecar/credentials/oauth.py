@@ -38,7 +38,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
-import ipaddress
 import json
 import logging
 import math
@@ -53,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Literal, cast
 from urllib.parse import SplitResult, quote, urlencode, urlsplit
 
+from sidecar.core.model import token_url_problem
 from sidecar.credentials.secrets import SecretFile
 from sidecar.errors import ConfigError, CredentialUnavailable
 
@@ -179,35 +179,12 @@ class _Failed(Exception):
     """A fetch failed; the message says what, without any secret."""
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _endpoint(url: str, credential: str) -> SplitResult:
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (raises ValueError on a bad port)
-    except ValueError:
-        raise ConfigError(f"credential {credential!r}: token URL is not a URL") from None
-    if not parts.hostname:
-        raise ConfigError(f"credential {credential!r}: token URL has no host")
-    # the profile validator's rule, again here: a secret never crosses the network in clear
-    if parts.scheme != "https" and not (parts.scheme == "http" and _loopback(parts.hostname)):
-        raise ConfigError(
-            f"credential {credential!r}: token URL must be https:// (http:// only on the"
-            " loopback address)"
-        )
-    if parts.username is not None or parts.password is not None:
-        # never echoed: userinfo would be a credential in the URL
-        raise ConfigError(f"credential {credential!r}: token URL must not carry userinfo")
-    if parts.fragment:
-        raise ConfigError(f"credential {credential!r}: token URL must not have a fragment")
-    return parts
+    # the profile validator's check, again here: a secret never crosses the network in clear
+    problem = token_url_problem(url)
+    if problem is not None:
+        raise ConfigError(f"credential {credential!r}: token URL: {problem}")
+    return urlsplit(url)
 
 
 def _values(value: str | Sequence[str] | None) -> tuple[str, ...]:

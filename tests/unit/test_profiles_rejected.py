@@ -386,6 +386,12 @@ CASES = [
         "no user name or password in a token URL",
     ),
     bad(
+        "credential-token-url-fragment",
+        {f"{CRED}.stripe-oauth.oauth2ClientCredentials.tokenUrl": "https://idp.example.com/t#x"},
+        f"{CRED}.stripe-oauth.oauth2ClientCredentials.tokenUrl",
+        "no fragment (#...) in a token URL",
+    ),
+    bad(
         "credential-client-auth-unknown",
         {f"{CRED}.stripe-oauth.oauth2ClientCredentials.clientAuth": "jwt"},
         f"{CRED}.stripe-oauth.oauth2ClientCredentials.clientAuth",
@@ -991,3 +997,15 @@ def test_every_problem_is_reported(tmp_path: Path) -> None:
             ("e.yaml", 2, "spec.extra", "unknown field 'extra'"),
         ],
     )
+
+
+def test_a_token_url_with_a_password_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    doc = edit(
+        base(),
+        {f"{CRED}.stripe-oauth.oauth2ClientCredentials.tokenUrl": "https://u:hunter2@idp.x/t"},
+    )
+    _write(tmp_path / "p", {"a.yaml": dump(doc)})
+    with pytest.raises(ProfileErrors) as err:
+        load_profiles(tmp_path / "p")
+    assert "no user name or password in a token URL" in str(err.value)
+    assert "hunter2" not in str(err.value)
