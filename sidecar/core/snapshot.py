@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from sidecar.core.behaviour import BehaviourSettings
-from sidecar.core.hosts import HostPattern
 from sidecar.core.model import (
     AgentProfile,
     Behavior,
@@ -73,17 +72,16 @@ class CompiledElevation:
 
 @dataclass(frozen=True, slots=True)
 class CompiledCredential:
-    """A credential mandate adds to allowed calls to ``hosts`` (the profile's
+    """A credential mandate adds to allowed calls to its hosts (the profile's
     `spec.credentials.NAME`); ``spec`` is the validated source the broker builds it from.
     A host without a port means port 443 (:data:`DEFAULT_CREDENTIAL_PORT`): the credential
     goes only where the sidecar originates TLS, unless the profile names another port. The
     hosts are kept as sets of (name, port) and (`*.` parent, port) for a lookup per Check."""
 
     name: str
-    hosts: tuple[HostPattern, ...]
     refuse_connect: bool
     spec: Credential
-    header: str = ""
+    header: str = ""  # spec.header, read once per Check
     names: frozenset[tuple[str, int]] = frozenset()
     parents: frozenset[tuple[str, int]] = frozenset()
 
@@ -92,7 +90,6 @@ class CompiledCredential:
         hosts = tuple(credential_host(h) for h in spec.hosts)
         return cls(
             name=name,
-            hosts=hosts,
             refuse_connect=spec.connect == "refuse",
             spec=spec,
             header=spec.header,
