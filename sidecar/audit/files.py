@@ -11,7 +11,7 @@ from pathlib import Path
 from sidecar.audit.record import _FILE
 from sidecar.errors import AuditInputError
 
-__all__ = []
+__all__ = ["trail_files"]
 
 
 def _describe(exc: BaseException) -> str:
@@ -43,7 +43,9 @@ def _chain_files(directory: Path) -> dict[str, list[tuple[int, Path]]]:
     return chains
 
 
-def _trail(directory: str | os.PathLike[str], chain_id: str | None) -> dict[str, list[Path]]:
+def trail_files(directory: str | os.PathLike[str], chain_id: str | None) -> dict[str, list[Path]]:
+    """The audit files of ``directory`` by chain (one chain with ``chain_id``), in order, as
+    `mandate audit query` and `mandate simulate` read them; AuditInputError if none."""
     d = Path(directory)
     if not d.is_dir():
         raise AuditInputError(f"{d}: no such directory")

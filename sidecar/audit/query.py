@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sidecar.audit.files import _describe, _trail
+from sidecar.audit.files import _describe, trail_files
 from sidecar.core.timefmt import utc_millis
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def query(
     ``since`` is inclusive, ``until`` exclusive (naive datetimes are UTC); ``decision`` is
     "allow" or "deny". Raises AuditInputError for a missing directory or no audit files.
     This does not verify: run `verify` for that."""
-    chains = _trail(directory, None)
+    chains = trail_files(directory, None)
     lo = _bound(since) if since is not None else None
     hi = _bound(until) if until is not None else None
     trace = trace_id.lower() if trace_id else None

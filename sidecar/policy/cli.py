@@ -143,9 +143,9 @@ def read_records(
     AuditInputError for a missing directory, no audit files, or an unreadable line."""
     import heapq
 
-    from sidecar.audit.files import _trail  # the chains and files `mandate audit query` reads
+    from sidecar.audit.files import trail_files  # as `mandate audit query` finds them
 
-    chains = _trail(directory, None)
+    chains = trail_files(directory, None)
     lo, hi = _bound(since), _bound(until)
     return heapq.merge(
         *(_chain(files, agent, lo, hi) for files in chains.values()), key=lambda r: r.time
