@@ -463,6 +463,18 @@ def _explain_parser(sub: Any) -> None:
         "--header", action="append", default=[], metavar="K=V", help="a request header; repeatable"
     )
     ex.add_argument("--body", help="request body; @FILE reads a file")
+    ex.add_argument(
+        "--tool",
+        help="explain the MCP tools/call of this tool (the body is built from it and "
+        "--arguments; METHOD must be POST)",
+    )
+    ex.add_argument("--arguments", help="the tool's arguments, a JSON object; @FILE reads a file")
+    ex.add_argument(
+        "--declare",
+        metavar="FILE",
+        help="decide as if --task had been reported with this declaration: a YAML or JSON "
+        "list of allow rules in the profile's syntax (ReportTask `allow`)",
+    )
     ex.add_argument("method", help="HTTP method, or CONNECT")
     ex.add_argument(
         "url", help="absolute URL (http://host[:port]/path?query), or host:port for CONNECT"
@@ -505,15 +517,12 @@ def _view(args: argparse.Namespace) -> RequestView:
         headers[PURPOSE_HEADER] = args.purpose
     if args.task is not None:
         headers[TASK_HEADER] = args.task
-    body: bytes | None = None
-    if args.body is not None:
-        if args.body.startswith("@"):
-            try:
-                body = Path(args.body[1:]).read_bytes()
-            except OSError as exc:
-                raise BadRequestError(f"--body {args.body!r}: {exc.strerror or exc}") from None
-        else:
-            body = args.body.encode()
+    body = _argument_bytes("--body", args.body)
+    if args.tool is not None:
+        body = _tool_call(args, method, body)
+        headers.setdefault("content-type", "application/json")
+    elif args.arguments is not None:
+        raise BadRequestError("--arguments: only with --tool (the MCP tool they are for)")
     if not (args.agent or args.service_account or args.spiffe):
         raise BadRequestError("give --agent, --service-account or --spiffe: who is calling?")
     # Imported here: authz imports prometheus_client, which `mandate run` must configure first.
@@ -529,6 +538,69 @@ def _view(args: argparse.Namespace) -> RequestView:
         service_account=args.service_account,
         spiffe=args.spiffe,
     )
+
+
+def _argument_bytes(flag: str, value: str | None) -> bytes | None:
+    if value is None:
+        return None
+    if not value.startswith("@"):
+        return value.encode()
+    try:
+        return Path(value[1:]).read_bytes()
+    except OSError as exc:
+        raise BadRequestError(f"{flag} {value!r}: {exc.strerror or exc}") from None
+
+
+def _tool_call(args: argparse.Namespace, method: str, body: bytes | None) -> bytes:
+    from sidecar.core.mcp import tool_call_body
+
+    if body is not None:
+        raise BadRequestError("give either --body or --tool, not both")
+    if method != "POST":
+        raise BadRequestError(f"--tool: an MCP tool call is a POST, not {method}")
+    raw = _argument_bytes("--arguments", args.arguments)
+    arguments: object = None
+    if raw is not None:
+        try:
+            arguments = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise BadRequestError("--arguments: not JSON") from None
+        if not isinstance(arguments, dict):
+            raise BadRequestError("--arguments: expected a JSON object")
+    return tool_call_body(args.tool, arguments)
+
+
+def _declared_state(args: argparse.Namespace, snap: Any, view: RequestView) -> Any:
+    """The agent state in which --task was reported with the declaration in --declare."""
+    import yaml
+
+    from sidecar.core.agentstate import AgentStateTable, TaskBinding
+    from sidecar.core.taskscope import DeclarationError, validate_declaration
+
+    if not args.task:
+        raise BadRequestError("--declare: give --task too (the task that declared it)")
+    try:
+        rules = yaml.safe_load(Path(args.declare).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BadRequestError(f"--declare {args.declare}: {exc.strerror or exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"--declare {args.declare}: not YAML ({exc})") from None
+    if isinstance(rules, dict) and set(rules) == {"allow"}:
+        rules = rules["allow"]
+    if not isinstance(rules, list):
+        raise BadRequestError(f"--declare {args.declare}: expected a list of allow rules")
+    try:
+        declared = validate_declaration(rules)
+    except DeclarationError as exc:
+        raise BadRequestError(f"--declare {args.declare}: {exc}") from None
+    agent = snap.agents.get(view.configured_agent or "")
+    purpose = args.purpose or (agent.default_purpose if agent is not None else "") or ""
+    if not purpose:
+        raise BadRequestError("--declare: give --purpose (the task's purpose)")
+    binding = TaskBinding(
+        view.configured_agent or "", view.namespace, args.task, purpose, 0.0, None, declared
+    )
+    return AgentStateTable.build(1, tasks=[binding])
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -547,7 +619,16 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if args.agent and args.agent not in snap.agents:
         known = ", ".join(sorted(snap.agents))
         return _bad(f"--agent {args.agent!r}: no such profile (known: {known})")
-    d = decide(snap, view, time.time())
+    if args.declare is not None:
+        if not args.agent:
+            return _bad("--declare: give --agent (the agent that reported the task)")
+        try:
+            state = _declared_state(args, snap, view)
+        except BadRequestError as exc:
+            return _bad(str(exc))
+        d = decide(snap, view, time.time(), agent_state=state)
+    else:
+        d = decide(snap, view, time.time())
     out = {
         "decision": "allow" if d.allowed else "deny",
         "reason": d.reason,
@@ -563,6 +644,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         "port": d.port or None,
         "path": d.path or None,
         "mcp_tools": list(d.mcp_tools),
+        "constraint": d.constraint or None,
         "profiles_version": snap.version,
     }
     print(json.dumps(out, indent=2))

@@ -10,7 +10,8 @@ listener's, never anything in the request. No decision logic and no network I/O 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from sidecar.agentapi.server import AgentStatus
 from sidecar.check.request import new_decision_id, view_from_url
@@ -39,8 +40,15 @@ class SupervisorBackend:
         self._namespace = namespace
         self._clock = clock
 
-    def report_task(self, agent: str, task: str, purpose: str, ttl: float | None) -> TaskBinding:
-        return self._store.report_task(agent, self._namespace, task, purpose, ttl)
+    def report_task(
+        self,
+        agent: str,
+        task: str,
+        purpose: str,
+        ttl: float | None,
+        allow: Sequence[Mapping[str, Any]] = (),
+    ) -> TaskBinding:
+        return self._store.report_task(agent, self._namespace, task, purpose, ttl, allow)
 
     def request_elevation(
         self, agent: str, elevation: str, justification: str, duration: float | None

@@ -10,6 +10,14 @@ explain calls; it can never approve its own elevation::
 
     async with AgentContext("127.0.0.1:15080") as ctx:
         await ctx.report_task("INC-1234", purpose="incident-response", ttl=3600)
+        # or, before reading untrusted data, declare the least the task needs (rules in the
+        # profile's syntax); calls naming the task are then held to it as well:
+        await ctx.report_task("PAY-77", purpose="payments", ttl=600, allow=[
+            {"mcpTools": ["send_money"], "mcpArguments": {"send_money": {
+                "properties": {"to": {"enum": ["DE89370400440532013000"]},
+                               "amount": {"type": "number", "maximum": 100}},
+                "required": ["to", "amount"]}}},
+        ])
         use_context(http_session, task="INC-1234")  # later calls carry x-mandate-task
         req = await ctx.request_elevation("prod-write", "restart the stuck job", 900)
         req = await ctx.wait_for_grant(req.id, timeout=600)  # an operator approves
@@ -26,8 +34,9 @@ reachable); :meth:`AgentContext.wait_for_grant` raises :class:`ElevationRefused`
 from __future__ import annotations
 
 import asyncio
+import json
 import re
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -37,6 +46,7 @@ import grpc.aio
 from google.protobuf.message import Message
 
 from sidecar._proto import context_pb2 as pb
+from sidecar.agentapi.taskrules import rules_from_pb, rules_to_pb
 from sidecar.errors import AgentStateError
 from sidecar.headers import PURPOSE_HEADER, TASK_HEADER
 
@@ -64,12 +74,14 @@ _PURPOSE = re.compile(r"[\x21-\x7e]{1,253}")
 
 @dataclass(frozen=True, slots=True)
 class Task:
-    """A reported task: calls carrying ``x-mandate-task: <task_id>`` get ``purpose``."""
+    """A reported task: calls carrying ``x-mandate-task: <task_id>`` get ``purpose``, held
+    to ``allow`` as well when the task declared rules (the profile's syntax)."""
 
     task_id: str
     purpose: str
     reported_at: float
     expires_at: float | None  # None: no expiry
+    allow: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +150,7 @@ class Explanation:
     task: str
     elevation: str  # the elevation whose grant allows the call, if any
     grant_id: str
+    constraint: str = ""  # the argument constraint or task declaration that decided, if any
 
     @property
     def allowed(self) -> bool:
@@ -164,7 +177,8 @@ def _opt(t: float) -> float | None:
 
 
 def _task(m: pb.Task) -> Task:
-    return Task(m.task_id, m.purpose, m.reported_at, _opt(m.expires_at))
+    allow = tuple(rules_from_pb(m.allow))
+    return Task(m.task_id, m.purpose, m.reported_at, _opt(m.expires_at), allow)
 
 
 def _request(m: pb.ElevationRequest) -> ElevationRequest:
@@ -206,7 +220,15 @@ def _status(m: pb.Status) -> Status:
 
 def _explanation(m: pb.ExplainResponse) -> Explanation:
     return Explanation(
-        m.decision, m.code, m.reason, m.rule, m.purpose, m.task, m.elevation, m.grant_id
+        m.decision,
+        m.code,
+        m.reason,
+        m.rule,
+        m.purpose,
+        m.task,
+        m.elevation,
+        m.grant_id,
+        m.constraint,
     )
 
 
@@ -264,10 +286,29 @@ class AgentContext:
             raise AgentStateError(f"{method}: {details}", code.name) from None
         return result
 
-    async def report_task(self, task_id: str, purpose: str, ttl: float | None = None) -> Task:
+    async def report_task(
+        self,
+        task_id: str,
+        purpose: str,
+        ttl: float | None = None,
+        allow: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Task:
         """Bind ``task_id`` to ``purpose`` (one of the agent's) for ``ttl`` seconds (None:
-        no expiry). Reporting the same task id again rebinds it."""
-        req = pb.ReportTaskRequest(task_id=task_id, purpose=purpose, ttl_seconds=ttl or 0.0)
+        no expiry). Reporting the same task id again rebinds it.
+
+        ``allow``: the task's declaration, allow rules in the profile's syntax (`hosts`,
+        `methods`, `paths`, `mcpTools`, `mcpMethods`, `mcpArguments`, `query`, `jsonBody`).
+        Calls naming the task are then allowed only within both the purpose and one of these
+        rules, for the task's lifetime; such a task cannot be changed while it is active
+        (the same request again returns it; another is refused "FAILED_PRECONDITION").
+        Declare before the agent reads untrusted data. ValueError: a rule that cannot be
+        sent (mandate validates the rest: "INVALID_ARGUMENT" names `allow[i].field`)."""
+        req = pb.ReportTaskRequest(
+            task_id=task_id,
+            purpose=purpose,
+            ttl_seconds=ttl or 0.0,
+            allow=rules_to_pb(allow or ()),
+        )
         return _task(await self._call("ReportTask", req, pb.Task))
 
     async def request_elevation(
@@ -319,9 +360,13 @@ class AgentContext:
         body: bytes | None = None,
         purpose: str = "",
         task: str = "",
+        tool: str = "",
+        arguments: Mapping[str, Any] | None = None,
     ) -> Explanation:
         """Would this call be allowed now, and why? No side effects; rate-limited
-        (AgentStateError "RESOURCE_EXHAUSTED" when asked too often)."""
+        (AgentStateError "RESOURCE_EXHAUSTED" when asked too often). ``tool`` (and
+        ``arguments``): explain the MCP `tools/call` of that tool instead of ``body``;
+        `Explanation.constraint` names the argument constraint that decided."""
         req = pb.ExplainRequest(
             method=method,
             url=url,
@@ -329,6 +374,8 @@ class AgentContext:
             body=body or b"",
             purpose=purpose,
             task=task,
+            tool=tool,
+            arguments=json.dumps(arguments) if arguments is not None else "",
         )
         return _explanation(await self._call("Explain", req, pb.ExplainResponse))
 

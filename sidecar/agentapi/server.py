@@ -30,6 +30,7 @@ decision logic or state of the agents' context: the backend owns both.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -44,8 +45,11 @@ import grpc
 import grpc.aio
 
 from sidecar._proto import context_pb2 as pb
+from sidecar.agentapi.taskrules import rules_from_pb, rules_to_pb
 from sidecar.core.agentstate import ElevationRequest, Grant, RiskState, TaskBinding
 from sidecar.core.decide import Decision
+from sidecar.core.mcp import tool_call_body
+from sidecar.core.taskscope import MAX_DECLARED_RULES
 from sidecar.errors import AgentStateError, ConfigError
 from sidecar.state.agentstate import MAX_JUSTIFICATION, MAX_TTL
 
@@ -108,8 +112,16 @@ class AgentAPIBackend(Protocol):
     """What the API asks of the supervisor. ``agent`` is always the listener's agent.
     Raise :class:`~sidecar.errors.AgentStateError` (message, gRPC status name) to refuse."""
 
-    def report_task(self, agent: str, task: str, purpose: str, ttl: float | None) -> TaskBinding:
-        """Bind ``task`` to ``purpose`` (one of the agent's); ``ttl`` None: no expiry."""
+    def report_task(
+        self,
+        agent: str,
+        task: str,
+        purpose: str,
+        ttl: float | None,
+        allow: Sequence[Mapping[str, Any]] = (),
+    ) -> TaskBinding:
+        """Bind ``task`` to ``purpose`` (one of the agent's); ``ttl`` None: no expiry;
+        ``allow`` (profile rule syntax, not yet validated): the task's declaration."""
         ...
 
     def request_elevation(
@@ -242,7 +254,36 @@ def validate_explain(req: pb.ExplainRequest) -> ExplainInput:
         raise _bad(f"body: at most {MAX_BODY} bytes, not {len(req.body)}")
     purpose = _name("purpose", req.purpose) if req.purpose else ""
     task = _task("task", req.task) if req.task else ""
-    return ExplainInput(method, url, headers, req.body or None, purpose, task)
+    body = req.body or None
+    if req.tool:
+        body = _tool_call(method, req.tool, req.arguments, req.body)
+        headers = {**headers, "content-type": "application/json"}
+    elif req.arguments:
+        raise _bad("arguments: only with tool (the MCP tool they are for)")
+    return ExplainInput(method, url, headers, body, purpose, task)
+
+
+def _tool_call(method: str, tool: str, arguments: str, body: bytes) -> bytes:
+    if body:
+        raise _bad("body: give either a body or a tool, not both")
+    if method != "POST":
+        raise _bad(f"method: an MCP tool call is a POST, not {method}")
+    if len(tool) > 256:
+        raise _bad("tool: at most 256 characters")
+    args: object = None
+    if arguments:
+        if len(arguments) > MAX_BODY:
+            raise _bad(f"arguments: at most {MAX_BODY} bytes")
+        try:
+            args = json.loads(arguments)
+        except (ValueError, RecursionError):
+            raise _bad("arguments: not JSON") from None
+        if not isinstance(args, dict):
+            raise _bad("arguments: expected a JSON object")
+    try:
+        return tool_call_body(tool, args)
+    except (TypeError, ValueError):
+        raise _bad("arguments: not plain JSON") from None
 
 
 # -- proto translation ---------------------------------------------------------------------
@@ -254,7 +295,17 @@ def _task_pb(t: TaskBinding) -> pb.Task:
         purpose=t.purpose,
         reported_at=t.reported_at,
         expires_at=t.expires_at or 0.0,
+        allow=rules_to_pb(t.allow),
     )
+
+
+def _declaration(messages: Sequence[pb.TaskRule]) -> list[dict[str, Any]]:
+    if len(messages) > MAX_DECLARED_RULES:
+        raise _bad(f"allow: at most {MAX_DECLARED_RULES} rules per task, not {len(messages)}")
+    try:
+        return rules_from_pb(messages)
+    except ValueError as exc:
+        raise _bad(str(exc)) from None
 
 
 def _request_pb(r: ElevationRequest) -> pb.ElevationRequest:
@@ -312,6 +363,7 @@ def _explain_pb(d: Decision) -> pb.ExplainResponse:
         task=d.task,
         elevation=d.grant.elevation if d.grant is not None else "",
         grant_id=d.grant.id if d.grant is not None else "",
+        constraint=d.constraint,
     )
 
 
@@ -403,8 +455,9 @@ class AgentContextServicer:
             task = _task("task_id", request.task_id)
             purpose = _name("purpose", request.purpose)
             ttl = _seconds("ttl_seconds", request.ttl_seconds)
+            allow = _declaration(request.allow)
             self._take_write("ReportTask")
-            return _task_pb(self.backend.report_task(self.agent, task, purpose, ttl))
+            return _task_pb(self.backend.report_task(self.agent, task, purpose, ttl, allow))
 
         return await self._answer("ReportTask", context, run)
 

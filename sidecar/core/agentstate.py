@@ -17,6 +17,9 @@ from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from sidecar.core.rules import RuleIndex
+from sidecar.core.taskscope import DENY_ALL, Declaration, compile_declaration
+
 __all__ = [
     "EMPTY_AGENT_STATE",
     "UNKNOWN_AGENT_STATE",
@@ -77,7 +80,10 @@ class Grant:
 @dataclass(frozen=True, slots=True)
 class TaskBinding:
     """A task the agent reported (`ReportTask`): later calls may carry only the task id and
-    get the purpose it was reported for. It selects among the agent's own purposes."""
+    get the purpose it was reported for. It selects among the agent's own purposes.
+
+    ``allow`` (not empty): the task's declaration (`core.taskscope`): calls naming the task
+    are allowed only within both the purpose and one of these rules."""
 
     agent: str
     namespace: str
@@ -85,12 +91,22 @@ class TaskBinding:
     purpose: str
     reported_at: float
     expires_at: float | None = None
+    allow: Declaration = ()
 
     def active(self, now: float) -> bool:
         return self.expires_at is None or now < self.expires_at
 
+    @property
+    def narrowed(self) -> bool:
+        return bool(self.allow)
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.allow:
+            del d["allow"]  # the file format of a task without a declaration is unchanged
+        else:
+            d["allow"] = [dict(r) for r in self.allow]
+        return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TaskBinding:
@@ -103,7 +119,16 @@ class TaskBinding:
             purpose=str(data["purpose"]),
             reported_at=float(data["reported_at"]),
             expires_at=_opt_float(data.get("expires_at")),
+            allow=_declaration(data.get("allow")),
         )
+
+
+def _declaration(value: object) -> Declaration:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(r, Mapping) for r in value):
+        raise TypeError("a task's allow must be a list of rule objects")
+    return tuple(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +261,9 @@ class AgentStateTable:
     _risks: Mapping[tuple[str, str], RiskState] = field(
         default_factory=lambda: MappingProxyType({}), repr=False, compare=False
     )
+    _declared: Mapping[tuple[str, str, str], RuleIndex] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False, compare=False
+    )
 
     @classmethod
     def build(
@@ -253,6 +281,7 @@ class AgentStateTable:
             gi.setdefault((x.namespace, x.agent), []).append(x)
         ti = {(x.namespace, x.agent, x.task): x for x in t}
         ri = {(x.namespace, x.agent): x for x in r}
+        di = {k: compile_declaration(x.task, x.allow) for k, x in ti.items() if x.allow}
         return cls(
             generation,
             g,
@@ -261,6 +290,7 @@ class AgentStateTable:
             _grants=MappingProxyType({k: tuple(v) for k, v in gi.items()}),
             _tasks=MappingProxyType(ti),
             _risks=MappingProxyType(ri),
+            _declared=MappingProxyType(di),
         )
 
     def active_grants(self, namespace: str, agent: str, now: float) -> tuple[Grant, ...]:
@@ -273,6 +303,13 @@ class AgentStateTable:
             return None
         t = self._tasks.get((namespace, agent, task))
         return t if t is not None and t.active(now) else None
+
+    def declared(self, binding: TaskBinding) -> RuleIndex | None:
+        """The compiled declaration of ``binding`` (a task of this table), None if it has
+        none."""
+        if not binding.allow:
+            return None
+        return self._declared.get((binding.namespace, binding.agent, binding.task), DENY_ALL)
 
     def risk(self, namespace: str, agent: str) -> RiskState | None:
         if not self.complete:

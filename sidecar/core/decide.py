@@ -9,9 +9,12 @@
                   method/URL override header; malformed → deny
   5. rules      - the purpose's deny rules win, then its allow rules
   6. elevation  - then the rules of the agent's active elevation grants
-  7. behaviour  - an allowed call is still denied while the agent's risk score is at or
+  7. task       - a call naming a task that declared what it needs (`ReportTask` `allow`)
+                  must also be within that declaration: the intersection, never more; a
+                  purpose with `requireTask` takes no call without such a task
+  8. behaviour  - an allowed call is still denied while the agent's risk score is at or
                   above the profile's threshold (`enforce` mode)
-  8. credentials - an allowed call names the credentials of its host (the pipeline adds
+  9. credentials - an allowed call names the credentials of its host (the pipeline adds
                   them); a CONNECT tunnel to such a host is refused
 Nothing matched → deny "outside purpose P" (default deny). Each phase is a function of its
 own that returns None (go on) or the Decision that ends the call; `decide` reads them in
@@ -40,7 +43,7 @@ from sidecar.core.mcp import JsonRefusal, McpBody, parse_json_body, parse_mcp_bo
 from sidecar.core.paths import canonical_path, display_path
 from sidecar.core.ratelimit import RateCharge
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
-from sidecar.core.rules import CONNECT, CompiledRule
+from sidecar.core.rules import CONNECT, CompiledRule, RuleIndex
 from sidecar.core.snapshot import CompiledAgent, CompiledPurpose, Snapshot
 from sidecar.core.timefmt import utc_seconds
 from sidecar.headers import PURPOSE_HEADER, TASK_HEADER
@@ -89,6 +92,7 @@ class Code:
     BAD_REQUEST = "bad_request"
     DENIED_BY_RULE = "denied_by_rule"
     OUTSIDE_PURPOSE = "outside_purpose"
+    OUTSIDE_TASK = "outside_task"
     INTERNAL_ERROR = "internal_error"
     REVOKED = "revoked"
     REVOCATIONS_UNKNOWN = "revocations_unknown"
@@ -150,6 +154,10 @@ class Decision:
     rate: RateCharge | None = None  # allowed subject to this rate limit (counted by the caller)
     credentials: tuple[str, ...] = ()  # what an allowed call carries (the profile's names)
     txn: str = ""  # the `txn` of the Transaction Token it carries, if any
+    # The argument constraints that admitted the call ("<rule id> mcpArguments.<tool>",
+    # "... query", "... jsonBody"; a task's declaration after "; "), or, for a deny, the
+    # argument and the constraint it broke (never the value); "" when none took part.
+    constraint: str = ""
 
 
 class _Body:
@@ -291,6 +299,7 @@ def decide(
         or _request(call, view)
         or _rules(call)
         or _elevation(call, agent_state, now)
+        or _task(call)
         or _behaviour(call)
         or _credentials(call)
         or call.end(True, Code.ALLOWED, call.why)
@@ -310,7 +319,9 @@ class _Call:
     or the Decision that ends the call, made by :meth:`end` from what is known by then."""
 
     __slots__ = (
-        "agent", "body", "canonical", "credentials", "did", "grant", "host", "method", "name",
+        "agent", "body", "canonical", "constraint", "credentials", "declared", "did", "grant",
+        "host",
+        "method", "name",
         "ns", "owner", "path", "port", "purpose", "rate", "refusal", "risk", "risk_state",
         "rule", "source", "task", "trace", "why",
     )  # fmt: skip
@@ -330,6 +341,8 @@ class _Call:
         self.grant: Grant | None = None
         self.rate: RateCharge | None = None
         self.credentials: tuple[str, ...] = ()
+        self.declared: RuleIndex | None = None  # the named task's declaration, if any
+        self.constraint = ""
 
     def end(self, allowed: bool, code: str, reason: str) -> Decision:
         purpose = self.purpose.name if self.purpose is not None else ""
@@ -338,6 +351,7 @@ class _Call:
             self.did, allowed, code, reason, self.name, self.owner, purpose, self.task,
             self.rule, self.source, self.method, self.host, self.port, self.path, tools,
             self.trace, self.grant, self.risk, self.rate, self.credentials,
+            constraint=self.constraint,
         )  # fmt: skip
 
 
@@ -398,6 +412,19 @@ def _purpose(
     if call.purpose is None:
         why = f"unknown purpose {name[:64]!r} for agent {call.name!r}"
         return call.end(False, Code.UNKNOWN_PURPOSE, why)
+    if bound is not None:
+        call.declared = agent_state.declared(bound)
+    if call.purpose.require_task and call.declared is None:
+        named = (
+            f"task {task!r} is not an active task with a declaration"
+            if task
+            else ("the call names no task (x-mandate-task)")
+        )
+        why = (
+            f"purpose {name!r} requires a declared task: {named}; report one "
+            "(ReportTask with `allow`) and name it"
+        )
+        return call.end(False, Code.OUTSIDE_TASK, why)
     return None
 
 
@@ -436,8 +463,21 @@ def _rules(call: _Call) -> Decision | None:
     if allowed.rule is not None:
         call.rule = allowed.rule.rule_id
         call.why = f"allowed by rule {call.rule} of purpose {purpose.name!r}"
+        call.constraint = _constraints(allowed.rule, body)
     call.refusal = allowed.mcp_refusal or ""
     return None
+
+
+def _constraints(rule: CompiledRule, body: _Body) -> str:
+    """The argument constraints of ``rule`` the call was checked against, or ""."""
+    parts = []
+    if rule.mcp_arguments:
+        parts += [f"mcpArguments.{t}" for t in body.tools() if t in rule.mcp_arguments]
+    if rule.query_check is not None:
+        parts.append("query")
+    if rule.body_check is not None:
+        parts.append("jsonBody")
+    return f"{rule.rule_id} {', '.join(dict.fromkeys(parts))}" if parts else ""
 
 
 # 6. elevation: the rules of the agent's active grants, after the purpose's own rules;
@@ -455,6 +495,7 @@ def _elevation(call: _Call, agent_state: AgentStateTable, now: float) -> Decisio
             )
             if m.rule is not None:
                 call.grant, call.rule = g, m.rule.rule_id
+                call.constraint = _constraints(m.rule, body)
                 call.why = (
                     f"allowed by rule {call.rule} of elevation {g.elevation!r} "
                     f"(grant {g.id}, approved by {g.approver}, until {utc_seconds(g.expires_at)})"
@@ -465,10 +506,33 @@ def _elevation(call: _Call, agent_state: AgentStateTable, now: float) -> Decisio
     reason = f"outside purpose {call.purpose.name!r}"
     if call.refusal:
         reason += f": {call.refusal}"
+        call.constraint = call.refusal
     return call.end(False, Code.OUTSIDE_PURPOSE, reason)
 
 
-# 7. behaviour: a call that would be allowed is still denied while the agent's risk is at
+# 7. task: a call naming a task with a declaration is allowed only within it as well (the
+# intersection: the declaration is a filter after the purpose's and elevations' rules, so
+# it can narrow what they allow, never add to it)
+def _task(call: _Call) -> Decision | None:
+    declared = call.declared
+    if declared is None:
+        return None
+    assert call.body is not None
+    m = declared.lookup(call.host, call.port, call.method, call.canonical, call.body, deny=False)
+    if m.rule is not None:
+        call.why += f", within {m.rule.rule_id}"
+        own = _constraints(m.rule, call.body)
+        call.constraint = "; ".join(c for c in (call.constraint, own) if c)
+        return None
+    why = f"outside task {call.task!r}: no rule the task declared allows the call"
+    call.constraint = m.mcp_refusal or ""
+    if m.mcp_refusal:
+        why += f" ({m.mcp_refusal})"
+    call.rule = ""
+    return call.end(False, Code.OUTSIDE_TASK, why)
+
+
+# 8. behaviour: a call that would be allowed is still denied while the agent's risk is at
 # or above the profile's threshold (`enforce` mode); else it is allowed, subject to its
 # purpose's rate limit (counted by the caller)
 def _behaviour(call: _Call) -> Decision | None:
@@ -487,7 +551,7 @@ def _behaviour(call: _Call) -> Decision | None:
     return None
 
 
-# 8. credentials: an allowed call to a host that has a credential will carry it (the
+# 9. credentials: an allowed call to a host that has a credential will carry it (the
 # pipeline adds it); a CONNECT tunnel there is refused, since mandate could not add it
 def _credentials(call: _Call) -> Decision | None:
     assert call.agent is not None

@@ -39,6 +39,7 @@ __all__ = [
     "mcp_allows",
     "mcp_denies",
     "parse_mcp_body",
+    "tool_call_body",
 ]
 
 # Methods that open, keep alive or describe a session; they reach no tool or data.
@@ -245,3 +246,13 @@ def parse_json_body(body: bytes | None, truncated: bool) -> object:
         return JsonRefusal("not JSON: nested too deeply")
     except (UnicodeDecodeError, ValueError):
         return JsonRefusal("not JSON")
+
+
+def tool_call_body(tool: str, arguments: object = None, request_id: int = 1) -> bytes:
+    """The JSON-RPC body of an MCP `tools/call` of ``tool`` (``arguments`` None: without
+    arguments), as `mandate explain` and the context API's Explain build it."""
+    params: dict[str, object] = {"name": tool}
+    if arguments is not None:
+        params["arguments"] = arguments
+    message = {"jsonrpc": "2.0", "id": request_id, "method": _TOOLS_CALL, "params": params}
+    return json.dumps(message, ensure_ascii=False, allow_nan=False).encode()

@@ -230,6 +230,13 @@ class Purpose(_Model):
     allow: list[Rule] = Field(default_factory=list)
     deny: list[DenyRule] = Field(default_factory=list)
     rate_limit: RateLimit | None = None
+    require_task: bool = Field(
+        False,
+        description="every call under this purpose must name (x-mandate-task) an active task "
+        "the agent reported with a declaration (ReportTask `allow`); any other call is "
+        "denied outside_task, so a lost or expired declaration never falls back to the "
+        "purpose's whole rights",
+    )
 
 
 class Elevation(_Model):

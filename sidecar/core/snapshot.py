@@ -56,6 +56,7 @@ class CompiledPurpose:
     rate_limit: RateLimit | None
     # What an allowed call of this purpose is charged against (None: no limit)
     rate: RateCharge | None = None
+    require_task: bool = False  # calls must name an active task with a declaration
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,7 @@ def _compile_agent(profile: AgentProfile, source: SourceRef) -> CompiledAgent:
             deny=compile_rules(p.deny, f"{name}.deny"),
             rate_limit=p.rate_limit,
             rate=_rate(profile.metadata.name, name, p.rate_limit),
+            require_task=p.require_task,
         )
     elevations = {
         name: CompiledElevation(

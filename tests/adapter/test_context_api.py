@@ -11,10 +11,11 @@ server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import pytest
 from sidecar._proto import context_pb2 as pb
 from sidecar.agentapi.client import AgentContext, ElevationRefused
 from sidecar.agentapi.server import SERVICE_NAME, AgentAPIServer, AgentStatus
+from sidecar.agentapi.taskrules import rules_to_pb
 from sidecar.core.agentstate import ElevationRequest, Grant, RiskState, TaskBinding
 from sidecar.core.decide import Decision
 from sidecar.errors import AgentStateError, ConfigError
@@ -60,9 +62,17 @@ class FakeBackend:
     def agents_seen(self) -> set[str]:
         return {args[0] for _, args in self.calls}
 
-    def report_task(self, agent: str, task: str, purpose: str, ttl: float | None) -> TaskBinding:
-        self._record("report_task", agent, task, purpose, ttl)
-        return TaskBinding(agent, NS, task, purpose, T0, None if ttl is None else T0 + ttl)
+    def report_task(
+        self,
+        agent: str,
+        task: str,
+        purpose: str,
+        ttl: float | None,
+        allow: Sequence[Mapping[str, Any]] = (),
+    ) -> TaskBinding:
+        self._record("report_task", agent, task, purpose, ttl, *([list(allow)] if allow else []))
+        expires = None if ttl is None else T0 + ttl
+        return TaskBinding(agent, NS, task, purpose, T0, expires, tuple(allow))
 
     def request_elevation(
         self, agent: str, elevation: str, justification: str, duration: float | None
@@ -129,6 +139,11 @@ class FakeBackend:
                 purpose=purpose or "reconcile", task=task, rule="elevation refund allow[0]",
                 grant=grant,
             )  # fmt: skip
+        if body is not None and b"tools/call" in body:
+            return Decision(
+                "explain-3", True, "allowed", "allowed by rule reconcile.allow[0]", agent=agent,
+                purpose="reconcile", constraint="reconcile.allow[0] mcpArguments.send_money",
+            )  # fmt: skip
         return Decision(
             "explain-2", False, "outside_purpose", "outside purpose 'reconcile'", agent=agent,
             purpose="reconcile", task=task,
@@ -179,6 +194,67 @@ async def test_report_task_round_trip(ctx: AgentContext, backend: FakeBackend) -
         ("report_task", (AGENT, "INC-1234", "refunds", 90.0)),
         ("report_task", (AGENT, "INC-1235", "refunds", None)),  # ttl 0 on the wire: none
     ]
+
+
+async def test_report_task_with_a_declaration_round_trip(
+    ctx: AgentContext, backend: FakeBackend
+) -> None:
+    """The declaration reaches the backend in the profile's rule syntax, as the agent wrote
+    it (issue 18), and comes back with the task."""
+    allow = [
+        {
+            "hosts": ["mcp.bank.example"],
+            "methods": ["POST"],
+            "paths": ["/mcp"],
+            "mcpTools": ["send_money"],
+            "mcpArguments": {"send_money": {"properties": {"to": {"enum": ["DE01", "DE02"]}}}},
+        },
+        {"hosts": ["api.example"], "query": {"properties": {"q": {"maxLength": 8}}}},
+        {"jsonBody": {"required": ["to"]}, "mcpMethods": ["resources/read"]},
+    ]
+    task = await ctx.report_task("PAY-1", "refunds", ttl=60, allow=allow)
+    assert backend.calls == [("report_task", (AGENT, "PAY-1", "refunds", 60.0, allow))]
+    assert list(task.allow) == allow
+
+
+async def test_a_declared_schema_that_is_not_json_is_refused_naming_it(
+    make_server: MakeServer, backend: FakeBackend
+) -> None:
+    _, ports = await make_server()
+    rule = pb.TaskRule(mcp_tools=["send_money"], mcp_arguments={"send_money": "{not json"})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as channel:
+        call = channel.unary_unary(
+            "/mandate.agent.v1.AgentContext/ReportTask",
+            request_serializer=pb.ReportTaskRequest.SerializeToString,
+            response_deserializer=pb.Task.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(pb.ReportTaskRequest(task_id="T", purpose="refunds", allow=[rule]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "allow[0].mcpArguments.send_money: not JSON" in (err.value.details() or "")
+    assert backend.calls == []
+
+
+def test_the_client_refuses_a_rule_it_cannot_send() -> None:
+    with pytest.raises(ValueError, match=r"allow\[1\]\.mcpTool: unknown field"):
+        rules_to_pb([{"mcpTools": ["a"]}, {"mcpTool": ["a"]}])
+    with pytest.raises(ValueError, match=r"allow\[0\]\.hosts: expected a list"):
+        rules_to_pb([{"hosts": "a.example"}])
+
+
+async def test_explain_an_mcp_tool_call(ctx: AgentContext, backend: FakeBackend) -> None:
+    """Explain takes a tool and its arguments (issue 18): the backend decides the JSON-RPC
+    tools/call mandate builds from them, and the constraint that decided comes back."""
+    why = await ctx.explain(
+        "POST", "http://mcp.example/mcp", tool="send_money", arguments={"to": "DE01"}
+    )
+    ((_, args),) = backend.calls
+    assert args[1:3] == ("POST", "http://mcp.example/mcp")
+    assert args[3]["content-type"] == "application/json"
+    body = json.loads(args[4])
+    assert body["method"] == "tools/call"
+    assert body["params"] == {"name": "send_money", "arguments": {"to": "DE01"}}
+    assert why.constraint == "reconcile.allow[0] mcpArguments.send_money"
 
 
 async def test_request_elevation_auto_and_operator(ctx: AgentContext, backend: FakeBackend) -> None:
@@ -445,6 +521,14 @@ INVALID = [
     ("explain", ("POST", "http://a.example/", None, b"x" * (64 * 1024 + 1)), "body"),
     ("explain", ("GET", "http://a.example/", None, None, "has space"), "purpose"),
     ("explain", ("GET", "http://a.example/", None, None, "", "t" * 129), "task"),
+    # an MCP tool call to explain (issue 18): POST only, not with a body, arguments an object
+    ("explain", ("GET", "http://a.example/mcp", None, None, "", "", "send_money"), "method"),
+    ("explain", ("POST", "http://a.example/mcp", None, b"{}", "", "", "send_money"), "body"),
+    ("explain", ("POST", "http://a.example/mcp", None, None, "", "", "t", [1]), "arguments"),
+    ("explain", ("POST", "http://a.example/mcp", None, None, "", "", "", {"a": 1}), "arguments"),
+    ("explain", ("POST", "http://a.example/mcp", None, None, "", "", "t" * 257), "tool"),
+    # a declaration of more rules than a task may declare (the store validates the rest)
+    ("report_task", ("T", "refunds", None, [{"mcpTools": ["a"]}] * 33), "allow"),
 ]
 
 

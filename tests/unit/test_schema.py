@@ -63,7 +63,13 @@ def test_schema_uses_the_profile_field_names() -> None:
         "behavior",
         "credentials",
     }
-    assert set(defs["Purpose"]["properties"]) == {"description", "allow", "deny", "rateLimit"}
+    assert set(defs["Purpose"]["properties"]) == {
+        "description",
+        "allow",
+        "deny",
+        "rateLimit",
+        "requireTask",
+    }
     assert set(defs["Credential"]["properties"]) == {
         "hosts",
         "connect",

@@ -3,10 +3,10 @@ and the check of the numbers of seconds an agent sends. Nothing is stored here.
 
 The agent may be compromised and call the context API as often as it likes, with any
 values, so everything it can create is bounded per agent. Sized so that one agent at every
-bound takes about 60 KB of the shared table (64 tasks of at most ~800 bytes, its auto
-grants, one risk score) and about 120 KB of the state file: the default 4 MiB table holds
-~65 agents at their worst at once, far more than one pod serves; past that, the largest
-agents are withheld (see `layout`).
+bound takes about 125 KB of the shared table (64 tasks of at most ~800 bytes and 64 KiB of
+task declarations, its auto grants, one risk score) and about 190 KB of the state file: the
+default 4 MiB table holds ~30 agents at their worst at once, far more than one pod serves;
+past that, the largest agents are withheld (see `layout`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from sidecar.errors import AgentStateError
 
 __all__ = [
     "KEEP_FINISHED",
+    "MAX_DECLARED_BYTES_PER_AGENT",
     "MAX_FINISHED_PER_AGENT",
     "MAX_JUSTIFICATION",
     "MAX_PENDING_PER_AGENT",
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 MAX_TASKS_PER_AGENT = 64
+MAX_DECLARED_BYTES_PER_AGENT = 64 * 1024  # the declarations of one agent's tasks, as JSON
 MAX_PENDING_PER_AGENT = 8
 MAX_FINISHED_PER_AGENT = 16  # expired/refused requests kept for status, per agent
 MAX_JUSTIFICATION = 1024  # characters (1 KiB): a ticket reference and a sentence or two
@@ -72,6 +74,7 @@ def described() -> dict[str, Any]:
     """The bounds as readiness details show them."""
     return {
         "tasks_per_agent": MAX_TASKS_PER_AGENT,
+        "declared_bytes_per_agent": MAX_DECLARED_BYTES_PER_AGENT,
         "pending_requests_per_agent": MAX_PENDING_PER_AGENT,
         "finished_requests_per_agent": MAX_FINISHED_PER_AGENT,
         "auto_grants_per_agent_and_elevation": 1,

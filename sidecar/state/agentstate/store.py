@@ -262,12 +262,23 @@ class AgentStateStore:
     # -- tasks ----------------------------------------------------------------------------
 
     def report_task(
-        self, agent: str, namespace: str, task: str, purpose: str, ttl: float | None
+        self,
+        agent: str,
+        namespace: str,
+        task: str,
+        purpose: str,
+        ttl: float | None,
+        allow: Sequence[object] = (),
     ) -> TaskBinding:
+        """Bind ``task`` to ``purpose``, within the declaration ``allow`` if not empty; an
+        active declared task is returned unchanged for the same request, else refused."""
         compiled = self._agent(agent)
         now = self._clock()
-        binding, event = new_task(compiled, agent, namespace, task, purpose, ttl, now)
+        binding, event = new_task(compiled, agent, namespace, task, purpose, ttl, now, allow)
         with self._lock:
+            same = self._tasks.unchanged(binding, now)
+            if same is not None:
+                return same
             saved = self._save()
             self._tasks.report(binding, now)
             self._commit(saved, [event], (namespace, agent), by_agent=True)

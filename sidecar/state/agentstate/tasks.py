@@ -1,6 +1,10 @@
 """The tasks agents report (`ReportTask`): a later call may carry only the task id and get
-the purpose it was reported for. Bounded per agent: at `MAX_TASKS_PER_AGENT`, the agent's
-own oldest task makes room, never another agent's.
+the purpose it was reported for, within the task's declaration if it made one
+(`core.taskscope`). Bounded per agent: at `MAX_TASKS_PER_AGENT` tasks, or
+`MAX_DECLARED_BYTES_PER_AGENT` of declarations, the agent's own oldest task makes room,
+never another agent's. An active task with a declaration cannot be changed: reporting it
+again with the same purpose and declaration returns it unchanged (a retry), anything else is
+refused (a declaration narrows; it is never widened or dropped while it lasts).
 
 In memory only: the store holds the lock, commits (persist, audit, publish) and undoes.
 """
@@ -13,9 +17,14 @@ from typing import Any
 
 from sidecar.core.agentstate import TaskBinding
 from sidecar.core.snapshot import CompiledAgent
+from sidecar.core.taskscope import DeclarationError, declaration_key, validate_declaration
 from sidecar.core.timefmt import utc_seconds
 from sidecar.errors import AgentStateError
-from sidecar.state.agentstate.limits import MAX_TASKS_PER_AGENT, check_seconds
+from sidecar.state.agentstate.limits import (
+    MAX_DECLARED_BYTES_PER_AGENT,
+    MAX_TASKS_PER_AGENT,
+    check_seconds,
+)
 
 __all__ = ["TaskKey", "Tasks", "new_task"]
 
@@ -31,10 +40,11 @@ def new_task(
     purpose: str,
     ttl: float | None,
     now: float,
+    allow: Iterable[object] = (),
 ) -> tuple[TaskBinding, dict[str, Any]]:
-    """The binding ``agent``'s `ReportTask` asks for, and its audit record; AgentStateError
-    if it cannot be. Built before anything is stored: a record that cannot be made stores
-    nothing."""
+    """The binding ``agent``'s `ReportTask` asks for (``allow``: its declaration, empty for
+    none), and its audit record; AgentStateError if it cannot be. Built before anything is
+    stored: a record that cannot be made stores nothing."""
     if not _TASK.match(task):
         raise AgentStateError("task_id must be 1-128 visible ASCII characters")
     if purpose not in compiled.purposes:
@@ -44,13 +54,25 @@ def new_task(
             "NOT_FOUND",
         )
     ttl = check_seconds("ttl", ttl)
-    binding = TaskBinding(agent, namespace, task, purpose, now, None if ttl is None else now + ttl)
-    event = {
+    rules = list(allow)
+    try:
+        declared = validate_declaration(rules) if rules else ()
+    except DeclarationError as exc:
+        raise AgentStateError(str(exc), "INVALID_ARGUMENT") from None
+    expires = None if ttl is None else now + ttl
+    binding = TaskBinding(agent, namespace, task, purpose, now, expires, declared)
+    event: dict[str, Any] = {
         "type": "task_reported", "agent": agent, "namespace": namespace, "task": task,
         "purpose": purpose,
         "expires": None if binding.expires_at is None else utc_seconds(binding.expires_at),
     }  # fmt: skip
+    if declared:
+        event["allow"] = [dict(r) for r in declared]  # what the task said it needs, for review
     return binding, event
+
+
+def _declared_bytes(t: TaskBinding) -> int:
+    return len(declaration_key(t.allow).encode()) if t.allow else 0
 
 
 class Tasks(Mapping[TaskKey, TaskBinding]):
@@ -80,8 +102,25 @@ class Tasks(Mapping[TaskKey, TaskBinding]):
 
     # -- changes ---------------------------------------------------------------------------
 
+    def unchanged(self, binding: TaskBinding, now: float) -> TaskBinding | None:
+        """The agent's active task of ``binding``'s id if reporting ``binding`` would not
+        change it (a retry of a declared task); AgentStateError (FAILED_PRECONDITION) if it
+        has a declaration that ``binding`` would change; None: report it."""
+        old = self._by_key.get((binding.namespace, binding.agent, binding.task))
+        if old is None or not old.active(now) or not old.allow:
+            return None
+        if old.purpose == binding.purpose and declaration_key(old.allow) == declaration_key(
+            binding.allow
+        ):
+            return old
+        raise AgentStateError(
+            f"task {binding.task!r} has a declaration and is active: it cannot be changed "
+            "(a declaration only narrows); report a new task id",
+            "FAILED_PRECONDITION",
+        )
+
     def report(self, binding: TaskBinding, now: float) -> None:
-        """Keep ``binding`` (replacing the agent's task of that id). At the bound, the
+        """Keep ``binding`` (replacing the agent's task of that id). At the bounds, the
         agent's own expired tasks go first, then its own oldest."""
         namespace, agent, task = binding.namespace, binding.agent, binding.task
         mine = [
@@ -95,6 +134,11 @@ class Tasks(Mapping[TaskKey, TaskBinding]):
         mine.sort(key=lambda k: (self._by_key[k].reported_at, k))
         for k in mine[: max(0, len(mine) - MAX_TASKS_PER_AGENT + 1)]:
             del self._by_key[k]
+        del mine[: max(0, len(mine) - MAX_TASKS_PER_AGENT + 1)]
+        declared = _declared_bytes(binding) + sum(_declared_bytes(self._by_key[k]) for k in mine)
+        while mine and declared > MAX_DECLARED_BYTES_PER_AGENT:
+            k = mine.pop(0)
+            declared -= _declared_bytes(self._by_key.pop(k))
         self._by_key[(namespace, agent, task)] = binding
 
     def discard(self, key: TaskKey) -> None:
