@@ -19,8 +19,16 @@ Issue 7's goals: p99 <= 10 µs at 1,000 rules; growth 10 -> 10,000 rules under 2
 missed, the worst kind is profiled with cProfile at 10 and 10,000 rules and the calls per
 `decide()` of the functions that grow are written to the report.
 
+Argument rules (issue 18): MCP `tools/call` Checks against a purpose whose rule lists tools
+by name only, and with three constraints on `send_money`'s arguments (an enum, a numeric
+range, a length), allowed and denied; the same call under a task whose declaration adds three
+more; a plain HTTP JSON body with three constraints; and the load time of a profile of 1,000
+MCP tool rules with three constraints each (distinct schemas, so compilation is not shared).
+Issue 18's goal: p99 <= 15 µs for the three-constraint call.
+
 Writes bench/results/decide_scaling.{json,md}.
 Run: python -m bench decide_scaling [--calls 20000] [--rounds 4] [--sizes 10,100,...]
+     python -m bench decide_scaling --arguments-only   # just the argument rule cases
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import json
 import pstats
 import random
 import tempfile
@@ -40,6 +49,7 @@ import yaml
 
 from bench.lib import RESULTS
 from bench.lib.report import machine_base, write_results
+from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable, TaskBinding
 from sidecar.core.decide import Code, RequestView, decide
 from sidecar.core.loader import load_profiles
 from sidecar.core.snapshot import Snapshot, compile_snapshot
@@ -261,11 +271,17 @@ def check(snap: Snapshot, n: int, kind: str, targets: list[Target]) -> None:
             )
 
 
-def time_calls(snap: Snapshot, views: list[RequestView], calls: int, warmup: int) -> list[int]:
+def time_calls(
+    snap: Snapshot,
+    views: list[RequestView],
+    calls: int,
+    warmup: int,
+    state: AgentStateTable = EMPTY_AGENT_STATE,
+) -> list[int]:
     """Nanoseconds of each of ``calls`` decide() calls, cycling over ``views``."""
     k = len(views)
     for i in range(warmup):
-        decide(snap, views[i % k], NOW)
+        decide(snap, views[i % k], NOW, agent_state=state)
     out = [0] * calls
     clock = time.perf_counter_ns
     gc.collect()
@@ -274,11 +290,189 @@ def time_calls(snap: Snapshot, views: list[RequestView], calls: int, warmup: int
         for i in range(calls):
             v = views[i % k]
             t0 = clock()
-            decide(snap, v, NOW)
+            decide(snap, v, NOW, agent_state=state)
             out[i] = clock() - t0
     finally:
         gc.enable()
     return out
+
+
+# ---------------------------------------------------------------- argument rules (issue 18)
+
+GOAL_P99_US_ARGUMENTS = 15.0
+IBANS = ["DE89370400440532013000", "FR1420041010050500013M02606"]
+SEND_MONEY = {
+    "type": "object",
+    "properties": {
+        "to": {"type": "string", "enum": IBANS},
+        "amount": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+        "note": {"type": "string", "maxLength": 140},
+    },
+    "required": ["to", "amount"],
+}
+ARGUMENT_KINDS: dict[str, str] = {
+    "mcp_names_only": "tools/call of a tool its rule lists by name (no argument constraint)",
+    "mcp_3_constraints": "tools/call of send_money within three constraints (allowed)",
+    "mcp_3_constraints_denied": "tools/call of send_money to an IBAN outside the enum",
+    "mcp_task_narrowed": "the allowed send_money under a task declaring three more",
+    "http_json_body_3": "POST with a JSON body within three constraints (allowed)",
+}
+
+
+def _argument_profile() -> dict[str, Any]:
+    return {
+        "apiVersion": "mandate.dev/v1alpha1",
+        "kind": "AgentProfile",
+        "metadata": {"name": AGENT},
+        "spec": {
+            "owner": "bench",
+            "defaultPurpose": PURPOSE,
+            "purposes": {
+                PURPOSE: {
+                    "allow": [
+                        {
+                            "hosts": ["mcp.bank.svc.cluster.local"],
+                            "methods": ["POST"],
+                            "paths": ["/mcp"],
+                            "mcpTools": ["send_money", "get_balance"],
+                            "mcpArguments": {"send_money": SEND_MONEY},
+                        },
+                        {
+                            "hosts": ["ledger.bank.svc.cluster.local"],
+                            "methods": ["POST"],
+                            "paths": ["/v1/transfers"],
+                            "jsonBody": SEND_MONEY,
+                        },
+                    ]
+                }
+            },
+        },
+    }
+
+
+def _tool_view(tool: str, arguments: dict[str, Any], task: str = "") -> RequestView:
+    body = json.dumps(
+        {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+         "params": {"name": tool, "arguments": arguments}}
+    ).encode()  # fmt: skip
+    headers = {"content-length": str(len(body)), "content-type": "application/json"}
+    if task:
+        headers["x-mandate-task"] = task
+    return RequestView(
+        decision_id="bench", method="POST", authority="mcp.bank.svc.cluster.local",
+        path="/mcp", headers=headers, body=body, configured_agent=AGENT,
+    )  # fmt: skip
+
+
+def argument_cases(
+    tmp: Path,
+) -> tuple[Snapshot, dict[str, tuple[list[RequestView], AgentStateTable, str]]]:
+    d = tmp / "arguments"
+    d.mkdir()
+    (d / "agent.yaml").write_text(yaml.safe_dump(_argument_profile(), sort_keys=False))
+    snap = load_profiles(d)
+    ok = [{"to": IBANS[i % 2], "amount": 10 + i, "note": f"invoice {i}"} for i in range(8)]
+    bad = [{**a, "to": f"GB33BUKB2020155555{i:04d}"} for i, a in enumerate(ok)]
+    declared = (
+        {
+            "mcpTools": ["send_money"],
+            "mcpArguments": {
+                "send_money": {
+                    "properties": {
+                        "to": {"enum": IBANS},
+                        "amount": {"maximum": 50},
+                        "note": {"pattern": "^invoice"},
+                    }
+                }
+            },
+        },
+    )
+    task = TaskBinding(AGENT, "", "T-1", PURPOSE, 0.0, None, declared)
+    with_task = AgentStateTable.build(1, tasks=[task])
+    body_views = []
+    for a in ok:
+        body = json.dumps(a).encode()
+        body_views.append(
+            RequestView(
+                decision_id="bench",
+                method="POST",
+                authority="ledger.bank.svc.cluster.local",
+                path="/v1/transfers",
+                body=body,
+                configured_agent=AGENT,
+                headers={"content-length": str(len(body)), "content-type": "application/json"},
+            )
+        )
+    cases = {
+        "mcp_names_only": (
+            [_tool_view("get_balance", {"account": f"acct-{i}"}) for i in range(8)],
+            EMPTY_AGENT_STATE, Code.ALLOWED,
+        ),
+        "mcp_3_constraints": ([_tool_view("send_money", a) for a in ok], EMPTY_AGENT_STATE,
+                              Code.ALLOWED),
+        "mcp_3_constraints_denied": ([_tool_view("send_money", a) for a in bad],
+                                     EMPTY_AGENT_STATE, Code.OUTSIDE_PURPOSE),
+        "mcp_task_narrowed": ([_tool_view("send_money", a, "T-1") for a in ok], with_task,
+                              Code.ALLOWED),
+        "http_json_body_3": (body_views, EMPTY_AGENT_STATE, Code.ALLOWED),
+    }  # fmt: skip
+    for kind, (views, state, code) in cases.items():
+        for v in views:
+            got = decide(snap, v, NOW, agent_state=state)
+            if got.code != code:
+                raise SystemExit(f"arguments, {kind}: got {got.code} ({got.reason}), not {code}")
+    return snap, cases
+
+
+def argument_load(tmp: Path, rules: int = 1000) -> dict[str, float]:
+    """load_profiles of ``rules`` MCP tool rules with three constraints each (distinct)."""
+    allow = []
+    for i in range(rules):
+        schema = json.loads(json.dumps(SEND_MONEY))
+        schema["properties"]["to"]["enum"] = [f"DE{i:020d}", f"FR{i:020d}"]
+        schema["properties"]["amount"]["maximum"] = 100 + i
+        allow.append(
+            {"hosts": [f"mcp{i}.svc.cluster.local"], "methods": ["POST"], "paths": ["/mcp"],
+             "mcpTools": [f"tool_{i}"], "mcpArguments": {f"tool_{i}": schema}}
+        )  # fmt: skip
+    doc = _argument_profile()
+    doc["spec"]["purposes"][PURPOSE]["allow"] = allow
+    d = tmp / f"arguments-{rules}"
+    d.mkdir()
+    (d / "agent.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    t0 = time.perf_counter()
+    load_profiles(d)  # the first load: every schema compiled (a process starting)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    load_profiles(d)  # a reload of the same profiles: compilations are cached by schema
+    again = time.perf_counter() - t0
+    return {"rules": rules, "first_load_ms": first * 1000, "reload_ms": again * 1000}
+
+
+def run_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="mandate-arguments-") as tmp:
+        snap, cases = argument_cases(Path(tmp))
+        load = argument_load(Path(tmp))
+    samples: dict[str, list[int]] = {k: [] for k in ARGUMENT_KINDS}
+    per_round = -(-args.calls // args.rounds)
+    for r in range(args.rounds):
+        calls = min(per_round, args.calls - r * per_round)
+        for kind, (views, state, _) in cases.items():
+            samples[kind] += time_calls(snap, views, calls, args.warmup, state)
+    kinds = {k: stats(v) for k, v in samples.items()}
+    for k, s in kinds.items():
+        print(f"arguments {k}: p50 {s['p50_us']:.2f} p99 {s['p99_us']:.2f} µs", flush=True)
+    p99 = kinds["mcp_3_constraints"]["p99_us"]
+    result: dict[str, Any] = {
+        "kinds": kinds,
+        "load": load,
+        "goal": {"p99_us": GOAL_P99_US_ARGUMENTS, "measured_p99_us": p99,
+                 "met": p99 <= GOAL_P99_US_ARGUMENTS},
+    }  # fmt: skip
+    if not result["goal"]["met"]:
+        views, state, _ = cases["mcp_3_constraints"]
+        result["profile"] = profile_kind(snap, views, args.profile_calls)
+    return result
 
 
 def timer_overhead(samples: int = 20000) -> int:
@@ -426,6 +620,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{g['worst_growth_p50']:.2f}{TIMES} ({'met' if g['growth_met'] else 'MISSED'}), p99 worst "
         f"{g['worst_growth_p99']:.2f}{TIMES}.",
     ]
+    if doc.get("arguments"):
+        lines += ["", *arguments_markdown(doc["arguments"])]
     if doc.get("profiles"):
         lines += ["", "### cProfile of the worst kind (own time share, calls per decide())", ""]
         for key, prof in doc["profiles"].items():
@@ -451,6 +647,47 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _profile_table(prof: dict[str, Any]) -> list[str]:
+    lines = ["| function | calls / decide() | own time |", "|---|---|---|"]
+    for r in prof["top"]:
+        lines.append(f"| `{r['function']}` | {r['calls_per_decide']:.2f} | {r['own_share']:.0%} |")
+    return lines
+
+
+def arguments_markdown(a: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Argument rules (issue 18)",
+        "",
+        "| request | p50 µs | p99 µs | p99.9 µs | mean µs | what |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, what in ARGUMENT_KINDS.items():
+        s = a["kinds"][kind]
+        lines.append(
+            f"| {kind} | {_f(s['p50_us'])} | {_f(s['p99_us'])} | {_f(s['p99_9_us'])} "
+            f"| {_f(s['mean_us'])} | {what} |"
+        )
+    load, goal = a["load"], a["goal"]
+    lines += [
+        "",
+        f"Profile load, {load['rules']:,} MCP tool rules with three constraints each "
+        f"(distinct schemas): first load {load['first_load_ms']:,.0f} ms (YAML, validation, "
+        f"one fastjsonschema compilation per schema), reload {load['reload_ms']:,.0f} ms "
+        "(compilations cached by schema).",
+        "",
+        f"Goal (issue 18): p99 ≤ {goal['p99_us']:g} µs for mcp_3_constraints: "
+        f"{goal['measured_p99_us']:.2f} µs ({'met' if goal['met'] else 'MISSED'}).",
+    ]
+    if a.get("profile"):
+        lines += [
+            "",
+            f"cProfile of mcp_3_constraints ({a['profile']['calls']:,} calls; own time share):",
+            "",
+            *_profile_table(a["profile"]),
+        ]
+    return lines
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench decide_scaling",
@@ -468,6 +705,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--load-repeats", type=int, default=3, help="loads per size (best is kept)")
     p.add_argument("--profile-calls", type=int, default=20000, help="calls under cProfile")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    p.add_argument(
+        "--arguments-only",
+        action="store_true",
+        help="only the argument rule cases (writes decide_arguments.{json,md})",
+    )
     return p.parse_args(argv)
 
 
@@ -494,6 +736,26 @@ def prepare(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     info = machine_info(args)
+    if args.arguments_only:
+        arguments = run_arguments(args)
+        doc_a = {"machine": info, "timer_overhead_ns": timer_overhead(), "arguments": arguments}
+        m = info
+        text = "\n".join(
+            [
+                "# decide() with argument rules",
+                "",
+                "Written by `python -m bench decide_scaling --arguments-only`.",
+                "",
+                *arguments_markdown(arguments)[1:],
+                "",
+                f"Machine: {m['nproc']} CPUs, {m['cpu_model']}; Python {m['python']}; git "
+                f"{m['git_commit']}; {m['date']}; load average before: {m['loadavg_before']}; "
+                f"{m['calls_per_case']:,} timed calls per case in {m['rounds']} rounds.",
+                "",
+            ]
+        )
+        write_results(args.out / "decide_arguments", doc_a, text)
+        return 0
     lo_n, hi_n = args.sizes[0], args.sizes[-1]
     # (variant, rules): "spread" is the benchmark; "control" keeps one host-less allow and
     # one host-less deny rule at every size, to tell the index's own growth from theirs.
@@ -569,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
             "results": {str(n): res["control", n] for n in (lo_n, hi_n)},
         },
         "profiles": profiles,
+        "arguments": run_arguments(args),
     }
     write_results(args.out / "decide_scaling", doc, markdown(doc))
     return 0

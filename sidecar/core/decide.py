@@ -469,15 +469,20 @@ def _rules(call: _Call) -> Decision | None:
 
 
 def _constraints(rule: CompiledRule, body: _Body) -> str:
-    """The argument constraints of ``rule`` the call was checked against, or ""."""
-    parts = []
-    if rule.mcp_arguments:
-        parts += [f"mcpArguments.{t}" for t in body.tools() if t in rule.mcp_arguments]
-    if rule.query_check is not None:
-        parts.append("query")
-    if rule.body_check is not None:
-        parts.append("jsonBody")
-    return f"{rule.rule_id} {', '.join(dict.fromkeys(parts))}" if parts else ""
+    """The argument constraints of ``rule`` the call was checked against, or "" (labels
+    made when the rule was compiled)."""
+    labels = rule.argument_labels
+    if labels is None:
+        return rule.http_label
+    parsed = body._parsed
+    if parsed is None:
+        return rule.http_label
+    found = [x for m in parsed.messages if m.tool is not None and (x := labels.get(m.tool))]
+    if rule.http_label:
+        found.append(rule.http_label)
+    if len(found) <= 1:
+        return found[0] if found else ""
+    return "; ".join(dict.fromkeys(found))
 
 
 # 6. elevation: the rules of the agent's active grants, after the purpose's own rules;

@@ -65,6 +65,11 @@ class CompiledRule:
     # The literal first path segments its patterns start with; None: any path (no paths, or
     # a pattern starting with `*`/`**`).
     first_segments: frozenset[str] | None = None
+    # What a decision names as the argument constraints that admitted a call (made once
+    # here, not per call): per constrained tool "<rule id> mcpArguments.<tool>", and
+    # "<rule id> query, jsonBody" for the HTTP constraints ("" if none)
+    argument_labels: Mapping[str, str] | None = None
+    http_label: str = ""
 
     def admits_connect(self) -> bool:
         return self.whole_host or (self.methods is not None and CONNECT in self.methods)
@@ -161,6 +166,8 @@ class RuleIndex:
         deny: bool,
     ) -> Match:
         """The first rule (in profile order) matching the request, for an allow or deny list."""
+        if not self.size:
+            return _NO_MATCH  # e.g. a purpose without deny rules: nothing to walk
         if method == CONNECT:
             return self._lookup_connect(host, port, deny=deny)
         best: CompiledRule | None = None
@@ -251,6 +258,14 @@ def compile_rules(rules: Sequence[Rule], id_prefix: str) -> RuleIndex:
             ),
             query_check=compile_schema(rule.query) if rule.query is not None else None,
             body_check=compile_schema(rule.json_body) if rule.json_body is not None else None,
+            argument_labels=(
+                MappingProxyType(
+                    {t: f"{id_prefix}[{i}] mcpArguments.{t}" for t in rule.mcp_arguments}
+                )
+                if rule.mcp_arguments
+                else None
+            ),
+            http_label=_http_label(f"{id_prefix}[{i}]", rule),
         )
         if rule.hosts is None:
             any_host.append(_Entry(compiled, None))
@@ -265,6 +280,11 @@ def compile_rules(rules: Sequence[Rule], id_prefix: str) -> RuleIndex:
         any_host=_bucket(any_host) if any_host else _EMPTY_BUCKET,
         size=len(rules),
     )
+
+
+def _http_label(rule_id: str, rule: Rule) -> str:
+    parts = [n for n, v in (("query", rule.query), ("jsonBody", rule.json_body)) if v is not None]
+    return f"{rule_id} {', '.join(parts)}" if parts else ""
 
 
 def _first_segments(patterns: Sequence[str] | None) -> frozenset[str] | None:
