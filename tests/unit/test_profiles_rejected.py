@@ -124,6 +124,19 @@ MCP_RULE = "spec.purposes.reconcile.allow[1]"
 
 CRED = "spec.credentials"
 CASES = [
+    # task narrowing (issue 18): requireTask is a boolean of a purpose, not of an elevation
+    bad(
+        "require-task-not-a-boolean",
+        {"spec.purposes.reconcile.requireTask": "yes"},
+        "spec.purposes.reconcile.requireTask",
+        "Input should be a valid boolean",
+    ),
+    bad(
+        "require-task-on-an-elevation",
+        {"spec.elevations.refund.requireTask": True},
+        "spec.elevations.refund.requireTask",
+        "unknown field 'requireTask'",
+    ),
     # argument rules (issue 18): every keyword's bad value, and keywords outside the subset
     bad(
         "arguments-unknown-keyword",
