@@ -96,6 +96,7 @@ class Code:
     INTERNAL_ERROR = "internal_error"
     REVOKED = "revoked"
     REVOCATIONS_UNKNOWN = "revocations_unknown"
+    REVOCATIONS_REFUSED = "revocations_refused"
     AUDIT_UNAVAILABLE = "audit_unavailable"
     RATE = "rate"
     RISK = "risk"
@@ -376,6 +377,9 @@ def _attribute(
 # done, or an entry could not be stored) might be missing this agent's revocation.
 def _revocation(call: _Call, revocations: RevocationTable, now: float) -> Decision | None:
     if not revocations.complete:
+        if revocations.refused:
+            why = f"revocations cannot be read: {revocations.refused}: failing closed"
+            return call.end(False, Code.REVOCATIONS_REFUSED, why)
         why = "revocation state not known yet (starting, or the table is full): failing closed"
         return call.end(False, Code.REVOCATIONS_UNKNOWN, why)
     revoked = revocations.find(call.ns, call.name, now)

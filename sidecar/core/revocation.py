@@ -71,20 +71,28 @@ class RevocationTable:
     # False until the writer knows the table is whole (first sync done, nothing dropped):
     # until then no call can be allowed, since a revocation might be missing.
     complete: bool = True
+    # Set (with complete False) when the writer was refused the revocations: the API server
+    # answered 401/403 or has no AgentRevocation resource, a configuration error that no
+    # wait repairs. Says what is missing; every call is denied until it is fixed.
+    refused: str = ""
     _index: Mapping[tuple[str, str], tuple[Revocation, ...]] = field(
         default_factory=lambda: MappingProxyType({}), repr=False, compare=False
     )
 
     @classmethod
     def build(
-        cls, generation: int, entries: Iterable[Revocation], complete: bool = True
+        cls,
+        generation: int,
+        entries: Iterable[Revocation],
+        complete: bool = True,
+        refused: str = "",
     ) -> RevocationTable:
         items = tuple(sorted(entries, key=lambda r: r.key))
         index: dict[tuple[str, str], list[Revocation]] = {}
         for r in items:
             index.setdefault((r.namespace, r.agent), []).append(r)
         frozen = MappingProxyType({k: tuple(v) for k, v in index.items()})
-        return cls(generation, items, complete, frozen)
+        return cls(generation, items, complete and not refused, refused, frozen)
 
     def find(self, namespace: str, agent: str, now: float) -> Revocation | None:
         """The revocation in force for this agent now (its own first, then `*`), or None."""

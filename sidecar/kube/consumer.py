@@ -22,6 +22,7 @@ from typing import Any, Self, TypedDict
 
 from kubernetes_asyncio.client import ApiClient
 
+from sidecar.kube.errors import KubeError
 from sidecar.kube.reflector import Event, Listed, Reflector, ReflectorSettings
 from sidecar.kube.reporter import Reporter, ReportOptions
 
@@ -85,7 +86,12 @@ class Consumer:
             rng=rng or random.Random(),
         )
         self.reflector = Reflector(
-            api_client, namespace, plural=self._plural, kind=self._kind, settings=settings
+            api_client,
+            namespace,
+            plural=self._plural,
+            kind=self._kind,
+            settings=settings,
+            on_refused=self._refused,
         )
         self._report_options: ReportOptions = {
             "enabled": report,
@@ -108,6 +114,10 @@ class Consumer:
     def _remove(self, obj: Mapping[str, Any]) -> None:
         """An object was deleted."""
         raise NotImplementedError
+
+    def _refused(self, exc: KubeError) -> None:
+        """The API server refused the list or watch (401/403, or no such resource: 404).
+        By default the last known state is kept (the reflector retries and logs)."""
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -213,4 +223,5 @@ class Consumer:
             "last_sync_at": health.last_sync_at,
             "resource_version": health.resource_version,
             "reports_failed": self.reporter.reports_failed,
+            "refused": health.refused,
         }

@@ -7,7 +7,9 @@ ADDED/MODIFIED/DELETED as :class:`Changed`. When a stream ends it resumes from t
 resourceVersion seen; on `410 Gone` it lists again and yields a new Listed; while the API
 server cannot be reached (or refuses, 403 included) it yields nothing and retries with
 exponential backoff and full jitter, so a consumer keeps its last known state: nothing here
-ever means "there are no objects" except a list that succeeded. A watch silent for
+ever means "there are no objects" except a list that succeeded. A refusal (401/403, or 404:
+the resource is not served, its CRD missing) is also told to ``on_refused``: a consumer
+that must not run on a configuration error (revocations) fails closed on it. A watch silent for
 ``idle_timeout`` (no event, no bookmark) is presumed dead and reopened.
 
 A consumer that fails to apply an event throws the error back into the generator
@@ -38,8 +40,10 @@ from kubernetes_asyncio.watch import Watch
 from sidecar.kube.convert import GROUP, VERSION
 from sidecar.kube.errors import (
     KubeError,
+    KubeForbidden,
     KubeGone,
     KubeInvalid,
+    KubeNotFound,
     KubeTimeout,
     describe,
     error_from_response,
@@ -91,6 +95,7 @@ class Health:
     relists: int = 0  # lists after the first: 410 Gone, or nothing to resume from
     last_sync_at: float | None = None  # last list, event, bookmark or clean end
     resource_version: str | None = None
+    refused: str | None = None  # the last 401/403/404 since the last list that succeeded
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +131,10 @@ class Reflector:
         plural: str,
         kind: str,
         settings: ReflectorSettings,
+        on_refused: Callable[[KubeError], None] | None = None,
     ) -> None:
         self.namespace = namespace
+        self._on_refused = on_refused
         self._plural = plural
         self._kind = kind
         self._custom = CustomObjectsApi(api_client)
@@ -176,7 +183,7 @@ class Reflector:
             health.relists += 1
         health.lists += 1
         health.resource_version = listed.resource_version or None
-        health.connected, health.last_error = True, None
+        health.connected, health.last_error, health.refused = True, None, None
         health.last_sync_at = self._settings.clock()
         self._failures = 0
 
@@ -218,6 +225,13 @@ class Reflector:
                 "%s watch silent for %.0fs: reopening", self._kind, self._settings.idle_timeout
             )
         else:  # unreachable, refused (403 included), or nonsense: keep the last known state
+            if isinstance(exc, KubeForbidden | KubeNotFound):
+                self.health.refused = describe(exc)
+                if self._on_refused is not None:
+                    try:
+                        self._on_refused(exc)
+                    except Exception:
+                        log.exception("%s watcher: handling a refusal failed", self._kind)
             await self._backoff(exc)
 
     def _delay(self, attempt: int) -> float:

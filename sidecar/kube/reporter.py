@@ -291,6 +291,38 @@ class Reporter:
                 self.namespace, body, _request_timeout=self._request_timeout
             )
 
+    async def post_pod_event(self, reason: str, message: str, type_: str = "Warning") -> None:
+        """A core/v1 Event on this pod (what `kubectl describe pod` shows): for what concerns
+        the pod itself rather than one watched object."""
+        stamp = utc_seconds(self._clock())
+        body: Any = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{self.pod_name[:236]}.{time.time_ns():x}",
+                "namespace": self.namespace,
+            },
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": self.pod_name,
+                "namespace": self.namespace,
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "source": {"component": "mandate", "host": self.pod_name},
+            "reportingComponent": "mandate",
+            "reportingInstance": self.pod_name,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        with translated():
+            await self._core.create_namespaced_event(
+                self.namespace, body, _request_timeout=self._request_timeout
+            )
+
 
 # -- AgentRevocation ------------------------------------------------------------------------------
 
@@ -324,6 +356,14 @@ class RevocationReporter(Reporter):
             self._subscribed = True
 
     # -- what the watcher sees --------------------------------------------------------------
+
+    def refused(self, why: str) -> None:
+        """The revocations cannot be read (401/403, no CRD): a Warning Event on this pod,
+        once per distinct reason (the watcher calls it when the reason changes)."""
+        self._enqueue(
+            lambda: self.post_pod_event("RevocationsRefused", f"denying every call: {why}"),
+            "RevocationsRefused event",
+        )
 
     def seen(self, rev: Revocation, state: ObjectState) -> None:
         """An object as listed or watched (before the store write)."""

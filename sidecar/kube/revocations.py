@@ -5,11 +5,15 @@ that says otherwise than this pod, which now enforces it, knows).
 
 It writes the store only through replace_source (after a list, then mark_complete), upsert
 and remove; it never clears it because the API is unreachable (the reflector then yields
-nothing). It must not: talk to the API, or decide what to report.
+nothing). A refusal (401/403, or no AgentRevocation resource) is a configuration error, not
+an outage: the store is marked refused, so every Check is denied saying which permission or
+resource is missing, until a list succeeds; the entries in force stay. It must not: talk to
+the API, or decide what to report.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Unpack
 
@@ -18,18 +22,37 @@ from kubernetes_asyncio.client import ApiClient
 from sidecar.core.revocation import Revocation
 from sidecar.kube.consumer import Consumer, WatchOptions
 from sidecar.kube.convert import (
+    GROUP,
     KIND,
     PLURAL,
     SOURCE,
+    VERSION,
     ObjectState,
     object_key,
     object_state,
     revocation_from_object,
 )
+from sidecar.kube.errors import KubeError, KubeNotFound, describe
 from sidecar.kube.reporter import RevocationReporter
 from sidecar.state.revocations import RevocationStore
 
-__all__ = ["RevocationWatcher"]
+__all__ = ["RevocationWatcher", "refusal"]
+
+log = logging.getLogger(__name__)
+
+
+def refusal(exc: KubeError, namespace: str) -> str:
+    """What a refused list or watch of AgentRevocations means, and what fixes it."""
+    if isinstance(exc, KubeNotFound):
+        return (
+            f"{describe(exc)}: the API server does not serve {PLURAL}.{GROUP}/{VERSION} in "
+            f"namespace {namespace!r}: install the CRD (deploy/crds/agentrevocation.yaml)"
+        )
+    return (
+        f"{describe(exc)}: this pod's service account needs get, list and watch on "
+        f"{PLURAL}.{GROUP} in namespace {namespace!r} (a Role and RoleBinding as in "
+        "deploy/base)"
+    )
 
 
 class RevocationWatcher(Consumer):
@@ -76,6 +99,13 @@ class RevocationWatcher(Consumer):
         key = object_key(obj, self.namespace)
         self.reporter.forget(key)
         self.store.remove(key)
+
+    def _refused(self, exc: KubeError) -> None:
+        why = refusal(exc, self.namespace)
+        if self.store.refused != why:
+            log.error("AgentRevocations cannot be read: %s; denying every call", why)
+            self.reporter.refused(why)
+        self.store.refuse(why)
 
     def _convert(self, obj: Mapping[str, Any]) -> tuple[Revocation, ObjectState]:
         rev, problems = revocation_from_object(obj, self.namespace)

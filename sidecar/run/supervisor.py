@@ -457,13 +457,13 @@ class Supervisor:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and not self.store.complete:
                 await asyncio.sleep(0.05)
-            if not self.store.complete:
+            if not self.store.complete and not self.store.refused:
                 log.error(
                     "no Kubernetes sync within %.0fs: enforcing the last known revocations",
                     timeout,
                 )
                 self._kube_state = "unsynced"
-                self.store.mark_complete()
+                self.store.mark_complete(fallback=True)
 
         self._sync_deadline = asyncio.create_task(initial_sync_deadline())
 
@@ -671,11 +671,14 @@ class Supervisor:
             # `connected` and `last_error` say whether the watch is still up.
             if kube.get("lists"):
                 kube["state"] = "synced"
+            if self.store.refused:  # a configuration error: every Check is denied
+                kube["state"] = "refused"
         if self._elevation_watcher is not None:
             kube["elevations"] = self._elevation_watcher.status()
         return {
             "revocations": {
                 "complete": self.store.complete,
+                "refused": self.store.refused or None,
                 "entries": len(self.store.entries()),
                 "generation": self.store.generation,
             },

@@ -68,6 +68,7 @@ class RevocationStore:
         )
         self._entries: dict[str, Revocation] = {}
         self._complete = False
+        self._refused = ""  # why the Kubernetes source was refused (401/403/no CRD), if it is
         self._lock = threading.RLock()
         self._listeners: list[Callable[[Change], None]] = []
 
@@ -92,11 +93,18 @@ class RevocationStore:
 
     def table(self) -> RevocationTable:
         with self._lock:
-            return RevocationTable.build(self.generation, self._entries.values(), self._complete)
+            return RevocationTable.build(
+                self.generation, self._entries.values(), self._complete, self._refused
+            )
 
     @property
     def complete(self) -> bool:
-        return self._complete
+        return self._complete and not self._refused
+
+    @property
+    def refused(self) -> str:
+        """Why the revocations cannot be read (a configuration error), or ""."""
+        return self._refused
 
     def subscribe(self, listener: Callable[[Change], None]) -> None:
         self._listeners.append(listener)
@@ -139,7 +147,7 @@ class RevocationStore:
         self, added: list[Revocation], removed: list[Revocation], *, persist: bool = True
     ) -> StateWriteError | None:
         generation = self._published.publish(
-            lambda: self._table.write(self._entries.values(), self._complete)
+            lambda: self._table.write(self._entries.values(), self._complete, self._refused)
         )
         # Enforcement is in shared memory already; a failed write is kept and reported (the
         # caller decides whether it is an error), never a reason to undo enforcement.
@@ -152,12 +160,30 @@ class RevocationStore:
                 log.exception("revocation listener failed")
         return failure
 
-    def mark_complete(self) -> None:
-        """The first full sync is done: workers may start allowing calls."""
+    def mark_complete(self, *, fallback: bool = False) -> None:
+        """A full sync is done (a list succeeded): workers may allow calls, and a refusal
+        is over. ``fallback``: not synced, but the API server has been unreachable past the
+        initial-sync timeout, so the last known revocations are enforced; never while the
+        source is refused (a refusal is a configuration error, not an outage)."""
         with self._lock:
-            if not self._complete:
-                self._complete = True
+            if fallback and self._refused:
+                return
+            changed = not self._complete or (bool(self._refused) and not fallback)
+            self._complete = True
+            if not fallback:
+                self._refused = ""
+            if changed:
                 self._publish([], [])
+
+    def refuse(self, why: str) -> None:
+        """The revocations were refused (401/403, no AgentRevocation resource): every call
+        is denied, saying ``why``, until a list succeeds (`mark_complete`). The entries in
+        force stay (they are still enforced, and kept on disk)."""
+        with self._lock:
+            if self._refused == why and not self._complete:
+                return
+            self._refused, self._complete = why, False
+            self._publish([], [], persist=False)
 
     @property
     def persistent(self) -> bool:

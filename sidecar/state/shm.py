@@ -15,7 +15,8 @@ Layout, little-endian:
     8  u64    generation: a seqlock, odd while a write is in progress
     16 u32    payload length
     20 u32    flags: 1 = complete (first sync done), 2 = overflow (an entry was dropped)
-    24 ...    payload: JSON (a list of revocations; the context as an object)
+    24 ...    payload: JSON (a list of revocations, or {"entries": [...], "refused": why}
+              when the API server refused them; the context as an object)
 A reader compares the generation with the one it parsed last (one 8-byte read per Check);
 on change it copies the payload between two reads of the same even generation, so it never
 sees a torn write, and the first Check after a write completes sees the new table. A table
@@ -244,10 +245,15 @@ class SharedTable(_Segment):
         super().__init__(path, mm, writer, fd)
         self._cached = _INCOMPLETE
 
-    def write(self, entries: Iterable[Revocation], complete: bool) -> int:
+    def write(self, entries: Iterable[Revocation], complete: bool, refused: str = "") -> int:
         """Publish a whole new table; return its generation. An oversized table is not
-        truncated: it is published empty with the overflow flag, so readers deny all."""
-        payload = json.dumps([e.as_dict() for e in entries], separators=(",", ":")).encode()
+        truncated: it is published empty with the overflow flag, so readers deny all.
+        ``refused``: why the writer could not get the revocations (readers deny all, saying
+        it)."""
+        doc: object = [e.as_dict() for e in entries]
+        if refused:
+            doc, complete = {"entries": doc, "refused": refused}, False
+        payload = json.dumps(doc, separators=(",", ":")).encode()
         return self._write(payload, COMPLETE if complete else 0)[0]
 
     def read(self) -> RevocationTable:
@@ -259,11 +265,15 @@ class SharedTable(_Segment):
             return _INCOMPLETE  # fail closed
         generation, payload, flags = got
         try:
-            entries = [Revocation.from_dict(d) for d in json.loads(payload)]
+            doc = json.loads(payload)
+            refused = ""
+            if isinstance(doc, dict):
+                refused, doc = str(doc["refused"]) or "refused", doc["entries"]
+            entries = [Revocation.from_dict(d) for d in doc]
         except (ValueError, KeyError, TypeError):
             return _INCOMPLETE
         complete = bool(flags & COMPLETE) and not flags & OVERFLOW
-        self._cached = RevocationTable.build(generation, entries, complete)
+        self._cached = RevocationTable.build(generation, entries, complete, refused)
         return self._cached
 
 

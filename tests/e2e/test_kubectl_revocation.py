@@ -145,3 +145,53 @@ def test_watch_faults_lose_no_revocation(
     kube_api.up()
     kubectl("delete", "agentrevocation", "after-410", "-n", "agents")
     _wait_status(stack, "research-agent", ARXIV, 200, timeout=15)
+
+
+def test_rbac_refusal_fails_closed_past_the_initial_sync_timeout(
+    tmp_path: Path,
+    kubeconfig: Path,  # noqa: F811
+    kube_api: KubeAPIServer,  # noqa: F811
+) -> None:
+    """Issue 19, finding 1: an API server answering 403 (a RoleBinding for the wrong
+    namespace) is a configuration error, not an outage. Past `--initial-sync-timeout` the pod
+    stays unready, every Check is denied `revocations_refused` naming the permission, and a
+    Warning Event on the pod says so; once RBAC allows the list, calls pass again."""
+    from tests.kubeapi.faults import ListWatchErrors
+
+    forbidden = ListWatchErrors(kube_api, status=403)
+    forbidden.on()
+    stack = start_stack(
+        tmp_path,
+        extra=["--kubernetes", "on", "--kubeconfig", str(kubeconfig),
+               "--pod-name", "agent-pod-9", "--initial-sync-timeout", "1"],
+    )  # fmt: skip
+    try:
+        started = time.monotonic()
+        deadline = started + 15
+        while time.monotonic() < deadline:
+            state = json.loads(stack.mandate_cli("status").stdout)["kubernetes"]["state"]
+            if state == "refused" and time.monotonic() > started + 2:  # past the timeout
+                break
+            time.sleep(0.1)
+        status = json.loads(stack.mandate_cli("status").stdout)
+        assert status["kubernetes"]["state"] == "refused", status["kubernetes"]
+        assert (
+            "needs get, list and watch on agentrevocations.mandate.dev"
+            in (status["revocations"]["refused"])
+        )
+        code, ready = stack.readyz()
+        assert code == 503 and ready["ready"] is False
+        resp = stack.call("billing-agent", "GET", INVOICE)
+        assert resp.status == 403, resp.body
+        body = resp.json()
+        assert body["error"] == "revocations_refused"
+        assert "namespace 'agents'" in body["reason"] and "HTTP 403" in body["reason"]
+        assert stack.upstream.received == []
+        events = [e for e in kube_api.events("agents") if e.get("reason") == "RevocationsRefused"]
+        assert events and events[0]["involvedObject"]["name"] == "agent-pod-9"
+        assert events[0]["type"] == "Warning"
+        forbidden.off()
+        _wait_status(stack, "billing-agent", INVOICE, 200, timeout=10)
+        assert json.loads(stack.mandate_cli("status").stdout)["revocations"]["refused"] is None
+    finally:
+        stop_stack(stack)

@@ -119,6 +119,7 @@ async def test_list_then_watch_upserts_and_writes_the_status(
         "last_sync_at": watcher.last_sync_at,
         "resource_version": watcher.resource_version,
         "reports_failed": 0,
+        "refused": None,
         "approvals": 1,
         "invalid": 0,
         "status_writes": 1,

@@ -524,8 +524,15 @@ async def test_rbac_forbidden_at_start_never_claims_a_sync(
     status = watcher.status()
     assert status["connected"] is False and status["lists"] == 0
     assert (status["last_error"] or "").startswith("HTTP 403")
+    # Issue 19: a refusal is a configuration error, said to every reader of the table: the
+    # permission that is missing, and no fallback to "complete" (the supervisor's timeout)
+    assert "needs get, list and watch on agentrevocations.mandate.dev" in store.refused
+    store.mark_complete(fallback=True)
+    table = store.table()
+    assert not store.complete and not table.complete and table.refused == store.refused
     forbidden.off()
     await wait_for(lambda: store.complete and names(store) == ["a"], what="synced once allowed")
+    assert store.refused == "" and store.table().complete
 
 
 async def test_rbac_forbidden_keeps_every_revocation(
@@ -533,7 +540,8 @@ async def test_rbac_forbidden_keeps_every_revocation(
 ) -> None:
     """RBAC taken away while the watcher is away, with the watch position compacted (so the
     next request is a list): every revocation stays in force, nothing is removed, and the
-    watcher reports unhealthy until it may list again."""
+    table is refused (issue 19: every Check denied, saying which permission is missing)
+    until the watcher may list again."""
     for n in ("a", "b"):
         kube_api.create(arev(n))
     watcher = await start_watcher(store)
@@ -548,13 +556,31 @@ async def test_rbac_forbidden_keeps_every_revocation(
     forbidden.on()
     kube_api.up()
     await wait_for(lambda: forbidden.failed >= 3, what="three refused lists")
-    assert names(store) == ["a", "b"] and store.complete and len(changes) == before
+    assert names(store) == ["a", "b"] and not store.complete
+    assert all(not added and not removed for added, removed, *_ in changes[before:])
     assert store.table().find("agents", "billing-agent", time.time()) is not None
+    assert "HTTP 403" in store.refused and store.table().refused == store.refused
     status = watcher.status()
     assert status["connected"] is False and "HTTP 403" in (status["last_error"] or "")
+    assert status["refused"] is not None
     forbidden.off()
     await wait_for(lambda: names(store) == ["b"] and watcher.connected, what="relisted")
-    assert watcher.relists == 1
+    assert watcher.relists == 1 and store.complete and store.refused == ""
+
+
+async def test_a_missing_crd_refuses_the_table(
+    kube_api: KubeAPIServer, store: RevocationStore, start_watcher: Any
+) -> None:
+    """No AgentRevocation resource (404 on the list: the CRD is not installed) is not "no
+    revocations": refused, naming the CRD to install (issue 19)."""
+    missing = ListWatchErrors(kube_api, status=404)
+    missing.on()
+    await start_watcher(store)
+    await wait_for(lambda: missing.failed >= 2, what="two lists answered 404")
+    assert not store.complete
+    assert "install the CRD (deploy/crds/agentrevocation.yaml)" in store.refused
+    missing.off()
+    await wait_for(lambda: store.complete, what="synced once served")
 
 
 async def test_a_store_failure_is_retried_not_skipped(

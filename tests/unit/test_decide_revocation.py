@@ -73,6 +73,18 @@ def table(*entries: Revocation, complete: bool = True) -> RevocationTable:
 
 ALLOWED, REVOKED, UNKNOWN = Code.ALLOWED, Code.REVOKED, Code.REVOCATIONS_UNKNOWN
 
+
+def test_a_refused_table_denies_every_agent_saying_why() -> None:
+    """Issue 19: revocations the API server refused (403, no CRD) deny every call with their
+    own code and the missing permission, before anything the agent declares."""
+    why = "HTTP 403 Forbidden: needs get, list and watch on agentrevocations.mandate.dev"
+    refused = RevocationTable.build(4, [], True, why)
+    for v in (view(), research()):
+        d = decide(SNAPSHOT, v, NOW, refused)
+        assert (d.allowed, d.code) == (False, Code.REVOCATIONS_REFUSED)
+        assert d.reason == f"revocations cannot be read: {why}: failing closed"
+
+
 CASES = [
     pytest.param(view(), table(), ALLOWED, "reconcile.allow[0]", "", id="empty-table-allows"),
     pytest.param(view(), EMPTY_TABLE, ALLOWED, "reconcile.allow[0]", "", id="default-table"),

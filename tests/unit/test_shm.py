@@ -115,6 +115,22 @@ def test_write_incomplete_is_read_incomplete(writer: SharedTable, reader: Shared
     assert (len(table), table.complete) == (1, False)
 
 
+def test_a_refused_table_is_read_refused_with_its_reason(
+    writer: SharedTable, reader: SharedTable
+) -> None:
+    """Issue 19: the reason a writer was refused the revocations reaches every reader, and a
+    refused table is never complete, whatever the caller says; the entries stay."""
+    writer.write([rev(1)], complete=True, refused="HTTP 403 Forbidden: needs list")
+    table = reader.read()
+    assert (len(table), table.complete, table.refused) == (
+        1,
+        False,
+        "HTTP 403 Forbidden: needs list",
+    )
+    writer.write([rev(1)], complete=True)
+    assert (reader.read().complete, reader.read().refused) == (True, "")
+
+
 def test_generations_increase_by_two(writer: SharedTable, raw: mmap.mmap) -> None:
     start = generation(raw)
     assert [writer.write([], complete=True) for _ in range(3)] == [start + 2, start + 4, start + 6]
