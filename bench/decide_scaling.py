@@ -672,7 +672,7 @@ def arguments_markdown(a: dict[str, Any]) -> list[str]:
         "",
         f"Profile load, {load['rules']:,} MCP tool rules with three constraints each "
         f"(distinct schemas): first load {load['first_load_ms']:,.0f} ms (YAML, validation, "
-        f"one fastjsonschema compilation per schema), reload {load['reload_ms']:,.0f} ms "
+        f"one jsonschema-rs compilation per schema), reload {load['reload_ms']:,.0f} ms "
         "(compilations cached by schema).",
         "",
         f"Goal (issue 18): p99 ≤ {goal['p99_us']:g} µs for mcp_3_constraints: "

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-from sidecar.core.arguments import check
+from sidecar.core.arguments import Validator, check
 
 __all__ = [
     "SESSION_METHODS",
@@ -184,7 +183,7 @@ def mcp_allows(
     body: McpBody,
     tools: frozenset[str],
     methods: frozenset[str],
-    arguments: Mapping[str, Callable[[Any], Any]] | None = None,
+    arguments: Mapping[str, Validator] | None = None,
 ) -> str | None:
     """None if every message is allowed by a rule listing ``tools`` and ``methods`` (and,
     for a tool with ``arguments`` constraints, whose arguments satisfy them); otherwise the

@@ -559,3 +559,36 @@ def _declaration_profile(factory: pytest.TempPathFactory, declared: list[Any]) -
     d = factory.mktemp("declared")
     (d / "p.yaml").write_text(json.dumps(profile))
     return load_profiles(d)
+
+
+# -- a declaration is data, never code -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"properties": {"to": {"const": "\\\"'''" + ":__import__('os').system('touch {m}')#"}}},
+        {"properties": {"to": {"enum": ["'''+__import__('os').system('touch {m}')+'''"]}}},
+        {"properties": {"to": {"pattern": "')\n__import__('os').system('touch {m}')\n#"}}},
+        {"properties": {"x'])\n__import__('os').system('touch {m}')#": {"type": "string"}}},
+        {"required": ["\"]\n__import__('os').system('touch {m}')\n#"]},
+    ],
+)
+def test_a_declared_schema_cannot_run_code(
+    snapshot: Snapshot, tmp_path: Path, schema: dict[str, Any]
+) -> None:
+    """A review found that a `const` string in a declaration became code in the validator
+    fastjsonschema generated (remote code execution by the agent in mandate). Schemas are
+    now checked by jsonschema-rs, which generates no code: whatever the strings, nothing
+    runs, and the call is decided."""
+    marker = tmp_path / "pwned"
+    text = json.dumps(schema).replace("{m}", str(marker))
+    rule = {"mcpTools": ["send_money"], "mcpArguments": {"send_money": json.loads(text)}}
+    try:
+        declared = validate_declaration([rule])
+    except DeclarationError:
+        declared = None  # refused at validation (e.g. a pattern mandate cannot run): fine
+    if declared is not None:
+        d = under(snapshot, mcp("send_money", {"to": "x", "amount": 1}, **T1), task(declared))
+        assert d.code in (Code.ALLOWED, Code.OUTSIDE_TASK)
+    assert not marker.exists()
