@@ -10,6 +10,8 @@ Names only: light enough for the agent client (`sidecar.agentapi.client`) to imp
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "AGENT_HEADER",
     "CODE_HEADER",
@@ -23,6 +25,8 @@ __all__ = [
     "SCHEME_HEADER",
     "SET_HEADERS",
     "TASK_HEADER",
+    "TASK_ID",
+    "TASK_ID_RULE",
     "TXN_TOKEN_HEADER",
 ]
 
@@ -32,6 +36,12 @@ DECISION_HEADER = "x-mandate-decision"
 PURPOSE_HEADER = "x-mandate-purpose"  # also what an agent may declare
 TASK_HEADER = "x-mandate-task"  # also what an agent may declare
 SET_HEADERS = (AGENT_HEADER, PURPOSE_HEADER, TASK_HEADER, DECISION_HEADER)
+
+# A task id (`ReportTask`, `x-mandate-task`): 1-128 visible ASCII characters but the comma,
+# since Envoy joins a header sent twice with "," (`T1` twice arrives as `T1,T1`: a value that
+# named no task would escape the task's declaration).
+TASK_ID = re.compile(r"[\x21-\x2b\x2d-\x7e]{1,128}")
+TASK_ID_RULE = "1-128 visible ASCII characters, no comma"
 
 # Every spelling of "x-mandate-" that a CGI/WSGI upstream folds into HTTP_X_MANDATE_: an
 # agent's `x_mandate_agent` would sit next to the x-mandate-agent mandate sets. envoy/

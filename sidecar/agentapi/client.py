@@ -48,7 +48,7 @@ from google.protobuf.message import Message
 from sidecar._proto import context_pb2 as pb
 from sidecar.agentapi.taskrules import rules_from_pb, rules_to_pb
 from sidecar.errors import AgentStateError
-from sidecar.headers import PURPOSE_HEADER, TASK_HEADER
+from sidecar.headers import PURPOSE_HEADER, TASK_HEADER, TASK_ID, TASK_ID_RULE
 
 __all__ = [
     "PURPOSE_HEADER",
@@ -65,7 +65,6 @@ __all__ = [
 ]
 
 _SERVICE = "/mandate.agent.v1.AgentContext/"
-_TASK = re.compile(r"[\x21-\x7e]{1,128}")
 _PURPOSE = re.compile(r"[\x21-\x7e]{1,253}")
 
 
@@ -393,8 +392,8 @@ def context_headers(purpose: str | None = None, task: str | None = None) -> dict
             raise ValueError(f"purpose {purpose[:64]!r}: 1-253 visible ASCII characters")
         headers[PURPOSE_HEADER] = purpose
     if task:
-        if not _TASK.fullmatch(task):
-            raise ValueError(f"task {task[:64]!r}: 1-128 visible ASCII characters")
+        if not TASK_ID.fullmatch(task):
+            raise ValueError(f"task {task[:64]!r}: {TASK_ID_RULE}")
         headers[TASK_HEADER] = task
     return headers
 

@@ -30,13 +30,14 @@ decision logic or state of the agents' context: the backend owns both.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -51,6 +52,7 @@ from sidecar.core.decide import Decision
 from sidecar.core.mcp import tool_call_body
 from sidecar.core.taskscope import MAX_DECLARED_RULES
 from sidecar.errors import AgentStateError, ConfigError
+from sidecar.headers import TASK_ID, TASK_ID_RULE
 from sidecar.state.agentstate import MAX_JUSTIFICATION, MAX_TTL
 
 __all__ = [
@@ -82,7 +84,6 @@ MAX_URL = 8 * 1024
 MAX_MESSAGE = 256 * 1024  # largest request message the listener accepts (gRPC's own check)
 MAX_DETAILS = 1000  # characters of an error message sent back
 
-_TASK = re.compile(r"[\x21-\x7e]{1,128}")  # the same rule as the x-mandate-task header
 _NAME = re.compile(r"[\x21-\x7e]{1,253}")  # purpose and elevation names
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: methods, header names
 _HOSTPORT = re.compile(r"[^\s/?#@\\]+:[0-9]{1,5}")  # CONNECT's authority-form
@@ -165,8 +166,8 @@ def _seconds(field: str, value: float) -> float | None:
 
 
 def _task(field: str, value: str) -> str:
-    if not _TASK.fullmatch(value):
-        raise _bad(f"{field}: must be 1-128 visible ASCII characters (no spaces)")
+    if not TASK_ID.fullmatch(value):
+        raise _bad(f"{field}: must be {TASK_ID_RULE} (no spaces)")
     return value
 
 
@@ -436,10 +437,15 @@ class AgentContextServicer:
                 "RESOURCE_EXHAUSTED",
             )
 
-    async def _answer(self, rpc: str, context: _Context, fn: Callable[[], _R]) -> _R:
+    async def _answer(
+        self, rpc: str, context: _Context, fn: Callable[[], _R | Awaitable[_R]]
+    ) -> _R:
         """Run ``fn``; turn a AgentStateError into its status, anything else into INTERNAL."""
         try:
-            return fn()
+            result = fn()
+            if inspect.isawaitable(result):
+                return await result
+            return result
         except AgentStateError as exc:
             code, details = _status_code(exc.status), str(exc)
             log.debug("context API %s (agent %s): %s %s", rpc, self.agent, code.name, details)
@@ -451,13 +457,16 @@ class AgentContextServicer:
         await context.abort(code, details)
 
     async def ReportTask(self, request: pb.ReportTaskRequest, context: _Context) -> pb.Task:
-        def run() -> pb.Task:
+        async def run() -> pb.Task:
             task = _task("task_id", request.task_id)
             purpose = _name("purpose", request.purpose)
             ttl = _seconds("ttl_seconds", request.ttl_seconds)
             allow = _declaration(request.allow)
             self._take_write("ReportTask")
-            return _task_pb(self.backend.report_task(self.agent, task, purpose, ttl, allow))
+            # Off the event loop: a declaration is validated and compiled (bounded, but not
+            # free), and the loop also serves revocations and operators.
+            report = self.backend.report_task
+            return _task_pb(await asyncio.to_thread(report, self.agent, task, purpose, ttl, allow))
 
         return await self._answer("ReportTask", context, run)
 
@@ -483,7 +492,7 @@ class AgentContextServicer:
         )
 
     async def Explain(self, request: pb.ExplainRequest, context: _Context) -> pb.ExplainResponse:
-        def run() -> pb.ExplainResponse:
+        async def run() -> pb.ExplainResponse:
             if not self._limiter.take(self.agent):
                 raise AgentStateError(
                     f"Explain is limited to {self._limiter.rate:g} calls a second "
@@ -491,9 +500,10 @@ class AgentContextServicer:
                     "RESOURCE_EXHAUSTED",
                 )
             x = validate_explain(request)
-            decision = self.backend.explain(
-                self.agent, x.method, x.url, x.headers, x.body, x.purpose, x.task
-            )
+            decision = await asyncio.to_thread(  # off the event loop, as ReportTask
+                self.backend.explain,
+                self.agent, x.method, x.url, x.headers, x.body, x.purpose, x.task,
+            )  # fmt: skip
             return _explain_pb(decision)
 
         return await self._answer("Explain", context, run)

@@ -252,6 +252,9 @@ class AgentStateTable:
     tasks: tuple[TaskBinding, ...] = ()
     risks: tuple[RiskState, ...] = ()
     complete: bool = True
+    # (namespace, agent) whose grants and tasks the writer withheld (the table was full):
+    # their tasks are unknown, so a call naming one cannot be held to its declaration
+    withheld: frozenset[tuple[str, str]] = frozenset()
     _grants: Mapping[tuple[str, str], tuple[Grant, ...]] = field(
         default_factory=lambda: MappingProxyType({}), repr=False, compare=False
     )
@@ -272,6 +275,7 @@ class AgentStateTable:
         grants: Iterable[Grant] = (),
         tasks: Iterable[TaskBinding] = (),
         risks: Iterable[RiskState] = (),
+        withheld: Iterable[tuple[str, str]] = (),
     ) -> AgentStateTable:
         g = tuple(sorted(grants, key=lambda x: (x.namespace, x.agent, x.elevation, x.id)))
         t = tuple(tasks)
@@ -287,6 +291,7 @@ class AgentStateTable:
             g,
             t,
             r,
+            withheld=frozenset(withheld),
             _grants=MappingProxyType({k: tuple(v) for k, v in gi.items()}),
             _tasks=MappingProxyType(ti),
             _risks=MappingProxyType(ri),
@@ -304,6 +309,11 @@ class AgentStateTable:
         t = self._tasks.get((namespace, agent, task))
         return t if t is not None and t.active(now) else None
 
+    def tasks_known(self, namespace: str, agent: str) -> bool:
+        """False when the agent's tasks could not be published or read (table full or
+        unreadable): a call naming a task must then not be decided as if it had none."""
+        return self.complete and (namespace, agent) not in self.withheld
+
     def declared(self, binding: TaskBinding) -> RuleIndex | None:
         """The compiled declaration of ``binding`` (a task of this table), None if it has
         none."""
@@ -320,11 +330,14 @@ class AgentStateTable:
         return self._risks.get((namespace, agent))
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "grants": [g.as_dict() for g in self.grants],
             "tasks": [t.as_dict() for t in self.tasks],
             "risks": [r.as_dict() for r in self.risks],
         }
+        if self.withheld:
+            d["withheld"] = [list(k) for k in sorted(self.withheld)]
+        return d
 
     @classmethod
     def from_dict(cls, generation: int, data: Mapping[str, Any]) -> AgentStateTable:
@@ -336,6 +349,7 @@ class AgentStateTable:
             (Grant.from_dict(d) for d in data.get("grants", ())),
             (TaskBinding.from_dict(d) for d in data.get("tasks", ())),
             (RiskState.from_dict(d) for d in data.get("risks", ())),
+            ((str(ns), str(agent)) for ns, agent in data.get("withheld", ())),
         )
 
 

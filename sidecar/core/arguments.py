@@ -49,8 +49,9 @@ _TYPES = frozenset({"string", "number", "integer", "boolean", "object", "array",
 _NUMBERS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _COUNTS = ("minLength", "maxLength", "minItems", "maxItems")
 
-# Bounds on one compiled `pattern` (bytes): a pattern that needs more is refused at load.
-_REGEX = jsonschema_rs.RegexOptions(size_limit=1 << 20, dfa_size_limit=1 << 20)
+# Bounds on one compiled `pattern` (bytes): a pattern that needs more is refused at load
+# (what compiling may cost: agents write patterns too, in task declarations).
+_REGEX = jsonschema_rs.RegexOptions(size_limit=256 * 1024, dfa_size_limit=256 * 1024)
 
 
 class Validator:
@@ -116,12 +117,10 @@ def _check_keyword(key: str, value: object, here: str) -> None:
             re.compile(value)
         except re.error as exc:
             raise ValueError(f"{here}: not a regular expression ({exc})") from None
-        try:
-            jsonschema_rs.Draft7Validator({"pattern": value}, pattern_options=_REGEX)
-        except Exception:
+        if not _runs(value):
             raise ValueError(
                 f"{here}: not a regular expression mandate runs (a linear-time engine: no "
-                "lookaround, no backreferences, at most 1 MiB compiled)"
+                "lookaround, no backreferences, at most 256 KiB compiled)"
             ) from None
     elif key == "required":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -138,6 +137,17 @@ def _check_keyword(key: str, value: object, here: str) -> None:
             validate_schema(value, here, top=False)
     elif key in ("description", "title") and not isinstance(value, str):
         raise ValueError(f"{here}: expected a string")
+
+
+@functools.lru_cache(maxsize=4096)
+def _runs(pattern: str) -> bool:
+    """Whether the Rust engine compiles ``pattern`` within the bounds (cached: a schema's
+    patterns are checked once per distinct pattern, not at every validation)."""
+    try:
+        jsonschema_rs.Draft7Validator({"pattern": pattern}, pattern_options=_REGEX)
+    except Exception:
+        return False
+    return True
 
 
 def _key(schema: Mapping[str, Any]) -> str:
@@ -186,7 +196,7 @@ def check(validator: Validator, arguments: object, tool: str, label: str = "") -
     """None if ``arguments`` satisfy the constraints, else the reason: the argument and the
     constraint it broke (the schema's words, never the value). ``label`` names what was
     checked ("query", "JSON body"); by default the MCP tool ``tool``."""
-    label = label or f"MCP tool {tool!r}"
+    label = label or f"MCP tool {tool[:64]!r}"
     if not isinstance(arguments, dict):
         what = "missing" if arguments is None else "not an object"
         return f"{label}: arguments {what}"
@@ -196,7 +206,7 @@ def check(validator: Validator, arguments: object, tool: str, label: str = "") -
         return f"{label}: arguments could not be checked"
     if error is None:
         return None
-    name = ".".join(str(p) for p in error.instance_path) or "(the arguments)"
+    name = _argument_name(validator.schema, list(error.instance_path))
     where = list(error.schema_path)
     rule = str(where[-1]) if where else "schema"
     if rule.isdigit() and len(where) > 1:  # e.g. [..., "required", 0]
@@ -208,6 +218,27 @@ def check(validator: Validator, arguments: object, tool: str, label: str = "") -
     if rule == "required":
         return f"{label}: argument {name} lacks one of required {_show(definition)}"
     return f"{label}: argument {name} breaks {rule} {_show(definition)}"
+
+
+def _argument_name(schema: Mapping[str, Any], path: list[str | int]) -> str:
+    """The argument an error is about, as the schema names it: a key the call sent that the
+    schema does not name is shown as `*` (keys are the call's data, and may be secrets),
+    an array index as its number; each part at most 64 characters."""
+    parts: list[str] = []
+    node: object = schema
+    for p in path:
+        props = node.get("properties") if isinstance(node, Mapping) else None
+        if isinstance(p, int):
+            parts.append(str(p))
+            node = node.get("items") if isinstance(node, Mapping) else None
+        elif isinstance(props, Mapping) and p in props:
+            parts.append(p if len(p) <= 64 else p[:61] + "...")
+            node = props[p]
+        else:
+            parts.append("*")
+            extra = node.get("additionalProperties") if isinstance(node, Mapping) else None
+            node = extra if isinstance(extra, Mapping) else None
+    return ".".join(parts) or "(the arguments)"
 
 
 def _at(schema: object, path: list[str | int]) -> object:

@@ -30,7 +30,6 @@ fails closed if it does.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -46,7 +45,7 @@ from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
 from sidecar.core.rules import CONNECT, CompiledRule, RuleIndex
 from sidecar.core.snapshot import CompiledAgent, CompiledPurpose, Snapshot
 from sidecar.core.timefmt import utc_seconds
-from sidecar.headers import PURPOSE_HEADER, TASK_HEADER
+from sidecar.headers import PURPOSE_HEADER, TASK_HEADER, TASK_ID, TASK_ID_RULE
 
 __all__ = [
     "OVERRIDE_HEADERS",
@@ -59,7 +58,6 @@ __all__ = [
     "over_rate",
 ]
 
-_TASK = re.compile(r"^[\x21-\x7e]{1,128}$")
 # Headers with which frameworks let a request say "treat me as another method or path"
 # (Express's method-override, Symfony, Rails' Rack::MethodOverride, IIS URL Rewrite ...):
 # a GET mandate allowed could become a DELETE, or another path, behind the decision. A call
@@ -396,11 +394,17 @@ def _purpose(
     assert call.agent is not None
     declared = view.headers.get(PURPOSE_HEADER, "").strip()
     task = view.headers.get(TASK_HEADER, "").strip()
-    if task and not _TASK.match(task):
-        return call.end(
-            False, Code.BAD_TASK, "x-mandate-task must be 1-128 visible ASCII characters"
-        )
+    if task and not TASK_ID.fullmatch(task):
+        # (also a header sent twice, which Envoy joins with ",")
+        return call.end(False, Code.BAD_TASK, f"x-mandate-task must be {TASK_ID_RULE}")
     call.task = task
+    if task and not agent_state.tasks_known(call.ns, call.name):
+        why = (
+            "the agent's tasks cannot be read now (the shared context table is full or "
+            "unreadable): a call naming a task is refused rather than decided without its "
+            "declaration"
+        )
+        return call.end(False, Code.OUTSIDE_TASK, why)
     bound = agent_state.task(call.ns, call.name, task, now) if task else None
     if bound is not None and declared and declared != bound.purpose:
         why = (

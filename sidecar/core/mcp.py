@@ -109,6 +109,12 @@ def _message(obj: object) -> McpMessage | str:
     return McpMessage(method=method, tool=tool, notification=notification, arguments=arguments)
 
 
+def _name(text: str) -> str:
+    """A tool or method name as a reason quotes it: the call's text, so at most 64
+    characters of it."""
+    return repr(text) if len(text) <= 64 else repr(text[:61]) + "..."
+
+
 def _short(value: object) -> str:
     if isinstance(value, dict | list):
         return "an object" if isinstance(value, dict) else "an array"
@@ -195,7 +201,7 @@ def mcp_allows(
             continue
         if msg.tool is not None:
             if msg.tool not in tools:
-                return f"MCP tool {msg.tool!r} not allowed"
+                return f"MCP tool {_name(msg.tool)} not allowed"
             if arguments:
                 validator = arguments.get(msg.tool)
                 if validator is not None:
@@ -203,7 +209,7 @@ def mcp_allows(
                     if why is not None:
                         return why
             continue
-        return f"MCP method {msg.method!r} not allowed"
+        return f"MCP method {_name(msg.method)} not allowed"
     return None
 
 

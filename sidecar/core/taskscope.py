@@ -32,6 +32,7 @@ from sidecar.core.rules import RuleIndex, compile_rules
 __all__ = [
     "DENY_ALL",
     "MAX_DECLARATION_BYTES",
+    "MAX_DECLARED_PATTERNS",
     "MAX_DECLARED_RULES",
     "Declaration",
     "DeclarationError",
@@ -42,6 +43,9 @@ __all__ = [
 
 MAX_DECLARED_RULES = 32
 MAX_DECLARATION_BYTES = 16 * 1024  # as canonical JSON: it lives in the shared table
+# `pattern`s per declaration: each is compiled by the supervisor and by every worker (a
+# bounded, linear-time regular expression, but not free to compile)
+MAX_DECLARED_PATTERNS = 16
 _RULE_FIELDS = sorted(f.alias or n for n, f in Rule.model_fields.items())
 
 Declaration = tuple[Mapping[str, Any], ...]
@@ -53,8 +57,9 @@ class DeclarationError(ValueError):
 
 
 def declaration_key(allow: Sequence[Mapping[str, Any]]) -> str:
-    """The canonical JSON of a declaration: equal declarations have equal keys."""
-    return json.dumps(list(allow), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The canonical JSON of a declaration: equal declarations have equal keys. ASCII, as the
+    shared table stores it, so its length is the room the declaration takes there."""
+    return json.dumps(list(allow), sort_keys=True, separators=(",", ":"))
 
 
 def validate_declaration(allow: Sequence[object]) -> Declaration:
@@ -71,19 +76,36 @@ def validate_declaration(allow: Sequence[object]) -> Declaration:
         if not isinstance(rule, Mapping):
             raise DeclarationError(f"allow[{i}]: expected an object (an allow rule)")
         try:
-            Rule.model_validate(rule)
-        except ValidationError as exc:
-            raise DeclarationError(f"allow[{i}]{_problem(exc)}") from None
-        try:
             out.append(json.loads(json.dumps(rule, allow_nan=False)))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             raise DeclarationError(f"allow[{i}]: not plain JSON") from None
+    # The bounds first: what is too large is refused before anything is compiled.
     size = len(declaration_key(out).encode())
     if size > MAX_DECLARATION_BYTES:
         raise DeclarationError(
             f"allow: {size} bytes as JSON, more than the {MAX_DECLARATION_BYTES} a task may declare"
         )
+    patterns = _patterns(out)
+    if patterns > MAX_DECLARED_PATTERNS:
+        raise DeclarationError(
+            f"allow: at most {MAX_DECLARED_PATTERNS} patterns per task, not {patterns}"
+        )
+    for i, rule in enumerate(out):
+        try:
+            Rule.model_validate(rule)
+        except ValidationError as exc:
+            raise DeclarationError(f"allow[{i}]{_problem(exc)}") from None
     return tuple(out)
+
+
+def _patterns(value: object) -> int:
+    """How many `pattern` keywords the JSON value holds, at any depth."""
+    if isinstance(value, Mapping):
+        own = 1 if isinstance(value.get("pattern"), str) else 0
+        return own + sum(_patterns(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_patterns(v) for v in value)
+    return 0
 
 
 def _problem(exc: ValidationError) -> str:

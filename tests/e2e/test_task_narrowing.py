@@ -237,3 +237,32 @@ def test_explain_names_the_constraint_that_decided(bank: tuple[Stack, str]) -> N
     )
     assert (no.code, no.task) == ("outside_task", "explained")
     assert "argument to breaks enum" in no.constraint and ATTACKER not in no.constraint
+
+
+def test_a_task_header_sent_twice_is_refused_through_envoy(bank: tuple[Stack, str]) -> None:
+    """Review finding: Envoy joins a repeated header with ",", and `T,T` named no task, so
+    the call escaped its declaration with the purpose's whole rights."""
+    import http.client
+
+    stack, target = bank
+    report(target, "twice", PAY_TWO)
+    body = json.dumps(
+        {"jsonrpc": "2.0", "id": "dup-1", "method": "tools/call",
+         "params": {"name": "send_money", "arguments": {"to": ATTACKER, "amount": 900}}}
+    ).encode()  # fmt: skip
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port("bank-agent"), timeout=10)
+    try:
+        conn.putrequest("POST", MCP, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", "mcp.tools.svc.cluster.local")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("x-mandate-task", "twice")
+        conn.putheader("x-mandate-task", "twice")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        status, answer = resp.status, resp.read()
+    finally:
+        conn.close()
+    assert status == 403, answer
+    assert json.loads(answer)["error"] == "bad_task"
+    assert not arrived(stack, "dup-1")

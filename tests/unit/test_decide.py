@@ -780,7 +780,7 @@ def test_bad_task_is_reported_before_unknown_purpose() -> None:
     d = decide(SNAPSHOTS["agents"], view(headers=headers), NOW)
     assert (d.code, d.reason) == (
         Code.BAD_TASK,
-        "x-mandate-task must be 1-128 visible ASCII characters",
+        "x-mandate-task must be 1-128 visible ASCII characters, no comma",
     )
 
 

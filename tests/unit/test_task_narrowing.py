@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.core import Code, Decision, RequestView, Snapshot, decide, load_profiles
-from sidecar.core.agentstate import AgentStateTable, Grant, TaskBinding
+from sidecar.core.agentstate import UNKNOWN_AGENT_STATE, AgentStateTable, Grant, TaskBinding
 from sidecar.core.taskscope import (
     MAX_DECLARATION_BYTES,
     MAX_DECLARED_RULES,
@@ -439,19 +439,97 @@ def test_a_bad_declaration_stores_nothing(
 def test_declarations_are_bounded_per_agent(
     store: tuple[AgentStateStore, Clock, list[Any]],
 ) -> None:
-    """At the bound of declared bytes, the agent's own oldest tasks make room."""
+    """At the bound of declared bytes a new declaration is refused: an active declared task
+    is never dropped to make room (the review found eviction let the agent re-report it
+    without its declaration); once one ends, there is room again."""
     s, clock, _ = store
     tools = ["t" * 60 + f"{i:04d}" for i in range(150)]  # ~10 KB as JSON
     big = [{"mcpTools": tools}]
     n = 0
-    while n < MAX_TASKS_PER_AGENT:
-        clock.t += 1
-        _report(s, big, task=f"T{n}")
-        n += 1
+    with pytest.raises(AgentStateError) as err:
+        while n < MAX_TASKS_PER_AGENT:
+            _report(s, big, task=f"T{n}", ttl=60.0 + n)
+            n += 1
+    assert err.value.status == "RESOURCE_EXHAUSTED" and "never dropped" in str(err.value)
     kept = s.tasks(NS, "bank-agent")
-    size = sum(len(json.dumps(t.allow, separators=(",", ":"))) for t in kept)
+    assert [t.task for t in kept] == [f"T{i}" for i in range(n)]  # none dropped
+    size = sum(len(json.dumps(list(t.allow), separators=(",", ":"))) for t in kept)
     assert size <= MAX_DECLARED_BYTES_PER_AGENT
-    assert kept[-1].task == f"T{n - 1}" and kept[0].task != "T0"
+    clock.t = NOW + 60.5  # T0 ended: its room is free
+    _report(s, big, task="later")
+    assert "T0" not in [t.task for t in s.tasks(NS, "bank-agent")]
+
+
+def test_at_the_task_bound_undeclared_tasks_make_room_never_declared_ones(
+    store: tuple[AgentStateStore, Clock, list[Any]],
+) -> None:
+    s, clock, _ = store
+    _report(s, task="declared")
+    for i in range(MAX_TASKS_PER_AGENT - 1):
+        clock.t += 1
+        _report(s, (), task=f"plain-{i}")
+    clock.t += 1
+    _report(s, (), task="one-more")  # the oldest undeclared task makes room
+    names = [t.task for t in s.tasks(NS, "bank-agent")]
+    assert "declared" in names and "plain-0" not in names and "one-more" in names
+    assert len(names) == MAX_TASKS_PER_AGENT
+    # and the declared task cannot be re-reported without its declaration
+    with pytest.raises(AgentStateError):
+        _report(s, (), task="declared")
+
+
+def test_a_declared_task_needs_a_ttl(store: tuple[AgentStateStore, Clock, list[Any]]) -> None:
+    s, _, events = store
+    with pytest.raises(AgentStateError) as err:
+        _report(s, ttl=None)
+    assert "needs a ttl" in str(err.value) and events == []
+
+
+@pytest.mark.parametrize("header", ["T1,T1", "T1, T1", "a,b"])
+def test_a_task_header_sent_twice_is_refused(snapshot: Snapshot, header: str) -> None:
+    """Envoy joins a header sent twice with ",": `T1,T1` named no task, so the call got the
+    purpose's whole rights (review finding). A comma is no part of a task id."""
+    d = under(snapshot, mcp("send_money", {"to": "GB99", "amount": 900},
+                            **{"x-mandate-task": header}), task())  # fmt: skip
+    assert d.code == Code.BAD_TASK
+
+
+def test_a_task_id_with_a_comma_cannot_be_reported(
+    store: tuple[AgentStateStore, Clock, list[Any]],
+) -> None:
+    s, _, _ = store
+    with pytest.raises(AgentStateError) as err:
+        _report(s, task="a,b")
+    assert "no comma" in str(err.value)
+
+
+def test_while_the_agents_tasks_are_withheld_a_call_naming_one_is_refused(
+    snapshot: Snapshot,
+) -> None:
+    """A full or unreadable table withholds the agent's tasks: a call naming a task is then
+    refused, not decided under the purpose's whole rights (review finding)."""
+    view = mcp("send_money", {"to": "GB99", "amount": 900}, **T1)
+    withheld = AgentStateTable.build(1, (), (), (), [(NS, "bank-agent")])
+    assert decide(snapshot, view, NOW, agent_state=withheld).code == Code.OUTSIDE_TASK
+    assert decide(snapshot, view, NOW, agent_state=UNKNOWN_AGENT_STATE).code == Code.OUTSIDE_TASK
+    back = AgentStateTable.from_dict(2, json.loads(json.dumps(withheld.as_dict())))
+    assert not back.tasks_known(NS, "bank-agent") and back.tasks_known(NS, "other")
+    # a call naming no task is decided as ever
+    assert decide(snapshot, mcp("read_inbox", {}), NOW, agent_state=withheld).allowed
+
+
+def test_reasons_quote_no_key_the_call_made_up(snapshot: Snapshot) -> None:
+    declared = validate_declaration(
+        [{"mcpTools": ["send_money"], "mcpArguments": {"send_money": {
+            "properties": {"memo": {"additionalProperties": {"type": "string"}}}}}}]
+    )  # fmt: skip
+    secret = "card=4111111111111111;cvv=123"
+    d = under(snapshot, mcp("send_money", {"memo": {secret: 5}, "amount": 1}, **T1),
+              task(declared))  # fmt: skip
+    assert d.code == Code.OUTSIDE_TASK and "memo.*" in d.reason and secret not in d.reason
+    long = "x" * 20_000
+    d = under(snapshot, mcp(long, {}, **T1), task())
+    assert not d.allowed and len(d.reason) < 400
 
 
 # -- properties: never wider than the purpose, and exactly the intersection ------------------

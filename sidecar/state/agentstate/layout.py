@@ -82,6 +82,7 @@ class TableWriter:
                 (g for g in grants if (g.namespace, g.agent) not in withheld),
                 (t for t in tasks if (t.namespace, t.agent) not in withheld),
                 risks,
+                withheld,
             )
             size = len(self._table.encode(table))
             if size <= capacity:

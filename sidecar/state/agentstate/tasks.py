@@ -1,17 +1,17 @@
 """The tasks agents report (`ReportTask`): a later call may carry only the task id and get
 the purpose it was reported for, within the task's declaration if it made one
 (`core.taskscope`). Bounded per agent: at `MAX_TASKS_PER_AGENT` tasks, or
-`MAX_DECLARED_BYTES_PER_AGENT` of declarations, the agent's own oldest task makes room,
-never another agent's. An active task with a declaration cannot be changed: reporting it
+`MAX_DECLARED_BYTES_PER_AGENT` of declarations, the agent's own expired tasks, then its own
+oldest tasks without a declaration make room, never another agent's. An active task with a
+declaration is never dropped or changed while it lasts (it must have a TTL): reporting it
 again with the same purpose and declaration returns it unchanged (a retry), anything else is
-refused (a declaration narrows; it is never widened or dropped while it lasts).
+refused, and a report that would need its room is refused (RESOURCE_EXHAUSTED).
 
 In memory only: the store holds the lock, commits (persist, audit, publish) and undoes.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Mapping, ValuesView
 from typing import Any
 
@@ -20,6 +20,7 @@ from sidecar.core.snapshot import CompiledAgent
 from sidecar.core.taskscope import DeclarationError, declaration_key, validate_declaration
 from sidecar.core.timefmt import utc_seconds
 from sidecar.errors import AgentStateError
+from sidecar.headers import TASK_ID, TASK_ID_RULE
 from sidecar.state.agentstate.limits import (
     MAX_DECLARED_BYTES_PER_AGENT,
     MAX_TASKS_PER_AGENT,
@@ -29,7 +30,6 @@ from sidecar.state.agentstate.limits import (
 __all__ = ["TaskKey", "Tasks", "new_task"]
 
 TaskKey = tuple[str, str, str]  # (namespace, agent, task)
-_TASK = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
 def new_task(
@@ -45,8 +45,8 @@ def new_task(
     """The binding ``agent``'s `ReportTask` asks for (``allow``: its declaration, empty for
     none), and its audit record; AgentStateError if it cannot be. Built before anything is
     stored: a record that cannot be made stores nothing."""
-    if not _TASK.match(task):
-        raise AgentStateError("task_id must be 1-128 visible ASCII characters")
+    if not TASK_ID.fullmatch(task):
+        raise AgentStateError(f"task_id must be {TASK_ID_RULE}")
     if purpose not in compiled.purposes:
         known = ", ".join(sorted(compiled.purposes))
         raise AgentStateError(
@@ -55,6 +55,11 @@ def new_task(
         )
     ttl = check_seconds("ttl", ttl)
     rules = list(allow)
+    if rules and ttl is None:
+        raise AgentStateError(
+            "a task with a declaration needs a ttl: it can be neither changed nor dropped "
+            "while it lasts"
+        )
     try:
         declared = validate_declaration(rules) if rules else ()
     except DeclarationError as exc:
@@ -121,24 +126,39 @@ class Tasks(Mapping[TaskKey, TaskBinding]):
 
     def report(self, binding: TaskBinding, now: float) -> None:
         """Keep ``binding`` (replacing the agent's task of that id). At the bounds, the
-        agent's own expired tasks go first, then its own oldest."""
+        agent's own expired tasks go first, then its own oldest tasks without a declaration;
+        an active declared task is never dropped: if there is no other room, AgentStateError
+        (RESOURCE_EXHAUSTED) and nothing changes. Not thread-safe (the store's lock)."""
         namespace, agent, task = binding.namespace, binding.agent, binding.task
         mine = [
             k
             for k, t in self._by_key.items()
             if t.namespace == namespace and t.agent == agent and k[2] != task
         ]
-        for k in [k for k in mine if not self._by_key[k].active(now)]:
-            del self._by_key[k]  # its own expired tasks first
-            mine.remove(k)
-        mine.sort(key=lambda k: (self._by_key[k].reported_at, k))
-        for k in mine[: max(0, len(mine) - MAX_TASKS_PER_AGENT + 1)]:
+        expired = [k for k in mine if not self._by_key[k].active(now)]
+        live = sorted(
+            (k for k in mine if self._by_key[k].active(now)),
+            key=lambda k: (self._by_key[k].reported_at, k),
+        )
+        droppable = [k for k in live if not self._by_key[k].allow]  # oldest first
+        count = len(live) + 1
+        declared = _declared_bytes(binding) + sum(_declared_bytes(self._by_key[k]) for k in live)
+        drop: list[TaskKey] = []
+        for k in droppable:
+            if count <= MAX_TASKS_PER_AGENT and declared <= MAX_DECLARED_BYTES_PER_AGENT:
+                break
+            drop.append(k)
+            count -= 1
+        if count > MAX_TASKS_PER_AGENT or declared > MAX_DECLARED_BYTES_PER_AGENT:
+            raise AgentStateError(
+                f"agent {agent!r} holds {count - 1} active tasks and {declared} bytes of "
+                f"declarations (at most {MAX_TASKS_PER_AGENT} and "
+                f"{MAX_DECLARED_BYTES_PER_AGENT}); a declared task is never dropped while it "
+                "lasts: retry when one ends",
+                "RESOURCE_EXHAUSTED",
+            )
+        for k in (*expired, *drop):
             del self._by_key[k]
-        del mine[: max(0, len(mine) - MAX_TASKS_PER_AGENT + 1)]
-        declared = _declared_bytes(binding) + sum(_declared_bytes(self._by_key[k]) for k in mine)
-        while mine and declared > MAX_DECLARED_BYTES_PER_AGENT:
-            k = mine.pop(0)
-            declared -= _declared_bytes(self._by_key.pop(k))
         self._by_key[(namespace, agent, task)] = binding
 
     def discard(self, key: TaskKey) -> None:
