@@ -1,7 +1,8 @@
 """The benchmark runner: `python -m bench NAME [ARGS]`, from the repository root (where
 `sidecar` and `devstack` are importable). `python -m bench` or `--help` lists the benchmarks;
 `python -m bench NAME --help` gives one's options. Each benchmark is the module bench/NAME.py
-and its `main(argv)`; results go to bench/results/ unless --out says otherwise."""
+(or the package bench/NAME/) and its `main(argv)`; results go to bench/results/ unless --out
+says otherwise."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ BENCHMARKS: dict[str, str] = {
     "openloop": "the fixed-rate load generator matrix runs; prints one JSON line",
     "credential_cost": "what minting a Txn-Token costs per algorithm and JOSE library (~30 s)",
     "credential_check": "CPU per Check: no credential, secret, cached OAuth, Txn-Token (~3 min)",
+    "agentdojo": "AgentDojo's ground truth through Envoy + mandate: utility, attacks blocked",
 }
 
 
