@@ -50,6 +50,9 @@ class SupervisorBackend:
     ) -> TaskBinding:
         return self._store.report_task(agent, self._namespace, task, purpose, ttl, allow)
 
+    def end_task(self, agent: str, task: str) -> TaskBinding | None:
+        return self._store.end_task(agent, self._namespace, task)
+
     def request_elevation(
         self, agent: str, elevation: str, justification: str, duration: float | None
     ) -> ElevationRequest:

@@ -81,6 +81,7 @@ class Task:
     reported_at: float
     expires_at: float | None  # None: no expiry
     allow: tuple[dict[str, Any], ...] = ()
+    ended: bool = False  # ended early with a declaration: allows nothing until its TTL
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +178,7 @@ def _opt(t: float) -> float | None:
 
 def _task(m: pb.Task) -> Task:
     allow = tuple(rules_from_pb(m.allow))
-    return Task(m.task_id, m.purpose, m.reported_at, _opt(m.expires_at), allow)
+    return Task(m.task_id, m.purpose, m.reported_at, _opt(m.expires_at), allow, m.ended)
 
 
 def _request(m: pb.ElevationRequest) -> ElevationRequest:
@@ -309,6 +310,12 @@ class AgentContext:
             allow=rules_to_pb(allow or ()),
         )
         return _task(await self._call("ReportTask", req, pb.Task))
+
+    async def end_task(self, task_id: str) -> Task:
+        """End an active task before its TTL. One without a declaration is dropped; one with
+        a declaration is kept, ended (`Task.ended`), until its TTL: calls naming it are
+        denied and the id cannot be reported again until then. "NOT_FOUND": no such task."""
+        return _task(await self._call("EndTask", pb.EndTaskRequest(task_id=task_id), pb.Task))
 
     async def request_elevation(
         self, name: str, justification: str, duration: float | None = None

@@ -125,6 +125,10 @@ class AgentAPIBackend(Protocol):
         ``allow`` (profile rule syntax, not yet validated): the task's declaration."""
         ...
 
+    def end_task(self, agent: str, task: str) -> TaskBinding | None:
+        """End the agent's active task ``task``; the ended task kept, or None (dropped)."""
+        ...
+
     def request_elevation(
         self, agent: str, elevation: str, justification: str, duration: float | None
     ) -> ElevationRequest:
@@ -297,6 +301,7 @@ def _task_pb(t: TaskBinding) -> pb.Task:
         reported_at=t.reported_at,
         expires_at=t.expires_at or 0.0,
         allow=rules_to_pb(t.allow),
+        ended=t.ended,
     )
 
 
@@ -470,6 +475,15 @@ class AgentContextServicer:
 
         return await self._answer("ReportTask", context, run)
 
+    async def EndTask(self, request: pb.EndTaskRequest, context: _Context) -> pb.Task:
+        def run() -> pb.Task:
+            task = _task("task_id", request.task_id)
+            self._take_write("EndTask")
+            kept = self.backend.end_task(self.agent, task)
+            return _task_pb(kept) if kept is not None else pb.Task(task_id=task)
+
+        return await self._answer("EndTask", context, run)
+
     async def RequestElevation(
         self, request: pb.RequestElevationRequest, context: _Context
     ) -> pb.ElevationRequest:
@@ -512,6 +526,7 @@ class AgentContextServicer:
         """The service's method handlers, bound from the compiled descriptor."""
         methods: dict[str, tuple[Callable[[Any, _Context], Any], Any, Any]] = {
             "ReportTask": (self.ReportTask, pb.ReportTaskRequest, pb.Task),
+            "EndTask": (self.EndTask, pb.EndTaskRequest, pb.Task),
             "RequestElevation": (
                 self.RequestElevation,
                 pb.RequestElevationRequest,

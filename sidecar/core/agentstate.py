@@ -92,6 +92,9 @@ class TaskBinding:
     reported_at: float
     expires_at: float | None = None
     allow: Declaration = ()
+    # Ended early (`EndTask`) while it had a declaration: kept, with no rights at all, until
+    # it would have expired, so that its id cannot be used without the declaration
+    ended: bool = False
 
     def active(self, now: float) -> bool:
         return self.expires_at is None or now < self.expires_at
@@ -106,6 +109,8 @@ class TaskBinding:
             del d["allow"]  # the file format of a task without a declaration is unchanged
         else:
             d["allow"] = [dict(r) for r in self.allow]
+        if not self.ended:
+            del d["ended"]
         return d
 
     @classmethod
@@ -120,6 +125,7 @@ class TaskBinding:
             reported_at=float(data["reported_at"]),
             expires_at=_opt_float(data.get("expires_at")),
             allow=_declaration(data.get("allow")),
+            ended=bool(data.get("ended", False)),
         )
 
 

@@ -406,6 +406,9 @@ def _purpose(
         )
         return call.end(False, Code.OUTSIDE_TASK, why)
     bound = agent_state.task(call.ns, call.name, task, now) if task else None
+    if bound is not None and bound.ended:
+        why = f"task {task!r} has ended (EndTask): it allows nothing; report a new task id"
+        return call.end(False, Code.OUTSIDE_TASK, why)
     if bound is not None and declared and declared != bound.purpose:
         why = (
             f"task {task!r} was reported for purpose {bound.purpose!r}, "

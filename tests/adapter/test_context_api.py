@@ -409,6 +409,7 @@ def test_the_service_has_no_approve_method() -> None:
     assert service.full_name == SERVICE_NAME
     assert {m.name for m in service.methods} == {
         "ReportTask",
+        "EndTask",
         "RequestElevation",
         "GetStatus",
         "Explain",

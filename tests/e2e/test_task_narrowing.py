@@ -266,3 +266,25 @@ def test_a_task_header_sent_twice_is_refused_through_envoy(bank: tuple[Stack, st
     assert status == 403, answer
     assert json.loads(answer)["error"] == "bad_task"
     assert not arrived(stack, "dup-1")
+
+
+def test_ending_a_declared_task_early(bank: tuple[Stack, str]) -> None:
+    """EndTask: the task's calls are denied at once, and its id cannot be reported again
+    (without the declaration, or at all) until its TTL is over."""
+    stack, target = bank
+    report(target, "short", PAY_TWO)
+    task = {"x-mandate-task": "short"}
+    assert tool(stack, "get_balance", {}, "end-1", **task).status == 200
+
+    async def end() -> Any:
+        async with AgentContext(target) as ctx:
+            return await ctx.end_task("short")
+
+    ended = asyncio.run(end())
+    assert ended.ended and ended.allow == ()
+    resp = tool(stack, "get_balance", {}, "end-2", **task)
+    assert resp.status == 403 and resp.json()["error"] == "outside_task"
+    with pytest.raises(AgentStateError) as err:
+        report(target, "short", None)
+    assert err.value.status == "FAILED_PRECONDITION"
+    assert not arrived(stack, "end-2")

@@ -57,6 +57,7 @@ def test_service_and_package() -> None:
     methods = {m.name: (m.input_type.name, m.output_type.name) for m in service.methods}
     assert methods == {
         "ReportTask": ("ReportTaskRequest", "Task"),
+        "EndTask": ("EndTaskRequest", "Task"),
         "RequestElevation": ("RequestElevationRequest", "ElevationRequest"),
         "GetStatus": ("GetStatusRequest", "Status"),
         "Explain": ("ExplainRequest", "ExplainResponse"),

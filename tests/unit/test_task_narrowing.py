@@ -670,3 +670,56 @@ def test_a_declared_schema_cannot_run_code(
         d = under(snapshot, mcp("send_money", {"to": "x", "amount": 1}, **T1), task(declared))
         assert d.code in (Code.ALLOWED, Code.OUTSIDE_TASK)
     assert not marker.exists()
+
+
+# -- ending a task early ---------------------------------------------------------------------
+
+
+def test_ending_a_declared_task_keeps_its_id_unusable_until_its_ttl(
+    store: tuple[AgentStateStore, Clock, list[Any]], snapshot: Snapshot
+) -> None:
+    """EndTask frees a declared task's room without letting its id be used without the
+    declaration: calls naming it are denied and it cannot be reported again until it would
+    have expired."""
+    s, clock, events = store
+    _report(s, ttl=60.0)
+    kept = s.end_task("bank-agent", NS, "T1")
+    assert kept is not None and kept.ended and kept.allow == ()
+    assert events[-1] == {"type": "task_ended", "agent": "bank-agent", "namespace": NS,
+                          "task": "T1", "purpose": "pay", "declared": True}  # fmt: skip
+    d = decide(snapshot, mcp("read_inbox", {}, **T1), NOW, agent_state=s.table())
+    assert d.code == Code.OUTSIDE_TASK and "has ended" in d.reason
+    for allow in ((), DECLARED, [{}]):
+        with pytest.raises(AgentStateError) as err:
+            _report(s, allow)
+        assert err.value.status == "FAILED_PRECONDITION" and "has ended" in str(err.value)
+    with pytest.raises(AgentStateError) as err:
+        s.end_task("bank-agent", NS, "T1")
+    assert err.value.status == "NOT_FOUND"
+    clock.t = NOW + 61  # its TTL is over: the id is free
+    assert _report(s, ()).allow == ()
+
+
+def test_an_ended_task_does_not_count_against_the_task_bound(
+    store: tuple[AgentStateStore, Clock, list[Any]],
+) -> None:
+    s, clock, _ = store
+    for i in range(MAX_TASKS_PER_AGENT):
+        clock.t += 0.01
+        _report(s, task=f"T{i}", ttl=600.0)
+    with pytest.raises(AgentStateError):
+        _report(s, task="one-too-many")
+    s.end_task("bank-agent", NS, "T0")
+    _report(s, task="one-too-many")  # room again; T0 still blocks its id
+    with pytest.raises(AgentStateError):
+        _report(s, task="T0")
+
+
+def test_ending_an_undeclared_task_drops_it(
+    store: tuple[AgentStateStore, Clock, list[Any]],
+) -> None:
+    s, _, _ = store
+    _report(s, (), task="plain")
+    assert s.end_task("bank-agent", NS, "plain") is None
+    assert s.tasks(NS, "bank-agent") == []
+    _report(s, (), task="plain")  # reported again at once

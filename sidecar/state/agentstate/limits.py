@@ -19,6 +19,7 @@ from sidecar.errors import AgentStateError
 __all__ = [
     "KEEP_FINISHED",
     "MAX_DECLARED_BYTES_PER_AGENT",
+    "MAX_ENDED_PER_AGENT",
     "MAX_FINISHED_PER_AGENT",
     "MAX_JUSTIFICATION",
     "MAX_PENDING_PER_AGENT",
@@ -34,6 +35,7 @@ __all__ = [
 
 MAX_TASKS_PER_AGENT = 64
 MAX_DECLARED_BYTES_PER_AGENT = 64 * 1024  # the declarations of one agent's tasks, as JSON
+MAX_ENDED_PER_AGENT = 256  # declared tasks ended early, kept (no rights) until their TTL
 MAX_PENDING_PER_AGENT = 8
 MAX_FINISHED_PER_AGENT = 16  # expired/refused requests kept for status, per agent
 MAX_JUSTIFICATION = 1024  # characters (1 KiB): a ticket reference and a sentence or two
@@ -75,6 +77,7 @@ def described() -> dict[str, Any]:
     return {
         "tasks_per_agent": MAX_TASKS_PER_AGENT,
         "declared_bytes_per_agent": MAX_DECLARED_BYTES_PER_AGENT,
+        "ended_tasks_per_agent": MAX_ENDED_PER_AGENT,
         "pending_requests_per_agent": MAX_PENDING_PER_AGENT,
         "finished_requests_per_agent": MAX_FINISHED_PER_AGENT,
         "auto_grants_per_agent_and_elevation": 1,

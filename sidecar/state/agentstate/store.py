@@ -284,6 +284,17 @@ class AgentStateStore:
             self._commit(saved, [event], (namespace, agent), by_agent=True)
         return binding
 
+    def end_task(self, agent: str, namespace: str, task: str) -> TaskBinding | None:
+        """End an active task early (`EndTask`): see `Tasks.end`. Returns what is kept (the
+        ended declared task) or None (dropped)."""
+        self._agent(agent)
+        now = self._clock()
+        with self._lock:
+            saved = self._save()
+            kept, event = self._tasks.end((namespace, agent, task), now)
+            self._commit(saved, [event], (namespace, agent), by_agent=True)
+        return kept
+
     # -- elevation ------------------------------------------------------------------------
 
     def request_elevation(

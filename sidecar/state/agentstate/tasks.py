@@ -23,6 +23,7 @@ from sidecar.errors import AgentStateError
 from sidecar.headers import TASK_ID, TASK_ID_RULE
 from sidecar.state.agentstate.limits import (
     MAX_DECLARED_BYTES_PER_AGENT,
+    MAX_ENDED_PER_AGENT,
     MAX_TASKS_PER_AGENT,
     check_seconds,
 )
@@ -112,6 +113,12 @@ class Tasks(Mapping[TaskKey, TaskBinding]):
         change it (a retry of a declared task); AgentStateError (FAILED_PRECONDITION) if it
         has a declaration that ``binding`` would change; None: report it."""
         old = self._by_key.get((binding.namespace, binding.agent, binding.task))
+        if old is not None and old.active(now) and old.ended:
+            raise AgentStateError(
+                f"task {binding.task!r} has ended and had a declaration: its id stays unusable "
+                "until it would have expired; report a new task id",
+                "FAILED_PRECONDITION",
+            )
         if old is None or not old.active(now) or not old.allow:
             return None
         if old.purpose == binding.purpose and declaration_key(old.allow) == declaration_key(
@@ -137,7 +144,7 @@ class Tasks(Mapping[TaskKey, TaskBinding]):
         ]
         expired = [k for k in mine if not self._by_key[k].active(now)]
         live = sorted(
-            (k for k in mine if self._by_key[k].active(now)),
+            (k for k in mine if self._by_key[k].active(now) and not self._by_key[k].ended),
             key=lambda k: (self._by_key[k].reported_at, k),
         )
         droppable = [k for k in live if not self._by_key[k].allow]  # oldest first
@@ -160,6 +167,36 @@ class Tasks(Mapping[TaskKey, TaskBinding]):
         for k in (*expired, *drop):
             del self._by_key[k]
         self._by_key[(namespace, agent, task)] = binding
+
+    def end(self, key: TaskKey, now: float) -> tuple[TaskBinding | None, dict[str, Any]]:
+        """End the agent's active task ``key`` early: one without a declaration is dropped
+        (None), a declared one is kept as ended (it allows nothing) until it would have
+        expired; and the audit record. AgentStateError NOT_FOUND, or RESOURCE_EXHAUSTED at
+        MAX_ENDED_PER_AGENT ended tasks still in their TTL."""
+        namespace, agent, task = key
+        old = self._by_key.get(key)
+        if old is None or not old.active(now) or old.ended:
+            raise AgentStateError(f"no active task {task!r} for this agent", "NOT_FOUND")
+        event = {"type": "task_ended", "agent": agent, "namespace": namespace, "task": task,
+                 "purpose": old.purpose, "declared": bool(old.allow)}  # fmt: skip
+        if not old.allow:
+            del self._by_key[key]
+            return None, event
+        ended = sum(
+            1
+            for t in self._by_key.values()
+            if t.namespace == namespace and t.agent == agent and t.ended and t.active(now)
+        )
+        if ended >= MAX_ENDED_PER_AGENT:
+            raise AgentStateError(
+                f"agent {agent!r} has {ended} ended declared tasks still within their TTL (at "
+                f"most {MAX_ENDED_PER_AGENT}): give tasks shorter TTLs",
+                "RESOURCE_EXHAUSTED",
+            )
+        gone = TaskBinding(agent, namespace, task, old.purpose, old.reported_at, old.expires_at,
+                           (), ended=True)  # fmt: skip
+        self._by_key[key] = gone
+        return gone, event
 
     def discard(self, key: TaskKey) -> None:
         self._by_key.pop(key, None)
