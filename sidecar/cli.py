@@ -1,5 +1,5 @@
 """The `mandate` command line: run, worker, validate, explain, schema, revoke, restore,
-status, approve, elevations, audit, simulate, inject, webhook, jwks.
+status, approve, elevations, audit, simulate, profile (suggest), inject, webhook, jwks.
 
 Translates arguments into calls on the core and the server, and errors into exit codes:
 0 success (explain: allow), 1 explain: deny (admin commands: refused with 409), 2 bad input
@@ -36,7 +36,7 @@ from sidecar.core.timefmt import parse_rfc3339, utc_seconds
 from sidecar.errors import BadRequestError, ConfigError, ProfileErrors
 from sidecar.headers import PURPOSE_HEADER, TASK_HEADER
 from sidecar.injection.cli import add_inject_parser, run_inject
-from sidecar.policy.cli import add_simulate_parser, run_simulate
+from sidecar.policy.cli import add_profile_parser, add_simulate_parser, run_profile, run_simulate
 from sidecar.settings import (
     AUDIT_ALLOWS,
     AUDIT_FAILURE_MODES,
@@ -252,6 +252,7 @@ def _parser() -> argparse.ArgumentParser:
     sch.add_argument("--indent", type=int, default=2)
     add_audit_parser(sub)
     add_simulate_parser(sub)
+    add_profile_parser(sub)
     add_inject_parser(sub)
     _jwks_parser(sub)
     return p
@@ -877,6 +878,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_audit(args)
     if args.command == "simulate":
         return run_simulate(args)
+    if args.command == "profile":
+        return run_profile(args)
     if args.command in ("inject", "webhook"):
         return run_inject(args)
     if args.command == "jwks":

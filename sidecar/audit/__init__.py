@@ -1,7 +1,9 @@
 """The audit wing: one hash-chained JSON-lines record per decision, written off the hot path,
 and its verification.
 
-- `record`: the record format, canonical JSON and the chain math (pure);
+- `record`: the record format, canonical JSON (`canonical`) and the chain math (pure);
+- `arguments`: what a decision record keeps of the call's arguments (pure), and `keyfile`,
+  the directory's key for their hashes;
 - `writer`: `AuditWriter`, the thread that appends records to size-rotated files, with the
   free-space reserve, the directory's health board and the chain manifest;
 - `verify` and `query`: reading a trail back (`mandate audit verify`, `mandate audit query`);

@@ -10,20 +10,22 @@ before it; for the first record :func:`genesis` of the chain id) and ``hash`` (h
 the canonical JSON of the record without ``hash``). A file starts with a chained ``header``
 record (chain, file_index) and, when rotated, ends with a chained ``footer`` record that
 announces the next file index, so the chain runs unbroken across files and a deleted tail
-file is detected. Other record types: ``decision``; ``loss`` (written when the log becomes
-writable again: how many records failed or were dropped, when, and their decision ids);
-``recovered`` (see below).
+file is detected. Other record types: ``decision`` (which may carry ``arguments``:
+`sidecar.audit.arguments`, what the profile chose to keep of the call's arguments);
+``loss`` (written when the log becomes writable again: how many records failed or were
+dropped, when, and their decision ids); ``recovered`` (see below).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Mapping
 from json.encoder import encode_basestring as _encode_str
 from typing import Any
 
+from sidecar.audit.arguments import ArgumentKey, recorded_arguments
+from sidecar.audit.canonical import canonical_json
 from sidecar.core import Code, Decision
 from sidecar.core.agentstate import Grant
 from sidecar.core.timefmt import utc_millis
@@ -50,16 +52,6 @@ _MANIFEST_GENESIS = hashlib.sha256(b"mandate-audit-manifest").hexdigest()
 
 # ---------------------------------------------------------------------------------------------
 # Pure: canonical JSON, chain math, records
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The canonical bytes of a JSON value: keys sorted, compact, UTF-8, no ASCII escaping.
-    NaN and infinities are refused (ValueError): they have no JSON form. A lone surrogate,
-    which has no UTF-8 form, is written as its JSON escape (``\\udcff``), which reads back
-    as the same string: no record is refused for a string an agent made up."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8", "backslashreplace")
 
 
 def genesis(chain_id: str) -> str:
@@ -133,14 +125,21 @@ _ALLOW_DENY = ('"deny"', '"allow"')
 
 
 def decision_line(
-    d: Decision, *, pod: str, namespace: str, now: float, seq: int, prev: str
+    d: Decision,
+    *,
+    pod: str,
+    namespace: str,
+    now: float,
+    seq: int,
+    prev: str,
+    key: ArgumentKey | None = None,
 ) -> tuple[bytes, str]:
     """``chained_line(record_from_decision(d, ...), seq=seq, prev=prev)`` straight from the
     Decision, without the record dict (half the cost: this runs once per audited
     decision). Byte-identical to that definition (tests/property/test_audit_line.py)."""
     e = _encode_str
     head = (
-        f'{{"agent":{e(d.agent) if d.agent else "null"},"code":{e(d.code)}'
+        f'{{"agent":{e(d.agent) if d.agent else "null"}{_arguments(d, key)},"code":{e(d.code)}'
         f"{_credentials(d)}"
         f',"decision":{_ALLOW_DENY[d.allowed]},"decision_id":{e(d.decision_id)}'
         f',"elevation":{"null" if d.grant is None else _json(_elevation(d.grant))}'
@@ -167,6 +166,11 @@ def decision_line(
     return f'{head},"hash":"{digest}"{rest}\n'.encode("utf-8", "backslashreplace"), digest
 
 
+def _arguments(d: Decision, key: ArgumentKey | None) -> str:
+    args = recorded_arguments(d.arguments, key) if d.arguments is not None else None
+    return ',"arguments":' + canonical_json(args).decode("utf-8") if args else ""
+
+
 def _credentials(d: Decision) -> str:
     return ',"credentials":' + _json(list(d.credentials)) if d.credentials else ""
 
@@ -180,7 +184,7 @@ def file_name(chain_id: str, index: int) -> str:
 
 
 def record_from_decision(
-    decision: Decision, *, pod: str, namespace: str, now: float
+    decision: Decision, *, pod: str, namespace: str, now: float, key: ArgumentKey | None = None
 ) -> dict[str, Any]:
     """The audit record of one decision (not yet chained). Absent values are null.
 
@@ -189,7 +193,9 @@ def record_from_decision(
     agent the revocation key, which is also the decision's rule); and decision_id, trace_id,
     time, decision ("allow"/"deny"). An allowed call that carried credentials also has
     `credentials` (their names in the profile, never a value) and, with a Transaction
-    Token, `txn` (the token's `txn` claim)."""
+    Token, `txn` (the token's `txn` claim). A call with a body or a query whose profile
+    records arguments has `arguments` (`sidecar.audit.arguments`: types, and hashes under
+    ``key`` or values in clear, as the profile chose)."""
     d = decision
     record: dict[str, Any] = {
         "type": "decision",
@@ -216,6 +222,10 @@ def record_from_decision(
         "revocation": (d.rule or None) if d.code == Code.REVOKED else None,
         "trace_id": d.trace_id or None,
     }
+    if d.arguments is not None:
+        arguments = recorded_arguments(d.arguments, key)
+        if arguments:
+            record["arguments"] = arguments
     if d.credentials:
         record["credentials"] = list(d.credentials)
     if d.txn:

@@ -58,6 +58,13 @@ or is under the reserve, and a fail-closed writer's `must_deny` reads every byte
 0.05 µs, no system call): when one worker's writer fails, every worker denies from its
 next Check, not after its own writer's next batch.
 
+The argument key (``.audit-arguments.key``, `keyfile`). A decision whose profile records
+argument hashes (`spec.audit`, the default) is hashed with the directory's key, which the
+writer thread reads, or creates, when the first such record is made. If it cannot (a damaged
+or unreadable file), it logs why, records argument types without hashes (``"key":
+"unavailable"``) and tries again a minute later: no record is lost for it, and no unkeyed
+hash is ever written.
+
 The manifest (``audit-manifest.jsonl``). Before its first file, a writer appends its chain
 id to the directory's manifest (hash-chained like a chain, from its own genesis; flock'd,
 fsynced). `verify` checks the chains against it: a listed chain with no file left is
@@ -70,6 +77,7 @@ secret): anchor the manifest's head elsewhere as for the chains.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -86,7 +94,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from sidecar.audit.arguments import ArgumentKey
 from sidecar.audit.files import _chain_files, _describe, _read
+from sidecar.audit.keyfile import load_argument_key
 from sidecar.audit.record import (
     _CHAIN_ID,
     _MANIFEST_GENESIS,
@@ -112,6 +122,11 @@ DEFAULT_QUEUE_MAX = 10_000
 _TORN_TEXT_MAX = 64 * 1024
 _LOSS_IDS_MAX = 100
 _BATCH = 512
+# The call bodies queued decisions may hold for their `arguments` (a reference each, read on
+# the writer thread). Beyond this, a decision is queued without its body and its record says
+# so (``"body": "withheld"``): a stalled disk must not make the queue hold 10,000 bodies of
+# up to Envoy's with_request_body limit (64 KiB in envoy/sidecar.yaml).
+_BODY_BYTES_MAX = 16 * 1024 * 1024
 # A batch's decision records go out in one write(2) of at most about this many bytes.
 _PENDING_MAX_BYTES = 256 * 1024
 # Fail closed while the audit filesystem has less free space than this (see "Free-space
@@ -405,6 +420,11 @@ class AuditWriter:
         self._low = False
         self._free: int | None = None
         self._listed = False  # this chain is in the directory's manifest
+        # The directory's argument key (`keyfile`): read, or created, by the writer thread
+        # when a record first hashes an argument; on failure retried every minute, and
+        # meanwhile records keep argument types only (`arguments.recorded_arguments`).
+        self._key: ArgumentKey | None = None
+        self._key_retry = 0.0
         self._board: _Board | None = None
         self._board_map: mmap.mmap | None = None  # the board's bytes, for `must_deny`
         self._next_board = 0.0
@@ -440,6 +460,7 @@ class AuditWriter:
         self._last_summary = 0.0
         self._loss_lock = threading.Lock()
         self._put_lock = threading.Lock()
+        self._body_bytes = 0  # bodies held by queued decisions (under _put_lock)
         self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
 
         try:
@@ -481,6 +502,12 @@ class AuditWriter:
         with self._put_lock:
             queued = self._q.qsize()
             if not self._closed and queued < self._queue_max:
+                size = _body_size(item)
+                if size and self._body_bytes + size > _BODY_BYTES_MAX:
+                    assert isinstance(item, _DecisionItem)
+                    item = _withhold(item)
+                else:
+                    self._body_bytes += size
                 self._q.put(item)
                 if queued + 1 == _BATCH:
                     self._nudge.set()  # a full batch is waiting: cut the linger short
@@ -803,6 +830,7 @@ class AuditWriter:
         self._healthy = False
 
     def _store_guarded(self, record: Mapping[str, Any] | _DecisionItem) -> None:
+        size = _body_size(record)
         try:
             self._prepare()
             self._put(record, pending=True)
@@ -814,6 +842,10 @@ class AuditWriter:
             self._failed += 1
             self._note_loss(record, dropped=False, error=_describe(exc))
             log.exception("audit record refused (%s): %r", _describe(exc), record)
+        finally:
+            if size:  # its line is made: the body is the trail's no longer
+                with self._put_lock:
+                    self._body_bytes -= size
 
     def _prepare(self) -> None:
         """Before any record: an open file with a header, then the pending `recovered` and
@@ -922,10 +954,27 @@ class AuditWriter:
     def _line(self, record: Mapping[str, Any] | _DecisionItem) -> tuple[bytes, str]:
         if isinstance(record, _DecisionItem):
             d, pod, namespace, now = record
+            args = d.arguments
+            key = self._argument_key() if args and args.recording.mode == "hashes" else None
             return decision_line(
-                d, pod=pod, namespace=namespace, now=now, seq=self._seq, prev=self._prev
+                d, pod=pod, namespace=namespace, now=now, seq=self._seq, prev=self._prev, key=key
             )
         return chained_line(record, seq=self._seq, prev=self._prev)
+
+    def _argument_key(self) -> ArgumentKey | None:
+        """The directory's argument key, loaded (or created) on first use. When it cannot
+        be, the error is logged and the records keep argument types without hashes (never
+        an unkeyed hash, never a lost record); tried again after a minute."""
+        if self._key is None and time.monotonic() >= self._key_retry:
+            try:
+                self._key = load_argument_key(self.directory)
+            except AuditInputError as exc:
+                self._key_retry = time.monotonic() + 60.0
+                log.error(
+                    "audit chain %s: %s; recording argument types without hashes meanwhile",
+                    self.chain_id, exc,
+                )  # fmt: skip
+        return self._key
 
     def _append(self, line: bytes, digest: str) -> None:
         """One write(2) (looping over short writes); state advances only on success. The
@@ -1113,6 +1162,23 @@ class AuditWriter:
         self._size = size
         self._has_header = True
         self._file_records = records
+
+
+def _body_size(item: object) -> int:
+    """The bytes of the call body a queued decision holds for its `arguments`."""
+    if isinstance(item, _DecisionItem):
+        args = item.decision.arguments
+        if args is not None and args.body is not None:
+            return len(args.body)
+    return 0
+
+
+def _withhold(item: _DecisionItem) -> _DecisionItem:
+    """``item`` without the body its arguments would be read from (the record says so)."""
+    args = item.decision.arguments
+    assert args is not None
+    kept = args._replace(body=None, mcp=None, withheld=True)
+    return item._replace(decision=dataclasses.replace(item.decision, arguments=kept))
 
 
 def _resume_record(path: Path, line: int, raw: bytes) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from sidecar.core.hosts import parse_authority
 from sidecar.core.mcp import JsonRefusal, McpBody, parse_json_body, parse_mcp_body
 from sidecar.core.paths import canonical_path, display_path
 from sidecar.core.ratelimit import RateCharge
+from sidecar.core.recording import CallArguments, call_arguments
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
 from sidecar.core.rules import CONNECT, CompiledRule, RuleIndex
 from sidecar.core.snapshot import CompiledAgent, CompiledPurpose, Snapshot
@@ -157,6 +158,10 @@ class Decision:
     # "... query", "... jsonBody"; a task's declaration after "; "), or, for a deny, the
     # argument and the constraint it broke (never the value); "" when none took part.
     constraint: str = ""
+    # What the audit trail may record of the call's arguments: references to its query,
+    # body and the rules' parse of it, no copy (None: nothing to record). Material for the
+    # record, not part of the decision: not compared, not shown.
+    arguments: CallArguments | None = field(default=None, compare=False, repr=False)
 
 
 class _Body:
@@ -345,12 +350,16 @@ class _Call:
 
     def end(self, allowed: bool, code: str, reason: str) -> Decision:
         purpose = self.purpose.name if self.purpose is not None else ""
-        tools = self.body.tools() if self.body is not None else ()
+        body = self.body
+        tools = body.tools() if body is not None else ()
+        arguments = None
+        if body is not None and self.agent is not None:  # the request was read
+            arguments = call_arguments(self.agent.recording, body._view, body._parsed)
         return Decision(
             self.did, allowed, code, reason, self.name, self.owner, purpose, self.task,
             self.rule, self.source, self.method, self.host, self.port, self.path, tools,
             self.trace, self.grant, self.risk, self.rate, self.credentials,
-            constraint=self.constraint,
+            constraint=self.constraint, arguments=arguments,
         )  # fmt: skip
 
 

@@ -33,10 +33,13 @@ from sidecar.core.arguments import Validator, check
 
 __all__ = [
     "SESSION_METHODS",
+    "JsonRefusal",
     "McpBody",
     "McpMessage",
     "mcp_allows",
     "mcp_denies",
+    "mcp_messages",
+    "parse_json_body",
     "parse_mcp_body",
     "tool_call_body",
 ]
@@ -168,6 +171,12 @@ def parse_mcp_body(body: bytes | None, truncated: bool) -> McpBody:
         return McpBody((), "MCP body is not JSON: not UTF-8")
     except ValueError:
         return McpBody((), "MCP body is not JSON")
+    return mcp_messages(doc)
+
+
+def mcp_messages(doc: object) -> McpBody:
+    """The JSON-RPC messages of a body already parsed as strict JSON (a message, or a batch
+    of them): what `parse_mcp_body` makes of the same bytes."""
     items = doc if isinstance(doc, list) else [doc]
     if not items:
         return McpBody((), "empty JSON-RPC batch")

@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_CREDENTIAL_PORT",
     "KIND",
     "AgentProfile",
+    "AuditSpec",
     "Behavior",
     "ClientCredentials",
     "Credential",
@@ -270,6 +271,41 @@ class Behavior(_Model):
     min_calls: int = Field(
         10, ge=1, le=100_000, description="fewer calls than this in the window: score 0"
     )
+
+
+class AuditSpec(_Model):
+    """What the audit trail keeps of each call's arguments (MCP tool arguments, the
+    top-level fields of a JSON body, query parameters). Arguments can hold personal data,
+    so values are kept in clear only for the names listed in ``values``."""
+
+    arguments: Literal["hashes", "types", "none"] = Field(
+        "hashes",
+        description="hashes (default): each argument's JSON type and a keyed hash of its "
+        "value (HMAC-SHA256 with a key kept in the audit directory, never in a record: "
+        "equal values can be counted within a trail, a value cannot be looked up); "
+        "types: the type only; none: nothing (the body is not read for the trail)",
+    )
+    values: list[Text] = Field(
+        default_factory=list,
+        description="top-level argument names (of any tool, JSON body or query) whose "
+        "values are recorded in clear, e.g. for `mandate profile suggest` to propose "
+        "enums and ranges; a value over 1 KiB of JSON is recorded as the others are",
+    )
+
+    @field_validator("values")
+    @classmethod
+    def _distinct(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        seen: set[str] = set()
+        for name in value:
+            if name in seen:
+                raise ValueError(f"{name!r} is listed twice")
+            seen.add(name)
+        if value and info.data.get("arguments") == "none":
+            raise ValueError(
+                "arguments: none records no argument; to record only these values, use "
+                "arguments: types (the others then keep only their type)"
+            )
+        return value
 
 
 class Identity(_Model):
@@ -539,6 +575,9 @@ class ProfileSpec(_Model):
     default_purpose: Name | None = None
     elevations: dict[Name, Elevation] = Field(default_factory=dict)
     behavior: Behavior | None = None
+    audit: AuditSpec | None = Field(
+        None, description="what the audit trail keeps of call arguments (default: hashes)"
+    )
     # after purposes and elevations: its validator checks its hosts against their rules
     credentials: dict[Name, Credential] = Field(default_factory=dict)
 

@@ -23,6 +23,7 @@ from sidecar.core.model import (
     parse_duration,
 )
 from sidecar.core.ratelimit import RateCharge
+from sidecar.core.recording import DEFAULT_RECORDING, ArgumentRecording
 from sidecar.core.rules import RuleIndex, compile_rules
 
 __all__ = [
@@ -117,6 +118,7 @@ class CompiledAgent:
     )
     behavior: BehaviourSettings | None = None  # compiled from the profile's `behavior`
     credentials: tuple[CompiledCredential, ...] = ()
+    recording: ArgumentRecording = DEFAULT_RECORDING  # what the trail keeps of arguments
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +171,7 @@ def _compile_agent(profile: AgentProfile, source: SourceRef) -> CompiledAgent:
         credentials=tuple(
             CompiledCredential.compile(name, c) for name, c in profile.spec.credentials.items()
         ),
+        recording=ArgumentRecording.compile(profile.spec.audit),
     )
 
 

@@ -25,9 +25,20 @@ one (a JSON-RPC response, which every MCP allow rule passes and no deny rule mat
 a decision only allows more when the body passes more, the call's own body would be decided
 like both when they agree, and the record is not replayable when they do not. A tool call
 is replayed without arguments (the strictest); a deny that an argument constraint of the
-new purpose could have turned into an allow is not replayable. A record keeps the tools of
-a body, not its other messages: a batch is replayed as its tool calls only. A rebuilt call
-the core does not see as recorded (another method, host, port or path) is not replayable.
+new purpose could have turned into an allow is not replayable. A record without
+``arguments`` keeps the tools of a body, not its other messages: a batch is replayed as its
+tool calls only. A rebuilt call the core does not see as recorded (another method, host,
+port or path) is not replayable.
+
+A record with ``arguments`` (`sidecar.audit.arguments`; the profile's `spec.audit`) keeps
+the body's kind and messages, and the arguments' types: the body is rebuilt as it was, each
+message of an MCP body with its method, and a JSON body, a tool call's arguments or the
+query with their values where every value was recorded in clear; a body that was not JSON,
+not a JSON object or not seen whole is rebuilt as such a body, which every rule reads alike.
+Arguments recorded as hashes or types only are replayed as the strictest (a tool call
+without arguments, an unreadable query, a body that is not JSON: every constraint refuses
+them, and nothing else reads them), and a deny that a constraint on them in the new purpose
+could have turned into an allow is not replayable (``mcp_arguments``, ``http_arguments``).
 
 No I/O here: :mod:`sidecar.policy.cli` reads the trail and prints. This module must not
 import any transport, Kubernetes or telemetry library.
@@ -40,7 +51,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from sidecar.core import Code, Decision, RequestView, Snapshot, decide
 from sidecar.core.timefmt import parse_rfc3339
@@ -73,6 +84,8 @@ _CHANGES = (ALLOW_TO_DENY, DENY_TO_ALLOW)
 NOT_REPLAYABLE: Mapping[str, str] = {
     Code.REVOKED: "the agent was revoked (run-time state, not the profiles)",
     Code.REVOCATIONS_UNKNOWN: "the revocation table was not known yet (run-time state)",
+    Code.REVOCATIONS_REFUSED: "the API server refused the revocations (run-time state)",
+    Code.OUTSIDE_TASK: "decided by the task's declaration (run-time state, not the profiles)",
     Code.RATE: "over the purpose's rate limit: depends on the calls before it",
     Code.RISK: "the agent's behaviour risk score (run-time state)",
     Code.AUDIT_UNAVAILABLE: "the audit trail could not be written (run-time state)",
@@ -87,9 +100,13 @@ NOT_REPLAYABLE: Mapping[str, str] = {
     "request_not_recorded": "refused before the request was read, and the new profiles "
     "would need it",
     "mcp_body": "the body is not recorded (it named no tool) and the new profiles read it",
-    "mcp_arguments": "the tool call's arguments are not recorded and the new purpose "
-    "constrains them",
+    "mcp_arguments": "the tool call's arguments are not recorded in clear and the new "
+    "purpose constrains them",
+    "http_arguments": "the query or JSON body is not recorded in clear and the new purpose "
+    "constrains it",
     "unrebuildable": "the record does not describe the call well enough to rebuild it",
+    "task": "the new purpose requires a declared task, and the call named one: whether it "
+    "had a declaration is run-time state",
 }
 
 # Outcomes the profiles decide, given what the record keeps.
@@ -105,6 +122,7 @@ _BEFORE_REQUEST = frozenset(
         Code.UNKNOWN_AGENT,
         Code.REVOKED,
         Code.REVOCATIONS_UNKNOWN,
+        Code.REVOCATIONS_REFUSED,
         Code.NO_PURPOSE,
         Code.UNKNOWN_PURPOSE,
         Code.BAD_TASK,
@@ -143,6 +161,9 @@ class Recorded:
     task: str = ""
     elevated: bool = False  # allowed through an elevation grant
     at: float = 0.0  # `time` in seconds since the epoch: the `now` of the replay
+    owner: str = ""
+    # what the record keeps of the call's arguments (`sidecar.audit.arguments`), if any
+    arguments: Mapping[str, Any] | None = field(default=None, compare=False)
 
 
 def _text(rec: Mapping[str, Any], key: str, *, required: bool = False) -> str:
@@ -178,6 +199,13 @@ def parse_record(rec: Mapping[str, Any]) -> Recorded:
         tools = []
     if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
         raise ValueError("decision record: 'mcp_tools' is not a list of strings")
+    arguments = rec.get("arguments")
+    if arguments is not None and not isinstance(arguments, dict):
+        raise ValueError("decision record: 'arguments' is not an object")
+    if arguments is not None and not isinstance(arguments.get("mcp", []), list):
+        raise ValueError("decision record: 'arguments.mcp' is not a list")
+    if not tools and arguments is not None:  # the rules did not read the body; the trail did
+        tools = [m["tool"] for m in arguments.get("mcp", ()) if _is_tool_message(m)]
     time = _text(rec, "time", required=True)
     return Recorded(
         decision_id=_text(rec, "decision_id", required=True),
@@ -197,7 +225,13 @@ def parse_record(rec: Mapping[str, Any]) -> Recorded:
         task=_text(rec, "task"),
         elevated=rec.get("elevation") is not None,
         at=_epoch(time),
+        owner=_text(rec, "owner"),
+        arguments=arguments,
     )
+
+
+def _is_tool_message(m: object) -> bool:
+    return isinstance(m, dict) and isinstance(m.get("tool"), str)
 
 
 def _tools_call(tools: tuple[str, ...]) -> bytes:
@@ -214,16 +248,19 @@ def _authority(host: str, port: int) -> str:
     return f"{host}:{port}" if port else host
 
 
-def rebuild(rec: Recorded, body: bytes | None = None) -> RequestView:
+def rebuild(
+    rec: Recorded, body: bytes | None = None, *, query: str = "", truncated: bool = False
+) -> RequestView:
     """The request view of a recorded call as the core saw it, with ``body`` (and a
-    ``content-length`` that shows it whole). A record refused before its request was read
-    (no host) gets a placeholder request."""
+    ``content-length`` that shows it whole, unless ``truncated``) and ``query`` (the query
+    string, without its ``?``). A record refused before its request was read (no host) gets
+    a placeholder request."""
     headers: dict[str, str] = {}
     if rec.purpose:
         headers[PURPOSE_HEADER] = rec.purpose
     if rec.task:
         headers[TASK_HEADER] = rec.task
-    if body is not None:
+    if body is not None and not truncated:
         headers["content-length"] = str(len(body))
     if not rec.host:
         method, authority, path = _NO_REQUEST
@@ -232,6 +269,8 @@ def rebuild(rec: Recorded, body: bytes | None = None) -> RequestView:
     else:
         method, authority = rec.method, _authority(rec.host, rec.port)
         path = quote(rec.path or "/", safe=_PATH_SAFE)
+        if query:
+            path += "?" + query
     return RequestView(
         decision_id=rec.decision_id,
         method=method,
@@ -240,7 +279,7 @@ def rebuild(rec: Recorded, body: bytes | None = None) -> RequestView:
         scheme="https" if method == _CONNECT or rec.port == 443 else "http",
         headers=headers,
         body=body,
-        body_truncated=False,
+        body_truncated=truncated,
         configured_agent=rec.agent or None,
         namespace=rec.namespace,
     )
@@ -264,17 +303,137 @@ class Replay:
         return DENY_TO_ALLOW if d.allowed else ALLOW_TO_DENY
 
 
-def _constrains_arguments(snapshot: Snapshot, d: Decision, tools: tuple[str, ...]) -> bool:
-    """Whether an allow rule of the decision's purpose constrains the arguments of one of
-    ``tools``: then arguments the record does not keep might have passed it."""
+def _unknown_constrained(
+    snapshot: Snapshot,
+    d: Decision,
+    tools: Iterable[str],
+    query: bool = False,
+    json_body: bool = False,
+) -> str:
+    """The :data:`NOT_REPLAYABLE` key if an allow rule of the decision's purpose constrains
+    what the record does not keep: the arguments of one of ``tools``, the query
+    (``query``), the JSON body (``json_body``); then the call's own might have passed it.
+    "" if none does."""
     agent = snapshot.agents.get(d.agent)
     purpose = agent.profile.spec.purposes.get(d.purpose) if agent is not None else None
     if purpose is None:
-        return False
-    return any(
-        rule.mcp_arguments is not None and not rule.mcp_arguments.keys().isdisjoint(tools)
-        for rule in purpose.allow
-    )
+        return ""
+    tools = frozenset(tools)
+    for rule in purpose.allow:
+        if rule.mcp_arguments is not None and not rule.mcp_arguments.keys().isdisjoint(tools):
+            return "mcp_arguments"
+        if (query and rule.query is not None) or (json_body and rule.json_body is not None):
+            return "http_arguments"
+    return ""
+
+
+# Stand-ins for what a record keeps only the kind of. Every rule reads each like the
+# original: a body that is not strict JSON (and so neither JSON-RPC nor a JSON object), a
+# JSON value that is not an object (nor JSON-RPC: `[]` is an empty batch), a query that
+# cannot be read as name=value pairs (a pair without `=`).
+_NOT_JSON = b"\xff"
+_NOT_AN_OBJECT = b"[]"
+_UNREADABLE_QUERY = "x"
+
+
+@dataclass(frozen=True, slots=True)
+class _Material:
+    """A call's body and query rebuilt from its record's ``arguments``, and which of its
+    parts stand in for values the record does not keep (replayed as the strictest)."""
+
+    body: bytes | None = None
+    truncated: bool = False
+    query: str = ""
+    tools: frozenset[str] = frozenset()  # tools whose arguments are not known
+    query_unknown: bool = False
+    json_unknown: bool = False
+
+
+def _values(entries: object) -> dict[str, Any] | None:
+    """The values of recorded arguments, or None unless every one was kept in clear."""
+    if not isinstance(entries, dict):
+        return None
+    out = {}
+    for name, entry in entries.items():
+        if not isinstance(entry, dict) or "value" not in entry:
+            return None
+        out[name] = entry["value"]
+    return out
+
+
+def _material(args: Mapping[str, Any]) -> _Material | None:
+    """The call rebuilt from its recorded ``arguments``; None if they cannot rebuild it (a
+    batch cut short, an entry of another shape)."""
+    body: bytes | None = None
+    truncated = query_unknown = json_unknown = False
+    unknown: set[str] = set()
+    kind = args.get("body")
+    if "mcp" in args:
+        if "mcp_omitted" in args or not args["mcp"]:
+            return None
+        messages = []
+        for i, m in enumerate(args["mcp"], 1):
+            if not isinstance(m, dict):
+                return None
+            if m.get("response") is True:
+                messages.append({"jsonrpc": "2.0", "id": i, "result": {}})
+                continue
+            method = m.get("method")
+            if not isinstance(method, str):
+                return None
+            msg: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+            if m.get("notification") is not True:
+                msg["id"] = i
+            tool = m.get("tool")
+            if tool is not None:
+                if not isinstance(tool, str):
+                    return None
+                params: dict[str, Any] = {"name": tool}
+                values = _values(m.get("args")) if "args_omitted" not in m else None
+                if values is not None:
+                    params["arguments"] = values
+                elif "args" in m:
+                    unknown.add(tool)
+                # arguments that were no object, or none: refused by every constraint, as
+                # the call's own were; replayed without
+                msg["params"] = params
+            messages.append(msg)
+        doc: object = messages[0] if len(messages) == 1 else messages
+        body = json.dumps(doc).encode("ascii")
+    elif "json" in args:
+        values = _values(args["json"]) if "json_omitted" not in args else None
+        if values is not None:
+            body = json.dumps(values).encode("ascii")
+        else:
+            body, json_unknown = _NOT_JSON, True
+    elif kind == "truncated":
+        body, truncated = b"{", True
+    elif kind == "not_json":
+        body = _NOT_JSON
+    elif kind == "json_value":
+        body = _NOT_AN_OBJECT
+    elif kind is not None:
+        return None
+    query = ""
+    if args.get("query_unreadable") is True:
+        query = _UNREADABLE_QUERY
+    elif "query" in args:
+        values = _values(args["query"]) if "query_omitted" not in args else None
+        if values is not None and all(_query_value(v) for v in values.values()):
+            query = urlencode(list(_pairs(values)), quote_via=quote, safe="")
+        else:
+            query, query_unknown = _UNREADABLE_QUERY, True
+    return _Material(body, truncated, query, frozenset(unknown), query_unknown, json_unknown)
+
+
+def _query_value(v: object) -> bool:
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+
+def _pairs(values: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
+    for name, v in values.items():
+        for one in v if isinstance(v, list) else [v]:
+            yield name, one
 
 
 def replay(snapshot: Snapshot, rec: Recorded) -> Replay:
@@ -292,9 +451,19 @@ def replay(snapshot: Snapshot, rec: Recorded) -> Replay:
         if d.code not in _BEFORE_REQUEST:
             return Replay(rec, None, "request_not_recorded")
         return Replay(rec, d)
-    if rec.tools:
+    if rec.arguments is not None and "error" not in rec.arguments:
+        m = _material(rec.arguments)
+        if m is None:
+            return Replay(rec, None, "unrebuildable")
+        view = rebuild(rec, m.body, query=m.query, truncated=m.truncated)
+        d = decide(snapshot, view, now)
+        if d.code == Code.OUTSIDE_PURPOSE:
+            why = _unknown_constrained(snapshot, d, m.tools, m.query_unknown, m.json_unknown)
+            if why:
+                return Replay(rec, None, why)
+    elif rec.tools:
         d = decide(snapshot, rebuild(rec, _tools_call(rec.tools)), now)
-        if d.code == Code.OUTSIDE_PURPOSE and _constrains_arguments(snapshot, d, rec.tools):
+        if d.code == Code.OUTSIDE_PURPOSE and _unknown_constrained(snapshot, d, rec.tools):
             return Replay(rec, None, "mcp_arguments")
     else:
         d = decide(snapshot, rebuild(rec), now)
@@ -302,6 +471,10 @@ def replay(snapshot: Snapshot, rec: Recorded) -> Replay:
             loose = decide(snapshot, rebuild(rec, _PERMISSIVE_BODY), now)
             if loose.allowed != d.allowed:
                 return Replay(rec, None, "mcp_body")
+    if d.code == Code.OUTSIDE_TASK:  # the new purpose has requireTask
+        if rec.task:  # was the task it named declared? run-time state
+            return Replay(rec, None, "task")
+        return Replay(rec, d)  # a call naming no task: refused by the new profiles
     if d.code not in _BEFORE_REQUEST and (
         d.code == Code.BAD_REQUEST
         or (d.method, d.host, d.port, d.path) != (rec.method, rec.host, rec.port, rec.path)

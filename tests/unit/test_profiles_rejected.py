@@ -124,6 +124,49 @@ MCP_RULE = "spec.purposes.reconcile.allow[1]"
 
 CRED = "spec.credentials"
 CASES = [
+    # what the audit trail keeps of arguments (issue 18, learn): spec.audit
+    bad(
+        "audit-arguments-unknown-mode",
+        {"spec.audit": {"arguments": "clear"}},
+        "spec.audit.arguments",
+        "Input should be 'hashes', 'types' or 'none'",
+    ),
+    bad(
+        "audit-values-not-a-list",
+        {"spec.audit": {"values": "amount"}},
+        "spec.audit.values",
+        "Input should be a valid list",
+    ),
+    bad(
+        "audit-values-empty-name",
+        {"spec.audit": {"values": ["amount", ""]}},
+        "spec.audit.values[1]",
+        "at least 1 character",
+    ),
+    bad(
+        "audit-values-twice",
+        {"spec.audit": {"values": ["amount", "to", "amount"]}},
+        "spec.audit.values",
+        "'amount' is listed twice",
+    ),
+    bad(
+        "audit-values-with-none",
+        {"spec.audit": {"arguments": "none", "values": ["amount"]}},
+        "spec.audit.values",
+        "arguments: none records no argument",
+    ),
+    bad(
+        "audit-unknown-field",
+        {"spec.audit": {"arguments": "hashes", "key": "s3cret"}},
+        "spec.audit.key",
+        "unknown field 'key'",
+    ),
+    bad(
+        "audit-not-a-mapping",
+        {"spec.audit": "hashes"},
+        "spec.audit",
+        "valid dictionary",
+    ),
     # task narrowing (issue 18): requireTask is a boolean of a purpose, not of an elevation
     bad(
         "require-task-not-a-boolean",
@@ -451,7 +494,7 @@ CASES = [
         "unknown-in-spec",
         {"spec.ownr": "x"},
         "spec.ownr",
-        "unknown field 'ownr'; allowed here: behavior, credentials, defaultPurpose, elevations, identities, owner, purposes",
+        "unknown field 'ownr'; allowed here: audit, behavior, credentials, defaultPurpose, elevations, identities, owner, purposes",
     ),
     bad(
         "unknown-snake-case",

@@ -61,8 +61,10 @@ def test_schema_uses_the_profile_field_names() -> None:
         "purposes",
         "elevations",
         "behavior",
+        "audit",
         "credentials",
     }
+    assert set(defs["AuditSpec"]["properties"]) == {"arguments", "values"}
     assert set(defs["Purpose"]["properties"]) == {
         "description",
         "allow",

@@ -501,7 +501,8 @@ def rec(**fields: Any) -> Recorded:
     "code",
     [Code.REVOKED, Code.REVOCATIONS_UNKNOWN, Code.RATE, Code.RISK, Code.AUDIT_UNAVAILABLE,
      Code.CREDENTIAL_UNAVAILABLE, Code.INTERNAL_ERROR, Code.BAD_REQUEST, Code.BAD_TASK,
-     Code.UNATTRIBUTED, Code.IDENTITY_CONFLICT, Code.UNKNOWN_PURPOSE],
+     Code.UNATTRIBUTED, Code.IDENTITY_CONFLICT, Code.UNKNOWN_PURPOSE,
+     Code.REVOCATIONS_REFUSED, Code.OUTSIDE_TASK],
 )  # fmt: skip
 def test_outcomes_of_run_time_state_are_not_replayable(snap: Snapshot, code: str) -> None:
     r = replay(snap, rec(allowed=False, code=code, rule=""))
@@ -509,8 +510,21 @@ def test_outcomes_of_run_time_state_are_not_replayable(snap: Snapshot, code: str
     assert r.change == ""
 
 
+def test_a_new_require_task_is_a_change_for_calls_naming_no_task(tmp_path: Path) -> None:
+    """Issue 18: `requireTask` on a purpose refuses its calls that name no task (a real
+    change to review); for a call that named one, whether it was declared is run-time
+    state, so it is not replayed."""
+    billing = BILLING.replace("    reconcile:\n", "    reconcile:\n      requireTask: true\n", 1)
+    assert billing != BILLING
+    new = load_profiles(write_profiles(tmp_path / "p", billing=billing))
+    r = replay(new, rec())
+    assert r.decision is not None and r.decision.code == Code.OUTSIDE_TASK
+    assert r.change == "allow_to_deny"
+    assert replay(new, rec(task="t-1")).skipped == "task"
+
+
 def test_an_unknown_code_and_an_elevation_are_not_replayed(snap: Snapshot) -> None:
-    assert replay(snap, rec(allowed=False, code="outside_task")).skipped == "outside_task"
+    assert replay(snap, rec(allowed=False, code="made_up")).skipped == "made_up"
     assert replay(snap, rec(elevated=True, rule="elevation:refund.allow[0]")).skipped == "elevation"
     assert replay(snap, rec(host="")).skipped == "unrebuildable"
     assert replay(snap, rec(agent="")).skipped == "unrebuildable"
