@@ -20,12 +20,22 @@ null, object, array), with, by the profile's choice: ``"value"`` (a name listed 
 recorded like the others), ``"hash"`` (mode ``hashes``: the first 8 bytes of
 HMAC-SHA256(key, canonical JSON of the value), hex), or nothing more (mode ``types``). An
 object not kept in clear also has ``"keys"`` (its member names and their types, up to 64
-members), an array ``"items"`` (the types of its elements). Over 128 arguments (or
+members), an array ``"items"`` (the types of its elements).
+
+Names are the call's data too (a JSON object keyed by e-mail addresses or card numbers): a
+name (of an argument, a field, a query parameter, a member in ``keys``) is recorded as it
+is only if it looks like an identifier (:data:`NAME`: a letter or `_`, then up to 63
+letters, digits, `_`, `-`, `.`); any other is recorded as ``"#"`` and its keyed hash (mode
+``hashes``) or as ``"#"`` and its position (else), never in clear. Over 128 arguments (or
 messages), the rest are counted in ``<member>_omitted``. With any hash, ``"key"`` names the
 key (an id derived from it, which reveals nothing of it): hashes are comparable only under
 one key. Without a key (it could not be read or created: the writer logs why), hashes are
 left out and ``"key"`` is ``"unavailable"``: the record is still written, never with an
 unkeyed hash, which a dictionary of likely values (amounts, e-mail addresses) would undo.
+
+At most :data:`RECORD_MAX_BYTES` of JSON: a larger member (a batch of many messages of many
+arguments can make six times its body's bytes) is replaced by ``{"omitted": "too large",
+"bytes": n}``, so that an agent cannot fill the audit volume faster than it sends.
 
 Never raises: an argument that cannot be encoded is marked ``"unhashable": true``, and
 anything else unexpected becomes ``{"error": ...}``, so no record is lost to its arguments.
@@ -35,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _encode_str
 from typing import Any
@@ -46,6 +57,8 @@ from sidecar.core.recording import ArgumentRecording, CallArguments
 
 __all__ = [
     "ENTRIES_MAX",
+    "NAME",
+    "RECORD_MAX_BYTES",
     "VALUE_MAX_BYTES",
     "ArgumentKey",
     "json_type",
@@ -54,6 +67,8 @@ __all__ = [
 
 VALUE_MAX_BYTES = 1024
 ENTRIES_MAX = 128
+RECORD_MAX_BYTES = 16 * 1024
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 _KEYS_MAX = 64
 _HASH_BYTES = 8
 _KEY_ID_INPUT = b"mandate-audit-argument-key-id"
@@ -119,7 +134,12 @@ def recorded_arguments(args: CallArguments, key: ArgumentKey | None) -> dict[str
     """The ``arguments`` member of the call's decision record, or None when there is
     nothing to keep. ``key``: the audit directory's key (None: not available)."""
     try:
-        return _Recorder(args.recording, key).record(args)
+        out = _Recorder(args.recording, key).record(args)
+        if out is not None:
+            size = len(canonical_json(out))
+            if size > RECORD_MAX_BYTES:
+                return {"omitted": "too large", "bytes": size}
+        return out
     except Exception as exc:  # a bug must not cost the record: it says so instead
         return {"error": f"the arguments could not be recorded ({type(exc).__name__})"}
 
@@ -194,8 +214,19 @@ class _Recorder:
             if i == ENTRIES_MAX:
                 out[f"{member}_omitted"] = len(obj) - ENTRIES_MAX
                 break
-            entries[name] = self._entry(name, value)
+            entries[self._name(name, i)] = self._entry(name, value)
         out[member] = entries
+
+    def _name(self, name: str, i: int) -> str:
+        """``name`` as a record may show it (see the module's docstring)."""
+        if NAME.fullmatch(name):
+            return name
+        if self.hashes and self.key is not None:
+            try:
+                return "#" + self.key.mac(_canonical(name))
+            except (ValueError, RecursionError):
+                pass
+        return f"#{i}"
 
     def _entry(self, name: str, value: object) -> dict[str, Any]:
         t = json_type(value)
@@ -218,7 +249,9 @@ class _Recorder:
         if t == "object":
             assert isinstance(value, dict)
             if len(value) <= _KEYS_MAX:
-                e["keys"] = {k: json_type(v) for k, v in value.items()}
+                e["keys"] = {
+                    self._name(k, j): json_type(v) for j, (k, v) in enumerate(value.items())
+                }
         elif t == "array":
             assert isinstance(value, list)
             e["items"] = sorted({json_type(v) for v in value})

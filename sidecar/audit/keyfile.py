@@ -48,9 +48,18 @@ def load_argument_key(directory: str | os.PathLike[str]) -> ArgumentKey:
         raise AuditInputError(f"{path}: cannot read the argument key: {_describe(exc)}") from None
     try:
         _create(path)
-        return _read(path)
+        key = _read(path)
     except OSError as exc:
         raise AuditInputError(f"{path}: cannot create the argument key: {_describe(exc)}") from None
+    if any(Path(directory).glob("audit-*.jsonl")):
+        log.warning(
+            "audit argument key %s (id %s) created in a directory that already holds audit "
+            "files: the key they were hashed under is gone (deleted or moved?), so their "
+            "argument hashes do not compare with new ones", path, key.id,
+        )  # fmt: skip
+    else:
+        log.info("audit argument key %s created (id %s)", path, key.id)
+    return key
 
 
 def _read(path: Path) -> ArgumentKey:

@@ -896,7 +896,9 @@ class AuditWriter:
         if pending:
             if not self._pending:
                 self._pending_base = (self._size, self._seq, self._prev, self._file_records)
-            self._pending.append(record)
+            # Kept only to account for it if the batch's write fails: without the call's
+            # body and arguments, which the line has taken what it needs of.
+            self._pending.append(_light(record))
             self._pending_lines.append(line)
             self._size += len(line)
             self._seq += 1
@@ -1171,6 +1173,13 @@ def _body_size(item: object) -> int:
         if args is not None and args.body is not None:
             return len(args.body)
     return 0
+
+
+def _light(item: Mapping[str, Any] | _DecisionItem) -> Mapping[str, Any] | _DecisionItem:
+    """``item`` without the call material its line was made from (see `_put`)."""
+    if isinstance(item, _DecisionItem) and item.decision.arguments is not None:
+        return item._replace(decision=dataclasses.replace(item.decision, arguments=None))
+    return item
 
 
 def _withhold(item: _DecisionItem) -> _DecisionItem:

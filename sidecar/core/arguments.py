@@ -101,12 +101,14 @@ def _check_keyword(key: str, value: object, here: str) -> None:
         if not isinstance(value, list) or not value:
             raise ValueError(f"{here}: expected a non-empty list of values")
     elif key in _NUMBERS:
-        if (
-            not isinstance(value, int | float)
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-        ):
+        if not isinstance(value, int | float) or isinstance(value, bool):
             raise ValueError(f"{here}: expected a number")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer beyond a float (a 400-digit literal)
+            finite = False
+        if not finite:
+            raise ValueError(f"{here}: expected a number (a finite one, within a float's range)")
     elif key in _COUNTS:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{here}: expected a whole number >= 0")

@@ -354,7 +354,7 @@ class _Call:
         tools = body.tools() if body is not None else ()
         arguments = None
         if body is not None and self.agent is not None:  # the request was read
-            arguments = call_arguments(self.agent.recording, body._view, body._parsed)
+            arguments = call_arguments(self.agent.recording, body._view)
         return Decision(
             self.did, allowed, code, reason, self.name, self.owner, purpose, self.task,
             self.rule, self.source, self.method, self.host, self.port, self.path, tools,

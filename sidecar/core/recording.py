@@ -59,10 +59,14 @@ class CallArguments(NamedTuple):
 
 
 def call_arguments(
-    recording: ArgumentRecording, view: RequestView, mcp: McpBody | None
+    recording: ArgumentRecording, view: RequestView, mcp: McpBody | None = None
 ) -> CallArguments | None:
     """What the trail may record of ``view``'s arguments, or None when there is nothing to
-    record (the profile records none, or the call has neither body nor query)."""
+    record (the profile records none, or the call has neither body nor query).
+
+    ``mcp`` (the rules' parse) is not kept by the Check path (`decide` passes None): a
+    parse holds many times the body's bytes, and the audit queue bounds what it holds by
+    the bodies' size; the writer parses again, off the Check path."""
     if recording.mode == "none" or (not view.body and "?" not in view.path):
         return None
     return CallArguments(recording, view.path, view.body or None, view.body_truncated, mcp)

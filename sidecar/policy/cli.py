@@ -108,8 +108,11 @@ def add_profile_parser(subparsers: Any) -> argparse.ArgumentParser:
             "pattern from values recorded in clear; the type from hashes). Run the agent "
             "under a wide purpose first; review the proposal, `mandate simulate` it, then "
             "enforce it. Calls denied by a deny rule, revoked or malformed are never "
-            "learned; --include-denied also learns calls denied outside_purpose. Exit 0 "
-            "with a proposal, 1 when nothing usable was recorded, 2 on bad input."
+            "learned; --include-denied also learns calls denied outside_purpose where no "
+            "rule matched (not those a rule's argument or tool constraint refused). An "
+            "agent whose proposal fails is reported on stderr; the others still get theirs. "
+            "Exit 0 with a proposal, 1 when nothing usable was recorded (or no proposal "
+            "could be made), 2 on bad input."
         ),
     )
     cmd.add_argument("--audit", required=True, metavar="DIR", help="the audit directory")
@@ -127,7 +130,8 @@ def add_profile_parser(subparsers: Any) -> argparse.ArgumentParser:
     cmd.add_argument(
         "--include-denied",
         action="store_true",
-        help="also learn calls denied outside_purpose (simulate then shows them deny -> allow)",
+        help="also learn calls denied outside_purpose that no rule matched (simulate then "
+        "shows them deny -> allow)",
     )
     return profile
 
@@ -317,6 +321,13 @@ def run_profile(args: argparse.Namespace) -> int:
         )
     except AuditError as exc:
         return _bad_suggest(str(exc))
+    for agent, why in result.failed:  # the others still get their proposal
+        print(
+            f"mandate profile suggest: agent {agent!r}: no proposal could be made: {why}",
+            file=sys.stderr,
+        )
+    if not result.agents and result.failed:
+        return EXIT_NOTHING
     if not result.agents:
         who = f"agent {args.agent!r}" if args.agent else "any agent"
         scope = ", ".join(

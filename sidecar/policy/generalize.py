@@ -3,9 +3,13 @@ Schema constraints from recorded arguments, for `sidecar.policy.suggest`.
 
 Paths: a segment that looks like an id (digits, a UUID, a long token mixing letters and
 digits) or that a pattern cannot hold literally becomes `*`, and so does every segment at
-a place where more than :data:`LITERALS_MAX` literal ones were seen; under a `*`, a tail
-that ends at several depths becomes `**` when it holds only `*`s, or literal segments each
-seen in one path only; a literal segment several paths share stays.
+a place where more than :data:`LITERALS_MAX` literal ones were seen; the first segment
+(it names the API, not an instance) becomes `*` only for the latter two reasons. Under a
+`*`, a tail becomes `**` only when it is justified: at least :data:`TAIL_PATHS_MIN`
+distinct paths below the `*`, ending at two depths or more, holding only `*`s or literal
+segments each seen in one path only, and a literal first segment before it (never `/**`
+nor `/*/**`); otherwise the paths stay templates of their own depth (`/files/*`,
+`/files/*/*`). A literal segment several paths share stays.
 
 Arguments (as `sidecar.audit.arguments` records them): the type (integer and number
 together: number); from values recorded in clear, `minimum`/`maximum` for numbers, `enum`
@@ -25,22 +29,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.audit.arguments import json_type
+from sidecar.core.arguments import validate_schema
 from sidecar.policy.yamltext import Commented
 
 __all__ = [
     "ENUM_MAX",
     "LITERALS_MAX",
+    "TAIL_PATHS_MIN",
     "Seen",
     "covers",
     "expressible",
     "object_schema",
     "path_templates",
+    "recorded_name",
     "segments",
     "string_shape",
 ]
 
 ENUM_MAX = 10
 LITERALS_MAX = 5
+TAIL_PATHS_MIN = 3
 _SEGMENT_LITERAL = re.compile(r"^[^/*?#%;\\\x00-\x20\x7f]+$")
 _ID = re.compile(
     r"^(?:[0-9][0-9._:,-]*"
@@ -63,9 +71,14 @@ def segments(path: str) -> list[str]:
     return [s for s in path.split("/") if s]
 
 
+def _writable(seg: str) -> bool:
+    """A segment a path pattern can hold literally."""
+    return bool(_SEGMENT_LITERAL.match(seg)) and seg not in (".", "..")
+
+
 def _varying(seg: str) -> bool:
     """A segment that names an instance (an id, a token) or cannot be written literally."""
-    if len(seg) > 48 or not _SEGMENT_LITERAL.match(seg) or seg in (".", ".."):
+    if len(seg) > 48 or not _writable(seg):
         return True
     if _ID.match(seg):
         return True
@@ -75,17 +88,27 @@ def _varying(seg: str) -> bool:
 
 
 def _merge(into: _Node, other: _Node) -> None:
-    into.end += other.end
-    for seg, child in other.children.items():
-        if seg in into.children:
-            _merge(into.children[seg], child)
-        else:
-            into.children[seg] = child
+    stack = [(into, other)]
+    while stack:  # iterative: a recorded path may have thousands of segments
+        a, b = stack.pop()
+        a.end += b.end
+        for seg, child in b.children.items():
+            mine = a.children.get(seg)
+            if mine is None:
+                a.children[seg] = child
+            else:
+                stack.append((mine, child))
 
 
-def _collapse(node: _Node) -> None:
+def _star(node: _Node, root: bool) -> None:
+    """Merge ``node``'s children that vary into one `*` child. The first segment of a path
+    (``root``) names the API, not an instance: it becomes `*` only where a pattern cannot
+    write it, or where more than :data:`LITERALS_MAX` were seen."""
     kids = node.children
-    wild = [s for s in kids if s == "*" or _varying(s)]
+    if root:
+        wild = [s for s in kids if s == "*" or not _writable(s)]
+    else:
+        wild = [s for s in kids if s == "*" or _varying(s)]
     literal = [s for s in kids if s not in wild]
     if len(literal) > LITERALS_MAX:
         wild, literal = wild + literal, []
@@ -94,61 +117,86 @@ def _collapse(node: _Node) -> None:
         for seg in wild:
             _merge(merged, kids.pop(seg))
         kids["*"] = merged
-    for child in kids.values():
-        _collapse(child)
-    star = kids.get("*")
-    if star is not None:
-        depths = _wild_depths(star, 1)
-        if (depths is not None and len(depths) > 1) or _varying_tail(star):
-            rest = _Node()
-            rest.rest = True
-            rest.end = list(_paths(star))
-            del kids["*"]
-            kids["**"] = rest
+
+
+def _tail(node: _Node) -> None:
+    """Turn ``node``'s `*` child into `**` when the paths below it justify a tail of any
+    depth: at least :data:`TAIL_PATHS_MIN` distinct paths ending at two depths or more, the
+    subtree holding only `*`s or literal segments each seen in one path only."""
+    star = node.children.get("*")
+    if star is None:
+        return
+    paths = list(_paths(star))
+    if len(paths) < TAIL_PATHS_MIN or len({len(segments(p)) for p in paths}) < 2:
+        return
+    if _only_wild(star) or _varying_tail(star):
+        rest = _Node()
+        rest.rest = True
+        rest.end = paths
+        del node.children["*"]
+        node.children["**"] = rest
+
+
+def _collapse(root: _Node) -> None:
+    """`*` where segments vary, then `**` for varying tails below a literal first segment
+    (never at the root: `/**` would allow every path), children before their parent.
+    Iterative: a recorded path may have thousands of segments."""
+    # (node, depth, its children done, a `**` may end its prefix)
+    stack: list[tuple[_Node, int, bool, bool]] = [(root, 0, False, False)]
+    while stack:
+        node, depth, done, anchored = stack.pop()
+        if done:
+            if anchored:
+                _tail(node)
+            continue
+        _star(node, depth == 0)
+        stack.append((node, depth, True, anchored))
+        for seg, child in node.children.items():
+            below = anchored or (depth == 0 and seg != "*")
+            stack.append((child, depth + 1, False, below))
 
 
 def _varying_tail(star: _Node) -> bool:
     """Paths below a `*` that end at several depths, through literal segments each seen in
     one path only (`/files/*` over `a.txt`, `dir/b.txt`, `x/y/c.txt`): a tail of any
     depth, `**`. A literal that several paths share (`/repos/*/issues`) is stable: kept."""
-    depths = {len(segments(p)) for p in _paths(star)}
-    if len(depths) < 2:
-        return False
     literal = [child for seg, child in star.children.items() if seg not in ("*", "**")]
     return len(literal) > 1 and all(sum(1 for _ in _paths(c)) == 1 for c in literal)
 
 
-def _wild_depths(node: _Node, depth: int) -> set[int] | None:
-    """The depths at which paths end below a `*` whose subtree holds only `*`s, else None."""
-    if any(seg not in ("*", "**") for seg in node.children):
-        return None
-    out = {depth} if node.end else set()
-    if "**" in node.children:  # a tail of any depth already
-        out |= {depth + 1, -1}
-    for seg, child in node.children.items():
-        if seg == "**":
-            continue
-        below = _wild_depths(child, depth + 1)
-        if below is None:
-            return None
-        out |= below
-    return out
+def _only_wild(node: _Node) -> bool:
+    """Whether every segment below ``node`` is a `*` or `**`."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        for seg, child in n.children.items():
+            if seg not in ("*", "**"):
+                return False
+            stack.append(child)
+    return True
 
 
 def _paths(node: _Node) -> Iterator[str]:
-    yield from node.end
-    for child in node.children.values():
-        yield from _paths(child)
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        yield from n.end
+        stack.extend(n.children.values())
 
 
-def _emit(node: _Node, prefix: list[str], out: dict[str, list[str]]) -> None:
-    if node.rest:  # its segment, `**`, ends the prefix
-        out["/" + "/".join(prefix)] = node.end
-        return
-    if node.end:
-        out["/" + "/".join(prefix)] = node.end
-    for seg in sorted(node.children):
-        _emit(node.children[seg], [*prefix, seg], out)
+def _emit(root: _Node) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    stack: list[tuple[_Node, list[str]]] = [(root, [])]
+    while stack:
+        node, prefix = stack.pop()
+        if node.rest:  # its segment, `**`, ends the prefix
+            out["/" + "/".join(prefix)] = node.end
+            continue
+        if node.end:
+            out["/" + "/".join(prefix)] = node.end
+        for seg in sorted(node.children, reverse=True):
+            stack.append((node.children[seg], [*prefix, seg]))
+    return out
 
 
 def path_templates(paths: Iterable[str]) -> dict[str, list[str]]:
@@ -161,9 +209,7 @@ def path_templates(paths: Iterable[str]) -> dict[str, list[str]]:
             node = node.children.setdefault(seg, _Node())
         node.end.append(path)
     _collapse(root)
-    out: dict[str, list[str]] = {}
-    _emit(root, [], out)
-    return out
+    return _emit(root)
 
 
 def covers(general: str, specific: str) -> bool:
@@ -283,6 +329,13 @@ def _value_schema(seen: Sequence[Seen]) -> tuple[dict[str, Any], str]:
     return schema, f"{calls}, values not recorded (audit.arguments: types)"
 
 
+def recorded_name(name: str) -> bool:
+    """Whether a record shows an argument's name itself: not one it replaced by `#` and a
+    hash or position (`sidecar.audit.arguments`: a name that does not look like an
+    identifier, which may be the call's data), nor one a profile cannot hold."""
+    return not name.startswith("#") and expressible(name)
+
+
 def expressible(value: object) -> bool:
     """Whether a profile can hold ``value`` (its strings and member names): not a string
     with a lone surrogate (`"\\udcff"`, which JSON lets through and no UTF-8 holds)."""
@@ -343,7 +396,22 @@ def _from_values(
 
 
 def _number(v: object) -> str:
-    return json.dumps(v)
+    text = json.dumps(v)
+    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} characters)"
+
+
+def _checked(schema: dict[str, Any], comment: str) -> tuple[dict[str, Any], str]:
+    """``schema`` if the profile's own check takes it (`validate_schema`, as `mandate
+    validate` runs it), else its type alone: a value no constraint can hold (an integer
+    beyond a float's range) constrains nothing but the type, and the comment says so."""
+    try:
+        validate_schema(schema)
+    except ValueError as exc:
+        why = str(exc).partition(": ")[2] or str(exc)
+        return {"type": schema["type"]}, (
+            f"{comment}; type only: the values give no constraint a profile can hold ({why})"
+        )
+    return schema, comment
 
 
 def _shape(schema: dict[str, Any], entries: Sequence[Mapping[str, Any]], types: set[str]) -> None:
@@ -353,7 +421,7 @@ def _shape(schema: dict[str, Any], entries: Sequence[Mapping[str, Any]], types: 
         keys: dict[str, set[str]] = {}
         for e in entries:
             for k, t in (e.get("keys") or {}).items():
-                if expressible(k):
+                if recorded_name(k):
                     keys.setdefault(k, set()).add(str(t))
         if keys:
             schema["properties"] = {k: {"type": _type_of(t)} for k, t in sorted(keys.items())}
@@ -367,18 +435,26 @@ def object_schema(calls: Sequence[tuple[Mapping[str, Any], str, bool]]) -> Comme
     """The schema of a call's arguments (a tool's, a JSON body's, a query's) from each
     call's entries, its key id, and whether some of them were left out of the record."""
     names: dict[str, list[Seen]] = {}
-    unnamed = False  # a name a profile cannot hold: not listed, so others are allowed
+    # a name the record does not show (hashed) or a profile cannot hold: not listed, so
+    # additionalProperties stays open (else the call itself would be refused)
+    unnamed = 0
     for entries, key, _ in calls:
         for name, entry in entries.items():
-            if not expressible(name):
-                unnamed = True
+            if not recorded_name(name):
+                unnamed += 1
             elif isinstance(entry, Mapping):
                 names.setdefault(name, []).append(Seen(entry, key))
     props = Commented()
     for name in sorted(names):
-        schema, comment = _value_schema(names[name])
+        schema, comment = _checked(*_value_schema(names[name]))
         props.add(name, schema, comment)
     out = Commented()
+    if unnamed:
+        out.above.append(
+            f"{unnamed} argument{'s' if unnamed != 1 else ''} whose name the record does "
+            "not show (hashed: not an identifier) or a profile cannot hold: not listed, so "
+            "additionalProperties is left open (any other argument passes)"
+        )
     out.add("type", "object")
     if names:
         out.add("properties", props)

@@ -30,6 +30,16 @@ new purpose could have turned into an allow is not replayable. A record without
 tool calls only. A rebuilt call the core does not see as recorded (another method, host,
 port or path) is not replayable.
 
+Two outcomes are known though the record cannot rebuild the call whole. A call that named a
+task, replayed against a purpose that now has `requireTask`: whether the task was declared
+is run-time state, but a declaration only narrows what the rules allow, so the call is
+replayed with `requireTask` off too, and a deny there is the outcome (else ``task``). A
+call whose recorded arguments cannot rebuild it (an MCP batch cut short at 128 messages,
+a body the trail withheld): its recorded tool calls alone are replayed, and a deny (by a
+deny rule, or by every allow rule refusing one of them, with no argument, query or body
+constraint that the missing parts might have met) is the outcome (else
+``unrebuildable``).
+
 A record with ``arguments`` (`sidecar.audit.arguments`; the profile's `spec.audit`) keeps
 the body's kind and messages, and the arguments' types: the body is rebuilt as it was, each
 message of an MCP body with its method, and a JSON body, a tool call's arguments or the
@@ -49,7 +59,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -106,7 +116,7 @@ NOT_REPLAYABLE: Mapping[str, str] = {
     "constrains it",
     "unrebuildable": "the record does not describe the call well enough to rebuild it",
     "task": "the new purpose requires a declared task, and the call named one: whether it "
-    "had a declaration is run-time state",
+    "had a declaration is run-time state (its rules alone would allow it)",
 }
 
 # Outcomes the profiles decide, given what the record keeps.
@@ -438,6 +448,28 @@ def _pairs(values: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
 
 def replay(snapshot: Snapshot, rec: Recorded) -> Replay:
     """Decide one recorded call again on ``snapshot``, or say why it cannot be."""
+    r = _replay(snapshot, rec)
+    if r.skipped != "task":
+        return r
+    # The new purpose requires a declared task and the call named one: whether it was
+    # declared is run-time state, but a declaration only narrows what the rules allow, so
+    # a call the rules alone deny is denied whatever it declared.
+    untasked = _replay(_without_required_task(snapshot, rec), rec)
+    if untasked.decision is not None and not untasked.decision.allowed:
+        return untasked
+    return r
+
+
+def _without_required_task(snapshot: Snapshot, rec: Recorded) -> Snapshot:
+    """``snapshot`` with `requireTask` off for the purposes of ``rec``'s agent (no
+    recompiling: the compiled rules are shared)."""
+    agent = snapshot.agents[rec.agent]
+    purposes = {n: replace(p, require_task=False) for n, p in agent.purposes.items()}
+    agents = {**snapshot.agents, rec.agent: replace(agent, purposes=purposes)}
+    return replace(snapshot, agents=agents)
+
+
+def _replay(snapshot: Snapshot, rec: Recorded) -> Replay:
     if rec.code not in _FULL and rec.code not in _EARLY:
         return Replay(rec, None, rec.code)
     if rec.elevated:
@@ -451,10 +483,10 @@ def replay(snapshot: Snapshot, rec: Recorded) -> Replay:
         if d.code not in _BEFORE_REQUEST:
             return Replay(rec, None, "request_not_recorded")
         return Replay(rec, d)
-    if rec.arguments is not None and "error" not in rec.arguments:
+    if rec.arguments is not None and not ({"error", "omitted"} & rec.arguments.keys()):
         m = _material(rec.arguments)
         if m is None:
-            return Replay(rec, None, "unrebuildable")
+            return _recorded_tools_deny(snapshot, rec)
         view = rebuild(rec, m.body, query=m.query, truncated=m.truncated)
         d = decide(snapshot, view, now)
         if d.code == Code.OUTSIDE_PURPOSE:
@@ -471,6 +503,11 @@ def replay(snapshot: Snapshot, rec: Recorded) -> Replay:
             loose = decide(snapshot, rebuild(rec, _PERMISSIVE_BODY), now)
             if loose.allowed != d.allowed:
                 return Replay(rec, None, "mcp_body")
+    return _checked(rec, d)
+
+
+def _checked(rec: Recorded, d: Decision) -> Replay:
+    """The replay of ``rec`` decided ``d``, unless ``d`` rests on what replay cannot know."""
     if d.code == Code.OUTSIDE_TASK:  # the new purpose has requireTask
         if rec.task:  # was the task it named declared? run-time state
             return Replay(rec, None, "task")
@@ -481,6 +518,27 @@ def replay(snapshot: Snapshot, rec: Recorded) -> Replay:
     ):
         return Replay(rec, None, "unrebuildable")  # the core did not see the recorded call
     return Replay(rec, d)
+
+
+def _recorded_tools_deny(snapshot: Snapshot, rec: Recorded) -> Replay:
+    """A call whose recorded arguments cannot rebuild it (an MCP batch cut short at 128
+    messages, a body the trail withheld), replayed as its recorded tool calls alone: a
+    batch passes only if every message does, and a deny rule matches any message that
+    names its tool, so when these alone are denied, with no argument, query or body
+    constraint of the purpose in play that the missing parts could have satisfied, the
+    whole call is denied too. Anything else (an allow) stays unrebuildable."""
+    unrebuildable = Replay(rec, None, "unrebuildable")
+    if not rec.tools:
+        return unrebuildable
+    d = decide(snapshot, rebuild(rec, _tools_call(rec.tools)), rec.at)
+    if d.allowed or d.code not in (Code.DENIED_BY_RULE, Code.OUTSIDE_PURPOSE, Code.OUTSIDE_TASK):
+        return unrebuildable
+    if d.code == Code.OUTSIDE_PURPOSE and _unknown_constrained(
+        snapshot, d, rec.tools, query=True, json_body=True
+    ):
+        return unrebuildable
+    r = _checked(rec, d)
+    return r if r.decision is not None or r.skipped == "task" else unrebuildable
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ says where its values came from.
 Scalars are written so that PyYAML (YAML 1.1, what `mandate validate` reads with) reads
 them back as the same values: strings that would read as another type (`yes`, `null`,
 `1.0`) and strings with characters YAML cannot hold raw are double-quoted with JSON's
-escapes; floats always carry a `.` (`1.0e-07`). No I/O.
+escapes; floats always carry a `.` (`1.0e-07`). A key longer than a YAML simple key may be
+(1024 characters) is written as an explicit `? key` entry; a comment shows what YAML cannot
+hold in one (control characters, non-characters, line breaks) as `\\uXXXX`. No I/O.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ _YAML_WORDS = frozenset(
     {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"}
 )  # fmt: skip
 _FLOW_MAX = 96
+# PyYAML reads a simple (implicit) key only within 1024 characters of its `:`; past this
+# length a key is written as an explicit `? key` entry
+_KEY_MAX = 1000
 
 
 class Commented:
@@ -87,6 +92,10 @@ def _key(text: str) -> str:
     return _scalar(text)
 
 
+def _long(key: str) -> bool:
+    return len(_key(key)) > _KEY_MAX
+
+
 def _flow(value: Any) -> str | None:
     """A flow rendering for short leaves (scalars, lists of scalars, small mappings of
     them), None for what goes in block style."""
@@ -97,6 +106,8 @@ def _flow(value: Any) -> str | None:
     if isinstance(value, Mapping):
         parts = []
         for k, v in value.items():
+            if _long(k):
+                return None
             inner = _flow(v)
             if inner is None:
                 return None
@@ -115,8 +126,16 @@ def _flow(value: Any) -> str | None:
     return text if len(text) <= _FLOW_MAX else None
 
 
+def _printable(text: str) -> str:
+    """``text`` on one comment line: whitespace runs (line breaks too) as one space, and
+    what YAML cannot hold raw as a `\\uXXXX` escape (a comment is not a scalar: YAML reads
+    no escape in it, so it only shows the character)."""
+    flat = " ".join(text.split())
+    return _YAML_PRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", flat)
+
+
 def _comment(text: str) -> str:
-    return "  # " + " ".join(text.split()) if text else ""
+    return "  # " + _printable(text) if text else ""
 
 
 def _emit_map(m: Commented | Mapping[str, Any], indent: int, lines: list[str]) -> None:
@@ -126,10 +145,14 @@ def _emit_map(m: Commented | Mapping[str, Any], indent: int, lines: list[str]) -
         if isinstance(value, Commented):
             lines += _above(value, pad)
         flow = _flow(value)
+        head = f"{pad}{_key(key)}:"
+        if _long(key):  # an explicit key: `? key`, then `: value` on the next line
+            lines.append(f"{pad}? {_key(key)}{_comment(comment)}")
+            head, comment = f"{pad}:", ""
         if flow is not None:
-            lines.append(f"{pad}{_key(key)}: {flow}{_comment(comment)}")
+            lines.append(f"{head} {flow}{_comment(comment)}")
             continue
-        lines.append(f"{pad}{_key(key)}:{_comment(comment)}")
+        lines.append(f"{head}{_comment(comment)}")
         if isinstance(value, Commented | Mapping):
             _emit_map(value, indent + 2, lines)
         else:
@@ -158,7 +181,7 @@ def _emit_list(values: Sequence[Any], indent: int, lines: list[str]) -> None:
 
 
 def _above(value: Commented, pad: str) -> list[str]:
-    return [f"{pad}# {' '.join(a.split())}".rstrip() for a in value.above]
+    return [f"{pad}# {_printable(a)}".rstrip() for a in value.above]
 
 
 def render(doc: Commented) -> str:

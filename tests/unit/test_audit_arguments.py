@@ -153,15 +153,17 @@ def test_a_call_without_body_or_query_records_nothing(tmp_path: Path) -> None:
     assert "arguments" not in rec  # records (and their hashes) as before
 
 
-def test_the_rules_parse_is_reused(tmp_path: Path) -> None:
+def test_the_check_path_keeps_no_parse_of_the_body(tmp_path: Path) -> None:
+    """A review found the rules' parse riding along to the audit queue held ~25x the body's
+    bytes, past the queue's bound on bodies: the decision keeps the body only, and the
+    writer parses it again (the same record either way)."""
     rules = "        - hosts: [mcp.bank.svc.cluster.local]\n          mcpTools: [send_money]\n"
     body = rpc(("send_money", {"to": "a"}))
     d = decide_with(tmp_path, profile(rules=rules), call(body=body))
-    assert d.allowed and d.arguments is not None and d.arguments.mcp is not None
-    assert d.arguments.mcp.messages[0].tool == "send_money"
-    # a rule that reads no body: not parsed for the decision (the trail parses it later)
-    d = decide_with(tmp_path, profile(), call(body=body))
-    assert d.arguments is not None and d.arguments.mcp is None
+    assert d.allowed and d.arguments is not None and d.arguments.mcp is None
+    assert d.arguments.body == body
+    recorded = recorded_arguments(d.arguments, None)
+    assert recorded is not None and recorded["mcp"][0]["tool"] == "send_money"
 
 
 # -- what each kind of body and query becomes --------------------------------------------------
@@ -335,3 +337,65 @@ def test_a_full_queue_of_bodies_lets_a_body_go_and_says_so(
     snap = load_profiles(next(tmp_path.glob("profiles-*")))
     assert replay(snap, recorded_call).skipped == "unrebuildable"
     assert suggest([recorded_call]).agents == ()  # nothing learned from an unknown body
+
+
+def test_a_key_made_anew_beside_old_trail_files_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review finding: a deleted key was re-created silently, splitting the trail's hashes
+    into two sets that no longer compare."""
+    from sidecar.audit.keyfile import KEY_FILE, load_argument_key
+
+    first = load_argument_key(tmp_path)
+    (tmp_path / "audit-pod-w0-000001.jsonl").write_text("{}\n")
+    (tmp_path / KEY_FILE).unlink()
+    with caplog.at_level(logging.WARNING):
+        second = load_argument_key(tmp_path)
+    assert second.id != first.id
+    assert "already holds audit files" in caplog.text and second.id in caplog.text
+
+
+def test_names_that_are_no_identifiers_are_never_recorded_in_clear() -> None:
+    """Review finding: object keys, JSON field and query names are the call's data too."""
+    from sidecar.audit.arguments import ArgumentKey, recorded_arguments
+    from sidecar.core.recording import ArgumentRecording, CallArguments
+
+    body = json.dumps(
+        {"balances": {"alice@example.com": 120, "4111111111111111": 1}, "to": "x",
+         "bob@example.com": 1}
+    ).encode()  # fmt: skip
+    for mode, key in (("hashes", ArgumentKey.of(b"k" * 32)), ("types", None), ("hashes", None)):
+        a = CallArguments(ArgumentRecording(mode), "/t?carol%40example.com=1&status=a", body, False)
+        text = json.dumps(recorded_arguments(a, key))
+        for secret in ("alice@example.com", "4111111111111111", "bob@example.com", "carol@"):
+            assert secret not in text, (mode, text)
+        assert '"to"' in text and '"status"' in text and '"balances"' in text
+
+
+def test_a_record_too_large_is_summarised() -> None:
+    from sidecar.audit.arguments import RECORD_MAX_BYTES, recorded_arguments
+    from sidecar.core.recording import ArgumentRecording, CallArguments
+
+    msgs = [
+        {"jsonrpc": "2.0", "id": i, "method": "tools/call",
+         "params": {"name": "t", "arguments": {f"a{j}": j for j in range(40)}}}
+        for i in range(128)
+    ]  # fmt: skip
+    a = CallArguments(ArgumentRecording("types"), "/mcp", json.dumps(msgs).encode(), False)
+    out = recorded_arguments(a, None)
+    assert out is not None and out["omitted"] == "too large" and out["bytes"] > RECORD_MAX_BYTES
+
+
+def test_a_chained_record_waiting_for_its_write_holds_no_call_body(tmp_path: Path) -> None:
+    """Review finding: a batch's records waited for their write(2) holding their bodies
+    (and parses), outside the queue's 16 MiB bound. Once its line is made, a record keeps
+    only what its loss accounting needs."""
+    from sidecar.audit.writer import _DecisionItem, _light
+
+    rules = "        - hosts: [mcp.bank.svc.cluster.local]\n          mcpTools: [send_money]\n"
+    d = decide_with(tmp_path, profile(rules=rules), call(body=rpc(("send_money", {"to": "a"}))))
+    assert d.arguments is not None
+    item = _DecisionItem(d, "pod", "ns", 1.0)
+    light = _light(item)
+    assert isinstance(light, _DecisionItem) and light.decision.arguments is None
+    assert light.decision.decision_id == d.decision_id

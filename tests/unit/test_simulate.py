@@ -705,3 +705,51 @@ def test_a_changed_purpose_shows_in_the_group(snap: Snapshot) -> None:
         "rule": None,
         "purpose": None,
     }
+
+
+# -- outcomes known though the record cannot rebuild the call whole (review of issue 18) ------
+
+
+def test_a_call_naming_a_task_that_the_new_rules_deny_anyway_is_a_deny(tmp_path: Path) -> None:
+    """A declaration only narrows what the rules allow: a call naming a task, replayed
+    against a purpose that now has requireTask and whose rules deny it, is denied whatever
+    it declared; one the rules allow stays `task` (not replayable)."""
+    billing = BILLING.replace("    reconcile:\n", "    reconcile:\n      requireTask: true\n", 1)
+    new = load_profiles(write_profiles(tmp_path / "p", billing=billing))
+    r = replay(new, rec(task="t-1", path="/v1/payments/1"))  # no rule allows it
+    assert r.decision is not None and r.decision.code == Code.OUTSIDE_PURPOSE
+    assert r.change == ALLOW_TO_DENY
+    r = replay(new, rec(task="t-1", path="/v1/ledger/admin/x"))  # a deny rule
+    assert r.decision is not None and r.decision.code == Code.DENIED_BY_RULE
+    assert replay(new, rec(task="t-1")).skipped == "task"  # the rules allow it: unknown
+
+
+def _drop_db(n: int) -> tuple[str, ...]:
+    return ("drop_db",) * n
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"body": "withheld"},  # the writer's queue was full: the body went unread
+        {"mcp": [{"method": "tools/call", "tool": "drop_db"}] * 128, "mcp_omitted": 1},
+    ],
+)
+def test_recorded_tools_that_alone_are_denied_are_a_deny(
+    snap: Snapshot, arguments: dict[str, Any]
+) -> None:
+    """A record whose arguments cannot rebuild the call (a batch over 128 messages, a
+    withheld body) still names its tools: when those alone are refused, so is the call."""
+    r = replay(snap, rec(
+        method="POST", host=MCP, path="/mcp", agent="research-agent", purpose="tool-use",
+        rule="tool-use.allow[0]", tools=_drop_db(128 if "mcp" in arguments else 1),
+        arguments=arguments,
+    ))  # fmt: skip
+    assert r.decision is not None and r.change == ALLOW_TO_DENY
+    assert "MCP tool 'drop_db' not allowed" in r.decision.reason
+    # tools the new rules allow: the rest of the call is unknown, still unrebuildable
+    r = replay(snap, rec(
+        method="POST", host=MCP, path="/mcp", agent="research-agent", purpose="tool-use",
+        rule="tool-use.allow[0]", tools=("search_papers",), arguments=arguments,
+    ))  # fmt: skip
+    assert r.decision is None and r.skipped == "unrebuildable"

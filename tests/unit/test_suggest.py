@@ -285,16 +285,18 @@ def test_a_proposal_from_a_session(wide: tuple[Path, list[Recorded]], tmp_path: 
     assert {"hosts": ["tunnel.example.com:443"], "methods": ["CONNECT"]} in allow
     mcp = next(r for r in allow if "mcpTools" in r)
     assert (mcp["hosts"], mcp["methods"], mcp["paths"], mcp["mcpTools"]) == (
-        [MCP], ["POST"], ["/mcp"], ["get_balance", "send_money"],
+        [f"{MCP}:80"], ["POST"], ["/mcp"], ["get_balance", "send_money"],
     )  # fmt: skip
     send = mcp["mcpArguments"]["send_money"]
     assert send["properties"]["to"] == {"type": "string", "enum": IBANS}
     assert send["properties"]["amount"] == {"type": "integer", "minimum": 12, "maximum": 95}
     assert send["properties"]["memo"] == {"type": "string"}
     assert send["required"] == ["amount", "memo", "to"]
-    invoices = next(r for r in allow if r.get("paths") == ["/v1/invoices", "/v1/invoices/*"])
+    # one rule per host, method and template where constraints differ
+    invoices = next(r for r in allow if r.get("paths") == ["/v1/invoices"])
     assert invoices["query"]["properties"]["status"] == {"type": "string", "enum": ["open", "paid"]}
-    assert "required" not in invoices["query"]
+    assert invoices["query"]["required"] == ["status"]
+    assert {"hosts": [f"{LEDGER}:80"], "methods": ["GET"], "paths": ["/v1/invoices/*"]} in allow
     transfers = next(r for r in allow if "jsonBody" in r)
     assert transfers["jsonBody"]["properties"]["to"] == {"type": "string", "enum": [IBANS[0]]}
     assert not any("/v1/admin" in p for r in allow for p in r.get("paths", []))
@@ -306,7 +308,7 @@ def test_a_proposal_from_a_session(wide: tuple[Path, list[Recorded]], tmp_path: 
     )
     assert "Not learned from: 1 denied_by_rule" in text
     assert "# 5 MCP calls, 1 distinct path" in text
-    assert "# 8 calls, 7 distinct paths" in text
+    assert "# 6 calls, 6 distinct paths" in text and "# 2 calls, 1 distinct path" in text
     assert "get_balance: 1, send_money: 3" in text
     assert "# 3 calls, 3 distinct values (hashed: record values to propose an enum)" in text
     assert "0 would change" in text
@@ -360,7 +362,9 @@ def test_a_recorded_deny_a_template_would_allow_gets_a_deny_rule(tmp_path: Path)
     text = suggest(recs).text
     learn = yaml.safe_load(text)["spec"]["purposes"]["learn"]
     assert learn["allow"][0]["paths"] == ["/v1/items/*"]
-    assert learn["deny"] == [{"hosts": [LEDGER], "methods": ["GET"], "paths": ["/v1/items/secret"]}]
+    assert learn["deny"] == [
+        {"hosts": [f"{LEDGER}:80"], "methods": ["GET"], "paths": ["/v1/items/secret"]}
+    ]
     assert "1 deny rule added for recorded denies a template would allow" in text
     assert not simulate(loaded(tmp_path, text), recs).changed
 
@@ -372,6 +376,7 @@ def test_which_calls_are_learned(wide: tuple[Path, list[Recorded]]) -> None:
         decision_id="x1",
         allowed=False,
         code="outside_purpose",
+        reason="outside purpose 'learn'",  # no rule matched it
         path="/v2/new",
         tools=(),
         arguments=None,
@@ -514,3 +519,197 @@ def test_strings_a_profile_cannot_hold_are_left_out(tmp_path: Path) -> None:
     assert "additionalProperties" not in schema  # the unnamed argument stays allowed
     assert "a lone surrogate" in text
     assert not simulate(loaded(tmp_path, text), recs).changed
+
+
+# -- review of issue 18: never wider than observed, never a crash -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("paths", "expected"),
+    [
+        # the first segment names the API: an id there stays literal, never `/**`
+        (["/1", "/1/2"], {"/1": ["/1"], "/1/*": ["/1/2"]}),
+        (["/1", "/2/3", "/4/5/6"], {"/1": ["/1"], "/2/*": ["/2/3"], "/4/*/*": ["/4/5/6"]}),
+        # two paths do not justify a tail of any depth: templates by depth
+        (["/v1/12345/a", "/v1/67890/b/c"], {"/v1/*/a": ["/v1/12345/a"], "/v1/*/b/c": ["/v1/67890/b/c"]}),
+        (["/files/1", "/files/2/3"], {"/files/*": ["/files/1"], "/files/*/*": ["/files/2/3"]}),
+        # no `**` below a first segment a pattern cannot write (`/*/**` is every path but `/`)
+        (["/a b/1", "/a b/2/3", "/a b/4/5/6"],
+         {"/*/*": ["/a b/1"], "/*/*/*": ["/a b/2/3"], "/*/*/*/*": ["/a b/4/5/6"]}),
+        # thousands of segments: no recursion
+        (["/a" * 2000], {"/a" * 2000: ["/a" * 2000]}),
+    ],
+)  # fmt: skip
+def test_path_templates_are_no_wider_than_observed(
+    paths: list[str], expected: dict[str, list[str]]
+) -> None:
+    got = path_templates(paths)
+    assert {k: sorted(v) for k, v in got.items()} == {k: sorted(v) for k, v in expected.items()}
+
+
+def _transfer(amount: int, to: str) -> bytes:
+    return json.dumps({"amount": amount, "to": to}).encode()
+
+
+def test_a_proposal_allows_no_path_body_or_port_it_did_not_see(tmp_path: Path) -> None:
+    snap = load_profiles(write_profiles(tmp_path / "p", WIDE))
+    views = [
+        view(0, "GET", LEDGER, "/1"),
+        view(1, "GET", LEDGER, "/1/2"),
+        view(2, "POST", MCP, "/mcp", rpc("get_balance", {"account": "main"})),
+        view(3, "POST", MCP, "/mcp", None),  # no body: no rule of its own beside the MCP one
+        view(4, "POST", MCP, "/mcp", b"hello"),  # not JSON: likewise
+        view(5, "POST", LEDGER, "/v1/transfers", _transfer(10, IBANS[0])),
+        view(6, "POST", LEDGER, "/v1/transfers", None),  # no body beside a jsonBody rule
+        view(7, "POST", LEDGER, "/v1/transfers?x=1", None),  # a query only
+    ]
+    recs = records(snap, views)
+    assert {r.code for r in recs} == {"allowed"}
+    result = suggest(recs)
+    allow = yaml.safe_load(result.text)["spec"]["purposes"]["learn"]["allow"]
+    assert all("paths" in r for r in allow)  # never "any path"
+    assert {h for r in allow for h in r["hosts"]} == {f"{LEDGER}:80", f"{MCP}:80"}
+    (mcp,) = [r for r in allow if r["paths"] == ["/mcp"]]
+    assert mcp["mcpTools"] == ["get_balance"]
+    (transfers,) = [r for r in allow if r["paths"] == ["/v1/transfers"]]
+    assert "jsonBody" in transfers
+    assert "Left out: 4 calls" in result.text and result.used == 4
+    assert "2 calls without a JSON object body (none, or not JSON) not learned" in result.text
+    new = loaded(tmp_path, result.text)
+    for v in (views[0], views[1], views[2], views[5]):
+        assert decide(new, v, time.time()).allowed, v.path
+    probes = [
+        ("GET", LEDGER, "/admin/delete-everything", None),
+        ("GET", LEDGER, "/", None),
+        ("POST", MCP, "/mcp", rpc("delete_everything", {"all": True})),
+        ("POST", LEDGER, "/v1/transfers", _transfer(10**9, "EVIL")),
+        ("POST", LEDGER, "/v1/transfers?x=1", _transfer(10**9, "EVIL")),
+        ("GET", f"{LEDGER}:8080", "/1", None),  # another port
+    ]
+    for i, (method, host, path, body) in enumerate(probes):
+        d = decide(new, view(100 + i, method, host, path, body), time.time())
+        assert not d.allowed, (method, host, path)
+
+
+def test_names_a_profile_cannot_hold_are_left_out_not_a_crash(tmp_path: Path) -> None:
+    snap = load_profiles(write_profiles(tmp_path / "p", WIDE))
+    long = "x" * 1100  # over YAML's 1024-character simple keys
+    views = [
+        view(0, "POST", MCP, "/mcp", rpc("get\x01x", {"amount": 1})),
+        view(1, "POST", MCP, "/mcp", rpc("get\x7f\ufffe", {"amount": 1})),
+        view(2, "POST", MCP, "/mcp", rpc(long, {"amount": 1})),
+        view(3, "POST", MCP, "/mcp", rpc("", {"amount": 1})),  # an empty tool name
+        view(4, "POST", MCP, "/mcp", rpc("", None, method="")),  # an empty method
+        view(5, "M-SEARCH", LEDGER, "/t"),
+        view(6, "FOO_BAR", LEDGER, "/t"),
+        view(7, "X1", LEDGER, "/t"),
+        view(8, "GET", LEDGER, "/t"),
+        view(9, "POST", LEDGER, "/n", b'{"amount": -' + b"9" * 400 + b"}"),
+        view(10, "POST", LEDGER, "/n", b'{"amount": 1}'),
+        view(11, "GET", LEDGER, "/a" * 2000),
+    ]
+    recs = records(snap, views)
+    assert {r.code for r in recs} == {"allowed"}
+    result = suggest(recs)
+    assert result.agents == ("bank-agent",) and not result.failed
+    loaded(tmp_path, result.text)  # passes `mandate validate`
+    allow = yaml.safe_load(result.text)["spec"]["purposes"]["learn"]["allow"]
+    (mcp,) = [r for r in allow if r["paths"] == ["/mcp"]]
+    assert mcp["mcpTools"] == sorted(["get\x01x", "get\x7f\ufffe", long])
+    assert "mcpMethods" not in mcp  # "" is not listed: refused
+    assert "1 message naming a tool a profile cannot list" in result.text
+    assert "1 message naming a method a profile cannot list" in result.text
+    assert [r["methods"] for r in allow if "/t" in r["paths"]] == [["GET"]]
+    assert "3 with a method a profile cannot name" in result.text
+    (n,) = [r for r in allow if r["paths"] == ["/n"]]
+    assert n["jsonBody"]["properties"]["amount"] == {"type": "integer"}
+    assert "type only: the values give no constraint a profile can hold" in result.text
+    assert any("/a" * 2000 in r["paths"] for r in allow)
+    assert "\x01" not in result.text and "\x7f" not in result.text  # escaped in comments too
+
+
+def test_one_agent_failing_does_not_cost_the_others(
+    wide: tuple[Path, list[Recorded]],
+    monkeypatch: pytest.MonkeyPatch,
+    trail: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import sidecar.policy.suggest as module
+
+    _, recs = wide
+    other = [replace(r, agent="other-agent", decision_id=f"o{r.decision_id}") for r in recs]
+    real = module._profile
+
+    def broken(agent: str, *args: Any) -> Any:
+        if agent == "other-agent":
+            raise RuntimeError("boom\x01")
+        return real(agent, *args)
+
+    monkeypatch.setattr(module, "_profile", broken)
+    result = suggest([*recs, *other])
+    assert result.agents == ("bank-agent",)
+    assert result.failed == (("other-agent", "RuntimeError: boom\\x01"),)
+    monkeypatch.setattr(module, "_profile", lambda *a: broken("other-agent"))
+    code, out, err = run(capsys, "--audit", str(trail))
+    assert (code, out) == (1, "")
+    assert "agent 'bank-agent': no proposal could be made: RuntimeError: boom" in err
+
+
+def test_comments_escape_what_yaml_cannot_hold_and_long_keys_are_explicit() -> None:
+    long = "k" * 2000
+    doc = Commented(["a \x01 header \ufffe\x85end"])
+    doc.add("tools", ["a\x01", "b\x7f"], "a\x01: 1, b\x7f\ufffe: 2")
+    doc.add(long, {long: [1]}, "a comment \x00")
+    doc.add("list", [{long: 1, "b": 2}, Commented()])
+    nested = Commented()
+    nested.add(long, "v", "c")
+    doc.add("nested", nested)
+    text = render(doc)
+    assert yaml.safe_load(text) == plain(doc)
+    assert "# a \\u0001 header \\ufffe end" in text and "a\\u0001: 1, b\\u007f\\ufffe: 2" in text
+
+
+def test_a_number_beyond_a_float_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match=r"^properties\.amount\.minimum: expected a number"):
+        validate_schema({"properties": {"amount": {"type": "integer", "minimum": -(10**400)}}})
+
+
+CONSTRAINED = """\
+apiVersion: mandate.dev/v1alpha1
+kind: AgentProfile
+metadata: {name: bank-agent}
+spec:
+  owner: payments
+  identities: [{serviceAccount: agents/bank-agent}]
+  audit: {arguments: hashes, values: [amount]}
+  defaultPurpose: learn
+  purposes:
+    learn:
+      allow:
+        - hosts: [mcp.bank.svc.cluster.local]
+          methods: [POST]
+          paths: [/mcp]
+          mcpTools: [send_money]
+          mcpArguments:
+            send_money: {type: object, properties: {amount: {type: integer, maximum: 100}}}
+"""
+
+
+def test_include_denied_never_learns_what_a_constraint_refused(tmp_path: Path) -> None:
+    snap = load_profiles(write_profiles(tmp_path / "p", CONSTRAINED))
+    views = [
+        view(0, "POST", MCP, "/mcp", rpc("send_money", {"amount": 50})),
+        view(1, "POST", MCP, "/mcp", rpc("send_money", {"amount": 1_000_000})),  # breaks max
+        view(2, "POST", MCP, "/mcp", rpc("delete_all", {})),  # a tool the rule does not list
+        view(3, "GET", LEDGER, "/v2/new"),  # no rule matched: the purpose was too narrow
+    ]
+    recs = records(snap, views)
+    assert [r.code for r in recs] == ["allowed"] + ["outside_purpose"] * 3
+    result = suggest(recs, current=snap, include_denied=True)
+    allow = yaml.safe_load(result.text)["spec"]["purposes"]["learn"]["allow"]
+    (mcp,) = [r for r in allow if r["paths"] == ["/mcp"]]
+    assert mcp["mcpTools"] == ["send_money"]
+    amount = mcp["mcpArguments"]["send_money"]["properties"]["amount"]
+    assert (amount["minimum"], amount["maximum"]) == (50, 50)
+    assert any(r["paths"] == ["/v2/new"] for r in allow)
+    assert "2 outside_purpose refused by a rule's constraint" in result.text
