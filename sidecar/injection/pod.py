@@ -488,11 +488,10 @@ def _container_names(pod: Mapping[str, Any], key: str) -> set[str]:
 
 
 def is_injected(pod: Mapping[str, Any]) -> bool:
-    """Injected before: the annotation, or mandate's and Envoy's containers are there."""
+    """Injected before: mandate's and Envoy's containers are there (the annotation alone
+    is a claim, not an injection: see `inject`)."""
     if not isinstance(pod, Mapping):
         return False
-    if ANNOTATION_INJECTED in _annotations(pod):
-        return True
     return {MANDATE, ENVOY} <= _container_names(pod, "initContainers")
 
 
@@ -1053,6 +1052,14 @@ def inject(
     out: dict[str, Any] = copy.deepcopy(dict(pod))
     if not selected(pod, namespace_selected=namespace_selected) or is_injected(pod):
         return out
+    if ANNOTATION_INJECTED in _annotations(pod):
+        # A pod may not opt out by claiming it was injected (issue 19, finding 5).
+        raise InjectError(
+            f"pod {_name(pod)}: metadata.annotations[{ANNOTATION_INJECTED}] says the sidecar "
+            f"was injected, but the pod has no {MANDATE} and {ENVOY} init containers: remove "
+            "the annotation (the injection sets it), or label the pod "
+            "mandate.dev/inject: \"false\" if it must run without the sidecar"
+        )
     mode = mode_of(pod, config)
     agent = agent_of(pod)
     _check(pod, config, mode)

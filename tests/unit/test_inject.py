@@ -117,6 +117,26 @@ def test_injected_is_recognised_by_containers_without_the_annotation() -> None:
     assert patch_for(once, CONFIG) == []
 
 
+def test_a_pod_claiming_to_be_injected_without_the_sidecar_is_refused() -> None:
+    """Issue 19, finding 5: the annotation alone used to skip injection, so a pod could opt
+    out by claiming it had been injected."""
+    claim = pod(metadata__annotations={ANNOTATION_INJECTED: "iptables"})
+    with pytest.raises(InjectError) as err:
+        inject(claim, CONFIG)
+    assert ANNOTATION_INJECTED in str(err.value) and "no mandate and mandate-envoy" in str(err.value)
+    with pytest.raises(InjectError):
+        patch_for(claim, CONFIG)
+    half = inject(pod(), CONFIG)  # one of the two containers removed, the annotation kept
+    half["spec"]["initContainers"] = [
+        c for c in half["spec"]["initContainers"] if c["name"] != "mandate-envoy"
+    ]
+    with pytest.raises(InjectError):
+        inject(half, CONFIG)
+    # not selected: the annotation is none of mandate's business
+    assert inject(pod(metadata__labels={}, metadata__annotations={ANNOTATION_INJECTED: "x"}),
+                  CONFIG)["metadata"]["annotations"] == {ANNOTATION_INJECTED: "x"}  # fmt: skip
+
+
 def test_input_is_not_modified() -> None:
     p = pod()
     before = copy.deepcopy(p)
