@@ -1058,7 +1058,7 @@ def inject(
             f"pod {_name(pod)}: metadata.annotations[{ANNOTATION_INJECTED}] says the sidecar "
             f"was injected, but the pod has no {MANDATE} and {ENVOY} init containers: remove "
             "the annotation (the injection sets it), or label the pod "
-            "mandate.dev/inject: \"false\" if it must run without the sidecar"
+            'mandate.dev/inject: "false" if it must run without the sidecar'
         )
     mode = mode_of(pod, config)
     agent = agent_of(pod)

@@ -123,7 +123,9 @@ def test_a_pod_claiming_to_be_injected_without_the_sidecar_is_refused() -> None:
     claim = pod(metadata__annotations={ANNOTATION_INJECTED: "iptables"})
     with pytest.raises(InjectError) as err:
         inject(claim, CONFIG)
-    assert ANNOTATION_INJECTED in str(err.value) and "no mandate and mandate-envoy" in str(err.value)
+    assert ANNOTATION_INJECTED in str(err.value) and "no mandate and mandate-envoy" in str(
+        err.value
+    )
     with pytest.raises(InjectError):
         patch_for(claim, CONFIG)
     half = inject(pod(), CONFIG)  # one of the two containers removed, the annotation kept
