@@ -476,10 +476,12 @@ class AgentContextServicer:
         return await self._answer("ReportTask", context, run)
 
     async def EndTask(self, request: pb.EndTaskRequest, context: _Context) -> pb.Task:
-        def run() -> pb.Task:
+        async def run() -> pb.Task:
             task = _task("task_id", request.task_id)
             self._take_write("EndTask")
-            kept = self.backend.end_task(self.agent, task)
+            # Off the event loop, as every change: a commit lays out and writes the table
+            # under the store's lock, which a full table makes slow.
+            kept = await asyncio.to_thread(self.backend.end_task, self.agent, task)
             return _task_pb(kept) if kept is not None else pb.Task(task_id=task)
 
         return await self._answer("EndTask", context, run)
@@ -487,23 +489,25 @@ class AgentContextServicer:
     async def RequestElevation(
         self, request: pb.RequestElevationRequest, context: _Context
     ) -> pb.ElevationRequest:
-        def run() -> pb.ElevationRequest:
+        async def run() -> pb.ElevationRequest:
             elevation = _name("elevation", request.elevation)
             justification = _justification(request.justification)
             duration = _seconds("duration_seconds", request.duration_seconds)
             self._take_write("RequestElevation")
+            ask = self.backend.request_elevation
             return _request_pb(
-                self.backend.request_elevation(self.agent, elevation, justification, duration)
+                await asyncio.to_thread(ask, self.agent, elevation, justification, duration)
             )
 
         return await self._answer("RequestElevation", context, run)
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: _Context) -> pb.Status:
-        return await self._answer(
-            "GetStatus",
-            context,
-            lambda: _status_pb(self.agent, self.backend.agent_status(self.agent)),
-        )
+        async def run() -> pb.Status:  # in a thread: it waits for the store's lock
+            return _status_pb(
+                self.agent, await asyncio.to_thread(self.backend.agent_status, self.agent)
+            )
+
+        return await self._answer("GetStatus", context, run)
 
     async def Explain(self, request: pb.ExplainRequest, context: _Context) -> pb.ExplainResponse:
         async def run() -> pb.ExplainResponse:

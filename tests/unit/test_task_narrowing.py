@@ -723,3 +723,58 @@ def test_ending_an_undeclared_task_drops_it(
     assert s.end_task("bank-agent", NS, "plain") is None
     assert s.tasks(NS, "bank-agent") == []
     _report(s, (), task="plain")  # reported again at once
+
+
+def test_a_restart_keeps_every_declared_and_ended_task(tmp_path: Path, snapshot: Snapshot) -> None:
+    """Review finding: at load the store trimmed each agent to its newest 64 tasks, ended
+    ones included, so a restart could drop a declared task (or its tombstone) and free its
+    id for a report without the declaration. Trimming now drops only undeclared tasks."""
+    clock = Clock()
+    state = tmp_path / "context.json"
+
+    def store() -> AgentStateStore:
+        return AgentStateStore(
+            SharedAgentState.create(size=4 * 1024 * 1024), state, lambda: snapshot, clock=clock
+        )
+
+    s = store()
+    s.load_persisted()
+    s.report_task("bank-agent", NS, "rent", "pay", 3600.0, DECLARED)
+    for i in range(MAX_TASKS_PER_AGENT):
+        clock.t += 0.01
+        s.report_task("bank-agent", NS, f"t{i}", "pay", 600.0, [{"mcpTools": ["get_balance"]}])
+        s.end_task("bank-agent", NS, f"t{i}")
+    again = store()
+    again.load_persisted()
+    kept = {t.task: t for t in again.tasks(NS, "bank-agent")}
+    assert "rent" in kept and kept["rent"].allow == DECLARED
+    assert all(kept[f"t{i}"].ended for i in range(MAX_TASKS_PER_AGENT))
+    with pytest.raises(AgentStateError):
+        again.report_task("bank-agent", NS, "rent", "pay", 60.0, ())
+    with pytest.raises(AgentStateError):
+        again.report_task("bank-agent", NS, "t0", "pay", 60.0, ())
+    view = mcp("send_money", {"to": "GB33", "amount": 900}, **{"x-mandate-task": "rent"})
+    assert decide(snapshot, view, clock.t, agent_state=again.table()).code == Code.OUTSIDE_TASK
+
+
+def test_an_overflowed_table_says_every_agent_is_withheld(snapshot: Snapshot) -> None:
+    """Review finding: the risks-only table published on overflow said nobody was withheld:
+    where it fit, readers took the agents' tasks as known (and absent), and a call naming a
+    declared task got the purpose's whole rights."""
+    from sidecar.core.agentstate import RiskState
+    from sidecar.state.agentstate.layout import TableWriter
+
+    risks = [RiskState("bank-agent", NS, 0.1)]
+    only_risks = AgentStateTable.build(0, (), (), risks, [(NS, "bank-agent")])
+    # one byte short of the risks with the withheld list (the old fallback, without the
+    # list, fit there and was published as complete)
+    size = len(SharedAgentState.create(size=1 << 16).encode(only_risks)) + 24 - 1
+    shared = SharedAgentState.create(size=size)
+    writer = TableWriter(shared)
+    layout = writer.lay_out((), [task(DECLARED, expires=NOW + 60)], risks)
+    assert layout.overflow
+    writer.write(layout)
+    read = shared.read()
+    assert not read.tasks_known(NS, "bank-agent")
+    view = mcp("send_money", {"to": "GB33", "amount": 900}, **T1)
+    assert decide(snapshot, view, NOW, agent_state=read).code == Code.OUTSIDE_TASK

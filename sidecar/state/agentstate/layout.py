@@ -87,7 +87,9 @@ class TableWriter:
             size = len(self._table.encode(table))
             if size <= capacity:
                 return Layout(table, frozenset(withheld), False, size)
-        table = AgentStateTable.build(0, (), (), risks)
+        # Every agent withheld, and said so in the table (a reader that could read it must
+        # not take it for one where nobody is withheld).
+        table = AgentStateTable.build(0, (), (), risks, share)
         return Layout(table, frozenset(share), True, len(self._table.encode(table)))
 
     def write(self, layout: Layout) -> int:

@@ -165,7 +165,7 @@ class AgentStateStore:
             self._tasks.load(tasks)
             self._elevations.load(requests, grants, approvals)
             trimmed = self._elevations.trim(everything=True)
-            trimmed = self._tasks.trim() or trimmed
+            trimmed = self._tasks.trim(self._clock()) or trimmed
             if trimmed:
                 log.warning(
                     "agent state %s exceeded the per-agent bounds: trimmed",

@@ -208,16 +208,23 @@ class Tasks(Mapping[TaskKey, TaskBinding]):
             del self._by_key[k]
         return len(old)
 
-    def trim(self) -> bool:
-        """Hold every agent to MAX_TASKS_PER_AGENT, keeping its newest (a file written before
-        the bound existed); True if any was dropped."""
+    def trim(self, now: float) -> bool:
+        """Hold every agent to MAX_TASKS_PER_AGENT as `report` does (a file written before
+        the bound existed): its oldest undeclared active tasks go (expired ones are left to
+        `expire`, which audits them); an active declared task and an ended one within its
+        TTL are never dropped (a restart must not free their ids). True if any was dropped."""
         dropped = False
         by_agent: dict[tuple[str, str], list[TaskKey]] = {}
         for k, t in self._by_key.items():
-            by_agent.setdefault((t.namespace, t.agent), []).append(k)
+            if not t.ended and t.active(now):
+                by_agent.setdefault((t.namespace, t.agent), []).append(k)
         for keys in by_agent.values():
-            keys.sort(key=lambda k: (self._by_key[k].reported_at, k))
-            for k in keys[: max(0, len(keys) - MAX_TASKS_PER_AGENT)]:
+            excess = len(keys) - MAX_TASKS_PER_AGENT
+            undeclared = sorted(
+                (k for k in keys if not self._by_key[k].allow),
+                key=lambda k: (self._by_key[k].reported_at, k),
+            )
+            for k in undeclared[: max(0, excess)]:
                 del self._by_key[k]
                 dropped = True
         return dropped
