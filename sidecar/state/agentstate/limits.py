@@ -3,10 +3,11 @@ and the check of the numbers of seconds an agent sends. Nothing is stored here.
 
 The agent may be compromised and call the context API as often as it likes, with any
 values, so everything it can create is bounded per agent. Sized so that one agent at every
-bound takes about 125 KB of the shared table (64 tasks of at most ~800 bytes and 64 KiB of
-task declarations, its auto grants, one risk score) and about 190 KB of the state file: the
-default 4 MiB table holds ~30 agents at their worst at once, far more than one pod serves;
-past that, the largest agents are withheld (see `layout`).
+bound takes about 155 KB of the shared table (64 tasks of at most ~800 bytes and 64 KiB of
+task declarations, 256 ended tasks kept until their TTL, its auto grants, one risk score)
+and about 220 KB of the state file: the default 4 MiB table holds ~26 agents at their worst
+at once, far more than one pod serves; past that, the largest agents are withheld (see
+`layout`).
 """
 
 from __future__ import annotations
