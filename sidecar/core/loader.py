@@ -283,6 +283,20 @@ def load_profiles(directory: str | os.PathLike[str]) -> Snapshot:
                         )
                     )
                 identities[key] = (name, ref)
+                if ident.service_account is not None:
+                    bare = ident.service_account.rpartition("/")[2]
+                    clash = _same_account(identities, ident.service_account, bare, name)
+                    if clash is not None:
+                        problems.append(
+                            ProfileProblem(
+                                label,
+                                number,
+                                f"spec.identities[{i}]",
+                                f"service account {key!r} may be the same as {clash[0]!r} "
+                                f"of agent {clash[1]!r} (a name alone is that account in the "
+                                "sidecar's namespace): give both as namespace/name",
+                            )
+                        )
             profiles.append((result, ref))
             digest.update(label.encode() + b"\0" + repr(doc).encode() + b"\0")
     if not files and not problems:
@@ -294,3 +308,18 @@ def load_profiles(directory: str | os.PathLike[str]) -> Snapshot:
     return compile_snapshot(
         profiles, version=digest.hexdigest()[:12], files=[str(p) for p in files]
     )
+
+
+def _same_account(
+    identities: dict[str, tuple[str, Any]], key: str, bare: str, agent: str
+) -> tuple[str, str] | None:
+    """Another agent's service-account identity that names the same account as ``key``
+    when one of the two is a name alone, or None."""
+    for other, (owner, _) in identities.items():
+        if owner == agent or other.startswith("spiffe://"):
+            continue
+        if ("/" in key) == ("/" in other):
+            continue  # both namespaced (or both bare): equal keys are caught already
+        if other.rpartition("/")[2] == bare:
+            return other, owner
+    return None

@@ -309,12 +309,18 @@ class AuditSpec(_Model):
 
 
 class Identity(_Model):
-    """Exactly one of ``serviceAccount`` (namespace/name) or ``spiffe``."""
+    """Exactly one of ``serviceAccount`` (namespace/name, or a name: in the namespace of the
+    pod the sidecar serves) or ``spiffe``."""
 
     service_account: (
-        Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]*/[a-z0-9][a-z0-9.-]*$")]
+        Annotated[str, StringConstraints(pattern=r"^([a-z0-9][a-z0-9.-]*/)?[a-z0-9][a-z0-9.-]*$")]
         | None
-    ) = Field(None, description="namespace/name of the pod's service account")
+    ) = Field(
+        None,
+        description="namespace/name of the pod's service account, or its name alone: that "
+        "service account in the sidecar's own namespace (profiles that a namespace overlay "
+        "moves keep working)",
+    )
     spiffe: Annotated[str, StringConstraints(pattern=r"^spiffe://[^/\s]+(/\S*)?$")] | None = None
 
     @model_validator(mode="after")

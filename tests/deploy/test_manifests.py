@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 import sidecar.kube as kube
-from sidecar.core import load_profiles
+from sidecar.core import RequestView, decide, load_profiles
 from sidecar.core.model import parse_duration
 from sidecar.injection.cli import add_inject_parser, run_inject
 from sidecar.injection.pod import ANNOTATION_CREDENTIAL_SECRETS, ENVOY_ADMIN_SOCKET, InjectConfig
@@ -660,7 +660,39 @@ def test_profiles_configmap_loads_and_serves_the_example_agent(tmp_path: Path) -
     name = template["metadata"]["annotations"]["mandate.dev/agent"]
     assert name in snapshot.agents
     sa = f"{agent['metadata']['namespace']}/{template['spec']['serviceAccountName']}"
-    assert snapshot.by_service_account[sa] == name
+    assert _attributed(snapshot, sa) == name
+
+
+def _attributed(snapshot: Any, service_account: str) -> str:
+    """The agent a sidecar configured with ``service_account`` attributes calls to."""
+    view = RequestView("d", "GET", "example.com", "/", configured_service_account=service_account)
+    return decide(snapshot, view, 0.0).agent
+
+
+def test_a_namespace_overlay_moves_the_binding_and_keeps_the_profiles_working(
+    tmp_path: Path,
+) -> None:
+    """Issue 19, finding 1: an overlay with `namespace: team-b` over deploy/agents kept the
+    RoleBinding's group `system:serviceaccounts:agents` (the API server then answered 403)
+    and the profiles' `agents/...` identities. deploy/overlays/agent-namespace is the
+    overlay to copy: its replacements move the group, and the profiles name service
+    accounts without a namespace."""
+    docs = _render(DEPLOY / "overlays" / "agent-namespace")
+    assert _find(docs, "Namespace", "team-b")
+    binding = _find(docs, "RoleBinding", "mandate-sidecar")
+    assert binding["metadata"]["namespace"] == "team-b"
+    assert binding["subjects"] == [
+        {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
+         "name": "system:serviceaccounts:team-b"}
+    ]  # fmt: skip
+    assert not [d for d in docs if "agents" in (d["metadata"].get("namespace") or "")]
+    cm = _find(docs, "ConfigMap", "mandate-profiles")
+    assert cm["metadata"]["namespace"] == "team-b"
+    for name, text in cm["data"].items():
+        (tmp_path / name).write_text(text)
+    snapshot = load_profiles(tmp_path)
+    assert _attributed(snapshot, "team-b/billing-agent") == "billing-agent"
+    assert _attributed(snapshot, "team-b/research-agent") == "research-agent"
 
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])

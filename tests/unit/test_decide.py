@@ -834,3 +834,25 @@ def test_mcp_deny_rule_does_not_match_methods_that_carry_no_mcp_message(method: 
         SNAPSHOTS["edge"], ops("mcp", method="POST", authority="mcp.internal", path="/mcp"), NOW
     )
     assert (d.code, d.rule) == (Code.DENIED_BY_RULE, "mcp.deny[0]")  # POST without a body
+
+
+def test_a_service_account_named_alone_is_the_pods_namespace(tmp_path: Path) -> None:
+    """Issue 19: a profile may name its service account without a namespace (that account
+    in the namespace of the pod the sidecar serves), so a kustomize namespace overlay does
+    not have to rewrite the profiles."""
+    profile = (
+        (FIXTURES / "agents.yaml")
+        .read_text()
+        .replace("serviceAccount: agents/billing-agent", "serviceAccount: billing-agent", 1)
+    )
+    assert "serviceAccount: billing-agent" in profile
+    (tmp_path / "agents.yaml").write_text(profile)
+    snap = load_profiles(tmp_path)
+    for sa in ("team-b/billing-agent", "agents/billing-agent"):
+        v = RequestView("d", "GET", "ledger.finance.svc.cluster.local", "/v1/invoices/7",
+                        configured_service_account=sa)  # fmt: skip
+        d = decide(snap, v, NOW)
+        assert (d.agent, d.identity_source) == ("billing-agent", "service-account"), d.reason
+    other = RequestView("d", "GET", "ledger.finance.svc.cluster.local", "/v1/invoices/7",
+                        configured_service_account="team-b/billing-agent-2")  # fmt: skip
+    assert decide(snap, other, NOW).code == Code.UNATTRIBUTED

@@ -753,10 +753,10 @@ CASES = [
         "give exactly one of serviceAccount or spiffe",
     ),
     bad(
-        "service-account-no-namespace",
-        {"spec.identities[0].serviceAccount": "billing-agent"},
+        "service-account-two-slashes",
+        {"spec.identities[0].serviceAccount": "agents/billing/agent"},
         "spec.identities[0].serviceAccount",
-        "expected namespace/name of the pod's service account, got 'billing-agent'",
+        "expected namespace/name of the pod's service account, or its name alone",
     ),
     bad(
         "service-account-upper-case",
@@ -963,6 +963,21 @@ CASES = [
             )
         ],
         id="identity-claimed-by-two-agents",
+    ),
+    pytest.param(
+        {
+            "a.yaml": dump(base("one", sa="agents/shared")),
+            "b.yml": dump(base("two", sa="shared")),
+        },
+        [
+            (
+                "b.yml",
+                1,
+                "spec.identities[0]",
+                "service account 'shared' may be the same as 'agents/shared' of agent 'one'",
+            )
+        ],
+        id="a-name-alone-clashing-with-a-namespaced-account",
     ),
     # the directory
     pytest.param({}, [("", None, "", "no *.yaml or *.yml files found")], id="empty-directory"),
