@@ -263,53 +263,32 @@ class Reporter:
         self, name: str, uid: str, reason: str, message: str, at: float, type_: str = "Normal"
     ) -> None:
         """A core/v1 Event on one of the watched objects, from this pod."""
+        involved = {"apiVersion": f"{GROUP}/{VERSION}", "kind": self._kind, "name": name,
+                    "namespace": self.namespace, "uid": uid}  # fmt: skip
+        await self._event(involved, reason, message, at, type_)
+
+    async def post_pod_event(self, reason: str, message: str, type_: str = "Warning") -> None:
+        """A core/v1 Event on this pod (what `kubectl describe pod` shows): for what concerns
+        the pod itself rather than one watched object."""
+        involved = {"apiVersion": "v1", "kind": "Pod", "name": self.pod_name,
+                    "namespace": self.namespace}  # fmt: skip
+        await self._event(involved, reason, message[:1024], self._clock(), type_)
+
+    async def _event(
+        self, involved: dict[str, str], reason: str, message: str, at: float, type_: str
+    ) -> None:
         stamp = utc_seconds(at)
         body: Any = {
             "apiVersion": "v1",
             "kind": "Event",
             # Named as client-go names events: <object>.<nanoseconds in hex>.
-            "metadata": {"name": f"{name[:236]}.{time.time_ns():x}", "namespace": self.namespace},
-            "involvedObject": {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": self._kind,
-                "name": name,
+            "metadata": {
+                "name": f"{involved['name'][:236]}.{time.time_ns():x}",
                 "namespace": self.namespace,
-                "uid": uid,
             },
+            "involvedObject": involved,
             "reason": reason,
             "message": message,
-            "type": type_,
-            "source": {"component": "mandate", "host": self.pod_name},
-            "reportingComponent": "mandate",
-            "reportingInstance": self.pod_name,
-            "firstTimestamp": stamp,
-            "lastTimestamp": stamp,
-            "count": 1,
-        }
-        with translated():
-            await self._core.create_namespaced_event(
-                self.namespace, body, _request_timeout=self._request_timeout
-            )
-
-    async def post_pod_event(self, reason: str, message: str, type_: str = "Warning") -> None:
-        """A core/v1 Event on this pod (what `kubectl describe pod` shows): for what concerns
-        the pod itself rather than one watched object."""
-        stamp = utc_seconds(self._clock())
-        body: Any = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {
-                "name": f"{self.pod_name[:236]}.{time.time_ns():x}",
-                "namespace": self.namespace,
-            },
-            "involvedObject": {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "name": self.pod_name,
-                "namespace": self.namespace,
-            },
-            "reason": reason,
-            "message": message[:1024],
             "type": type_,
             "source": {"component": "mandate", "host": self.pod_name},
             "reportingComponent": "mandate",
