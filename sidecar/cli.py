@@ -553,22 +553,19 @@ def _argument_bytes(flag: str, value: str | None) -> bytes | None:
 
 
 def _tool_call(args: argparse.Namespace, method: str, body: bytes | None) -> bytes:
-    from sidecar.core.mcp import tool_call_body
+    from sidecar.core.mcp import tool_call_from_json
 
     if body is not None:
         raise BadRequestError("give either --body or --tool, not both")
     if method != "POST":
         raise BadRequestError(f"--tool: an MCP tool call is a POST, not {method}")
     raw = _argument_bytes("--arguments", args.arguments)
-    arguments: object = None
-    if raw is not None:
-        try:
-            arguments = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise BadRequestError("--arguments: not JSON") from None
-        if not isinstance(arguments, dict):
-            raise BadRequestError("--arguments: expected a JSON object")
-    return tool_call_body(args.tool, arguments)
+    try:
+        if raw == b"":  # given, and empty: not JSON (absent is "no arguments")
+            raise ValueError("not JSON")
+        return tool_call_from_json(args.tool, raw)
+    except ValueError as exc:
+        raise BadRequestError(f"--arguments: {exc}") from None
 
 
 def _declared_state(args: argparse.Namespace, snap: Any, view: RequestView) -> Any:

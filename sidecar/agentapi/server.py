@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import math
 import os
@@ -49,7 +48,7 @@ from sidecar._proto import context_pb2 as pb
 from sidecar.agentapi.taskrules import rules_from_pb, rules_to_pb
 from sidecar.core.agentstate import ElevationRequest, Grant, RiskState, TaskBinding
 from sidecar.core.decide import Decision
-from sidecar.core.mcp import tool_call_body
+from sidecar.core.mcp import tool_call_from_json
 from sidecar.core.taskscope import MAX_DECLARED_RULES
 from sidecar.errors import AgentStateError, ConfigError
 from sidecar.headers import TASK_ID, TASK_ID_RULE
@@ -275,20 +274,12 @@ def _tool_call(method: str, tool: str, arguments: str, body: bytes) -> bytes:
         raise _bad(f"method: an MCP tool call is a POST, not {method}")
     if len(tool) > 256:
         raise _bad("tool: at most 256 characters")
-    args: object = None
-    if arguments:
-        if len(arguments) > MAX_BODY:
-            raise _bad(f"arguments: at most {MAX_BODY} bytes")
-        try:
-            args = json.loads(arguments)
-        except (ValueError, RecursionError):
-            raise _bad("arguments: not JSON") from None
-        if not isinstance(args, dict):
-            raise _bad("arguments: expected a JSON object")
+    if len(arguments) > MAX_BODY:
+        raise _bad(f"arguments: at most {MAX_BODY} bytes")
     try:
-        return tool_call_body(tool, args)
-    except (TypeError, ValueError):
-        raise _bad("arguments: not plain JSON") from None
+        return tool_call_from_json(tool, arguments)
+    except ValueError as exc:
+        raise _bad(f"arguments: {exc}") from None
 
 
 # -- proto translation ---------------------------------------------------------------------

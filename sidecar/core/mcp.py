@@ -42,6 +42,7 @@ __all__ = [
     "parse_json_body",
     "parse_mcp_body",
     "tool_call_body",
+    "tool_call_from_json",
 ]
 
 # Methods that open, keep alive or describe a session; they reach no tool or data.
@@ -270,3 +271,20 @@ def tool_call_body(tool: str, arguments: object = None, request_id: int = 1) -> 
         params["arguments"] = arguments
     message = {"jsonrpc": "2.0", "id": request_id, "method": _TOOLS_CALL, "params": params}
     return json.dumps(message, ensure_ascii=False, allow_nan=False).encode()
+
+
+def tool_call_from_json(tool: str, arguments: str | bytes | None) -> bytes:
+    """`tool_call_body` with the arguments given as JSON text (None or empty: none); a
+    ValueError says what is wrong with them (the caller names the field)."""
+    args: object = None
+    if arguments:
+        try:
+            args = json.loads(arguments)
+        except (ValueError, RecursionError):
+            raise ValueError("not JSON") from None
+        if not isinstance(args, dict):
+            raise ValueError("expected a JSON object")
+    try:
+        return tool_call_body(tool, args)
+    except (TypeError, ValueError):
+        raise ValueError("not plain JSON") from None

@@ -65,6 +65,11 @@ def declaration_key(allow: Sequence[Mapping[str, Any]]) -> str:
 def validate_declaration(allow: Sequence[object]) -> Declaration:
     """The declaration as plain JSON objects, or DeclarationError naming the first problem.
     An empty declaration is not one (it would allow nothing): refused."""
+    return _validated(allow)[0]
+
+
+def _validated(allow: Sequence[object]) -> tuple[Declaration, list[Rule]]:
+    """`validate_declaration`, with the rules the model made of it."""
     if not allow:
         raise DeclarationError("allow: a declaration lists at least one rule")
     if len(allow) > MAX_DECLARED_RULES:
@@ -90,12 +95,13 @@ def validate_declaration(allow: Sequence[object]) -> Declaration:
         raise DeclarationError(
             f"allow: at most {MAX_DECLARED_PATTERNS} patterns per task, not {patterns}"
         )
+    rules = []
     for i, rule in enumerate(out):
         try:
-            Rule.model_validate(rule)
+            rules.append(Rule.model_validate(rule))
         except ValidationError as exc:
             raise DeclarationError(f"allow[{i}]{_problem(exc)}") from None
-    return tuple(out)
+    return tuple(out), rules
 
 
 def _patterns(value: object) -> int:
@@ -140,7 +146,5 @@ def compile_declaration(task: str, allow: Declaration) -> RuleIndex:
 
 @functools.lru_cache(maxsize=4096)
 def _compiled(task: str, key: str) -> RuleIndex:
-    raw = json.loads(key)
-    validate_declaration(raw)
-    rules = [Rule.model_validate(r) for r in raw]
+    _, rules = _validated(json.loads(key))
     return compile_rules(rules, f"task[{task}].allow")
