@@ -344,6 +344,17 @@ class RevocationReporter(Reporter):
             "RevocationsRefused event",
         )
 
+    def warn_pod(self, reason: str, message: str) -> bool:
+        """A Warning Event on this pod about its own configuration (e.g. UnknownAgent);
+        False if the reporter is not running yet (the caller tries again later); True
+        also when it writes nothing (read only)."""
+        if not self.enabled:
+            return True
+        if not self.running:
+            return False
+        self._enqueue(lambda: self.post_pod_event(reason, message), f"{reason} event")
+        return True
+
     def seen(self, rev: Revocation, state: ObjectState) -> None:
         """An object as listed or watched (before the store write)."""
         self._objects[rev.key] = state

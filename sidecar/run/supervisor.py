@@ -122,6 +122,8 @@ class Supervisor:
         self._als: Any = None
         self.access_log_port = 0
         self.holder = SnapshotHolder(settings.profiles.directory)
+        self._agent_said: str | None = None  # the last problem _check_agent logged
+        self._agent_evented = True  # ... and whether its Event is queued
 
     # -- configuration ----------------------------------------------------------------
 
@@ -657,6 +659,45 @@ class Supervisor:
             connected = bool(self._watcher.status().get("connected"))
             metrics.KUBERNETES_CONNECTED.set(1 if connected else 0)
         metrics.observe_audit_state(self._audit_health()["state"])
+        self._check_agent()
+
+    def _agent_problem(self) -> str | None:
+        """Why no profile serves this pod's agent (--agent, or the profile naming
+        --service-account), or None: such a pod would deny every call `unknown_agent`."""
+        pod = self.settings.identity
+        snap = self.holder.get()
+        if snap is None:
+            return None
+        if pod.agent:
+            if pod.agent in snap.agents:
+                return None
+            known = ", ".join(sorted(snap.agents)) or "none"
+            return (
+                f"no profile for agent {pod.agent!r} (--agent / the pod's mandate.dev/agent "
+                f"or service account; profiles: {known}): every call is denied unknown_agent"
+            )
+        sa = pod.service_account
+        if sa and not (
+            snap.by_service_account.get(sa) or snap.by_service_account.get(sa.rpartition("/")[2])
+        ):
+            return (
+                f"no profile names service account {sa!r} (--service-account): every call "
+                "is denied unknown_agent"
+            )
+        return None
+
+    def _check_agent(self) -> None:
+        """Say once (log, and a Warning Event `UnknownAgent` on the pod) when the pod's agent
+        has no profile, and again when that changes; readiness says it on every probe."""
+        problem = self._agent_problem()
+        if problem != self._agent_said:
+            self._agent_said, self._agent_evented = problem, problem is None
+            if problem is None:
+                log.info("the pod's agent has a profile again")
+            else:
+                log.error("not ready: %s", problem)
+        if not self._agent_evented and problem is not None and self._watcher is not None:
+            self._agent_evented = self._watcher.reporter.warn_pod("UnknownAgent", problem)
 
     # -- status -----------------------------------------------------------------------
 
@@ -713,6 +754,10 @@ class Supervisor:
         # written (fail-closed): the pod cannot do its job, and an operator should see it.
         status["audit"] = audit = self._audit_health()
         ok = ok and not audit.get("denying", False)
+        # A pod whose agent has no profile denies every call: not ready, and it says why.
+        problem = self._agent_problem()
+        status["agent"] = {"problem": problem}
+        ok = ok and problem is None
         # A detail, not a reason to be unready: a full context table (one agent withheld)
         # or an unwritable context.json must not stop the other agents (issue 15, 2-3).
         status["context"] = self.agent_state.health() if self.agent_state is not None else None
