@@ -12,6 +12,8 @@ import pytest
 from sidecar.kube.convert import ObjectState, SinkAnswer, answer_from_sink, object_state
 from sidecar.kube.status import (
     SKEW,
+    contradicts,
+    elevation_conditions,
     elevation_status,
     elevation_verdict,
     ended,
@@ -19,18 +21,22 @@ from sidecar.kube.status import (
     expired_status,
     in_force_again_status,
     revocation_status,
+    set_condition,
     should_write,
-    with_condition,
+    without_condition,
 )
 
 STAMP = "2030-01-02T03:04:05Z"
+LATER = "2030-01-02T04:00:00Z"
 END = 1_900_000_000.0  # 2030-03-17T17:46:40Z
 
 
-def cond(type_: str, reason: str = "R", generation: int | None = 1) -> dict[str, Any]:
+def cond(
+    type_: str, reason: str = "R", generation: int | None = 1, status: str = "True"
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "type": type_,
-        "status": "True",
+        "status": status,
         "reason": reason,
         "message": "m",
         "lastTransitionTime": STAMP,
@@ -40,13 +46,34 @@ def cond(type_: str, reason: str = "R", generation: int | None = 1) -> dict[str,
     return out
 
 
-def test_with_condition_replaces_its_type_and_keeps_the_others() -> None:
+def kinds(conditions: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """type -> (status, reason)"""
+    return {c["type"]: (c["status"], c["reason"]) for c in conditions}
+
+
+def test_set_condition_replaces_its_type_in_place_and_keeps_the_others() -> None:
     status = {"conditions": [cond("Enforced", "InForce"), cond("Expired", "Ended"), "junk"]}
-    out = with_condition(status, "Expired", "ExpiredOnArrival", "x" * 2000, STAMP, 3)
+    out = set_condition(status, "Enforced", "True", "InForceAgain", "x" * 2000, LATER, 3)
     assert [c["type"] for c in out] == ["Enforced", "Expired"]
-    assert out[1]["reason"] == "ExpiredOnArrival" and out[1]["observedGeneration"] == 3
-    assert len(out[1]["message"]) == 1000  # bounded for etcd
-    assert "observedGeneration" not in with_condition({}, "Enforced", "R", "m", STAMP, None)[0]
+    assert out[0]["reason"] == "InForceAgain" and out[0]["observedGeneration"] == 3
+    assert len(out[0]["message"]) == 1000  # bounded for etcd
+    assert out[1] == cond("Expired", "Ended")
+    assert (
+        "observedGeneration" not in set_condition({}, "Enforced", "True", "R", "m", STAMP, None)[0]
+    )
+    assert without_condition(status, "Expired") == [cond("Enforced", "InForce")]
+
+
+def test_a_conditions_transition_time_moves_only_when_its_status_changes() -> None:
+    """metav1.Condition: lastTransitionTime is when the status last changed, not when the
+    condition was last written (a refresh for a new generation keeps it)."""
+    status = {"conditions": [cond("Enforced", "InForce")]}
+    same = set_condition(status, "Enforced", "True", "InForce", "m", LATER, 2)
+    assert same[0]["lastTransitionTime"] == STAMP and same[0]["observedGeneration"] == 2
+    flipped = set_condition(status, "Enforced", "False", "Expired", "m", LATER, 2)
+    assert flipped[0]["lastTransitionTime"] == LATER
+    doubled = {"conditions": [cond("Expired"), cond("Expired", "Forged")]}
+    assert len(set_condition(doubled, "Expired", "True", "Ended", "m", LATER, 1)) == 1
 
 
 def test_enforced_is_written_once() -> None:
@@ -57,18 +84,30 @@ def test_enforced_is_written_once() -> None:
         "pod-a",
         "Enforced",
     )
-    assert [c["reason"] for c in first["conditions"]] == ["InForce"]
+    assert first["observedGeneration"] == 1
+    assert kinds(first["conditions"]) == {"Enforced": ("True", "InForce")}
     assert enforced_status(first, 1, pod="pod-b", stamp=STAMP) is None
-    # An Expired state written first (a race with the end) stays.
-    raced = enforced_status({"state": "Expired"}, 1, pod="pod-a", stamp=STAMP)
-    assert raced is not None and raced["state"] == "Expired"
+    # An Expired status written first (a race with the end) stays Expired, Enforced nowhere:
+    # only who enforced it first is added.
+    expired = {"state": "Expired", "conditions": [cond("Expired", "Ended")]}
+    raced = enforced_status(expired, 1, pod="pod-a", stamp=STAMP)
+    assert raced == {"firstEnforcedAt": STAMP, "firstEnforcedBy": "pod-a"}
 
 
-def test_expired_is_written_once() -> None:
-    out = expired_status({}, 2, reason="Ended", message="ended", stamp=STAMP)
-    assert out is not None and out["state"] == "Expired"
-    assert out["conditions"][0]["reason"] == "Ended"
+def test_expired_is_written_once_and_says_it_is_no_longer_enforced() -> None:
+    out = expired_status({}, 2, reason="ExpiredOnArrival", message="never", stamp=STAMP)
+    assert out is not None and out["state"] == "Expired" and out["observedGeneration"] == 2
+    # Never enforced: no Enforced condition at all.
+    assert kinds(out["conditions"]) == {"Expired": ("True", "ExpiredOnArrival")}
     assert expired_status(out, 2, reason="Ended", message="ended", stamp=STAMP) is None
+    was = {"state": "Enforced", "conditions": [cond("Enforced", "InForce")]}
+    out = expired_status(was, 2, reason="Ended", message="ended", stamp=LATER)
+    assert out is not None
+    assert kinds(out["conditions"]) == {
+        "Enforced": ("False", "Expired"),
+        "Expired": ("True", "Ended"),
+    }
+    assert {c["lastTransitionTime"] for c in out["conditions"]} == {LATER}
 
 
 def test_in_force_again_drops_the_expired_condition() -> None:
@@ -79,9 +118,9 @@ def test_in_force_again_drops_the_expired_condition() -> None:
         "conditions": [cond("Enforced", "InForce"), cond("Expired", "Ended")],
     }
     out = in_force_again_status(status, 2, expires_at=END, pod="pod-a", stamp=STAMP)
-    assert out is not None and out["state"] == "Enforced"
+    assert out is not None and out["state"] == "Enforced" and out["observedGeneration"] == 2
     assert (out["firstEnforcedAt"], out["firstEnforcedBy"]) == ("2029-01-01T00:00:00Z", "pod-z")
-    assert [(c["type"], c["reason"]) for c in out["conditions"]] == [("Enforced", "InForceAgain")]
+    assert kinds(out["conditions"]) == {"Enforced": ("True", "InForceAgain")}
     assert "until 2030-03-17T17:46:40Z" in out["conditions"][0]["message"]
     assert (
         in_force_again_status({"state": "Enforced"}, 2, expires_at=None, pod="p", stamp=STAMP)
@@ -174,7 +213,7 @@ def rev_status(state: str | None, *conds: dict[str, Any], **more: Any) -> dict[s
 
 
 FIRST = {"firstEnforcedAt": "2029-01-01T00:00:00Z", "firstEnforcedBy": "pod-z"}
-GOOD = rev_status("Enforced", cond("Enforced", "InForce"), **FIRST)
+GOOD = rev_status("Enforced", cond("Enforced", "InForce"), observedGeneration=1, **FIRST)
 
 
 def revst(status: dict[str, Any], expires_at: float | None, generation: int = 1) -> Any:
@@ -226,20 +265,51 @@ def test_an_empty_status_gets_the_first_enforcement() -> None:
     assert revst({}, None) == enforced_status({}, 1, pod="pod-a", stamp=STAMP)
 
 
-def test_an_ended_revocation_shows_expired_even_if_someone_wrote_enforced() -> None:
+def test_an_ended_revocation_shows_expired_and_not_enforced() -> None:
+    """Issue 19 (7): Enforced stayed True after the end, so `kubectl wait
+    --for=condition=Enforced` said an ended revocation was enforced."""
     out = revst(GOOD, NOW - 1)
     assert out is not None and out["state"] == "Expired"
-    assert {c["type"]: c["reason"] for c in out["conditions"]} == {
-        "Enforced": "InForce",  # kept, as history
-        "Expired": "Ended",
+    assert kinds(out["conditions"]) == {
+        "Enforced": ("False", "Expired"),
+        "Expired": ("True", "Ended"),
     }
     assert revst({**GOOD, **out}, NOW - 1) is None
-    expired = rev_status("Expired", cond("Expired", "ExpiredOnArrival"))
+    old_history = rev_status(
+        "Expired", cond("Enforced"), cond("Expired", "Ended"), observedGeneration=1, **FIRST
+    )  # as statuses were written before: Enforced True kept "as history"
+    fixed = revst(old_history, NOW - 1)
+    assert fixed is not None and kinds(fixed["conditions"])["Enforced"] == ("False", "Expired")
+    expired = rev_status("Expired", cond("Expired", "ExpiredOnArrival"), observedGeneration=1)
     assert revst(expired, NOW - 1) is None  # whatever the reason, it says so
 
 
+@pytest.mark.parametrize("ends", [None, NOW - 1], ids=["in-force", "ended"])
+def test_a_status_for_an_older_generation_is_brought_up_to_date_in_its_own_words(
+    ends: float | None,
+) -> None:
+    """kubectl wait believes a condition only for the object's generation: after a spec
+    change the conditions must say the new one. The same words, not a correction."""
+    settled = revst({}, ends) if ends is None else revst(GOOD, ends)
+    assert settled is not None
+    status = {**GOOD, **settled}
+    assert revst(status, ends) is None
+    out = revst(status, ends, generation=2)
+    assert out is not None and out["observedGeneration"] == 2
+    assert {c["observedGeneration"] for c in out["conditions"]} == {2}
+    assert [{**c, "observedGeneration": 1} for c in out["conditions"]] == status["conditions"]
+    assert not contradicts(status, {**status, **out})
+    assert revst({**status, **out}, ends, generation=2) is None
+
+
 def test_expired_a_moment_early_by_another_pods_clock_is_tolerated() -> None:
-    early = rev_status("Expired", cond("Enforced"), cond("Expired", "Ended", 1), **FIRST)
+    early = rev_status(
+        "Expired",
+        cond("Enforced", status="False"),
+        cond("Expired", "Ended", 1),
+        observedGeneration=1,
+        **FIRST,
+    )
     assert revst(early, NOW + SKEW / 2) is None
     assert revst(early, NOW + SKEW + 60) is not None  # not a clock: wrong
     # An Expired of an older generation: expiresAt moved ahead, in force again.
@@ -481,3 +551,66 @@ def test_should_write_is_the_verdict_of_an_opinion() -> None:
     for current in ({}, el("Invalid"), MINE, ended(MINE)):
         for desired in (el("Invalid"), el("Pending"), MINE, ended(MINE)):
             assert should_write(current, desired) is bool(verdict(current, desired, "opinion"))
+
+
+# -- conditions of an AgentElevation, and what counts as a correction ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        ("Granted", {"Ready": ("True", "Granted")}),
+        ("Pending", {"Ready": ("False", "Pending")}),
+        ("Invalid", {"Ready": ("False", "Invalid"), "Invalid": ("True", "Invalid")}),
+        ("Expired", {"Ready": ("False", "Expired"), "Expired": ("True", "Expired")}),
+    ],
+)
+def test_an_elevations_conditions_follow_its_state(
+    state: str, expected: dict[str, tuple[str, str]]
+) -> None:
+    out = elevation_conditions(el(state, message="why"), {}, STAMP)
+    assert kinds(out["conditions"]) == expected
+    assert {c["observedGeneration"] for c in out["conditions"]} == {1}
+    assert {c["message"] for c in out["conditions"]} == {"why"}
+    assert {k: v for k, v in out.items() if k != "conditions"} == el(state, message="why")
+
+
+def test_an_elevations_conditions_move_with_its_state() -> None:
+    granted = elevation_conditions(MINE, elevation_conditions(el("Pending"), {}, STAMP), LATER)
+    assert kinds(granted["conditions"]) == {"Ready": ("True", "Granted")}
+    assert granted["conditions"][0]["lastTransitionTime"] == LATER
+    over = elevation_conditions(ended(MINE), granted, "2030-03-17T17:46:40Z")
+    assert kinds(over["conditions"]) == {
+        "Ready": ("False", "Expired"),
+        "Expired": ("True", "Expired"),
+    }
+    # Rewritten in the same state (a new message): the times stay.
+    again = elevation_conditions({**ended(MINE), "message": "x"}, over, "2031-01-01T00:00:00Z")
+    assert [c["lastTransitionTime"] for c in again["conditions"]] == [
+        c["lastTransitionTime"] for c in over["conditions"]
+    ]
+
+
+def test_the_verdict_reads_an_elevations_conditions() -> None:
+    """A status written with conditions equals its answer; one without (written before
+    conditions existed) is not rewritten for that alone; a forged condition is wrong."""
+    written = elevation_conditions(MINE, {}, STAMP)
+    assert verdict(written, MINE, "holder") == ""
+    assert verdict(MINE, MINE, "holder") == ""
+    forged = {**written, "conditions": [cond("Ready", "Granted", status="False")]}
+    assert verdict(forged, MINE, "holder") == "contradicts"
+    pending = elevation_conditions(el("Pending"), {}, STAMP)
+    lying = {**pending, "conditions": [cond("Ready", "Granted")]}
+    assert verdict(lying, el("Pending"), "holder") == "contradicts"
+    invalid = elevation_conditions(el("Invalid"), {}, STAMP)
+    assert verdict(invalid, el("Invalid"), "profile", single=False) == ""
+    ready = {**invalid, "conditions": [cond("Ready", "Granted")]}
+    assert verdict(ready, el("Invalid"), "profile", single=False) == "contradicts"
+
+
+def test_only_a_changed_meaning_is_a_correction() -> None:
+    assert contradicts(GOOD, {**GOOD, "state": "Expired"})
+    assert contradicts(GOOD, {**GOOD, "conditions": [cond("Enforced", status="False")]})
+    assert contradicts({}, GOOD)
+    newer = {**GOOD, "observedGeneration": 2, "conditions": [cond("Enforced", "Other", 2)]}
+    assert not contradicts(GOOD, newer)

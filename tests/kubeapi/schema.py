@@ -4,10 +4,11 @@ A :class:`ResourceType` describes one served group/version/resource: the built-i
 tests and kubectl need (namespaces, events, customresourcedefinitions) and one per served
 version of every stored CustomResourceDefinition. For custom resources this module does
 what kube-apiserver does with `openAPIV3Schema`: reject non-structural schemas when the CRD
-is created, find unknown fields (strict field validation) and prune them, validate objects
-(jsonschema, with kube-openapi's `date-time` rule; on update the CEL rule `self == oldSelf`
-that makes a field immutable, the only one evaluated) into Status causes that name the field,
-convert lists to `Table`s with the printer columns, and describe the resource in OpenAPI v3.
+is created (and any validation rule that does not compile), find unknown fields (strict
+field validation) and prune them, validate objects (jsonschema, with kube-openapi's
+`date-time` rule, then the CRD's CEL validation rules as the API server evaluates them: see
+`cel`) into Status causes that name the field, convert lists to `Table`s with the printer
+columns, and describe the resource in OpenAPI v3.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from typing import Any
 
 import jsonschema
 
+from . import cel
+
 __all__ = [
     "ALL_VERBS",
     "BUILTIN_TYPES",
-    "IMMUTABLE_RULE",
     "Cause",
     "ResourceType",
     "format_rfc3339",
@@ -166,7 +168,10 @@ class ResourceType:
         for _, parent, key in list(_unknown(obj, self.schema, "", root=True)):
             parent.pop(key, None)
 
-    def validate(self, obj: Mapping[str, Any]) -> list[Cause]:
+    def validate(self, obj: Mapping[str, Any], old: Mapping[str, Any] | None = None) -> list[Cause]:
+        """What the API server refuses in ``obj``: metadata, the schema, then the CRD's
+        validation rules (``old``: the stored object on an update, for transition rules and
+        ratcheting; the status subresource is validated the same way)."""
         causes = list(_validate_metadata(obj, self))
         if not self.custom or self.schema is None:
             return causes
@@ -180,24 +185,19 @@ class ResourceType:
         errors = sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path))
         for error in errors:
             causes.extend(_cause(error))
-        return causes
-
-    def validate_update(self, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Cause]:
-        """The CRD's transition rules (`x-kubernetes-validations` that use `oldSelf`),
-        checked on an update as the API server does: a rule applies where the field is in
-        both the stored and the new object. The emulation evaluates one rule, the one that
-        makes a field immutable (`self == oldSelf`); a CRD with any other rule is refused
-        when it is created (`structural_errors`), so no rule goes unchecked silently."""
-        if not self.custom or self.schema is None:
-            return []
-        causes: list[Cause] = []
-        for path, rule in _rules(self.schema, ""):
-            before, after = _at(old, path), _at(new, path)
-            if before is _MISSING or after is _MISSING or before == after:
-                continue
-            shown = _go_value(after) if not isinstance(after, (dict, list)) else '"object"'
-            message = rule.get("message") or f"failed rule: {rule['rule']}"
-            causes.append(Cause(path, "FieldValueInvalid", f"Invalid value: {shown}: {message}"))
+        if any(c.reason == "FieldValueTypeInvalid" for c in causes):
+            # As kube-apiserver: rules would see values of the wrong type.
+            causes.append(
+                Cause(
+                    "<nil>",
+                    "FieldValueInvalid",
+                    'Invalid value: "null": some validation rules were not checked because '
+                    "the object was invalid; correct the existing errors to complete validation",
+                )
+            )
+            return causes
+        for path, reason, message in cel.evaluate(self.schema, obj, old):
+            causes.append(Cause(path, reason, message))
         return causes
 
     # -- custom resources: printing -------------------------------------------------------
@@ -475,32 +475,12 @@ KUBE_FORMATS.checks("date")(lambda v: not isinstance(v, str) or _is_kube_date(v)
 
 # -- structural schema rules ------------------------------------------------------------
 
-# The one CEL validation rule the emulation evaluates (in ResourceType.validate_update).
-IMMUTABLE_RULE = "self == oldSelf"
-_MISSING = object()
-
-
-def _rules(schema: Mapping[str, Any], path: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    """(field path, rule) of every x-kubernetes-validations rule under object properties."""
-    for rule in schema.get("x-kubernetes-validations") or []:
-        yield path, rule
-    for name, sub in (schema.get("properties") or {}).items():
-        if isinstance(sub, Mapping):
-            yield from _rules(sub, f"{path}.{name}" if path else name)
-
-
-def _at(obj: Any, path: str) -> Any:
-    for part in path.split("."):
-        if not isinstance(obj, Mapping) or part not in obj:
-            return _MISSING
-        obj = obj[part]
-    return obj
-
 
 def structural_errors(schema: Mapping[str, Any], path: str = "") -> list[str]:
     """The rules of a structural schema that the API server checks when a CRD is written:
-    a type everywhere (unless x-kubernetes-int-or-string / preserve-unknown-fields), and
-    `properties` and `additionalProperties` never side by side."""
+    a type everywhere (unless x-kubernetes-int-or-string / preserve-unknown-fields),
+    `properties` and `additionalProperties` never side by side, and validation rules that
+    compile."""
     errors: list[str] = []
     here = path or "spec.versions[].schema.openAPIV3Schema"
     if not isinstance(schema, Mapping):
@@ -509,13 +489,7 @@ def structural_errors(schema: Mapping[str, Any], path: str = "") -> list[str]:
         errors.append(
             f"{here}.additionalProperties: Forbidden: additionalProperties and properties are mutual exclusive"
         )
-    for i, rule in enumerate(schema.get("x-kubernetes-validations") or []):
-        if not isinstance(rule, Mapping) or rule.get("rule") != IMMUTABLE_RULE:
-            errors.append(
-                f"{here}.x-kubernetes-validations[{i}].rule: Unsupported value: "
-                f"{_go_value(rule.get('rule') if isinstance(rule, Mapping) else rule)}: "
-                f'the emulation evaluates only "{IMMUTABLE_RULE}"'
-            )
+    errors.extend(cel.compile_errors(schema, here))
     if (
         "type" not in schema
         and not schema.get("x-kubernetes-int-or-string")

@@ -121,12 +121,29 @@ def test_the_spec_is_immutable(kubectl: Kubectl, kube_api: KubeAPIServer, tmp_pa
     assert kube_api.get("aelev", "agents", NAME)["spec"]["duration"] == "5m"
 
 
-def test_the_emulation_refuses_rules_it_cannot_evaluate(kubectl: Kubectl, tmp_path: Path) -> None:
+def test_a_crd_rule_is_evaluated_and_one_that_does_not_compile_refused(
+    kubectl: Kubectl, kube_api: KubeAPIServer, tmp_path: Path
+) -> None:
+    """The emulation evaluates any validation rule of a CRD (cel-python), as the API server
+    would: a new rule applies to the next write; a rule that does not compile refuses the
+    CRD, so no rule goes unchecked silently."""
     crd = yaml.safe_load(ELEVATION_CRD_PATH.read_text())
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    spec["x-kubernetes-validations"] = [{"rule": "self.agent != 'root'"}]
+    spec["x-kubernetes-validations"] = [
+        {"rule": "self.agent != 'root'", "message": "not root", "fieldPath": ".agent"}
+    ]
     path = tmp_path / "crd.yaml"
+    path.write_text(yaml.safe_dump(crd))
+    kubectl("apply", "-f", str(path))
+    result = kubectl("apply", "-f", "-", input=elevation("r", agent="root"), check=False)
+    assert result.returncode != 0
+    assert 'spec.agent: Invalid value: "object": not root' in result.stderr
+    kubectl("apply", "-f", "-", input=elevation("fine"))
+    assert kube_api.get("aelev", "agents", "fine")["spec"]["agent"] == "billing-agent"
+
+    spec["x-kubernetes-validations"] = [{"rule": "self.agent !="}]
     path.write_text(yaml.safe_dump(crd))
     result = kubectl("apply", "-f", str(path), check=False)
     assert result.returncode != 0
-    assert 'the emulation evaluates only "self == oldSelf"' in result.stderr
+    assert "x-kubernetes-validations[0].rule" in result.stderr
+    assert "compilation failed" in result.stderr
