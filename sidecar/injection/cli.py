@@ -5,11 +5,17 @@
 the pod template of a Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob or
 PodTemplate. Other objects pass through unchanged. What happened to each goes to stderr:
 injected or not, who holds the pod's service-account token (mandate alone, and what the
-injection overrode for that), and the warnings the webhook would give.
-Exit 0, or 2 on bad input (unreadable file, bad YAML, a selected pod that cannot be
-injected: the message names the document and field).
+injection overrode for that), and the warnings the webhook would give, word for word. With
+``--profiles DIR``, a pod whose agent has no profile there is refused as the webhook
+refuses it (or warned about: the injector's ``unknownAgent``).
+Exit 0, or 2 on bad input (unreadable file, bad YAML, invalid profiles, a selected pod that
+cannot be injected: the message names the document and field).
 
-`mandate webhook` serves the admission webhook (`sidecar.injection.webhook`) until SIGTERM.
+`mandate webhook` serves the admission webhook (`sidecar.injection.webhook`) until SIGTERM,
+with its metrics on ``--metrics-listen`` and the agent check on ``--profiles-api``.
+
+The sidecar's image is the config's ``image``, else ``MANDATE_SIDECAR_IMAGE``, else the
+built-in default: deploy/ sets it once, on the webhook's container.
 
 Must not contain injection logic (that is `sidecar.injection.pod`).
 """
@@ -20,15 +26,17 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from sidecar.errors import ConfigError, InjectError
+from sidecar.core import load_profiles
+from sidecar.errors import ConfigError, InjectError, ProfileError
 from sidecar.injection.pod import (
     ANNOTATION_SERVICE_ACCOUNT_TOKEN,
     InjectConfig,
@@ -36,12 +44,19 @@ from sidecar.injection.pod import (
     is_injected,
     mode_of,
     selected,
+    unknown_agent_problem,
     warnings_for,
 )
 
-__all__ = ["add_inject_parser", "load_config", "run_inject"]
+if TYPE_CHECKING:
+    from sidecar.injection.profiles import ApiProfiles
+
+__all__ = ["IMAGE_ENV", "add_inject_parser", "load_config", "run_inject"]
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
+# The sidecar's image when the injector config names none (deploy/base/kustomization.yaml
+# fills it from the webhook container's own image).
+IMAGE_ENV = "MANDATE_SIDECAR_IMAGE"
 
 # Where each kind keeps its pod template ("" = the object is the pod).
 _TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -77,6 +92,13 @@ def add_inject_parser(subparsers: Any) -> None:
         help='inject every pod not labelled mandate.dev/inject: "false", as in a namespace '
         "labelled for injection",
     )
+    inj.add_argument(
+        "--profiles",
+        type=Path,
+        metavar="DIR",
+        help="the agents' profiles (as in the profiles ConfigMap): a pod whose agent has "
+        "none is refused (the injector's unknownAgent: refuse) or warned about",
+    )
     web_ = subparsers.add_parser(
         "webhook",
         help="serve the mutating admission webhook (HTTPS)",
@@ -87,19 +109,38 @@ def add_inject_parser(subparsers: Any) -> None:
     web_.add_argument("--listen", default="0.0.0.0:8443", help="HOST:PORT (default %(default)s)")
     web_.add_argument("--config", type=Path, help="injector config (deploy/base/injector.yaml)")
     web_.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    web_.add_argument(
+        "--metrics-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="serve GET /metrics over plain HTTP here (default: off)",
+    )
+    web_.add_argument(
+        "--profiles-api",
+        default="off",
+        metavar="in-cluster|URL|off",
+        help="check that a pod's agent has a profile in its namespace's profiles ConfigMap, "
+        "read from this API server (in-cluster: the pod's service account; default off)",
+    )
 
 
-def load_config(path: Path | None) -> InjectConfig:
-    """The injector config from a YAML file; the built-in defaults without one."""
-    if path is None:
-        return InjectConfig()
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not YAML ({exc})") from None
-    return InjectConfig.from_mapping(data, source=str(path))
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> InjectConfig:
+    """The injector config from a YAML file; the built-in defaults without one. The image,
+    unless the file sets one, is ``MANDATE_SIDECAR_IMAGE`` (deploy/ sets it from the webhook's
+    own image: one place for the image), else the built-in default."""
+    environ = os.environ if environ is None else environ
+    data: Any = None
+    if path is not None:
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {path}: not YAML ({exc})") from None
+    image = environ.get(IMAGE_ENV, "").strip()
+    if image and (data is None or (isinstance(data, dict) and "image" not in data)):
+        data = {**(data or {}), "image": image}
+    return InjectConfig.from_mapping(data, source=str(path) if path else IMAGE_ENV)
 
 
 def run_inject(args: argparse.Namespace) -> int:
@@ -107,7 +148,7 @@ def run_inject(args: argparse.Namespace) -> int:
         if args.command == "webhook":
             return _webhook(args)
         return _inject(args)
-    except (ConfigError, InjectError) as exc:
+    except (ConfigError, InjectError, ProfileError) as exc:
         print(f"mandate: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
@@ -157,6 +198,7 @@ def _get(obj: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 def _inject(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    agents = load_profiles(args.profiles).agents if args.profiles is not None else None
     docs = _read(args.filename)
     for n, doc in enumerate(docs, start=1):
         for obj, owner, path in _pods(doc):
@@ -175,6 +217,14 @@ def _inject(args: argparse.Namespace) -> int:
                 mode = mode_of(pod, config)
             except InjectError as exc:
                 raise InjectError(f"document {n} ({what}): {exc}") from None
+            # The webhook reads the namespace's profiles ConfigMap; offline, --profiles.
+            unknown = unknown_agent_problem(pod, agents, str(args.profiles)) if agents else ""
+            if unknown and config.unknown_agent == "refuse":
+                raise InjectError(f"document {n} ({what}): {unknown}")
+            # The webhook's warnings, word for word (AdmissionReview warnings there); before
+            # the pod is replaced below: they compare it with the injected one.
+            warnings = [f"mandate: {unknown}"] if unknown else []
+            warnings += warnings_for(new, config, original=pod)
             if path:
                 parent = _get(obj, path[:-1])
                 assert isinstance(parent, dict)
@@ -185,7 +235,7 @@ def _inject(args: argparse.Namespace) -> int:
             print(f"injected {what} ({mode})", file=sys.stderr)
             token = new["metadata"]["annotations"][ANNOTATION_SERVICE_ACCOUNT_TOKEN]
             print(f"  service-account token: {token}", file=sys.stderr)
-            for warning in warnings_for(new, config):
+            for warning in warnings:
                 print(f"  warning: {warning}", file=sys.stderr)
     _print(docs, args.output)
     return EXIT_OK
@@ -220,16 +270,27 @@ def _print(docs: list[Any], output: str) -> None:
 
 
 def _webhook(args: argparse.Namespace) -> int:
-    from sidecar.injection.webhook import WebhookServer  # aiohttp only for this command
+    # aiohttp only for this command
+    from sidecar.injection.profiles import ApiProfiles
+    from sidecar.injection.webhook import WebhookServer
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    host, sep, port = args.listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"--listen {args.listen!r}: expected HOST:PORT")
+    host, port = _host_port("--listen", args.listen)
+    config = load_config(args.config)
+    metrics = _host_port("--metrics-listen", args.metrics_listen) if args.metrics_listen else None
+    profiles: ApiProfiles | None = None
+    if args.profiles_api == "in-cluster":
+        profiles = ApiProfiles.in_cluster(config.profiles_config_map)
+    elif args.profiles_api != "off":
+        if not args.profiles_api.startswith(("https://", "http://")):
+            raise ConfigError(
+                f"--profiles-api {args.profiles_api!r}: expected in-cluster, off or a URL"
+            )
+        profiles = ApiProfiles(args.profiles_api, config.profiles_config_map)
     server = WebhookServer(
-        load_config(args.config), args.cert, args.key, host.strip("[]"), int(port)
+        config, args.cert, args.key, host, port, profiles=profiles, metrics=metrics
     )
 
     async def serve() -> None:
@@ -245,3 +306,10 @@ def _webhook(args: argparse.Namespace) -> int:
 
     asyncio.run(serve())
     return EXIT_OK
+
+
+def _host_port(flag: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"{flag} {value!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)

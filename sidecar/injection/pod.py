@@ -33,23 +33,53 @@ are mounted read-only into mandate's container only, under :data:`CREDENTIALS_DI
 volume) is refused, since the agent would then hold the credential. A container of the pod
 that mounts a service-account token by itself keeps it, with a warning: agents must not.
 
-The injection is idempotent: a pod with the ``mandate.dev/injected`` annotation, or already
-carrying the sidecar containers, is left as it is. This module must not do I/O or import
-aiohttp, Kubernetes clients or YAML: dicts in, dicts out.
+Envoy runs the image's config (or the operator's, ``envoyConfigMap``) with what the
+injector config changes in it: tracing (off unless ``otlpEndpoint``; then
+``tracingSamplingPercent``, 1 % by default), its log level and access log
+(`sidecar.injection.envoy`). mandate's audit records go to its stdout (``audit: stdout``,
+the default), to files in a volume (``volume``) or nowhere (``off``); a pod's
+``mandate.dev/audit`` may choose only where ``allowPodAuditOverride`` says so, and never off.
+
+A selected pod is refused, with a message that says what to do, when the injection could
+not work: it claims ``mandate.dev/injected`` without the sidecar, it has (or asks for)
+Istio's or Linkerd's sidecar, a container uses a port the sidecar listens on, a container
+runs as the sidecar's UIDs, it references a Secret only mandate may read, or it is
+malformed. What the injection overrides (the pod's proxy variables, its token, its
+mandate.dev/audit) is said in :func:`warnings_for`; whether its agent has a profile,
+:func:`unknown_agent_problem` (the callers have the profiles).
+
+The injection is idempotent: a pod carrying the sidecar containers is left as it is. This
+module must not do I/O or import aiohttp, Kubernetes clients or YAML: dicts in, dicts out.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from sidecar.errors import ConfigError, InjectError
+from sidecar.errors import InjectError
+from sidecar.injection.config import (
+    AUDIT_MODES,
+    CREDENTIALS_DIR,
+    CUSTOM_ENVOY_DIR,
+    CUSTOM_ENVOY_KEY,
+    ENVOY,
+    ENVOY_CONFIGS,
+    INIT,
+    MANDATE,
+    MODES,
+    SIDECAR_CONTAINERS,
+    InjectConfig,
+    _secret_name_problem,
+    _secret_names,
+)
+from sidecar.injection.envoy import envoy_args
 
 __all__ = [
     "ANNOTATION_AGENT",
+    "ANNOTATION_AUDIT",
     "ANNOTATION_CREDENTIAL_SECRETS",
     "ANNOTATION_INJECTED",
     "ANNOTATION_MODE",
@@ -58,13 +88,16 @@ __all__ = [
     "CAPTURE_SCRIPT",
     "CREDENTIALS_DIR",
     "ENVOY_ADMIN_SOCKET",
+    "ENVOY_CONFIGS",
     "LABEL_INJECT",
     "MODES",
     "SA_DIR",
     "SIDECAR_CONTAINERS",
     "TXN_KEYS_DIR",
     "InjectConfig",
+    "agent_name",
     "agent_of",
+    "audit_of",
     "capture_env",
     "credential_secrets_of",
     "envoy_ready_probe",
@@ -74,6 +107,7 @@ __all__ = [
     "patch_for",
     "selected",
     "txn_keys_secret_of",
+    "unknown_agent_problem",
     "warnings_for",
 ]
 
@@ -89,10 +123,10 @@ ANNOTATION_TXN_KEYS_SECRET = "mandate.dev/txn-token-keys-secret"
 # Set by the injection: who holds the pod's service-account token ("mandate-only", and what
 # the injection overrode to make it so).
 ANNOTATION_SERVICE_ACCOUNT_TOKEN = "mandate.dev/service-account-token"
+# Where the pod's audit records go (stdout | volume | off): honoured only where the injector
+# allows it (allowPodAuditOverride), and never "off" unless the injector's own mode is off.
+ANNOTATION_AUDIT = "mandate.dev/audit"
 
-MODES = ("iptables", "proxy")
-INIT, MANDATE, ENVOY = "mandate-init", "mandate", "mandate-envoy"
-SIDECAR_CONTAINERS = (INIT, MANDATE, ENVOY)
 _VOLUMES = (
     "mandate-profiles",
     "mandate-state",
@@ -102,6 +136,8 @@ _VOLUMES = (
     "mandate-admin-token",
     "mandate-kube-api-access",
     "mandate-txn-keys",
+    "mandate-audit",
+    "mandate-envoy-config",
 )
 # One volume per credential Secret: this prefix and its index (a volume name is a DNS label
 # of at most 63 characters; a Secret name may be a 253-character subdomain).
@@ -110,11 +146,6 @@ _PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_pro
 # The AgentRevocation CRD's pattern for spec.agent (without "*").
 _AGENT_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 
-# The image copies envoy/*.yaml here (Dockerfile); one config per mandate transport.
-ENVOY_CONFIGS = {
-    "grpc": "/etc/mandate/envoy/sidecar.yaml",
-    "http": "/etc/mandate/envoy/sidecar-http.yaml",
-}
 PROFILES_DIR = "/etc/mandate/profiles"
 STATE_DIR = "/var/lib/mandate"
 # Sockets shared by Envoy and mandate only.
@@ -126,20 +157,17 @@ RUN_DIR = "/run/mandate-io"
 ENVOY_ADMIN_DIR = "/run/mandate-envoy"
 ENVOY_ADMIN_SOCKET = f"{ENVOY_ADMIN_DIR}/admin.sock"
 TOKEN_DIR = "/etc/mandate/admin"
+# The audit trail's directory when the records go to a volume (MANDATE_AUDIT_DIR): in the
+# state volume, or the injector's auditVolume mounted here.
+AUDIT_DIR = f"{STATE_DIR}/audit"
 # Where in-cluster clients (kubernetes_asyncio's load_incluster_config) look for the token,
 # the CA and the namespace: in mandate's container only.
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 # The credential Secrets, one directory each (<name>/<key>), and the txn-token signing keys.
-CREDENTIALS_DIR = "/var/run/mandate/credentials"
 TXN_KEYS_DIR = "/var/run/mandate/txn-keys"
 # The name the API server's ServiceAccount admission gives the token volume it adds to every
 # container (a random 5-character suffix follows); it runs before any admission webhook.
 _DEFAULT_TOKEN_VOLUME = "kube-api-access-"
-# The kubelet refuses shorter; the API server extends exactly 3607 s (the legacy default of
-# the volume above) to a year when --service-account-extend-token-expiration is on (default).
-MIN_TOKEN_SECONDS, MAX_TOKEN_SECONDS, EXTENDED_TOKEN_SECONDS = 600, 86400, 3607
-# A Secret's name: a DNS-1123 subdomain (no "/", no "..", nothing path-like).
-_SECRET_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 # Run by the mandate-init container with `sh -c`, parameters in the environment (see
 # capture_env). Istio's scheme: a nat chain REDIRECTs every new outbound TCP connection to
@@ -219,206 +247,6 @@ v4 -S MANDATE_EGRESS
 v4 -S MANDATE_CHECK
 if [ -e /proc/net/if_inet6 ]; then v6 -S MANDATE_EGRESS; fi
 """
-
-
-def _default_resources() -> dict[str, dict[str, Any]]:
-    return {
-        MANDATE: {
-            "requests": {"cpu": "100m", "memory": "128Mi"},
-            "limits": {"cpu": "1", "memory": "512Mi"},
-        },
-        ENVOY: {
-            "requests": {"cpu": "100m", "memory": "64Mi"},
-            "limits": {"cpu": "1", "memory": "256Mi"},
-        },
-        INIT: {
-            "requests": {"cpu": "10m", "memory": "16Mi"},
-            "limits": {"cpu": "100m", "memory": "64Mi"},
-        },
-    }
-
-
-@dataclass(frozen=True)
-class InjectConfig:
-    """What the injector puts into a pod; `from_mapping` reads the injector's config file
-    (camelCase keys, see deploy/base/injector.yaml)."""
-
-    image: str = "ghcr.io/mandate-dev/mandate:0.1.0"  # mandate, Envoy and iptables in one
-    image_pull_policy: str = "IfNotPresent"
-    mode: str = "iptables"  # default when the pod has no mandate.dev/mode annotation
-    envoy_uid: int = 1337
-    mandate_uid: int = 1338
-    proxy_port: int = 15001  # Envoy's egress listener (envoy/sidecar.yaml)
-    grpc_port: int = 9001  # mandate's first worker; Envoy's `mandate` cluster
-    context_port: int = 9701  # the agent context API (sidecar/agentapi/client.py), for the agent
-    admin_port: int = 9901  # mandate's /healthz /readyz /metrics /v1
-    workers: int = 1  # Envoy's `mandate` cluster must list grpc_port .. grpc_port+workers-1
-    transport: str = "grpc"  # how Envoy asks mandate: grpc or http (mandate run --transport)
-    envoy_config: str = ""  # default: the image's envoy/ config for the transport
-    envoy_concurrency: int = 2
-    otlp_endpoint: str = ""
-    log_level: str = "INFO"
-    profiles_config_map: str = "mandate-profiles"
-    admin_token_secret: str = "mandate-admin-token"  # "": mandate generates one in its state
-    # mandate's own service-account token: its audience ("" = the API server's own, which is
-    # what the in-cluster client needs) and lifetime (the kubelet renews it at 80 %).
-    service_account_token_audience: str = ""
-    service_account_token_seconds: int = 3600
-    # Secrets mounted into mandate's container of every injected pod (CREDENTIALS_DIR/<name>);
-    # a pod's mandate.dev/credential-secrets adds more.
-    credential_secrets: tuple[str, ...] = ()
-    txn_token_keys_secret: str = ""  # the signing keys' Secret ("": none, unless annotated)
-    state_volume: Mapping[str, Any] = field(default_factory=lambda: {"emptyDir": {}})
-    exclude_outbound_ports: tuple[int, ...] = ()
-    exclude_outbound_cidrs: tuple[str, ...] = ()
-    no_proxy: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
-    resources: Mapping[str, Mapping[str, Any]] = field(default_factory=_default_resources)
-
-    @property
-    def envoy_config_path(self) -> str:
-        if self.envoy_config:
-            return self.envoy_config
-        return ENVOY_CONFIGS[self.transport]
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any] | None, source: str = "config") -> InjectConfig:
-        """Validate and convert; ConfigError names the file (``source``) and the key."""
-        if data is None:
-            return cls()
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{source}: expected a mapping of settings")
-        by_key = {_camel(f.name): f.name for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            name = by_key.get(str(key))
-            if name is None:
-                known = ", ".join(sorted(by_key))
-                raise ConfigError(f"{source}: unknown key {key!r} (expected one of {known})")
-            kwargs[name] = _convert(name, value, f"{source}: {key}")
-        if "resources" in kwargs:
-            merged = _default_resources()
-            for container, res in kwargs["resources"].items():
-                merged[container] = dict(res)
-            kwargs["resources"] = merged
-        return cls(**kwargs)
-
-
-def _camel(name: str) -> str:
-    first, *rest = name.split("_")
-    return first + "".join("CIDRs" if p == "cidrs" else p.capitalize() for p in rest)
-
-
-def _convert(name: str, value: Any, where: str) -> Any:
-    if name == "service_account_token_seconds":
-        return _token_seconds(value, where)
-    if name == "credential_secrets":
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list of Secret names")
-        return _secret_names(value, where)
-    if name in ("txn_token_keys_secret", "admin_token_secret") and value:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        problem = _secret_name_problem(value)
-        if problem:
-            raise ConfigError(f"{where}: {problem}")
-        return value
-    if name == "service_account_token_audience":
-        if not isinstance(value, str) or any(c.isspace() for c in value):
-            raise ConfigError(f"{where}: expected an audience without spaces, got {value!r}")
-        return value
-    ints = {f.name for f in fields(InjectConfig) if f.type == "int"}
-    if name in ints:
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
-            raise ConfigError(f"{where}: expected an integer 0-65535, got {value!r}")
-        if name in ("workers", "envoy_concurrency") and value < 1:
-            raise ConfigError(f"{where}: expected at least 1, got {value!r}")
-        return value
-    if name == "transport":
-        if value not in ENVOY_CONFIGS:
-            raise ConfigError(f"{where}: expected one of grpc, http, got {value!r}")
-        return value
-    if name == "mode":
-        if value not in MODES:
-            raise ConfigError(f"{where}: expected one of {', '.join(MODES)}, got {value!r}")
-        return value
-    if name == "state_volume":
-        if not isinstance(value, Mapping) or len(value) != 1:
-            raise ConfigError(f"{where}: expected one volume source, e.g. {{emptyDir: {{}}}}")
-        return dict(value)
-    if name == "resources":
-        if not isinstance(value, Mapping) or not set(value) <= set(SIDECAR_CONTAINERS):
-            raise ConfigError(f"{where}: expected a mapping with keys {SIDECAR_CONTAINERS}")
-        for res in value.values():
-            if not isinstance(res, Mapping) or not set(res) <= {"requests", "limits"}:
-                raise ConfigError(f"{where}: expected {{requests: ..., limits: ...}}")
-        return dict(value)
-    if name == "exclude_outbound_ports":
-        if not isinstance(value, list) or not all(
-            isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in value
-        ):
-            raise ConfigError(f"{where}: expected a list of port numbers")
-        return tuple(value)
-    if name in ("exclude_outbound_cidrs", "no_proxy"):
-        if not isinstance(value, list) or not all(
-            isinstance(v, str) and v and re.fullmatch(r"[0-9A-Za-z.:/*_-]+", v) for v in value
-        ):
-            raise ConfigError(f"{where}: expected a list of addresses")
-        return tuple(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    if name == "image" and not value:
-        raise ConfigError(f"{where}: must not be empty")
-    return value
-
-
-def _token_seconds(value: Any, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a number of seconds, got {value!r}")
-    if not MIN_TOKEN_SECONDS <= value <= MAX_TOKEN_SECONDS:
-        raise ConfigError(
-            f"{where}: expected {MIN_TOKEN_SECONDS} to {MAX_TOKEN_SECONDS} seconds (the kubelet "
-            f"refuses less than {MIN_TOKEN_SECONDS}), got {value}"
-        )
-    if value == EXTENDED_TOKEN_SECONDS:
-        raise ConfigError(
-            f"{where}: {EXTENDED_TOKEN_SECONDS} is the one lifetime the API server extends to a "
-            "year (--service-account-extend-token-expiration); use e.g. 3600"
-        )
-    return value
-
-
-def _secret_name_problem(name: str) -> str:
-    """What is wrong with ``name`` as the name of a Secret to mount; "" if nothing."""
-    if not name:
-        return "an empty Secret name"
-    if "/" in name or "\\" in name or name.startswith(".") or ".." in name:
-        return (
-            f"{name!r} looks like a path: name a Secret in the pod's namespace; it is mounted "
-            f"at {CREDENTIALS_DIR}/<name>/"
-        )
-    if len(name) > 253 or not _SECRET_NAME_RE.match(name):
-        return (
-            f"{name!r} is not a Secret name (a DNS-1123 subdomain: lower-case letters, digits, "
-            "'-' and '.', starting and ending with a letter or digit, at most 253 characters)"
-        )
-    return ""
-
-
-def _secret_names(
-    names: Sequence[Any], where: str, error: type[Exception] = ConfigError
-) -> tuple[str, ...]:
-    """The Secret names of a list, checked: each a Secret name, none twice."""
-    out: list[str] = []
-    for i, name in enumerate(names):
-        if not isinstance(name, str):
-            raise error(f"{where}[{i}]: expected a Secret name, got {name!r}")
-        problem = _secret_name_problem(name)
-        if problem:
-            raise error(f"{where}: {problem}")
-        if name in out:
-            raise error(f"{where}: Secret {name!r} is named twice")
-        out.append(name)
-    return tuple(out)
 
 
 # -- reading a pod ----------------------------------------------------------------------------
@@ -658,6 +486,10 @@ def _check(pod: Mapping[str, Any], config: InjectConfig, mode: str) -> None:
         raise InjectError(f"{where}spec.containers: expected at least one container")
     pod_sc = _map(spec, "securityContext", f"{where}spec.")
     reserved = {config.envoy_uid, config.mandate_uid}
+    # Before the UIDs: Istio's proxy runs as 1337, Envoy's UID here, and "reserved UID" is
+    # not what the user needs to hear (issue 19, finding 8).
+    _check_mesh(pod, spec, mode, where)
+    sidecar_ports = config.sidecar_ports()
     for key in ("containers", "initContainers"):
         for i, c in enumerate(_list(spec, key, f"{where}spec.")):
             at = f"{where}spec.{key}[{i}]"
@@ -665,6 +497,7 @@ def _check(pod: Mapping[str, Any], config: InjectConfig, mode: str) -> None:
                 raise InjectError(f"{at}: expected a container with a name")
             if c["name"] in SIDECAR_CONTAINERS:
                 raise InjectError(f"{at}.name: {c['name']!r} is reserved for mandate's sidecar")
+            _check_ports(c, at, sidecar_ports)
             for j, e in enumerate(_list(c, "env", f"{at}.")):
                 if not isinstance(e, Mapping) or not isinstance(e.get("name"), str):
                     raise InjectError(f"{at}.env[{j}]: expected {{name: ..., value: ...}}")
@@ -694,6 +527,163 @@ def _check(pod: Mapping[str, Any], config: InjectConfig, mode: str) -> None:
                         "keys, token, sockets): only mandate's and Envoy's containers mount it"
                     )
     _check_secrets_stay_with_mandate(pod, config, where)
+
+
+# The other service meshes' sidecars: their containers (a sidecar, its init, a native
+# sidecar in initContainers), the annotations their injectors set, and what asks for them.
+_MESHES: dict[str, dict[str, Any]] = {
+    "Istio": {
+        "containers": {"istio-proxy", "istio-init", "istio-validation"},
+        "annotations": {"sidecar.istio.io/status": None},
+        "requests": {"sidecar.istio.io/inject": "true"},
+        "how": (
+            'label the pod sidecar.istio.io/inject: "false" to keep it out of the mesh (the '
+            'mesh\'s mTLS then does not cover it), or mandate.dev/inject: "false" to keep it '
+            "out of mandate (its calls are not governed)"
+        ),
+        "why": (
+            "both capture the pod's outbound traffic with iptables, and both use port 15001 "
+            "and UID 1337 (Istio's proxy would run as mandate's Envoy UID and bypass "
+            "mandate's capture)"
+        ),
+    },
+    # Ambient mode has no sidecar, but ztunnel listens on 15001, 15006 and 15008 inside the
+    # pod's network namespace and istio-cni's capture is in place before mandate-init runs:
+    # the agent's connections would meet ztunnel's redirect first. The webhook sees the
+    # pod's label only; a namespace labelled ambient needs the same opt-out (README).
+    "Istio ambient": {
+        "containers": set(),
+        "annotations": {},
+        "requests": {"istio.io/dataplane-mode": "ambient"},
+        "how": (
+            'label the pod (and its namespace) istio.io/dataplane-mode: "none" to keep it '
+            'out of the ambient mesh, or mandate.dev/inject: "false" to keep it out of '
+            "mandate (its calls are not governed)"
+        ),
+        "why": (
+            "ztunnel captures the pod's outbound traffic before mandate-init's rules and "
+            "listens on 15001, Envoy's port"
+        ),
+    },
+    "Linkerd": {
+        "containers": {"linkerd-proxy", "linkerd-init", "linkerd-network-validator"},
+        "annotations": {"linkerd.io/proxy-version": None},
+        "requests": {"linkerd.io/inject": "enabled"},
+        "how": (
+            "annotate the pod mandate.dev/mode: proxy (the agent reaches mandate's Envoy "
+            "through HTTP_PROXY, and Envoy's calls then leave through Linkerd's proxy; an "
+            "agent that ignores HTTP_PROXY is governed only with a NetworkPolicy, see "
+            "deploy/README.md), or annotate it linkerd.io/inject: disabled, or label it "
+            'mandate.dev/inject: "false"'
+        ),
+        "why": (
+            "both capture the pod's outbound traffic with iptables, and which capture the "
+            "agent's connections meet first is not defined"
+        ),
+    },
+}
+
+
+def _mesh_of(pod: Mapping[str, Any], spec: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(mesh, what shows it) for a pod with, or asking for, another mesh's sidecar."""
+    names: set[Any] = set()
+    for key in ("containers", "initContainers"):
+        containers = spec.get(key)
+        if isinstance(containers, list):
+            names |= {c.get("name") for c in containers if isinstance(c, Mapping)}
+    tags = {**_labels(pod), **_annotations(pod)}
+    for mesh, signs in _MESHES.items():
+        found = sorted(str(n) for n in names & signs["containers"])
+        if found:
+            return mesh, f"container {', '.join(found)}"
+        for key, value in {**signs["annotations"], **signs["requests"]}.items():
+            if key in tags and (value is None or tags[key] == value):
+                return mesh, f"{key}: {tags[key]!r}"
+    return None
+
+
+def _check_mesh(pod: Mapping[str, Any], spec: Mapping[str, Any], mode: str, where: str) -> None:
+    found = _mesh_of(pod, spec)
+    if found is None:
+        return
+    mesh, sign = found
+    signs = _MESHES[mesh]
+    if mesh == "Linkerd" and mode == "proxy":
+        return  # proxy mode has no capture of its own; Envoy's calls go through Linkerd's
+    raise InjectError(
+        f"{where}the pod has {mesh}'s capture ({sign}), which cannot share a pod with "
+        f"mandate's in {mode} mode: {signs['why']}. To go on: {signs['how']}"
+    )
+
+
+def _check_ports(container: Mapping[str, Any], at: str, sidecar_ports: Mapping[int, str]) -> None:
+    """Refuse a container port the sidecar listens on: one of the two would fail to bind,
+    or the agent would answer in mandate's place (a probe, Envoy's listener)."""
+    for j, port in enumerate(_list(container, "ports", f"{at}.")):
+        number = port.get("containerPort") if isinstance(port, Mapping) else None
+        if isinstance(number, int) and number in sidecar_ports:
+            raise InjectError(
+                f"{at}.ports[{j}].containerPort: container {container['name']!r} uses port "
+                f"{number}, which the sidecar uses for {sidecar_ports[number]}: move the "
+                "container to another port, or change the injector's port for the sidecar"
+            )
+
+
+def agent_name(pod: Mapping[str, Any]) -> str:
+    """The agent the sidecar will serve: ``mandate.dev/agent``, else the pod's service
+    account (``spec.serviceAccountName``, "default" when unset), as mandate resolves it."""
+    agent = agent_of(pod)
+    if agent is not None:
+        return agent
+    spec = pod.get("spec")
+    account = spec.get("serviceAccountName") if isinstance(spec, Mapping) else None
+    return account if isinstance(account, str) and account else "default"
+
+
+def unknown_agent_problem(pod: Mapping[str, Any], agents: Collection[str], source: str) -> str:
+    """Why the pod's agent has no profile among ``agents`` (the profiles of ``source``), or
+    "": such a pod would start, and deny every call `unknown_agent`."""
+    agent = agent_name(pod)
+    if agent in agents:
+        return ""
+    how = (
+        f"annotation {ANNOTATION_AGENT}"
+        if agent_of(pod) is not None
+        else f"service account {agent!r} (no {ANNOTATION_AGENT} annotation)"
+    )
+    known = ", ".join(sorted(agents)[:20]) or "none"
+    return (
+        f"pod {_name(pod)}: agent {agent!r} (from the {how}) has no profile in {source} "
+        f"(agents: {known}): its sidecar would deny every call (unknown_agent). Add the "
+        f"agent's profile, or set {ANNOTATION_AGENT} to an agent that has one"
+    )
+
+
+def audit_of(pod: Mapping[str, Any], config: InjectConfig) -> tuple[str, str]:
+    """Where the pod's audit records go (one of AUDIT_MODES), and a warning ("" if none)
+    when the pod's ``mandate.dev/audit`` asked for something else. The operator's mode
+    wins unless ``allowPodAuditOverride``; a pod never turns off an audit the operator set.
+    InjectError for a value that is not a mode."""
+    asked = _annotations(pod).get(ANNOTATION_AUDIT)
+    if asked is None or asked == config.audit:
+        return config.audit, ""
+    if asked not in AUDIT_MODES:
+        raise InjectError(
+            f"pod {_name(pod)}: metadata.annotations[{ANNOTATION_AUDIT}]: expected one of "
+            f"{', '.join(AUDIT_MODES)}, got {asked!r}"
+        )
+    if asked == "off":
+        return config.audit, (
+            f"mandate: pod {_name(pod)} asks {ANNOTATION_AUDIT}: off, but the injector records "
+            f"every pod's decisions (audit: {config.audit}); a pod cannot turn its audit off"
+        )
+    if not config.allow_pod_audit_override:
+        return config.audit, (
+            f"mandate: pod {_name(pod)} asks {ANNOTATION_AUDIT}: {asked}, but the injector "
+            f"decides where audit records go (audit: {config.audit}; allowPodAuditOverride "
+            "is false): ignored"
+        )
+    return str(asked), ""
 
 
 # -- the sidecar --------------------------------------------------------------------------------
@@ -751,7 +741,7 @@ def _init_container(config: InjectConfig) -> dict[str, Any]:
 
 
 def _mandate_container(
-    config: InjectConfig, agent: str | None, secrets: Sequence[str], keys: str
+    config: InjectConfig, agent: str | None, secrets: Sequence[str], keys: str, audit: str
 ) -> dict[str, Any]:
     admin = {"port": config.admin_port, "scheme": "HTTP"}
     env: list[dict[str, Any]] = [
@@ -791,6 +781,18 @@ def _mandate_container(
         mounts.append({"name": "mandate-admin-token", "mountPath": TOKEN_DIR, "readOnly": True})
     if config.otlp_endpoint:
         env.append({"name": "MANDATE_OTLP_ENDPOINT", "value": config.otlp_endpoint})
+    # The audit trail (issue 19). stdout: JSON lines, hash-chained, for the cluster's log
+    # pipeline (what every cluster has, and what outlives the pod); volume: files in
+    # AUDIT_DIR, verifiable with `mandate audit verify` where the volume is read.
+    if audit == "stdout":
+        env.append({"name": "MANDATE_AUDIT_STDOUT", "value": "true"})
+    elif audit == "volume":
+        env.append({"name": "MANDATE_AUDIT_DIR", "value": AUDIT_DIR})
+        if config.audit_volume is not None:
+            mount = {"name": "mandate-audit", "mountPath": AUDIT_DIR}
+            if "emptyDir" not in config.audit_volume:
+                mount["subPathExpr"] = "$(MANDATE_POD_NAME)"  # one directory per pod
+            mounts.append(mount)
     # The credentials' Secrets: here only (profiles name CREDENTIALS_DIR/<secret>/<key>).
     for i, secret in enumerate(secrets):
         mounts.append(
@@ -854,25 +856,23 @@ def envoy_ready_probe(socket_path: str = ENVOY_ADMIN_SOCKET) -> str:
 
 
 def _envoy_container(config: InjectConfig) -> dict[str, Any]:
+    mounts: list[dict[str, Any]] = [
+        {"name": "mandate-run", "mountPath": RUN_DIR},
+        {"name": "mandate-envoy-admin", "mountPath": ENVOY_ADMIN_DIR},
+    ]
+    if config.envoy_config_map:
+        mounts.append(
+            {"name": "mandate-envoy-config", "mountPath": CUSTOM_ENVOY_DIR, "readOnly": True}
+        )
     return {
         "name": ENVOY,
         "image": config.image,
         "imagePullPolicy": config.image_pull_policy,
         "restartPolicy": "Always",
         "command": ["envoy"],
-        "args": [
-            "-c",
-            config.envoy_config_path,
-            "--disable-hot-restart",
-            "--concurrency",
-            str(config.envoy_concurrency),
-            "--log-level",
-            "warn",
-        ],
-        "volumeMounts": [
-            {"name": "mandate-run", "mountPath": RUN_DIR},
-            {"name": "mandate-envoy-admin", "mountPath": ENVOY_ADMIN_DIR},
-        ],
+        # The image's config and the operator's changes to it (sidecar.injection.envoy).
+        "args": envoy_args(config),
+        "volumeMounts": mounts,
         # Envoy's admin is on a unix socket (no TCP port the kubelet could probe either):
         # probe from inside, with the image's Python.
         "startupProbe": {
@@ -896,7 +896,9 @@ def _token_projection(config: InjectConfig) -> dict[str, Any]:
     return {"serviceAccountToken": token}
 
 
-def _volumes(config: InjectConfig, secrets: Sequence[str], keys: str) -> list[dict[str, Any]]:
+def _volumes(
+    config: InjectConfig, secrets: Sequence[str], keys: str, audit: str
+) -> list[dict[str, Any]]:
     volumes: list[dict[str, Any]] = [
         {"name": "mandate-profiles", "configMap": {"name": config.profiles_config_map}},
         {"name": "mandate-state", **copy.deepcopy(dict(config.state_volume))},
@@ -958,6 +960,20 @@ def _volumes(config: InjectConfig, secrets: Sequence[str], keys: str) -> list[di
     if keys:
         volumes.append(
             {"name": "mandate-txn-keys", "secret": {"secretName": keys, "defaultMode": 0o444}}
+        )
+    if audit == "volume" and config.audit_volume is not None:
+        volumes.append({"name": "mandate-audit", **copy.deepcopy(dict(config.audit_volume))})
+    if config.envoy_config_map:
+        # The operator's Envoy config; not optional: a missing ConfigMap holds the pod at
+        # ContainerCreating with an Event naming it.
+        volumes.append(
+            {
+                "name": "mandate-envoy-config",
+                "configMap": {
+                    "name": config.envoy_config_map,
+                    "items": [{"key": CUSTOM_ENVOY_KEY, "path": CUSTOM_ENVOY_KEY}],
+                },
+            }
         )
     return volumes
 
@@ -1062,6 +1078,7 @@ def inject(
         )
     mode = mode_of(pod, config)
     agent = agent_of(pod)
+    audit, _ = audit_of(pod, config)
     _check(pod, config, mode)
     secrets, keys = credential_secrets_of(pod, config), txn_keys_secret_of(pod, config)
     meta = out.setdefault("metadata", {})
@@ -1074,7 +1091,7 @@ def inject(
     removed = {v["name"] for v in spec.get("volumes") or [] if _is_default_token_volume(v)}
     meta["annotations"][ANNOTATION_SERVICE_ACCOUNT_TOKEN] = _token_note(spec, removed)
     spec["automountServiceAccountToken"] = False
-    ours = [_mandate_container(config, agent, secrets, keys), _envoy_container(config)]
+    ours = [_mandate_container(config, agent, secrets, keys, audit), _envoy_container(config)]
     if mode == "iptables":
         ours.insert(0, _init_container(config))
     spec["initContainers"] = ours + [
@@ -1085,7 +1102,7 @@ def inject(
         _with_proxy_env(_without_mounts(c, removed), config) for c in spec["containers"]
     ]
     spec["volumes"] = [v for v in spec.get("volumes") or [] if v["name"] not in removed]
-    spec["volumes"] += _volumes(config, secrets, keys)
+    spec["volumes"] += _volumes(config, secrets, keys, audit)
     return out
 
 
@@ -1130,12 +1147,60 @@ def patch_for(
     return ops
 
 
-def warnings_for(pod: Mapping[str, Any], config: InjectConfig) -> list[str]:
-    """What an operator should know about an injected pod (AdmissionReview warnings)."""
+def _proxy_env_warnings(pod: Mapping[str, Any], config: InjectConfig) -> list[str]:
+    """One warning per container whose own HTTP_PROXY/NO_PROXY (any spelling) the injection
+    replaces; the values are not repeated (a proxy URL may hold a password)."""
+    spec = pod.get("spec")
+    if not isinstance(spec, Mapping):
+        return []
+    out: list[str] = []
+    ours = {
+        name: ",".join(config.no_proxy)
+        if name.lower() == "no_proxy"
+        else f"http://127.0.0.1:{config.proxy_port}"
+        for name in _PROXY_VARS
+    }
+    for key in ("initContainers", "containers"):
+        containers = spec.get(key)
+        for c in containers if isinstance(containers, list) else []:
+            if not isinstance(c, Mapping) or c.get("name") in SIDECAR_CONTAINERS:
+                continue
+            env = c.get("env")
+            replaced = sorted(
+                {
+                    str(e["name"])
+                    for e in (env if isinstance(env, list) else [])
+                    if isinstance(e, Mapping)
+                    and e.get("name") in _PROXY_VARS
+                    and ("valueFrom" in e or e.get("value") != ours[e["name"]])
+                }
+            )
+            if replaced:
+                out.append(
+                    f"mandate: container {c.get('name')}: the injection replaces its "
+                    f"{', '.join(replaced)}: every call goes through mandate's Envoy "
+                    f"(http://127.0.0.1:{config.proxy_port}), and NO_PROXY is the injector's "
+                    f"noProxy ({','.join(config.no_proxy)}); a corporate proxy belongs "
+                    "behind Envoy, hosts to reach directly in the injector's noProxy"
+                )
+    return out
+
+
+def warnings_for(
+    pod: Mapping[str, Any], config: InjectConfig, original: Mapping[str, Any] | None = None
+) -> list[str]:
+    """What an operator should know about an injected pod (AdmissionReview warnings);
+    with ``original``, the pod as it was before the injection, also what the injection
+    overrode in it (its proxy variables, its mandate.dev/audit)."""
     if not isinstance(pod, Mapping) or not isinstance(pod.get("spec"), Mapping):
         return []
     spec = pod["spec"]
     out: list[str] = []
+    if isinstance(original, Mapping):
+        out += _proxy_env_warnings(original, config)
+        audit_warning = audit_of(original, config)[1]
+        if audit_warning:
+            out.append(audit_warning)
     note = _annotations(pod).get(ANNOTATION_SERVICE_ACCOUNT_TOKEN)
     # Said only when the pod asked for the token explicitly: without the field (most pods)
     # the annotation records it, and deploy/README.md explains it.

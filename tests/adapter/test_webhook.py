@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import dataclasses
 import json
 import shutil
 import signal
@@ -24,8 +25,11 @@ import jsonpatch
 import kubernetes_validate.utils as kv
 import pytest
 import yaml
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.injection.pod import InjectConfig
+from sidecar.injection.profiles import ApiProfiles, agents_in
 from sidecar.injection.webhook import WebhookServer, review
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -434,3 +438,267 @@ async def test_webhook_command_names_a_missing_certificate(tmp_path: Path) -> No
     _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 2
     assert f"--cert {tmp_path / 'tls.crt'}: no such file" in err.decode()
+
+
+# -- issue 19: the agent's profile checked at admission; metrics ----------------------------------
+
+
+PROFILES_CM = {
+    "apiVersion": "v1",
+    "kind": "ConfigMap",
+    "metadata": {"name": "mandate-profiles", "namespace": "agents", "resourceVersion": "7"},
+    "data": {"agents.yaml": (ROOT / "deploy/agents/profiles/agents.yaml").read_text()},
+}
+
+
+class FakeApi:
+    """The one API call the webhook makes (get a ConfigMap), on 127.0.0.1 port 0: answers
+    ``status`` with the profiles ConfigMap of `agents`, records who asked."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.delay = 0.0
+        self.calls: list[tuple[str, str]] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        async def get(request: web.Request) -> web.Response:
+            self.calls.append((request.path, request.headers.get("Authorization", "")))
+            await asyncio.sleep(self.delay)
+            if self.status != 200:
+                return web.json_response(
+                    {"kind": "Status", "code": self.status}, status=self.status
+                )
+            ns, name = request.match_info["ns"], request.match_info["name"]
+            if (ns, name) != ("agents", "mandate-profiles"):
+                return web.json_response({"kind": "Status", "code": 404}, status=404)
+            return web.json_response(PROFILES_CM)
+
+        app = web.Application()
+        app.router.add_get("/api/v1/namespaces/{ns}/configmaps/{name}", get)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeApi]:
+    fake = FakeApi()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+async def _server_with(
+    certs: Path, tmp_path: Path, config: InjectConfig, profiles: ApiProfiles | None
+) -> WebhookServer:
+    srv = WebhookServer(
+        config, certs / "tls.crt", certs / "tls.key", "127.0.0.1", 0,
+        profiles=profiles, metrics=("127.0.0.1", 0),
+    )  # fmt: skip
+    await srv.start()
+    return srv
+
+
+def _with_agent(agent: str, namespace: str = "agents") -> bytes:
+    pod = copy.deepcopy(PODS["example-agent"])
+    pod["metadata"]["annotations"]["mandate.dev/agent"] = agent
+    return admission_review(pod, namespace=namespace)
+
+
+def test_the_example_profiles_name_their_agents() -> None:
+    assert {"billing-agent", "research-agent"} <= agents_in(PROFILES_CM["data"])
+    assert agents_in({"notes.txt": "kind: AgentProfile"}) == frozenset()
+    with pytest.raises(ValueError, match=r"a\.yaml: not YAML"):
+        agents_in({"a.yaml": "a: [b"})
+
+
+@pytest.mark.parametrize("unknown", ["refuse", "warn"])
+async def test_an_agent_without_a_profile_is_caught_at_admission(
+    unknown: str, certs: Path, tmp_path: Path, api: FakeApi, client: aiohttp.ClientSession
+) -> None:
+    """Issue 19 (5): such a pod started, Ready, and denied every call."""
+    token = tmp_path / "token"
+    token.write_text("webhook-token\n")
+    config = dataclasses.replace(CONFIG, unknown_agent=unknown)
+    profiles = ApiProfiles(api.url, config.profiles_config_map, token_file=token)
+    srv = await _server_with(certs, tmp_path, config, profiles)
+    try:
+        status, doc = await _post(client, srv, certs, _with_agent("billing-agent"))
+        assert status == 200 and doc["response"]["allowed"] and doc["response"]["patch"]
+        assert not any("profile" in w for w in doc["response"].get("warnings", []))
+        assert api.calls[-1] == (
+            "/api/v1/namespaces/agents/configmaps/mandate-profiles",
+            "Bearer webhook-token",
+        )
+        status, doc = await _post(client, srv, certs, _with_agent("billling-agent"))
+        response = doc["response"]
+        problem = "agent 'billling-agent' (from the annotation mandate.dev/agent) has no profile in ConfigMap agents/mandate-profiles"
+        if unknown == "refuse":
+            assert response["allowed"] is False and "patch" not in response
+            assert problem in response["status"]["message"]
+            assert "billing-agent" in response["status"]["message"]  # the agents it knows
+        else:
+            assert response["allowed"] is True and response["patch"]
+            assert any(problem in w for w in response["warnings"])
+        # Not selected, or already injected: no API call.
+        calls = len(api.calls)
+        pod = copy.deepcopy(PODS["example-agent"])
+        pod["metadata"]["labels"]["mandate.dev/inject"] = "false"
+        await _post(client, srv, certs, admission_review(pod))
+        assert len(api.calls) == calls
+    finally:
+        await srv.stop()
+
+
+@pytest.mark.parametrize(
+    ("status", "delay", "allowed", "says"),
+    [
+        (404, 0.0, False, "namespace agents has no ConfigMap mandate-profiles"),
+        (403, 0.0, True, "the webhook may not read ConfigMap agents/mandate-profiles (HTTP 403)"),
+        (500, 0.0, True, "the API server answered HTTP 500"),
+        (200, 1.0, True, "cannot read it from the API server"),  # a slow API server
+    ],
+)
+async def test_when_the_profiles_cannot_be_read(
+    status: int, delay: float, allowed: bool, says: str,
+    certs: Path, tmp_path: Path, api: FakeApi, client: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    """A missing ConfigMap is refused (the sidecar could not mount it); an API server that
+    cannot answer never keeps agent pods from starting: injected, with a warning."""
+    api.status, api.delay = status, delay
+    profiles = ApiProfiles(api.url, CONFIG.profiles_config_map, timeout=0.3)
+    srv = await _server_with(certs, tmp_path, CONFIG, profiles)
+    try:
+        code, doc = await _post(client, srv, certs, _with_agent("billing-agent"))
+        assert code == 200
+        response = doc["response"]
+        assert response["allowed"] is allowed
+        text = response["status"]["message"] if not allowed else " ".join(response["warnings"])
+        assert says in text, text
+    finally:
+        await srv.stop()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_metrics_count_reviews_by_result_and_time_them(
+    certs: Path, tmp_path: Path, api: FakeApi, client: aiohttp.ClientSession
+) -> None:
+    profiles = ApiProfiles(api.url, CONFIG.profiles_config_map)
+    srv = await _server_with(certs, tmp_path, CONFIG, profiles)
+
+    async def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        async with client.get(f"http://127.0.0.1:{srv.metrics_port}/metrics") as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/plain")
+            return _samples(await resp.text())
+
+    def reviews(samples: Any, result: str) -> float:
+        return float(samples[("mandate_webhook_reviews_total", (("result", result),))])
+
+    try:
+        before = await scrape()
+        unselected = copy.deepcopy(PODS["example-agent"])
+        unselected["metadata"]["labels"]["mandate.dev/inject"] = "false"
+        claimed = copy.deepcopy(PODS["example-agent"])
+        claimed["metadata"]["annotations"]["mandate.dev/injected"] = "iptables"
+        await _post(client, srv, certs, _with_agent("billing-agent"))  # injected
+        await _post(client, srv, certs, _with_agent("billing-agent"))  # injected
+        await _post(client, srv, certs, admission_review(unselected))  # skipped
+        await _post(client, srv, certs, admission_review(claimed))  # refused
+        await _post(client, srv, certs, _with_agent("nobody"))  # refused (no profile)
+        await _post(client, srv, certs, b"{not json")  # error (400)
+        after = await scrape()
+        expected = {"injected": 2, "skipped": 1, "refused": 2, "error": 1}
+        for result, n in expected.items():
+            assert reviews(after, result) - reviews(before, result) == n, result
+        count = ("mandate_webhook_review_duration_seconds_count", ())
+        assert after[count] - before[count] == 6
+        checks = {
+            r: ("mandate_webhook_profile_checks_total", (("result", r),))
+            for r in ("known", "unknown")
+        }
+        assert after[checks["known"]] - before[checks["known"]] == 2
+        assert after[checks["unknown"]] - before[checks["unknown"]] == 1
+    finally:
+        await srv.stop()
+
+
+async def test_webhook_command_serves_metrics_and_checks_profiles(
+    certs: Path, api: FakeApi
+) -> None:
+    port, metrics = _free_port(), _free_port()
+    args = ["webhook", "--cert", str(certs / "tls.crt"), "--key", str(certs / "tls.key")]
+    args += ["--listen", f"127.0.0.1:{port}", "--config", str(ROOT / "deploy/base/injector.yaml")]
+    args += ["--metrics-listen", f"127.0.0.1:{metrics}", "--profiles-api", api.url]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _MAIN, *args, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            for _ in range(100):
+                try:
+                    async with session.get(f"http://127.0.0.1:{metrics}/metrics") as resp:
+                        assert resp.status == 200
+                        break
+                except aiohttp.ClientConnectorError:
+                    await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("mandate webhook did not start")
+            async with session.post(
+                f"https://127.0.0.1:{port}/mutate", data=_with_agent("nobody"),
+                ssl=_tls(certs), server_hostname=SERVICE,
+            ) as resp:  # fmt: skip
+                doc = await resp.json()
+            assert doc["response"]["allowed"] is False
+            assert "agent 'nobody'" in doc["response"]["status"]["message"]
+            async with session.get(f"http://127.0.0.1:{metrics}/metrics") as resp:
+                samples = _samples(await resp.text())
+            assert samples[("mandate_webhook_reviews_total", (("result", "refused"),))] == 1
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_in_cluster_profiles_use_the_pods_service_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sidecar.errors import ConfigError
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(ConfigError, match="KUBERNETES_SERVICE_HOST is not set"):
+        ApiProfiles.in_cluster("mandate-profiles")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00::1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
+    profiles = ApiProfiles.in_cluster("mandate-profiles")
+    assert profiles.api == "https://[fd00::1]:6443"
+    assert str(profiles.token_file) == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    assert str(profiles.ca_file) == "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+
+
+async def test_webhook_command_refuses_a_bad_profiles_api(certs: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _MAIN, "webhook", "--cert", str(certs / "tls.crt"),
+        "--key", str(certs / "tls.key"), "--profiles-api", "kube:443",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 2
+    assert "--profiles-api 'kube:443': expected in-cluster, off or a URL" in err.decode()
