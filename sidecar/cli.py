@@ -207,6 +207,15 @@ def _audit_options(cmd: argparse.ArgumentParser) -> None:
         help="write the hash-chained audit trail here (env MANDATE_AUDIT_DIR; default: off)",
     )
     cmd.add_argument(
+        "--audit-stdout",
+        action="store_const",
+        const="true",
+        default=_env("MANDATE_AUDIT_STDOUT"),
+        help="write the audit records as JSON lines to stdout, for the cluster's log pipeline "
+        "(kubectl logs; verify with `mandate audit verify --log`); alone or with --audit-dir "
+        "(env MANDATE_AUDIT_STDOUT=true; default: off)",
+    )
+    cmd.add_argument(
         "--audit-allows",
         choices=AUDIT_ALLOWS,
         default=_env("MANDATE_AUDIT_ALLOWS", "all"),
@@ -690,6 +699,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         tracing=TracingSettings(otlp_endpoint=args.otlp_endpoint, tracer=args.tracer),
         audit=AuditSettings(
             directory=args.audit_dir,
+            stdout=_switch("--audit-stdout", "MANDATE_AUDIT_STDOUT", args.audit_stdout),
             allows=args.audit_allows,
             on_failure=args.audit_on_failure,
             fsync=args.audit_fsync,
@@ -778,6 +788,19 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from sidecar.run.worker import serve
 
     return _starting(config.run.log_level, lambda: serve(config))
+
+
+_SWITCH = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False,
+           "no": False, "off": False, "": False}  # fmt: skip
+
+
+def _switch(flag: str, env: str, text: str | None) -> bool:
+    """An on/off option given as a flag or by its environment variable (true/false, also
+    1/0, yes/no, on/off). ConfigError naming both for anything else."""
+    value = _SWITCH.get((text or "").strip().lower())
+    if value is None:
+        raise ConfigError(f"{flag} ({env}={text!r}): expected true or false")
+    return value
 
 
 def _size(text: str) -> int:

@@ -167,13 +167,15 @@ class TracingSettings:
 
 @dataclass(frozen=True, slots=True)
 class AuditSettings:
-    """The hash-chained audit trail (--audit-*)."""
+    """The hash-chained audit trail (--audit-*): to a directory, to stdout (the cluster's log
+    pipeline), or both (each on chains of its own); neither: off."""
 
-    directory: Path | None = None  # None: no audit trail
+    directory: Path | None = None  # --audit-dir; None: no directory
     allows: AuditAllows = "all"
     on_failure: FailureMode = "fail-closed"
     fsync: FsyncMode = "interval"
     reserve_bytes: int = DEFAULT_RESERVE_BYTES  # fail closed under this much free space
+    stdout: bool = False  # --audit-stdout: the records as JSON lines on stdout
 
     def __post_init__(self) -> None:
         _one_of("--audit-allows", self.allows, AUDIT_ALLOWS)

@@ -3,8 +3,10 @@
 Translates arguments into calls on :mod:`sidecar.audit` and results into output and exit
 codes: verify exits 0 when every chain is intact, 1 when one is not (naming its first bad
 record) or a chain the manifest lists is gone (naming each), 2 on bad input (no such
-directory, no audit files, a bad time). Must not contain chain logic: that lives in
-`sidecar.audit.trail`.
+directory, no audit files, a bad time). Both read a directory (DIR) or, with ``--log``, the
+audit stream a mandate with ``--audit-stdout`` wrote, as the logs kept it (`kubectl logs`,
+the kubelet's CRI log files: `sidecar.audit.logs`). Must not contain chain logic: that
+lives in `verify`, `logverify` and `query`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sidecar.audit import query, verify
+from sidecar.audit import query, query_log, verify, verify_log
 from sidecar.core.model import parse_duration
 from sidecar.errors import AuditError
 
@@ -37,31 +39,55 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="check every chain for edited, removed, reordered or truncated records",
         description=(
             "Walk every chain (one per worker) of DIR in file order, and check DIR's "
-            "manifest (audit-manifest.jsonl) for chains deleted whole or not listed. Exit 0 "
-            "if all are intact, 1 naming the first bad record (file, line, seq, what is "
-            "wrong) or each missing chain, 2 on bad input."
+            "manifest (audit-manifest.jsonl) for chains deleted whole or not listed; or, "
+            "with --log, every chain of the --audit-stdout records in logs (one per start "
+            "of each writer) and the links of a restarted writer's chain to the one before. "
+            "Exit 0 if all are intact, 1 naming the first bad record (file, line, seq, what "
+            "is wrong) or each missing chain, 2 on bad input."
         ),
     )
-    ver.add_argument("directory", metavar="DIR")
+    ver.add_argument("directory", metavar="DIR", nargs="?")
+    _log_option(ver, "verify")
     ver.add_argument("--chain", help="verify only this chain id")
     ver.add_argument("--json", action="store_true", help="print the result as JSON")
     q = sub.add_parser(
         "query",
         help="print matching decision records as JSON lines",
         description=(
-            "Print the decision records of DIR matching every filter, merged by time, one "
+            "Print the decision records of DIR (or of the logs given with --log) matching "
+            "every filter, merged by time, one "
             "JSON object per line. Times are RFC 3339 (2025-01-31T12:00:00Z) or a duration "
             "meaning that long ago (15m, 2h). --since is inclusive, --until exclusive. "
             "Does not verify the chains."
         ),
     )
-    q.add_argument("directory", metavar="DIR")
+    q.add_argument("directory", metavar="DIR", nargs="?")
+    _log_option(q, "query")
     q.add_argument("--agent", help="the agent's profile name")
     q.add_argument("--decision", choices=["allow", "deny"])
     q.add_argument("--since", metavar="T", help="RFC 3339 time or duration ago (15m)")
     q.add_argument("--until", metavar="T", help="RFC 3339 time or duration ago (15m)")
     q.add_argument("--trace-id", help="32 hex digits")
     return audit
+
+
+def _log_option(cmd: argparse.ArgumentParser, what: str) -> None:
+    cmd.add_argument(
+        "--log",
+        action="append",
+        metavar="SOURCE",
+        help=f"{what} the audit stream of --audit-stdout in logs instead of DIR: a file "
+        "(kubectl logs output, a CRI log file, plain or .gz), a directory of a container's "
+        "CRI log files (/var/log/pods/NS_POD_UID/mandate/), or - for standard input; "
+        "repeatable, read in the order given",
+    )
+
+
+def _source(args: argparse.Namespace) -> str | None:
+    """Why DIR and --log do not go together as given (None: they do)."""
+    if (args.directory is None) == (args.log is None):
+        return "give an audit directory DIR or --log SOURCE (one of them)"
+    return None
 
 
 def parse_when(text: str, now: datetime | None = None) -> datetime:
@@ -89,6 +115,11 @@ def _bad(message: str) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    wrong = _source(args)
+    if wrong is not None:
+        return _bad(wrong)
+    if args.log is not None:
+        return _verify_log(args)
     try:
         result = verify(args.directory, args.chain)
     except AuditError as exc:
@@ -117,21 +148,56 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _verify_log(args: argparse.Namespace) -> int:
+    try:
+        result = verify_log(args.log, args.chain)
+    except AuditError as exc:
+        return _bad(str(exc))
+    if args.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        for c in result.chains:
+            span = f"seq {c.first_seq}-{c.last_seq}" if c.last_seq is not None else "no record"
+            who = f"writer {c.writer}, pid {c.pid}, " if c.writer else ""
+            if c.problem is None:
+                print(
+                    f"ok: chain {c.chain}: {who}{c.records} decision record(s), {span}, "
+                    f"{'ended' if c.ended else 'not ended'}, head {c.last_hash}"
+                )
+            else:
+                print(f"TAMPERED: chain {c.chain}: {c.problem}")
+            for note in c.notes:
+                print(f"  note: {note}")
+        for p in result.problems:
+            print(f"BAD LINE: {p}")
+        for note in result.notes:
+            print(f"note: {note}")
+    problem = result.problem
+    if problem is not None:
+        where = f"chain {problem.chain}" if problem.chain else "the stream"
+        print(f"mandate audit: {where}: first bad record: {problem}", file=sys.stderr)
+        return EXIT_TAMPERED
+    return EXIT_OK
+
+
 def _query(args: argparse.Namespace) -> int:
+    wrong = _source(args)
+    if wrong is not None:
+        return _bad(wrong)
     try:
         since = parse_when(args.since) if args.since else None
         until = parse_when(args.until) if args.until else None
     except ValueError as exc:
         return _bad(f"--since/--until {exc}")
     try:
-        for rec in query(
-            args.directory,
-            agent=args.agent,
-            decision=args.decision,
-            since=since,
-            until=until,
-            trace_id=args.trace_id,
-        ):
+        filters: dict[str, Any] = {
+            "agent": args.agent, "decision": args.decision, "since": since, "until": until,
+            "trace_id": args.trace_id,
+        }  # fmt: skip
+        found = (
+            query(args.directory, **filters) if args.log is None else query_log(args.log, **filters)
+        )
+        for rec in found:
             line = json.dumps(rec, ensure_ascii=False, sort_keys=True)
             # a lone surrogate (made up by an agent) as its JSON escape, as in the file
             sys.stdout.write(line.encode("utf-8", "backslashreplace").decode("utf-8") + "\n")

@@ -1,4 +1,5 @@
-"""Querying a trail: the records of a directory's chains that match a filter, in time order."""
+"""Querying a trail: the decision records of a directory's chains (`query`), or of an audit
+stream read back from logs (`query_log`), that match a filter, in time order."""
 
 from __future__ import annotations
 
@@ -6,17 +7,18 @@ import heapq
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sidecar.audit.files import _describe, trail_files
+from sidecar.audit.logs import log_lines
 from sidecar.core.timefmt import utc_millis
 
 log = logging.getLogger(__name__)
 
-__all__ = ["query"]
+__all__ = ["query", "query_log"]
 
 # ---------------------------------------------------------------------------------------------
 # Query
@@ -62,14 +64,53 @@ def query(
     "allow" or "deny". Raises AuditInputError for a missing directory or no audit files.
     This does not verify: run `verify` for that."""
     chains = trail_files(directory, None)
-    lo = _bound(since) if since is not None else None
-    hi = _bound(until) if until is not None else None
-    trace = trace_id.lower() if trace_id else None
     merged = heapq.merge(
         *(_records(c, files) for c, files in chains.items()),
         key=lambda r: str(r.get("time", "")),
     )
-    for rec in merged:
+    return _matching(merged, agent, decision, since, until, trace_id)
+
+
+def query_log(
+    sources: Sequence[str],
+    *,
+    agent: str | None = None,
+    decision: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    trace_id: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """`query` on an audit stream read back from logs (`logs`: files, CRI log directories,
+    ``-``): the decision records of every chain, in time order (a stream's chains
+    interleave by batch), with their ``chain``. Lines that are not records are skipped.
+    Raises AuditInputError for a source that cannot be read."""
+    found: list[dict[str, Any]] = []
+    for line in log_lines(sources):
+        if not line.candidate or not line.complete:
+            continue
+        try:
+            rec = json.loads(line.text)
+        except ValueError:
+            log.warning("audit query: %s line %d is not JSON; skipped", line.source, line.line)
+            continue
+        if isinstance(rec, dict) and rec.get("type") == "decision":
+            found.append(rec)
+    found.sort(key=lambda r: str(r.get("time", "")))
+    return _matching(iter(found), agent, decision, since, until, trace_id)
+
+
+def _matching(
+    records: Iterator[dict[str, Any]],
+    agent: str | None,
+    decision: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    trace_id: str | None,
+) -> Iterator[dict[str, Any]]:
+    lo = _bound(since) if since is not None else None
+    hi = _bound(until) if until is not None else None
+    trace = trace_id.lower() if trace_id else None
+    for rec in records:
         t = str(rec.get("time", ""))
         if (
             (agent is None or rec.get("agent") == agent)

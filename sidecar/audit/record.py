@@ -14,6 +14,12 @@ file is detected. Other record types: ``decision`` (which may carry ``arguments`
 `sidecar.audit.arguments`, what the profile chose to keep of the call's arguments);
 ``loss`` (written when the log becomes writable again: how many records failed or were
 dropped, when, and their decision ids); ``recovered`` (see below).
+
+Streams (`stream`: stdout, for the cluster's log pipeline). The same records and chain math,
+one chain per start of a writer process, many chains interleaved on one stream: every
+record also carries the marker ``"@mandate":"audit"`` (its first member) and its ``chain``
+(`stream_stamp`); a chain starts with a ``header`` (``previous``: the chain its writer wrote
+before a restart) and a clean stop ends it with an ``end`` record.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ from sidecar.core.timefmt import utc_millis
 __all__ = [
     "FORMAT",
     "MANIFEST",
+    "MARKER",
+    "MARKER_PREFIX",
+    "MARKER_VALUE",
     "canonical_json",
     "chained_line",
     "decision_line",
@@ -42,6 +51,7 @@ __all__ = [
     "link",
     "record_from_decision",
     "record_hash",
+    "stream_stamp",
 ]
 
 FORMAT = 1
@@ -49,6 +59,12 @@ _CHAIN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FILE = re.compile(r"^audit-(?P<chain>[A-Za-z0-9][A-Za-z0-9_.-]*)-(?P<index>\d{6,})\.jsonl$")
 MANIFEST = "audit-manifest.jsonl"
 _MANIFEST_GENESIS = hashlib.sha256(b"mandate-audit-manifest").hexdigest()
+# A record on a stream (`stream`) is recognised by its first member, ``"@mandate":"audit"``
+# ("@" sorts before every other key, so canonical JSON puts it first): a line of a log is a
+# record only if it starts with MARKER_PREFIX and is, whole, the record's canonical JSON.
+MARKER = "@mandate"
+MARKER_VALUE = "audit"
+MARKER_PREFIX = b'{"@mandate":"audit",'
 
 # ---------------------------------------------------------------------------------------------
 # Pure: canonical JSON, chain math, records
@@ -122,6 +138,7 @@ def chained_line(record: Mapping[str, Any], *, seq: int, prev: str) -> tuple[byt
 
 
 _ALLOW_DENY = ('"deny"', '"allow"')
+_MARKER_MEMBER = f"{_encode_str(MARKER)}:{_encode_str(MARKER_VALUE)},"
 
 
 def decision_line(
@@ -133,13 +150,19 @@ def decision_line(
     seq: int,
     prev: str,
     key: ArgumentKey | None = None,
+    chain: str | None = None,
 ) -> tuple[bytes, str]:
     """``chained_line(record_from_decision(d, ...), seq=seq, prev=prev)`` straight from the
     Decision, without the record dict (half the cost: this runs once per audited
-    decision). Byte-identical to that definition (tests/property/test_audit_line.py)."""
+    decision). Byte-identical to that definition (tests/property/test_audit_line.py).
+    With ``chain``, the record of a stream: ``{**record, **stream_stamp(chain)}``."""
     e = _encode_str
+    # A stream's records start with the marker and carry their chain (`stream_stamp`): both
+    # keys sort where they are put here ("@" before any letter; "chain" before "code").
+    lead, chain_member = ("", "") if chain is None else (_MARKER_MEMBER, ',"chain":' + e(chain))
     head = (
-        f'{{"agent":{e(d.agent) if d.agent else "null"}{_arguments(d, key)},"code":{e(d.code)}'
+        f'{{{lead}"agent":{e(d.agent) if d.agent else "null"}{_arguments(d, key)}'
+        f'{chain_member},"code":{e(d.code)}'
         f"{_credentials(d)}"
         f',"decision":{_ALLOW_DENY[d.allowed]},"decision_id":{e(d.decision_id)}'
         f',"elevation":{"null" if d.grant is None else _json(_elevation(d.grant))}'
@@ -177,6 +200,12 @@ def _credentials(d: Decision) -> str:
 
 def _txn(d: Decision) -> str:
     return ',"txn":' + _encode_str(d.txn) if d.txn else ""
+
+
+def stream_stamp(chain_id: str) -> dict[str, str]:
+    """The members every record of a stream's chain carries: the marker and its chain id
+    (a stream holds the chains of several writers, a file only one)."""
+    return {MARKER: MARKER_VALUE, "chain": chain_id}
 
 
 def file_name(chain_id: str, index: int) -> str:

@@ -42,7 +42,10 @@ class Problem:
     bad_header, missing_tail_file; for the directory as a whole (see `verify`):
     missing_chain (listed in the manifest, no file left), unlisted_chain (files of a chain
     the manifest does not list), missing_manifest, bad_manifest (the manifest's own chain
-    is broken: its ``chain`` is ``MANIFEST``)."""
+    is broken: its ``chain`` is ``MANIFEST``). In a log (`logverify`): also missing_tail
+    (a restarted writer's header names a record its previous chain does not reach in the
+    log) and link_mismatch (the record there differs); a marker line that is no record
+    (torn_line, bad_record, not_canonical) has ``chain`` "" and ``seq`` -1."""
 
     chain: str
     file: str

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TypeVar
 
-from sidecar.audit import AuditWriter
+from sidecar.audit import Trail
 from sidecar.check.request import Identity, new_decision_id
 from sidecar.core import Code, Decision, RequestView, Snapshot, decide
 from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable
@@ -55,7 +55,7 @@ class Audit:
     false. With the writer in fail-closed mode and unable to write, an allow becomes a
     deny (`audit_unavailable`): no call leaves without its record."""
 
-    writer: AuditWriter
+    writer: Trail
     pod: str
     namespace: str
     allows: bool = True

@@ -22,18 +22,18 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Callable
 from concurrent import futures
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from sidecar.audit import AuditWriter
+from sidecar.audit import Trail, open_trail
 from sidecar.check.grpc_transport import AuthorizationServicer
 from sidecar.check.pipeline import Audit, CheckPipeline
 from sidecar.check.reload import SnapshotHolder
@@ -94,7 +94,7 @@ class Sidecar:
         self._health = health.HealthServicer()
         self._admin: AdminServer | None = None
         self._tracing: Tracing | None = None
-        self._audit_writer: AuditWriter | None = None
+        self._audit_writer: Trail | None = None
         self._broker: CredentialBroker | None = None
         self._stopped = threading.Event()
 
@@ -149,14 +149,20 @@ class Sidecar:
                     run.tracing.otlp_endpoint, pod=pod.pod_name, namespace=pod.namespace
                 )
         audit = None
-        if run.audit.directory is not None:
-            self._audit_writer = AuditWriter(
-                run.audit.directory,
-                chain_id=cfg.chain_id or f"{pod.pod_name or socket.gethostname()}-{os.getpid()}",
-                fsync=run.audit.fsync,
-                on_failure=run.audit.on_failure,
-                reserve_bytes=run.audit.reserve_bytes,
-            )
+        run_dir = os.environ.get(RUN_DIR_ENV)  # `mandate run`'s: the stdout writers' lock
+        self._audit_writer = open_trail(
+            directory=run.audit.directory,
+            stdout=run.audit.stdout,
+            chain_id=cfg.chain_id,
+            writer=f"w{cfg.index}",
+            pod=pod.pod_name,
+            fsync=run.audit.fsync,
+            on_failure=run.audit.on_failure,
+            reserve_bytes=run.audit.reserve_bytes,
+            shared_directory=Path(run_dir) if run_dir else None,
+            state_directory=run.state.directory,
+        )
+        if self._audit_writer is not None:
             audit = Audit(self._audit_writer, pod.pod_name, pod.namespace, run.audit.records_allows)
             threading.Thread(target=self._meter_audit, name="audit-metrics", daemon=True).start()
         else:

@@ -23,6 +23,7 @@ import pytest
 from sidecar.audit import (
     AuditWriter,
     canonical_json,
+    chainwriter,
     link,
     query,
     record_from_decision,
@@ -161,7 +162,7 @@ def test_a_backlog_is_written_without_waiting_out_the_linger(
     faults.entered.clear()
     write_via(w, via, 0)
     assert faults.entered.wait(2)  # the writer is in write(2) with record 0; it lingers next
-    n = 4 * audit._BATCH + 7
+    n = 4 * chainwriter._BATCH + 7
     for i in range(1, n + 1):
         assert write_via(w, via, i)
     faults.gate.set()

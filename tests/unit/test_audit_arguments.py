@@ -315,13 +315,13 @@ def test_writers_starting_together_agree_on_one_key(tmp_path: Path) -> None:
 def test_a_full_queue_of_bodies_lets_a_body_go_and_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sidecar.audit import writer
+    from sidecar.audit import chainwriter
     from sidecar.policy.simulate import parse_record, replay
     from sidecar.policy.suggest import suggest
 
     text = profile()
     small = decide_with(tmp_path, text, call("/mcp?x=1", rpc(("pay", {"card": CARD}))))
-    monkeypatch.setattr(writer, "_BODY_BYTES_MAX", 16)  # less than one body
+    monkeypatch.setattr(chainwriter, "_BODY_BYTES_MAX", 16)  # less than one body
     audit = tmp_path / "audit"
     with AuditWriter(audit, chain_id="w0", fsync="never") as w:
         assert w.write_decision(small, pod="p", namespace="n", now=NOW)
@@ -390,7 +390,7 @@ def test_a_chained_record_waiting_for_its_write_holds_no_call_body(tmp_path: Pat
     """Review finding: a batch's records waited for their write(2) holding their bodies
     (and parses), outside the queue's 16 MiB bound. Once its line is made, a record keeps
     only what its loss accounting needs."""
-    from sidecar.audit.writer import _DecisionItem, _light
+    from sidecar.audit.chainwriter import _DecisionItem, _light
 
     rules = "        - hosts: [mcp.bank.svc.cluster.local]\n          mcpTools: [send_money]\n"
     d = decide_with(tmp_path, profile(rules=rules), call(body=rpc(("send_money", {"to": "a"}))))

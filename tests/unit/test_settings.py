@@ -54,6 +54,7 @@ EVERYTHING = WorkerSettings(
             on_failure="continue",
             fsync="always",
             reserve_bytes=512 << 10,
+            stdout=True,
         ),
         admin=AdminSettings(listen="0.0.0.0:9902", token_file=Path("/etc/mandate/admin/token")),
         state=StateSettings(directory=Path("/var/lib/mandate"), table=Path("/dev/shm/t")),
