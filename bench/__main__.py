@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, str] = {
     "credential_cost": "what minting a Txn-Token costs per algorithm and JOSE library (~30 s)",
     "credential_check": "CPU per Check: no credential, secret, cached OAuth, Txn-Token (~3 min)",
     "agentdojo": "AgentDojo's ground truth through Envoy + mandate: utility, attacks blocked",
+    "kube_scale": "API-server load of N = 1, 10, 100 sidecars' watchers; 1,000 extrapolated",
 }
 
 

@@ -87,7 +87,7 @@ class SnapshotHolder:
         self._loaded_at = time.time()
         self._error = None
         self._error_at = None
-        metrics.observe_reload(True, len(snap.agents))
+        metrics.observe_reload(True, len(snap.agents), snap.version)
         if self._on_install is not None:
             try:
                 self._on_install(snap)

@@ -24,7 +24,7 @@ from kubernetes_asyncio.client import ApiClient
 
 from sidecar.kube.errors import KubeError
 from sidecar.kube.reflector import Event, Listed, Reflector, ReflectorSettings
-from sidecar.kube.reporter import Reporter, ReportOptions
+from sidecar.kube.reporter import REPORT_SPREAD, Reporter, ReportOptions
 
 __all__ = ["Consumer", "WatchOptions"]
 
@@ -35,6 +35,7 @@ class WatchOptions(TypedDict, total=False):
     """The keyword options every watcher takes."""
 
     report: bool  # Events and status writes (False: read only)
+    report_spread: float  # the longest delay before a write every pod would make (reporter)
     backoff_base: float
     backoff_cap: float
     watch_timeout: tuple[float, float]  # each watch request asks for a random one of these
@@ -70,6 +71,7 @@ class Consumer:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         owns_client: bool = False,
+        report_spread: float = REPORT_SPREAD,
     ) -> None:
         self.namespace = namespace
         self.pod_name = pod_name
@@ -97,6 +99,7 @@ class Consumer:
             "enabled": report,
             "clock": clock,
             "request_timeout": request_timeout,
+            "spread": report_spread,
         }
         self._warned: set[tuple[str, str]] = set()
         self._task: asyncio.Task[None] | None = None

@@ -28,6 +28,7 @@ from sidecar.kube.convert import (
     object_state,
 )
 from sidecar.kube.reporter import ElevationReporter
+from sidecar.telemetry import metrics
 
 __all__ = ["ApprovalSink", "ElevationWatcher"]
 
@@ -154,6 +155,7 @@ class ElevationWatcher(Consumer):
             if answer is None:
                 return
             self._answers[key] = (approval, answer)
+            metrics.observe_approval(answer.state)
         else:
             assert cached is not None
             answer = cached[1]

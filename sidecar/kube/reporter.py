@@ -6,25 +6,41 @@ each pod knows and may overwrite), on the next event of the object: at most
 :data:`MAX_CORRECTIONS` per object generation and pod, then a warning, so that pods never
 take turns with each other or with a writer that insists.
 
-AgentRevocations (:class:`RevocationReporter`): for each revocation newly in force in this
-pod (it listens to the RevocationStore), an Event (RevocationEnforced, naming the pod, the
-time the table write became visible and the delay since the object was created), and once
-per object, not once per pod, `status.firstEnforcedAt`/`firstEnforcedBy` with `state:
-Enforced` and an Enforced condition (conditional on the resourceVersion, written only while
-absent: of many pods racing, one writes, the others are answered 409 and find it written).
-A revocation whose `expiresAt` has passed gets `state: Expired` and an Expired condition,
-once per object: when it ends while watched, or at once when it was already past on
-arrival, which also earns a Warning Event (RevocationExpired) from the one pod that wrote
-the status, since such an object revokes nothing. An Expired one whose end moves ahead is
-Enforced again (InForceAgain). After each store write the watcher calls `check`, which
-writes what this pod knows when the status says otherwise (`status.revocation_status`).
+AgentRevocations (:class:`RevocationReporter`): once per object, not once per pod,
+`status.firstEnforcedAt`/`firstEnforcedBy` with `state: Enforced` and an Enforced condition
+(conditional on the resourceVersion, written only while absent), and an Event
+(RevocationEnforced, naming the pod, the time the table write became visible and the delay
+since the object was created) from the one pod whose status write succeeded. A revocation
+whose `expiresAt` has passed gets `state: Expired` and an Expired condition, once per
+object: when it ends while watched, or when it was already past on arrival, which also
+earns a Warning Event (RevocationExpired) from the one pod that wrote the status, since such
+an object revokes nothing. An Expired one whose end moves ahead is Enforced again
+(InForceAgain). After each store write the watcher calls `check`, which writes what this
+pod knows when the status says otherwise (`status.revocation_status`).
+
+Fleet scale (issue 19, 9): every pod of a namespace sees each object at about the same
+moment, and with N pods "everyone writes, the API server picks one" costs N Events, N
+patches and N-1 re-reads per revocation (bench/results/kube_scale-before.md). So each
+write that every pod would make (the first enforcement, an end, a correction; for
+AgentElevations, what several pods answer alike) waits a delay of its own first,
+``spread`` x a number in [0, 1) drawn from a hash of the pod's name and the object's uid
+(rendezvous hashing): the pod with the smallest draw writes, its write reaches the others
+through their watch before their own delays end, and they find nothing left to write. No
+pod needs to know the others (pods cannot list pods), and no leader needs electing: if the
+first pod is gone, or its write fails, the next draw writes. A write that loses the race
+anyway (409) is not retried by re-reading: the watch brings the new version, and `check`
+sees whether anything is still wrong. What each pod enforces is in its metrics
+(`mandate_revocation_set_hash`, `mandate_revocation_enforce_delay_seconds`), which
+Prometheus aggregates: per-pod truth never costs an API write.
 
 AgentElevations (:class:`ElevationReporter`): the ApprovalSink's answer in `status` (state,
 message, grantId, expiresAt, observedGeneration; conditional on the resourceVersion, where
 what the answer rests on decides what it overwrites, see `status.elevation_verdict`), an
 invalid object's problems as state Invalid, Expired when a grant's time is up, an Event
-(ElevationGranted) from each pod that holds the grant, and a Warning Event
-(ElevationExpired) from the pod that held a request approved after it lapsed.
+(ElevationGranted) from the pod that holds the grant (for an approval without a request,
+which every pod with the profile grants: from the pod whose Granted status was written),
+and a Warning Event (ElevationExpired) from the pod that held a request approved after it
+lapsed.
 
 Reports go through a queue and one task per watcher, so a report never holds up the
 watch; a failed report is counted (`reports_failed`) and logged, never raised: reporting
@@ -39,9 +55,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypedDict, Unpack
 
 from kubernetes_asyncio.client import ApiClient, CoreV1Api, CustomObjectsApi
@@ -68,6 +85,8 @@ from sidecar.kube.convert import (
 from sidecar.kube.errors import KubeConflict, KubeNotFound, describe, translated
 from sidecar.kube.status import (
     Knowledge,
+    contradicts,
+    elevation_conditions,
     elevation_status,
     elevation_verdict,
     ended,
@@ -76,13 +95,16 @@ from sidecar.kube.status import (
     revocation_status,
 )
 from sidecar.state.revocations import Change, RevocationStore
+from sidecar.telemetry import metrics
 
 __all__ = [
     "MAX_CORRECTIONS",
+    "REPORT_SPREAD",
     "ElevationReporter",
     "ReportOptions",
     "Reporter",
     "RevocationReporter",
+    "draw",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,6 +113,12 @@ log = logging.getLogger(__name__)
 # Corrections of a status that contradicts this pod's knowledge, per object generation and
 # pod: one is what a forged status needs; more means another writer disagrees on purpose.
 MAX_CORRECTIONS = 3
+# The longest a pod waits before a write that every pod of the namespace would make (see the
+# module docstring). The first of N pods writes after spread/(N+1) on average; the others
+# write only if its write has not reached them within their own delay, about 1 + N x
+# (patch + watch latency) / spread pods in all. 2 s: one writer of 100 pods in the
+# emulation (bench/results/kube_scale.md); for one pod, the status 1 s late on average.
+REPORT_SPREAD = 2.0
 
 _Job = tuple[Callable[[], Awaitable[None]], str]  # a report to send, and what it reports
 _Desired = Callable[[Mapping[str, Any], int | None], dict[str, Any] | None]
@@ -100,6 +128,39 @@ class ReportOptions(TypedDict, total=False):
     enabled: bool  # False: read only, nothing is written
     clock: Callable[[], float]
     request_timeout: float
+    spread: float  # REPORT_SPREAD: the longest delay before a write every pod would make
+
+
+@contextlib.contextmanager
+def counted(resource: str) -> Iterator[None]:
+    """Count the write inside (a KubeError, once translated) in mandate_kubernetes_writes:
+    ok, conflict (409: another pod wrote first), gone (404) or error."""
+    try:
+        yield
+    except KubeConflict:
+        metrics.observe_kubernetes_write(resource, "conflict")
+        raise
+    except KubeNotFound:
+        metrics.observe_kubernetes_write(resource, "gone")
+        raise
+    except BaseException:
+        metrics.observe_kubernetes_write(resource, "error")
+        raise
+    metrics.observe_kubernetes_write(resource, "ok")
+
+
+def _object_of(timer_key: str) -> str:
+    """The object key of a timer: "<what>|<key>" for a job, else the key itself (object
+    keys hold no "|")."""
+    return timer_key.partition("|")[2] if "|" in timer_key else timer_key
+
+
+def draw(pod: str, uid: str) -> float:
+    """This pod's place in [0, 1) among the pods that would write for the object ``uid``:
+    the same pod and object always draw the same; different objects spread the first
+    writes over different pods."""
+    digest = hashlib.sha256(f"{uid}\x00{pod}".encode()).digest()
+    return int.from_bytes(digest[:7]) / 2**56
 
 
 class Reporter:
@@ -118,10 +179,12 @@ class Reporter:
         enabled: bool = True,
         clock: Callable[[], float] = time.time,
         request_timeout: float = 30.0,
+        spread: float = REPORT_SPREAD,
     ) -> None:
         self.namespace = namespace
         self.pod_name = pod_name
         self.enabled = enabled
+        self.spread = max(0.0, spread)
         self.reports_failed = 0
         self._custom = CustomObjectsApi(api_client)
         self._core = CoreV1Api(api_client)
@@ -134,6 +197,8 @@ class Reporter:
             "_request_timeout": request_timeout,
         }
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        # Writes waiting for this pod's delay (`_spread`): timer key -> (callback, args).
+        self._spread_jobs: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {}
         self.corrections = 0  # statuses replaced because they contradicted this pod's knowledge
         self._corrected: dict[tuple[str, str, int | None], int] = {}  # per object generation
         self._gave_up: set[tuple[str, str, int | None]] = set()
@@ -157,7 +222,13 @@ class Reporter:
         """In `open()`, before the first report."""
 
     async def drain(self, timeout: float = 5.0) -> None:
-        """Wait (bounded) until every queued report is sent."""
+        """Wait (bounded) until every queued report is sent; the reports waiting for this
+        pod's delay are queued at once first."""
+        for job in list(self._spread_jobs):
+            timer = self._timers.pop(job, None)
+            if timer is not None:
+                timer.cancel()
+            self._run_spread(job)
         if self._queue is not None and self.enabled:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._queue.join(), timeout)
@@ -167,6 +238,7 @@ class Reporter:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        self._spread_jobs.clear()
         self._closed()
         if self._task is not None:
             self._task.cancel()
@@ -207,14 +279,59 @@ class Reporter:
                 self._queue.task_done()
 
     def _later(self, key: str, delay: float, callback: Callable[..., None], *args: Any) -> None:
-        """Call ``callback(*args)`` after ``delay`` seconds, while running; one per key."""
-        if self._loop is not None and self.running:
-            self._timers[key] = self._loop.call_later(delay, callback, *args)
+        """Call ``callback(*args)`` after ``delay`` seconds, while running; one per key.
+        Safe from any thread (a store listener may run in another)."""
+        if self._loop is None or not self.running:
+            return
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is not self._loop:
+            self._loop.call_soon_threadsafe(self._later, key, delay, callback, *args)
+            return
+        old = self._timers.pop(key, None)
+        if old is not None:
+            old.cancel()
+        self._timers[key] = self._loop.call_later(delay, callback, *args)
+
+    def _delay(self, uid: str) -> float:
+        """How long this pod waits before a write that every pod would make for ``uid``."""
+        return self.spread * draw(self.pod_name, uid)
+
+    def _spread(self, job: str, uid: str, callback: Callable[..., None], *args: Any) -> None:
+        """Call ``callback(*args)`` after this pod's delay for the object ``uid`` (`draw`):
+        the timer ``job`` ("<what>|<object key>"), one per job; `drain()` runs the waiting
+        ones at once. Safe from any thread."""
+        if self._loop is None or not self.running:
+            return
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is not self._loop:
+            self._loop.call_soon_threadsafe(self._spread, job, uid, callback, *args)
+            return
+        self._spread_jobs[job] = (callback, args)
+        self._later(job, self._delay(uid), self._run_spread, job)
+
+    def _run_spread(self, job: str) -> None:
+        self._timers.pop(job, None)
+        waiting = self._spread_jobs.pop(job, None)
+        if waiting is not None:
+            callback, args = waiting
+            callback(*args)
 
     def _cancel_timer(self, key: str) -> None:
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
+        self._spread_jobs.pop(key, None)
+
+    def _cancel_object(self, key: str) -> None:
+        """Every timer of the object ``key`` (its own and its jobs')."""
+        for timer_key in [k for k in self._timers if _object_of(k) == key]:
+            self._cancel_timer(timer_key)
 
     # -- corrections ------------------------------------------------------------------------
 
@@ -297,7 +414,7 @@ class Reporter:
             "lastTimestamp": stamp,
             "count": 1,
         }
-        with translated():
+        with counted("events"), translated():
             await self._core.create_namespaced_event(
                 self.namespace, body, _request_timeout=self._request_timeout
             )
@@ -326,7 +443,10 @@ class RevocationReporter(Reporter):
         self._objects: dict[str, ObjectState] = {}
         self._reported: set[tuple[str, str]] = set()
         self._expiry_reported: set[tuple[str, str]] = set()
-        self._correcting: set[str] = set()  # keys with a correction in the queue
+        self._correcting: set[str] = set()  # keys with a correction waiting or queued
+        # (key, uid) whose first enforcement report (status, then Event) waits or is queued
+        self._first_pending: set[tuple[str, str]] = set()
+        self._listed_at: float | None = None  # the first list: later objects are timed
         self._subscribed = False
 
     def _opened(self) -> None:
@@ -362,28 +482,35 @@ class RevocationReporter(Reporter):
 
     def replaced(self, seen: Iterable[tuple[Revocation, ObjectState]]) -> None:
         """A (re)list: these are all the objects there are."""
+        if self._listed_at is None:
+            self._listed_at = self._clock()
         self._objects.clear()
         current = set()
         for rev, state in seen:
             self.seen(rev, state)
             current.add(rev.key)
-        for key in set(self._timers) - current:
+        for key in [k for k in self._timers if _object_of(k) not in current]:
             self._cancel_timer(key)
         self._expiry_reported = {k for k in self._expiry_reported if k[0] in current}
+        self._first_pending = {k for k in self._first_pending if k[0] in current}
+        self._correcting &= current
         self._forget_corrections(lambda k: k in current)
 
     def forget(self, key: str) -> None:
         """The object was deleted."""
         self._objects.pop(key, None)
         self._expiry_reported = {k for k in self._expiry_reported if k[0] != key}
-        self._cancel_timer(key)
+        self._first_pending = {k for k in self._first_pending if k[0] != key}
+        self._correcting.discard(key)
+        self._cancel_object(key)
         self._forget_corrections(lambda k: k != key)
 
     def check(self, rev: Revocation) -> None:
         """After the store wrote ``rev`` (so this pod enforces it while it is in force): if
-        its status says otherwise than this pod knows (`status.revocation_status`), queue
-        the correction. An object that ended before this pod reported its end is left to
-        that report (and its Warning)."""
+        its status says otherwise than this pod knows (`status.revocation_status`), correct
+        it after this pod's delay (by then another pod may have). An object that ended
+        before this pod reported its end is left to that report (and its Warning); an empty
+        status to the first enforcement report, if one is on its way."""
         if not self.enabled or not self.running or rev.key in self._correcting:
             return
         seen = self._objects.get(rev.key)
@@ -392,11 +519,16 @@ class RevocationReporter(Reporter):
         over = rev.expires_at is not None and rev.expires_at <= self._clock()
         if over and (rev.key, rev.uid) not in self._expiry_reported:
             return
+        if not seen.status and (rev.key, rev.uid) in self._first_pending:
+            return
         if self._known(rev)(seen.status, seen.generation) is None:
             return
         if not self._may_correct(rev.key, seen):
             return
         self._correcting.add(rev.key)
+        self._spread(f"correct|{rev.key}", rev.uid, self._queue_correction, rev)
+
+    def _queue_correction(self, rev: Revocation) -> None:
         self._enqueue(
             functools.partial(self._correct, rev),
             f"the status of AgentRevocation {rev.namespace}/{rev.name}",
@@ -424,16 +556,19 @@ class RevocationReporter(Reporter):
         if seen is None or seen.uid != rev.uid:
             return
         before = dict(seen.status)
-        if await self._patch_status(rev, self._known(rev)):
+        # Lost to another writer (409): the watch brings what it wrote, and `check` decides.
+        if await self._patch_status(rev, self._known(rev), reread=False):
             after = self._objects.get(rev.key)
-            if after is not None and before:  # an empty status is no contradiction
+            # An empty status is no contradiction, nor one for an older spec version that
+            # said the same (only its generation brought up to date).
+            if after is not None and before and contradicts(before, after.status):
                 self._count_correction(rev.key, after, before, after.status)
 
     # -- enforced ---------------------------------------------------------------------------
 
     def _on_change(self, change: Change) -> None:
-        """Store listener (called inside the store's write, maybe from another thread): queue
-        a report for each Kubernetes revocation newly in force here."""
+        """Store listener (called inside the store's write, maybe from another thread): for
+        each Kubernetes revocation newly in force here, time it and have it reported."""
         if not self.running:
             return
         added, removed, _generation, visible_at = change
@@ -449,31 +584,46 @@ class RevocationReporter(Reporter):
             if (old is not None and old.uid == rev.uid) or (rev.key, rev.uid) in self._reported:
                 continue  # an object already enforced here, changed
             self._reported.add((rev.key, rev.uid))
-            self._enqueue(
-                functools.partial(self._report_enforced, rev, visible_at),
-                f"enforcement of AgentRevocation {rev.namespace}/{rev.name}",
-            )
+            listed = self._listed_at
+            if rev.created_at and listed is not None and rev.created_at >= listed - 1:
+                # Created while this pod watched: the delay tells how fast the fleet enforces.
+                metrics.observe_enforce_delay(visible_at - rev.created_at)
+            self._first_pending.add((rev.key, rev.uid))
+            self._spread(f"first|{rev.key}", rev.uid, self._queue_enforced, rev, visible_at)
+
+    def _queue_enforced(self, rev: Revocation, visible_at: float) -> None:
+        self._enqueue(
+            functools.partial(self._report_enforced, rev, visible_at),
+            f"enforcement of AgentRevocation {rev.namespace}/{rev.name}",
+        )
 
     async def _report_enforced(self, rev: Revocation, visible_at: float) -> None:
+        """The first enforcement: the status, if no pod wrote it yet; then, from the pod
+        that wrote it, the Event. A pod that finds it written (its watch brought another
+        pod's write during its delay), or loses the race (409), reports nothing."""
+        self._first_pending.discard((rev.key, rev.uid))
+        seen = self._objects.get(rev.key)
+        if seen is None or seen.uid != rev.uid:
+            return  # deleted (or replaced) meanwhile
+        stamp = utc_seconds(visible_at)
+        desired = functools.partial(enforced_status, pod=self.pod_name, stamp=stamp)
+        if not await self._patch_status(rev, desired, reread=False):
+            return
         message = f"enforced by pod {self.pod_name} from {utc_millis(visible_at)}"
         if rev.created_at:
             # creationTimestamp has whole seconds: the delay is exact to about a second.
             message += (
                 f", {max(0.0, visible_at - rev.created_at):.3f}s after the object was created"
             )
-        try:
-            await self.post_event(rev.name, rev.uid, EVENT_REASON, message, visible_at)
-        finally:  # the Event and the status are independent
-            stamp = utc_seconds(visible_at)
-            await self._patch_status(
-                rev, functools.partial(enforced_status, pod=self.pod_name, stamp=stamp)
-            )
+        message += " (the first of the namespace's sidecars to report it)"
+        await self.post_event(rev.name, rev.uid, EVENT_REASON, message, visible_at)
 
     # -- expired ----------------------------------------------------------------------------
 
     def _watch_expiry(self, rev: Revocation) -> None:
-        """An expiresAt already past: report it now. One still ahead: report it when it comes
-        (the revocation itself ends by the reader's clock; this is what kubectl shows)."""
+        """An expiresAt already past: report it after this pod's delay. One still ahead:
+        report it that delay after it comes (the revocation itself ends by the reader's
+        clock; this is what kubectl shows)."""
         self._cancel_timer(rev.key)
         if not self.enabled:
             return
@@ -484,12 +634,14 @@ class RevocationReporter(Reporter):
             self._expiry_reported.discard((rev.key, rev.uid))
         if rev.expires_at is None:
             return
+        delay = self._delay(rev.uid)
         if rev.expires_at <= now:
-            self._report_expiry(rev, on_arrival=(rev.key, rev.uid) not in self._reported)
+            on_arrival = (rev.key, rev.uid) not in self._reported
+            self._later(rev.key, delay, self._expiry_due, rev, on_arrival)
         else:
-            self._later(rev.key, rev.expires_at - now, self._expiry_due, rev)
+            self._later(rev.key, rev.expires_at - now + delay, self._expiry_due, rev, False)
 
-    def _expiry_due(self, rev: Revocation) -> None:
+    def _expiry_due(self, rev: Revocation, on_arrival: bool) -> None:
         self._timers.pop(rev.key, None)
         seen = self._objects.get(rev.key)
         if seen is None or seen.uid != rev.uid:
@@ -497,7 +649,7 @@ class RevocationReporter(Reporter):
         if rev.expires_at is not None and rev.expires_at > self._clock():
             self._watch_expiry(rev)  # the loop's timer fired early: wait again
             return
-        self._report_expiry(rev, on_arrival=False)
+        self._report_expiry(rev, on_arrival=on_arrival)
 
     def _report_expiry(self, rev: Revocation, *, on_arrival: bool) -> None:
         if (rev.key, rev.uid) in self._expiry_reported:
@@ -539,11 +691,14 @@ class RevocationReporter(Reporter):
 
     # -- the status write -------------------------------------------------------------------
 
-    async def _patch_status(self, rev: Revocation, desired: _Desired) -> bool:
+    async def _patch_status(
+        self, rev: Revocation, desired: _Desired, *, reread: bool = True
+    ) -> bool:
         """A merge patch of the status that `desired(current status, generation)` asks for
         (None: nothing to write), conditional on the resourceVersion: of many pods racing,
-        one writes and the others, answered 409, read the object again and ask once more.
-        True if this pod wrote it."""
+        one writes. Answered 409, a pod reads the object again and asks once more; without
+        ``reread`` it gives up instead (the watch brings the new version, and `check` sees
+        whether anything is still wrong). True if this pod wrote it."""
         seen: ObjectState | None = self._objects.get(rev.key)
         if seen is None or seen.uid != rev.uid:
             seen = ObjectState(rev.name, rev.uid, "", None, {})
@@ -555,6 +710,8 @@ class RevocationReporter(Reporter):
                 wrote = await self._write(rev, seen.resource_version, status)
                 if wrote is not None:
                     return wrote
+                if not reread:
+                    return False
             seen = await self._read(rev)
             if seen is None:
                 return False
@@ -568,7 +725,7 @@ class RevocationReporter(Reporter):
             "status": status,
         }
         try:
-            with translated():
+            with counted(f"{PLURAL}/status"), translated():
                 written = await self._custom.patch_namespaced_custom_object_status(
                     GROUP, VERSION, rev.namespace, PLURAL, rev.name, body, **self._merge_patch
                 )
@@ -632,8 +789,11 @@ class ElevationReporter(Reporter):
         # key -> what that answer rests on, and whether the approval names a request (then
         # at most one pod holds it): see status.elevation_verdict
         self._knowledge: dict[str, tuple[Knowledge, bool]] = {}
-        self._queued: set[str] = set()  # keys with a status write in the queue
+        self._queued: set[str] = set()  # keys with a status write waiting or queued
         self._granted: set[tuple[str, str, str]] = set()  # (key, uid, grant id) reported
+        # key -> (uid, grant id, message): the ElevationGranted Event of a grant that every
+        # pod with the profile makes, posted only by the pod whose Granted status is written
+        self._announce: dict[str, tuple[str, str, str]] = {}
 
     def _closed(self) -> None:
         self._queued.clear()
@@ -654,7 +814,9 @@ class ElevationReporter(Reporter):
         self._seen.pop(key, None)
         self._desired.pop(key, None)
         self._knowledge.pop(key, None)
-        self._cancel_timer(key)
+        self._announce.pop(key, None)
+        self._queued.discard(key)
+        self._cancel_object(key)
         self._granted = {g for g in self._granted if g[0] != key}
         self._forget_corrections(lambda k: k != key)
 
@@ -688,14 +850,21 @@ class ElevationReporter(Reporter):
         knowledge: Knowledge = (
             "holder" if answer.state != "Invalid" else "opinion" if single else "profile"
         )
-        self._want(key, desired, (knowledge, single))
+        announce = ""
         if answer.state == "Granted" and (key, seen.uid, answer.grant_id) not in self._granted:
             self._granted.add((key, seen.uid, answer.grant_id))
             until = f" until {utc_seconds(expires_at)}" if expires_at is not None else ""
-            message = (
+            announce = (
                 f"{approval.elevation} granted to {approval.agent} by pod {self.pod_name}"
                 f" (grant {answer.grant_id or '?'}{until}; approver {approval.approver})"
             )
+            if not single:
+                # Every pod with the profile grants it: one Event, from the pod whose status
+                # is written (`_write_status`), not one per pod.
+                self._announce[key] = (seen.uid, answer.grant_id, announce)
+        self._want(key, desired, (knowledge, single))
+        if announce and single:
+            message = announce
             self._enqueue(
                 functools.partial(
                     self.post_event,
@@ -732,10 +901,20 @@ class ElevationReporter(Reporter):
             return
         if self.enabled and self.running:
             self._queued.add(key)
-            self._enqueue(
-                functools.partial(self._write_status, key),
-                f"the status of AgentElevation {self.namespace}/{seen.name}",
-            )
+            if knowledge == ("holder", True):  # the one pod that holds the request
+                self._queue_write(key)
+            else:  # what several pods would write alike: after this pod's delay
+                self._spread(f"write|{key}", seen.uid, self._queue_write, key)
+
+    def _queue_write(self, key: str) -> None:
+        seen = self._seen.get(key)
+        if seen is None:
+            self._queued.discard(key)
+            return
+        self._enqueue(
+            functools.partial(self._write_status, key),
+            f"the status of AgentElevation {self.namespace}/{seen.name}",
+        )
 
     def _verdict(self, key: str, seen: ObjectState) -> str:
         """Why this pod's wanted status replaces the one there ("" = it does not)."""
@@ -763,14 +942,19 @@ class ElevationReporter(Reporter):
         if seen.resource_version:
             meta["resourceVersion"] = seen.resource_version
         try:
-            with translated():
+            with counted(f"{ELEVATION_PLURAL}/status"), translated():
                 await self._custom.patch_namespaced_custom_object_status(
                     GROUP,
                     VERSION,
                     self.namespace,
                     ELEVATION_PLURAL,
                     seen.name,
-                    {"metadata": meta, "status": desired},
+                    {
+                        "metadata": meta,
+                        "status": elevation_conditions(
+                            desired, seen.status, utc_seconds(self._clock())
+                        ),
+                    },
                     **self._merge_patch,
                 )
         except (KubeNotFound, KubeConflict):
@@ -780,6 +964,16 @@ class ElevationReporter(Reporter):
         self.status_writes += 1
         if verdict == "contradicts":
             self._count_correction(key, seen, seen.status, desired)
+        announce = self._announce.get(key)
+        if (
+            announce is not None
+            and desired.get("state") == "Granted"
+            and announce[:2] == (seen.uid, desired.get("grantId") or "")
+        ):
+            del self._announce[key]
+            await self.post_event(
+                seen.name, seen.uid, ELEVATION_EVENT_REASON, announce[2], self._clock()
+            )
         if desired.get("state") == "Expired" and not desired.get("grantId"):
             # Approved after the request had lapsed: nothing was granted. The pod that wrote
             # this status (the one that held the request) warns the operator once.

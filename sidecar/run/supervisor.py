@@ -50,7 +50,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.audit import AuditWriter, event_record
+from sidecar.audit import Trail, event_record, open_trail
 from sidecar.check.reload import SnapshotHolder
 from sidecar.core.revocation import Revocation
 from sidecar.errors import ConfigError, StateWriteError
@@ -115,7 +115,7 @@ class Supervisor:
         self.store: RevocationStore | None = None
         self.agent_state_table: SharedAgentState | None = None
         self.agent_state: AgentStateStore | None = None
-        self._audit: AuditWriter | None = None
+        self._audit: Trail | None = None
         self._context_api: Any = None
         self.context_ports: list[int] = []
         self.behaviour: Any = None
@@ -565,6 +565,7 @@ class Supervisor:
 
                 multiprocess.mark_process_dead(w.proc.pid)  # type: ignore[no-untyped-call]
             log.error("worker %d exited with code %s; restarting in %.1fs", w.index, code, backoff)
+            metrics.WORKER_RESTARTS.inc()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
             w.restarts += 1
@@ -586,34 +587,30 @@ class Supervisor:
     def _count(self, _: object) -> None:
         assert self.store is not None
         metrics.REVOCATION_WRITES.inc()
-        now = time.time()
-        counts = {
-            (src, act): 0 for src in ("kubernetes", "admin", "behaviour") for act in (True, False)
-        }
-        for r in self.store.entries():
-            key = (r.source, r.active(now))
-            counts[key] = counts.get(key, 0) + 1
-        for (src, act), n in counts.items():
-            metrics.REVOCATIONS.labels(src, "true" if act else "false").set(n)
+        metrics.observe_revocations(self.store.entries(), time.time())
 
-    def _audit_writer(self) -> AuditWriter | None:
+    def _audit_writer(self) -> Trail | None:
         """The supervisor's own audit chain (elevations, tasks, automatic revocations),
-        beside the workers' decision chains, with the same options."""
+        beside the workers' decision chains, with the same options (and sinks)."""
         audit = self.settings.audit
-        if audit.directory is None:
-            return None
-        return AuditWriter(
-            audit.directory,
+        return open_trail(
+            directory=audit.directory,
+            stdout=audit.stdout,
             chain_id=f"{self._pod_name()}-supervisor",
+            writer="supervisor",
+            pod=self.settings.identity.pod_name,
             fsync=audit.fsync,
             on_failure=audit.on_failure,
             reserve_bytes=audit.reserve_bytes,
+            shared_directory=self._run_dir.path,
+            state_directory=self.settings.state.directory,
         )
 
     def _record(self, event: dict[str, Any]) -> bool:
         """Audit one supervisor event; without an audit trail, log it. False when a
         fail-closed trail dropped it (the context store then undoes the change it records)."""
         kind = str(event.get("type", "event"))
+        metrics.observe_elevation_event(kind)
         fields = {k: v for k, v in event.items() if k != "type"}
         log.info("%s: %s", kind, json.dumps(fields, sort_keys=True))
         if self._audit is None:
@@ -658,6 +655,17 @@ class Supervisor:
         if self._watcher is not None:
             connected = bool(self._watcher.status().get("connected"))
             metrics.KUBERNETES_CONNECTED.set(1 if connected else 0)
+            metrics.observe_watch("agentrevocations", self._watcher.status())
+        if self._elevation_watcher is not None:
+            metrics.observe_watch("agentelevations", self._elevation_watcher.status())
+        if self.agent_state is not None:
+            snap = self.holder.get()
+            metrics.observe_elevations(
+                self.agent_state.grants(),
+                self.agent_state.requests(),
+                time.time(),
+                agents=snap.agents if snap is not None else (),
+            )
         metrics.observe_audit_state(self._audit_health()["state"])
         self._check_agent()
 

@@ -103,7 +103,11 @@ def samples(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 
 def decisions(m: dict[tuple[str, frozenset[tuple[str, str]]], float], **labels: str) -> float:
-    return m.get(("mandate_decisions_total", frozenset(labels.items())), 0.0)
+    """mandate_decisions_total summed over the samples with these labels (and any others)."""
+    want = set(labels.items())
+    return sum(
+        v for (name, have), v in m.items() if name == "mandate_decisions_total" and want <= have
+    )
 
 
 def wait_for(predicate: Any, timeout: float = 5.0, what: str = "condition") -> None:

@@ -25,7 +25,7 @@ from tests.kubeapi.faults import ListWatchErrors
 from tests.kubeapi.fixtures import Kubectl
 from tests.kubeapi.server import KubeAPIServer, merge_patch
 
-from .conftest import FAST, FakeSink, wait_for
+from .conftest import FAST, FakeSink, create_unchecked, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "deploy" / "examples" / "elevation.yaml"
@@ -96,13 +96,18 @@ async def test_list_then_watch_upserts_and_writes_the_status(
         name="a",
         uid=obj["metadata"]["uid"],
     )
-    assert status(kube_api, "a") == {
+    written = status(kube_api, "a")
+    assert {k: v for k, v in written.items() if k != "conditions"} == {
         "state": "Granted",
         "message": "grant g-a granted",
         "grantId": "g-a",
         "expiresAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created + 300)),
         "observedGeneration": 1,
     }
+    # What `kubectl wait --for=condition=Ready` reads.
+    [ready] = written["conditions"]
+    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "True", "Granted")
+    assert ready["observedGeneration"] == 1 and ready["message"] == "grant g-a granted"
     await kube_api.until_watches(1)
     (params,) = watch_requests(kube_api)
     assert params["resourceVersion"] == listed_at
@@ -166,12 +171,14 @@ async def test_a_changed_spec_is_a_new_approval(
 async def test_invalid_object_gets_status_invalid_and_is_no_approval(
     kube_api: KubeAPIServer, sink: FakeSink, start_elevation_watcher: Any
 ) -> None:
-    """'0s' passes the CRD's pattern but is no duration: Invalid, naming the field."""
-    kube_api.create(aelev("zero", duration="0s"))
+    """'0s' is no duration (the CRD refuses it now; an object stored before it did stays):
+    Invalid, naming the field."""
+    create_unchecked(kube_api, aelev("zero", duration="0s"))
     kube_api.create(aelev("fine"))
     watcher = await start_elevation_watcher(sink)
     await wait_for(lambda: status(kube_api, "zero").get("state"), what="status")
-    assert status(kube_api, "zero") == {
+    shown = {k: v for k, v in status(kube_api, "zero").items() if k != "conditions"}
+    assert shown == {
         "state": "Invalid",
         "message": "spec.duration: duration '0s' must be greater than zero",
         "observedGeneration": 1,
@@ -321,12 +328,17 @@ async def test_the_status_says_expired_when_the_grant_ends(
     await wait_for(
         lambda: status(kube_api, "a").get("state") == "Expired", timeout=5, what="expired"
     )
-    assert status(kube_api, "a") == {
+    written = status(kube_api, "a")
+    assert {k: v for k, v in written.items() if k != "conditions"} == {
         "state": "Expired",
         "message": f"the grant ended at {expires}",
         "grantId": "g-a",
         "expiresAt": expires,
         "observedGeneration": 1,
+    }
+    assert {c["type"]: (c["status"], c["reason"]) for c in written["conditions"]} == {
+        "Ready": ("False", "Expired"),
+        "Expired": ("True", "Expired"),
     }
     assert sink.count("upsert") == 1
 
@@ -361,7 +373,7 @@ async def test_report_false_writes_nothing(
     kube_api: KubeAPIServer, sink: FakeSink, start_elevation_watcher: Any
 ) -> None:
     kube_api.create(aelev("a"))
-    kube_api.create(aelev("bad", duration="0s"))
+    create_unchecked(kube_api, aelev("bad", duration="0s"))
     watcher = await start_elevation_watcher(sink, report=False)
     await wait_for(lambda: key("a") in sink.approvals)
     await kube_api.until_watches(1)
@@ -500,7 +512,7 @@ async def test_every_request_is_allowed_by_the_sidecars_role(
     kube_api: KubeAPIServer, sink: FakeSink, start_elevation_watcher: Any
 ) -> None:
     kube_api.create(aelev("a"))
-    kube_api.create(aelev("bad", duration="0s"))
+    create_unchecked(kube_api, aelev("bad", duration="0s"))
     watcher = await start_elevation_watcher(sink)
     await wait_for(lambda: status(kube_api, "a") and status(kube_api, "bad"), what="statuses")
     await wait_for(lambda: kube_api.events(), what="event")

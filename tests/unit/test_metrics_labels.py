@@ -23,4 +23,33 @@ def test_invented_agent_names_share_one_label() -> None:
 def test_an_agent_with_a_profile_is_its_own_label() -> None:
     d = Decision("d", True, Code.ALLOWED, "ok", agent="billing-agent", owner="finance")
     metrics.observe_decision(d, 0.001)
-    assert ("billing-agent", True, Code.ALLOWED) in metrics._children
+    assert ("billing-agent", "-", True, Code.ALLOWED) in metrics._children
+
+
+def test_the_purpose_label_is_the_profiles_purpose_or_dash() -> None:
+    """decide() names a purpose only once it is one of the agent's (an invented
+    x-mandate-purpose is denied unknown_purpose with no purpose): the label is bounded by
+    the profiles, and a caller without a profile never sets one."""
+    allowed = Decision(
+        "d", True, Code.ALLOWED, "ok", agent="billing-agent", owner="finance", purpose="reconcile"
+    )
+    unknown = Decision(
+        "d", False, Code.UNKNOWN_PURPOSE, "unknown purpose 'x'", agent="billing-agent",
+        owner="finance",
+    )  # fmt: skip
+    forged = Decision("d", False, Code.UNKNOWN_AGENT, "x", agent="ghost", purpose="reconcile")
+    before = metrics.REGISTRY.get_sample_value(
+        "mandate_decisions_total",
+        {"agent": "billing-agent", "purpose": "reconcile", "decision": "allow", "code": "allowed"},
+    )
+    for d in (allowed, unknown, forged):
+        metrics.observe_decision(d, 0.001)
+    assert ("billing-agent", "reconcile", True, Code.ALLOWED) in metrics._children
+    assert ("billing-agent", "-", False, Code.UNKNOWN_PURPOSE) in metrics._children
+    assert ("-", "-", False, Code.UNKNOWN_AGENT) in metrics._children
+    assert not any(k[0] == "ghost" for k in metrics._children)
+    after = metrics.REGISTRY.get_sample_value(
+        "mandate_decisions_total",
+        {"agent": "billing-agent", "purpose": "reconcile", "decision": "allow", "code": "allowed"},
+    )
+    assert after == (before or 0.0) + 1
