@@ -26,6 +26,7 @@ import sidecar.kube as kube
 from sidecar.core import RequestView, decide, load_profiles
 from sidecar.core.model import parse_duration
 from sidecar.injection.cli import add_inject_parser, run_inject
+from sidecar.injection.envoy import bootstrap_overlay
 from sidecar.injection.pod import ANNOTATION_CREDENTIAL_SECRETS, ENVOY_ADMIN_SOCKET, InjectConfig
 from sidecar.injection.webhook import make_app
 from tests.kubeapi.schema import structural_errors
@@ -55,7 +56,7 @@ def _crd_schema(name: str = "agentrevocation") -> dict[str, Any]:
 
 
 def test_base_renders_with_namespace_crd_and_jaeger() -> None:
-    kinds = {(d["kind"], d["metadata"]["name"]) for d in _render(DEPLOY)}
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in _rendered("base")}
     assert ("Namespace", "mandate-system") in kinds
     assert ("CustomResourceDefinition", "agentrevocations.mandate.dev") in kinds
     assert ("CustomResourceDefinition", "agentelevations.mandate.dev") in kinds
@@ -71,13 +72,16 @@ def test_envoy_and_jaeger_agree_on_the_otlp_endpoint() -> None:
     )
     ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
     host = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local"
-    envoy = (ROOT / "envoy" / "sidecar.yaml").read_text()
-    assert f"address: {host}, port_value: {ports['otlp-grpc']}" in envoy
-    jaeger = next(d for d in docs if d["kind"] == "Deployment")
-    env = {
-        e["name"]: e["value"] for e in jaeger["spec"]["template"]["spec"]["containers"][0]["env"]
-    }
-    assert env["COLLECTOR_OTLP_ENABLED"] == "true"
+    # Envoy's collector cluster comes from the injector's otlpEndpoint (issue 19: not
+    # hard-wired in envoy/sidecar.yaml), through `--config-yaml`.
+    overlay = bootstrap_overlay(_injector(docs))
+    cluster = overlay["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]
+    address = cluster["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert address == {"address": host, "port_value": ports["otlp-grpc"]}
+    # Jaeger v2 receives OTLP on that port (its config file; tests/deploy/test_ops.py has more).
+    config = next(d for d in docs if d["metadata"]["name"].startswith("jaeger-config-"))
+    otlp = yaml.safe_load(config["data"]["config.yaml"])["receivers"]["otlp"]["protocols"]
+    assert otlp["grpc"]["endpoint"] == f"0.0.0.0:{ports['otlp-grpc']}"
 
 
 def test_example_revocation_is_valid() -> None:
@@ -175,7 +179,14 @@ def test_elevation_crd_names_and_columns() -> None:
     assert columns == ["Agent", "Elevation", "Request", "State", "Expires", "Age"]
     status = _crd_schema("agentelevation")["properties"]["status"]["properties"]
     assert sorted(status["state"]["enum"]) == sorted(kube.ELEVATION_STATES)
-    assert set(status) == {"state", "message", "grantId", "expiresAt", "observedGeneration"}
+    assert set(status) == {
+        "state",
+        "message",
+        "grantId",
+        "expiresAt",
+        "observedGeneration",
+        "conditions",
+    }
 
 
 def test_example_elevation_is_valid_and_names_a_real_elevation() -> None:
@@ -234,7 +245,8 @@ def test_broken_elevations_are_rejected(spec: dict[str, Any], field: str) -> Non
 )
 def test_the_crds_duration_pattern_is_the_profiles_duration(value: str) -> None:
     """What the API server lets through as spec.duration is what the sidecar can read (a
-    zero duration passes both patterns and is reported as Invalid in the status)."""
+    zero duration passes both patterns: the CRD's CEL rules refuse it, tests/deploy/
+    test_crds.py; one stored before them is reported as Invalid in the status)."""
     schema = _crd_schema("agentelevation")
     pattern = schema["properties"]["spec"]["properties"]["duration"]
     try:
@@ -266,6 +278,13 @@ OVERLAYS = {
     "dev": DEPLOY / "overlays" / "dev",
     "prod": DEPLOY / "overlays" / "prod",
 }
+# What each is installed over, once, and kept when the overlay is deleted (issue 19, 6:
+# tests/deploy/test_uninstall.py): the CRDs and the namespaces.
+PREREQUISITES = {
+    "base": (DEPLOY / "crds", DEPLOY / "namespaces"),
+    "dev": (DEPLOY / "crds", DEPLOY / "overlays" / "dev" / "namespaces"),
+    "prod": (DEPLOY / "crds", DEPLOY / "namespaces"),
+}
 K8S_VERSION = "1.37.0"  # kubernetes-validate 1.37.0 knows the kubectl (1.37) generation
 # Kinds that kubernetes-validate has no schema for: cert-manager's (checked below by hand).
 CUSTOM_KINDS = {"Certificate", "Issuer"}
@@ -273,7 +292,8 @@ CUSTOM_KINDS = {"Certificate", "Issuer"}
 
 @functools.cache
 def _rendered(name: str) -> tuple[dict[str, Any], ...]:
-    return tuple(_render(OVERLAYS[name]))
+    """An installation: the prerequisites, then the overlay."""
+    return tuple(d for path in (*PREREQUISITES[name], OVERLAYS[name]) for d in _render(path))
 
 
 def _find(docs: Iterable[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -400,8 +420,16 @@ def test_prod_certificate_from_cert_manager_matches_the_webhook() -> None:
     issuer = _find(docs, "Issuer", cert["spec"]["issuerRef"]["name"])
     assert issuer["metadata"]["namespace"] == cert["metadata"]["namespace"]
     mwc = _find(docs, "MutatingWebhookConfiguration", "mandate-injector")
+    # The caBundle is the CA's (the Certificate whose Secret the leaf's CA Issuer signs with),
+    # which a renewal of the leaf does not change (tests/deploy/test_ops.py has the chain).
+    ca = next(
+        d
+        for d in docs
+        if d["kind"] == "Certificate"
+        and d["spec"]["secretName"] == issuer["spec"]["ca"]["secretName"]
+    )
     ns, name = mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].split("/")
-    assert (ns, name) == (cert["metadata"]["namespace"], cert["metadata"]["name"])
+    assert (ns, name) == (ca["metadata"]["namespace"], ca["metadata"]["name"])
     assert "secretName: mandate-webhook-tls" not in (DEPLOY / "webhook-cert.sh").read_text()
     assert "create secret tls mandate-webhook-tls" in (DEPLOY / "webhook-cert.sh").read_text()
     assert _find(docs, "Deployment", "mandate-webhook")["spec"]["replicas"] == 2
@@ -481,7 +509,24 @@ def test_sidecar_rbac_grants_exactly_what_the_watcher_calls() -> None:
 def test_the_sidecar_role_is_bound_per_namespace_only(overlay: str) -> None:
     docs = _rendered(overlay)
     bindings = [d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
-    assert [b["kind"] for b in bindings] == ["RoleBinding"]
+    # The one cluster-wide binding: the webhook may get the profiles ConfigMap by name, and
+    # nothing else (base/webhook-rbac.yaml); the sidecar's rights are per namespace.
+    cluster = [b for b in bindings if b["kind"] == "ClusterRoleBinding"]
+    assert [b["metadata"]["name"] for b in cluster] == ["mandate-webhook-profiles"]
+    assert cluster[0]["subjects"] == [
+        {"kind": "ServiceAccount", "name": "mandate-webhook", "namespace": "mandate-system"}
+    ]
+    role = _find(docs, "ClusterRole", "mandate-webhook-profiles")
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["mandate-profiles"],
+            "verbs": ["get"],
+        }
+    ]
+    bindings = [b for b in bindings if b["kind"] == "RoleBinding"]
+    assert len(bindings) == 1
     binding = bindings[0]
     ns = binding["metadata"]["namespace"]
     assert binding["roleRef"] == {
@@ -497,7 +542,7 @@ def test_the_sidecar_role_is_bound_per_namespace_only(overlay: str) -> None:
         }
     ]
     webhook_sa = _find(docs, "ServiceAccount", "mandate-webhook")
-    assert webhook_sa["automountServiceAccountToken"] is False  # the webhook needs no API access
+    assert webhook_sa["automountServiceAccountToken"] is False  # a projected token, 1 h
 
 
 def test_copying_the_agent_namespace_kit_moves_the_binding_with_it(tmp_path: Path) -> None:
@@ -508,7 +553,7 @@ def test_copying_the_agent_namespace_kit_moves_the_binding_with_it(tmp_path: Pat
     )
     (kit / "kustomization.yaml").write_text(text)
     docs = _render(kit)
-    assert _find(docs, "Namespace", "billing")
+    assert not [d for d in docs if d["kind"] == "Namespace"]  # billing's own (issue 19, 6)
     binding = _find(docs, "RoleBinding", "mandate-sidecar")
     assert binding["metadata"]["namespace"] == "billing"
     assert binding["subjects"][0]["name"] == "system:serviceaccounts:billing"
@@ -678,7 +723,7 @@ def test_a_namespace_overlay_moves_the_binding_and_keeps_the_profiles_working(
     overlay to copy: its replacements move the group, and the profiles name service
     accounts without a namespace."""
     docs = _render(DEPLOY / "overlays" / "agent-namespace")
-    assert _find(docs, "Namespace", "team-b")
+    assert not [d for d in docs if d["kind"] == "Namespace"]  # team-b's own (issue 19, 6)
     binding = _find(docs, "RoleBinding", "mandate-sidecar")
     assert binding["metadata"]["namespace"] == "team-b"
     assert binding["subjects"] == [
