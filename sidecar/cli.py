@@ -104,7 +104,8 @@ def _endpoint_options(cmd: argparse.ArgumentParser, *, admin: bool, spawned: boo
     cmd.add_argument(
         "--listen",
         default=_env("MANDATE_LISTEN", "127.0.0.1:9001"),
-        help="Check address HOST:PORT (env MANDATE_LISTEN; default %(default)s)",
+        help="Check address HOST:PORT (worker i: PORT+i) or unix:PATH (worker i: PATH.i) "
+        "(env MANDATE_LISTEN; default %(default)s)",
     )
     cmd.add_argument(
         "--transport",

@@ -129,8 +129,9 @@ class CheckSettings:
     """Where and how Envoy's ext_authz filter asks (--listen, --transport, --threads,
     --workers)."""
 
-    # HOST:PORT; worker i of `mandate run` serves PORT+i (port 0: free ports are picked).
-    # A worker on its own may also take unix:/path.
+    # HOST:PORT: worker i of `mandate run` serves PORT+i (port 0: free ports are picked);
+    # unix:PATH: worker 0 serves PATH, worker i PATH.i (what an injected pod uses: only
+    # Envoy's and mandate's containers mount the socket's directory).
     listen: str = "127.0.0.1:9001"
     transport: Transport = "grpc"
     threads: int = DEFAULT_THREADS  # gRPC Check threads per worker (HTTP: one event loop)

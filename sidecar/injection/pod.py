@@ -150,6 +150,11 @@ PROFILES_DIR = "/etc/mandate/profiles"
 STATE_DIR = "/var/lib/mandate"
 # Sockets shared by Envoy and mandate only.
 RUN_DIR = "/run/mandate-io"
+# mandate's Check server (envoy/sidecar*.yaml: the `mandate` cluster's pipe): on a unix
+# socket in RUN_DIR, so that the agent, which shares the pod's network namespace, cannot ask
+# it for an allowed call's answer and its credentials, in proxy mode too (on TCP only the
+# iptables capture kept it away).
+CHECK_SOCKET = f"{RUN_DIR}/check.sock"
 # Envoy's admin interface (envoy/sidecar*.yaml: admin.address.pipe), in a volume of its own
 # mounted by Envoy's container alone: on TCP the agent, which shares the pod's network
 # namespace, could stop Envoy (/quitquitquit), read its configuration (/config_dump) or
@@ -746,7 +751,7 @@ def _mandate_container(
     admin = {"port": config.admin_port, "scheme": "HTTP"}
     env: list[dict[str, Any]] = [
         {"name": "MANDATE_PROFILES", "value": PROFILES_DIR},
-        {"name": "MANDATE_LISTEN", "value": f"127.0.0.1:{config.grpc_port}"},
+        {"name": "MANDATE_LISTEN", "value": f"unix:{CHECK_SOCKET}"},
         # On the pod IP: the kubelet's probes and Prometheus reach it; /v1/* needs the token.
         {"name": "MANDATE_ADMIN", "value": f"0.0.0.0:{config.admin_port}"},
         {"name": "MANDATE_WORKERS", "value": str(config.workers)},

@@ -81,6 +81,18 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def _check_addresses(listen: str, workers: int) -> tuple[list[str], list[int]]:
+    """Each worker's Check address and TCP port: HOST:PORT serves PORT+i (port 0: free
+    ports), unix:PATH serves PATH for worker 0 and PATH.i for worker i (port 0)."""
+    if listen.startswith("unix:"):
+        path = listen.removeprefix("unix:")
+        addresses = [f"unix:{path}" if i == 0 else f"unix:{path}.{i}" for i in range(workers)]
+        return addresses, [0] * workers
+    host, base_port = split_hostport(listen, "--listen")
+    ports = [base_port + i if base_port else _free_port(host) for i in range(workers)]
+    return [f"{host}:{port}" for port in ports], ports
+
+
 @dataclass
 class _Worker:
     index: int
@@ -165,8 +177,6 @@ class Supervisor:
     async def start(self) -> None:
         cfg = self.settings
         admin_host, admin_port = split_hostport(cfg.admin.listen, "--admin")
-        # Checked again here: a worker run by hand may take unix:/path, `mandate run` not.
-        host, base_port = split_hostport(cfg.check.listen, "--listen")
         state_dir = cfg.state.directory
         if state_dir is not None:
             try:
@@ -207,17 +217,17 @@ class Supervisor:
             metrics_dir = self._workdir / "metrics"
             metrics_dir.mkdir()
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-        workers = range(cfg.check.workers)
-        ports = [base_port + i if base_port else _free_port(host) for i in workers]
+        addresses, ports = _check_addresses(cfg.check.listen, cfg.check.workers)
         self._workers = [
-            _Worker(i, f"{host}:{port}", self._workdir / f"worker-{i}.json")
-            for i, port in enumerate(ports)
+            _Worker(i, address, self._workdir / f"worker-{i}.json")
+            for i, address in enumerate(addresses)
         ]
         self.grpc_ports = ports
         for service in self._service_list(kubernetes, admin_host, admin_port, token):
             await self._services.start(service)
         info = {
             "grpc": self.grpc_ports,
+            "check": [w.listen for w in self._workers],
             "admin": self.admin_port,
             "pid": os.getpid(),
             "table": self.table.name,

@@ -198,6 +198,7 @@ class Sidecar:
                 raise ConfigError(f"--listen {run.check.listen!r}: cannot bind ({exc})") from None
             server.start()
             self._server = server
+            _open_socket(run.check.listen)
             self._health.set(AUTHZ_SERVICE, health_pb2.HealthCheckResponse.SERVING)
             self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         if admin is not None:
@@ -231,6 +232,7 @@ class Sidecar:
             self.http_port = self._http.start()
         except OSError as exc:
             raise ConfigError(f"--listen {listen!r}: cannot bind ({exc})") from None
+        _open_socket(listen)
 
     def _meter_audit(self) -> None:
         meter = metrics.AuditMeter()
@@ -256,6 +258,15 @@ class Sidecar:
             self._broker.close()
         if self._audit_writer is not None:
             self._audit_writer.close()
+
+
+def _open_socket(listen: str) -> None:
+    """A Check server on a unix socket lets Envoy (another user) connect: who may is decided
+    by who mounts the socket's directory (in a pod, the `mandate-run` volume of Envoy's and
+    mandate's containers alone, never the agent's), so the agent cannot ask for a Check's
+    answer, which carries an allowed call's credentials."""
+    if listen.startswith("unix:"):
+        os.chmod(listen.removeprefix("unix:").removeprefix("//"), 0o666)
 
 
 def serve(config: WorkerSettings) -> None:

@@ -116,3 +116,101 @@ def test_envoys_admin_is_a_private_socket_and_no_tcp_port(envoy: tuple[Any, Path
     assert egress not in (0, 15000)
     stop_subprocess(proc)
     assert _probe(socket_path) != 0  # and the probe fails when Envoy is gone
+
+
+def _admin_get(socket_path: Path, path: str) -> str:
+    """GET ``path`` from Envoy's admin on its unix socket."""
+    import http.client
+    import socket
+
+    class _Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(5)
+            self.sock.connect(str(socket_path))
+
+    conn = _Conn("localhost")
+    conn.request("GET", path)
+    return conn.getresponse().read().decode()
+
+
+def _pids(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        for child in children:
+            out += _pids(int(child))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_mandate_answers_envoy_on_a_unix_socket_and_on_no_tcp_port_but_its_admin(
+    envoy: tuple[Any, Path], tmp_path: Path, workers: int
+) -> None:
+    """Issue 19 (review): on TCP 127.0.0.1:9001 the agent, which shares the pod's network
+    namespace, could ask mandate itself for an allowed call's answer and read the credentials
+    in it (in proxy mode nothing kept it away). The injected pod serves Check on a unix
+    socket in a volume only Envoy's and mandate's containers mount; the shipped Envoy
+    configs ask there."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from sidecar.injection.pod import CHECK_SOCKET
+
+    proc, admin_socket = envoy
+    config = yaml.safe_load(Path(proc.args[2]).read_text())
+    transport = "grpc"
+    for listener in config["static_resources"]["listeners"]:
+        if "http_service" in json.dumps(listener):
+            transport = "http"
+    check = tmp_path / Path(CHECK_SOCKET).name  # where _as_in_the_pod moved the pipe
+    port_file = tmp_path / "mandate.json"
+    profiles = ENVOY_DIR.parent / "devstack" / "demo" / "profiles"
+    mandate = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "run", "--kubernetes", "off", "--agent", "billing-agent",
+         "--namespace", "agents", "--profiles", str(profiles), "--transport", transport,
+         "--listen", f"unix:{check}", "--workers", str(workers), "--admin", "127.0.0.1:0",
+         "--port-file", str(port_file)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "mandate.log", "w"),  # noqa: SIM115
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not port_file.exists():
+            assert mandate.poll() is None, (tmp_path / "mandate.log").read_text()
+            assert time.monotonic() < deadline, "mandate never started"
+            time.sleep(0.1)
+        info = json.loads(port_file.read_text())
+        sockets = [check] + [Path(f"{check}.{i}") for i in range(1, workers)]
+        assert info["check"] == [f"unix:{s}" for s in sockets]
+        for s in sockets:  # Envoy runs as another user; the volume decides who may connect
+            assert s.is_socket() and s.stat().st_mode & 0o777 == 0o666
+        listeners = json.loads(_admin_get(admin_socket, "/listeners?format=json"))
+        egress = listeners["listener_statuses"][0]["local_address"]["socket_address"]
+        # A call the profile refuses: mandate's deny (403 with its JSON body), so Envoy
+        # reached mandate on the socket (Envoy's own failure would be a 503).
+        request = urllib.request.Request(
+            "http://forbidden.example.com/x",
+            headers={"Host": "forbidden.example.com"},
+        )
+        proxy = urllib.request.ProxyHandler({"http": f"http://127.0.0.1:{egress['port_value']}"})
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.build_opener(proxy).open(request, timeout=5)
+                raise AssertionError("the call was allowed")
+            except urllib.error.HTTPError as err:
+                if err.code == 403:
+                    body = json.loads(err.read())
+                    break
+                assert time.monotonic() < deadline, f"Envoy answered {err.code}"
+            time.sleep(0.2)
+        assert body["decision"] and body["error"]
+        # No Check port the agent could reach: mandate listens on TCP for its admin alone.
+        ports = set().union(*(_tcp_listening_ports(pid) for pid in _pids(mandate.pid)))
+        assert ports == {info["admin"]}
+    finally:
+        stop_subprocess(mandate)

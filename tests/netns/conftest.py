@@ -64,18 +64,18 @@ def envoy_executable() -> str:
 
 
 def sidecar_config() -> str:
-    """envoy/sidecar.yaml as the pod runs it; only the trace collector's address changes
-    (its cluster DNS name does not resolve in the test's namespaces), and Envoy's admin is
-    on 127.0.0.1:15000 rather than its unix socket in a volume the pod mounts (the tests,
-    as root in the pod, read its stats; the agent's isolation from it is tested in
-    tests/e2e/test_envoy_admin.py)."""
+    """envoy/sidecar.yaml as the pod runs it, except mandate's Check address (below) and
+    Envoy's admin, which is on 127.0.0.1:15000 rather than its unix socket in a volume the
+    pod mounts (the tests, as root in the pod, read its stats; the agent's isolation from it
+    is tested in tests/e2e/test_envoy_admin.py)."""
     config = yaml.safe_load((ENVOY_DIR / "sidecar.yaml").read_text())
     config["admin"]["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": 15000}}
     for cluster in config["static_resources"]["clusters"]:
-        if cluster["name"] == "otel_collector":
-            cluster["type"] = "STATIC"
+        if cluster["name"] == "mandate":
+            # The pod serves Check on a unix socket only Envoy and mandate mount; here on
+            # TCP 9001, which the capture must keep from the agent (test_capture.py).
             endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-            endpoint["address"]["socket_address"]["address"] = "127.0.0.1"
+            endpoint["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": 9001}}
     return yaml.safe_dump(config, sort_keys=False)
 
 

@@ -219,7 +219,8 @@ def test_mandate_env_and_downward_api() -> None:
     env = env_of(sidecar(inject(pod(), CONFIG), "mandate"))
     assert env["MANDATE_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert env["MANDATE_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-    assert env["MANDATE_LISTEN"] == "127.0.0.1:9001"
+    # Not TCP: the agent shares the network namespace (a volume only Envoy and mandate mount).
+    assert env["MANDATE_LISTEN"] == "unix:/run/mandate-io/check.sock"
     assert env["MANDATE_PROFILES"] == "/etc/mandate/profiles"
     assert env["MANDATE_STATE_DIR"] == "/var/lib/mandate"
     assert env["MANDATE_ADMIN_TOKEN_FILE"] == "/etc/mandate/admin/token"
@@ -533,6 +534,7 @@ def test_access_log_socket_is_shared_by_envoy_and_mandate_only() -> None:
     assert vol["emptyDir"]["medium"] == "Memory"
     envoy_yaml = (Path(__file__).resolve().parents[2] / "envoy" / "sidecar.yaml").read_text()
     assert "pipe: { path: /run/mandate-io/als.sock }" in envoy_yaml
+    assert "pipe: { path: /run/mandate-io/check.sock }" in envoy_yaml
 
 
 def test_envoy_admin_is_a_socket_only_envoys_container_mounts() -> None:
