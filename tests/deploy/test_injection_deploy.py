@@ -205,7 +205,9 @@ def _policy(docs: list[dict[str, Any]]) -> dict[str, Any]:
 def _admits(policy: dict[str, Any], operation: str, pod: Any, old: Any = None) -> bool:
     """What the API server decides with this policy (Deny): the match conditions, then
     every validation, evaluated by cel-python as the API server's CEL would."""
+    limit = sys.getrecursionlimit()
     env = celpy.Environment()
+    sys.setrecursionlimit(limit)  # celpy raises it process-wide (tests/kubeapi/cel.py)
     activation = {
         "object": celpy.json_to_cel(pod),
         "oldObject": celpy.json_to_cel(old),

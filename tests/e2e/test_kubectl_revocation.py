@@ -87,9 +87,17 @@ def test_kubectl_apply_revokes_and_delete_restores(
             break
         time.sleep(0.05)
     assert obj["status"]["firstEnforcedBy"] == "agent-pod-7"
-    events = [
-        e for e in kube_api.events("agents") if e["involvedObject"]["name"] == "billing-inc-4412"
-    ]
+    # The pod whose status write won posts the Event, after that write (one per fleet).
+    deadline = time.monotonic() + 5
+    while True:
+        events = [
+            e
+            for e in kube_api.events("agents")
+            if e["involvedObject"]["name"] == "billing-inc-4412"
+        ]
+        if events or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert events and events[0]["reason"] == "RevocationEnforced"
     assert "agent-pod-7" in events[0]["message"]
     # The admin API cannot lift a revocation that an AgentRevocation holds.

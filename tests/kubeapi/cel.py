@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import sys
 import threading
 import warnings
 from collections.abc import Iterator, Mapping
@@ -43,7 +44,12 @@ with warnings.catch_warnings():  # lark (celpy's parser) imports the deprecated 
 
 __all__ = ["CelRule", "compile_errors", "evaluate"]
 
+# celpy.Environment() raises the recursion limit for the whole process (to 2500); put it
+# back, or tests that rely on the default (a 2,000-deep JSON body must be refused) would
+# depend on whether a CEL test ran first in the same process.
+_LIMIT = sys.getrecursionlimit()
 _ENV = celpy.Environment()
+sys.setrecursionlimit(_LIMIT)
 _LOCK = threading.Lock()  # celpy's evaluator is not documented as thread-safe
 _MISSING: Any = object()
 _REASONS = ("FieldValueInvalid", "FieldValueForbidden", "FieldValueRequired", "FieldValueDuplicate")
