@@ -352,9 +352,19 @@ def test_the_injectors_zero_percent_samples_nothing(tmp_path: Path, receiver: Ot
     args = _injected_envoy_args(
         {"otlpEndpoint": f"http://127.0.0.1:{receiver.port}", "tracingSamplingPercent": 0}
     )
+    # Nor can the agent force a trace: Envoy decides, and rewrites the agent's sampled
+    # traceparent to unsampled (the review of issue 19 tried each of these).
+    forcing: list[dict[str, str]] = [
+        {},
+        SAMPLED,
+        {"x-client-trace-id": "agent-forced-1"},
+        {"x-envoy-force-trace": "true"},
+        {"x-envoy-force-trace": "true", "x-request-id": "0af76519-16cd-43dd-8448-eb211c80319c"},
+        {"x-client-trace-id": "x", **SAMPLED},
+    ]
     envoy = _Envoy(tmp_path, args)
     try:
-        assert all(envoy.call() == 503 for _ in range(20))
+        assert all(envoy.call(headers) == 503 for headers in forcing for _ in range(5))
     finally:
         envoy.stop()
     assert receiver.wait_for(lambda s: True, timeout=2) == []
