@@ -59,7 +59,14 @@ from typing import Any, Literal, NamedTuple, Self
 from sidecar.audit.arguments import ArgumentKey
 from sidecar.audit.files import _describe
 from sidecar.audit.keyfile import load_argument_key
-from sidecar.audit.record import _CHAIN_ID, chained_line, decision_line, genesis
+from sidecar.audit.record import (
+    _CHAIN_ID,
+    chained_line,
+    decision_line,
+    fit_record,
+    genesis,
+    record_from_decision,
+)
 from sidecar.core import Decision
 from sidecar.core.timefmt import utc_millis
 from sidecar.errors import AuditInputError, ConfigError
@@ -238,6 +245,9 @@ class ChainWriter:
 
     sink = "sink"  # the name readiness gives it
     noun = "sink"  # ... and log lines ("opening the audit file")
+    # The longest line the sink takes whole (without its newline; None: any): a longer
+    # record is cut to fit (`record.fit_record`).
+    line_max: int | None = None
 
     def __init__(
         self,
@@ -769,13 +779,22 @@ class ChainWriter:
             d, pod, namespace, now = record
             args = d.arguments
             key = self._argument_key() if args and args.recording.mode == "hashes" else None
-            return decision_line(
+            line, digest = decision_line(
                 d, pod=pod, namespace=namespace, now=now, seq=self._seq, prev=self._prev,
                 key=key, chain=stamp.get("chain"),
             )  # fmt: skip
-        return chained_line(
-            {**record, **stamp} if stamp else record, seq=self._seq, prev=self._prev
-        )
+            if self.line_max is None or len(line) <= self.line_max + 1:
+                return line, digest
+            whole: Mapping[str, Any] = record_from_decision(
+                d, pod=pod, namespace=namespace, now=now, key=key
+            )
+        else:
+            whole = record
+        whole = {**whole, **stamp} if stamp else whole
+        line, digest = chained_line(whole, seq=self._seq, prev=self._prev)
+        if self.line_max is None or len(line) <= self.line_max + 1:
+            return line, digest
+        return chained_line(fit_record(whole, self.line_max), seq=self._seq, prev=self._prev)
 
     def _argument_key(self) -> ArgumentKey | None:
         """The key of ``key_directory``, loaded (or created) on first use. When it cannot

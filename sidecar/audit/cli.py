@@ -3,10 +3,14 @@
 Translates arguments into calls on :mod:`sidecar.audit` and results into output and exit
 codes: verify exits 0 when every chain is intact, 1 when one is not (naming its first bad
 record) or a chain the manifest lists is gone (naming each), 2 on bad input (no such
-directory, no audit files, a bad time). Both read a directory (DIR) or, with ``--log``, the
-audit stream a mandate with ``--audit-stdout`` wrote, as the logs kept it (`kubectl logs`,
-the kubelet's CRI log files: `sidecar.audit.logs`). Must not contain chain logic: that
-lives in `verify`, `logverify` and `query`.
+directory, no audit files, a bad time), and, with ``--log`` only, 3 when every chain is
+intact but the log does not reach back to where a chain starts (``missing_head``,
+``missing_previous``: a window, e.g. the kubelet rotated the file away) unless
+``--allow-partial``. Both read a directory (DIR) or, with ``--log``, the audit stream a
+mandate with ``--audit-stdout`` wrote, as the logs kept it (`kubectl logs`, the kubelet's
+CRI log files: `sidecar.audit.logs`), taking records only from the container
+``--container`` names where the source names containers. Must not contain chain logic:
+that lives in `verify`, `logverify` and `query`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from sidecar.errors import AuditError
 
 __all__ = ["add_audit_parser", "parse_when", "run_audit"]
 
-EXIT_OK, EXIT_TAMPERED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_TAMPERED, EXIT_BAD_INPUT, EXIT_INCOMPLETE = 0, 1, 2, 3
 
 
 def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -42,13 +46,26 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
             "manifest (audit-manifest.jsonl) for chains deleted whole or not listed; or, "
             "with --log, every chain of the --audit-stdout records in logs (one per start "
             "of each writer) and the links of a restarted writer's chain to the one before. "
-            "Exit 0 if all are intact, 1 naming the first bad record (file, line, seq, what "
-            "is wrong) or each missing chain, 2 on bad input."
+            "Exit 0 if all are intact (and, with --log, complete), 1 naming the first bad "
+            "record (file, line, seq, what is wrong) or each missing chain, 2 on bad input; "
+            "with --log, 1 also when another container than --container wrote record lines "
+            "(foreign_container), and 3 when all is intact but the log starts after a "
+            "chain's header (missing_head) or after the chain a restart follows "
+            "(missing_previous): the kubelet rotated the file away, or --since/--tail cut "
+            "it; give the earlier logs too (kubectl logs --previous, the node's CRI "
+            "directory with its rotated files), or --allow-partial for a window on purpose."
         ),
     )
     ver.add_argument("directory", metavar="DIR", nargs="?")
     _log_option(ver, "verify")
     ver.add_argument("--chain", help="verify only this chain id")
+    ver.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="with --log: a log that begins inside a chain, or after the chain a restart "
+        "follows, is intact if what it holds is (exit 0, with notes saying where each chain "
+        "begins) instead of incomplete (exit 3)",
+    )
     ver.add_argument("--json", action="store_true", help="print the result as JSON")
     q = sub.add_parser(
         "query",
@@ -80,6 +97,15 @@ def _log_option(cmd: argparse.ArgumentParser, what: str) -> None:
         "(kubectl logs output, a CRI log file, plain or .gz), a directory of a container's "
         "CRI log files (/var/log/pods/NS_POD_UID/mandate/), or - for standard input; "
         "repeatable, read in the order given",
+    )
+    cmd.add_argument(
+        "--container",
+        default="mandate",
+        metavar="NAME",
+        help="with --log: the container that writes the records (default: mandate). Where "
+        "the log names each line's container (kubectl logs --prefix, the kubelet's CRI "
+        "paths) only its lines are records; elsewhere (kubectl logs POD -c mandate) the "
+        "source is trusted to be that container",
     )
 
 
@@ -150,7 +176,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _verify_log(args: argparse.Namespace) -> int:
     try:
-        result = verify_log(args.log, args.chain)
+        result = verify_log(
+            args.log, args.chain, container=args.container, allow_partial=args.allow_partial
+        )
     except AuditError as exc:
         return _bad(str(exc))
     if args.json:
@@ -159,25 +187,34 @@ def _verify_log(args: argparse.Namespace) -> int:
         for c in result.chains:
             span = f"seq {c.first_seq}-{c.last_seq}" if c.last_seq is not None else "no record"
             who = f"writer {c.writer}, pid {c.pid}, " if c.writer else ""
-            if c.problem is None:
+            if c.problem is not None:
+                print(f"TAMPERED: chain {c.chain}: {c.problem}")
+            elif c.incomplete is not None:
+                print(f"INCOMPLETE: chain {c.chain}: {who}{span}: {c.incomplete}")
+            else:
                 print(
                     f"ok: chain {c.chain}: {who}{c.records} decision record(s), {span}, "
                     f"{'ended' if c.ended else 'not ended'}, head {c.last_hash}"
                 )
-            else:
-                print(f"TAMPERED: chain {c.chain}: {c.problem}")
             for note in c.notes:
                 print(f"  note: {note}")
         for p in result.problems:
-            print(f"BAD LINE: {p}")
+            print(f"{'FOREIGN' if p.kind == 'foreign_container' else 'BAD LINE'}: {p}")
         for note in result.notes:
             print(f"note: {note}")
     problem = result.problem
-    if problem is not None:
-        where = f"chain {problem.chain}" if problem.chain else "the stream"
+    if problem is None:
+        return EXIT_OK
+    where = f"chain {problem.chain}" if problem.chain else "the stream"
+    if not result.intact:
         print(f"mandate audit: {where}: first bad record: {problem}", file=sys.stderr)
         return EXIT_TAMPERED
-    return EXIT_OK
+    print(
+        f"mandate audit: intact, but incomplete: {where}: {problem} (give the earlier logs "
+        "too, or --allow-partial if the log is a window on purpose)",
+        file=sys.stderr,
+    )
+    return EXIT_INCOMPLETE
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -195,7 +232,9 @@ def _query(args: argparse.Namespace) -> int:
             "trace_id": args.trace_id,
         }  # fmt: skip
         found = (
-            query(args.directory, **filters) if args.log is None else query_log(args.log, **filters)
+            query(args.directory, **filters)
+            if args.log is None
+            else query_log(args.log, container=args.container, **filters)
         )
         for rec in found:
             line = json.dumps(rec, ensure_ascii=False, sort_keys=True)

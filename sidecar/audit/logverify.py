@@ -14,11 +14,25 @@ header names the chain its writer wrote before (a restart: `stream`); that chain
 the named record (``missing_tail`` when the log stops short of it, ``link_mismatch`` when
 the record there differs). An exact duplicate of a line (a log shipper's retry) is a note.
 
-What it cannot prove: a log is a window. A chain that began before it is a note ("begins at
-seq N"), and so is one with neither an ``end`` record nor a successor in the log (still
-running, killed, or its tail is past the window or was cut: anchor heads elsewhere, as for
-a directory). Marker lines that are not records (a writer killed mid-line) are problems,
-unless a ``recovered`` record says a writer ended such a line (then notes).
+Whose lines: only the container named ``container`` (``mandate``) writes records. Where the
+source names the container of a line (`logs`: ``kubectl logs --prefix``, the kubelet's CRI
+paths), a marker line of another container is a problem (``foreign_container``: the agent
+printing a chain of its own, which anyone can compute, unkeyed as it is), never a record.
+Where it does not (`kubectl logs POD -c mandate`), the source is trusted to be mandate's
+container, and the result says so (``trusted_sources``, a note).
+
+Complete or a window. A log may start late: the kubelet rotated the file away (an agent can
+flood cheap denied calls until it does), or `--since`/`--tail` cut it. A chain whose header
+is not in the log (``missing_head``: it begins at seq N > 0) or whose header names a
+previous chain the log does not hold (``missing_previous``: a restart whose predecessor is
+not in the log) cannot be shown to be the whole story: the result is intact (no problem)
+but incomplete (``complete`` false: `mandate audit verify --log` exits 3). With
+``allow_partial`` (an operator who passes a window on purpose) both are notes, and each
+chain says where it begins (``first_seq``, ``first_time``). A chain with neither an
+``end`` record nor a successor in the log is a note (still running, killed, or its tail is
+past the window or was cut: anchor heads elsewhere, as for a directory). Marker lines that
+are not records (a writer killed mid-line) are problems, unless a ``recovered`` record says
+a writer ended such a line (then notes).
 """
 
 from __future__ import annotations
@@ -43,7 +57,10 @@ from sidecar.audit.record import (
 from sidecar.audit.verify import Problem, _Bad, _int
 from sidecar.errors import AuditInputError
 
-__all__ = ["LogChainReport", "LogVerifyResult", "verify_lines", "verify_log"]
+__all__ = ["INCOMPLETE", "LogChainReport", "LogVerifyResult", "verify_lines", "verify_log"]
+
+# The kinds of problem that say the log is a window (not that it was tampered with).
+INCOMPLETE = frozenset({"missing_head", "missing_previous"})
 
 # How many of a chain's latest (seq, hash) are kept, to check a successor's link and to
 # tell a duplicated line from a forked one. A head file lags what was written by at most
@@ -54,9 +71,12 @@ _RECENT = 4096
 @dataclass(frozen=True, slots=True)
 class LogChainReport:
     """One chain of a log. ``records`` counts decision records; ``first_seq`` is where the
-    chain begins in the log (0: its header is there); ``previous`` what its header names
-    (None: a new chain, or its header is not in the log); ``successor`` the chain that
-    names it; ``notes``: what a valid chain admits to."""
+    chain begins in the log (0: its header is there) and ``first_time`` that record's time;
+    ``previous`` what its header names (None: a new chain, or its header is not in the
+    log); ``successor`` the chain that names it; ``notes``: what a valid chain admits to;
+    ``problem``: the first bad record; ``incomplete``: why the log may not hold the whole
+    chain and what came before it (a kind of `INCOMPLETE`), None when it does or when
+    partial logs were allowed."""
 
     chain: str
     writer: str | None
@@ -73,26 +93,34 @@ class LogChainReport:
     successor: str | None
     notes: tuple[str, ...]
     problem: Problem | None
+    first_time: str | None = None
+    incomplete: Problem | None = None
 
     @property
     def ok(self) -> bool:
-        return self.problem is None
+        """Intact and complete."""
+        return self.problem is None and self.incomplete is None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "chain": self.chain, "ok": self.ok, "writer": self.writer, "pod": self.pod,
             "pid": self.pid, "started": self.started, "records": self.records,
-            "first_seq": self.first_seq, "last_seq": self.last_seq,
-            "last_hash": self.last_hash, "lost": self.lost, "ended": self.ended,
-            "previous": self.previous, "successor": self.successor, "notes": list(self.notes),
-            "problem": _problem_json(self.problem),
+            "first_seq": self.first_seq, "first_time": self.first_time,
+            "last_seq": self.last_seq, "last_hash": self.last_hash, "lost": self.lost,
+            "ended": self.ended, "previous": self.previous, "successor": self.successor,
+            "notes": list(self.notes), "problem": _problem_json(self.problem),
+            "incomplete": _problem_json(self.incomplete),
         }  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
 class LogVerifyResult:
     """``chains`` in order of first appearance; ``problems``: marker lines that are not
-    records (``chain`` empty, ``seq`` -1); ``lines``/``record_lines``: what was read."""
+    records (``chain`` empty, ``seq`` -1), or that another container wrote
+    (``foreign_container``, one per source and container); ``lines``/``record_lines``:
+    what was read (``record_lines``: the marker lines on stdout, another container's too);
+    ``container``: whose records were accepted; ``trusted_sources``: the sources whose
+    framing does not name the container of their records (trusted to be ``container``)."""
 
     sources: tuple[str, ...]
     chains: tuple[LogChainReport, ...]
@@ -100,21 +128,40 @@ class LogVerifyResult:
     notes: tuple[str, ...]
     lines: int
     record_lines: int
+    container: str = "mandate"
+    trusted_sources: tuple[str, ...] = ()
+
+    @property
+    def intact(self) -> bool:
+        """No chain has a bad record, and every marker line is a record of ``container``."""
+        return all(c.problem is None for c in self.chains) and not self.problems
+
+    @property
+    def complete(self) -> bool:
+        """Every chain starts in the log, and so does the chain before each restart."""
+        return all(c.incomplete is None for c in self.chains)
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.chains) and not self.problems
+        """Intact and complete (`mandate audit verify --log` exits 0)."""
+        return self.intact and self.complete
 
     @property
     def problem(self) -> Problem | None:
-        """The first problem: the chains' in order, then the stream's."""
+        """The first problem: the chains' in order, then the stream's; when intact, the
+        first reason it is incomplete."""
         found = next((c.problem for c in self.chains if c.problem is not None), None)
-        return found or next(iter(self.problems), None)
+        found = found or next(iter(self.problems), None)
+        return found or next((c.incomplete for c in self.chains if c.incomplete), None)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
+            "intact": self.intact,
+            "complete": self.complete,
             "sources": list(self.sources),
+            "container": self.container,
+            "trusted_sources": list(self.trusted_sources),
             "problem": _problem_json(self.problem),
             "problems": [_problem_json(p) for p in self.problems],
             "notes": list(self.notes),
@@ -138,10 +185,12 @@ class _Chain:
     """A chain's state while its records are read."""
 
     chain: str
+    allow_partial: bool = False
     sources: set[str] = field(default_factory=set)
     next_seq: int | None = None  # None: no record yet
     prev: str = ""
     first_seq: int | None = None
+    first_time: str | None = None
     last: tuple[str, int] = ("", 0)  # source, line of its last good record
     recent: OrderedDict[int, str] = field(default_factory=OrderedDict)
     header: dict[str, Any] | None = None
@@ -151,6 +200,7 @@ class _Chain:
     ended: bool = False
     notes: list[str] = field(default_factory=list)
     problem: Problem | None = None
+    incomplete: Problem | None = None
     gap_from: int | None = None  # the seq a seq_gap problem expected (a reorder if it comes)
     successor: str | None = None
 
@@ -178,10 +228,13 @@ class _Chain:
                     why = "seq 0 is not a header" if seq == 0 else "a header inside the chain"
                     raise _Bad("bad_header", why, seq)
                 if seq > 0:
-                    self.notes.append(
-                        f"{self.at(where)}: the log begins inside this chain, at seq {seq} "
-                        "(its earlier records are before the log)"
+                    why = (
+                        f"the log begins inside this chain, at seq {seq} (time "
+                        f"{rec.get('time')}): its header and the {seq} record(s) before are "
+                        "not in the log (rotated away, or cut by --since/--tail)"
                     )
+                    head = Problem(self.chain, where.source, where.line, seq, "missing_head", why)
+                    self.window(head)
             else:
                 if seq < self.next_seq:
                     if self.recent.get(seq) == rec["hash"]:
@@ -221,9 +274,18 @@ class _Chain:
         self._take(where, rec, seq, kind)
         return True
 
+    def window(self, why: Problem) -> None:
+        """The log may not hold the whole story of this chain: incomplete, or a note when
+        partial logs are allowed."""
+        if self.allow_partial:
+            self.notes.append(f"{why.file} line {why.line}: {why.message}")
+        elif self.incomplete is None:
+            self.incomplete = why
+
     def _take(self, where: LogLine, rec: dict[str, Any], seq: int, kind: object) -> None:
         if self.first_seq is None:
             self.first_seq = seq
+            self.first_time = _str(rec.get("time"))
         self.next_seq, self.prev = seq + 1, rec["hash"]
         self.last = (where.source, where.line)
         self.sources.add(where.source)
@@ -267,6 +329,8 @@ class _Chain:
             successor=self.successor,
             notes=tuple(self.notes),
             problem=self.problem,
+            first_time=self.first_time,
+            incomplete=self.incomplete,
         )
 
 
@@ -274,11 +338,21 @@ def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def verify_log(sources: Sequence[str], chain_id: str | None = None) -> LogVerifyResult:
+def verify_log(
+    sources: Sequence[str],
+    chain_id: str | None = None,
+    *,
+    container: str = "mandate",
+    allow_partial: bool = False,
+) -> LogVerifyResult:
     """Verify the audit stream in ``sources`` (files, CRI log directories, ``-``: see
     `logs`); with ``chain_id``, report that chain only (links to others still checked).
+    Records are accepted from ``container`` only, where the source names containers;
+    ``allow_partial``: a log that starts late is not incomplete (module docstring).
     AuditInputError for a source that cannot be read, or no record at all."""
-    result = verify_lines(log_lines(sources), chain_id)
+    result = verify_lines(
+        log_lines(sources), chain_id, container=container, allow_partial=allow_partial
+    )
     if not result.record_lines:
         raise AuditInputError(
             f"{', '.join(sources)}: no audit records (lines starting with {MARKER_PREFIX.decode()})"
@@ -288,7 +362,13 @@ def verify_log(sources: Sequence[str], chain_id: str | None = None) -> LogVerify
     return result
 
 
-def verify_lines(lines: Iterable[LogLine], chain_id: str | None = None) -> LogVerifyResult:
+def verify_lines(
+    lines: Iterable[LogLine],
+    chain_id: str | None = None,
+    *,
+    container: str = "mandate",
+    allow_partial: bool = False,
+) -> LogVerifyResult:
     """`verify_log` on lines already read (pure: tested with plain data)."""
     chains: dict[str, _Chain] = {}
     torn: list[Problem] = []  # marker lines that are not records, not yet explained
@@ -296,6 +376,8 @@ def verify_lines(lines: Iterable[LogLine], chain_id: str | None = None) -> LogVe
     problems: list[Problem] = []
     notes: list[str] = []
     sources: dict[str, None] = {}
+    foreign: dict[tuple[str, str], list[int]] = {}  # (source, container): [first line, count]
+    trusted: dict[str, None] = {}
     count = records = stderr_marked = 0
     for line in lines:
         count += 1
@@ -306,12 +388,18 @@ def verify_lines(lines: Iterable[LogLine], chain_id: str | None = None) -> LogVe
             stderr_marked += 1
             continue
         records += 1
+        if line.container is None:
+            trusted.setdefault(line.source, None)
+        elif line.container != container:
+            seen = foreign.setdefault((line.source, line.container), [line.line, 0])
+            seen[1] += 1
+            continue
         rec, bad = _record(line)
         if bad is not None:
             (torn if bad.kind == "torn_line" else problems).append(bad)
             continue
         assert rec is not None
-        chain = chains.setdefault(rec["chain"], _Chain(rec["chain"]))
+        chain = chains.setdefault(rec["chain"], _Chain(rec["chain"], allow_partial))
         taken = chain.add(line, rec)
         if taken and rec.get("type") == "recovered" and rec.get("torn_line") is True and torn:
             p = torn.pop(0)
@@ -320,6 +408,20 @@ def verify_lines(lines: Iterable[LogLine], chain_id: str | None = None) -> LogVe
                 f"(seq {rec['seq']}): its writer stopped mid-line"
             )
     _link(chains)
+    for (source, other), (first, n) in foreign.items():
+        why = (
+            f"{n} line(s) of container {other!r} start like audit records: only container "
+            f"{container!r} writes them (another container printing a chain of its own?); "
+            "none is taken for a record (--container names mandate's container if renamed)"
+        )
+        problems.append(Problem("", source, first, -1, "foreign_container", why))
+    for source in trusted:
+        notes.append(
+            f"{source}: its framing does not name the container of its records: they are "
+            f"trusted to come from container {container!r} (as `kubectl logs POD -c "
+            f"{container}` gives); `kubectl logs --prefix` or the node's CRI files let "
+            "verify check it"
+        )
     if stderr_marked:
         notes.append(
             f"{stderr_marked} line(s) on stderr start like records: ignored (only stdout "
@@ -330,8 +432,9 @@ def verify_lines(lines: Iterable[LogLine], chain_id: str | None = None) -> LogVe
     if chain_id is not None:
         reports = [r for r in reports if r.chain == chain_id]
     return LogVerifyResult(
-        tuple(sources), tuple(reports), tuple(torn + problems), tuple(notes), count, records
-    )
+        tuple(sources), tuple(reports), tuple(torn + problems), tuple(notes), count, records,
+        container, tuple(trusted),
+    )  # fmt: skip
 
 
 def _record(line: LogLine) -> tuple[dict[str, Any] | None, Problem | None]:
@@ -378,9 +481,13 @@ def _link(chains: dict[str, _Chain]) -> None:
             continue
         p = chains.get(name)
         if p is None:
-            c.notes.append(
-                f"a restart: follows chain {name} (up to seq {seq}), which is not in this log"
+            src, line = c.header_at
+            why = (
+                f"a restart: its header says it follows chain {name} (up to seq {seq}), "
+                "which is not in this log (the previous container's log, or rotated away: "
+                "`kubectl logs --previous`, the node's CRI files)"
             )
+            c.window(Problem(c.chain, src, line, 0, "missing_previous", why))
             continue
         if p.successor is not None:
             c.notes.append(f"chain {p.successor} also follows {name} (a restart before it wrote?)")

@@ -79,14 +79,27 @@ def query_log(
     since: datetime | None = None,
     until: datetime | None = None,
     trace_id: str | None = None,
+    container: str = "mandate",
 ) -> Iterator[dict[str, Any]]:
     """`query` on an audit stream read back from logs (`logs`: files, CRI log directories,
     ``-``): the decision records of every chain, in time order (a stream's chains
-    interleave by batch), with their ``chain``. Lines that are not records are skipped.
-    Raises AuditInputError for a source that cannot be read."""
+    interleave by batch), with their ``chain``. Lines that are not records are skipped,
+    and so are the lines of another container than ``container`` where the source names
+    it (logged once per source and container). Raises AuditInputError for a source that
+    cannot be read."""
     found: list[dict[str, Any]] = []
+    foreign: set[tuple[str, str]] = set()
     for line in log_lines(sources):
         if not line.candidate or not line.complete:
+            continue
+        if line.container is not None and line.container != container:
+            if (line.source, line.container) not in foreign:
+                foreign.add((line.source, line.container))
+                log.warning(
+                    "audit query: %s line %d: container %r is not %r: its record-like lines "
+                    "are skipped",
+                    line.source, line.line, line.container, container,
+                )  # fmt: skip
             continue
         try:
             rec = json.loads(line.text)

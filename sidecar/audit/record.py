@@ -19,7 +19,13 @@ Streams (`stream`: stdout, for the cluster's log pipeline). The same records and
 one chain per start of a writer process, many chains interleaved on one stream: every
 record also carries the marker ``"@mandate":"audit"`` (its first member) and its ``chain``
 (`stream_stamp`); a chain starts with a ``header`` (``previous``: the chain its writer wrote
-before a restart) and a clean stop ends it with an ``end`` record.
+before a restart) and a clean stop ends it with an ``end`` record. A stream's record line is
+at most `STREAM_LINE_MAX` bytes (`fit_record`): a record that would be longer has its
+longest members cut and says so in ``truncated``, one entry per member cut,
+``{"<member>": {"bytes": N, "sha256": "<hex>"}}``: the length and SHA-256 of the member's
+whole value (a string's UTF-8; any other value's canonical JSON); the record keeps a
+string's first `CUT_CHARS` characters, or a list's or an object's first items that fit in
+`CUT_BYTES`. The record is chained and hashed as written, cut.
 """
 
 from __future__ import annotations
@@ -42,11 +48,13 @@ __all__ = [
     "MARKER",
     "MARKER_PREFIX",
     "MARKER_VALUE",
+    "STREAM_LINE_MAX",
     "canonical_json",
     "chained_line",
     "decision_line",
     "event_record",
     "file_name",
+    "fit_record",
     "genesis",
     "link",
     "record_from_decision",
@@ -65,6 +73,16 @@ _MANIFEST_GENESIS = hashlib.sha256(b"mandate-audit-manifest").hexdigest()
 MARKER = "@mandate"
 MARKER_VALUE = "audit"
 MARKER_PREFIX = b'{"@mandate":"audit",'
+# A stream's record line, without its newline, is at most this long (`fit_record`): below
+# the 16 KiB at which containerd and Docker split a line into parts (stream module docstring).
+STREAM_LINE_MAX = 15 * 1024
+CUT_CHARS = 256
+CUT_BYTES = 1024
+# Never cut: what chains, identifies and classifies a record.
+_UNCUT = frozenset(
+    {MARKER, "chain", "type", "time", "seq", "prev", "hash", "decision", "decision_id", "code",
+     "truncated"}
+)  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------
 # Pure: canonical JSON, chain math, records
@@ -278,6 +296,68 @@ def event_record(event: str, *, now: float, **fields: Any) -> dict[str, Any]:
     """The audit record of a supervisor event (not yet chained): an elevation requested,
     granted, expired, refused; a task reported; an automatic revocation."""
     return {"type": event, "time": utc_millis(now), **fields}
+
+
+def fit_record(record: Mapping[str, Any], limit: int = STREAM_LINE_MAX) -> dict[str, Any]:
+    """``record`` (not yet chained) with its longest members cut until its chained line
+    (`chained_line`, with any seq) is at most ``limit`` bytes without its newline, and each
+    cut member described in ``truncated`` (module docstring). Members named in `_UNCUT`
+    stay whole; a record that still does not fit comes back as far as it could be cut
+    (never refused: a long line beats a lost record)."""
+    out = {k: v for k, v in record.items() if k not in ("seq", "prev", "hash")}
+    truncated: dict[str, Any] = dict(out.get("truncated") or {})
+    # seq, prev and hash at their longest: what chaining adds to the line
+    chained = len(canonical_json({"seq": 2**63, "prev": _PLACEHOLDER, "hash": _PLACEHOLDER}))
+    budget = limit - chained + 1  # (the two braces counted twice, less one comma)
+
+    def size() -> int:
+        body = {**out, "truncated": truncated} if truncated else out
+        return len(canonical_json(body))
+
+    for short in (True, False):  # cut to a prefix first; to nothing if that is not enough
+        if size() <= budget:
+            break
+        members = sorted(
+            (k for k, v in out.items() if k not in _UNCUT and isinstance(v, str | list | dict)),
+            key=lambda k: len(canonical_json(out[k])),
+            reverse=True,
+        )
+        for key in members:
+            value = out[key]
+            whole = record[key]
+            cut = _cut(value) if short else _empty(value)
+            if cut == value:
+                continue
+            if key not in truncated:
+                raw = (
+                    whole.encode("utf-8", "backslashreplace")
+                    if isinstance(whole, str)
+                    else canonical_json(whole)
+                )
+                truncated[key] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+            out[key] = cut
+            if size() <= budget:
+                break
+    if truncated:
+        out["truncated"] = truncated
+    return out
+
+
+def _cut(value: str | list[Any] | dict[str, Any]) -> str | list[Any] | dict[str, Any]:
+    if isinstance(value, str):
+        return value[:CUT_CHARS]
+    items = list(value.items()) if isinstance(value, dict) else list(value)
+    kept, used = [], 2
+    for item in items:
+        used += len(canonical_json(item)) + 1
+        if used > CUT_BYTES:
+            break
+        kept.append(item)
+    return dict(kept) if isinstance(value, dict) else kept
+
+
+def _empty(value: str | list[Any] | dict[str, Any]) -> str | list[Any] | dict[str, Any]:
+    return type(value)()
 
 
 def _is_int(value: object) -> bool:

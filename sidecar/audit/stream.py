@@ -38,7 +38,14 @@ is full: the log pipeline stopped reading) counts as failing too. The queue is b
 only the writer thread ever waits for the stream: never a Check.
 
 `claim_stdout` makes fd 1 the trail's alone in a process: Python's `sys.stdout` goes to
-stderr, and a log line can never start with the marker (`guard_log_lines`).
+stderr, and no line mandate logs can be read as a record, whatever framing the reader takes
+off (`guard_log_lines`).
+
+Line length. A record line is kept under `record.STREAM_LINE_MAX` bytes (`fit_record`: the
+longest members, which the agent controls, such as a path, are cut, and the record says
+what they were in ``truncated``): containerd and Docker split a longer line into parts
+(16 KiB), which the kubelet's `kubectl logs` glues to whatever line of stderr came between
+them, and log pipelines drop or split long lines.
 """
 
 from __future__ import annotations
@@ -61,10 +68,11 @@ from typing import Any
 
 from sidecar.audit.chainwriter import DEFAULT_QUEUE_MAX, ChainWriter, FailureMode, PartialWrite
 from sidecar.audit.files import _describe
+from sidecar.audit.logs import may_frame_a_record
 from sidecar.audit.record import (
     _CHAIN_ID,
     FORMAT,
-    MARKER_PREFIX,
+    STREAM_LINE_MAX,
     stream_stamp,
 )
 from sidecar.core.timefmt import utc_millis
@@ -248,6 +256,7 @@ class StreamWriter(ChainWriter):
 
     sink = "stdout"
     noun = "stream"
+    line_max = STREAM_LINE_MAX
 
     def __init__(
         self,
@@ -419,9 +428,13 @@ class StreamWriter(ChainWriter):
 
 
 class _GuardedFormatter(logging.Formatter):
-    """A handler's formatter whose text never has a line that starts with the records'
-    marker: such a line (an agent's text with a newline, logged by mandate) gets a space
-    in front, so it cannot pass for a record in a merged `kubectl logs` stream."""
+    """A handler's formatter whose text never has a line that a reader of merged, unframed
+    output (`kubectl logs`: stdout and stderr) could take for a record or a part of one
+    (`logs.may_frame_a_record`): every continuation line of a multi-line message (an
+    agent's text with a newline, a traceback) is indented with a tab, which no framing or
+    record starts with, and a first line that could be taken for one gets a space in front.
+    (The reader takes a ``--prefix`` and a ``--timestamps`` framing off a line before it
+    looks for the marker: a guard that only looked at the line's start would not do.)"""
 
     def __init__(self, inner: logging.Formatter) -> None:
         super().__init__()
@@ -429,13 +442,19 @@ class _GuardedFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = self.inner.format(record)
-        if _MARKER_TEXT in text:
-            text = _LINE_START.sub(r"\1 ", text)
+        if "\n" in text:
+            text = text.replace("\n", "\n\t")
+        if text[:1] in _RISKY_START and may_frame_a_record(
+            text[:_LOOK].encode("utf-8", "backslashreplace")
+        ):
+            text = " " + text
         return text
 
 
-_MARKER_TEXT = MARKER_PREFIX.decode()
-_LINE_START = re.compile("(^|\n)(?=" + re.escape(_MARKER_TEXT) + ")")
+# What a line the reader treats specially can start with: a digit (a CRI line, a timestamp),
+# "[" (a --prefix) or "{" (Docker's json-file, the marker). Enough of the line to tell.
+_RISKY_START = frozenset("0123456789[{")
+_LOOK = 512
 
 
 def guard_log_lines(logger: logging.Logger | None = None) -> None:

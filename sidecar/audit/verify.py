@@ -45,7 +45,10 @@ class Problem:
     is broken: its ``chain`` is ``MANIFEST``). In a log (`logverify`): also missing_tail
     (a restarted writer's header names a record its previous chain does not reach in the
     log) and link_mismatch (the record there differs); a marker line that is no record
-    (torn_line, bad_record, not_canonical) has ``chain`` "" and ``seq`` -1."""
+    (torn_line, bad_record, not_canonical) or that another container wrote
+    (foreign_container) has ``chain`` "" and ``seq`` -1; and, saying the log is a window
+    rather than tampered with, missing_head (a chain's header is not in the log) and
+    missing_previous (a restart's previous chain is not)."""
 
     chain: str
     file: str

@@ -61,7 +61,17 @@ class Audit:
     allows: bool = True
 
     def record(self, decision: Decision) -> Decision:
-        if decision.allowed and self.writer.must_deny():
+        writer = self.writer
+        unrecordable = decision.allowed and writer.must_deny()
+        if not unrecordable and (self.allows or not decision.allowed):
+            queued = writer.write_decision(
+                decision, pod=self.pod, namespace=self.namespace, now=time.time()
+            )
+            # must_deny saw room, but the queue filled (other Checks' records) or the writer
+            # closed before this record got in: it is lost (the next loss record names its
+            # id), so a fail-closed trail must not let the call go.
+            unrecordable = not queued and decision.allowed and writer.fail_closed
+        if unrecordable:
             decision = replace(
                 decision,
                 allowed=False,
@@ -70,10 +80,7 @@ class Audit:
                 credentials=(),
                 txn="",
             )
-        if self.allows or not decision.allowed:
-            self.writer.write_decision(
-                decision, pod=self.pod, namespace=self.namespace, now=time.time()
-            )
+            writer.write_decision(decision, pod=self.pod, namespace=self.namespace, now=time.time())
         return decision
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
+import functools
+import hashlib
 import json
 import os
 import signal
@@ -28,8 +31,9 @@ from sidecar.audit import stream as stream_mod
 from sidecar.audit.cli import add_audit_parser, run_audit
 from sidecar.audit.keyfile import load_argument_key
 from sidecar.audit.logs import LogLine
-from sidecar.audit.logverify import LogVerifyResult, verify_lines
+from sidecar.audit.logverify import LogVerifyResult, verify_lines, verify_log
 from sidecar.audit.record import MARKER_PREFIX
+from sidecar.check.pipeline import Audit
 from sidecar.core import Code, Decision
 from sidecar.core.recording import ArgumentRecording, CallArguments
 
@@ -272,10 +276,12 @@ import os, sys, time
 from pathlib import Path
 from sidecar.audit import StreamWriter
 from sidecar.core import Code, Decision
-w = StreamWriter(int(sys.argv[1]), writer="w0", shared_directory=Path(sys.argv[2]))
+w = StreamWriter(int(sys.argv[1]), writer="w0", shared_directory=Path(sys.argv[2]), linger=1)
 assert w.flush()
-d = Decision("d-big", True, Code.ALLOWED, "because", "billing-agent", path="/" + "x" * 300_000)
-w.write_decision(d, pod="p", namespace="n", now=1.0)
+for i in range(40):  # one batch, one write(2), far longer than the pipe holds
+    path = "/" + "x" * (9_000 + i)
+    d = Decision(f"d-big{i}", True, Code.ALLOWED, "because", "billing-agent", path=path)
+    w.write_decision(d, pod="p", namespace="n", now=1.0)
 w.flush(30)
 """
 
@@ -308,7 +314,7 @@ def test_a_writer_killed_mid_line_is_repaired_by_the_next(
     result = check(data)
     assert result.ok, result.to_json()
     dead, alive = result.chains
-    assert dead.records == 0 and not dead.ended
+    assert dead.records < 40 and not dead.ended
     assert alive.records == 1 and alive.ended
     assert any(f"ended by {alive.chain}" in n for n in result.notes), result.notes
     recovered = [json.loads(x) for x in data.splitlines() if b'"type":"recovered"' in x]
@@ -404,6 +410,160 @@ def test_a_failing_stdout_makes_both_sinks_deny(
     finally:
         faults.broken = False
         assert tee.close(5)
+
+
+# -- review of issue 19 -----------------------------------------------------------------------
+
+
+def kubelet_merged(cri_file: bytes) -> bytes:
+    """What `kubectl logs` prints from a CRI log file: each line's text, and a newline
+    after an ``F`` line only (a ``P`` part runs on into whatever line of either stream comes
+    next in the file)."""
+    out = []
+    for line in cri_file.splitlines():
+        _, _, tag, text = line.split(b" ", 3)
+        out.append(text + (b"\n" if tag == b"F" else b""))
+    return b"".join(out)
+
+
+def containerd(lines: list[bytes], limit: int = 16 * 1024) -> bytes:
+    """``lines`` (stdout: records; stderr: the rest) as containerd writes them: longer than
+    ``limit``, in ``P`` parts; mandate's stderr line between the first two parts."""
+    log = b"2026-12-05 06:00:00,000 INFO sidecar.context: task reported"
+    out = []
+    for text in lines:
+        stream = b"stdout" if text.startswith(MARKER_PREFIX) else b"stderr"
+        parts = [text[i : i + limit] for i in range(0, len(text), limit)] or [b""]
+        for j, part in enumerate(parts):
+            tag = b"F" if j == len(parts) - 1 else b"P"
+            out.append(b"2026-12-05T06:00:00.000000000Z " + stream + b" " + tag + b" " + part)
+            if j == 0 and tag == b"P":
+                out.append(b"2026-12-05T06:00:00.000000000Z stderr F " + log)
+    return b"".join(x + b"\n" for x in out)
+
+
+def test_a_long_record_is_cut_to_fit_one_runtime_line_and_verifies_in_kubectl_logs(
+    tmp_path: Path, pipe: tuple[int, int]
+) -> None:
+    """Review of issue 19 (12): the agent controls a record's length (a path up to Envoy's
+    60 KiB header limit); containerd writes a line longer than 16 KiB in parts, and `kubectl
+    logs` glues a part to the stderr line that came between: a torn record and a seq gap,
+    tamper evidence the agent could make. The writer keeps every line under
+    `STREAM_LINE_MAX`, cutting the longest members and saying what they were."""
+    from sidecar.audit.record import STREAM_LINE_MAX
+
+    r, w = pipe
+    reader = Reader(r)
+    writer = StreamWriter(w, writer="w0", pod="pod-1")
+    long_path = "/upload/" + "a" * 60_000
+    task = "t" * 30_000
+    writer.write_decision(dec(0), pod="pod-1", namespace="ns", now=NOW)
+    d = dataclasses.replace(dec(1, path=long_path), task=task)
+    writer.write_decision(d, pod="pod-1", namespace="ns", now=NOW + 1)
+    writer.write({"type": "task_reported", "time": "t", "task": task, "agent": "billing-agent"})
+    writer.write_decision(dec(2), pod="pod-1", namespace="ns", now=NOW + 2)
+    assert writer.close(5)
+    os.close(w)
+    data = reader.join()
+    lines = data.splitlines()
+    assert max(len(x) for x in lines) <= STREAM_LINE_MAX
+    cut = json.loads(lines[2])
+    assert cut["path"] == long_path[:256] and cut["task"] == task[:256]
+    assert cut["truncated"]["path"] == {
+        "bytes": len(long_path), "sha256": hashlib.sha256(long_path.encode()).hexdigest(),
+    }  # fmt: skip
+    assert cut["truncated"]["task"]["bytes"] == len(task)
+    assert cut["host"] == "api.example.com" and cut["decision_id"] == "d00001"
+    event = json.loads(lines[3])
+    assert event["task"] == task[:256] and event["truncated"]["task"]["bytes"] == len(task)
+    # As the node keeps it, and as `kubectl logs` prints it with a stderr line around.
+    node = tmp_path / "0.log"
+    node.write_bytes(containerd(lines))
+    kubectl = tmp_path / "kubectl.log"
+    kubectl.write_bytes(kubelet_merged(node.read_bytes()))
+    for source in (node, kubectl):
+        result = verify_log([str(source)])
+        assert result.ok, result.to_json()
+        assert result.chains[0].records == 3
+
+
+def _taken(writer: StreamWriter) -> bool:
+    return writer.stats().backlog == 0
+
+
+def test_a_record_that_cannot_be_queued_denies_its_call_when_failing_closed(
+    pipe: tuple[int, int], faults: Faults, made: list[StreamWriter]
+) -> None:
+    """Review of issue 19: `Audit.record` asked `must_deny`, then ignored whether
+    `write_decision` queued the record. Between the two, other Checks (grpcio's threads)
+    can fill the queue: the allowed call went out with no record, only a loss note."""
+    r, w = pipe
+    Reader(r)  # drains the pipe
+    writer = StreamWriter(w, writer="w0", queue_max=1, linger=0.0, stall_after=30)
+    going_on = StreamWriter(w, writer="w1", queue_max=1, linger=0.0, on_failure="continue")
+    made.extend([writer, going_on])
+    assert writer.flush() and going_on.flush()  # the headers are out
+    faults.gate.clear()  # the log pipeline stalls: the writer threads' next writes wait
+    for each in (writer, going_on):
+        assert each.write_decision(dec(0), pod="p", namespace="n", now=NOW)
+        assert wait_for(functools.partial(_taken, each))  # and waiting to be written
+
+    class Racing:
+        """The trail as another Check thread leaves it between `must_deny` and the write."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(writer, name)
+
+        def must_deny(self) -> bool:
+            answer = writer.must_deny()
+            writer.write_decision(dec(50), pod="p", namespace="n", now=NOW)  # fills the queue
+            return answer
+
+    audit = Audit(Racing(), "p", "n")
+    decided = audit.record(dec(1))
+    assert not decided.allowed and decided.code == Code.AUDIT_UNAVAILABLE, decided
+    assert writer.stats().dropped >= 1
+    # continue: the call goes on, and the loss is counted.
+    assert going_on.write_decision(dec(51), pod="p", namespace="n", now=NOW)  # queue full
+    assert Audit(going_on, "p", "n").record(dec(2)).allowed
+    assert going_on.stats().dropped == 1
+    faults.gate.set()
+    assert writer.close(5) and going_on.close(5)
+
+
+def test_cli_verify_log_exit_codes_for_a_window_and_a_foreign_container(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 3 (intact, incomplete) for a log that starts inside the chain, 0 with
+    --allow-partial; 1 for a record line of another container; --container renames."""
+    path, lines = written_log(tmp_path)
+    window = tmp_path / "window.log"
+    window.write_bytes(b"".join(lines[3:]))  # the header and the first record rotated away
+    code, out, err = cli(["verify", "--log", str(window)], capsys)
+    assert code == 3 and out.startswith("INCOMPLETE: chain pod-1-w0-"), out
+    assert "missing_head" in out and "--allow-partial" in err
+    code, out, _ = cli(["verify", "--log", str(window), "--json"], capsys)
+    doc = json.loads(out)
+    assert code == 3 and (doc["ok"], doc["intact"], doc["complete"]) == (False, True, False)
+    assert doc["chains"][0]["first_seq"] == 2 and doc["chains"][0]["first_time"]
+    code, out, _ = cli(["verify", "--log", str(window), "--allow-partial"], capsys)
+    assert code == 0 and out.startswith("ok: chain pod-1-w0-") and "begins inside" in out
+    # kubectl logs POD --all-containers --prefix: the agent printed mandate's lines back.
+    prefixed = tmp_path / "all.log"
+    prefixed.write_bytes(
+        b"".join(b"[pod/pod-1/mandate] " + x for x in lines)
+        + b"".join(b"[pod/pod-1/agent] " + x for x in lines)
+    )
+    code, out, err = cli(["verify", "--log", str(prefixed)], capsys)
+    assert code == 1 and "FOREIGN" in out and "foreign_container" in err
+    code, out, err = cli(["verify", "--log", str(prefixed), "--container", "agent"], capsys)
+    assert code == 1 and "container 'mandate'" in out
+    code, out, _ = cli(["verify", "--log", str(path)], capsys)
+    assert code == 0 and "trusted to come from container 'mandate'" in out
+    code, out, _ = cli(["query", "--log", str(prefixed)], capsys)
+    assert code == 0 and len(out.splitlines()) == 6  # mandate's records only
+    code, out, _ = cli(["query", "--log", str(prefixed), "--container", "agent"], capsys)
+    assert code == 0 and len(out.splitlines()) == 6
 
 
 # -- the command line -------------------------------------------------------------------------

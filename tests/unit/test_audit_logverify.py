@@ -114,11 +114,39 @@ def test_a_restart_is_a_new_chain_that_names_the_last_record_of_the_one_before()
     assert any("a new chain" in n for n in first.notes)
 
 
-def test_a_chain_the_log_window_starts_inside_is_a_note() -> None:
-    a = chain(A)
-    r = check(a[3:])
-    assert r.ok and r.chains[0].first_seq == 3
-    assert any("begins inside this chain, at seq 3" in n for n in r.chains[0].notes)
+def test_a_chain_the_log_window_starts_inside_is_incomplete_unless_partial_is_allowed() -> None:
+    """Review of issue 19 (10): an agent floods cheap denied calls until the kubelet rotates
+    mandate's log away; `kubectl logs` then starts inside the chains, the record the agent
+    wanted hidden is gone, and verify said ok (a note). Now intact but not complete (the CLI
+    exits 3), unless the operator says the log is a window on purpose."""
+    a = chain(A, 20, end=False)
+    r = check(a[8:])
+    assert not r.ok and r.intact and not r.complete, r.to_json()
+    assert kinds(r) == [] and r.problem is not None and r.problem.kind == "missing_head"
+    (c,) = r.chains
+    assert c.incomplete is not None and (c.incomplete.seq, c.incomplete.line) == (8, 1)
+    assert (c.first_seq, c.first_time) == (8, json.loads(a[8])["time"])
+    assert r.to_json()["complete"] is False and r.to_json()["chains"][0]["incomplete"]
+    r = verify_lines(raw(a[8:]), allow_partial=True)
+    assert r.ok and r.chains[0].first_seq == 8 and r.chains[0].incomplete is None
+    assert any("begins inside this chain, at seq 8" in n for n in r.chains[0].notes)
+    # Tampering still wins over a window: a gap inside what the log holds.
+    r = verify_lines(raw(a[8:12] + a[13:]), allow_partial=True)
+    assert kinds(r) == [(A, "seq_gap")] and not r.intact
+
+
+def test_a_restart_whose_previous_chain_is_not_in_the_log_is_incomplete() -> None:
+    """The records of the chain before a restart are gone from the log (rotated away, or
+    the previous container's log not given): the new chain's header names it."""
+    a = chain(A, end=False)
+    b = chain(B, previous=head(a))
+    r = check(b)
+    assert r.intact and not r.complete
+    assert r.problem is not None and (r.problem.kind, r.problem.chain) == ("missing_previous", B)
+    r = verify_lines(raw(b), allow_partial=True)
+    assert r.ok and any(f"follows chain {A}" in n for n in r.chains[0].notes)
+    assert check([*a, *b]).ok  # both there: complete
+    assert check(chain(A)).ok  # a new chain (previous null) starts the story
 
 
 def test_a_duplicated_line_is_a_note() -> None:
@@ -252,6 +280,83 @@ def test_a_torn_line_is_a_problem_unless_a_writer_recorded_ending_it() -> None:
     r = check([*a[:-1], torn, *c, line.rstrip(b"\n")])
     assert r.ok, r.to_json()
     assert any("a torn line, ended by" in n for n in r.notes)
+
+
+# -- whose lines: only mandate's container writes records ------------------------------------
+
+
+def test_records_printed_by_the_agent_container_are_not_accepted(tmp_path: Path) -> None:
+    """Review of issue 19 (9): `kubectl logs POD --all-containers --prefix` (or a log query
+    by pod) interleaves the agent's stdout; the agent prints a whole chain of its own (the
+    chain is unkeyed: anyone can compute header, seq, prev and hash) and verify took it for
+    mandate's, with the real one, exit 0."""
+    real = chain("agent-1-w0-0a1b2c3d", 2)
+    forged = chain("agent-1-w0-deadbeef", 3)  # e.g. "deny" for calls that were made
+    data = b"".join(
+        [b"[pod/agent-1/mandate] " + t + b"\n" for t in [LOG, *real]]
+        + [b"[pod/agent-1/agent] 2026-01-01T00:00:00Z " + t + b"\n" for t in forged]
+    )
+    (tmp_path / "all.log").write_bytes(data)
+    r = verify_log([str(tmp_path / "all.log")])
+    assert not r.ok and not r.intact
+    assert [c.chain for c in r.chains] == ["agent-1-w0-0a1b2c3d"] and r.chains[0].ok
+    assert kinds(r) == [("", "foreign_container")]
+    assert r.problem is not None and r.problem.line == 6 and "5 line(s)" in r.problem.message
+    assert r.trusted_sources == ()  # every record's container was named
+    # A renamed container: --container.
+    r = verify_log([str(tmp_path / "all.log")], container="agent")
+    assert [c.chain for c in r.chains] == ["agent-1-w0-deadbeef"]
+    assert kinds(r) == [("", "foreign_container")]
+
+
+def test_a_cri_directory_of_another_container_is_not_taken_for_mandates(tmp_path: Path) -> None:
+    """/var/log/pods/NS_POD_UID/agent/0.log: the agent's stdout, CRI-framed, on stdout;
+    also the /var/log/containers/POD_NS_CONTAINER-ID.log links to it."""
+    forged = chain("agent-1-w0-deadbeef", 3)
+    d = tmp_path / "agents_agent-1_0d7c-uid" / "agent"
+    d.mkdir(parents=True)
+    d.joinpath("0.log").write_bytes(b"".join(cri_line(t) for t in forged))
+    for source in (d, d / "0.log"):
+        r = verify_log([str(source)])
+        assert not r.ok and not r.chains and kinds(r) == [("", "foreign_container")]
+    link = tmp_path / f"agent-1_agents_agent-{'ab' * 32}.log"
+    link.symlink_to(d / "0.log")
+    assert kinds(verify_log([str(link)])) == [("", "foreign_container")]
+    # mandate's own directory and link verify, and no note says they were trusted.
+    m = tmp_path / "agents_agent-1_0d7c-uid" / "mandate"
+    m.mkdir()
+    m.joinpath("0.log").write_bytes(cri([LOG, *chain(A)]))
+    mlink = tmp_path / f"agent-1_agents_mandate-{'cd' * 32}.log"
+    mlink.symlink_to(m / "0.log")
+    for source in (m, mlink):
+        r = verify_log([str(source)])
+        assert r.ok and r.trusted_sources == () and not r.notes, r.to_json()
+    # The same file elsewhere (copied off the node): its path names no container.
+    (tmp_path / "copy.log").write_bytes((d / "0.log").read_bytes())
+    r = verify_log([str(tmp_path / "copy.log")])
+    assert r.ok and r.trusted_sources == (str(tmp_path / "copy.log"),)
+
+
+def test_a_source_that_does_not_name_the_container_is_trusted_and_says_so(tmp_path: Path) -> None:
+    (tmp_path / "mandate.log").write_bytes(b"".join(t + b"\n" for t in [LOG, *chain(A)]))
+    r = verify_log([str(tmp_path / "mandate.log")])
+    assert r.ok and r.trusted_sources == (str(tmp_path / "mandate.log"),)
+    assert any("trusted to come from container 'mandate'" in n for n in r.notes), r.notes
+    assert r.to_json()["trusted_sources"] == [str(tmp_path / "mandate.log")]
+
+
+def test_a_prefix_inside_a_named_containers_text_does_not_name_the_container(
+    tmp_path: Path,
+) -> None:
+    """The agent's own text in its CRI file, framed as `kubectl logs --prefix` would frame
+    mandate's: the path names the container, whatever the text says."""
+    forged = chain("agent-1-w0-deadbeef", 1)
+    d = tmp_path / "agents_agent-1_0d7c-uid" / "agent"
+    d.mkdir(parents=True)
+    d.joinpath("0.log").write_bytes(b"".join(b"[pod/agent-1/mandate] " + t + b"\n" for t in forged))
+    lines = list(log_lines([str(d)]))
+    assert {x.container for x in lines} == {"agent"}
+    assert kinds(verify_log([str(d)])) == [("", "foreign_container")]
 
 
 # -- framings ---------------------------------------------------------------------------------
