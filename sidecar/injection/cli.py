@@ -41,7 +41,6 @@ from sidecar.injection.pod import (
     ANNOTATION_SERVICE_ACCOUNT_TOKEN,
     InjectConfig,
     inject,
-    is_injected,
     mode_of,
     selected,
     unknown_agent_problem,
@@ -89,8 +88,9 @@ def add_inject_parser(subparsers: Any) -> None:
     inj.add_argument(
         "--all",
         action="store_true",
-        help='inject every pod not labelled mandate.dev/inject: "false", as in a namespace '
-        "labelled for injection",
+        help="inject every pod, as in a namespace labelled for injection (a pod labelled "
+        'mandate.dev/inject: "false" is refused unless the injector allows opt-outs: '
+        "allowPodOptOut)",
     )
     inj.add_argument(
         "--profiles",
@@ -206,17 +206,17 @@ def _inject(args: argparse.Namespace) -> int:
             pod = _get(obj, path)
             if not isinstance(pod, dict):
                 raise InjectError(f"document {n} ({what}): {'.'.join(path)}: expected an object")
+            try:
+                new = inject(pod, config, namespace_selected=args.all)
+                mode = mode_of(pod, config) if new != pod else ""
+            except InjectError as exc:
+                raise InjectError(f"document {n} ({what}): {exc}") from None
             if not selected(pod, namespace_selected=args.all):
                 print(f"unchanged {what}: not selected for injection", file=sys.stderr)
                 continue
-            if is_injected(pod):
+            if new == pod:  # injected before, with this injector config
                 print(f"unchanged {what}: already injected", file=sys.stderr)
                 continue
-            try:
-                new = inject(pod, config, namespace_selected=args.all)
-                mode = mode_of(pod, config)
-            except InjectError as exc:
-                raise InjectError(f"document {n} ({what}): {exc}") from None
             # The webhook reads the namespace's profiles ConfigMap; offline, --profiles.
             unknown = unknown_agent_problem(pod, agents, str(args.profiles)) if agents else ""
             if unknown and config.unknown_agent == "refuse":

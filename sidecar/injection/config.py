@@ -19,19 +19,30 @@ from urllib.parse import urlsplit
 from sidecar.errors import ConfigError
 
 __all__ = [
+    "ADMIN_PORT_NAME",
     "AUDIT_MODES",
     "DEFAULT_IMAGE",
     "ENVOY_CONFIGS",
     "ENVOY_LOG_LEVELS",
     "MODES",
+    "MODE_STRICTNESS",
     "SIDECAR_CONTAINERS",
+    "SIDECAR_PORT_NAMES",
     "InjectConfig",
     "otlp_target",
 ]
 
 MODES = ("iptables", "proxy")
+# How much of the agent's traffic a mode governs: iptables captures every connection, proxy
+# only what the agent sends to HTTP_PROXY. A pod may ask for a mode at least as strict as the
+# injector's (allowPodModeOverride: any).
+MODE_STRICTNESS = {"proxy": 0, "iptables": 1}
 INIT, MANDATE, ENVOY = "mandate-init", "mandate", "mandate-envoy"
 SIDECAR_CONTAINERS = (INIT, MANDATE, ENVOY)
+# The names of the sidecar's container ports: the PodMonitor scrapes the port named
+# mandate-admin, so an agent's port of that name could stand in for mandate's metrics.
+ADMIN_PORT_NAME = "mandate-admin"
+SIDECAR_PORT_NAMES = (ADMIN_PORT_NAME,)
 # Where the audit records of an injected pod go (issue 19): mandate's stdout, for the
 # cluster's log pipeline (MANDATE_AUDIT_STDOUT); files in a volume (MANDATE_AUDIT_DIR); none.
 AUDIT_MODES = ("stdout", "volume", "off")
@@ -83,6 +94,17 @@ class InjectConfig:
     image: str = DEFAULT_IMAGE  # mandate, Envoy and iptables in one
     image_pull_policy: str = "IfNotPresent"
     mode: str = "iptables"  # default when the pod has no mandate.dev/mode annotation
+    # Whether a pod's mandate.dev/mode may be less strict than ``mode`` (proxy where the
+    # operator said iptables: no capture, an agent that ignores HTTP_PROXY is not governed).
+    # A stricter mode (iptables where the operator said proxy) is always allowed.
+    allow_pod_mode_override: bool = False
+    # Whether a pod labelled mandate.dev/inject: "false" in a namespace labelled for
+    # injection may run without the sidecar (else it is refused: the pod owner would opt
+    # out of governance and audit).
+    allow_pod_opt_out: bool = False
+    # iptables mode: a pod container that may run as root (no runAsNonRoot, no runAsUser > 0)
+    # could switch to Envoy's UID and bypass the capture: refuse the pod, or warn.
+    root_agents: str = "refuse"
     envoy_uid: int = 1337
     mandate_uid: int = 1338
     proxy_port: int = 15001  # Envoy's egress listener (envoy/sidecar.yaml)
@@ -246,7 +268,12 @@ def _convert(name: str, value: Any, where: str) -> Any:
         if not isinstance(value, str) or any(c.isspace() for c in value):
             raise ConfigError(f"{where}: expected an audience without spaces, got {value!r}")
         return value
-    if name in ("envoy_access_log", "allow_pod_audit_override"):
+    if name in (
+        "envoy_access_log",
+        "allow_pod_audit_override",
+        "allow_pod_mode_override",
+        "allow_pod_opt_out",
+    ):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
@@ -286,7 +313,7 @@ def _convert(name: str, value: Any, where: str) -> Any:
         return _choice(value, MODES, where)
     if name == "audit":
         return _choice(value, AUDIT_MODES, where)
-    if name == "unknown_agent":
+    if name in ("unknown_agent", "root_agents"):
         return _choice(value, ("refuse", "warn"), where)
     if name == "envoy_log_level":
         return _choice(value, ENVOY_LOG_LEVELS, where)

@@ -40,27 +40,39 @@ injector config changes in it: tracing (off unless ``otlpEndpoint``; then
 the default), to files in a volume (``volume``) or nowhere (``off``); a pod's
 ``mandate.dev/audit`` may choose only where ``allowPodAuditOverride`` says so, and never off.
 
-A selected pod is refused, with a message that says what to do, when the injection could
-not work: it claims ``mandate.dev/injected`` without the sidecar, it has (or asks for)
-Istio's or Linkerd's sidecar, a container uses a port the sidecar listens on, a container
-runs as the sidecar's UIDs, it references a Secret only mandate may read, or it is
-malformed. What the injection overrides (the pod's proxy variables, its token, its
-mandate.dev/audit) is said in :func:`warnings_for`; whether its agent has a profile,
+A selected pod is refused, with a message that names the field and says what to do, when
+the injection could not work or the pod owner could get around it (the pod owner and the
+agent are not trusted; the platform operator, who writes the injector config, is): it has
+(or asks for) Istio's or Linkerd's sidecar; a container uses a port the sidecar listens on,
+or a port name it uses; a container runs as the sidecar's UIDs or (iptables mode, the
+injector's ``rootAgents: refuse``) may run as root; it references a Secret only mandate may
+read, or mounts the injector's state or audit volume under another name; it asks for a mode
+less strict than the injector's (``allowPodModeOverride``) or, in a namespace labelled for
+injection, opts out (``allowPodOptOut``); it shares its process namespace; it has what Pod
+Security's baseline forbids (the namespace is `privileged` for mandate-init); it chooses its
+own nameservers (iptables mode: DNS leaves uncaptured); or it is malformed. What the
+injection overrides (the pod's proxy variables, its token, its mandate.dev/audit, a
+look-alike sidecar) is said in :func:`warnings_for`; whether its agent has a profile,
 :func:`unknown_agent_problem` (the callers have the profiles).
 
-The injection is idempotent: a pod carrying the sidecar containers is left as it is. This
-module must not do I/O or import aiohttp, Kubernetes clients or YAML: dicts in, dicts out.
+The injection is authoritative and idempotent: a pod that carries the sidecar, or anything
+named like it (:func:`looks_injected`), is stripped of all that is mandate's and injected
+again, so a pod injected with the same config comes back unchanged and a look-alike gets the
+real sidecar. This module must not do I/O or import aiohttp, Kubernetes clients or YAML:
+dicts in, dicts out.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 from sidecar.errors import InjectError
 from sidecar.injection.config import (
+    ADMIN_PORT_NAME,
     AUDIT_MODES,
     CREDENTIALS_DIR,
     CUSTOM_ENVOY_DIR,
@@ -69,8 +81,10 @@ from sidecar.injection.config import (
     ENVOY_CONFIGS,
     INIT,
     MANDATE,
+    MODE_STRICTNESS,
     MODES,
     SIDECAR_CONTAINERS,
+    SIDECAR_PORT_NAMES,
     InjectConfig,
     _secret_name_problem,
     _secret_names,
@@ -85,6 +99,7 @@ __all__ = [
     "ANNOTATION_MODE",
     "ANNOTATION_SERVICE_ACCOUNT_TOKEN",
     "ANNOTATION_TXN_KEYS_SECRET",
+    "BASELINE_CAPABILITIES",
     "CAPTURE_SCRIPT",
     "CREDENTIALS_DIR",
     "ENVOY_ADMIN_SOCKET",
@@ -103,7 +118,9 @@ __all__ = [
     "envoy_ready_probe",
     "inject",
     "is_injected",
+    "looks_injected",
     "mode_of",
+    "opt_out_problem",
     "patch_for",
     "selected",
     "txn_keys_secret_of",
@@ -173,6 +190,48 @@ TXN_KEYS_DIR = "/var/run/mandate/txn-keys"
 # The name the API server's ServiceAccount admission gives the token volume it adds to every
 # container (a random 5-character suffix follows); it runs before any admission webhook.
 _DEFAULT_TOKEN_VOLUME = "kube-api-access-"
+
+# Pod Security Standards, level baseline
+# (https://kubernetes.io/docs/concepts/security/pod-security-standards/). An agent namespace
+# in iptables mode is labelled `privileged` (components/pod-security), for mandate-init's
+# NET_ADMIN; the injection then refuses itself, for the pod's own containers, what baseline
+# forbids: the agent would reach the node, other pods' sidecars, or the capture's rules.
+BASELINE_CAPABILITIES = frozenset(
+    {
+        "AUDIT_WRITE",
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "MKNOD",
+        "NET_BIND_SERVICE",
+        "SETFCAP",
+        "SETGID",
+        "SETPCAP",
+        "SETUID",
+        "SYS_CHROOT",
+    }
+)
+_SAFE_SYSCTLS = frozenset(
+    {
+        "kernel.shm_rmid_forced",
+        "net.ipv4.ip_local_port_range",
+        "net.ipv4.ip_unprivileged_port_start",
+        "net.ipv4.tcp_syncookies",
+        "net.ipv4.ping_group_range",
+        "net.ipv4.ip_local_reserved_ports",
+        "net.ipv4.tcp_keepalive_time",
+        "net.ipv4.tcp_fin_timeout",
+        "net.ipv4.tcp_keepalive_intvl",
+        "net.ipv4.tcp_keepalive_probes",
+    }
+)
+_SELINUX_TYPES = frozenset(
+    {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+)
+_APPARMOR_TYPES = (None, "RuntimeDefault", "Localhost")
+_APPARMOR_ANNOTATION = "container.apparmor.security.beta.kubernetes.io/"
 
 # Run by the mandate-init container with `sh -c`, parameters in the environment (see
 # capture_env). Istio's scheme: a nat chain REDIRECTs every new outbound TCP connection to
@@ -321,21 +380,100 @@ def _container_names(pod: Mapping[str, Any], key: str) -> set[str]:
 
 
 def is_injected(pod: Mapping[str, Any]) -> bool:
-    """Injected before: mandate's and Envoy's containers are there (the annotation alone
-    is a claim, not an injection: see `inject`)."""
+    """mandate's and Envoy's containers are there, by name. A name is a claim, not proof:
+    `inject` does not trust it, and injects such a pod again (see `looks_injected`)."""
     if not isinstance(pod, Mapping):
         return False
     return {MANDATE, ENVOY} <= _container_names(pod, "initContainers")
 
 
+def looks_injected(pod: Mapping[str, Any]) -> bool:
+    """The pod carries something only the injection puts there: an init container with one of
+    the sidecar's names, or the ``mandate.dev/injected`` annotation. `inject` strips all
+    that is mandate's from such a pod and injects it again: the webhook, not the pod, says
+    what the sidecar is (a look-alike named mandate running busybox gets replaced)."""
+    if not isinstance(pod, Mapping):
+        return False
+    return bool(_container_names(pod, "initContainers")) or ANNOTATION_INJECTED in _annotations(pod)
+
+
+def _is_our_volume(name: Any) -> bool:
+    return isinstance(name, str) and (name in _VOLUMES or name.startswith(_CREDENTIAL_VOLUME))
+
+
+def _strip(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``pod`` without what an injection puts into it: the sidecar's init containers
+    (by name), its volumes (by name), the annotations it sets and the proxy variables it
+    gives the pod's containers. What is malformed stays, for `_check` to name."""
+    out: dict[str, Any] = copy.deepcopy(dict(pod))
+    meta = out.get("metadata")
+    if isinstance(meta, dict) and isinstance(meta.get("annotations"), dict):
+        for key in (ANNOTATION_INJECTED, ANNOTATION_SERVICE_ACCOUNT_TOKEN):
+            meta["annotations"].pop(key, None)
+    spec = out.get("spec")
+    if not isinstance(spec, dict):
+        return out
+    if isinstance(spec.get("initContainers"), list):
+        spec["initContainers"] = [
+            c
+            for c in spec["initContainers"]
+            if not (isinstance(c, Mapping) and c.get("name") in SIDECAR_CONTAINERS)
+        ]
+    if isinstance(spec.get("volumes"), list):
+        spec["volumes"] = [
+            v
+            for v in spec["volumes"]
+            if not (isinstance(v, Mapping) and _is_our_volume(v.get("name")))
+        ]
+    for key in ("initContainers", "containers"):
+        containers = spec.get(key)
+        for c in containers if isinstance(containers, list) else []:
+            if isinstance(c, dict) and isinstance(c.get("env"), list):
+                c["env"] = [
+                    e
+                    for e in c["env"]
+                    if not (isinstance(e, Mapping) and e.get("name") in _PROXY_VARS)
+                ]
+    return out
+
+
 def mode_of(pod: Mapping[str, Any], config: InjectConfig) -> str:
+    """The pod's capture mode: its ``mandate.dev/mode``, else the injector's. InjectError for
+    a value that is not a mode, or a mode less strict than the injector's (proxy where it
+    says iptables) unless ``allowPodModeOverride``: the pod owner would switch the capture
+    off, and with it the governance of an agent that ignores HTTP_PROXY."""
     mode = _annotations(pod).get(ANNOTATION_MODE, config.mode)
+    where = f"pod {_name(pod)}: metadata.annotations[{ANNOTATION_MODE}]"
     if mode not in MODES:
+        raise InjectError(f"{where}: expected one of {', '.join(MODES)}, got {mode!r}")
+    if MODE_STRICTNESS[mode] < MODE_STRICTNESS[config.mode] and not config.allow_pod_mode_override:
         raise InjectError(
-            f"pod {_name(pod)}: metadata.annotations[{ANNOTATION_MODE}]: expected one of "
-            f"{', '.join(MODES)}, got {mode!r}"
+            f"{where}: {mode} is less strict than the injector's mode ({config.mode}): without "
+            "the capture, an agent that ignores HTTP_PROXY is not governed, and the injector "
+            "does not let a pod choose that (allowPodModeOverride: false). Remove the "
+            "annotation, or ask the platform operator for proxy mode (the injector's mode: "
+            "proxy, or allowPodModeOverride: true)"
         )
     return str(mode)
+
+
+def opt_out_problem(
+    pod: Mapping[str, Any], config: InjectConfig, *, namespace_selected: bool = False
+) -> str:
+    """Why the pod may not run without the sidecar although it is labelled
+    ``mandate.dev/inject: "false"``: in a namespace labelled for injection, unless the
+    injector's ``allowPodOptOut``, the pod owner would opt its agent out of governance and
+    audit. "" when that is not so."""
+    if not namespace_selected or config.allow_pod_opt_out or not isinstance(pod, Mapping):
+        return ""
+    if _labels(pod).get(LABEL_INJECT) != "false":
+        return ""
+    return (
+        f'pod {_name(pod)}: metadata.labels[{LABEL_INJECT}]: "false" opts the pod out of '
+        f'mandate in a namespace labelled {LABEL_INJECT}: "true", and the injector does not '
+        "allow that (allowPodOptOut: false): its calls would be neither governed nor audited. "
+        "Remove the label, or run the pod in a namespace not labelled for injection"
+    )
 
 
 def agent_of(pod: Mapping[str, Any]) -> str | None:
@@ -489,6 +627,13 @@ def _check(pod: Mapping[str, Any], config: InjectConfig, mode: str) -> None:
     containers = _list(spec, "containers", f"{where}spec.")
     if not containers:
         raise InjectError(f"{where}spec.containers: expected at least one container")
+    if spec.get("shareProcessNamespace") is True:
+        raise InjectError(
+            f"{where}spec.shareProcessNamespace: true: the agent would see mandate's and "
+            "Envoy's processes and, through /proc/<pid>/root (as mandate's UID, as root, or "
+            "with CAP_SYS_PTRACE), read mandate's token, credentials and signing keys: agents "
+            "run without it"
+        )
     pod_sc = _map(spec, "securityContext", f"{where}spec.")
     reserved = {config.envoy_uid, config.mandate_uid}
     # Before the UIDs: Istio's proxy runs as 1337, Envoy's UID here, and "reserved UID" is
@@ -532,6 +677,164 @@ def _check(pod: Mapping[str, Any], config: InjectConfig, mode: str) -> None:
                         "keys, token, sockets): only mandate's and Envoy's containers mount it"
                     )
     _check_secrets_stay_with_mandate(pod, config, where)
+    _check_pod_security(pod, spec, where)
+    _check_shared_volumes(spec, config, where)
+    if mode == "iptables":
+        _check_dns(spec, where)
+        if config.root_agents == "refuse":
+            root = ", ".join(f"{at} ({name})" for at, name in _root_containers(spec))
+            if root:
+                raise InjectError(
+                    f"{where}{root}: may run as root (neither runAsNonRoot: true nor "
+                    "a runAsUser above 0, in the container's or the pod's securityContext): "
+                    f"root could switch to Envoy's UID {config.envoy_uid} and bypass the "
+                    "capture. Set runAsNonRoot: true and a runAsUser (the injector's rootAgents "
+                    "is refuse)"
+                )
+
+
+def _security_context_problems(sc: Mapping[str, Any], at: str, *, container: bool) -> Iterator[str]:
+    """What Pod Security's baseline forbids in a pod's or a container's securityContext."""
+    seccomp = sc.get("seccompProfile")
+    if isinstance(seccomp, Mapping) and seccomp.get("type") == "Unconfined":
+        yield f"{at}.seccompProfile.type: Unconfined"
+    apparmor = sc.get("appArmorProfile")
+    if isinstance(apparmor, Mapping) and apparmor.get("type") not in _APPARMOR_TYPES:
+        yield f"{at}.appArmorProfile.type: {apparmor.get('type')}"
+    selinux = sc.get("seLinuxOptions")
+    if isinstance(selinux, Mapping):
+        if selinux.get("type") not in (None, *_SELINUX_TYPES):
+            yield f"{at}.seLinuxOptions.type: {selinux.get('type')}"
+        for key in ("user", "role"):
+            if selinux.get(key):
+                yield f"{at}.seLinuxOptions.{key}: {selinux.get(key)}"
+    windows = sc.get("windowsOptions")
+    if isinstance(windows, Mapping) and windows.get("hostProcess") is True:
+        yield f"{at}.windowsOptions.hostProcess: true"
+    if not container:
+        for i, sysctl in enumerate(sc.get("sysctls") or []):
+            name = sysctl.get("name") if isinstance(sysctl, Mapping) else sysctl
+            if name not in _SAFE_SYSCTLS:
+                yield f"{at}.sysctls[{i}].name: {name}"
+        return
+    if sc.get("privileged") is True:
+        yield f"{at}.privileged: true"
+    caps = sc.get("capabilities")
+    added = caps.get("add") if isinstance(caps, Mapping) else None
+    extra = sorted(str(c) for c in added or [] if c not in BASELINE_CAPABILITIES)
+    if extra:
+        yield f"{at}.capabilities.add: {', '.join(extra)}"
+    if sc.get("procMount") not in (None, "Default"):
+        yield f"{at}.procMount: {sc.get('procMount')}"
+
+
+def _check_pod_security(pod: Mapping[str, Any], spec: Mapping[str, Any], where: str) -> None:
+    """Refuse what Pod Security's baseline level forbids, in the pod and in each of its own
+    containers (mandate's are not in it yet): the namespace's `privileged` label, there for
+    mandate-init, lets all of it through. Every offending field is named."""
+    problems = [f"spec.{key}: true" for key in ("hostPID", "hostIPC") if spec.get(key) is True]
+    pod_sc = spec.get("securityContext")
+    if isinstance(pod_sc, Mapping):
+        problems += _security_context_problems(pod_sc, "spec.securityContext", container=False)
+    for key, value in _annotations(pod).items():
+        if str(key).startswith(_APPARMOR_ANNOTATION) and not (
+            value == "runtime/default" or str(value).startswith("localhost/")
+        ):
+            problems.append(f"metadata.annotations[{key}]: {value}")
+    for i, v in enumerate(spec.get("volumes") or []):
+        if "hostPath" in v:
+            problems.append(f"spec.volumes[{i}] ({v['name']}).hostPath")
+    for key in ("initContainers", "containers", "ephemeralContainers"):
+        for i, c in enumerate(_list(spec, key, f"{where}spec.")):
+            if not isinstance(c, Mapping):
+                continue
+            at = f"spec.{key}[{i}] ({c.get('name')})"
+            for j, port in enumerate(c.get("ports") or []):
+                if isinstance(port, Mapping) and port.get("hostPort") not in (None, 0):
+                    problems.append(f"{at}.ports[{j}].hostPort: {port['hostPort']}")
+            sc = _map(c, "securityContext", f"{where}{at}.")
+            problems += _security_context_problems(sc, f"{at}.securityContext", container=True)
+    if problems:
+        raise InjectError(
+            f"{where}{'; '.join(problems)}: Pod Security's baseline level forbids this (its "
+            "namespace may be labelled privileged for mandate-init, so the injection refuses "
+            "it itself): it would give the agent the node's namespaces or files, other pods' "
+            "sidecars, or the power to undo the capture. Remove it"
+        )
+
+
+def _volume_identity(kind: str, source: Any) -> tuple[str, str] | None:
+    """What a volume source names outside the pod, comparable between two volumes (a claim
+    by its name, any other source by its fields but readOnly); None for one that is the
+    pod's own (emptyDir, ephemeral)."""
+    if kind in ("emptyDir", "ephemeral") or not isinstance(source, Mapping):
+        return None
+    if kind == "persistentVolumeClaim":
+        return kind, str(source.get("claimName"))
+    fields = {k: v for k, v in source.items() if k != "readOnly"}
+    return kind, json.dumps(fields, sort_keys=True, default=str)
+
+
+def _check_shared_volumes(spec: Mapping[str, Any], config: InjectConfig, where: str) -> None:
+    """Refuse a pod volume that is the injector's stateVolume or auditVolume under another
+    name (e.g. the same persistentVolumeClaim): the agent would read, rewrite or delete the
+    state and audit records of every pod sharing it."""
+    protected: dict[tuple[str, str], str] = {}
+    for key, source in (("stateVolume", config.state_volume), ("auditVolume", config.audit_volume)):
+        for kind, value in (source or {}).items():
+            identity = _volume_identity(kind, value)
+            if identity is not None:
+                protected.setdefault(identity, key)
+    if not protected:
+        return
+    for i, v in enumerate(spec.get("volumes") or []):
+        for kind, value in v.items():
+            what = protected.get(_volume_identity(kind, value) or ("", ""))
+            if what:
+                raise InjectError(
+                    f"{where}spec.volumes[{i}] ({v['name']}).{kind}: the injector's {what}, "
+                    "where mandate keeps the state and audit records of every pod that shares "
+                    "it: the agent could read, rewrite or delete them. Use a volume of its own"
+                )
+
+
+def _check_dns(spec: Mapping[str, Any], where: str) -> None:
+    """iptables mode: the capture lets TCP and UDP port 53 out, uncaptured, to each nameserver
+    of the pod's /etc/resolv.conf. Refuse a pod that writes that list itself (dnsPolicy
+    None, dnsConfig.nameservers): any host on port 53 would be a way out past Envoy. (In
+    proxy mode there is no capture to get around: nothing to refuse.)"""
+    dns = spec.get("dnsConfig")
+    nameservers = dns.get("nameservers") if isinstance(dns, Mapping) else None
+    fields = (["spec.dnsPolicy: None"] if spec.get("dnsPolicy") == "None" else []) + (
+        [f"spec.dnsConfig.nameservers: {', '.join(map(str, nameservers))}"] if nameservers else []
+    )
+    if fields:
+        raise InjectError(
+            f"{where}{'; '.join(fields)}: the capture lets DNS (TCP and UDP port 53) out "
+            "directly to the pod's nameservers, so nameservers of the pod's choosing would be a "
+            "way out past Envoy. Use the cluster's DNS (dnsPolicy ClusterFirst, no "
+            "dnsConfig.nameservers; searches and options are fine)"
+        )
+
+
+def _root_containers(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(field, name) of the pod's own containers that may run as root: neither runAsNonRoot:
+    true nor a runAsUser above 0, in the container's securityContext or the pod's."""
+    pod_sc = spec.get("securityContext")
+    pod_sc = pod_sc if isinstance(pod_sc, Mapping) else {}
+    out = []
+    for key in ("initContainers", "containers"):
+        containers = spec.get(key)
+        for i, c in enumerate(containers if isinstance(containers, list) else []):
+            if not isinstance(c, Mapping) or c.get("name") in SIDECAR_CONTAINERS:
+                continue
+            sc = c.get("securityContext")
+            sc = sc if isinstance(sc, Mapping) else {}
+            non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+            uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+            if non_root is not True and not (isinstance(uid, int) and uid > 0):
+                out.append((f"spec.{key}[{i}]", str(c.get("name"))))
+    return out
 
 
 # The other service meshes' sidecars: their containers (a sidecar, its init, a native
@@ -543,8 +846,7 @@ _MESHES: dict[str, dict[str, Any]] = {
         "requests": {"sidecar.istio.io/inject": "true"},
         "how": (
             'label the pod sidecar.istio.io/inject: "false" to keep it out of the mesh (the '
-            'mesh\'s mTLS then does not cover it), or mandate.dev/inject: "false" to keep it '
-            "out of mandate (its calls are not governed)"
+            "mesh's mTLS then does not cover it)"
         ),
         "why": (
             "both capture the pod's outbound traffic with iptables, and both use port 15001 "
@@ -562,8 +864,7 @@ _MESHES: dict[str, dict[str, Any]] = {
         "requests": {"istio.io/dataplane-mode": "ambient"},
         "how": (
             'label the pod (and its namespace) istio.io/dataplane-mode: "none" to keep it '
-            'out of the ambient mesh, or mandate.dev/inject: "false" to keep it out of '
-            "mandate (its calls are not governed)"
+            "out of the ambient mesh"
         ),
         "why": (
             "ztunnel captures the pod's outbound traffic before mandate-init's rules and "
@@ -575,11 +876,11 @@ _MESHES: dict[str, dict[str, Any]] = {
         "annotations": {"linkerd.io/proxy-version": None},
         "requests": {"linkerd.io/inject": "enabled"},
         "how": (
-            "annotate the pod mandate.dev/mode: proxy (the agent reaches mandate's Envoy "
-            "through HTTP_PROXY, and Envoy's calls then leave through Linkerd's proxy; an "
-            "agent that ignores HTTP_PROXY is governed only with a NetworkPolicy, see "
-            "deploy/README.md), or annotate it linkerd.io/inject: disabled, or label it "
-            'mandate.dev/inject: "false"'
+            "annotate the pod mandate.dev/mode: proxy where the injector allows it (its mode "
+            "proxy, or allowPodModeOverride: true; the agent reaches mandate's Envoy through "
+            "HTTP_PROXY, and Envoy's calls then leave through Linkerd's proxy; an agent that "
+            "ignores HTTP_PROXY is governed only with a NetworkPolicy, see deploy/README.md), "
+            "or annotate it linkerd.io/inject: disabled"
         ),
         "why": (
             "both capture the pod's outbound traffic with iptables, and which capture the "
@@ -623,8 +924,17 @@ def _check_mesh(pod: Mapping[str, Any], spec: Mapping[str, Any], mode: str, wher
 
 def _check_ports(container: Mapping[str, Any], at: str, sidecar_ports: Mapping[int, str]) -> None:
     """Refuse a container port the sidecar listens on: one of the two would fail to bind,
-    or the agent would answer in mandate's place (a probe, Envoy's listener)."""
+    or the agent would answer in mandate's place (a probe, Envoy's listener); and a port
+    named like the sidecar's (Prometheus scrapes mandate-admin as mandate's metrics)."""
     for j, port in enumerate(_list(container, "ports", f"{at}.")):
+        name = port.get("name") if isinstance(port, Mapping) else None
+        if name in SIDECAR_PORT_NAMES:
+            raise InjectError(
+                f"{at}.ports[{j}].name: container {container['name']!r} names a port {name!r}, "
+                "the name of the sidecar's port: Prometheus scrapes the port of that name as "
+                "mandate's metrics (deploy/components/monitoring), which the agent could fake. "
+                "Rename the port"
+            )
         number = port.get("containerPort") if isinstance(port, Mapping) else None
         if isinstance(number, int) and number in sidecar_ports:
             raise InjectError(
@@ -820,7 +1130,7 @@ def _mandate_container(
         # (nor another process in this one) can open by a path, freed with the last process.
         "args": ["run"],
         "env": env,
-        "ports": [{"name": "mandate-admin", "containerPort": config.admin_port}],
+        "ports": [{"name": ADMIN_PORT_NAME, "containerPort": config.admin_port}],
         # Startup holds the agent back until revocations are synced (or the last known
         # ones are enforced after --initial-sync-timeout) and every worker serves.
         "startupProbe": {
@@ -1066,26 +1376,27 @@ def inject(
     pod: Mapping[str, Any], config: InjectConfig, *, namespace_selected: bool = False
 ) -> dict[str, Any]:
     """The pod (a Pod or a pod template: ``metadata`` and ``spec``) with the sidecar; an
-    unchanged copy if it is not selected or already injected. InjectError if it is selected
-    and malformed."""
+    unchanged copy if it is not selected. InjectError if it is selected and cannot be
+    injected, or opts out where it may not (`opt_out_problem`).
+
+    A pod that carries mandate's sidecar already, or something that looks like it
+    (`looks_injected`: the container names, the annotation), is stripped of all that is
+    mandate's and injected again: what the injector makes, never what the pod says, is the
+    sidecar. So ``inject(inject(p)) == inject(p)``: an injected pod comes back the same."""
     if not isinstance(pod, Mapping):
         raise InjectError("pod: expected an object")
-    out: dict[str, Any] = copy.deepcopy(dict(pod))
-    if not selected(pod, namespace_selected=namespace_selected) or is_injected(pod):
-        return out
-    if ANNOTATION_INJECTED in _annotations(pod):
-        # A pod may not opt out by claiming it was injected (issue 19, finding 5).
-        raise InjectError(
-            f"pod {_name(pod)}: metadata.annotations[{ANNOTATION_INJECTED}] says the sidecar "
-            f"was injected, but the pod has no {MANDATE} and {ENVOY} init containers: remove "
-            "the annotation (the injection sets it), or label the pod "
-            'mandate.dev/inject: "false" if it must run without the sidecar'
-        )
-    mode = mode_of(pod, config)
-    agent = agent_of(pod)
-    audit, _ = audit_of(pod, config)
-    _check(pod, config, mode)
-    secrets, keys = credential_secrets_of(pod, config), txn_keys_secret_of(pod, config)
+    if not selected(pod, namespace_selected=namespace_selected):
+        problem = opt_out_problem(pod, config, namespace_selected=namespace_selected)
+        if problem:
+            raise InjectError(problem)
+        return copy.deepcopy(dict(pod))
+    again = looks_injected(pod)
+    out = _strip(pod) if again else copy.deepcopy(dict(pod))
+    mode = mode_of(out, config)
+    agent = agent_of(out)
+    audit, _ = audit_of(out, config)
+    _check(out, config, mode)
+    secrets, keys = credential_secrets_of(out, config), txn_keys_secret_of(out, config)
     meta = out.setdefault("metadata", {})
     if meta.get("annotations") is None:
         meta["annotations"] = {}
@@ -1094,7 +1405,11 @@ def inject(
     # The pod's token goes to mandate alone: no automount (also if the ServiceAccount
     # admission runs again), and the token it already mounted taken out of every container.
     removed = {v["name"] for v in spec.get("volumes") or [] if _is_default_token_volume(v)}
-    meta["annotations"][ANNOTATION_SERVICE_ACCOUNT_TOKEN] = _token_note(spec, removed)
+    note = _token_note(spec, removed)
+    earlier = _annotations(pod).get(ANNOTATION_SERVICE_ACCOUNT_TOKEN)
+    if again and note == "mandate-only" and str(earlier).startswith("mandate-only"):
+        note = str(earlier)  # overriding nothing now: what the first injection overrode
+    meta["annotations"][ANNOTATION_SERVICE_ACCOUNT_TOKEN] = note
     spec["automountServiceAccountToken"] = False
     ours = [_mandate_container(config, agent, secrets, keys, audit), _envoy_container(config)]
     if mode == "iptables":
@@ -1142,7 +1457,8 @@ def patch_for(
                 )
     spec, new_spec = pod["spec"], new["spec"]
     for key in ("initContainers", "volumes", "automountServiceAccountToken"):
-        put(["spec"], spec, key, new_spec[key])
+        if key not in spec or spec[key] != new_spec[key]:
+            put(["spec"], spec, key, new_spec[key])
     for i, (old, updated) in enumerate(
         zip(spec["containers"], new_spec["containers"], strict=True)
     ):
@@ -1235,21 +1551,40 @@ def warnings_for(
                     "the sidecar's RoleBinding also grants (AgentRevocation/AgentElevation "
                     "status, Events); agents must not hold a token"
                 )
-    if spec.get("shareProcessNamespace") is True:
-        out.append(
-            "mandate: shareProcessNamespace: true shows mandate's processes to the agent; as "
-            "mandate's UID or with CAP_SYS_PTRACE it could read mandate's token and "
-            "credentials through /proc; leave it off for agents"
-        )
-    if _annotations(pod).get(ANNOTATION_INJECTED) == "iptables":
-        pod_sc = spec.get("securityContext") or {}
-        for c in spec.get("containers") or []:
-            sc = c.get("securityContext") or {}
-            non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
-            uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
-            if not non_root and not (isinstance(uid, int) and uid > 0):
-                out.append(
-                    f"mandate: container {c.get('name')} may run as root, which could switch "
-                    f"to Envoy's UID {config.envoy_uid} and bypass the capture; set runAsNonRoot"
-                )
+    if _annotations(pod).get(ANNOTATION_INJECTED) == "iptables" and config.root_agents == "warn":
+        # rootAgents: refuse (the default) refused such a pod before it got here.
+        for _, name in _root_containers(spec):
+            out.append(
+                f"mandate: container {name} may run as root, "
+                f"which could switch to Envoy's UID {config.envoy_uid} and bypass the "
+                "capture; set runAsNonRoot"
+            )
+    if isinstance(original, Mapping):
+        out += _replaced_sidecar_warnings(original, pod)
     return out
+
+
+def _replaced_sidecar_warnings(
+    original: Mapping[str, Any], injected: Mapping[str, Any]
+) -> list[str]:
+    """A warning when the pod came with init containers named like the sidecar's that were
+    not what the injector makes (another image, command or arguments): they were replaced."""
+
+    def made(p: Mapping[str, Any]) -> dict[str, tuple[Any, ...]]:
+        spec = p.get("spec")
+        containers = spec.get("initContainers") if isinstance(spec, Mapping) else None
+        return {
+            str(c["name"]): (c.get("image"), c.get("command"), c.get("args"))
+            for c in (containers if isinstance(containers, list) else [])
+            if isinstance(c, Mapping) and c.get("name") in SIDECAR_CONTAINERS
+        }
+
+    before, after = made(original), made(injected)
+    replaced = sorted(name for name, what in before.items() if after.get(name) != what)
+    if not replaced:
+        return []
+    return [
+        f"mandate: the pod came with init containers named like mandate's sidecar "
+        f"({', '.join(replaced)}) that are not what this injector makes (image, command or "
+        "arguments): replaced by the injector's sidecar (the names are mandate's)"
+    ]

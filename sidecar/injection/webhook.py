@@ -11,8 +11,14 @@ What it answers (the MutatingWebhookConfiguration says ``failurePolicy: Fail``):
   (the patch also turns the pod's token automount off and takes the token the API server
   mounted out of the pod's containers: only mandate's container gets one; the warnings say
   what the injection overrode, e.g. the pod's HTTP_PROXY);
-- a pod not selected or already injected, or anything that is not a Pod CREATE: allowed,
-  unchanged (the latter with a warning: the configuration routes nothing else here);
+- a pod that carries mandate's sidecar, or looks as if it did (the containers' names, the
+  mandate.dev/injected annotation): injected again from what is left without them, so the
+  sidecar is always the injector's (a look-alike is replaced); one injected with the same
+  injector config gets no patch;
+- a pod labelled mandate.dev/inject: "false" on `/mutate-namespace` (a namespace labelled for
+  injection): refused, unless the injector's ``allowPodOptOut``;
+- a pod not selected, or anything that is not a Pod CREATE: allowed, unchanged (the latter
+  with a warning: the configuration routes nothing else here);
 - a selected pod that cannot be injected, or a Pod CREATE without an object: refused, with
   a message naming the field. A pod meant to be governed never starts without its sidecar;
 - with ``--profiles-api``, a selected pod whose agent no profile of its namespace names
@@ -53,7 +59,8 @@ from sidecar.injection.pod import (
     InjectConfig,
     agent_name,
     inject,
-    is_injected,
+    looks_injected,
+    opt_out_problem,
     patch_for,
     selected,
     unknown_agent_problem,
@@ -159,14 +166,21 @@ def _is_pod(request: Mapping[str, Any]) -> bool:
     )
 
 
-def _to_inject(request: Mapping[str, Any], namespace_selected: bool) -> dict[str, Any] | None:
-    """The pod of a Pod CREATE that the injection will change, else None."""
+def _to_inject(
+    request: Mapping[str, Any], config: InjectConfig, namespace_selected: bool
+) -> dict[str, Any] | None:
+    """The pod of a Pod CREATE that the injection will change, else None (also when it will
+    be refused for what it is: its agent's profile does not matter then)."""
     pod = request.get("object")
     if not _is_pod(request) or request.get("operation") != "CREATE" or not isinstance(pod, dict):
         return None
-    if not selected(pod, namespace_selected=namespace_selected) or is_injected(pod):
+    if not selected(pod, namespace_selected=namespace_selected):
         return None
-    return pod
+    try:
+        unchanged = inject(pod, config, namespace_selected=namespace_selected) == pod
+    except InjectError:
+        return None
+    return None if unchanged else pod
 
 
 def _agent_check(
@@ -235,12 +249,16 @@ def _decide(
         return _answer(uid, allowed=False, message="mandate: request.object: missing or not a Pod")
     where = f"{request.get('namespace') or '-'}/{_pod_name(pod)}"
     if not selected(pod, namespace_selected=namespace_selected):
-        return _answer(uid)
-    if is_injected(pod):
-        log.info("pod %s: already injected", where)
+        problem = opt_out_problem(pod, config, namespace_selected=namespace_selected)
+        if problem:
+            log.warning("pod %s: refused: %s", where, problem)
+            return _answer(uid, allowed=False, message=f"mandate: {problem}")
         return _answer(uid)
     try:
         patch = patch_for(pod, config, namespace_selected=namespace_selected)
+        if not patch:  # injected before, with this injector config: nothing to change
+            log.info("pod %s: already injected", where)
+            return _answer(uid)
         injected = inject(pod, config, namespace_selected=namespace_selected)
         refusal, agent_warnings = _agent_check(pod, config, agents)
     except InjectError as exc:
@@ -251,8 +269,9 @@ def _decide(
         return _answer(uid, allowed=False, message=refusal)
     annotations = injected["metadata"]["annotations"]
     log.info(
-        "pod %s: injected (%s); service-account token: %s",
+        "pod %s: %s (%s); service-account token: %s",
         where,
+        "injected again" if looks_injected(pod) else "injected",
         annotations.get(ANNOTATION_INJECTED),
         annotations.get(ANNOTATION_SERVICE_ACCOUNT_TOKEN),
     )
@@ -292,7 +311,7 @@ def make_app(
         agents = None
         namespace = request.get("namespace")
         wanted = profiles is not None and isinstance(namespace, str) and namespace
-        if wanted and _to_inject(request, namespace_selected) is not None:
+        if wanted and _to_inject(request, config, namespace_selected) is not None:
             assert profiles is not None and isinstance(namespace, str)
             agents = await profiles.agents(namespace)
         return _decide(request, config, namespace_selected=namespace_selected, agents=agents)

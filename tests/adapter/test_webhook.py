@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.injection.pod import InjectConfig
 from sidecar.injection.profiles import ApiProfiles, agents_in
-from sidecar.injection.webhook import WebhookServer, review
+from sidecar.injection.webhook import WebhookServer, make_app, review
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "mandate-webhook.mandate-system.svc"
@@ -160,6 +160,19 @@ def _apply(pod: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", list(PODS))
 async def test_patch_applied_to_real_pods_validates_and_a_second_pass_changes_nothing(
+    name: str, client: aiohttp.ClientSession, certs: Path, tmp_path: Path
+) -> None:
+    # A pod may ask for proxy mode only where the operator's mode is proxy (or it allows
+    # that: allowPodModeOverride).
+    config = dataclasses.replace(CONFIG, mode="proxy") if name == "proxy-mode" else CONFIG
+    server = await _server_with(certs, tmp_path, config, None)
+    try:
+        await _review_twice(name, server, client, certs)
+    finally:
+        await server.stop()
+
+
+async def _review_twice(
     name: str, server: WebhookServer, client: aiohttp.ClientSession, certs: Path
 ) -> None:
     pod = PODS[name]
@@ -189,27 +202,76 @@ async def test_unlabelled_pod_is_untouched(
     assert status == 200 and doc["response"] == {"uid": "7f0d-uid", "allowed": True}
 
 
-async def test_namespace_endpoint_injects_unlabelled_pods_but_respects_opt_out(
-    server: WebhookServer, client: aiohttp.ClientSession, certs: Path
+async def test_namespace_endpoint_injects_unlabelled_pods_and_refuses_an_opt_out(
+    server: WebhookServer, client: aiohttp.ClientSession, certs: Path, tmp_path: Path
 ) -> None:
     pod = copy.deepcopy(PODS["example-agent"])
     del pod["metadata"]["labels"]["mandate.dev/inject"]
     status, doc = await _post(client, server, certs, admission_review(pod), "/mutate-namespace")
     assert status == 200
     kv.validate(_apply(pod, doc["response"]), K8S, strict=True)
+    # Review 19: a pod labelled "false" in a namespace labelled for injection.
     pod["metadata"]["labels"]["mandate.dev/inject"] = "false"
     status, doc = await _post(client, server, certs, admission_review(pod), "/mutate-namespace")
+    response = doc["response"]
+    assert response["allowed"] is False and "patch" not in response
+    message = response["status"]["message"]
+    assert 'metadata.labels[mandate.dev/inject]: "false"' in message
+    assert "allowPodOptOut: false" in message
+    # The pods endpoint (labelled pods anywhere): "false" is not selected, nothing to say.
+    status, doc = await _post(client, server, certs, admission_review(pod), "/mutate")
     assert doc["response"] == {"uid": "7f0d-uid", "allowed": True}
+    allowing = await _server_with(
+        certs, tmp_path, dataclasses.replace(CONFIG, allow_pod_opt_out=True), None
+    )
+    try:
+        _, doc = await _post(client, allowing, certs, admission_review(pod), "/mutate-namespace")
+        assert doc["response"] == {"uid": "7f0d-uid", "allowed": True}
+    finally:
+        await allowing.stop()
 
 
-async def test_root_agent_gets_a_warning(
-    server: WebhookServer, client: aiohttp.ClientSession, certs: Path
+async def test_a_root_agent_is_refused_or_warned_about(
+    server: WebhookServer, client: aiohttp.ClientSession, certs: Path, tmp_path: Path
 ) -> None:
     pod = copy.deepcopy(PODS["example-agent"])
     del pod["spec"]["securityContext"]
     _, doc = await _post(client, server, certs, admission_review(pod))
+    assert doc["response"]["allowed"] is False
+    assert "spec.containers[0] (agent): may run as root" in doc["response"]["status"]["message"]
+    warn = await _server_with(
+        certs, tmp_path, dataclasses.replace(CONFIG, root_agents="warn"), None
+    )
+    try:
+        _, doc = await _post(client, warn, certs, admission_review(pod))
+    finally:
+        await warn.stop()
     assert doc["response"]["allowed"] is True
     assert any("runAsNonRoot" in w for w in doc["response"]["warnings"])
+
+
+async def test_a_look_alike_sidecar_gets_the_real_one(
+    server: WebhookServer, client: aiohttp.ClientSession, certs: Path
+) -> None:
+    """Review 19: init containers named mandate and mandate-envoy (busybox) were taken for
+    the sidecar, and the pod admitted unchanged: no Envoy, no capture, no mandate."""
+    pod = copy.deepcopy(PODS["example-agent"])
+    pod["metadata"]["annotations"]["mandate.dev/injected"] = "iptables"
+    pod["spec"]["initContainers"] = [
+        {"name": n, "image": "busybox:1.37", "command": ["sleep", "infinity"],
+         "restartPolicy": "Always"}
+        for n in ("mandate", "mandate-envoy")
+    ]  # fmt: skip
+    _, doc = await _post(client, server, certs, admission_review(pod))
+    response = doc["response"]
+    assert response["allowed"] is True
+    injected = _apply(pod, response)
+    kv.validate(injected, K8S, strict=True)
+    _, real = await _post(client, server, certs, admission_review(PODS["example-agent"]))
+    assert injected == _apply(PODS["example-agent"], real["response"])
+    assert any("named like mandate's sidecar" in w for w in response["warnings"])
+    _, again = await _post(client, server, certs, admission_review(injected, uid="again"))
+    assert again["response"] == {"uid": "again", "allowed": True}
 
 
 async def test_selected_pod_that_cannot_be_injected_is_refused_with_the_field(
@@ -614,8 +676,7 @@ async def test_metrics_count_reviews_by_result_and_time_them(
         before = await scrape()
         unselected = copy.deepcopy(PODS["example-agent"])
         unselected["metadata"]["labels"]["mandate.dev/inject"] = "false"
-        claimed = copy.deepcopy(PODS["example-agent"])
-        claimed["metadata"]["annotations"]["mandate.dev/injected"] = "iptables"
+        claimed = copy.deepcopy(PODS["proxy-mode"])  # a less strict mode than the operator's
         await _post(client, srv, certs, _with_agent("billing-agent"))  # injected
         await _post(client, srv, certs, _with_agent("billing-agent"))  # injected
         await _post(client, srv, certs, admission_review(unselected))  # skipped
@@ -702,3 +763,150 @@ async def test_webhook_command_refuses_a_bad_profiles_api(certs: Path) -> None:
     _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 2
     assert "--profiles-api 'kube:443': expected in-cluster, off or a URL" in err.decode()
+
+
+# -- review of issue 19 (8): one namespace's profiles must not stall the webhook for all ---------
+
+
+NEAR_CAP = "a: [" + ",".join(["{x: 1}"] * 70_000) + "]\n"  # 490 KB: pure-Python PyYAML ~5 s
+DEEP = "a: " + "[" * 100_000 + "]" * 100_000 + "\n"  # libyaml's composer crashed on it
+
+
+class ApiOf:
+    """An API server that answers each namespace's profiles ConfigMap from ``data``."""
+
+    def __init__(self, data: dict[str, dict[str, str]]) -> None:
+        self.data = data
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> ApiOf:
+        async def get(request: web.Request) -> web.Response:
+            data = self.data.get(request.match_info["ns"])
+            if data is None:
+                return web.json_response(PROFILES_CM)
+            meta = {"name": "mandate-profiles", "resourceVersion": str(len(data))}
+            return web.json_response({"metadata": meta, "data": data})
+
+        app = web.Application()
+        app.router.add_get("/api/v1/namespaces/{ns}/configmaps/{name}", get)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        ({"x.yaml": NEAR_CAP}, ""),  # read, in a thread: it names no agent
+        ({"x.yaml": NEAR_CAP + NEAR_CAP.replace("a:", "b:")}, "over the 524288 the webhook reads"),
+        ({"x.yaml": DEEP}, "x.yaml: its profiles nest deeper than 64"),
+        ({"x.yaml": "a: [b\nc: d"}, "x.yaml: not YAML"),
+    ],
+    ids=["near-the-cap", "over-the-cap", "deep", "invalid"],
+)
+async def test_a_costly_profiles_configmap_in_one_namespace_does_not_stall_the_others(
+    data: dict[str, str], says: str
+) -> None:
+    """The webhook parsed a namespace's profiles ConfigMap with pure-Python PyYAML on its
+    event loop: ~0.5 MiB took ~5 s, and every other namespace's review waited (the API
+    server gives up at 5 s, failurePolicy Fail: no agent pod anywhere); a deep one crashed
+    libyaml's composer or raised RecursionError (500). Now off the loop, capped, in time;
+    over a cap: injected with a warning, as when the API server cannot answer."""
+    import threading
+    import time
+    import urllib.request
+
+    async with ApiOf({"tenant-a": data}) as api:
+        profiles = ApiProfiles(api.url, CONFIG.profiles_config_map)
+        hook = web.AppRunner(make_app(CONFIG, profiles=profiles))
+        await hook.setup()
+        site = web.TCPSite(hook, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/mutate"  # type: ignore[union-attr]
+        victim: dict[str, Any] = {}
+
+        def victims_pod() -> None:  # another namespace's pod, while tenant-a's is read
+            time.sleep(0.2)
+            started = time.perf_counter()
+            body = _with_agent("billing-agent", namespace="agents")
+            with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30) as r:
+                victim["response"] = json.loads(r.read())["response"]
+            victim["took"] = time.perf_counter() - started
+
+        try:
+            thread = threading.Thread(target=victims_pod)
+            thread.start()
+            async with aiohttp.ClientSession() as session:
+                body = _with_agent("billing-agent", namespace="tenant-a")
+                async with session.post(url, data=body) as resp:
+                    assert resp.status == 200
+                    attacker = (await resp.json())["response"]
+            await asyncio.to_thread(thread.join, 30)
+        finally:
+            await hook.cleanup()
+            await profiles.close()
+    assert victim["took"] < 1.0, f"another namespace's pod waited {victim['took']:.1f}s"
+    assert victim["response"]["allowed"] and not victim["response"].get("warnings")
+    if says:  # unknown: injected, with the reason
+        assert attacker["allowed"] is True and attacker["patch"]
+        assert any(says in w for w in attacker["warnings"]), attacker["warnings"]
+    else:  # read: its agent has no profile there (refused, as configured)
+        assert attacker["allowed"] is False
+        assert (
+            "has no profile in ConfigMap tenant-a/mandate-profiles" in attacker["status"]["message"]
+        )
+
+
+async def test_a_parse_over_its_budget_is_unknown_and_its_answer_is_kept() -> None:
+    """A review waits at most ``parse_budget`` for a parse; the parse stops at its own
+    deadline and its answer is kept for that resourceVersion (not parsed again)."""
+    async with ApiOf({"tenant-a": {"x.yaml": NEAR_CAP}}) as api:
+        profiles = ApiProfiles(api.url, CONFIG.profiles_config_map, parse_budget=0.02)
+        try:
+            first = await profiles.agents("tenant-a")
+            assert first.names is None and "took over 0.02s" in first.problem, first
+            for _ in range(100):  # the thread's own deadline: soon
+                await asyncio.sleep(0.05)
+                if "tenant-a" in profiles._parsed:
+                    break
+            again = await profiles.agents("tenant-a")
+            assert again.names is None and "takes too long" in again.problem, again
+            known = (await profiles.agents("agents")).names
+            assert known is not None and {"billing-agent", "research-agent"} <= known
+        finally:
+            await profiles.close()
+
+
+def test_agent_names_are_read_as_safe_load_reads_them() -> None:
+    """The names come from libyaml's events, not a built document: the same names."""
+    profile = "kind: AgentProfile\napiVersion: mandate.dev/v1alpha1\n"
+    cases = {
+        profile + "metadata: {name: a}\n---\n" + profile + "metadata:\n  labels: {}\n  name: b\n": {"a", "b"},
+        profile + "metadata: {name: 5}\n": set(),  # not a string
+        profile + "metadata: {name: '5'}\n": {"5"},
+        profile + "metadata: {name: x}\nmetadata: {labels: {}}\n": set(),  # the later wins
+        profile + "spec: {metadata: {name: inner}}\nmetadata: {name: top}\n": {"top"},
+        profile + "metadata: &m {name: m}\n---\n" + profile + "x: &n {name: n}\nmetadata: *n\n": {"m", "n"},
+        "b: &b {kind: AgentProfile, apiVersion: mandate.dev/v1alpha1}\n<<: *b\nmetadata: {name: merged}\n": {"merged"},
+        "k: &k kind\n*k : AgentProfile\napiVersion: mandate.dev/v1alpha1\nmetadata: {name: via}\n": {"via"},
+        "kind: [AgentProfile]\napiVersion: mandate.dev/v1alpha1\nmetadata: {name: no}\n": set(),
+        "- {kind: AgentProfile, apiVersion: mandate.dev/v1alpha1, metadata: {name: x}}\n": set(),
+    }  # fmt: skip
+    for text, names in cases.items():
+        assert agents_in({"p.yaml": text}) == names, text
+        assert {
+            d["metadata"]["name"]
+            for d in yaml.safe_load_all(text)
+            if isinstance(d, dict)
+            and d.get("kind") == "AgentProfile"
+            and isinstance(d.get("metadata"), dict)
+            and isinstance(d["metadata"].get("name"), str)
+        } == names, text

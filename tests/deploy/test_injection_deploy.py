@@ -2,10 +2,14 @@
 the image in one place (an overlay's `images:` changes the webhook and what it injects),
 production exports no trace anywhere, the webhook may read exactly the profiles ConfigMap
 it checks agents against, and the ValidatingAdmissionPolicy that refuses a pod claiming
-mandate.dev/injected without the sidecar, its CEL evaluated with cel-python."""
+mandate.dev/injected without the sidecar, and the one that keeps the sidecar as injected
+(UPDATE, ephemeral containers), their CEL evaluated with cel-python; which pods the
+webhook configuration sends to the webhook (a namespace's opt-outs included)."""
 
 from __future__ import annotations
 
+import base64
+import copy
 import json
 import shutil
 import subprocess
@@ -21,6 +25,7 @@ from sidecar.injection.cli import IMAGE_ENV, load_config
 from sidecar.injection.config import InjectConfig
 from sidecar.injection.envoy import envoy_args
 from sidecar.injection.pod import inject, is_injected
+from sidecar.injection.webhook import review
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -78,6 +83,17 @@ def base() -> list[dict[str, Any]]:
     return _render(DEPLOY / "base")
 
 
+def _agent(**labels: str) -> dict[str, Any]:
+    """A pod that asks for the sidecar and can have it."""
+    return {
+        "metadata": {"name": "a", "labels": {"mandate.dev/inject": "true", **labels}},
+        "spec": {
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+            "containers": [{"name": "agent", "image": "agent:1"}],
+        },
+    }
+
+
 # -- the image: one place ----------------------------------------------------------------------
 
 
@@ -127,11 +143,7 @@ def test_an_overlays_images_changes_the_webhook_and_what_it_injects(
     assert container["image"] == expected
     assert _env(container)[IMAGE_ENV] == expected
     config = _injector_config(docs, {IMAGE_ENV: expected})
-    pod = {
-        "metadata": {"name": "a", "labels": {"mandate.dev/inject": "true"}},
-        "spec": {"containers": [{"name": "agent", "image": "agent:1"}]},
-    }
-    injected = inject(pod, config)
+    injected = inject(_agent(), config)
     assert {c["image"] for c in injected["spec"]["initContainers"]} == {expected}
 
 
@@ -147,11 +159,7 @@ def test_prod_exports_no_trace_anywhere() -> None:
     config = _injector_config(docs, {IMAGE_ENV: env[IMAGE_ENV]})
     assert config.otlp_endpoint == ""
     assert "--config-yaml" not in envoy_args(config)  # the image's config: tracing off
-    pod = {
-        "metadata": {"name": "a", "labels": {"mandate.dev/inject": "true"}},
-        "spec": {"containers": [{"name": "agent", "image": "agent:1"}]},
-    }
-    injected = inject(pod, config)
+    injected = inject(_agent(), config)
     for c in injected["spec"]["initContainers"] + injected["spec"]["containers"]:
         names = {e["name"] for e in c.get("env", [])}
         assert not {n for n in names if "OTLP" in n or n.startswith("OTEL_")}, c["name"]
@@ -195,23 +203,38 @@ def test_the_webhook_may_read_exactly_the_profiles_configmap(base: list[dict[str
     assert {"name": "metrics", "containerPort": port} in container["ports"]
 
 
-# -- the ValidatingAdmissionPolicy --------------------------------------------------------------
+# -- the ValidatingAdmissionPolicies ------------------------------------------------------------
+
+CLAIM_POLICY, INTEGRITY_POLICY = "mandate-injected-claim", "mandate-sidecar-integrity"
 
 
-def _policy(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    return _find(docs, "ValidatingAdmissionPolicy", "mandate-injected-claim")
+def _policy(docs: list[dict[str, Any]], name: str = CLAIM_POLICY) -> dict[str, Any]:
+    return _find(docs, "ValidatingAdmissionPolicy", name)
 
 
-def _admits(policy: dict[str, Any], operation: str, pod: Any, old: Any = None) -> bool:
+def _admits(
+    policy: dict[str, Any], operation: str, pod: Any, old: Any = None, sub: str = ""
+) -> bool:
     """What the API server decides with this policy (Deny): the match conditions, then
     every validation, evaluated by cel-python as the API server's CEL would."""
+    return not _denials(policy, operation, pod, old, sub)
+
+
+def _denials(
+    policy: dict[str, Any], operation: str, pod: Any, old: Any = None, sub: str = ""
+) -> list[str]:
+    """The messages of the validations that fail (none when the policy does not match)."""
+    resource = f"pods/{sub}" if sub else "pods"
+    (rules,) = policy["spec"]["matchConstraints"]["resourceRules"]
+    if operation not in rules["operations"] or resource not in rules["resources"]:
+        return []
     limit = sys.getrecursionlimit()
     env = celpy.Environment()
     sys.setrecursionlimit(limit)  # celpy raises it process-wide (tests/kubeapi/cel.py)
     activation = {
         "object": celpy.json_to_cel(pod),
         "oldObject": celpy.json_to_cel(old),
-        "request": celpy.json_to_cel({"operation": operation}),
+        "request": celpy.json_to_cel({"operation": operation, "subResource": sub}),
     }
 
     def run(expression: str) -> bool:
@@ -220,13 +243,20 @@ def _admits(policy: dict[str, Any], operation: str, pod: Any, old: Any = None) -
         return bool(result)
 
     if not all(run(c["expression"]) for c in policy["spec"].get("matchConditions", [])):
-        return True
+        return []
     variables: dict[Any, Any] = {}
     for variable in policy["spec"].get("variables", []):
         program = env.program(env.compile(variable["expression"]))
         variables[celpy.celtypes.StringType(variable["name"])] = program.evaluate(activation)
         activation["variables"] = celpy.celtypes.MapType(variables)
-    return all(run(v["expression"]) for v in policy["spec"]["validations"])
+    return [v["message"] for v in policy["spec"]["validations"] if not run(v["expression"])]
+
+
+_SIDECARS = {
+    "mandate-init": {"command": ["sh", "-c", "..."]},
+    "mandate": {"command": ["mandate"], "restartPolicy": "Always"},
+    "mandate-envoy": {"command": ["envoy"], "restartPolicy": "Always"},
+}
 
 
 def _pod(
@@ -241,7 +271,17 @@ def _pod(
     if annotations is not None:
         pod["metadata"]["annotations"] = annotations
     if init is not None:
-        pod["spec"]["initContainers"] = [{"name": n, "image": "x"} for n in init]
+        pod["spec"]["initContainers"] = [
+            {"name": n, "image": "x", **_SIDECARS.get(n, {})} for n in init
+        ]
+    return pod
+
+
+def _look_alikes(annotations: dict[str, str]) -> dict[str, Any]:
+    """Review 19: busybox init containers that carry the sidecar's names."""
+    pod = _pod(annotations, ["mandate", "mandate-envoy"])
+    for c in pod["spec"]["initContainers"]:
+        c.update(image="busybox:1.37", command=["sleep", "infinity"])
     return pod
 
 
@@ -263,6 +303,7 @@ POLICY_CASES = [
     ("claim-half-sidecar", "CREATE", _pod(CLAIM, ["mandate"]), None, False),
     ("claim-envoy-only", "CREATE", _pod(CLAIM, ["mandate-envoy"]), None, False),
     ("claim-empty-value", "CREATE", _pod({"mandate.dev/injected": ""}), None, False),
+    ("claim-with-look-alikes", "CREATE", _look_alikes(CLAIM), None, False),
     ("update-adds-claim", "UPDATE", _pod(CLAIM), _pod(), False),
     ("update-adds-claim-to-annotations", "UPDATE", _pod(CLAIM), _pod({"team": "x"}), False),
     ("update-keeps-old-claim", "UPDATE", _pod(CLAIM), _pod(CLAIM), True),
@@ -282,37 +323,298 @@ def test_the_policy_refuses_a_claim_without_the_sidecar(
 
 
 def test_the_policy_agrees_with_the_injection(base: list[dict[str, Any]]) -> None:
-    """What the injection makes passes; the claim the webhook refuses, the policy refuses."""
+    """What the injection makes passes; a claim without the sidecar, on a pod the webhook
+    did not see, the policy refuses (the webhook injects such a pod: the claim is then true)."""
     policy = _policy(base)
     for mode in ("iptables", "proxy"):
-        pod = _pod({"mandate.dev/mode": mode})
-        pod["metadata"]["labels"] = {"mandate.dev/inject": "true"}
-        injected = inject(pod, InjectConfig())
+        injected = inject(_agent(), InjectConfig(mode=mode))
         assert is_injected(injected)
         assert _admits(policy, "CREATE", injected)
+        look = _look_alikes(CLAIM)
+        look["metadata"]["labels"] = {"mandate.dev/inject": "true"}
+        look["spec"]["securityContext"] = {"runAsNonRoot": True}
+        assert not _admits(policy, "CREATE", look)  # as a pod the webhook does not see
+        assert _admits(policy, "CREATE", inject(look, InjectConfig(mode=mode)))  # as it sees it
     claimed = _pod(CLAIM)
     assert not is_injected(claimed)
     assert not _admits(policy, "CREATE", claimed)
 
 
-def test_the_policy_is_bound_everywhere_but_kube_system(base: list[dict[str, Any]]) -> None:
-    policy = _policy(base)
-    spec = policy["spec"]
-    assert spec["failurePolicy"] == "Fail"
-    (rule,) = spec["matchConstraints"]["resourceRules"]
+def _injected(mode: str = "iptables", **spec: Any) -> dict[str, Any]:
+    pod = _agent()
+    pod["metadata"].update(name="agent-1", namespace="agents")
+    pod["spec"].update(spec)
+    return inject(pod, InjectConfig(mode=mode, credential_secrets=("ledger-api-key",)))
+
+
+def _changed(pod: dict[str, Any], change: Any) -> dict[str, Any]:
+    new = copy.deepcopy(pod)
+    change(new)
+    return new
+
+
+def _sidecar(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in pod["spec"]["initContainers"] if c["name"] == name)  # type: ignore[no-any-return]
+
+
+UPDATES = {
+    "image": lambda p: _sidecar(p, "mandate").update(image="evil:1"),
+    "envoy-image": lambda p: _sidecar(p, "mandate-envoy").update(image="evil:1"),
+    "init-image": lambda p: _sidecar(p, "mandate-init").update(image="evil:1"),
+    "command": lambda p: _sidecar(p, "mandate").update(command=["sh"]),
+    "args": lambda p: _sidecar(p, "mandate-envoy").update(args=["-c", "/tmp/open.yaml"]),
+    "env": lambda p: _sidecar(p, "mandate")["env"].append({"name": "X", "value": "1"}),
+    "mounts": lambda p: _sidecar(p, "mandate")["volumeMounts"].pop(),
+    "removed": lambda p: p["spec"]["initContainers"].pop(1),
+}
+
+
+@pytest.mark.parametrize("change", list(UPDATES))
+def test_an_update_cannot_change_mandates_containers(
+    base: list[dict[str, Any]], change: str
+) -> None:
+    """Review 19 (4): an image is mutable on a running pod, and neither the webhook (CREATE)
+    nor the claim policy (a new claim only) looked: `kubectl patch pod` put any image in
+    mandate's place, which then held the credentials and the token."""
+    policy = _policy(base, INTEGRITY_POLICY)
+    old = _injected()
+    denied = _denials(policy, "UPDATE", _changed(old, UPDATES[change]), old)
+    assert len(denied) == 1 and "cannot be changed on a running pod" in denied[0]
+
+
+def test_an_update_that_leaves_the_sidecar_alone_passes(base: list[dict[str, Any]]) -> None:
+    policy = _policy(base, INTEGRITY_POLICY)
+    for mode in ("iptables", "proxy"):
+        old = _injected(mode)
+        agent_image = _changed(old, lambda p: p["spec"]["containers"][0].update(image="agent:2"))
+        labels = _changed(old, lambda p: p["metadata"]["labels"].update(team="x"))
+        for new in (old, agent_image, labels):
+            assert _admits(policy, "UPDATE", new, old)
+    # Pods without the sidecar are none of its business.
+    plain = _pod(init=["setup"])
+    assert _admits(policy, "UPDATE", _changed(plain, lambda p: p["spec"]["initContainers"][0]
+                                              .update(image="y")), plain)  # fmt: skip
+
+
+def _debug(**container: Any) -> Any:
+    def add(pod: dict[str, Any]) -> None:
+        pod["spec"].setdefault("ephemeralContainers", []).append(
+            {
+                "name": f"debugger-{len(pod['spec'].get('ephemeralContainers', []))}",
+                "image": "busybox:1.37",
+                **container,
+            }
+        )
+
+    return add
+
+
+NON_ROOT = {"runAsNonRoot": True, "runAsUser": 10001}
+EPHEMERAL = [
+    # (name, mode, the debug container, refused because)
+    ("kubectl-debug", "iptables", _debug(securityContext=NON_ROOT), ""),
+    ("targets-agent", "iptables", _debug(targetContainerName="agent", securityContext=NON_ROOT), ""),
+    ("own-mount", "iptables", _debug(securityContext=NON_ROOT,
+                                     volumeMounts=[{"name": "work", "mountPath": "/w"}]), ""),
+    ("root-in-proxy-mode", "proxy", _debug(), ""),
+    ("targets-mandate", "iptables", _debug(targetContainerName="mandate", securityContext=NON_ROOT),
+     "may not target mandate's containers"),
+    ("targets-envoy", "proxy", _debug(targetContainerName="mandate-envoy"),
+     "may not target mandate's containers"),
+    ("mounts-token", "iptables", _debug(securityContext=NON_ROOT, volumeMounts=[
+        {"name": "mandate-kube-api-access", "mountPath": "/t"}]), "may not mount mandate's volumes"),
+    ("mounts-credentials", "proxy", _debug(volumeMounts=[
+        {"name": "mandate-credential-0", "mountPath": "/c"}]), "may not mount mandate's volumes"),
+    ("mounts-run", "proxy", _debug(volumeMounts=[{"name": "mandate-run", "mountPath": "/r"}]),
+     "may not mount mandate's volumes"),
+    ("net-admin", "proxy", _debug(securityContext={"capabilities": {"add": ["NET_ADMIN"]}}),
+     "beyond Pod Security's baseline"),
+    ("privileged", "proxy", _debug(securityContext={"privileged": True}),
+     "may not be privileged"),
+    ("envoy-uid", "iptables", _debug(securityContext={"runAsUser": 1337}), "the UIDs of mandate's"),
+    ("pods-non-root", "iptables", _debug(), ""),
+    ("root-explicit", "iptables", _debug(securityContext={"runAsNonRoot": False, "runAsUser": 0}),
+     "may not run as root"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("mode", "change", "why"), [e[1:] for e in EPHEMERAL], ids=[e[0] for e in EPHEMERAL]
+)
+def test_what_an_ephemeral_container_may_do_in_a_pod_with_the_sidecar(
+    base: list[dict[str, Any]], mode: str, change: Any, why: str
+) -> None:
+    """Review 19 (4): kubectl debug (pods/ephemeralcontainers) could add a container that
+    mounts mandate-kube-api-access or mandate-credential-0 by name, or shares the mandate
+    container's processes; neither the webhook nor the policy looked at the subresource."""
+    policy = _policy(base, INTEGRITY_POLICY)
+    old = _injected(mode, volumes=[{"name": "work", "emptyDir": {}}])
+    new = _changed(old, change)
+    denied = _denials(policy, "UPDATE", new, old, sub="ephemeralcontainers")
+    if not why:
+        assert denied == []
+    else:
+        assert len(denied) == 1 and why in denied[0], denied
+    # Only what the request adds is checked: one there before (e.g. from before the policy)
+    # does not block the next.
+    after = _changed(new, _debug(securityContext=NON_ROOT))
+    assert _admits(policy, "UPDATE", after, new, sub="ephemeralcontainers")
+
+
+def test_an_ephemeral_container_that_may_run_as_root_is_refused_where_the_capture_is(
+    base: list[dict[str, Any]],
+) -> None:
+    """Root can switch to Envoy's UID: in a pod whose agent is non-root by its container's
+    securityContext only, a debug container without one runs as the image's user."""
+    policy = _policy(base, INTEGRITY_POLICY)
+    for mode in ("iptables", "proxy"):
+        old = _injected(mode, securityContext={}, containers=[
+            {"name": "agent", "image": "agent:1", "securityContext": NON_ROOT}])  # fmt: skip
+        denied = _denials(policy, "UPDATE", _changed(old, _debug()), old, "ephemeralcontainers")
+        if mode == "iptables":
+            assert len(denied) == 1 and "may not run as root" in denied[0], denied
+        else:  # no capture to get around
+            assert denied == []
+        fine = _changed(old, _debug(securityContext={"runAsUser": 10002}))
+        assert _admits(policy, "UPDATE", fine, old, "ephemeralcontainers")
+
+
+def test_the_policies_are_bound_everywhere_but_kube_system(base: list[dict[str, Any]]) -> None:
+    claim = _policy(base)["spec"]
+    assert claim["failurePolicy"] == "Fail"
+    (rule,) = claim["matchConstraints"]["resourceRules"]
     assert rule["resources"] == ["pods"] and set(rule["operations"]) == {"CREATE", "UPDATE"}
-    (validation,) = spec["validations"]
+    (validation,) = claim["validations"]
     assert "mandate.dev/injected" in validation["message"]
-    assert 'mandate.dev/inject: "false"' in validation["message"]
-    binding = _find(base, "ValidatingAdmissionPolicyBinding", "mandate-injected-claim")
-    assert binding["spec"]["policyName"] == "mandate-injected-claim"
-    assert binding["spec"]["validationActions"] == ["Deny"]
-    selector = binding["spec"]["matchResources"]["namespaceSelector"]
-    assert selector == {
-        "matchExpressions": [
-            {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system"]}
-        ]
-    }
+    assert 'mandate.dev/inject: "true"' in validation["message"]
+    integrity = _policy(base, INTEGRITY_POLICY)["spec"]
+    assert integrity["failurePolicy"] == "Fail"
+    (rule,) = integrity["matchConstraints"]["resourceRules"]
+    assert rule["resources"] == ["pods", "pods/ephemeralcontainers"]
+    assert rule["operations"] == ["UPDATE"]
+    for name in (CLAIM_POLICY, INTEGRITY_POLICY):
+        binding = _find(base, "ValidatingAdmissionPolicyBinding", name)
+        assert binding["spec"]["policyName"] == name
+        assert binding["spec"]["validationActions"] == ["Deny"]
+        selector = binding["spec"]["matchResources"]["namespaceSelector"]
+        assert selector == {
+            "matchExpressions": [
+                {
+                    "key": "kubernetes.io/metadata.name",
+                    "operator": "NotIn",
+                    "values": ["kube-system"],
+                }
+            ]
+        }
+
+
+def test_the_policy_knows_mandates_volumes() -> None:
+    """The integrity policy's list of mandate's volumes is the injection's."""
+    from sidecar.injection.pod import _CREDENTIAL_VOLUME, _VOLUMES
+
+    text = (DEPLOY / "base" / "injected-claim-policy.yaml").read_text()
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    policy = _policy(docs, INTEGRITY_POLICY)
+    (volumes,) = [v for v in policy["spec"]["variables"] if v["name"] == "mandateVolumes"]
+    assert sorted(celpy.json_to_cel(yaml.safe_load(volumes["expression"]))) == sorted(_VOLUMES)
+    assert f"'{_CREDENTIAL_VOLUME}'" in json.dumps(policy["spec"]["validations"])
+
+
+# -- which pods the webhook sees ------------------------------------------------------------------
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) on a set of labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], e.get("values") or []
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def _admission(
+    docs: list[dict[str, Any]], namespace: dict[str, str], pod: dict[str, Any]
+) -> list[tuple[str, dict[str, Any]]]:
+    """What the webhook answers, for each webhook of the rendered configuration that the API
+    server would call for this pod CREATE in a namespace with these labels."""
+    (mwc,) = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]
+    config = _injector_config(docs, {IMAGE_ENV: "x"})
+    answers = []
+    for hook in mwc["webhooks"]:
+        if not (_selects(hook["namespaceSelector"], namespace)
+                and _selects(hook["objectSelector"], pod["metadata"].get("labels") or {})):  # fmt: skip
+            continue
+        assert {"CREATE"} <= set(hook["rules"][0]["operations"])
+        path = hook["clientConfig"]["service"]["path"]
+        assert path in ("/mutate", "/mutate-namespace")
+        body = json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                           "request": {"uid": "u", "operation": "CREATE", "object": pod,
+                                       "namespace": namespace["kubernetes.io/metadata.name"],
+                                       "kind": {"group": "", "version": "v1", "kind": "Pod"}}})  # fmt: skip
+        status, doc = review(body.encode(), config, namespace_selected=path == "/mutate-namespace")
+        assert status == 200
+        answers.append((hook["name"], doc["response"]))
+    return answers
+
+
+INJECTED_NS = {"kubernetes.io/metadata.name": "agents", "mandate.dev/inject": "true"}
+PLAIN_NS = {"kubernetes.io/metadata.name": "finance"}
+
+
+def test_an_opt_out_in_an_injected_namespace_is_seen_and_refused(
+    base: list[dict[str, Any]],
+) -> None:
+    """Review 19 (2b): the namespace webhook's objectSelector excluded pods labelled "false",
+    so the webhook never saw them: the pod owner opted out of governance and audit."""
+    out = _agent()
+    out["metadata"]["labels"]["mandate.dev/inject"] = "false"
+    ((hook, response),) = _admission(base, INJECTED_NS, out)
+    assert hook == "namespaces.inject.mandate.dev"
+    assert response["allowed"] is False
+    assert "allowPodOptOut" in response["status"]["message"]
+    # Where only labelled pods are injected, "false" is not sent to the webhook at all.
+    assert _admission(base, PLAIN_NS, out) == []
+
+
+@pytest.mark.parametrize(
+    ("namespace", "label", "hook"),
+    [
+        (INJECTED_NS, None, "namespaces.inject.mandate.dev"),
+        (INJECTED_NS, "true", "pods.inject.mandate.dev"),
+        (INJECTED_NS, "yes", "namespaces.inject.mandate.dev"),
+        (PLAIN_NS, "true", "pods.inject.mandate.dev"),
+    ],
+)
+def test_each_selected_pod_goes_to_one_webhook_and_gets_the_sidecar(
+    base: list[dict[str, Any]], namespace: dict[str, str], label: str | None, hook: str
+) -> None:
+    pod = _agent()
+    if label is None:
+        del pod["metadata"]["labels"]["mandate.dev/inject"]
+    else:
+        pod["metadata"]["labels"]["mandate.dev/inject"] = label
+    ((called, response),) = _admission(base, namespace, pod)
+    assert called == hook and response["allowed"] is True
+    assert "mandate.dev/injected" in base64.b64decode(response["patch"]).decode()
+
+
+def test_unlabelled_pods_elsewhere_and_system_namespaces_are_not_sent(
+    base: list[dict[str, Any]],
+) -> None:
+    pod = _agent()
+    del pod["metadata"]["labels"]["mandate.dev/inject"]
+    assert _admission(base, PLAIN_NS, pod) == []
+    for system in ("kube-system", "mandate-system"):
+        ns = {"kubernetes.io/metadata.name": system, "mandate.dev/inject": "true"}
+        assert _admission(base, ns, _agent()) == []
 
 
 def _kubernetes_validate(docs: list[dict[str, Any]], version: str, tmp_path: Path) -> str:
@@ -340,13 +642,13 @@ def test_kubernetes_1_29_gets_the_same_policy_in_v1beta1(
     kinds = ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
     old = [d for d in docs if d["kind"] in kinds]
     new = [d for d in base if d["kind"] in kinds]
-    assert [d["apiVersion"] for d in old] == ["admissionregistration.k8s.io/v1beta1"] * 2
-    assert [d["apiVersion"] for d in new] == ["admissionregistration.k8s.io/v1"] * 2
-    # The same policy, word for word, in the other version.
+    assert [d["apiVersion"] for d in old] == ["admissionregistration.k8s.io/v1beta1"] * 4
+    assert [d["apiVersion"] for d in new] == ["admissionregistration.k8s.io/v1"] * 4
+    # The same policies, word for word, in the other version.
     strip = [{k: v for k, v in d.items() if k != "apiVersion"} for d in old]
     assert json.dumps(strip, sort_keys=True) == json.dumps(
         [{k: v for k, v in d.items() if k != "apiVersion"} for d in new], sort_keys=True
     )
     for version, objects in (("1.29.0", old), ("1.37.0", new)):
         output = _kubernetes_validate(objects, version, tmp_path)
-        assert output.count("passed") == 2, output
+        assert output.count("passed") == 4, output

@@ -25,9 +25,15 @@ import yaml
 import sidecar.kube as kube
 from sidecar.core import RequestView, decide, load_profiles
 from sidecar.core.model import parse_duration
-from sidecar.injection.cli import add_inject_parser, run_inject
+from sidecar.injection.cli import add_inject_parser, load_config, run_inject
 from sidecar.injection.envoy import bootstrap_overlay
-from sidecar.injection.pod import ANNOTATION_CREDENTIAL_SECRETS, ENVOY_ADMIN_SOCKET, InjectConfig
+from sidecar.injection.pod import (
+    ANNOTATION_CREDENTIAL_SECRETS,
+    CHECK_SOCKET,
+    ENVOY_ADMIN_SOCKET,
+    InjectConfig,
+    inject,
+)
 from sidecar.injection.webhook import make_app
 from tests.kubeapi.schema import structural_errors
 
@@ -756,12 +762,15 @@ def test_sidecar_ports_and_paths_match_envoys_config_and_the_image(transport: st
         "port_value": config.proxy_port,
     }
     cluster = next(c for c in envoy["static_resources"]["clusters"] if c["name"] == "mandate")
-    ports = [
-        e["endpoint"]["address"]["socket_address"]["port_value"]
+    addresses = [
+        e["endpoint"]["address"]
         for group in cluster["load_assignment"]["endpoints"]
         for e in group["lb_endpoints"]
     ]
-    assert ports == [config.grpc_port + i for i in range(config.workers)]
+    # mandate's Check on the unix socket the injected MANDATE_LISTEN names (no TCP port the
+    # agent could reach); worker i of `mandate run --listen unix:P` serves P.i.
+    assert config.workers == 1
+    assert addresses == [{"pipe": {"path": CHECK_SOCKET}}]
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "COPY envoy/*.yaml /etc/mandate/envoy/" in dockerfile
     assert f"USER {config.mandate_uid}:{config.mandate_uid}" in dockerfile
@@ -803,7 +812,11 @@ def test_injected_example_validates_strictly(
     deployment["spec"]["template"]["metadata"]["annotations"]["mandate.dev/mode"] = mode
     manifest = tmp_path / "agent.yaml"
     manifest.write_text(yaml.safe_dump_all(docs))
-    config = str(DEPLOY / "base" / "injector.yaml")
+    # The base's injector, in the mode the pod asks for (a pod may not pick a less strict
+    # mode than the operator's: allowPodModeOverride).
+    data = yaml.safe_load((DEPLOY / "base" / "injector.yaml").read_text())
+    (tmp_path / "injector.yaml").write_text(yaml.safe_dump({**data, "mode": mode}))
+    config = str(tmp_path / "injector.yaml")
     code, out, err = _inject_cli(["inject", "-f", str(manifest), "--config", config], capsys)
     assert code == 0, err
     assert f"injected Deployment agents/billing-agent ({mode})" in err
@@ -821,9 +834,22 @@ def test_injected_example_validates_strictly(
     # Offline injection is idempotent too: the output injected again is the same.
     again = tmp_path / "again.yaml"
     again.write_text(out)
-    code, out2, err2 = _inject_cli(["inject", "-f", str(again), "-o", "json"], capsys)
+    code, out2, err2 = _inject_cli(
+        ["inject", "-f", str(again), "-o", "json", "--config", config], capsys
+    )
     assert code == 0 and "already injected" in err2
     assert json.loads(out2)["items"] == injected
+    # ... and with another injector config, injected again as that one says (the webhook's
+    # config, not the manifest, decides what the sidecar is).
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**data, "mode": mode, "envoyLogLevel": "debug"}))
+    code, out3, err3 = _inject_cli(
+        ["inject", "-f", str(again), "-o", "json", "--config", str(other)], capsys
+    )
+    assert code == 0 and f"injected Deployment agents/billing-agent ({mode})" in err3
+    assert "named like mandate's sidecar (mandate-envoy)" in err3  # its Envoy args differ
+    template = json.loads(out3)["items"][1]["spec"]["template"]
+    assert template == inject(deployment["spec"]["template"], load_config(other))
 
 
 def test_inject_handles_jobs_cronjobs_lists_and_passes_other_kinds(
@@ -831,7 +857,11 @@ def test_inject_handles_jobs_cronjobs_lists_and_passes_other_kinds(
 ) -> None:
     template = {
         "metadata": {"labels": {"mandate.dev/inject": "true"}},
-        "spec": {"restartPolicy": "Never", "containers": [{"name": "task", "image": "t:1"}]},
+        "spec": {
+            "restartPolicy": "Never",
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+            "containers": [{"name": "task", "image": "t:1"}],
+        },
     }
     docs = [
         {

@@ -412,15 +412,29 @@ def test_the_monitors_scrape_the_ports_the_sidecar_and_the_webhook_have(
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "a", "labels": {"mandate.dev/inject": "true"}},
-        "spec": {"containers": [{"name": "agent", "image": "agent:1"}]},
+        "spec": {
+            "securityContext": {"runAsNonRoot": True},
+            "containers": [{"name": "agent", "image": "agent:1"}],
+        },
     }
     injected = inject(pod, InjectConfig())
     ports = {
-        p["name"]
+        p["name"]: c["name"]
         for c in injected["spec"]["containers"] + injected["spec"].get("initContainers", [])
         for p in c.get("ports", [])
     }
-    assert sidecars["podMetricsEndpoints"][0]["port"] in ports
+    endpoint = sidecars["podMetricsEndpoints"][0]
+    assert endpoint["port"] in ports
+    # ... and only that container's: an agent's port of the same name (which the webhook
+    # refuses, review 19) is dropped before the scrape.
+    keep = [
+        r
+        for r in endpoint["relabelings"]
+        if r.get("action") == "keep"
+        and r["sourceLabels"] == ["__meta_kubernetes_pod_container_name"]
+    ]
+    assert [r["regex"] for r in keep] == [ports[endpoint["port"]]]
+    assert endpoint["relabelings"].index(keep[0]) == 0
     assert sidecars["namespaceSelector"] == {"any": True} and sidecars["selector"] == {}
     # The webhook's Deployment (deploy/base) has the port, and its pods the labels.
     deploy = _one(_kustomize(DEPLOY / "base"), "Deployment", "mandate-webhook")

@@ -551,9 +551,9 @@ def _injected(mode: str) -> dict[str, Any]:
     docs = [d for d in yaml.safe_load_all((DEPLOY / "examples" / "agent.yaml").read_text()) if d]
     template = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]
     template["metadata"]["annotations"]["mandate.dev/mode"] = mode
-    config = InjectConfig.from_mapping(
-        yaml.safe_load((DEPLOY / "base" / "injector.yaml").read_text()), source="injector"
-    )
+    # The operator's mode: a pod may not pick a less strict one (allowPodModeOverride).
+    data = yaml.safe_load((DEPLOY / "base" / "injector.yaml").read_text())
+    config = InjectConfig.from_mapping({**data, "mode": mode}, source="injector")
     pod = inject(template, config)
     assert pod["metadata"]["annotations"]["mandate.dev/injected"] == mode
     spec: dict[str, Any] = pod["spec"]

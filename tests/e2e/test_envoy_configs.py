@@ -163,7 +163,10 @@ def _injected_envoy_args(settings: dict[str, Any], transport: str = "grpc") -> l
     config = InjectConfig.from_mapping({**settings, "transport": transport})
     pod = {
         "metadata": {"name": "agent", "labels": {"mandate.dev/inject": "true"}},
-        "spec": {"containers": [{"name": "agent", "image": "agent:1"}]},
+        "spec": {
+            "securityContext": {"runAsNonRoot": True},
+            "containers": [{"name": "agent", "image": "agent:1"}],
+        },
     }
     envoy = next(
         c for c in inject(pod, config)["spec"]["initContainers"] if c["name"] == "mandate-envoy"

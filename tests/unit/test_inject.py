@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,9 @@ from sidecar.injection.pod import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = InjectConfig()
+# These tests pick each pod's mode by its annotation; who may pick a less strict mode than
+# the injector's (allowPodModeOverride, false by default) is tested in test_inject_refusals.
+CONFIG = InjectConfig(allow_pod_mode_override=True)
 PROXY_VARS = {"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"}
 
 
@@ -89,11 +92,29 @@ def sidecar(p: dict[str, Any], name: str) -> dict[str, Any]:
 def test_selection(label: str | None, namespace_selected: bool, expected: bool) -> None:
     p = pod(metadata__labels={} if label is None else {"mandate.dev/inject": label})
     assert selected(p, namespace_selected=namespace_selected) is expected
-    out = inject(p, CONFIG, namespace_selected=namespace_selected)
+    # An opt-out where the namespace selects the pod is the injector's to allow (below).
+    config = dataclasses.replace(CONFIG, allow_pod_opt_out=True)
+    out = inject(p, config, namespace_selected=namespace_selected)
     assert is_injected(out) is expected
     if not expected:
         assert out == p
-        assert patch_for(p, CONFIG, namespace_selected=namespace_selected) == []
+        assert patch_for(p, config, namespace_selected=namespace_selected) == []
+
+
+def test_an_opt_out_in_a_selected_namespace_is_refused_unless_the_injector_allows_it() -> None:
+    """Review 19: a pod labelled "false" in a namespace labelled for injection ran without
+    the sidecar, so the pod owner chose whether its agent was governed and audited."""
+    opted_out = pod(metadata__labels={"mandate.dev/inject": "false"})
+    with pytest.raises(InjectError) as err:
+        inject(opted_out, CONFIG, namespace_selected=True)
+    assert 'metadata.labels[mandate.dev/inject]: "false"' in str(err.value)
+    assert "allowPodOptOut" in str(err.value)
+    with pytest.raises(InjectError):
+        patch_for(opted_out, CONFIG, namespace_selected=True)
+    # Where only labelled pods are injected, "false" is just "not selected".
+    assert inject(opted_out, CONFIG) == opted_out
+    allowing = dataclasses.replace(CONFIG, allow_pod_opt_out=True)
+    assert inject(opted_out, allowing, namespace_selected=True) == opted_out
 
 
 def test_unlabelled_malformed_pod_is_left_alone() -> None:
@@ -110,30 +131,39 @@ def test_second_pass_changes_nothing(mode: str) -> None:
     assert patch_for(once, CONFIG) == []
 
 
-def test_injected_is_recognised_by_containers_without_the_annotation() -> None:
+@pytest.mark.parametrize("config", [CONFIG, InjectConfig(mode="proxy")], ids=["iptables", "proxy"])
+def test_injecting_twice_is_injecting_once(config: InjectConfig) -> None:
+    """The injection is authoritative (review 19): a pod that carries the sidecar is stripped
+    of it and injected again, which gives back the same pod."""
+    for name, p in VARIANTS.items():
+        once = inject(p, config)
+        assert inject(once, config) == once, name
+        assert patch_for(once, config) == [], name
+
+
+def test_an_injected_pod_without_the_annotation_gets_it_back() -> None:
     once = inject(pod(), CONFIG)
-    del once["metadata"]["annotations"][ANNOTATION_INJECTED]
-    assert is_injected(once)
-    assert patch_for(once, CONFIG) == []
+    bare = copy.deepcopy(once)
+    del bare["metadata"]["annotations"][ANNOTATION_INJECTED]
+    assert is_injected(bare)
+    assert inject(bare, CONFIG) == once
+    assert patch_for(bare, CONFIG) == [
+        {"op": "add", "path": "/metadata/annotations/mandate.dev~1injected", "value": "iptables"}
+    ]
 
 
-def test_a_pod_claiming_to_be_injected_without_the_sidecar_is_refused() -> None:
+def test_a_pod_claiming_to_be_injected_without_the_sidecar_gets_it() -> None:
     """Issue 19, finding 5: the annotation alone used to skip injection, so a pod could opt
-    out by claiming it had been injected."""
-    claim = pod(metadata__annotations={ANNOTATION_INJECTED: "iptables"})
-    with pytest.raises(InjectError) as err:
-        inject(claim, CONFIG)
-    assert ANNOTATION_INJECTED in str(err.value) and "no mandate and mandate-envoy" in str(
-        err.value
-    )
-    with pytest.raises(InjectError):
-        patch_for(claim, CONFIG)
+    out by claiming it had been injected. Now what carries the claim is injected again."""
+    claim = pod(metadata__annotations={ANNOTATION_INJECTED: "proxy"})
+    out = inject(claim, CONFIG)
+    assert out == inject(pod(), CONFIG)  # the operator's mode, not the claim's
+    assert jsonpatch.apply_patch(claim, patch_for(claim, CONFIG)) == out
     half = inject(pod(), CONFIG)  # one of the two containers removed, the annotation kept
     half["spec"]["initContainers"] = [
         c for c in half["spec"]["initContainers"] if c["name"] != "mandate-envoy"
     ]
-    with pytest.raises(InjectError):
-        inject(half, CONFIG)
+    assert inject(half, CONFIG) == inject(pod(), CONFIG)
     # not selected: the annotation is none of mandate's business
     assert inject(pod(metadata__labels={}, metadata__annotations={ANNOTATION_INJECTED: "x"}),
                   CONFIG)["metadata"]["annotations"] == {ANNOTATION_INJECTED: "x"}  # fmt: skip
@@ -334,10 +364,33 @@ def test_capture_env_lists_exclusions() -> None:
         assert rule in CAPTURE_SCRIPT
 
 
-def test_root_agent_gets_a_warning_in_iptables_mode() -> None:
-    risky = pod(spec__securityContext={})
-    assert any("root" in w for w in warnings_for(inject(risky, CONFIG), CONFIG))
+def test_a_root_agent_is_refused_in_iptables_mode_or_warned_about() -> None:
+    """rootAgents: refuse (the default): root could setuid to Envoy's UID and leave the pod
+    uncaptured. warn: injected, with a warning (as before review 19)."""
+    risky = pod(
+        spec__securityContext={},
+        spec__initContainers=[{"name": "setup", "securityContext": {"runAsUser": 0}}],
+    )
+    with pytest.raises(InjectError) as err:
+        inject(risky, CONFIG)
+    assert "spec.initContainers[0] (setup), spec.containers[0] (agent): may run as root" in str(
+        err.value
+    )
+    assert "runAsNonRoot" in str(err.value) and "rootAgents" in str(err.value)
+    warn = dataclasses.replace(CONFIG, root_agents="warn")
+    warnings = warnings_for(inject(risky, warn), warn)
+    assert [w.split(" may run as root")[0] for w in warnings] == [
+        "mandate: container setup",
+        "mandate: container agent",
+    ]
     assert warnings_for(inject(pod(), CONFIG), CONFIG) == []
+    # A container's own securityContext wins over the pod's.
+    inject(pod(spec__securityContext={}, spec__containers=[
+        {"name": "agent", "securityContext": {"runAsUser": 10001}}]), CONFIG)  # fmt: skip
+    with pytest.raises(InjectError, match=r"\(agent\): may run as root"):
+        inject(pod(spec__containers=[
+            {"name": "agent", "securityContext": {"runAsNonRoot": False, "runAsUser": 0}}]), CONFIG)  # fmt: skip
+    # Proxy mode has no capture to bypass: neither refused nor warned about.
     proxy = pod(spec__securityContext={}, metadata__annotations={"mandate.dev/mode": "proxy"})
     assert warnings_for(inject(proxy, CONFIG), CONFIG) == []
 
@@ -361,7 +414,9 @@ VARIANTS = {
     "proxy": pod(metadata__annotations={"mandate.dev/mode": "proxy"}),
     "template-without-name": {
         "metadata": {"labels": {"mandate.dev/inject": "true"}},
-        "spec": {"containers": [{"name": "agent"}]},
+        "spec": {
+            "containers": [{"name": "agent", "securityContext": {"runAsNonRoot": True}}],
+        },
     },
 }
 
@@ -375,7 +430,7 @@ def test_patch_applied_gives_the_injected_pod(name: str) -> None:
 
 
 def test_patch_adds_metadata_when_there_is_none() -> None:
-    p = {"spec": {"containers": [{"name": "a"}]}}
+    p = {"spec": {"containers": [{"name": "a"}], "securityContext": {"runAsUser": 10001}}}
     ops = patch_for(p, CONFIG, namespace_selected=True)
     assert ops[0]["path"] == "/metadata"
     assert jsonpatch.apply_patch(p, ops) == inject(p, CONFIG, namespace_selected=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,10 @@ def through_webhook(pod: dict[str, Any], config: InjectConfig = CONFIG) -> dict[
 
 
 def through_cli(
-    pod: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pod: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    config_file: Path = ROOT / "deploy" / "base" / "injector.yaml",
 ) -> dict[str, Any]:
     """The pod template of a Deployment, injected offline by `mandate inject`."""
     deployment = {
@@ -186,7 +190,7 @@ def through_cli(
     manifest.write_text(yaml.safe_dump(deployment))
     parser = argparse.ArgumentParser()
     add_inject_parser(parser.add_subparsers(dest="command"))
-    config = str(ROOT / "deploy" / "base" / "injector.yaml")
+    config = str(config_file)
     code = run_inject(parser.parse_args(["inject", "-f", str(manifest), "--config", config]))
     out = capsys.readouterr()
     assert code == 0, out.err
@@ -286,9 +290,17 @@ def test_the_agents_containers_hold_no_token_and_no_secret(
     via: str, mode: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pod = agent_pod()
-    pod["metadata"]["annotations"]["mandate.dev/mode"] = mode
     pod["metadata"]["annotations"][ANNOTATION_TXN_KEYS_SECRET] = "mandate-txn-keys"
-    out = through_webhook(pod) if via == "webhook" else through_cli(pod, tmp_path, capsys)
+    # The operator's mode (a pod may not pick a less strict one: allowPodModeOverride).
+    data = {**yaml.safe_load((ROOT / "deploy/base/injector.yaml").read_text()), "mode": mode}
+    config_file = tmp_path / "injector.yaml"
+    config_file.write_text(yaml.safe_dump(data))
+    config = InjectConfig.from_mapping(data)
+    out = (
+        through_webhook(pod, config)
+        if via == "webhook"
+        else through_cli(pod, tmp_path, capsys, config_file)
+    )
     warnings = out.pop("_warnings")
     kv.validate(out, K8S, strict=True)
     protected = {*SECRETS, "mandate-txn-keys", "mandate-admin-token"}
@@ -688,6 +700,9 @@ def test_bad_injector_config_is_refused(data: dict[str, Any], message: str) -> N
     assert message in str(err.value)
 
 
-def test_warnings_for_a_shared_process_namespace() -> None:
-    out = inject(agent_pod(shareProcessNamespace=True), CONFIG)
-    assert any("shareProcessNamespace" in w for w in warnings_for(out, CONFIG))
+@pytest.mark.parametrize("mode", ["iptables", "proxy"])
+def test_a_shared_process_namespace_is_refused(mode: str) -> None:
+    """Review 19: it was a warning; the agent (as mandate's UID, which proxy mode does not
+    refuse, or as root) read mandate's token and credentials through /proc/<pid>/root."""
+    with pytest.raises(InjectError, match=r"spec.shareProcessNamespace: true: .*/proc"):
+        inject(agent_pod(shareProcessNamespace=True), dataclasses.replace(CONFIG, mode=mode))
