@@ -31,6 +31,20 @@ Worker, on the Check path:
   the re-read after the supervisor published a new generation (once per publish, at most
   every 0.1 s, only when a score moved by 0.01).
 
+What the agent does (issue 21): the call's facts (MCP tools, argument shapes, fingerprints
+of the sensitive arguments: `sidecar.core.callfacts`), on the Check path for an agent under
+behaviour analysis and read back by the supervisor:
+- **CheckPipeline.decide, MCP tools/call**: the whole of a worker's decision of an AgentDojo-
+  shaped `send_email` call (4 arguments, `recipients` sensitive; 218 bytes), with facts
+  (the agent's profile has `behavior:`) vs without (the same profile without it), and
+  **added by the call's facts** (with minus without, run by run, interleaved): the body
+  parsed again, described, fingerprinted (one HMAC), encoded;
+- **describe + encode** alone for that call, and for a JSON (not MCP) body of 5 keys;
+- **response_for + serialize**: the gRPC answer with the facts in its metadata vs without;
+- supervisor: **event_from_entry** of an entry carrying them (`decode`), and
+  **BehaviourEngine.observe** of an event with facts, after learning (tool, transition and
+  value looked up).
+
 Writes bench/results/behaviour_cost.{json,md}.
 Run: python -m bench behaviour_cost [--number 20000] [--repeat 7]
 """
@@ -44,6 +58,7 @@ import statistics
 import tempfile
 import timeit
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -340,6 +355,197 @@ def supervisor_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]
     return sorted(rows, key=lambda r: r["where"] != "supervisor")
 
 
+MCP_PROFILE = """\
+apiVersion: mandate.dev/v1alpha1
+kind: AgentProfile
+metadata: {{name: {name}}}
+spec:
+  owner: bench
+  defaultPurpose: mail
+  purposes:
+    mail:
+      allow:
+        - hosts: [mcp.tools.svc.cluster.local]
+          methods: [POST]
+          paths: ["/mcp"]
+          mcpTools: [search_emails, send_email]
+{behavior}"""
+MCP_BEHAVIOR = """\
+  behavior:
+    mode: enforce
+    revokeAtRisk: 0.95
+    sensitiveArguments: [recipients, cc, bcc]
+"""
+SEND_EMAIL = {
+    "recipients": ["mark.black-2134@gmail.com"],
+    "subject": "Important message!",
+    "body": "Hey, how is it going?",
+    "attachments": None,
+}
+
+
+def facts_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]]:
+    """What the call's facts cost (issue 21): on the Check path and in the supervisor."""
+    from sidecar.audit.arguments import ArgumentKey
+    from sidecar.audit.canonical import canonical_json
+    from sidecar.check.grpc_transport import response_for
+    from sidecar.check.pipeline import CheckPipeline
+    from sidecar.check.request import Identity
+    from sidecar.core.callfacts import decode, describe
+    from sidecar.core.mcp import tool_call_body
+
+    rows: list[dict[str, Any]] = []
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "mcp.yaml").write_text(
+        MCP_PROFILE.format(name="watched", behavior=MCP_BEHAVIOR)
+        + "---\n"
+        + MCP_PROFILE.format(name="plain", behavior="")
+    )
+    snapshot = load_profiles(work)
+    key = ArgumentKey.of(b"\x01" * 32)
+    pipeline = CheckPipeline(lambda: snapshot, Identity(), lambda: T0, facts_key=key)
+    body = tool_call_body("send_email", SEND_EMAIL)
+
+    def view_of(agent: str) -> Callable[[str], RequestView]:
+        view = RequestView(
+            decision_id="0" * 32, method="POST", authority="mcp.tools.svc.cluster.local",
+            path="/mcp", body=body, context_extensions={"agent": agent}, namespace=NS,
+            headers={"content-type": "application/json", "content-length": str(len(body))},
+        )  # fmt: skip
+        return lambda did: view
+
+    on, off = view_of("watched"), view_of("plain")
+    d_on, _, _, text = pipeline.decide(on)
+    d_off, _, _, none = pipeline.decide(off)
+    if not (d_on.allowed and d_off.allowed and none == "" and decode(text).tools):
+        raise SystemExit(f"behaviour_cost: unexpected facts {d_on} {d_off} {text!r}")
+    times = interleaved(
+        {"off": lambda: pipeline.decide(off), "on": lambda: pipeline.decide(on)},
+        max(1, number // 4),
+        repeat * 4,
+    )
+    rows.append(
+        row(
+            "CheckPipeline.decide, MCP tools/call, no behavior",
+            times["off"],
+            f"send_email, {len(body)} bytes, allowed by mcpTools",
+            where="worker",
+        )
+    )
+    rows.append(
+        row(
+            "CheckPipeline.decide, MCP tools/call, with facts",
+            times["on"],
+            f"the same call, `behavior:` with sensitiveArguments: facts {text!r}",
+            where="worker",
+        )
+    )
+    rows.append(
+        row(
+            "CheckPipeline.decide: added by the call's facts",
+            [b - a for a, b in zip(times["off"], times["on"], strict=True)],
+            "with minus without, run by run (interleaved)",
+            where="worker",
+        )
+    )
+
+    def fingerprint(value: object) -> str:
+        return key.mac(canonical_json(value))
+
+    sensitive = frozenset({"recipients", "cc", "bcc"})
+    rows.append(
+        row(
+            "describe + encode, MCP tools/call",
+            timed(
+                lambda: describe(body, False, sensitive, fingerprint, key.id).encode(),
+                number,
+                repeat,
+            ),
+            "strict JSON parse, JSON-RPC read, shape, one HMAC-SHA256, text",
+            where="worker",
+        )
+    )
+    json_body = json.dumps(
+        {"iban": "DE89370400440532013000", "amount": 120.5, "currency": "EUR",
+         "reference": "INV-42", "urgent": False}
+    ).encode()  # fmt: skip
+    iban = frozenset({"iban"})
+    rows.append(
+        row(
+            "describe + encode, JSON body (5 keys)",
+            timed(
+                lambda: describe(json_body, False, iban, fingerprint, key.id).encode(),
+                number,
+                repeat,
+            ),
+            f"{len(json_body)} bytes, one sensitive key (iban)",
+            where="worker",
+        )
+    )
+    grpc_times = interleaved(
+        {
+            "off": lambda: response_for(d_on, {}).SerializeToString(),
+            "on": lambda: response_for(d_on, {}, facts=text).SerializeToString(),
+        },
+        max(1, number // 4),
+        repeat * 4,
+    )
+    rows.append(
+        row(
+            "response_for + serialize: added by `call` metadata",
+            [b - a for a, b in zip(grpc_times["off"], grpc_times["on"], strict=True)],
+            f"the gRPC answer with the facts ({len(text)} characters) vs without",
+            where="worker",
+        )
+    )
+
+    # supervisor: decode, then the engine with facts
+    entry = envoy_entry(0, T0 + 20)
+    entry.common_properties.metadata.filter_metadata[AUTHZ_NAMESPACE].fields[
+        "call"
+    ].string_value = text
+    got = event_from_entry(entry, NS, T0 + 30)
+    if got is None or not got.facts.tools:
+        raise SystemExit("behaviour_cost: the facts did not decode")
+    rows.append(
+        row(
+            "event_from_entry, with facts",
+            timed(lambda: event_from_entry(entry, NS, T0 + 30), number, repeat),
+            "the same entry with `call` metadata (decode)",
+            where="supervisor",
+        )
+    )
+    settings = BehaviourSettings(
+        mode="enforce", revoke_at=0.95, learning_seconds=8.0, window_seconds=5.0
+    )
+    engine = BehaviourEngine()
+    learned = got.facts
+    for k in range(int(settings.learning_seconds * RATE)):
+        engine.observe(replace(got, at=T0 + k / RATE, facts=learned), settings)
+    cursor = [T0 + settings.learning_seconds + 1.0]
+
+    def fresh(n: int) -> list[CallEvent]:
+        out = [replace(got, at=cursor[0] + k / RATE) for k in range(n)]
+        cursor[0] += n / RATE
+        return out
+
+    samples: list[float] = []
+    for _ in range(repeat):
+        it = iter(fresh(number))
+        samples += timed(lambda it=it: engine.observe(next(it), settings), number, 1)
+    if engine.score(NS, AGENT, cursor[0], settings).score > 0.0:
+        raise SystemExit("behaviour_cost: a known tool call should score 0")
+    rows.append(
+        row(
+            "BehaviourEngine.observe with facts (after learning)",
+            samples,
+            "known tool, transition and recipient: three set lookups",
+            where="supervisor",
+        )
+    )
+    return rows
+
+
 def worker_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     snapshot = load_profiles(unlimited_profiles(PROFILES, work, behaviour={AGENT: BEHAVIOUR}))
@@ -445,7 +651,12 @@ def summarize(rows: list[dict[str, Any]], rps: float) -> dict[str, Any]:
     per_event = best("parse (protobuf, per entry)") + best("AccessLogServicer._handle (per entry)")
     tick_per_call = best("BehaviourService.tick") * 10 / rps
     added = statistics.median(by["decide(): added (per round)"]["samples_us"])
+    facts = statistics.median(by["CheckPipeline.decide: added by the call's facts"]["samples_us"])
+    meta = statistics.median(by["response_for + serialize: added by `call` metadata"]["samples_us"])
     return {
+        "facts_added_us_per_mcp_check": facts + meta,
+        "facts_decide_added_us": facts,
+        "facts_response_added_us": meta,
         "goal_added_us_per_check": GOAL_US,
         "worker_added_us_per_check": added,
         "worker_added_us_per_check_best": best("decide(), risk state + grant")
@@ -478,6 +689,12 @@ def markdown(info: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str
         f"{s['supervisor_parse_and_handle_us_per_call']:.2f} µs, plus the 0.1 s tick spread "
         f"over {s['rps_assumed']:,.0f} calls/s {s['supervisor_tick_us_per_call_at_rps']:.3f} "
         f"µs = {s['supervisor_us_per_call']:.2f} µs, before gRPC's own stream handling.",
+        f"The call's facts (issue 21), per MCP call of an agent under behaviour analysis: "
+        f"{s['facts_decide_added_us']:+.2f} µs to the decision (the body parsed again, "
+        f"described, one HMAC) and {s['facts_response_added_us']:+.2f} µs to the gRPC "
+        f"answer = {s['facts_added_us_per_mcp_check']:+.2f} µs per Check (medians of the "
+        "interleaved rounds); calls without a body and agents without `behavior:` pay "
+        "nothing.",
         "",
         f"Machine: {info['nproc']} CPUs, {info['cpu_model']}, Linux {info['kernel']}; Python "
         f"{info['python']}, protobuf {info['protobuf']}; timeit, GC off, best and median of "
@@ -514,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         rows = supervisor_rows(args.number, args.repeat, work / "s")
         rows += worker_rows(args.number, args.repeat, work / "w")
+        rows += facts_rows(args.number, args.repeat, work / "f")
     summary = summarize(rows, args.rps)
     table = markdown(info, rows, summary)
     print(table)

@@ -14,6 +14,7 @@ import re
 
 __all__ = [
     "AGENT_HEADER",
+    "CALL_HEADER",
     "CODE_HEADER",
     "CREDENTIAL_HEADERS",
     "DECISION_HEADER",
@@ -53,6 +54,7 @@ OWN_PREFIXES = ("x-mandate-", "x_mandate_", "x-mandate_", "x_mandate-")
 OUTCOME_HEADER = "x-mandate-outcome"
 CODE_HEADER = "x-mandate-code"  # for Envoy's access logs only (dynamic metadata)
 LOG_AGENT_HEADER = "x-mandate-log-agent"  # for Envoy's access logs only (dynamic metadata)
+CALL_HEADER = "x-mandate-call"  # the call's facts for behaviour analysis (dynamic metadata)
 LENGTH_HEADER = "x-mandate-content-length"
 SCHEME_HEADER = "x-mandate-scheme"
 

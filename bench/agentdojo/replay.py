@@ -49,7 +49,7 @@ from devstack.local import (
 from sidecar.agentapi.client import AgentContext
 from sidecar.errors import AgentStateError
 
-__all__ = ["McpUpstream", "Stack", "replay", "running_stack"]
+__all__ = ["McpUpstream", "Stack", "post_mcp", "read_answer", "replay", "running_stack"]
 
 TEMPLATES = {"grpc": "local.yaml", "http": "local-http.yaml"}
 # A declared task cannot be ended or dropped while it lasts, and an agent holds at most 64
@@ -135,11 +135,21 @@ def write_profiles(docs: Sequence[Mapping[str, Any]], where: Path) -> Path:
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    transport: str, work: Path, profiles: Path, agents: Sequence[str], narrowing: Sequence[str]
+    transport: str,
+    work: Path,
+    profiles: Path,
+    agents: Sequence[str],
+    narrowing: Sequence[str],
+    *,
+    mandate_args: Sequence[str] = (),
+    access_log: bool = False,
+    timeout: float = 20.0,
 ) -> AsyncIterator[Stack]:
     """The upstream, `mandate run` and Envoy for ``agents`` (``narrowing``: those that get
     the context API), on 127.0.0.1 ports they pick; all stopped on exit. On an error inside,
-    the last lines of mandate's and Envoy's logs go to the exception's message."""
+    the last lines of mandate's and Envoy's logs go to the exception's message.
+    ``mandate_args``: more arguments of `mandate run`; ``access_log``: behaviour analysis
+    on, Envoy's access log streamed to it; ``timeout``: for each process to be up."""
     where = work / transport
     where.mkdir(parents=True, exist_ok=True)
     upstream = McpUpstream()
@@ -148,10 +158,15 @@ async def running_stack(
     extra = ["--transport", transport, "--log-level", "WARNING", "--threads", "2"]
     for agent, address in sockets.items():
         extra += ["--context-api", f"{agent}={address}"]
+    if access_log:
+        extra += ["--access-log", "127.0.0.1:0"]
+    extra += mandate_args
     mandate: MandateProcess | None = None
     envoy: EnvoyProcess | None = None
     try:
-        mandate = await asyncio.to_thread(start_mandate, profiles, where / "mandate", extra=extra)
+        mandate = await asyncio.to_thread(
+            start_mandate, profiles, where / "mandate", extra=extra, timeout=timeout
+        )
         config = render_envoy_config(
             ENVOY_DIR / TEMPLATES[transport],
             {
@@ -162,8 +177,9 @@ async def running_stack(
             },
             agents=list(agents),
             mandate_ports=mandate.grpc_ports,
+            als_port=mandate.access_log_port if access_log else None,
         )
-        envoy = await asyncio.to_thread(start_envoy, config, where / "envoy")
+        envoy = await asyncio.to_thread(start_envoy, config, where / "envoy", timeout=timeout)
         stack = Stack(transport, envoy, mandate, upstream, sockets)
         try:
             yield stack
@@ -186,7 +202,7 @@ async def running_stack(
         await upstream.stop()
 
 
-async def _post(
+async def post_mcp(
     http: aiohttp.ClientSession, port: int, host: str, body: bytes, headers: Mapping[str, str]
 ) -> tuple[int, str]:
     hdrs = {
@@ -201,7 +217,7 @@ async def _post(
         return resp.status, await resp.text()
 
 
-def _decision(status: int, text: str, what: str) -> tuple[bool, str, str]:
+def read_answer(status: int, text: str, what: str) -> tuple[bool, str, str]:
     """(allowed, code, reason) of an answer through Envoy; BenchError unless it is a 200 or
     mandate's 403 (a 503 is mandate failing, anything else a broken stack)."""
     if status == 200:
@@ -224,11 +240,11 @@ async def probe(stack: Stack, http: aiohttp.ClientSession, agent: str, host: str
     rpc = f"probe/{agent}/list"
     body = json.dumps({"jsonrpc": "2.0", "id": rpc, "method": "tools/list"}).encode()
     while True:  # the first Check may race Envoy's connection to mandate
-        status, text = await _post(http, port, host, body, {})
+        status, text = await post_mcp(http, port, host, body, {})
         if status == 200 or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.1)
-    _decision(status, text, f"{stack.transport} {agent} probe tools/list")
+    read_answer(status, text, f"{stack.transport} {agent} probe tools/list")
     if status != 200 or rpc not in stack.upstream.received:
         raise BenchError(f"{stack.transport} {agent}: tools/list gave {status} or never arrived")
     rpc = f"probe/{agent}/deny"
@@ -236,8 +252,8 @@ async def probe(stack: Stack, http: aiohttp.ClientSession, agent: str, host: str
         {"jsonrpc": "2.0", "id": rpc, "method": "tools/call",
          "params": {"name": PROBE_TOOL, "arguments": {}}}
     ).encode()  # fmt: skip
-    status, text = await _post(http, port, host, body, {})
-    allowed, code, _ = _decision(status, text, f"{stack.transport} {agent} probe deny")
+    status, text = await post_mcp(http, port, host, body, {})
+    allowed, code, _ = read_answer(status, text, f"{stack.transport} {agent} probe deny")
     if allowed or code != "outside_purpose" or rpc in stack.upstream.received:
         raise BenchError(f"{stack.transport} {agent}: an unknown tool was not refused: {text}")
 
@@ -285,9 +301,9 @@ async def replay(
                 want = {"x-mandate-purpose": purpose}
             for step in s.steps:
                 rpc = f"{agent}/{s.key}/{step.role}{step.index}"
-                status, text = await _post(http, port, host, step.call.body(rpc), headers)
+                status, text = await post_mcp(http, port, host, step.call.body(rpc), headers)
                 what = f"{stack.transport} {agent} {rpc}"
-                allowed, code, reason = _decision(status, text, what)
+                allowed, code, reason = read_answer(status, text, what)
                 if not allowed and code not in POLICY_CODES:
                     raise BenchError(f"{what}: refused {code} ({reason}), not by the policy")
                 expected[rpc] = (allowed, want)

@@ -45,13 +45,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _encode_str
 from typing import Any
 
 from sidecar.audit.canonical import canonical_json
 from sidecar.core.arguments import query_arguments
+from sidecar.core.callfacts import NAME, json_type
 from sidecar.core.mcp import JsonRefusal, McpMessage, mcp_messages, parse_json_body
 from sidecar.core.recording import ArgumentRecording, CallArguments
 
@@ -68,7 +68,6 @@ __all__ = [
 VALUE_MAX_BYTES = 1024
 ENTRIES_MAX = 128
 RECORD_MAX_BYTES = 16 * 1024
-NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 _KEYS_MAX = 64
 _HASH_BYTES = 8
 _KEY_ID_INPUT = b"mandate-audit-argument-key-id"
@@ -111,23 +110,6 @@ def _canonical(value: object) -> bytes:
     if type(value) is int:
         return int.__repr__(value).encode("ascii")
     return canonical_json(value)
-
-
-def json_type(value: object) -> str:
-    """The JSON Schema type of a parsed JSON value."""
-    if value is None:
-        return "null"
-    if value is True or value is False:
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, dict):
-        return "object"
-    return "array"
 
 
 def recorded_arguments(args: CallArguments, key: ArgumentKey | None) -> dict[str, Any] | None:

@@ -10,6 +10,10 @@ becomes a :class:`~sidecar.core.behaviour.CallEvent` for the behaviour engine:
   the HTTP transport's answer headers become metadata under their own names
   (`x-mandate-log-agent`, `x-mandate-code`, `x-mandate-outcome`, `x-mandate-decision`:
   `http_authz`, `dynamic_metadata_from_headers`);
+- what the call was (its MCP tools, their argument shapes, the fingerprints of its
+  sensitive arguments: :class:`~sidecar.core.callfacts.CallFacts`): the same metadata's
+  `call` (gRPC) or `x-mandate-call` (HTTP), which mandate's answer sets for an agent under
+  behaviour analysis;
 - method, host (lower case, no port) and path (no query) from the request;
 - status from `response.response_code`, bytes from `response.response_body_bytes` (to the
   agent) and `request.request_body_bytes` (from the agent);
@@ -40,8 +44,15 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from sidecar.core.behaviour import CallEvent
+from sidecar.core.callfacts import decode
 from sidecar.errors import ConfigError
-from sidecar.headers import CODE_HEADER, DECISION_HEADER, LOG_AGENT_HEADER, OUTCOME_HEADER
+from sidecar.headers import (
+    CALL_HEADER,
+    CODE_HEADER,
+    DECISION_HEADER,
+    LOG_AGENT_HEADER,
+    OUTCOME_HEADER,
+)
 
 __all__ = ["AUTHZ_NAMESPACE", "AccessLogServicer", "event_from_entry", "start_als_server"]
 
@@ -53,6 +64,7 @@ _AGENT = ("agent", LOG_AGENT_HEADER)
 _CODE = ("code", CODE_HEADER)
 _DECISION = ("decision", OUTCOME_HEADER)
 _DECISION_ID = ("decision_id", DECISION_HEADER)
+_CALL = ("call", CALL_HEADER)
 _METHODS = {
     value.number: value.name
     for value in accesslog_pb2.HTTPAccessLogEntry.DESCRIPTOR.fields_by_name["request"]
@@ -125,6 +137,7 @@ def event_from_entry(
         bytes_sent=response.response_body_bytes,
         bytes_received=request.request_body_bytes,
         decision_id=_string(fields, _DECISION_ID),
+        facts=decode(_string(fields, _CALL)),
     )
 
 

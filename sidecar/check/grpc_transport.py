@@ -9,8 +9,10 @@ metrics, span), and translates the Decision into a CheckResponse (:func:`respons
   and the `x-mandate-decision` header;
 - both: dynamic metadata (Envoy files it under the filter's namespace,
   `envoy.filters.http.ext_authz`) for the access logs: `decision_id`, `decision`
-  (allow/deny), `agent`, `code` and `purpose`. Envoy's ALS entry carries it, allowed or
-  denied, which attributes each call to its agent for behaviour analysis (`als`).
+  (allow/deny), `agent`, `code` and `purpose`, and for an agent under behaviour analysis
+  `call` (the call's facts: `sidecar.core.callfacts`). Envoy's ALS entry carries it,
+  allowed or denied, which attributes each call to its agent for behaviour analysis
+  (`sidecar.behaviour.access_log`).
 `Check` never raises into gRPC: malformed input, no snapshot or any internal error is a
 deny with a reason (fail closed). The HTTP transport (`http_authz`) answers the same way.
 This module must not contain decision logic.
@@ -75,10 +77,11 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 
 def response_for(
-    d: Decision, agent_headers: Mapping[str, str], injected: Injected = NOTHING
+    d: Decision, agent_headers: Mapping[str, str], injected: Injected = NOTHING, facts: str = ""
 ) -> external_auth_pb2.CheckResponse:
     """The CheckResponse for a decision; ``agent_headers`` are the request's headers,
-    ``injected`` the credentials an allowed call carries."""
+    ``injected`` the credentials an allowed call carries, ``facts`` the call's facts for
+    behaviour analysis ('' for none)."""
     meta = struct_pb2.Struct()
     fields = meta.fields  # set directly: Struct.update() costs twice as much per Check
     fields["decision_id"].string_value = d.decision_id
@@ -86,6 +89,8 @@ def response_for(
     fields["agent"].string_value = d.agent
     fields["code"].string_value = d.code
     fields["purpose"].string_value = d.purpose
+    if facts:
+        fields["call"].string_value = facts
     if d.allowed:
         to_set, to_remove = upstream_headers(d, agent_headers, injected)
         ok = external_auth_pb2.OkHttpResponse(

@@ -14,8 +14,12 @@ give if encoding fails, and where the decision span's parents are. The pipeline:
    revoked agent's cached tokens;
 4. records the decision in the audit trail (:class:`Audit`; fail-closed turns an allow it
    cannot record into a deny, and a deny carries no credential);
-5. encodes the answer, falling back to the transport's deny;
-6. counts the decision and its latency, and records its span.
+5. for an agent whose profile has `behavior:`, describes the call for behaviour analysis
+   (`sidecar.core.callfacts`: its MCP tools, argument shapes and the fingerprints of its
+   sensitive arguments, under ``facts_key``), which the answer carries to Envoy's access
+   log in its dynamic metadata;
+6. encodes the answer, falling back to the transport's deny;
+7. counts the decision and its latency, and records its span.
 Nothing here raises into a transport. No protobuf, no aiohttp, no decision logic.
 """
 
@@ -28,9 +32,12 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TypeVar
 
 from sidecar.audit import Trail
+from sidecar.audit.arguments import ArgumentKey
+from sidecar.audit.canonical import canonical_json
 from sidecar.check.request import Identity, new_decision_id
 from sidecar.core import Code, Decision, RequestView, Snapshot, decide
 from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable
+from sidecar.core.callfacts import NO_FACTS, describe
 from sidecar.core.decide import over_rate
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
@@ -87,7 +94,9 @@ class Audit:
 class CheckPipeline:
     """One worker's Check pipeline. ``snapshot`` returns the current snapshot (None before
     load); ``revocations`` and ``agent_state`` the shared tables' current generations;
-    ``limiter`` enforces the purposes' rate limits (None: not counted)."""
+    ``limiter`` enforces the purposes' rate limits (None: not counted); ``facts_key``
+    fingerprints sensitive arguments for behaviour analysis (None: no fingerprints; the
+    tools and argument shapes are still described)."""
 
     def __init__(
         self,
@@ -100,6 +109,7 @@ class CheckPipeline:
         agent_state: Callable[[], AgentStateTable] = lambda: EMPTY_AGENT_STATE,
         limiter: RateLimiter | None = None,
         broker: CredentialBroker | None = None,
+        facts_key: ArgumentKey | None = None,
     ) -> None:
         self.identity = identity
         self.tracing = tracing
@@ -110,22 +120,24 @@ class CheckPipeline:
         self._agent_state = agent_state
         self._limiter = limiter
         self._broker = broker
+        self._facts_key = facts_key
 
     def check(
         self,
         view_of: Callable[[str], RequestView],
-        respond: Callable[[Decision, Headers, Injected], R],
+        respond: Callable[[Decision, Headers, Injected, str], R],
         fallback: Callable[[], R],
         parents: Callable[[Headers], Headers],
     ) -> R:
         """One Check: decide the call ``view_of(decision_id)`` describes, answer with
-        ``respond(decision, request headers, credentials)`` (or ``fallback()`` if that
-        fails), then count and trace it, the span parented on ``parents(request headers)``."""
+        ``respond(decision, request headers, credentials, call facts)`` (or ``fallback()``
+        if that fails), then count and trace it, the span parented on ``parents(request
+        headers)``. The call facts are `CallFacts.encode`'s text ('' for none)."""
         started = time.perf_counter()
         start_ns = time.time_ns() if self.tracing is not None else 0
-        decision, headers, injected = self.decide(view_of)
+        decision, headers, injected, facts = self.decide(view_of)
         try:
-            answer = respond(decision, headers, injected)
+            answer = respond(decision, headers, injected, facts)
         except Exception:
             log.exception("encoding the answer failed; denying (decision %s)", decision.decision_id)
             answer = fallback()
@@ -137,13 +149,17 @@ class CheckPipeline:
                 log.exception("recording the decision span failed")
         return answer
 
-    def decide(self, view_of: Callable[[str], RequestView]) -> tuple[Decision, Headers, Injected]:
-        """Steps 1-4 of :meth:`check`: the audited Decision, the request's headers and the
-        credentials an allowed call carries. Never raises: an error building the view or
-        deciding is a deny."""
+    def decide(
+        self, view_of: Callable[[str], RequestView]
+    ) -> tuple[Decision, Headers, Injected, str]:
+        """Steps 1-5 of :meth:`check`: the audited Decision, the request's headers, the
+        credentials an allowed call carries and the call's facts for behaviour analysis
+        ('' for none). Never raises: an error building the view or deciding is a deny."""
         did = new_decision_id()
         headers: Headers = {}
         injected = NOTHING
+        view: RequestView | None = None
+        snap: Snapshot | None = None
         try:
             snap = self._snapshot()
             if snap is None:
@@ -169,7 +185,30 @@ class CheckPipeline:
             decision = self._audit.record(decision)
         if not decision.allowed:
             injected = NOTHING
-        return decision, headers, injected
+        facts = ""
+        if view is not None and snap is not None and view.body and decision.agent:
+            facts = self._facts(snap, view, decision)
+        return decision, headers, injected, facts
+
+    def _facts(self, snap: Snapshot, view: RequestView, decision: Decision) -> str:
+        """The call's facts for behaviour analysis, if its agent is analysed ('' if not)."""
+        agent = snap.agents.get(decision.agent)
+        settings = agent.behavior if agent is not None else None
+        if settings is None:
+            return ""
+        key = self._facts_key
+        try:
+            facts = describe(
+                view.body,
+                view.body_truncated,
+                settings.sensitive,
+                None if key is None else lambda value: key.mac(canonical_json(value)),
+                "" if key is None else key.id,
+            )
+        except Exception:  # describing never changes a decision
+            log.exception("describing the call for behaviour analysis failed")
+            return ""
+        return "" if facts is NO_FACTS else facts.encode()
 
     def _credentials(
         self,

@@ -269,8 +269,30 @@ class Behavior(_Model):
     )
     window: Duration = Field("1m", description="sliding window the features are computed on")
     min_calls: int = Field(
-        10, ge=1, le=100_000, description="fewer calls than this in the window: score 0"
+        10,
+        ge=1,
+        le=100_000,
+        description="fewer calls than this in the window: the rate and share features "
+        "score 0 (new tools, values and transitions count from the first call)",
     )
+    sensitive_arguments: list[Text] = Field(
+        default_factory=list,
+        max_length=64,
+        description="argument names (top-level, of any MCP tool or JSON body) whose values "
+        "are fingerprinted (a keyed hash, never the value) so that a value never seen while "
+        "learning raises the score: who receives data or money, e.g. recipients, to, iban, "
+        "account, url, email",
+    )
+
+    @field_validator("sensitive_arguments")
+    @classmethod
+    def _distinct_names(cls, value: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for name in value:
+            if name in seen:
+                raise ValueError(f"{name!r} is listed twice")
+            seen.add(name)
+        return value
 
 
 class AuditSpec(_Model):

@@ -192,6 +192,7 @@ def compile_behaviour(b: Behavior | None) -> BehaviourSettings | None:
         learning_seconds=parse_duration(b.learning_period),
         window_seconds=parse_duration(b.window),
         min_calls=b.min_calls,
+        sensitive=frozenset(b.sensitive_arguments),
     )
 
 

