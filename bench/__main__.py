@@ -15,6 +15,7 @@ from bench.lib import BenchError
 BENCHMARKS: dict[str, str] = {
     "matrix": "Envoy alone / + RBAC / + mandate configurations, 4 loads, start-up (~10 min)",
     "check_throughput": "what one Check costs: req/s, latency, CPU; Envoy alone, RBAC, mandate",
+    "http_server": "the HTTP transport's servers, aiohttp vs lean: check_throughput x3 each",
     "telemetry_cost": "what tracing at 100 % and the audit trail cost a Check (~5 min)",
     "revocation_latency": "revocation (admin API, kubectl apply) -> first 403; stale allows",
     "soak": "mixed traffic while state changes: every answer right, memory flat (~10 min)",
@@ -27,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "credential_cost": "what minting a Txn-Token costs per algorithm and JOSE library (~30 s)",
     "credential_check": "CPU per Check: no credential, secret, cached OAuth, Txn-Token (~3 min)",
     "agentdojo": "AgentDojo's ground truth through Envoy + mandate: utility, attacks blocked",
+    "agentdojo_detect": "behaviour analysis on AgentDojo sessions: attacks flagged, benign FPR",
     "kube_scale": "API-server load of N = 1, 10, 100 sidecars' watchers; 1,000 extrapolated",
 }
 

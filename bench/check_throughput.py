@@ -5,7 +5,7 @@ by side in one run, three ways that differ only in authorization:
   rbac     Envoy's native RBAC HTTP filter, in-process C++ (floor)  bench/envoy-rbac.yaml
   mandate  Envoy + ext_authz gRPC to `mandate run`                  bench/envoy-mandate.yaml
            (--transport http: ext_authz http_service, `mandate run --transport http`,
-           bench/envoy-mandate-http.yaml)
+           bench/envoy-mandate-http.yaml; --http-server lean: its lean server)
 
 The request is `GET /v1/invoices/42` with `Host: ledger.finance.svc.cluster.local`, allowed by
 the RBAC policy and by the demo profile's rule reconcile.allow[0] (agent billing-agent). For
@@ -29,10 +29,11 @@ decoded and scored). Written to check_throughput-behaviour.{json,md}.
 With --telemetry, mandate traces every decision (OTLP to a discarding receiver in this script)
 and audits it. Written to check_throughput-telemetry.{json,md}.
 
-Prints a table with ratios and writes bench/results/check_throughput[-http].{json,md}. Everything
+Prints a table with ratios and writes bench/results/check_throughput[-http[-lean]].{json,md}
+(-lean: --http-server lean). Everything
 listens on 127.0.0.1; Envoy runs with --concurrency 1; processes are not pinned. Needs `wrk`
 (apt-get install -y wrk). Run: python -m bench check_throughput [--duration 10]
-[--transport grpc|http] [--behaviour]
+[--transport grpc|http] [--http-server aiohttp|lean] [--behaviour]
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,7 @@ def mandate_options(case: Case, args: argparse.Namespace) -> MandateOptions | No
         return None
     return MandateOptions(
         transport=args.transport,
+        http_server=args.http_server,
         workers=args.workers,
         threads=args.threads,
         telemetry=args.telemetry,
@@ -294,6 +296,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "mandate_threads": args.threads if args.threads is not None else "default",
         "mandate_workers": args.workers if args.workers is not None else 1,
         "transport": args.transport,
+        "http_server": args.http_server or "default",
         "telemetry": "tracing+audit on" if args.telemetry else "off",
         "behaviour": {"profile": {AGENT: BEHAVIOUR}, "access_log": "127.0.0.1:0"}
         if args.behaviour
@@ -526,7 +529,9 @@ def markdown(info: dict[str, Any], results: list[dict[str, Any]], summary: dict[
         f"Machine: {info['nproc']} CPUs, {info['cpu_model']}, Linux {info['kernel']}; "
         f"Python {info['python']}, grpcio {info['grpcio']}, protobuf {info['protobuf']}, "
         f"Envoy {info['envoy']} (--concurrency 1), {info['wrk']}; pinning: {info['pinning']}; "
-        f"mandate transport: {t}; threads: {info['mandate_threads']}; "
+        f"mandate transport: {t}"
+        + (f" (server {info['http_server']})" if t == "http" else "")
+        + f"; threads: {info['mandate_threads']}; "
         f"workers: {info['mandate_workers']}; "
         f"tracing/audit: {info['telemetry']}; "
         + (
@@ -568,6 +573,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=sorted(MANDATE_CASES),
         default="grpc",
         help="how Envoy asks mandate: ext_authz grpc_service or http_service (default grpc)",
+    )
+    p.add_argument(
+        "--http-server",
+        choices=("aiohttp", "lean"),
+        help="--transport http: mandate's HTTP server (default: mandate's); lean adds -lean "
+        "to the results' names",
     )
     p.add_argument(
         "--telemetry",
@@ -620,7 +631,10 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(tmp)
             script = work / "report.lua"
             script.write_text(WRK_SCRIPT)
-            cases = [*CASES[:2]] + ([] if args.behaviour else [MANDATE_CASES[args.transport]])
+            mandate_case = MANDATE_CASES[args.transport]
+            if args.transport == "http" and args.http_server == "lean":
+                mandate_case = replace(mandate_case, label="Envoy + mandate (ext_authz HTTP, lean)")
+            cases = [*CASES[:2]] + ([] if args.behaviour else [mandate_case])
             for case in cases:
                 results.append(run_case(case, args, work, script))
             if args.behaviour:
@@ -642,13 +656,14 @@ def main(argv: list[str] | None = None) -> int:
     # -telemetry and -behaviour added with --telemetry and --behaviour (e.g.
     # check_throughput-http-behaviour.*).
     stem = "check_throughput" + ("" if args.transport == "grpc" else f"-{args.transport}")
+    stem += "-lean" if args.transport == "http" and args.http_server == "lean" else ""
     stem += "-telemetry" if args.telemetry else ""
     stem += "-behaviour" if args.behaviour else ""
     (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(
         "# Check throughput: Envoy alone vs Envoy + RBAC vs Envoy + mandate"
         + (", behaviour analysis off vs on" if args.behaviour else "")
-        + f" ({args.transport})\n\n"
+        + f" ({args.transport}{', lean server' if '-lean' in stem else ''})\n\n"
         "Written by `python -m bench check_throughput`; see bench/README.md for what each "
         "column means."
         "\n\n" + table

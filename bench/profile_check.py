@@ -18,7 +18,7 @@ dev extras) and wrk, and ptrace rights over the worker (same user; on hardened k
 `kernel.yama.ptrace_scope` 0).
 
 Run: python -m bench profile_check [--duration 10] [--cases off,telemetry]
-     [--transport grpc|http] [--idle]
+     [--transport grpc|http] [--http-server aiohttp|lean] [--idle]
 """
 
 from __future__ import annotations
@@ -49,10 +49,9 @@ def py_spy() -> str:
 
 
 def worker_pid(supervisor: int) -> int:
+    """The process serving the Checks: the worker, or (single-process) the supervisor."""
     kids = [p for p in process_tree(supervisor) if p != supervisor]
-    if not kids:
-        raise BenchError("mandate has no worker process")
-    return kids[0]
+    return kids[0] if kids else supervisor
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
@@ -155,7 +154,8 @@ def run_case(
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     out = ["# Where a Check worker's CPU goes (py-spy under wrk load)", ""]
     out.append(
-        f"Written by `python -m bench profile_check`; transport {args.transport}, wrk -t1 "
+        f"Written by `python -m bench profile_check`; transport {args.transport}"
+        f"{f' (server {args.http_server})' if args.http_server else ''}, wrk -t1 "
         f"-c{args.connections} for {args.duration:g} s, py-spy {args.rate} Hz"
         f"{', --native (the worker is paused per sample)' if args.native else ', --gil'}"
         f"{' with idle samples' if args.idle else ''}."
@@ -188,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="seconds sampled per case")
     p.add_argument("--cases", default="off,telemetry", help="off, telemetry (comma-separated)")
     p.add_argument("--transport", choices=["grpc", "http"], default="grpc")
+    p.add_argument(
+        "--http-server",
+        choices=["aiohttp", "lean"],
+        help="the HTTP transport's server (default: mandate's); its name joins the results'",
+    )
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--idle", action="store_true", help="keep samples of waiting threads")
@@ -198,20 +203,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "profile")
     args = p.parse_args(argv)
     cases = {
-        "off": MandateOptions(transport=args.transport),
-        "telemetry": MandateOptions(transport=args.transport, telemetry=True),
+        "off": MandateOptions(transport=args.transport, http_server=args.http_server),
+        "telemetry": MandateOptions(
+            transport=args.transport, http_server=args.http_server, telemetry=True
+        ),
     }
     wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in wanted if c not in cases]
     if unknown:
         p.error(f"--cases: unknown {unknown}; choose from {sorted(cases)}")
     args.out.mkdir(parents=True, exist_ok=True)
+    variant = args.transport + (f"-{args.http_server}" if args.http_server else "")
     results = []
     with tempfile.TemporaryDirectory(prefix="mandate-profile-") as tmp:
         work = Path(tmp)
         for name in wanted:
             results.append(run_case(name, cases[name], args, work))
-            shutil.copy(work / f"{name}.folded", args.out / f"{name}-{args.transport}.folded")
-    stem = args.out / f"profile-{args.transport}{'-idle' if args.idle else ''}"
+            shutil.copy(work / f"{name}.folded", args.out / f"{name}-{variant}.folded")
+    stem = args.out / f"profile-{variant}{'-idle' if args.idle else ''}"
     write_results(stem, results, markdown(results, args))
     return 0

@@ -41,8 +41,10 @@ from sidecar.settings import (
     AUDIT_ALLOWS,
     AUDIT_FAILURE_MODES,
     AUDIT_FSYNC_MODES,
+    HTTP_SERVERS,
     KUBERNETES_MODES,
     LOG_LEVELS,
+    SINGLE_PROCESS,
     TRACERS,
     TRANSPORTS,
     WORKER_SETTINGS_ENV,
@@ -113,6 +115,13 @@ def _endpoint_options(cmd: argparse.ArgumentParser, *, admin: bool, spawned: boo
         default=_env("MANDATE_TRANSPORT", "grpc"),
         help="how Envoy's ext_authz filter asks: grpc_service or http_service (use the "
         "matching config of envoy/; env MANDATE_TRANSPORT; default %(default)s)",
+    )
+    cmd.add_argument(
+        "--http-server",
+        choices=HTTP_SERVERS,
+        default=_env("MANDATE_HTTP_SERVER", "lean"),
+        help="the HTTP transport's server: aiohttp's, or lean (httptools on uvloop) "
+        "(env MANDATE_HTTP_SERVER; default %(default)s)",
     )
     if admin:
         cmd.add_argument(
@@ -299,6 +308,13 @@ def _run_parser(sub: Any) -> None:
         type=int,
         default=int(_env("MANDATE_WORKERS", "1") or 1),
         help="Check worker processes (env MANDATE_WORKERS; default %(default)s)",
+    )
+    run.add_argument(
+        "--single-process",
+        choices=SINGLE_PROCESS,
+        default=_env("MANDATE_SINGLE_PROCESS", "auto"),
+        help="serve the Checks in this process: auto (with one worker), on, off (a worker "
+        "process; env MANDATE_SINGLE_PROCESS; default %(default)s)",
     )
     run.add_argument(
         "--state-dir",
@@ -690,6 +706,8 @@ def _settings(args: argparse.Namespace) -> Settings:
             transport=args.transport,
             threads=args.threads,
             workers=args.workers if run else 1,
+            single_process=args.single_process if run else "auto",
+            http_server=args.http_server,
         ),
         identity=IdentitySettings(
             agent=args.agent,

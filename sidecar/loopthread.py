@@ -1,6 +1,7 @@
 """One asyncio event loop in a daemon thread of its own, for the servers that run beside
 the synchronous gRPC server in a worker (the admin probes, the HTTP Check transport).
 
+`loop_factory` makes the loop (asyncio's; the lean HTTP transport's is uvloop's).
 `start(setup)` runs the coroutine `setup()` in the loop and returns when it has finished,
 re-raising its error (e.g. a port that cannot be bound); `stop(cleanup)` runs `cleanup()`
 in the loop, stops it, joins the thread and closes the loop (releasing its selector).
@@ -20,9 +21,13 @@ log = logging.getLogger(__name__)
 
 
 class LoopThread:
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+    ) -> None:
         self.name = name
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop_factory()
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None

@@ -37,8 +37,10 @@ __all__ = [
     "AUDIT_ALLOWS",
     "AUDIT_FAILURE_MODES",
     "AUDIT_FSYNC_MODES",
+    "HTTP_SERVERS",
     "KUBERNETES_MODES",
     "LOG_LEVELS",
+    "SINGLE_PROCESS",
     "TRACERS",
     "TRANSPORTS",
     "WORKER_SETTINGS_ENV",
@@ -48,12 +50,14 @@ __all__ = [
     "BehaviourAnalysisSettings",
     "CheckSettings",
     "ContextListener",
+    "HttpServer",
     "IdentitySettings",
     "KubernetesMode",
     "KubernetesSettings",
     "LogLevel",
     "ProfileSettings",
     "Settings",
+    "SingleProcess",
     "StateSettings",
     "TableSource",
     "Tracer",
@@ -67,14 +71,20 @@ __all__ = [
 WORKER_SETTINGS_ENV = "MANDATE_WORKER_SETTINGS"
 
 Transport = Literal["grpc", "http"]  # Envoy's ext_authz grpc_service or http_service
+# The HTTP transport's server: aiohttp's, or the lean one (httptools on uvloop, http_lean).
+HttpServer = Literal["aiohttp", "lean"]
 Tracer = Literal["lean", "sdk"]  # mandate's OTLP encoder, or the OpenTelemetry SDK
+# Where `mandate run` serves Checks: in its own process (one worker), or in worker processes.
+SingleProcess = Literal["auto", "on", "off"]
 KubernetesMode = Literal["auto", "on", "off"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 AuditAllows = Literal["all", "none"]  # record allowed calls too, or denies only
 
 # The choices in the order the flags' help and error messages list them.
 TRANSPORTS: tuple[Transport, ...] = ("grpc", "http")
+HTTP_SERVERS: tuple[HttpServer, ...] = ("aiohttp", "lean")
 TRACERS: tuple[Tracer, ...] = ("lean", "sdk")
+SINGLE_PROCESS: tuple[SingleProcess, ...] = ("auto", "on", "off")
 KUBERNETES_MODES: tuple[KubernetesMode, ...] = ("auto", "on", "off")
 LOG_LEVELS: tuple[LogLevel, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
 AUDIT_ALLOWS: tuple[AuditAllows, ...] = ("all", "none")
@@ -127,7 +137,7 @@ class ProfileSettings:
 @dataclass(frozen=True, slots=True)
 class CheckSettings:
     """Where and how Envoy's ext_authz filter asks (--listen, --transport, --threads,
-    --workers)."""
+    --workers, --single-process, --http-server)."""
 
     # HOST:PORT: worker i of `mandate run` serves PORT+i (port 0: free ports are picked);
     # unix:PATH: worker 0 serves PATH, worker i PATH.i (what an injected pod uses: only
@@ -136,11 +146,22 @@ class CheckSettings:
     transport: Transport = "grpc"
     threads: int = DEFAULT_THREADS  # gRPC Check threads per worker (HTTP: one event loop)
     workers: int = 1  # Check worker processes of `mandate run`
+    http_server: HttpServer = "lean"  # the HTTP server (bench/results/http_server.md)
+    # auto: with one worker, the Checks are served in the supervisor's own process (one
+    # interpreter, one copy of grpc and the protobufs); several workers are processes.
+    single_process: SingleProcess = "auto"
 
     def __post_init__(self) -> None:
         if not self.listen.startswith("unix:"):
             split_hostport(self.listen, "--listen")
         _one_of("--transport", self.transport, TRANSPORTS)
+        _one_of("--http-server", self.http_server, HTTP_SERVERS)
+        _one_of("--single-process", self.single_process, SINGLE_PROCESS)
+        if self.single_process == "on" and self.workers > 1:
+            raise ConfigError(
+                f"--single-process on with --workers {self.workers}: one process serves one "
+                "worker; use --single-process auto or off"
+            )
         _at_least_one("--threads", self.threads)
         _at_least_one("--workers", self.workers)
 

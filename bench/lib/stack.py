@@ -266,6 +266,7 @@ class MandateOptions:
     """How `mandate run` is started behind Envoy's ext_authz filter."""
 
     transport: str = "grpc"
+    http_server: str | None = None  # --http-server (None: mandate's default)
     workers: int | None = None  # --workers (None: mandate's default, 1)
     threads: int | None = None  # --threads (None: mandate's default)
     # Every decision traced (OTLP to a discarding receiver in this script) and audited.
@@ -331,6 +332,8 @@ def running_stack(
         if mandate is not None:
             extra = ["--agent", AGENT, "--log-level", "WARNING", "--kubernetes", "off"]
             extra += ["--transport", mandate.transport]
+            if mandate.http_server is not None:
+                extra += ["--http-server", mandate.http_server]
             if mandate.threads is not None:
                 extra += ["--threads", str(mandate.threads)]
             if mandate.workers is not None:

@@ -1,5 +1,6 @@
 """Envoy adapter, HTTP transport: Envoy's ext_authz filter in `http_service` mode, served
-with aiohttp's low-level server (no router, no middlewares: this is the hot path).
+with aiohttp's low-level server (no router, no middlewares: this is the hot path). The wire
+format below is `http_wire`'s, shared with the lean server (`http_lean`, httptools on uvloop).
 
 For every call Envoy sends the call's own method, its path with the filter's `path_prefix`
 in front, its Host and its headers (the configs in envoy/ allow them all), plus the body it
@@ -28,13 +29,15 @@ Answers, as the gRPC transport's:
   `x-envoy-auth-headers-to-remove` listing the other `x-mandate-*` headers the agent sent;
 - deny: 403 with the JSON body and `x-mandate-decision` (`allowed_client_headers`);
 - both: `x-mandate-outcome` (allow/deny), `x-mandate-decision`, `x-mandate-code` (the
-  decision code) and `x-mandate-log-agent` (the agent the call was attributed to, if any)
-  become dynamic metadata (`dynamic_metadata_from_headers`) for the access logs: Envoy's
-  ALS entry carries them, allowed or denied, which attributes each call to its agent for
-  behaviour analysis (`als`). The last two are in neither `allowed_upstream_headers` nor
-  `allowed_client_headers`, so Envoy passes them to no one. The agent is named in a
-  header of its own rather than `x-mandate-agent`: that one means "set this upstream", and
-  a deny never carries it, so that no config passing it on could hand it to the client.
+  decision code), `x-mandate-log-agent` (the agent the call was attributed to, if any)
+  and, for an agent under behaviour analysis, `x-mandate-call` (the call's facts,
+  `sidecar.core.callfacts`) become dynamic metadata (`dynamic_metadata_from_headers`) for
+  the access logs: Envoy's ALS entry carries them, allowed or denied, which attributes each
+  call to its agent for behaviour analysis (`als`). The last three are in neither
+  `allowed_upstream_headers` nor `allowed_client_headers`, so Envoy passes them to no one.
+  The agent is named in a header of its own rather than `x-mandate-agent`: that one means
+  "set this upstream", and a deny never carries it, so that no config passing it on could
+  hand it to the client.
 Nothing here raises into aiohttp: a malformed request or any error is a 403 deny (fail
 closed; a 5xx would be Envoy's `status_on_error`). There is deliberately no health route:
 any 200 on this port could pass as an allow. No decision logic here.
@@ -61,105 +64,39 @@ from aiohttp.http_parser import HttpRequestParserPy, RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler, RequestPayloadError
 
+from sidecar.check.http_wire import PREFIX, answer, http_view, parse_target
 from sidecar.check.pipeline import CheckPipeline
-from sidecar.check.request import Identity, make_view, request_parents
-from sidecar.check.response import deny_body, deny_status, upstream_headers
+from sidecar.check.request import Identity, request_parents
 from sidecar.core import Decision, RequestView
 from sidecar.credentials.broker import NOTHING, Injected
 from sidecar.errors import BadRequestError
-from sidecar.headers import (
-    CODE_HEADER,
-    DECISION_HEADER,
-    LENGTH_HEADER,
-    LOG_AGENT_HEADER,
-    OUTCOME_HEADER,
-    SCHEME_HEADER,
-)
 from sidecar.loopthread import LoopThread
 
 __all__ = ["PREFIX", "HttpAuthzServer", "handler", "parse_target"]
 
 log = logging.getLogger(__name__)
 
-PREFIX = "/mandate"
-_AGENT = ";agent="
-_CONNECT = ";connect"
-LENGTH_PREFIX = "len="  # envoy/*-http.yaml: "len=%REQ(content-length)%", never empty
-_REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 _MAX_HEADER_BYTES = 128 * 1024
 _MAX_HEADERS = 512
 
 
-def parse_target(raw_path: str) -> tuple[str, bool, str]:
-    """(agent named by the prefix or '', whether it is a CONNECT check, the call's path).
-    Raises BadRequestError unless ``raw_path`` starts with a prefix of the envoy/ configs."""
-    if not raw_path.startswith(PREFIX):
-        raise BadRequestError(f"not an ext_authz request: the path lacks Envoy's {PREFIX} prefix")
-    rest = raw_path[len(PREFIX) :]
-    agent = ""
-    if rest.startswith(_AGENT):
-        end = len(rest)
-        for sep in (";", "/"):
-            at = rest.find(sep, len(_AGENT))
-            if at != -1:
-                end = min(end, at)
-        agent, rest = rest[len(_AGENT) : end], rest[end:]
-    if rest == _CONNECT:
-        return agent, True, ""
-    if not rest.startswith("/"):
-        raise BadRequestError("malformed ext_authz path: expected the call's path after the prefix")
-    return agent, False, rest
-
-
 def _view(request: web.BaseRequest, body: bytes, identity: Identity, did: str) -> RequestView:
-    agent, connect, path = parse_target(request.raw_path)
     headers: dict[str, str] = {}
     for key, value in request.headers.items():
         name = key.lower()
         # Repeated headers joined with "," as Envoy does in a gRPC CheckRequest.
         headers[name] = f"{headers[name]},{value}" if name in headers else value
-    # Envoy's Content-Length is the buffered body's; the call's own came in LENGTH_HEADER.
-    headers.pop("content-length", None)
-    length = headers.get(LENGTH_HEADER, "")
-    if length.startswith(LENGTH_PREFIX) and len(length) > len(LENGTH_PREFIX):
-        headers["content-length"] = length[len(LENGTH_PREFIX) :]
-    return make_view(
-        did,
-        identity,
-        method="CONNECT" if connect else request.method,
-        authority=headers.get("host", ""),
-        path=path,
-        scheme=headers.get(SCHEME_HEADER) or "http",
-        headers=headers,
-        body=body or None,
-        context_extensions={"agent": agent} if agent else {},
-    )
+    return http_view(did, identity, request.method, request.raw_path, headers, body)
 
 
 def _response(
-    d: Decision, headers: Mapping[str, str], injected: Injected = NOTHING
+    d: Decision, headers: Mapping[str, str], injected: Injected = NOTHING, facts: str = ""
 ) -> web.Response:
-    """The HTTP answer for a decision; ``headers`` are the request's headers, ``injected``
-    the credentials an allowed call carries."""
-    if d.allowed:
-        to_set, to_remove = upstream_headers(d, headers, injected)
-        out = dict(to_set)
-        out[OUTCOME_HEADER] = "allow"
-        out[CODE_HEADER] = d.code
-        if d.agent:
-            out[LOG_AGENT_HEADER] = d.agent
-        if to_remove:
-            out[_REMOVE_HEADER] = ",".join(to_remove)
-        return web.Response(status=200, headers=out)
-    out = {
-        "content-type": "application/json",
-        DECISION_HEADER: d.decision_id,
-        OUTCOME_HEADER: "deny",
-        CODE_HEADER: d.code,
-    }
-    if d.agent:
-        out[LOG_AGENT_HEADER] = d.agent
-    return web.Response(status=deny_status(d), body=deny_body(d), headers=out)
+    """The HTTP answer for a decision (`http_wire.answer`); ``headers`` are the request's
+    headers, ``injected`` the credentials an allowed call carries, ``facts`` the call's facts
+    for behaviour analysis ('' for none)."""
+    status, out, body = answer(d, headers, injected, facts)
+    return web.Response(status=status, body=body or None, headers=out)
 
 
 def _fallback() -> web.Response:

@@ -101,6 +101,7 @@ class _Worker:
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
     ready: bool = False
+    sidecar: Any = None  # the in-process worker (worker.Sidecar), when single-process
 
 
 class Supervisor:
@@ -283,6 +284,10 @@ class Supervisor:
         await self._wait_workers(timeout=30)
 
     async def _stop_workers(self) -> None:
+        for w in self._workers:
+            if w.sidecar is not None:
+                await asyncio.to_thread(w.sidecar.stop)
+                w.sidecar = None
         for w in self._workers:
             if w.proc is not None and w.proc.returncode is None:
                 w.proc.send_signal(signal.SIGTERM)
@@ -488,7 +493,38 @@ class Supervisor:
                 with contextlib.suppress(Exception):
                     await watcher.stop()
 
+    @property
+    def single_process(self) -> bool:
+        """Whether the Checks are served in this process (one worker, no worker process)."""
+        check = self.settings.check
+        return check.single_process == "on" or (
+            check.single_process == "auto" and check.workers == 1
+        )
+
+    def _start_in_process(self, w: _Worker) -> None:
+        """The one worker, in this process: its gRPC (threads) or HTTP (a loop thread of
+        its own) server, its profile holder and table readers, as `mandate worker` would
+        run them; no second interpreter, grpc or protobufs (issue 20)."""
+        from sidecar.run.worker import Sidecar, tune_gc
+
+        assert self.table is not None and self.table.fd is not None
+        assert self.agent_state_table is not None and self.agent_state_table.fd is not None
+        os.environ[RUN_DIR_ENV] = str(self._run_dir.path)
+        config = self._worker_settings(w)
+        # The readers take their descriptor over and close it: give them copies.
+        config = replace(
+            config,
+            revocations=TableSource(fd=os.dup(self.table.fd)),
+            agent_state=TableSource(fd=os.dup(self.agent_state_table.fd)),
+        )
+        tune_gc()
+        w.sidecar = Sidecar(config)
+        w.sidecar.start()
+
     async def _spawn(self, w: _Worker) -> None:
+        if self.single_process:
+            await asyncio.to_thread(self._start_in_process, w)
+            return
         assert self.table is not None and self.table.fd is not None
         assert self.agent_state_table is not None and self.agent_state_table.fd is not None
         w.port_file.unlink(missing_ok=True)
@@ -563,6 +599,8 @@ class Supervisor:
             w.ready = True
 
     async def _monitor(self, w: _Worker) -> None:
+        if w.sidecar is not None:
+            return  # in this process: it lives and ends with the supervisor
         backoff = 0.1
         while not self._stopping:
             assert w.proc is not None

@@ -34,6 +34,8 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sidecar.audit import Trail, open_trail
+from sidecar.audit.arguments import ArgumentKey
+from sidecar.audit.keyfile import load_argument_key
 from sidecar.check.grpc_transport import AuthorizationServicer
 from sidecar.check.pipeline import Audit, CheckPipeline
 from sidecar.check.reload import SnapshotHolder
@@ -43,12 +45,13 @@ from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
 from sidecar.credentials.broker import CredentialBroker
-from sidecar.errors import ConfigError
+from sidecar.errors import AuditInputError, ConfigError
 from sidecar.settings import WorkerSettings, split_hostport
 from sidecar.state.shm import RunDir, SharedAgentState, SharedTable
 from sidecar.telemetry import metrics
 
 if TYPE_CHECKING:
+    from sidecar.check.http_lean import HttpLeanServer
     from sidecar.check.http_transport import HttpAuthzServer
     from sidecar.run.admin import AdminServer
     from sidecar.telemetry.tracing import Tracing
@@ -90,7 +93,7 @@ class Sidecar:
         self.http_port = 0
         self.admin_port = 0
         self._server: grpc.Server | None = None
-        self._http: HttpAuthzServer | None = None
+        self._http: HttpAuthzServer | HttpLeanServer | None = None
         self._health = health.HealthServicer()
         self._admin: AdminServer | None = None
         self._tracing: Tracing | None = None
@@ -176,9 +179,13 @@ class Sidecar:
             issuer=creds.txn_token_issuer, wait=wait,
         )  # fmt: skip
         self._broker.prepare(self.holder.get())
+        # Behaviour analysis fingerprints sensitive arguments with the audit trail's key
+        # (the directory the trail takes it from): a fingerprint is the trail's hash.
+        key_dir = run.audit.directory or run.state.directory or (Path(run_dir) if run_dir else None)
         pipeline = CheckPipeline(
             self.holder.get, identity, revocations=revocations, tracing=self._tracing,
             audit=audit, agent_state=agent_state, limiter=limiter, broker=self._broker,
+            facts_key=_facts_key(key_dir),
         )  # fmt: skip
         if run.check.transport == "http":
             self._start_http(pipeline)
@@ -223,11 +230,13 @@ class Sidecar:
         listen = self.config.run.check.listen
         unix = listen.startswith("unix:")
         host, port = ("", 0) if unix else split_hostport(listen, "--listen")
-        from sidecar.check.http_transport import (
-            HttpAuthzServer,  # aiohttp: only for --transport http
-        )
+        server: type[HttpAuthzServer | HttpLeanServer]
+        if self.config.run.check.http_server == "lean":
+            from sidecar.check.http_lean import HttpLeanServer as server  # httptools, uvloop
+        else:
+            from sidecar.check.http_transport import HttpAuthzServer as server  # aiohttp
 
-        self._http = HttpAuthzServer(pipeline, host, port, listen[5:] if unix else "")
+        self._http = server(pipeline, host, port, listen[5:] if unix else "")
         try:
             self.http_port = self._http.start()
         except OSError as exc:
@@ -258,6 +267,18 @@ class Sidecar:
             self._broker.close()
         if self._audit_writer is not None:
             self._audit_writer.close()
+
+
+def _facts_key(directory: Path | None) -> ArgumentKey | None:
+    """The argument key of ``directory`` for behaviour analysis' fingerprints; None (the
+    calls are described without them) without a directory or when it cannot be read."""
+    if directory is None:
+        return None
+    try:
+        return load_argument_key(directory)
+    except AuditInputError as exc:
+        log.warning("behaviour analysis: sensitive arguments not fingerprinted: %s", exc)
+        return None
 
 
 def _open_socket(listen: str) -> None:

@@ -1,17 +1,21 @@
-"""Fixtures of the adapter tests: a fresh copy of the demo profiles per test and a builder of
-CheckRequests shaped the way Envoy's ext_authz filter sends them."""
+"""Fixtures of the adapter tests: a fresh copy of the demo profiles per test, a builder of
+CheckRequests shaped the way Envoy's ext_authz filter sends them, and the HTTP transport's
+servers, one per run of a test."""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
+from sidecar.check.http_lean import HttpLeanServer
+from sidecar.check.http_transport import HttpAuthzServer
 from sidecar.core import Snapshot, load_profiles
+from sidecar.settings import HTTP_SERVERS, HttpServer
 
 DEMO_PROFILES = Path(__file__).resolve().parents[2] / "devstack" / "demo" / "profiles"
 
@@ -100,3 +104,16 @@ def build_check(
 @pytest.fixture
 def make_check() -> CheckBuilder:
     return build_check
+
+
+# The HTTP transport's two servers (--http-server): each HTTP transport test runs once per
+# server (ids aiohttp, lean), so that the contract is shown for both.
+HTTP_SERVER_CLASSES: dict[HttpServer, type[HttpAuthzServer | HttpLeanServer]] = {
+    "aiohttp": HttpAuthzServer,
+    "lean": HttpLeanServer,
+}
+
+
+@pytest.fixture(params=HTTP_SERVERS)
+def http_server(request: pytest.FixtureRequest) -> HttpServer:
+    return cast("HttpServer", request.param)

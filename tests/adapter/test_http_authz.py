@@ -1,5 +1,6 @@
 """The HTTP transport (Envoy's ext_authz `http_service`): the path prefix grammar, and the
-real Sidecar with `transport="http"` on 127.0.0.1:0, asked the way Envoy asks."""
+real Sidecar with `transport="http"` on 127.0.0.1:0, asked the way Envoy asks, with each of
+its servers (`http_server`: aiohttp, lean)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 
 from sidecar.check.grpc_transport import AuthorizationServicer
-from sidecar.check.http_transport import HttpAuthzServer, parse_target
+from sidecar.check.http_wire import parse_target
 from sidecar.check.pipeline import CheckPipeline
 from sidecar.check.request import Identity
 from sidecar.core import Snapshot, load_profiles
@@ -23,6 +24,7 @@ from sidecar.errors import BadRequestError, ConfigError
 from sidecar.run.worker import Sidecar
 from sidecar.settings import (
     CheckSettings,
+    HttpServer,
     IdentitySettings,
     ProfileSettings,
     Settings,
@@ -30,7 +32,7 @@ from sidecar.settings import (
     WorkerSettings,
 )
 
-from .conftest import TRACE_ID, TRACEPARENT, build_check
+from .conftest import HTTP_SERVER_CLASSES, TRACE_ID, TRACEPARENT, build_check
 
 LEDGER = "ledger.finance.svc.cluster.local"
 MCP_HOST = "mcp.tools.svc.cluster.local"
@@ -90,11 +92,12 @@ def config(
     agent: str | None = None,
     transport: Transport = "http",
     port_file: Path | None = None,
+    http_server: HttpServer = "aiohttp",
 ) -> WorkerSettings:
     return WorkerSettings(
         run=Settings(
             profiles=ProfileSettings(profiles, poll_seconds=0.2),
-            check=CheckSettings(listen=listen, transport=transport),
+            check=CheckSettings(listen=listen, transport=transport, http_server=http_server),
             identity=IdentitySettings(agent=agent, namespace=""),
             port_file=port_file,
         )
@@ -102,8 +105,8 @@ def config(
 
 
 @pytest.fixture
-def sidecar(profiles_dir: Path) -> Iterator[Sidecar]:
-    s = Sidecar(config(profiles_dir))
+def sidecar(profiles_dir: Path, http_server: HttpServer) -> Iterator[Sidecar]:
+    s = Sidecar(config(profiles_dir, http_server=http_server))
     s.start()
     try:
         yield s
@@ -246,9 +249,9 @@ def test_no_identity_is_unattributed(sidecar: Sidecar) -> None:
 
 
 def test_configured_agent_attributes_and_a_conflicting_prefix_is_denied(
-    profiles_dir: Path,
+    profiles_dir: Path, http_server: HttpServer
 ) -> None:
-    s = Sidecar(config(profiles_dir, agent="billing-agent"))
+    s = Sidecar(config(profiles_dir, agent="billing-agent", http_server=http_server))
     s.start()
     try:
         headers = assert_allowed(ask(s.http_port, "GET", "/mandate/v1/invoices/42"))
@@ -435,7 +438,7 @@ def test_scheme_from_envoys_header_sets_the_default_port(sidecar: Sidecar) -> No
     assert_allowed(ask(port, "GET", path, headers={"x-mandate-scheme": "https"}))
 
 
-def test_no_snapshot_and_internal_errors_deny(snapshot: Snapshot) -> None:
+def test_no_snapshot_and_internal_errors_deny(snapshot: Snapshot, http_server: HttpServer) -> None:
     def boom() -> float:
         raise RuntimeError("clock")
 
@@ -446,7 +449,7 @@ def test_no_snapshot_and_internal_errors_deny(snapshot: Snapshot) -> None:
             "internal_error",
         ),
     ):
-        server = HttpAuthzServer(authz, "127.0.0.1", 0)
+        server = HTTP_SERVER_CLASSES[http_server](authz, "127.0.0.1", 0)
         port = server.start()
         try:
             body = assert_denied(ask(port, "GET", "/mandate/v1/invoices/42"), error)
@@ -455,9 +458,11 @@ def test_no_snapshot_and_internal_errors_deny(snapshot: Snapshot) -> None:
             server.stop(0.2)
 
 
-def test_port_file_and_unix_socket(profiles_dir: Path, tmp_path: Path) -> None:
+def test_port_file_and_unix_socket(
+    profiles_dir: Path, tmp_path: Path, http_server: HttpServer
+) -> None:
     port_file = tmp_path / "ports.json"
-    s = Sidecar(config(profiles_dir, port_file=port_file))
+    s = Sidecar(config(profiles_dir, port_file=port_file, http_server=http_server))
     s.start()
     try:
         assert json.loads(port_file.read_text())["http"] == s.http_port > 0
@@ -465,7 +470,11 @@ def test_port_file_and_unix_socket(profiles_dir: Path, tmp_path: Path) -> None:
     finally:
         s.stop(grace=0.2)
     sock_path = tmp_path / "check.sock"
-    s = Sidecar(config(profiles_dir, listen=f"unix:{sock_path}", agent="billing-agent"))
+    s = Sidecar(
+        config(
+            profiles_dir, listen=f"unix:{sock_path}", agent="billing-agent", http_server=http_server
+        )
+    )
     s.start()
     try:
         with socket.socket(socket.AF_UNIX) as sock:
@@ -490,12 +499,12 @@ def test_bad_config(profiles_dir: Path, kw: dict[str, Any]) -> None:
         config(profiles_dir, **kw)
 
 
-def test_port_in_use(profiles_dir: Path) -> None:
+def test_port_in_use(profiles_dir: Path, http_server: HttpServer) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        s = Sidecar(config(profiles_dir, listen=f"127.0.0.1:{port}"))
+        s = Sidecar(config(profiles_dir, listen=f"127.0.0.1:{port}", http_server=http_server))
         try:
             with pytest.raises(ConfigError, match="cannot bind"):
                 s.start()
@@ -597,9 +606,9 @@ ARXIV = "export.arxiv.org"  # research-agent may GET it; billing-agent may not
     ],
 )
 def test_a_direct_call_to_the_http_port_never_gets_another_agents_rights(
-    profiles_dir: Path, path: str, headers: dict[str, str], error: str
+    profiles_dir: Path, path: str, headers: dict[str, str], error: str, http_server: HttpServer
 ) -> None:
-    s = Sidecar(config(profiles_dir, agent="billing-agent"))
+    s = Sidecar(config(profiles_dir, agent="billing-agent", http_server=http_server))
     s.start()
     try:
         host = f"{ARXIV}:443" if path.endswith(";connect") else ARXIV
@@ -611,9 +620,11 @@ def test_a_direct_call_to_the_http_port_never_gets_another_agents_rights(
         s.stop(grace=0.2)
 
 
-def test_the_same_call_from_its_own_agents_worker_is_allowed(profiles_dir: Path) -> None:
+def test_the_same_call_from_its_own_agents_worker_is_allowed(
+    profiles_dir: Path, http_server: HttpServer
+) -> None:
     """The control for the test above: the denies are about who asks, not about the call."""
-    s = Sidecar(config(profiles_dir, agent="research-agent"))
+    s = Sidecar(config(profiles_dir, agent="research-agent", http_server=http_server))
     s.start()
     try:
         headers = assert_allowed(ask(s.http_port, "GET", "/mandate/api/query", ARXIV))
@@ -639,8 +650,10 @@ def _raw_ask(port: int, data: bytes) -> tuple[int, bytes]:
         "*",
     ],
 )
-def test_odd_request_targets_on_the_http_port_are_refused(profiles_dir: Path, target: str) -> None:
-    s = Sidecar(config(profiles_dir, agent="billing-agent"))
+def test_odd_request_targets_on_the_http_port_are_refused(
+    profiles_dir: Path, target: str, http_server: HttpServer
+) -> None:
+    s = Sidecar(config(profiles_dir, agent="billing-agent", http_server=http_server))
     s.start()
     try:
         status, reply = _raw_ask(
@@ -690,7 +703,7 @@ spec:
     ],
 )
 def test_a_look_alike_host_is_never_the_allowed_host_on_either_transport(
-    profiles_dir: Path, host: str, error: str | None
+    profiles_dir: Path, host: str, error: str | None, http_server: HttpServer
 ) -> None:
     """Envoy refuses a non-ASCII Host itself (tests/e2e/test_adversarial.py); mandate must
     refuse it too when asked directly, over both transports, for a host that lower-cases
@@ -705,7 +718,7 @@ def test_a_look_alike_host_is_never_the_allowed_host_on_either_transport(
         assert grpc_resp.HasField("ok_response"), grpc_resp
     else:
         assert json.loads(grpc_resp.denied_response.body)["error"] == error, grpc_resp
-    s = Sidecar(config(profiles_dir, agent="kube-agent"))
+    s = Sidecar(config(profiles_dir, agent="kube-agent", http_server=http_server))
     s.start()
     try:
         status, reply = _raw_ask(

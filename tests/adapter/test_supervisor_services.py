@@ -7,6 +7,7 @@ reverse, leaving neither socket served."""
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 import grpc
@@ -44,7 +45,9 @@ STARTED = [
 ]
 
 
+@pytest.mark.parametrize("single_process", ["on", "off"])
 async def test_services_start_in_order_serve_on_the_loop_and_stop_in_reverse(
+    single_process: str,
     tmp_path: Path,
     profiles_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -57,7 +60,7 @@ async def test_services_start_in_order_serve_on_the_loop_and_stop_in_reverse(
     sup = Supervisor(
         Settings(
             profiles=ProfileSettings(profiles_dir, poll_seconds=0.5),
-            check=CheckSettings(listen="127.0.0.1:0"),
+            check=CheckSettings(listen="127.0.0.1:0", single_process=single_process),  # type: ignore[arg-type]
             identity=IdentitySettings(namespace=NS),
             admin=AdminSettings(listen="127.0.0.1:0"),
             state=StateSettings(directory=tmp_path / "state"),
@@ -95,4 +98,11 @@ async def test_services_start_in_order_serve_on_the_loop_and_stop_in_reverse(
         with pytest.raises(AgentStateError) as err:
             await client.status()
     assert err.value.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
-    assert all(w.proc is not None and w.proc.returncode is not None for w in sup._workers)
+    if single_process == "off":
+        assert all(w.proc is not None and w.proc.returncode is not None for w in sup._workers)
+    else:  # the Check server ran in this process, and is gone with it
+        assert all(w.proc is None and w.sidecar is None for w in sup._workers)
+        for w in sup._workers:
+            host, port = w.listen.rsplit(":", 1)
+            with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=2):
+                pass

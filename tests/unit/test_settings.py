@@ -40,7 +40,14 @@ PROFILES = ROOT / "devstack" / "demo" / "profiles"
 EVERYTHING = WorkerSettings(
     run=Settings(
         profiles=ProfileSettings(Path("/etc/mandate/profiles"), poll_seconds=0.25),
-        check=CheckSettings(listen="[::1]:9101", transport="http", threads=3, workers=4),
+        check=CheckSettings(
+            listen="[::1]:9101",
+            transport="http",
+            threads=3,
+            workers=4,
+            http_server="aiohttp",
+            single_process="off",
+        ),
         identity=IdentitySettings(
             agent="billing-agent",
             service_account="agents/billing",
@@ -152,6 +159,9 @@ def _worker(**kw: Any) -> WorkerSettings:
         (lambda: CheckSettings(transport="h2"), "--transport 'h2': expected grpc or http"),  # type: ignore[arg-type]
         (lambda: CheckSettings(threads=0), "--threads 0: expected at least 1"),
         (lambda: CheckSettings(workers=0), "--workers 0: expected at least 1"),
+        (lambda: CheckSettings(http_server="granian"), "--http-server 'granian': expected aiohttp or lean"),  # type: ignore[arg-type]
+        (lambda: CheckSettings(single_process="yes"), "--single-process 'yes': expected auto, on or off"),  # type: ignore[arg-type]
+        (lambda: CheckSettings(workers=2, single_process="on"), "--single-process on with --workers 2: one process"),
         (lambda: AdminSettings(listen="127.0.0.1:http"), "--admin '127.0.0.1:http'"),
         (lambda: TracingSettings(tracer="full"), "--tracer 'full': expected lean or sdk"),  # type: ignore[arg-type]
         (lambda: KubernetesSettings(mode="yes"), "--kubernetes 'yes': expected auto, on or off"),  # type: ignore[arg-type]
@@ -191,6 +201,7 @@ def test_invalid_values_are_refused_naming_the_flag(build: Any, fragment: str) -
             "--kubernetes 'sometimes': expected auto, on or off",
         ),
         ([], {"MANDATE_TRACER": "full"}, "--tracer 'full': expected lean or sdk"),
+        ([], {"MANDATE_HTTP_SERVER": "fast"}, "--http-server 'fast': expected aiohttp or lean"),
         ([], {"MANDATE_AUDIT_FSYNC": "weekly"}, "--audit-fsync 'weekly'"),
         ([], {"MANDATE_LOG_LEVEL": "debug"}, "--log-level 'debug'"),
         ([], {"MANDATE_TXN_TOKEN_ISSUER": "urn:x"}, "--txn-token-issuer 'urn:x'"),
@@ -213,13 +224,14 @@ def test_run_refuses_invalid_settings_before_starting(
 def test_run_options_build_the_settings() -> None:
     args = _parser().parse_args(
         ["run", "--profiles", "/p", "--listen", "127.0.0.1:9100", "--workers", "2",
-         "--transport", "http", "--agent", "a", "--namespace", "ns", "--kubernetes", "off",
+         "--transport", "http", "--http-server", "lean", "--agent", "a", "--namespace", "ns",
+         "--kubernetes", "off",
          "--context-api", "127.0.0.1:9701", "--context-api", "b=unix:/s",
          "--audit-dir", "/a", "--audit-allows", "none", "--audit-reserve", "1M",
          "--state-dir", "/s", "--log-level", "WARNING"]
     )  # fmt: skip
     s = _settings(args)
-    assert s.check == CheckSettings("127.0.0.1:9100", "http", s.check.threads, 2)
+    assert s.check == CheckSettings("127.0.0.1:9100", "http", s.check.threads, 2, "lean")
     assert (s.identity.agent, s.identity.namespace, s.kubernetes.mode) == ("a", "ns", "off")
     assert s.context_api == (ContextListener("127.0.0.1:9701"), ContextListener("unix:/s", "b"))
     assert [c.spelling for c in s.context_api] == ["127.0.0.1:9701", "b=unix:/s"]
