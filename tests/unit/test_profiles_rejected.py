@@ -574,7 +574,7 @@ CASES = [
         "unknown-in-behavior",
         {"spec.behavior.threshold": 1},
         "spec.behavior.threshold",
-        "allowed here: denyAtRisk, learningPeriod, minCalls, mode, revokeAtRisk, window",
+        "allowed here: denyAtRisk, learningPeriod, minCalls, mode, revokeAtRisk, sensitiveArguments, window",
     ),
     # required fields and empty collections
     bad("missing-owner", {"spec.owner": DELETE}, "spec.owner", "required field is missing"),
