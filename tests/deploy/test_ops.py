@@ -36,6 +36,9 @@ from sidecar.injection.pod import InjectConfig, inject
 from sidecar.injection.webhook import WebhookServer
 from tests.deploy import kubectl_shim
 
+from .kustomize import find as _find
+from .kustomize import render as _render
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 SCRIPT = DEPLOY / "webhook-cert.sh"
@@ -59,12 +62,6 @@ def _kustomize(path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _render(path: Path) -> list[dict[str, Any]]:
-    out = _kustomize(path)
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
-
-
 def _kustomization(where: Path, **fields: Any) -> Path:
     """A kustomization in ``where`` over parts of deploy/ (paths relative to deploy/)."""
     where.mkdir(parents=True, exist_ok=True)
@@ -77,12 +74,6 @@ def _kustomization(where: Path, **fields: Any) -> Path:
     }
     (where / "kustomization.yaml").write_text(yaml.safe_dump(body))
     return where
-
-
-def _find(docs: Iterable[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
-    assert len(found) == 1, f"{kind} {name}: {len(found)} found"
-    return found[0]
 
 
 # Served from 1.30 on; for 1.29 the overlays take components/kubernetes-1.29 (v1beta1),
