@@ -217,10 +217,7 @@ def _identity(snapshot: Snapshot, view: RequestView) -> tuple[str | None, str, s
         claims.append(("sidecar-config", view.configured_agent, view.configured_agent))
     if view.configured_service_account:
         sa = view.configured_service_account
-        agent = snapshot.by_service_account.get(sa)
-        if agent is None:  # a profile may name the account alone: in the pod's namespace
-            agent = snapshot.by_service_account.get(sa.rpartition("/")[2])
-        claims.append(("service-account", agent, sa))
+        claims.append(("service-account", snapshot.agent_of_service_account(sa), sa))
     if view.source_principal:
         p = view.source_principal
         claims.append(("spiffe", snapshot.by_spiffe.get(p), p))

@@ -129,6 +129,14 @@ class Snapshot:
     version: str = ""
     files: tuple[str, ...] = field(default=())
 
+    def agent_of_service_account(self, sa: str) -> str | None:
+        """The agent whose profile names service account ``sa`` (NAMESPACE/NAME), or, as a
+        profile may, NAME alone (an account in the pod's own namespace); None if none."""
+        agent = self.by_service_account.get(sa)
+        if agent is None:
+            agent = self.by_service_account.get(sa.rpartition("/")[2])
+        return agent
+
 
 def _rate(agent: str, purpose: str, limit: RateLimit | None) -> RateCharge | None:
     if limit is None:

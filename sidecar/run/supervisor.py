@@ -733,9 +733,7 @@ class Supervisor:
                 f"or service account; profiles: {known}): every call is denied unknown_agent"
             )
         sa = pod.service_account
-        if sa and not (
-            snap.by_service_account.get(sa) or snap.by_service_account.get(sa.rpartition("/")[2])
-        ):
+        if sa and snap.agent_of_service_account(sa) is None:
             return (
                 f"no profile names service account {sa!r} (--service-account): every call "
                 "is denied unknown_agent"
