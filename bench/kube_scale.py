@@ -226,6 +226,8 @@ def server_main(conn: Connection) -> None:
                     )
                 elif cmd == "create":
                     conn.send(server.create(args[0]))
+                elif cmd == "kubeconfig":
+                    conn.send(str(server.write_kubeconfig(Path(args[0]), NAMESPACE)))
                 elif cmd == "patch_status":
                     res, name, status = args
                     conn.send(

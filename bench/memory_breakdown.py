@@ -2,14 +2,18 @@
 fresh interpreter reaches after each import a worker and the supervisor make.
 
 1. `mandate run` (the demo profiles minus rate limits, Kubernetes off, 1 worker unless
-   --workers) is started, left idle for --idle seconds, and each of its processes' mappings
-   are read from /proc/PID/smaps: Rss and Pss per shared object (libpython, grpcio's cygrpc,
-   protobuf's upb, OpenSSL, ...), the heap and other anonymous memory.
+   --workers; with --pod, as the injector starts it in a pod instead: its defaults, with
+   Kubernetes on against the API server emulation, Envoy's access log service, the context
+   API and audit on stdout) is started, left idle for --idle seconds, and each of its
+   processes' mappings are read from /proc/PID/smaps: Rss and Pss per shared object
+   (libpython, grpcio's cygrpc, protobuf's upb, OpenSSL, ...), the heap and other anonymous
+   memory.
 2. For each role, a fresh `python -c` imports the modules that role imports, one at a time,
    printing the RSS after each (`/proc/self/statm`): what each import adds.
 
 Writes bench/results/memory_breakdown.{md,json}. Run:
     python -m bench memory_breakdown [--workers 1] [--transport grpc|http]
+    python -m bench memory_breakdown --pod      (bench/results/memory_breakdown-pod.*)
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from bench.lib import PROFILES, RESULTS, ROOT, BenchError
 from bench.lib.proc import process_tree
 from bench.lib.report import write_results
 from bench.lib.stack import unlimited_profiles
-from devstack.local import start_mandate
+from devstack.local import MandateProcess, start_mandate
+
+POD_AGENT = "research-agent"  # a demo profile's agent (devstack/demo/profiles)
 
 # What each role imports, in order (sidecar.run.worker is the worker's entry, sidecar.run.supervisor
 # the supervisor's; the third-party modules first, so that their share shows on its own).
@@ -129,8 +135,16 @@ def _group(path: str) -> str:
 def markdown(result: dict[str, Any]) -> str:
     out = ["# mandate's idle memory, by process, mapping and import", ""]
     out.append(
-        f"Written by `python -m bench memory_breakdown`; `mandate run --transport "
-        f"{result['transport']} --workers {result['workers']}` idle for {result['idle_s']} s. "
+        f"Written by `python -m bench memory_breakdown{' --pod' if result.get('pod') else ''}`; "
+        + (
+            "`mandate run` as the injector starts it in a pod (its default config: "
+            f"transport {result['transport']}, {result['workers']} worker, Kubernetes on "
+            "against the API server emulation, Envoy's access log service, the context API, "
+            "audit on stdout)"
+            if result.get("pod")
+            else f"`mandate run --transport {result['transport']} --workers {result['workers']}`"
+        )
+        + f" idle for {result['idle_s']} s. "
         "RSS counts a shared page in every process that maps it; PSS divides it among them "
         "(what a pod's memory cgroup is charged is close to the sum of PSS, plus page cache)."
     )
@@ -150,6 +164,72 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def pod_environment(work: Path, profiles: Path, kubeconfig: Path) -> dict[str, str]:
+    """The environment the injector, with its default config, gives mandate's container in
+    a pod of POD_AGENT; the pod's paths moved under ``work``, the API server the emulation's
+    (``kubeconfig``), the admin API and the context API on free loopback ports."""
+    from sidecar.injection.cli import load_config
+    from sidecar.injection.pod import inject
+
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "agent-pod",
+            "namespace": "agents",
+            "labels": {"mandate.dev/inject": "true", "mandate.dev/agent": POD_AGENT},
+        },
+        "spec": {
+            "serviceAccountName": POD_AGENT,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
+            "containers": [{"name": "agent", "image": "agent"}],
+        },
+    }
+    new = inject(pod, load_config(None, environ={}))
+    spec = new["spec"]
+    [container] = [
+        c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == "mandate"
+    ]
+    fields = {
+        "metadata.namespace": "agents",
+        "metadata.name": "agent-pod",
+        "spec.serviceAccountName": POD_AGENT,
+    }
+    token = work / "admin-token"
+    token.write_text("bench-admin-token\n")
+    (work / "state").mkdir(exist_ok=True)
+    moved = {
+        "MANDATE_PROFILES": str(profiles),
+        "MANDATE_ADMIN": "127.0.0.1:0",
+        "MANDATE_CONTEXT_API": "127.0.0.1:0",
+        "MANDATE_ADMIN_TOKEN_FILE": str(token),
+        "MANDATE_STATE_DIR": str(work / "state"),
+        "MANDATE_AUDIT_DIR": str(work / "audit"),
+        "MANDATE_LOG_LEVEL": "WARNING",
+    }
+    env: dict[str, str] = {}
+    for item in container.get("env", []):
+        name = item["name"]
+        if "value" in item:
+            value = str(item["value"])
+        else:
+            value = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
+        if value.startswith("unix:/"):
+            value = f"unix:{work / value.rsplit('/', 1)[1]}"
+        env[name] = moved.get(name, value)
+    env["KUBECONFIG"] = str(kubeconfig)
+    return env
+
+
+def start_pod_mandate(work: Path, profiles: Path, kubeconfig: Path) -> MandateProcess:
+    env = pod_environment(work, profiles, kubeconfig)
+    # start_mandate's own flags (loopback ports, --kubernetes off) come before these: the
+    # last of a flag wins, so the pod's listen address and Kubernetes mode stand.
+    extra = ["--listen", env["MANDATE_LISTEN"], "--kubernetes", env["MANDATE_KUBERNETES"]]
+    extra += ["--kubeconfig", str(kubeconfig)]
+    return start_mandate(profiles, work / "mandate", extra=extra, env=env, timeout=40)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench memory_breakdown", description=__doc__.split("\n\n")[0]
@@ -157,25 +237,48 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--transport", choices=["grpc", "http"], default="grpc")
     p.add_argument("--idle", type=float, default=2.0, help="seconds idle before reading")
+    p.add_argument(
+        "--pod",
+        action="store_true",
+        help="as injected in a pod: the injector's defaults, Kubernetes on (the API server "
+        "emulation); --transport and --workers are then the injector's",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    server = None
     with tempfile.TemporaryDirectory(prefix="mandate-mem-") as tmp:
         work = Path(tmp)
         profiles = unlimited_profiles(PROFILES, work)
-        extra = ["--transport", args.transport, "--workers", str(args.workers)]
-        extra += ["--log-level", "WARNING"]
-        mandate = start_mandate(profiles, work / "mandate", extra=extra)
         try:
-            time.sleep(args.idle)
-            procs = [mappings(pid) for pid in process_tree(mandate.proc.pid)]
+            if args.pod:
+                from bench.kube_scale import Server
+
+                server = Server()
+                kubeconfig = Path(server.call("kubeconfig", str(work / "kubeconfig")))
+                env = pod_environment(work, profiles, kubeconfig)
+                args.transport = env["MANDATE_TRANSPORT"]
+                args.workers = int(env["MANDATE_WORKERS"])
+                mandate = start_pod_mandate(work, profiles, kubeconfig)
+            else:
+                extra = ["--transport", args.transport, "--workers", str(args.workers)]
+                extra += ["--log-level", "WARNING"]
+                mandate = start_mandate(profiles, work / "mandate", extra=extra)
+            try:
+                time.sleep(args.idle)
+                procs = [mappings(pid) for pid in process_tree(mandate.proc.pid)]
+            finally:
+                mandate.stop()
         finally:
-            mandate.stop()
+            if server is not None:
+                server.stop()
     result = {
+        "pod": args.pod,
         "transport": args.transport,
         "workers": args.workers,
         "idle_s": args.idle,
         "processes": procs,
         "imports": {role: import_steps(mods) for role, mods in ROLES.items()},
     }
-    write_results(args.out / "memory_breakdown", result, markdown(result))
+    stem = "memory_breakdown-pod" if args.pod else "memory_breakdown"
+    write_results(args.out / stem, result, markdown(result))
     return 0

@@ -219,6 +219,9 @@ def test_library_errors_are_caught_in_errors_py_only() -> None:
         if path.name == "errors.py":
             continue
         tree = ast.parse(path.read_text())
+        if path.name == "lazyimport.py":  # reads the library's own files, calls no API
+            assert not _caught(tree) & (_LIBRARY_ERRORS - {"OSError"}), path.name
+            continue
         assert not _caught(tree) & _LIBRARY_ERRORS, f"{path.name} catches a library error"
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module:
