@@ -37,17 +37,9 @@ import yaml
 
 from sidecar.core import load_profiles
 from sidecar.errors import ConfigError, InjectError, ProfileError
-from sidecar.injection.pod import (
-    ANNOTATION_SERVICE_ACCOUNT_TOKEN,
-    InjectConfig,
-    inject,
-    mode_of,
-    selected,
-    unknown_agent_problem,
-    warnings_for,
-)
 
 if TYPE_CHECKING:
+    from sidecar.injection.pod import InjectConfig
     from sidecar.injection.profiles import ApiProfiles
 
 __all__ = ["IMAGE_ENV", "add_inject_parser", "load_config", "run_inject"]
@@ -128,6 +120,8 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     """The injector config from a YAML file; the built-in defaults without one. The image,
     unless the file sets one, is ``MANDATE_SIDECAR_IMAGE`` (deploy/ sets it from the webhook's
     own image: one place for the image), else the built-in default."""
+    from sidecar.injection.pod import InjectConfig  # not on `mandate run`'s path (issue 20)
+
     environ = os.environ if environ is None else environ
     data: Any = None
     if path is not None:
@@ -197,6 +191,15 @@ def _get(obj: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 
 def _inject(args: argparse.Namespace) -> int:
+    from sidecar.injection.pod import (
+        ANNOTATION_SERVICE_ACCOUNT_TOKEN,
+        inject,
+        mode_of,
+        selected,
+        unknown_agent_problem,
+        warnings_for,
+    )
+
     config = load_config(args.config)
     agents = load_profiles(args.profiles).agents if args.profiles is not None else None
     docs = _read(args.filename)
