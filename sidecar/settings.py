@@ -165,6 +165,13 @@ class CheckSettings:
         _at_least_one("--threads", self.threads)
         _at_least_one("--workers", self.workers)
 
+    @property
+    def in_process(self) -> bool:
+        """Whether `mandate run` serves the Checks in its own process (no worker process)."""
+        return self.single_process == "on" or (
+            self.single_process == "auto" and self.workers == 1
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class IdentitySettings:

@@ -212,9 +212,10 @@ class Supervisor:
         kubernetes = self._use_kubernetes()
         if not kubernetes:
             self.store.mark_complete()
-        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if not cfg.check.in_process and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Workers write their metrics there; `mandate run` sets it before importing
-            # prometheus_client so that the supervisor's own metrics go there too.
+            # prometheus_client so that the supervisor's own metrics go there too. In one
+            # process, one registry in memory (admin /metrics serves it).
             metrics_dir = self._workdir / "metrics"
             metrics_dir.mkdir()
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
@@ -496,10 +497,7 @@ class Supervisor:
     @property
     def single_process(self) -> bool:
         """Whether the Checks are served in this process (one worker, no worker process)."""
-        check = self.settings.check
-        return check.single_process == "on" or (
-            check.single_process == "auto" and check.workers == 1
-        )
+        return self.settings.check.in_process
 
     def _start_in_process(self, w: _Worker) -> None:
         """The one worker, in this process: its gRPC (threads) or HTTP (a loop thread of
