@@ -59,7 +59,8 @@ class SnapshotHolder:
         self, directory: str | Path, on_install: Callable[[Snapshot], None] | None = None
     ) -> None:
         self.directory = Path(directory)
-        self._on_install = on_install  # told after each swap: the snapshot is enforced
+        # Told after each swap: the snapshot is enforced (`subscribe` adds more).
+        self._on_install = [on_install] if on_install is not None else []
         self.current: Snapshot | None = None
         self._lock = threading.Lock()  # serialises reloads, never taken by readers
         self._fingerprint = ""
@@ -88,11 +89,16 @@ class SnapshotHolder:
         self._error = None
         self._error_at = None
         metrics.observe_reload(True, len(snap.agents), snap.version)
-        if self._on_install is not None:
+        for listener in list(self._on_install):
             try:
-                self._on_install(snap)
+                listener(snap)
             except Exception:  # reporting the version must never undo the reload
                 log.exception("reporting the new profile version failed")
+
+    def subscribe(self, on_install: Callable[[Snapshot], None]) -> None:
+        """Call ``on_install(snapshot)`` after every later swap (one holder, several users:
+        the supervisor and its in-process worker share one)."""
+        self._on_install.append(on_install)
 
     def reload(self) -> bool:
         """Load the directory again; True if a new snapshot is now enforced."""

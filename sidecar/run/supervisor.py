@@ -516,7 +516,7 @@ class Supervisor:
             agent_state=TableSource(fd=os.dup(self.agent_state_table.fd)),
         )
         tune_gc()
-        w.sidecar = Sidecar(config)
+        w.sidecar = Sidecar(config, holder=self.holder)  # one snapshot, one watcher
         w.sidecar.start()
 
     async def _spawn(self, w: _Worker) -> None:

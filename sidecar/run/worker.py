@@ -85,10 +85,22 @@ class Sidecar:
     (the admin server's other pages are open and say no more than ready or not); None: the
     details are never shown. A value, never a setting: settings hold no secret."""
 
-    def __init__(self, config: WorkerSettings, *, admin_token: str | None = None) -> None:
+    def __init__(
+        self,
+        config: WorkerSettings,
+        *,
+        admin_token: str | None = None,
+        holder: SnapshotHolder | None = None,
+    ) -> None:
+        """``holder``: the profiles, loaded and watched by the caller (the supervisor, when
+        this worker runs in its process): one compiled snapshot and one watcher, not two."""
         self.config = config
         self._admin_token = admin_token
-        self.holder = SnapshotHolder(config.run.profiles.directory, on_install=self._report_version)
+        self._owns_holder = holder is None
+        if holder is None:
+            holder = SnapshotHolder(config.run.profiles.directory)
+        holder.subscribe(self._report_version)
+        self.holder = holder
         self.grpc_port = 0
         self.http_port = 0
         self.admin_port = 0
@@ -131,7 +143,10 @@ class Sidecar:
         elif cfg.agent_state.path is not None:
             agent_state = SharedAgentState.attach(cfg.agent_state.path).read
         limiter = RateLimiter(share=cfg.rate_share)
-        self.holder.load_initial()  # raises ProfileErrors: refuse to start on bad profiles
+        if self._owns_holder or self.holder.current is None:
+            self.holder.load_initial()  # raises ProfileErrors: refuse to start on bad profiles
+        else:
+            self._report_version(self.holder.current)  # loaded by the caller, before us
         identity = Identity(
             agent=pod.agent, service_account=pod.service_account, namespace=pod.namespace
         )
@@ -217,7 +232,8 @@ class Sidecar:
             except OSError as exc:
                 self.stop()
                 raise ConfigError(f"--admin {run.admin.listen!r}: cannot bind ({exc})") from None
-        self.holder.start(run.profiles.poll_seconds)
+        if self._owns_holder:
+            self.holder.start(run.profiles.poll_seconds)
         port = self.http_port if self._http else self.grpc_port
         ports = {run.check.transport: port, "admin": self.admin_port, "pid": os.getpid()}
         log.info("mandate serving: %s", json.dumps(ports))
@@ -254,7 +270,8 @@ class Sidecar:
     def stop(self, grace: float = 1.0) -> None:
         self._stopped.set()
         self._health.enter_graceful_shutdown()
-        self.holder.stop()
+        if self._owns_holder:
+            self.holder.stop()
         if self._server is not None:
             self._server.stop(grace).wait(grace + 1)
         if self._http is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from pathlib import Path
 
 import grpc
@@ -88,6 +89,12 @@ async def test_services_start_in_order_serve_on_the_loop_and_stop_in_reverse(
                 stub = als_pb2_grpc.AccessLogServiceStub(channel)
                 await stub.StreamAccessLogs(iter([message]), timeout=5)
             assert sup.behaviour.observed + sup.behaviour.ignored == before + 1
+            if single_process == "on":  # one snapshot, loaded and watched once (issue 20)
+                [worker] = sup._workers
+                assert worker.sidecar is not None and worker.sidecar.holder is sup.holder
+                watchers = [t for t in threading.enumerate() if t.name == "profile-watch"]
+                assert len(watchers) == 1
+                assert sup._profiles_status()["converged"]
         finally:
             await sup.stop()
     starting = [r.args[0] for r in caplog.records if r.msg == "starting %s"]
