@@ -112,7 +112,11 @@ class InjectConfig:
     context_port: int = 9701  # the agent context API (sidecar/agentapi/client.py), for the agent
     admin_port: int = 9901  # mandate's /healthz /readyz /metrics /v1
     workers: int = 1  # Envoy's `mandate` cluster must list grpc_port .. grpc_port+workers-1
-    transport: str = "grpc"  # how Envoy asks mandate: grpc or http (mandate run --transport)
+    # How Envoy asks mandate: http (default: a quarter of gRPC's CPU per Check, bench/
+    # results/matrix.md) or grpc (mandate run --transport). In a pod the agent is fixed by
+    # the sidecar's config: what only gRPC carries (context_extensions, peer certificates)
+    # is not needed there.
+    transport: str = "http"
     envoy_config: str = ""  # default: the image's envoy/ config for the transport
     # A ConfigMap of the pod's namespace whose key envoy.yaml is a whole Envoy config of the
     # operator's, used instead of the image's (it must keep the image's listener, clusters
