@@ -14,7 +14,11 @@ scheduled send time). For every case and load: req/s, p50 / p99 / p99.9, Envoy's
 request, mandate's CPU per Check (all its processes and threads, /proc), mandate's RSS, and
 each figure as a ratio to (b) under the same load in the same run. Before the loads, `mandate
 run` is started a few times per (transport, workers) to time start → /readyz 200 and to read
-its idle RSS. Goals of issue 7 are checked in a table of their own.
+its idle RSS, and once as the injector starts it in a pod (its defaults: Kubernetes on
+against the API server emulation, the access log service, the context API; bench/
+memory_breakdown.py --pod) for the idle memory a pod pays. Issue 20's goals are checked in
+a table of their own: the first transport of --transports is the default one (the
+injector's, http), and each goal of the issue is a column.
 
 Default matrix: a baseline configuration (the first value of each dimension: grpc, 1 worker,
 telemetry off, behaviour off), one configuration per other value of each dimension (the
@@ -72,12 +76,13 @@ from bench.lib.stack import (
     verify,
 )
 
-# Issue 7's goals.
-GOAL_ADDED_P99_US = {1000: 1000, 3000: 3000}  # added p99 over Envoy alone at that rate
-GOAL_IDLE_RSS_MB = 60  # mandate's idle RSS, all processes
-GOAL_READY_S = 1.0  # start -> /readyz 200, median
-GOAL_RPS_VS_RBAC = {"grpc": 0.20, "http": 0.40}  # at c=16 (bench/check_throughput.py)
-GOAL_CPU_US_PER_CHECK = {"grpc": 100, "http": 35}
+# Issue 20's goals (issue 7's start-up goal stands).
+GOAL_ADDED_P99_US = {1000: 400, 3000: 400}  # added p99 over Envoy alone at that rate
+GOAL_ADDED_P50_C1_US = 150  # added p50 over Envoy alone at one connection
+GOAL_POD_VCPU_AT_1000 = 0.20  # Envoy + mandate at 1,000 req/s (Istio's sidecar)
+GOAL_IDLE_RSS_MB = 45  # mandate's idle RSS, all processes, as injected in a pod
+GOAL_READY_S = 1.0  # start -> /readyz 200, median (issue 7)
+GOAL_RPS_VS_RBAC = {"grpc": 0.12, "http": 0.40}  # at c=16: default transport 40 %, gRPC 12 %
 TIMES = "\u00d7"  # the multiplication sign of ratios and counts
 NOISE_CPUS = 0.25  # other processes' CPUs above which a figure is flagged as noisy
 SETTLE_S = 0.5  # pause between two loads of a case
@@ -357,6 +362,9 @@ def derive(results: list[dict[str, Any]], loads: Sequence[Load]) -> None:
             cpu_all = x["envoy_cpu_s"] + x.get("mandate_cpu_s", 0.0)
             x["cpu_us_per_request_all"] = cpu_all / served * 1e6 if served else None
             x["rss_mb_all"] = x["envoy_rss_mb"] + x.get("mandate_rss_mb", 0.0)
+            # The pod's cost: Envoy + mandate, in CPUs over the load's wall time.
+            wall = x.get("wall_s")
+            x["vcpu_all"] = cpu_all / wall if wall else None
             # Non-2xx as the client saw them or as Envoy counted them, whichever is more.
             x["errors"] = (
                 max(x["non_2xx"], x["envoy_4xx_5xx"]) + x["socket_errors"] + x.get("incomplete", 0)
@@ -392,12 +400,31 @@ def derive(results: list[dict[str, Any]], loads: Sequence[Load]) -> None:
                 }
 
 
+def _goal(
+    kind: str, goal: str, case: str, target: str, measured: float | None, unit: str, met: Any
+) -> dict[str, Any]:
+    return {"kind": kind, "goal": goal, "case": case, "target": target, "measured": measured,
+            "unit": unit, "met": None if measured is None else bool(met)}  # fmt: skip
+
+
 def goals(
-    results: list[dict[str, Any]], startup: list[dict[str, Any]], loads: Sequence[Load]
+    results: list[dict[str, Any]],
+    startup: list[dict[str, Any]],
+    loads: Sequence[Load],
+    pod: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Issue 7's goals, one row per (goal, case): target, measured, met."""
+    """Issue 20's goals, one row per (goal, case): target, measured, met. ``pod``: the idle
+    memory of mandate as injected (`pod_memory`)."""
     out: list[dict[str, Any]] = []
     mandates = [r for r in results if r.get("config") and "loads" in r]
+    for r in mandates:
+        c1 = r["loads"].get("c1")
+        added = (c1 or {}).get("added_vs_envoy_us", {}).get("p50_us")
+        out.append(_goal(
+            "load", "added p50 over (a) at 1 connection", r["label"],
+            f"≤ {GOAL_ADDED_P50_C1_US} µs", None if added is None else added / 1e3, "ms",
+            added is not None and added <= GOAL_ADDED_P50_C1_US,
+        ))  # fmt: skip
     for load in loads:
         target = GOAL_ADDED_P99_US.get(int(load.rate)) if load.rate else None
         if target is None:
@@ -406,73 +433,75 @@ def goals(
             x = r["loads"].get(load.key)
             added = (x or {}).get("added_vs_envoy_us", {}).get("p99_us")
             lower = bool(x and x.get("p99_lower_bound"))
-            out.append(
-                {
-                    "kind": "load",
-                    "goal": f"added p99 over (a) at {load.rate:,.0f} req/s",
-                    "case": r["label"],
-                    "target": f"≤ {target / 1e3:g} ms",
-                    "measured": None if added is None else added / 1e3,
-                    "unit": "ms",
-                    "lower_bound": lower,
-                    "met": None if added is None else (added <= target and not lower),
-                }
-            )
+            row = _goal(
+                "load", f"added p99 over (a) at {load.rate:,.0f} req/s", r["label"],
+                f"≤ {target / 1e3:g} ms", None if added is None else added / 1e3, "ms",
+                added is not None and added <= target and not lower,
+            )  # fmt: skip
+            row["lower_bound"] = lower
+            out.append(row)
     for r in mandates:
-        cfg = r["config"]
+        x = r["loads"].get("r1000")
+        vcpu = (x or {}).get("vcpu_all")
+        out.append(_goal(
+            "load", "Envoy + mandate vCPU at 1,000 req/s", r["label"],
+            f"≤ {GOAL_POD_VCPU_AT_1000:.2f}", vcpu, "vCPU",
+            vcpu is not None and vcpu <= GOAL_POD_VCPU_AT_1000,
+        ))  # fmt: skip
+    for r in mandates:
         x = r["loads"].get("c16")
-        if x is None:
-            continue
-        t = cfg["transport"]
-        rps = (x.get("vs_rbac") or {}).get("rps")
-        out.append(
-            {
-                "kind": "load",
-                "goal": "req/s at 16 connections vs (b)",
-                "case": r["label"],
-                "target": f"≥ {GOAL_RPS_VS_RBAC[t]:.0%}",
-                "measured": rps,
-                "unit": "ratio",
-                "met": None if rps is None else rps >= GOAL_RPS_VS_RBAC[t],
-            }
-        )
-        cpu = x.get("mandate_cpu_us_per_check")
-        out.append(
-            {
-                "kind": "load",
-                "goal": "mandate CPU per Check at 16 connections",
-                "case": r["label"],
-                "target": f"≤ {GOAL_CPU_US_PER_CHECK[t]} µs",
-                "measured": cpu,
-                "unit": "µs",
-                "met": None if cpu is None else cpu <= GOAL_CPU_US_PER_CHECK[t],
-            }
-        )
+        t = r["config"]["transport"]
+        rps = ((x or {}).get("vs_rbac") or {}).get("rps")
+        out.append(_goal(
+            "load", "req/s at 16 connections vs (b)", r["label"],
+            f"≥ {GOAL_RPS_VS_RBAC[t]:.0%}", rps, "ratio",
+            rps is not None and rps >= GOAL_RPS_VS_RBAC[t],
+        ))  # fmt: skip
+    if pod is not None:
+        out.append(_goal(
+            "startup", "idle RSS, all processes", f"as injected in a pod ({pod['transport']})",
+            f"≤ {GOAL_IDLE_RSS_MB} MB", pod["rss_mb"], "MB", pod["rss_mb"] <= GOAL_IDLE_RSS_MB,
+        ))  # fmt: skip
     for s in startup:
         label = f"mandate {s['transport']}, {s['workers']} worker{'s' if s['workers'] > 1 else ''}"
-        out.append(
-            {
-                "kind": "startup",
-                "goal": "idle RSS, all processes, median",
-                "case": label,
-                "target": f"≤ {GOAL_IDLE_RSS_MB} MB",
-                "measured": s["median_idle_rss_mb"],
-                "unit": "MB",
-                "met": s["median_idle_rss_mb"] <= GOAL_IDLE_RSS_MB,
-            }
-        )
-        out.append(
-            {
-                "kind": "startup",
-                "goal": "start → /readyz 200, median",
-                "case": label,
-                "target": f"≤ {GOAL_READY_S:g} s",
-                "measured": s["median_ready_s"],
-                "unit": "s",
-                "met": s["median_ready_s"] <= GOAL_READY_S,
-            }
-        )
+        out.append(_goal(
+            "startup", "idle RSS, all processes", label, f"≤ {GOAL_IDLE_RSS_MB} MB",
+            s["median_idle_rss_mb"], "MB", s["median_idle_rss_mb"] <= GOAL_IDLE_RSS_MB,
+        ))  # fmt: skip
+        out.append(_goal(
+            "startup", "start → /readyz 200, median", label, f"≤ {GOAL_READY_S:g} s",
+            s["median_ready_s"], "s", s["median_ready_s"] <= GOAL_READY_S,
+        ))  # fmt: skip
     return out
+
+
+def pod_memory(work: Path, idle_s: float = 2.0) -> dict[str, Any]:
+    """mandate as the injector starts it in a pod (bench/memory_breakdown.py --pod), idle:
+    its RSS and PSS, all processes."""
+    from bench.kube_scale import Server
+    from bench.lib import PROFILES
+    from bench.lib.stack import unlimited_profiles
+    from bench.memory_breakdown import pod_environment, start_pod_mandate
+
+    work.mkdir(parents=True, exist_ok=True)
+    profiles = unlimited_profiles(PROFILES, work)
+    server = Server()
+    try:
+        kubeconfig = Path(server.call("kubeconfig", str(work / "kubeconfig")))
+        env = pod_environment(work, profiles, kubeconfig)
+        mandate = start_pod_mandate(work, profiles, kubeconfig)
+        try:
+            time.sleep(idle_s)
+            return {
+                "transport": env["MANDATE_TRANSPORT"],
+                "workers": int(env["MANDATE_WORKERS"]),
+                "rss_mb": tree_rss_mb(mandate.proc.pid),
+                "pss_mb": tree_pss_mb(mandate.proc.pid),
+            }
+        finally:
+            mandate.stop()
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------- report
@@ -555,7 +584,9 @@ def _goal_value(g: dict[str, Any]) -> str:
         return ("≥ " if g.get("lower_bound") else "") + text + " ms"
     if g["unit"] == "s":
         return f"{m * 1e3:.0f} ms"
-    return f"{m:.0f} {g['unit']}"
+    if g["unit"] == "vCPU":
+        return f"{m:.3f} vCPU"
+    return f"{m:.1f} {g['unit']}"
 
 
 def goals_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -598,6 +629,50 @@ def startup_table(startup: list[dict[str, Any]]) -> list[str]:
             f"| {s['median_ready_s'] * 1e3:.0f} / {s['max_ready_s'] * 1e3:.0f} "
             f"| {s['median_idle_rss_mb']:.0f} / {s['max_idle_rss_mb']:.0f} "
             f"| {s['median_idle_pss_mb']:.0f} | {s['runs'][0]['processes']} |"
+        )
+    return lines
+
+
+def pod_line(pod: dict[str, Any] | None) -> list[str]:
+    if pod is None:
+        return []
+    return [
+        "",
+        f"As the injector starts it in a pod (transport {pod['transport']}, {pod['workers']} "
+        "worker, Kubernetes on against the API server emulation, Envoy's access log service, "
+        f"the context API, audit on stdout), idle: RSS {pod['rss_mb']:.1f} MB, PSS "
+        f"{pod['pss_mb']:.1f} MB (where it goes: `python -m bench memory_breakdown --pod`).",
+    ]
+
+
+def pod_cost_table(results: list[dict[str, Any]], loads: Sequence[Load]) -> list[str]:
+    """Issue 20's table: one row per case, the figures a platform team compares."""
+    lines = [
+        "| case | req/s c16 | vs RBAC | added p50 / p99 at c1, µs | mandate CPU/Check c16 / c1, µs "
+        "| at 1,000 req/s: Envoy + mandate vCPU, RSS MB, added p50 / p99 µs | mandate RSS MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keys = {x.key for x in loads}
+    for r in results:
+        lx = r.get("loads", {})
+        c16, c1, k = lx.get("c16") or {}, lx.get("c1") or {}, lx.get("r1000") or {}
+        if not lx:
+            continue
+        add1 = c1.get("added_vs_envoy_us") or {}
+        addk = k.get("added_vs_envoy_us") or {}
+        pod = "-"
+        if "r1000" in keys and k:
+            pod = (
+                f"{_num(k.get('vcpu_all'), '{:.3f}')}, {_num(k.get('rss_mb_all'))}, "
+                f"{_num(addk.get('p50_us'), '{:+,.0f}')} / {_num(addk.get('p99_us'), '{:+,.0f}')}"
+            )
+        lines.append(
+            f"| {r['label']} | {_num(c16.get('rps'))} "
+            f"| {_num((c16.get('vs_rbac') or {}).get('rps'), '{:.1%}')} "
+            f"| {_num(add1.get('p50_us'), '{:+,.0f}')} / {_num(add1.get('p99_us'), '{:+,.0f}')} "
+            f"| {_num(c16.get('mandate_cpu_us_per_check'))} / "
+            f"{_num(c1.get('mandate_cpu_us_per_check'))} "
+            f"| {pod} | {_num(r.get('idle_mandate_rss_mb'), '{:.1f}')} |"
         )
     return lines
 
@@ -651,7 +726,7 @@ def markdown(doc: dict[str, Any], loads: Sequence[Load]) -> str:
         "",
         noise_line(results),
         "",
-        "## Goals (issue 7)",
+        "## Goals (issue 20)",
         "",
         *goals_table([g for g in doc["goals"] if g["kind"] == "load"]),
         "",
@@ -664,6 +739,11 @@ def markdown(doc: dict[str, Any], loads: Sequence[Load]) -> str:
         "(shared pages divided among them) for comparison.",
         "",
         *startup_table(doc["startup"]),
+        *pod_line(doc.get("pod")),
+        "",
+        "## The pod's cost (issue 20)",
+        "",
+        *pod_cost_table(results, loads),
     ]
     for load in loads:
         lines += ["", f"## {load.label}", "", *load_table(results, load)]
@@ -774,9 +854,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--duration", type=float, default=15.0, help="seconds per load (default 15)")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per case")
-    p.add_argument("--concurrency", type=_ints, default=[16, 64], help="closed loop: 16,64")
+    p.add_argument("--concurrency", type=_ints, default=[1, 16, 64], help="closed loop: 1,16,64")
     p.add_argument("--rates", type=_floats, default=[1000.0, 3000.0], help="open loop: 1000,3000")
-    p.add_argument("--transports", type=_transports, default=["grpc", "http"])
+    p.add_argument(
+        "--transports",
+        type=_transports,
+        default=["http", "grpc"],
+        help="the first is the baseline: the injector's default, http",
+    )
     p.add_argument("--workers", type=_ints, default=[1, 2], help="mandate worker processes")
     p.add_argument("--telemetry", type=_onoff, default=[False, True], help="tracing+audit off,on")
     p.add_argument("--behaviour", type=_onoff, default=[False, True], help="off,on")
@@ -893,6 +978,9 @@ def main(argv: list[str] | None = None) -> int:
             script = work / "report.lua"
             script.write_text(WRK_SCRIPT)
             startup = run_startup(configs, args, work / "startup", pinning)
+            print("== idle memory as injected in a pod", flush=True)
+            pod = pod_memory(work / "pod")
+            print(f"   RSS {pod['rss_mb']:.1f} MB, PSS {pod['pss_mb']:.1f} MB", flush=True)
             results = list(_each(cases, lambda c: run_case(c, loads, args, work, script, pinning)))
     except BenchError as exc:
         print(f"matrix: aborted: {exc}", file=sys.stderr)
@@ -907,7 +995,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings,
         "elapsed_s": timer(),
         "startup": startup,
-        "goals": goals(results, startup, loads),
+        "pod": pod,
+        "goals": goals(results, startup, loads, pod),
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -186,6 +186,7 @@ def measure(
     result["envoy_cpu_s"] = env_cpu
     result["envoy_cpu_us_per_request"] = env_cpu / served * 1e6 if served else None
     result["envoy_rss_mb"] = rss_mb(envoy.proc.pid)
+    result["wall_s"] = wall  # the load's wall time: CPU seconds over it are CPUs (vCPU)
     ncpu = os.cpu_count() or 1
     result["machine_busy_pct"] = 100 * (busy1 - busy0) / (wall * ncpu) if wall > 0 else None
     result["machine_busy_source"] = source
