@@ -45,6 +45,12 @@ class LoopThread:
         self.loop.run_forever()
         self.loop.close()  # after stop(): release the selector and its file descriptors
 
+    @property
+    def alive(self) -> bool:
+        """Whether the loop is running in its thread (False before start and after stop, or
+        when something stopped it unasked)."""
+        return self._thread is not None and self._thread.is_alive() and self.loop.is_running()
+
     def start(self, setup: Callable[[], Coroutine[Any, Any, None]], timeout: float = 10.0) -> None:
         self._thread = threading.Thread(
             target=self._run, args=(setup,), name=self.name, daemon=True

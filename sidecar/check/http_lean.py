@@ -359,6 +359,11 @@ class HttpLeanServer:
                 if conn.idle * period >= idle:
                     conn.close()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the server's loop runs (its thread has not ended)."""
+        return self._thread.alive
+
     def start(self) -> int:
         """Start serving; return the bound port. Raises OSError if it cannot bind."""
         self._thread.start(self._start)

@@ -273,6 +273,11 @@ class HttpAuthzServer:
             )
             self.port = self._listener.sockets[0].getsockname()[1]
 
+    @property
+    def alive(self) -> bool:
+        """Whether the server's loop runs (its thread has not ended)."""
+        return self._thread.alive
+
     def start(self) -> int:
         """Start serving; return the bound port. Raises OSError if it cannot bind."""
         self._thread.start(self._start)

@@ -45,12 +45,21 @@ Ready = Callable[[], tuple[bool, dict[str, Any]]]
 _AGENT = re.compile(r"^(\*|[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?)\Z")  # \Z: no trailing \n
 
 
-def add_probe_routes(app: web.Application, ready: Ready, token: str | None = None) -> None:
+def add_probe_routes(
+    app: web.Application,
+    ready: Ready,
+    token: str | None = None,
+    alive: Callable[[], bool] | None = None,
+) -> None:
     """/healthz, /readyz and /metrics (across worker processes when they share a
     PROMETHEUS_MULTIPROC_DIR). ``ready`` returns (is ready, details); the details are shown
-    only to `/readyz?verbose=1` with the bearer ``token`` (none configured: never)."""
+    only to `/readyz?verbose=1` with the bearer ``token`` (none configured: never).
+    ``alive``: False when the process can no longer do its job and only a restart helps
+    (the liveness probe then fails and the kubelet restarts the container)."""
 
     async def healthz(_: web.Request) -> web.Response:
+        if alive is not None and not alive():
+            return web.json_response({"status": "dead"}, status=503)
         return web.json_response({"status": "alive"})
 
     async def readyz(request: web.Request) -> web.StreamResponse:

@@ -74,6 +74,8 @@ __all__ = ["Supervisor", "run_supervisor"]
 
 log = logging.getLogger(__name__)
 
+CHECK_SERVER_POLL_S = 1.0  # how often the in-process Check server's liveness is looked at
+
 
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
@@ -304,7 +306,7 @@ class Supervisor:
         assert self.store is not None and self.agent_state is not None
         cfg = self.settings
         app = web.Application()
-        add_probe_routes(app, self._ready, token)
+        add_probe_routes(app, self._ready, token, alive=self._alive)
         RevocationAPI(self.store, cfg.identity.namespace, token, self.status).add_routes(app)
         ElevationAPI(self.agent_state, cfg.identity.namespace, token).add_routes(app)
         if cfg.credentials.txn_token_keys is not None:  # the public keys, for upstreams
@@ -596,9 +598,23 @@ class Supervisor:
                 await asyncio.sleep(0.02)
             w.ready = True
 
+    def _alive(self) -> bool:
+        """False when the Check server in this process has ended (liveness: only a restart
+        of the container helps; a worker process is restarted by `_monitor` instead)."""
+        return all(w.sidecar.serving() for w in self._workers if w.sidecar is not None)
+
     async def _monitor(self, w: _Worker) -> None:
-        if w.sidecar is not None:
-            return  # in this process: it lives and ends with the supervisor
+        if w.sidecar is not None:  # in this process: watch that it still serves
+            while not self._stopping and w.sidecar is not None:
+                if not w.sidecar.serving():
+                    w.ready = False
+                    log.error(
+                        "the Check server in this process has stopped: every call is refused "
+                        "(Envoy fails closed); /healthz now fails so that the container restarts"
+                    )
+                    return
+                await asyncio.sleep(CHECK_SERVER_POLL_S)
+            return
         backoff = 0.1
         while not self._stopping:
             assert w.proc is not None
@@ -802,6 +818,7 @@ class Supervisor:
     def _ready(self) -> tuple[bool, dict[str, Any]]:
         status = self.status()
         ok = status["revocations"]["complete"] and all(w.ready for w in self._workers)
+        ok = ok and self._alive()  # the in-process Check server, when there is one
         # Not ready while every allow is being denied because the audit trail cannot be
         # written (fail-closed): the pod cannot do its job, and an operator should see it.
         status["audit"] = audit = self._audit_health()

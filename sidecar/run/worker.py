@@ -121,6 +121,13 @@ class Sidecar:
         tmp.write_text(json.dumps({"version": snap.version, "pid": os.getpid()}))
         tmp.replace(path)
 
+    def serving(self) -> bool:
+        """Whether the Check server still runs: an HTTP server's loop thread can end (the
+        synchronous gRPC server's threads are grpc's own); False once stopped."""
+        if self._stopped.is_set():
+            return False
+        return self._http is None or self._http.alive
+
     def _ready(self) -> tuple[bool, dict[str, Any]]:
         status = self.holder.status()
         writer = self._audit_writer

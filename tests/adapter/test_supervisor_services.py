@@ -6,6 +6,7 @@ reverse, leaving neither socket served."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
@@ -113,3 +114,57 @@ async def test_services_start_in_order_serve_on_the_loop_and_stop_in_reverse(
             host, port = w.listen.rsplit(":", 1)
             with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=2):
                 pass
+
+
+async def test_a_check_server_that_stops_in_this_process_fails_liveness(
+    tmp_path: Path, profiles_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process (the default): nothing restarts a Check server that ended inside it, so
+    the supervisor says so where the kubelet looks: not ready, and /healthz fails, so that
+    the container is restarted (Envoy meanwhile refuses every call: fail closed)."""
+    import aiohttp
+
+    import sidecar.run.supervisor as supervisor
+
+    monkeypatch.setattr(supervisor, "CHECK_SERVER_POLL_S", 0.05)
+    (tmp_path / "metrics").mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    sup = Supervisor(
+        Settings(
+            profiles=ProfileSettings(profiles_dir, poll_seconds=0.5),
+            check=CheckSettings(listen="127.0.0.1:0", transport="http", single_process="on"),
+            identity=IdentitySettings(namespace=NS, agent=AGENT),
+            admin=AdminSettings(listen="127.0.0.1:0"),
+            kubernetes=KubernetesSettings(mode="off"),
+        )
+    )
+    await sup.start()
+    try:
+        base = f"http://127.0.0.1:{sup.admin_port}"
+        async with aiohttp.ClientSession() as http:
+
+            async def probe(path: str) -> int:
+                async with http.get(base + path) as resp:
+                    return resp.status
+
+            assert (await probe("/healthz"), await probe("/readyz")) == (200, 200)
+            [worker] = sup._workers
+            assert worker.sidecar is not None and worker.sidecar.serving()
+            server = worker.sidecar._http
+            assert server is not None
+            loop = server._thread.loop
+            loop.call_soon_threadsafe(loop.stop)  # the Check server's loop ends, unasked
+            for _ in range(200):
+                if await probe("/healthz") == 503:
+                    break
+                await asyncio.sleep(0.02)
+            assert await probe("/healthz") == 503
+            assert await probe("/readyz") == 503
+            assert not worker.sidecar.serving()
+            for _ in range(200):  # the monitor marks it (and logs) at its next look
+                if not worker.ready:
+                    break
+                await asyncio.sleep(0.02)
+            assert not worker.ready
+    finally:
+        await sup.stop()
