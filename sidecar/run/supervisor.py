@@ -346,7 +346,7 @@ class Supervisor:
             if agent is None:
                 agent = pod.agent or ""
                 if not agent and pod.service_account and snap is not None:
-                    agent = snap.by_service_account.get(pod.service_account, "")
+                    agent = snap.agent_of_service_account(pod.service_account) or ""
                 if not agent:
                     raise ConfigError(
                         f"--context-api {entry!r}: no agent to serve; give --agent, a "

@@ -168,3 +168,26 @@ async def test_a_check_server_that_stops_in_this_process_fails_liveness(
             assert not worker.ready
     finally:
         await sup.stop()
+
+
+def test_a_bare_context_api_address_serves_the_agent_a_bare_account_name_names(
+    tmp_path: Path, profiles_dir: Path
+) -> None:
+    """A profile may name its service account without the namespace (the pod's own): the
+    context API finds the pod's agent by it as decide does (Snapshot.agent_of_service_account)."""
+    agents = profiles_dir / "agents.yaml"
+    text = agents.read_text()
+    assert "serviceAccount: agents/billing-agent" in text
+    agents.write_text(
+        text.replace("serviceAccount: agents/billing-agent", "serviceAccount: billing-agent")
+    )
+    sup = Supervisor(
+        Settings(
+            profiles=ProfileSettings(profiles_dir),
+            identity=IdentitySettings(namespace=NS, service_account=f"{NS}/billing-agent"),
+            kubernetes=KubernetesSettings(mode="off"),
+            context_api=(ContextListener.parse("127.0.0.1:0"),),
+        )
+    )
+    sup.holder.load_initial()
+    assert sup._context_listeners() == [(AGENT, "127.0.0.1:0")]
