@@ -509,7 +509,6 @@ class Supervisor:
 
         assert self.table is not None and self.table.fd is not None
         assert self.agent_state_table is not None and self.agent_state_table.fd is not None
-        os.environ[RUN_DIR_ENV] = str(self._run_dir.path)
         config = self._worker_settings(w)
         # The readers take their descriptor over and close it: give them copies.
         config = replace(
@@ -523,6 +522,9 @@ class Supervisor:
 
     async def _spawn(self, w: _Worker) -> None:
         if self.single_process:
+            # On this loop, not in the thread below: the environment is the process's.
+            os.environ[RUN_DIR_ENV] = str(self._run_dir.path)
+            w.port_file.unlink(missing_ok=True)
             await asyncio.to_thread(self._start_in_process, w)
             return
         assert self.table is not None and self.table.fd is not None
