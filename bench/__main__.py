@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "matrix": "Envoy alone / + RBAC / + mandate configurations, 4 loads, start-up (~10 min)",
     "check_throughput": "what one Check costs: req/s, latency, CPU; Envoy alone, RBAC, mandate",
     "http_server": "the HTTP transport's servers, aiohttp vs lean: check_throughput x3 each",
+    "grpc_shapes": "the gRPC transport's server shapes (threads, aio): c1 cost, wake-ups, c16",
     "telemetry_cost": "what tracing at 100 % and the audit trail cost a Check (~5 min)",
     "revocation_latency": "revocation (admin API, kubectl apply) -> first 403; stale allows",
     "soak": "mixed traffic while state changes: every answer right, memory flat (~10 min)",

@@ -33,7 +33,7 @@ Prints a table with ratios and writes bench/results/check_throughput[-http[-lean
 (-lean: --http-server lean). Everything
 listens on 127.0.0.1; Envoy runs with --concurrency 1; processes are not pinned. Needs `wrk`
 (apt-get install -y wrk). Run: python -m bench check_throughput [--duration 10]
-[--transport grpc|http] [--http-server aiohttp|lean] [--behaviour]
+[--transport grpc|http] [--http-server aiohttp|lean] [--grpc-server threads|aio] [--behaviour]
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ def mandate_options(case: Case, args: argparse.Namespace) -> MandateOptions | No
     return MandateOptions(
         transport=args.transport,
         http_server=args.http_server,
+        grpc_server=args.grpc_server,
         workers=args.workers,
         threads=args.threads,
         telemetry=args.telemetry,
@@ -297,6 +298,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "mandate_workers": args.workers if args.workers is not None else 1,
         "transport": args.transport,
         "http_server": args.http_server or "default",
+        "grpc_server": args.grpc_server or "default",
         "telemetry": "tracing+audit on" if args.telemetry else "off",
         "behaviour": {"profile": {AGENT: BEHAVIOUR}, "access_log": "127.0.0.1:0"}
         if args.behaviour
@@ -531,6 +533,7 @@ def markdown(info: dict[str, Any], results: list[dict[str, Any]], summary: dict[
         f"Envoy {info['envoy']} (--concurrency 1), {info['wrk']}; pinning: {info['pinning']}; "
         f"mandate transport: {t}"
         + (f" (server {info['http_server']})" if t == "http" else "")
+        + (f" (server {info.get('grpc_server', 'default')})" if t == "grpc" else "")
         + f"; threads: {info['mandate_threads']}; "
         f"workers: {info['mandate_workers']}; "
         f"tracing/audit: {info['telemetry']}; "
@@ -579,6 +582,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("aiohttp", "lean"),
         help="--transport http: mandate's HTTP server (default: mandate's); lean adds -lean "
         "to the results' names",
+    )
+    p.add_argument(
+        "--grpc-server",
+        choices=("threads", "aio"),
+        help="--transport grpc: mandate's gRPC server (default: mandate's); aio adds -aio to "
+        "the results' names",
     )
     p.add_argument(
         "--telemetry",
@@ -634,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
             mandate_case = MANDATE_CASES[args.transport]
             if args.transport == "http" and args.http_server == "lean":
                 mandate_case = replace(mandate_case, label="Envoy + mandate (ext_authz HTTP, lean)")
+            if args.transport == "grpc" and args.grpc_server == "aio":
+                mandate_case = replace(mandate_case, label="Envoy + mandate (ext_authz gRPC, aio)")
             cases = [*CASES[:2]] + ([] if args.behaviour else [mandate_case])
             for case in cases:
                 results.append(run_case(case, args, work, script))
@@ -657,13 +668,15 @@ def main(argv: list[str] | None = None) -> int:
     # check_throughput-http-behaviour.*).
     stem = "check_throughput" + ("" if args.transport == "grpc" else f"-{args.transport}")
     stem += "-lean" if args.transport == "http" and args.http_server == "lean" else ""
+    stem += "-aio" if args.transport == "grpc" and args.grpc_server == "aio" else ""
     stem += "-telemetry" if args.telemetry else ""
     stem += "-behaviour" if args.behaviour else ""
     (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(
         "# Check throughput: Envoy alone vs Envoy + RBAC vs Envoy + mandate"
         + (", behaviour analysis off vs on" if args.behaviour else "")
-        + f" ({args.transport}{', lean server' if '-lean' in stem else ''})\n\n"
+        + f" ({args.transport}{', lean server' if '-lean' in stem else ''}"
+        + f"{', aio server' if '-aio' in stem else ''})\n\n"
         "Written by `python -m bench check_throughput`; see bench/README.md for what each "
         "column means."
         "\n\n" + table

@@ -41,6 +41,7 @@ from sidecar.settings import (
     AUDIT_ALLOWS,
     AUDIT_FAILURE_MODES,
     AUDIT_FSYNC_MODES,
+    GRPC_SERVERS,
     HTTP_SERVERS,
     KUBERNETES_MODES,
     LOG_LEVELS,
@@ -122,6 +123,15 @@ def _endpoint_options(cmd: argparse.ArgumentParser, *, admin: bool, spawned: boo
         default=_env("MANDATE_HTTP_SERVER", "lean"),
         help="the HTTP transport's server: aiohttp's, or lean (httptools on uvloop) "
         "(env MANDATE_HTTP_SERVER; default %(default)s)",
+    )
+    cmd.add_argument(
+        "--grpc-server",
+        choices=GRPC_SERVERS,
+        default=_env("MANDATE_GRPC_SERVER", "threads"),
+        help="the gRPC transport's server: grpcio's thread-pool server (--threads), or aio "
+        "(grpc.aio on an event loop of its own, measured slower: bench/results/grpc_shapes.md; "
+        "where this grpcio cannot run it, the thread-pool server) (env MANDATE_GRPC_SERVER; "
+        "default %(default)s)",
     )
     if admin:
         cmd.add_argument(
@@ -708,6 +718,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             workers=args.workers if run else 1,
             single_process=args.single_process if run else "auto",
             http_server=args.http_server,
+            grpc_server=args.grpc_server,
         ),
         identity=IdentitySettings(
             agent=args.agent,

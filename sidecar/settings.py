@@ -37,6 +37,7 @@ __all__ = [
     "AUDIT_ALLOWS",
     "AUDIT_FAILURE_MODES",
     "AUDIT_FSYNC_MODES",
+    "GRPC_SERVERS",
     "HTTP_SERVERS",
     "KUBERNETES_MODES",
     "LOG_LEVELS",
@@ -50,6 +51,7 @@ __all__ = [
     "BehaviourAnalysisSettings",
     "CheckSettings",
     "ContextListener",
+    "GrpcServer",
     "HttpServer",
     "IdentitySettings",
     "KubernetesMode",
@@ -73,6 +75,8 @@ WORKER_SETTINGS_ENV = "MANDATE_WORKER_SETTINGS"
 Transport = Literal["grpc", "http"]  # Envoy's ext_authz grpc_service or http_service
 # The HTTP transport's server: aiohttp's, or the lean one (httptools on uvloop, http_lean).
 HttpServer = Literal["aiohttp", "lean"]
+# The gRPC transport's server: grpcio's thread-pool server, or grpc.aio on a loop of its own.
+GrpcServer = Literal["threads", "aio"]
 Tracer = Literal["lean", "sdk"]  # mandate's OTLP encoder, or the OpenTelemetry SDK
 # Where `mandate run` serves Checks: in its own process (one worker), or in worker processes.
 SingleProcess = Literal["auto", "on", "off"]
@@ -83,6 +87,7 @@ AuditAllows = Literal["all", "none"]  # record allowed calls too, or denies only
 # The choices in the order the flags' help and error messages list them.
 TRANSPORTS: tuple[Transport, ...] = ("grpc", "http")
 HTTP_SERVERS: tuple[HttpServer, ...] = ("aiohttp", "lean")
+GRPC_SERVERS: tuple[GrpcServer, ...] = ("threads", "aio")
 TRACERS: tuple[Tracer, ...] = ("lean", "sdk")
 SINGLE_PROCESS: tuple[SingleProcess, ...] = ("auto", "on", "off")
 KUBERNETES_MODES: tuple[KubernetesMode, ...] = ("auto", "on", "off")
@@ -137,7 +142,7 @@ class ProfileSettings:
 @dataclass(frozen=True, slots=True)
 class CheckSettings:
     """Where and how Envoy's ext_authz filter asks (--listen, --transport, --threads,
-    --workers, --single-process, --http-server)."""
+    --workers, --single-process, --http-server, --grpc-server)."""
 
     # HOST:PORT: worker i of `mandate run` serves PORT+i (port 0: free ports are picked);
     # unix:PATH: worker 0 serves PATH, worker i PATH.i (what an injected pod uses: only
@@ -150,12 +155,14 @@ class CheckSettings:
     # auto: with one worker, the Checks are served in the supervisor's own process (one
     # interpreter, one copy of grpc and the protobufs); several workers are processes.
     single_process: SingleProcess = "auto"
+    grpc_server: GrpcServer = "threads"  # the gRPC server (bench/results/grpc_shapes.md)
 
     def __post_init__(self) -> None:
         if not self.listen.startswith("unix:"):
             split_hostport(self.listen, "--listen")
         _one_of("--transport", self.transport, TRANSPORTS)
         _one_of("--http-server", self.http_server, HTTP_SERVERS)
+        _one_of("--grpc-server", self.grpc_server, GRPC_SERVERS)
         _one_of("--single-process", self.single_process, SINGLE_PROCESS)
         if self.single_process == "on" and self.workers > 1:
             raise ConfigError(
@@ -168,9 +175,7 @@ class CheckSettings:
     @property
     def in_process(self) -> bool:
         """Whether `mandate run` serves the Checks in its own process (no worker process)."""
-        return self.single_process == "on" or (
-            self.single_process == "auto" and self.workers == 1
-        )
+        return self.single_process == "on" or (self.single_process == "auto" and self.workers == 1)
 
 
 @dataclass(frozen=True, slots=True)

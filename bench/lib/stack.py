@@ -267,6 +267,7 @@ class MandateOptions:
 
     transport: str = "grpc"
     http_server: str | None = None  # --http-server (None: mandate's default)
+    grpc_server: str | None = None  # --grpc-server (None: mandate's default)
     workers: int | None = None  # --workers (None: mandate's default, 1)
     threads: int | None = None  # --threads (None: mandate's default)
     # Every decision traced (OTLP to a discarding receiver in this script) and audited.
@@ -334,6 +335,8 @@ def running_stack(
             extra += ["--transport", mandate.transport]
             if mandate.http_server is not None:
                 extra += ["--http-server", mandate.http_server]
+            if mandate.grpc_server is not None:
+                extra += ["--grpc-server", mandate.grpc_server]
             if mandate.threads is not None:
                 extra += ["--threads", str(mandate.threads)]
             if mandate.workers is not None:

@@ -8,7 +8,9 @@ the supervisor, which hands it over as JSON in settings.WORKER_SETTINGS_ENV): no
 checks a setting again.
 
 The gRPC server is grpcio's synchronous server with a small thread pool: measured before
-any code, it costs about half the CPU per Check of grpc.aio (see bench/). The HTTP server
+any code, it costs about half the CPU per Check of grpc.aio (see bench/), and again against
+grpc.aio on a loop of its own (`--grpc-server aio`, `check.grpc_aio`), unloaded and under
+load (bench/results/grpc_shapes.md). The HTTP server
 is aiohttp's low-level server on one event loop (`http_authz`). Must not contain decision
 logic.
 """
@@ -51,6 +53,7 @@ from sidecar.state.shm import RunDir, SharedAgentState, SharedTable
 from sidecar.telemetry import metrics
 
 if TYPE_CHECKING:
+    from sidecar.check.grpc_aio import GrpcAioServer
     from sidecar.check.http_lean import HttpLeanServer
     from sidecar.check.http_transport import HttpAuthzServer
     from sidecar.run.admin import AdminServer
@@ -105,6 +108,7 @@ class Sidecar:
         self.http_port = 0
         self.admin_port = 0
         self._server: grpc.Server | None = None
+        self._aio: GrpcAioServer | None = None  # --grpc-server aio, when it runs
         self._http: HttpAuthzServer | HttpLeanServer | None = None
         self._health = health.HealthServicer()
         self._admin: AdminServer | None = None
@@ -122,11 +126,12 @@ class Sidecar:
         tmp.replace(path)
 
     def serving(self) -> bool:
-        """Whether the Check server still runs: an HTTP server's loop thread can end (the
-        synchronous gRPC server's threads are grpc's own); False once stopped."""
+        """Whether the Check server still runs: an HTTP server's or the grpc.aio server's
+        loop thread can end (the synchronous gRPC server's threads are grpc's own); False
+        once stopped."""
         if self._stopped.is_set():
             return False
-        return self._http is None or self._http.alive
+        return (self._http is None or self._http.alive) and (self._aio is None or self._aio.alive)
 
     def _ready(self) -> tuple[bool, dict[str, Any]]:
         status = self.holder.status()
@@ -195,7 +200,9 @@ class Sidecar:
         creds = run.credentials
         # The HTTP transport runs Checks on its event loop: a Check there must never wait
         # for a token endpoint (OAuth tokens are fetched when the profiles load).
-        wait = 0.0 if run.check.transport == "http" else creds.wait
+        # So does grpc.aio (--grpc-server aio).
+        on_loop = run.check.transport == "http" or run.check.grpc_server == "aio"
+        wait = 0.0 if on_loop else creds.wait
         self._broker = CredentialBroker(
             namespace=pod.namespace, pod=pod.pod_name, txn_keys=creds.txn_token_keys,
             issuer=creds.txn_token_issuer, wait=wait,
@@ -212,24 +219,7 @@ class Sidecar:
         if run.check.transport == "http":
             self._start_http(pipeline)
         else:
-            servicer = AuthorizationServicer(pipeline)
-            server = grpc.server(
-                futures.ThreadPoolExecutor(
-                    max_workers=run.check.threads, thread_name_prefix="check"
-                ),
-                options=[("grpc.so_reuseport", 0)],
-            )
-            external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
-            health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-            try:
-                self.grpc_port = server.add_insecure_port(run.check.listen)
-            except RuntimeError as exc:
-                raise ConfigError(f"--listen {run.check.listen!r}: cannot bind ({exc})") from None
-            server.start()
-            self._server = server
-            _open_socket(run.check.listen)
-            self._health.set(AUTHZ_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-            self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+            self._start_grpc(pipeline)
         if admin is not None:
             from sidecar.run.admin import AdminServer  # aiohttp: only where an admin server runs
 
@@ -248,6 +238,34 @@ class Sidecar:
             tmp = run.port_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(ports))
             tmp.replace(run.port_file)
+
+    def _start_grpc(self, pipeline: CheckPipeline) -> None:
+        check = self.config.run.check
+        try:
+            if check.grpc_server == "aio":
+                from sidecar.check.grpc_aio import start_aio
+
+                self._aio = start_aio(pipeline, check.listen)  # None: this grpcio cannot
+                if self._aio is not None:
+                    self.grpc_port = self._aio.port
+                    _open_socket(check.listen)
+                    return
+            server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=check.threads, thread_name_prefix="check"),
+                options=[("grpc.so_reuseport", 0)],
+            )
+            external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+                AuthorizationServicer(pipeline), server
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+            self.grpc_port = server.add_insecure_port(check.listen)
+        except RuntimeError as exc:
+            raise ConfigError(f"--listen {check.listen!r}: cannot bind ({exc})") from None
+        server.start()
+        self._server = server
+        _open_socket(check.listen)
+        self._health.set(AUTHZ_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self._health.set("", health_pb2.HealthCheckResponse.SERVING)
 
     def _start_http(self, pipeline: CheckPipeline) -> None:
         listen = self.config.run.check.listen
@@ -281,6 +299,8 @@ class Sidecar:
             self.holder.stop()
         if self._server is not None:
             self._server.stop(grace).wait(grace + 1)
+        if self._aio is not None:
+            self._aio.stop(grace)
         if self._http is not None:
             self._http.stop(grace)
         if self._admin is not None:

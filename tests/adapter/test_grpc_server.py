@@ -1,8 +1,11 @@
-"""The real sidecar: grpcio server, gRPC health and the admin HTTP server, on 127.0.0.1:0."""
+"""The real sidecar: grpcio server, gRPC health and the admin HTTP server, on 127.0.0.1:0.
+The Check and health tests run on both gRPC server shapes (`--grpc-server threads|aio`);
+the aio shape's fallback to the thread-pool server is tested at the end."""
 
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 import urllib.error
@@ -24,6 +27,7 @@ from sidecar.run.worker import Sidecar
 from sidecar.settings import (
     AdminSettings,
     CheckSettings,
+    GrpcServer,
     IdentitySettings,
     ProfileSettings,
     Settings,
@@ -44,13 +48,14 @@ def config(
     admin: str = "127.0.0.1:0",
     threads: int = DEFAULT_THREADS,
     port_file: Path | None = None,
+    grpc_server: GrpcServer = "threads",
 ) -> WorkerSettings:
     """A single-process sidecar with its admin server (Sidecar(..., admin_token=TOKEN):
     readiness details, `/readyz?verbose=1`, need the token)."""
     return WorkerSettings(
         run=Settings(
             profiles=ProfileSettings(profiles, poll_seconds=0.2),
-            check=CheckSettings(listen=listen, threads=threads),
+            check=CheckSettings(listen=listen, threads=threads, grpc_server=grpc_server),
             identity=IdentitySettings(agent="billing-agent", namespace=""),
             admin=AdminSettings(listen=admin),
             port_file=port_file,
@@ -59,9 +64,15 @@ def config(
     )
 
 
+@pytest.fixture(params=["threads", "aio"])
+def grpc_server(request: pytest.FixtureRequest) -> GrpcServer:
+    """The gRPC server shape (`--grpc-server`): each test that takes a sidecar runs on both."""
+    return request.param  # type: ignore[no-any-return]
+
+
 @pytest.fixture
-def sidecar(profiles_dir: Path) -> Iterator[Sidecar]:
-    s = Sidecar(config(profiles_dir), admin_token=TOKEN)
+def sidecar(profiles_dir: Path, grpc_server: GrpcServer) -> Iterator[Sidecar]:
+    s = Sidecar(config(profiles_dir, grpc_server=grpc_server), admin_token=TOKEN)
     s.start()
     try:
         yield s
@@ -285,15 +296,101 @@ def test_bad_config_raises_config_error(profiles_dir: Path, kw: dict[str, Any]) 
         config(profiles_dir, **kw)
 
 
+@pytest.mark.parametrize("grpc_server", ["threads", "aio"])
 @pytest.mark.parametrize("which", ["listen", "admin"])
-def test_port_in_use_raises_config_error(profiles_dir: Path, which: str) -> None:
+def test_port_in_use_raises_config_error(
+    profiles_dir: Path, which: str, grpc_server: GrpcServer
+) -> None:
+    """A Check address in use is the address's fault: refused on both shapes (the aio
+    shape does not fall back to the thread-pool server over it)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        s = Sidecar(config(profiles_dir, **{which: f"127.0.0.1:{port}"}), admin_token=TOKEN)
+        cfg = config(profiles_dir, grpc_server=grpc_server, **{which: f"127.0.0.1:{port}"})
+        s = Sidecar(cfg, admin_token=TOKEN)
         try:
             with pytest.raises(ConfigError, match=f"--{which}"):
                 s.start()
         finally:
             s.stop(grace=0.2)
+
+
+def _served_by(s: Sidecar) -> str:
+    return "aio" if s._aio is not None else "threads" if s._server is not None else "none"
+
+
+def _answers(port: int, make_check: CheckBuilder) -> None:
+    """One allowed and one denied Check, and gRPC health, on ``port``."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.enable_http_proxy", 0)]) as ch:
+        stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+        assert stub.Check(make_check(), timeout=5).status.code == code_pb2.OK
+        denied = stub.Check(make_check(path="/v1/ledger/admin/purge"), timeout=5)
+        assert denied.status.code == code_pb2.PERMISSION_DENIED
+        health = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service=AUTHZ_SERVICE), timeout=5
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_aio_shape_serves_on_its_own_loop(profiles_dir: Path, make_check: CheckBuilder) -> None:
+    """--grpc-server aio: Checks answered on the `check-aio` loop thread, no thread pool."""
+    s = Sidecar(config(profiles_dir, grpc_server="aio"), admin_token=TOKEN)
+    s.start()
+    try:
+        assert _served_by(s) == "aio"
+        _answers(s.grpc_port, make_check)
+        assert s._aio is not None and s.serving()
+        loop = s._aio._thread.loop
+        loop.call_soon_threadsafe(loop.stop)  # the loop ends, unasked: liveness must see it
+        deadline = time.monotonic() + 5
+        while s.serving() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not s.serving()
+    finally:
+        s.stop(grace=0.2)
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    ["no grpc.aio", "start fails"],
+)
+def test_aio_shape_falls_back_to_thread_pool(
+    profiles_dir: Path,
+    make_check: CheckBuilder,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    breakage: str,
+) -> None:
+    """A grpcio that cannot run the aio shape (grpc.aio or grpc_health's aio servicer
+    missing, or the aio server failing to start for another reason than the address) serves
+    with the thread-pool server, and says so once in the log."""
+    from sidecar.check import grpc_aio
+
+    if breakage == "no grpc.aio":
+        monkeypatch.setattr(grpc_aio, "aio_unavailable", lambda: "ImportError: no grpc.aio")
+    else:
+
+        async def broken(self: grpc_aio.GrpcAioServer) -> None:
+            raise RuntimeError("grpc.aio: cannot initialise (an older grpcio)")
+
+        monkeypatch.setattr(grpc_aio.GrpcAioServer, "_start", broken)
+    caplog.set_level(logging.WARNING, logger="sidecar.check.grpc_aio")
+    s = Sidecar(config(profiles_dir, grpc_server="aio"), admin_token=TOKEN)
+    s.start()
+    try:
+        assert _served_by(s) == "threads"
+        _answers(s.grpc_port, make_check)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1, warnings
+        assert "--grpc-server aio cannot run on grpcio" in warnings[0]
+        assert "thread-pool server" in warnings[0]
+    finally:
+        s.stop(grace=0.2)
+
+
+def test_aio_unavailable_on_this_grpcio() -> None:
+    """The pinned grpcio runs the aio shape (else the fallback would hide a broken pin)."""
+    from sidecar.check.grpc_aio import aio_unavailable
+
+    assert aio_unavailable() is None

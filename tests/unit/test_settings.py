@@ -47,6 +47,7 @@ EVERYTHING = WorkerSettings(
             workers=4,
             http_server="aiohttp",
             single_process="off",
+            grpc_server="aio",
         ),
         identity=IdentitySettings(
             agent="billing-agent",
@@ -160,6 +161,7 @@ def _worker(**kw: Any) -> WorkerSettings:
         (lambda: CheckSettings(threads=0), "--threads 0: expected at least 1"),
         (lambda: CheckSettings(workers=0), "--workers 0: expected at least 1"),
         (lambda: CheckSettings(http_server="granian"), "--http-server 'granian': expected aiohttp or lean"),  # type: ignore[arg-type]
+        (lambda: CheckSettings(grpc_server="callback"), "--grpc-server 'callback': expected threads or aio"),  # type: ignore[arg-type]
         (lambda: CheckSettings(single_process="yes"), "--single-process 'yes': expected auto, on or off"),  # type: ignore[arg-type]
         (lambda: CheckSettings(workers=2, single_process="on"), "--single-process on with --workers 2: one process"),
         (lambda: AdminSettings(listen="127.0.0.1:http"), "--admin '127.0.0.1:http'"),
@@ -232,6 +234,11 @@ def test_run_options_build_the_settings() -> None:
     )  # fmt: skip
     s = _settings(args)
     assert s.check == CheckSettings("127.0.0.1:9100", "http", s.check.threads, 2, "lean")
+    assert _settings(_parser().parse_args(["run", "--profiles", "/p"])).check.grpc_server == (
+        "threads"
+    )
+    args = _parser().parse_args(["run", "--profiles", "/p", "--grpc-server", "aio"])
+    assert _settings(args).check.grpc_server == "aio"
     assert (s.identity.agent, s.identity.namespace, s.kubernetes.mode) == ("a", "ns", "off")
     assert s.context_api == (ContextListener("127.0.0.1:9701"), ContextListener("unix:/s", "b"))
     assert [c.spelling for c in s.context_api] == ["127.0.0.1:9701", "b=unix:/s"]
