@@ -37,7 +37,6 @@ PACKAGES = (
 )
 
 
-
 class UnknownShape(ValueError):
     """A package __init__ holds a statement the lazy module could not reproduce."""
 
