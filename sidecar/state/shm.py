@@ -224,6 +224,10 @@ class _Segment:
                 deadline = now + _MAX_WAIT
             elif now > deadline:
                 return None
+            # Yield the interpreter lock: with the Checks in the writer's own process (one
+            # process, issue 20) a writer preempted mid-write cannot finish while this loop
+            # holds it, and the reader would fail closed after a whole switch interval.
+            time.sleep(0)
 
     def close(self) -> None:
         self._mm.close()

@@ -667,3 +667,36 @@ def test_a_sweep_leaves_other_directories_alone(tmp: Path) -> None:
     os.utime(unfinished, (0, 0))
     assert RunDir.sweep(tmp) == [unfinished]
     assert sorted(p.name for p in tmp.iterdir()) == sorted([other.name, demo.name, recent.name])
+
+
+def test_a_writer_thread_of_the_readers_own_process_never_makes_it_fail_closed(
+    path: Path,
+) -> None:
+    # One process (issue 20): the Check thread reads what the supervisor's loop thread
+    # writes. With the default switch interval, a writer preempted mid-write must still
+    # finish (the reader yields the interpreter lock) before the reader gives up on it.
+    writer = SharedTable.create(path, size=256 * 1024)
+    writer.write(SMALL, complete=True)
+    reader = SharedTable.attach(path)
+    stop = threading.Event()
+
+    def write() -> None:
+        deadline = time.monotonic() + 10.0
+        while not stop.is_set() and time.monotonic() < deadline:
+            writer.write(LARGE, complete=True)
+            writer.write(SMALL, complete=True)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    incomplete = reads = 0
+    try:
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            reads += 1
+            incomplete += not reader.read().complete
+    finally:
+        stop.set()
+        thread.join(timeout=5.0)
+        reader.close()
+        writer.close()
+    assert reads > 100 and incomplete == 0, (reads, incomplete)
