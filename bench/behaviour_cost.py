@@ -31,6 +31,12 @@ Worker, on the Check path:
   the re-read after the supervisor published a new generation (once per publish, at most
   every 0.1 s, only when a score moved by 0.01).
 
+Scoring the call's own novelty on the Check path (issue 21, `enforce`, one process): the
+same MCP call decided with the agent's baseline (learned from that call) vs without
+(the published score only), a known call and one with a new recipient, interleaved;
+`call_novelty` + `project` alone; and the supervisor's rebuild of one agent's baseline
+(once per tick for an agent with new events).
+
 What the agent does (issue 21): the call's facts (MCP tools, argument shapes, fingerprints
 of the sensitive arguments: `sidecar.core.callfacts`), on the Check path for an agent under
 behaviour analysis and read back by the supervisor:
@@ -546,6 +552,138 @@ def facts_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def check_path_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]]:
+    """What scoring the call's own novelty on the Check path costs (issue 21): the agent's
+    baseline learned from the benchmark's call, `enforce`, one process."""
+    from sidecar.audit.arguments import ArgumentKey
+    from sidecar.audit.canonical import canonical_json
+    from sidecar.check.pipeline import CheckPipeline
+    from sidecar.check.request import Identity
+    from sidecar.core.behaviour import destination
+    from sidecar.core.callfacts import decode, describe
+    from sidecar.core.callrisk import call_novelty, project
+    from sidecar.core.mcp import tool_call_body
+
+    rows: list[dict[str, Any]] = []
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "mcp.yaml").write_text(MCP_PROFILE.format(name="watched", behavior=MCP_BEHAVIOR))
+    snapshot = load_profiles(work)
+    settings = snapshot.agents["watched"].behavior
+    assert settings is not None
+    key = ArgumentKey.of(b"\x01" * 32)
+
+    def fingerprint(value: object) -> str:
+        return key.mac(canonical_json(value))
+
+    host = "mcp.tools.svc.cluster.local"
+    body = tool_call_body("send_email", SEND_EMAIL)
+    novel = tool_call_body("send_email", {**SEND_EMAIL, "recipients": ["eve@evil.test"]})
+    facts = describe(body, False, settings.sensitive, fingerprint, key.id)
+    engine = BehaviourEngine()
+    for k in range(600):  # one call a second through the learning period (10m)
+        engine.observe(
+            CallEvent(
+                at=T0 + k, agent="watched", namespace=NS, method="POST", host=host,
+                path="/mcp", allowed=True, code="allowed", status=200, bytes_sent=120,
+                bytes_received=len(body), facts=decode(facts.encode()),
+            ),
+            settings,
+        )  # fmt: skip
+    now = T0 + settings.learning_seconds + 120
+    base = engine.baseline(NS, "watched", now, settings)
+    assert base is not None
+    baselines = {(NS, "watched"): base}
+    without = CheckPipeline(lambda: snapshot, Identity(), lambda: now, facts_key=key)
+    scored = CheckPipeline(
+        lambda: snapshot, Identity(), lambda: now, facts_key=key, behaviour=lambda: baselines
+    )
+
+    def view_of(payload: bytes) -> Callable[[str], RequestView]:
+        view = RequestView(
+            decision_id="0" * 32, method="POST", authority=host, path="/mcp", body=payload,
+            context_extensions={"agent": "watched"}, namespace=NS,
+            headers={"content-type": "application/json", "content-length": str(len(payload))},
+        )  # fmt: skip
+        return lambda did: view
+
+    known, new = view_of(body), view_of(novel)
+    d_known, _, _, t_known = scored.decide(known)
+    d_new, _, _, _ = scored.decide(new)
+    d_without, _, _, t_without = without.decide(known)
+    if not (d_known.allowed and d_new.allowed and d_without.allowed and t_known == t_without):
+        raise SystemExit(f"behaviour_cost: unexpected Check-path decisions {d_known} {d_new}")
+    times = interleaved(
+        {
+            "off": lambda: without.decide(known),
+            "on": lambda: scored.decide(known),
+            "new": lambda: scored.decide(new),
+        },
+        max(1, number // 4),
+        repeat * 4,
+    )
+    rows.append(
+        row(
+            "CheckPipeline.decide, enforce, published score only",
+            times["off"],
+            "the facts' send_email call, no baselines (several worker processes)",
+            where="worker",
+        )
+    )
+    rows.append(
+        row(
+            "CheckPipeline.decide, enforce, Check-path scoring",
+            times["on"],
+            "the same call against the agent's baseline: nothing new (the usual call)",
+            where="worker",
+        )
+    )
+    rows.append(
+        row(
+            "Check-path scoring: added per Check (known call)",
+            [b - a for a, b in zip(times["off"], times["on"], strict=True)],
+            "with minus without, run by run (interleaved): the call described once, in "
+            "decide, not after it; four set lookups",
+            where="worker",
+        )
+    )
+    rows.append(
+        row(
+            "Check-path scoring: added per Check (a new recipient)",
+            [b - a for a, b in zip(times["off"], times["new"], strict=True)],
+            "one novelty (0.56, allowed): projected onto the window and explained",
+            where="worker",
+        )
+    )
+    dest = destination(host, "/mcp")
+    rows.append(
+        row(
+            "call_novelty + project (known call)",
+            timed(
+                lambda: project(call_novelty(base, facts, dest, len(body), now), {}),
+                number,
+                repeat,
+            ),
+            "the pure functions alone",
+            where="worker",
+        )
+    )
+    agent = engine._agents[(NS, "watched")]
+
+    def rebuilt() -> object:
+        agent.version += 1  # as after the agent's next event
+        return engine.baseline(NS, "watched", now, settings)
+
+    rows.append(
+        row(
+            "BehaviourEngine.baseline, rebuilt (per agent with new events, per tick)",
+            timed(rebuilt, number, repeat),
+            "the supervisor's tick, for an agent in enforce past learning (else cached)",
+            where="supervisor",
+        )
+    )
+    return rows
+
+
 def worker_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     snapshot = load_profiles(unlimited_profiles(PROFILES, work, behaviour={AGENT: BEHAVIOUR}))
@@ -653,7 +791,15 @@ def summarize(rows: list[dict[str, Any]], rps: float) -> dict[str, Any]:
     added = statistics.median(by["decide(): added (per round)"]["samples_us"])
     facts = statistics.median(by["CheckPipeline.decide: added by the call's facts"]["samples_us"])
     meta = statistics.median(by["response_for + serialize: added by `call` metadata"]["samples_us"])
+    scoring = statistics.median(
+        by["Check-path scoring: added per Check (known call)"]["samples_us"]
+    )
+    scoring_new = statistics.median(
+        by["Check-path scoring: added per Check (a new recipient)"]["samples_us"]
+    )
     return {
+        "check_path_scoring_added_us": scoring,
+        "check_path_scoring_added_us_novel": scoring_new,
         "facts_added_us_per_mcp_check": facts + meta,
         "facts_decide_added_us": facts,
         "facts_response_added_us": meta,
@@ -695,6 +841,11 @@ def markdown(info: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str
         f"answer = {s['facts_added_us_per_mcp_check']:+.2f} µs per Check (medians of the "
         "interleaved rounds); calls without a body and agents without `behavior:` pay "
         "nothing.",
+        f"Scoring the call's own novelty on the Check path (enforce, one process): "
+        f"{s['check_path_scoring_added_us']:+.2f} µs per MCP Check of a known call, "
+        f"{s['check_path_scoring_added_us_novel']:+.2f} µs for one with a new recipient "
+        "(medians of the interleaved rounds, against the same Check decided on the "
+        "published score only).",
         "",
         f"Machine: {info['nproc']} CPUs, {info['cpu_model']}, Linux {info['kernel']}; Python "
         f"{info['python']}, protobuf {info['protobuf']}; timeit, GC off, best and median of "
@@ -732,6 +883,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = supervisor_rows(args.number, args.repeat, work / "s")
         rows += worker_rows(args.number, args.repeat, work / "w")
         rows += facts_rows(args.number, args.repeat, work / "f")
+        rows += check_path_rows(args.number, args.repeat, work / "c")
     summary = summarize(rows, args.rps)
     table = markdown(info, rows, summary)
     print(table)

@@ -20,7 +20,8 @@ one egress listener per agent, its access log streamed to mandate. Each call is 
    be (an LLM's pace).
 
 A call's answer: 200 (allowed, and it must have arrived upstream) or mandate's 403 with the
-`risk` or `revoked` code (and it must not have arrived); anything else aborts the run.
+`risk`, `novel_call` or `revoked` code (and it must not have arrived); anything else aborts
+the run.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ CONCURRENCY = 48  # calls in flight while learning
 SETTLE_S = 0.4  # after Envoy wrote the entries: its flush (0.1 s) and two scoring ticks
 LOGGED = "access_logs.grpc_access_log.logs_written"
 QUIET_MARGIN_S = 6.0  # past the window's edge bucket (a twelfth of the minute) and a tick
-REFUSALS = frozenset({"risk", "revoked"})
+REFUSALS = frozenset({"risk", "novel_call", "revoked"})
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from bench.agentdojo.detect import (
     Trace,
     by_injection,
     flagged_benign,
+    is_flag,
     summarise,
 )
 from bench.agentdojo.detect_replay import dump, plan, replay_suite
@@ -110,7 +111,7 @@ def novelty_profile(suite: Suite, traces: list[Trace]) -> dict[str, dict[str, in
     out: dict[str, dict[str, int]] = {}
     for t in traces:
         who = t.session.injection_task or "benign"
-        first = next((s for s in t.steps if s.score >= DENY_AT), None)
+        first = next((s for s in t.steps if is_flag(s)), None)
         key = "not flagged"
         if first is not None:
             feats = [
@@ -146,7 +147,8 @@ def markdown(info: dict[str, Any], doc: dict[str, Any]) -> str:
         f"AgentDojo {info['agentdojo']} (benchmark {info['benchmark_version']}), suites "
         f"{', '.join(info['suites'])} (banking and slack held out: never loaded); ground-truth "
         f"tool calls replayed as MCP `tools/call` through real Envoy {info['envoy']} and "
-        f"`mandate run` ({info['transport']}, behaviour analysis fed by Envoy's access log); "
+        f"`mandate run` ({info['transport']}, behaviour analysis fed by Envoy's access log, "
+        "each call's own novelty scored on the Check path); "
         f"git {info['git_commit']}, {info['nproc']} CPUs, Python {info['python']}; "
         f"replay {info['replay_s']} s.",
         "",
@@ -157,8 +159,9 @@ def markdown(info: dict[str, Any], doc: dict[str, Any]) -> str:
         "(attack). **Splits**: `loo`, each user task held out alone (learned on all the "
         "others); `k5`, user task i in fold i mod 5 (learned on 80 % of the tasks). Injection "
         "tasks are never learned. **Thresholds shipped**: enforce, `denyAtRisk` "
-        f"{DENY_AT} (the default; *flagged*: the score reached it, the agent's next calls "
-        f"are refused), `revokeAtRisk` {REVOKE_AT}, window 1m, minCalls 10. **Sensitive "
+        f"{DENY_AT} (the default; *flagged*: the score reached it, or the call's own "
+        "novelty brought it there and the call was refused (`novel_call`); the agent's next "
+        f"calls are refused), `revokeAtRisk` {REVOKE_AT}, window 1m, minCalls 10. **Sensitive "
         "arguments**: `principals` = issue 18's list (recipients, to, cc, bcc, "
         "participants, email, ...); `issue` = those plus `sender` and the payee of a "
         "booking (hotel, restaurant, company), chosen after the `principals` results were "
@@ -173,30 +176,45 @@ def markdown(info: dict[str, Any], doc: dict[str, Any]) -> str:
         "call at ≤ 1 % of benign sessions flagged; in enforce, no injection call that moves "
         "money or data completes. "
         + (
-            "**Not met** (see the table): most injection calls are of tools, recipients and "
-            "orders that held-out benign tasks use too, and the score is read after a call, "
-            "so an injection whose first call moves data always completes it."
+            "**Not met** (see the table): many injection calls are of tools, recipients and "
+            "orders that held-out benign tasks use too (nothing new to see), and a benign "
+            "held-out task that uses a tool or recipient its fold never used is as new as an "
+            "attack."
             if not doc["goal_met"]
             else "Met."
         ),
         "",
+        "*Before the injection's 2nd call*: the score reached denyAtRisk after its first "
+        "call, or its second call was refused for its own novelty (`novel_call`), so no "
+        "second injection call completed. Counting the first case alone (the score after "
+        "the injection's first call): "
+        + "; ".join(
+            f"{s['suite']}/{s['sensitive']}/{s['split']} {s['attack_early_strict']}"
+            f"/{s['attack_sessions']}"
+            for s in doc["envoy"]
+        )
+        + ".",
+        "",
         "## The engine alone (in-process, the same sessions)",
         "",
         "The replay through Envoy should decide every session as the engine alone does "
-        "(bench/agentdojo/detect_sim.py); a difference is a finding about the plumbing.",
+        "(bench/agentdojo/detect_sim.py: the real `decide` and engine in-process, with the "
+        "Check-path scoring); a difference is a finding about the plumbing.",
         "",
     ]
     for key, a in doc["agreement"].items():
         lines.append(f"- {key}: {a['same']} sessions alike, {a['differ']} different")
     lines += [
         "",
-        "## Projection, not shipped: novelty scored on the Check path",
+        "## Before the Check-path scoring: the published score only (engine alone)",
         "",
-        "The engine alone, each call decided on a score that already counts the call itself "
-        "(the Check path would need the learned tools, transitions and fingerprints): what "
-        "reading the score before, not after, a call would change.",
+        "The same sessions decided on the score as published after the calls before each "
+        "call (the call's own novelty not counted until the access log reports it): mandate "
+        "before this change, and what it still does with several Check worker processes "
+        "(`--workers` > 1). The difference from the tables above is what scoring a call's "
+        "novelty before it is made buys, and costs.",
         "",
-        *table(doc["precall"]),
+        *table(doc["published_only"]),
         "",
         "## By injection task (through Envoy)",
         "",
@@ -256,7 +274,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str]:
         print(f"agentdojo_detect: WARNING: agentdojo {doc.get('agentdojo')}", file=sys.stderr)
     loaded = [suite_from_json(name, doc["suites"][name]) for name in suites]
     out: dict[str, Any] = {
-        "envoy": [], "engine": [], "precall": [], "agreement": {}, "by_injection": {},
+        "envoy": [], "engine": [], "published_only": [], "agreement": {}, "by_injection": {},
         "profile": {}, "benign_flagged": {},
     }  # fmt: skip
     traces_all: dict[str, dict[tuple[str, str], list[Trace]]] = {}
@@ -273,12 +291,12 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str]:
         for (sensitive, split), traces in got.items():
             key = f"{suite.name}/{sensitive}/{split}"
             envoy = {**summarise(suite.name, split, traces), "sensitive": sensitive}
-            engine_traces = simulate(suite, split, sensitive)
+            engine_traces = traces if args.engine_only else simulate(suite, split, sensitive)
             engine = {**summarise(suite.name, split, engine_traces), "sensitive": sensitive}
-            pre = summarise(suite.name, split, simulate(suite, split, sensitive, precall=True))
+            pre = summarise(suite.name, split, simulate(suite, split, sensitive, check_path=False))
             out["envoy"].append(envoy)
             out["engine"].append(engine)
-            out["precall"].append({**pre, "sensitive": sensitive})
+            out["published_only"].append({**pre, "sensitive": sensitive})
             out["agreement"][key] = agreement(envoy["sessions"], engine["sessions"])
             out["by_injection"][key] = by_injection(traces)
             out["profile"][key] = novelty_profile(suite, traces)
@@ -305,7 +323,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str]:
         "learning_s": args.learning,
         "replay_s": round(elapsed, 1),
     }
-    for key in ("engine", "precall"):  # per-session figures: the replay's only
+    for key in ("engine", "published_only"):  # per-session figures: the replay's only
         for summary in out[key]:
             summary.pop("sessions", None)
     for summary in out["envoy"]:  # one line per session (the file stays small)

@@ -1,43 +1,51 @@
-"""The detection benchmark's sessions through the behaviour engine alone, in-process (no
-Envoy, no mandate run): the same splits, sessions, settings and call facts as the replay
-through Envoy (`detect_replay`), the events made as the access log would report them
-(`describe` of the very body the replay sends, an HMAC key of its own). Pure, fast,
-deterministic; used for two figures of `python -m bench agentdojo_detect`:
+"""The detection benchmark's sessions through mandate's decision and behaviour engine alone,
+in-process (no Envoy, no `mandate run`): the same splits, sessions, settings and call facts
+as the replay through Envoy (`detect_replay`). Each call is decided by the real `decide`
+on the session agent's profile (`detect.detect_profile`, compiled), with the risk score the
+supervisor would have published (the engine's score at the call's time) and, with
+``check_path`` (the shipped default), the agent's baseline, so that the call's own novelty
+is scored before it is made (`sidecar.core.callrisk`, code `novel_call`); the event is then
+made as the access log would report it (`describe` of the very body the replay sends, an
+HMAC key of its own) and observed. Pure, fast, deterministic; used for two figures of
+`python -m bench agentdojo_detect`:
 
-- **engine**: what the engine alone predicts; the replay through Envoy should agree with it
-  (a disagreement is a finding about the plumbing: facts lost in the metadata, a late
-  access-log flush);
-- **pre-call projection** (``precall=True``): what it would give if each call were decided
-  on a score that already counts the call itself (novelty scored on the Check path, not
-  after the access log): a projection of a design not shipped, labelled as such.
+- **engine**: what mandate decides with the Check-path scoring shipped; the replay through
+  Envoy should agree with it (a disagreement is a finding about the plumbing: facts lost in
+  the metadata, a late access-log flush, a baseline not published in time);
+- **published score only** (``check_path=False``): each call decided on the score as
+  published after the calls before it, not counting the call itself (mandate before the
+  Check-path scoring, and what several Check worker processes still do).
 
 Timing: the training stream 0.05 s apart from T0; the session's calls 2 s apart, 100 s after
-the learning period (its calls out of the window); each call decided on the score at its
-time (enforce: `risk` at denyAtRisk, `revoked` from revokeAtRisk on), the published score
-read 0.01 s after it.
+the learning period (its calls out of the window); a call decided on the score at its time
+(enforce: `risk` at denyAtRisk, `revoked` from revokeAtRisk on, `novel_call` when the call's
+own novelty brings the score to denyAtRisk), the published score read 0.01 s after it.
 """
 
 from __future__ import annotations
 
-import copy
+import tempfile
+from pathlib import Path
 
 from bench.agentdojo.detect import (
-    BEHAVIOR,
-    DENY_AT,
     REVOKE_AT,
-    SENSITIVE,
-    WINDOW_S,
     Trace,
     TraceStep,
+    detect_profile,
     folds,
     held_out_sessions,
     training_stream,
 )
 from bench.agentdojo.policy import MCP_PATH, Call, Suite, mcp_host
+from bench.agentdojo.replay import write_profiles
 from sidecar.audit.arguments import ArgumentKey
 from sidecar.audit.canonical import canonical_json
+from sidecar.core import Snapshot, load_profiles
+from sidecar.core.agentstate import AgentStateTable, RiskState
 from sidecar.core.behaviour import BehaviourEngine, BehaviourSettings, CallEvent
 from sidecar.core.callfacts import decode, describe
+from sidecar.core.callrisk import CallScoring
+from sidecar.core.decide import Code, RequestView, decide
 
 __all__ = ["simulate"]
 
@@ -62,16 +70,56 @@ def _event(
     )  # fmt: skip
 
 
-def simulate(suite: Suite, split: str, sensitive: str, *, precall: bool = False) -> list[Trace]:
-    settings = BehaviourSettings(
-        mode=str(BEHAVIOR["mode"]),
-        deny_at=DENY_AT,
-        revoke_at=REVOKE_AT,
-        learning_seconds=LEARNING_S,
-        window_seconds=WINDOW_S,
-        min_calls=int(BEHAVIOR["minCalls"]),  # type: ignore[call-overload]
-        sensitive=SENSITIVE[sensitive],
+def _snapshot(suite: Suite, sensitive: str) -> Snapshot:
+    """The compiled profile of the simulation's one agent (`detect.detect_profile`)."""
+    doc = detect_profile(suite, _AGENT, f"{int(LEARNING_S)}s", sensitive)
+    with tempfile.TemporaryDirectory(prefix="mandate-detect-sim-") as tmp:
+        return load_profiles(write_profiles([doc], Path(tmp)))
+
+
+def _fingerprint(value: object) -> str:
+    return _KEY.mac(canonical_json(value))
+
+
+def _decide(
+    snap: Snapshot,
+    engine: BehaviourEngine,
+    suite: Suite,
+    call: Call,
+    at: float,
+    settings: BehaviourSettings,
+    check_path: bool,
+) -> str:
+    """The decision code of ``call`` at ``at`` ('' when allowed), as the in-process Check
+    path decides it with the engine's published score (and baseline, ``check_path``)."""
+    risk = engine.score(_NS, _AGENT, at, settings)
+    if not risk.learning and risk.score >= REVOKE_AT:
+        return Code.REVOKED  # the supervisor's tick revoked the agent
+    state = RiskState(
+        _AGENT, _NS, risk.score, risk.explanation(), dict(risk.contributions), risk.learning
     )
+    scoring = None
+    base = engine.baseline(_NS, _AGENT, at, settings) if check_path else None
+    if base is not None:
+        scoring = CallScoring({(_NS, _AGENT): base}, _fingerprint, _KEY.id)
+    body = call.body("rpc")
+    view = RequestView(
+        decision_id="0" * 32, method="POST", authority=mcp_host(suite.name), path=MCP_PATH,
+        headers={"content-type": "application/json", "content-length": str(len(body))},
+        body=body, context_extensions={"agent": _AGENT}, namespace=_NS,
+    )  # fmt: skip
+    decision = decide(snap, view, at, agent_state=AgentStateTable.build(0, risks=[state]),
+                      scoring=scoring)  # fmt: skip
+    if decision.code not in (Code.ALLOWED, Code.RISK, Code.NOVEL_CALL):
+        raise RuntimeError(f"unexpected decision {decision.code}: {decision.reason}")
+    return "" if decision.allowed else decision.code
+
+
+def simulate(suite: Suite, split: str, sensitive: str, *, check_path: bool = True) -> list[Trace]:
+    snap = _snapshot(suite, sensitive)
+    compiled = snap.agents[_AGENT].behavior
+    assert compiled is not None
+    settings = compiled
     traces: list[Trace] = []
     for fold in folds(suite, split):
         stream = training_stream(fold)
@@ -80,17 +128,13 @@ def simulate(suite: Suite, split: str, sensitive: str, *, precall: bool = False)
             for i, c in enumerate(stream):
                 engine.observe(_event(suite, c, T0 + 0.05 * i, settings), settings)
             at = T0 + LEARNING_S + 100.0
-            revoked = False
             steps: list[TraceStep] = []
+            revoked = False
             for step in session.steps:
-                if precall:  # the score with this call counted (a copy observes it first)
-                    probe = copy.deepcopy(engine)
-                    probe.observe(_event(suite, step.call, at, settings), settings)
-                    before = probe.score(_NS, _AGENT, at, settings).score
-                else:
-                    before = engine.score(_NS, _AGENT, at, settings).score
-                revoked = revoked or before >= REVOKE_AT
-                code = "revoked" if revoked else "risk" if before >= DENY_AT else ""
+                code = "revoked" if revoked else ""
+                if not revoked:
+                    code = _decide(snap, engine, suite, step.call, at, settings, check_path)
+                    revoked = code == Code.REVOKED
                 engine.observe(_event(suite, step.call, at, settings, code), settings)
                 risk = engine.score(_NS, _AGENT, at + 0.01, settings)
                 steps.append(

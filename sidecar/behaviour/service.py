@@ -4,6 +4,13 @@ deny on it in `enforce` mode), exports it as a metric, and revokes an agent whos
 reaches its profile's `revokeAtRisk` — through the same revocation store an operator's
 revocation goes through (source `behaviour`, the explanation as reason), audited.
 
+Each tick also publishes, for the agents in `enforce` mode past their learning period, the
+engine's :class:`~sidecar.core.behaviour.Baseline` (:meth:`BehaviourService.baselines`, one
+immutable generation per tick): a Check served in this process scores the call's own
+novelty against it before the call is made (`sidecar.core.callrisk`). Check workers in
+other processes do not get it (the learned sets are too large for the shared context
+table's whole-table publications): they decide on the published score only.
+
 Only agents whose profile has a `behavior:` section are analysed. A behaviour revocation
 ends like an admin one (`mandate restore`, the admin API) or when an operator deletes the
 AgentRevocation object it created; the agent's recent window is then cleared so that the
@@ -18,12 +25,14 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from sidecar.core.agentstate import RiskState
-from sidecar.core.behaviour import BehaviourEngine, BehaviourSettings, CallEvent, Risk
+from sidecar.core.behaviour import Baseline, BehaviourEngine, BehaviourSettings, CallEvent, Risk
+from sidecar.core.callrisk import NO_BASELINES
 from sidecar.core.revocation import Revocation, make_key
 from sidecar.core.snapshot import Snapshot
 from sidecar.errors import ConfigError
@@ -66,6 +75,7 @@ class BehaviourService:
         self._settings_of: Snapshot | None = None
         self.observed = 0
         self.ignored = 0
+        self._baselines: Mapping[tuple[str, str], Baseline] = NO_BASELINES
         revocations.subscribe(self._on_revocations)
 
     # -- input (the access log service, on the supervisor's loop) ------------------------
@@ -93,11 +103,18 @@ class BehaviourService:
 
     # -- scoring (the supervisor's loop) --------------------------------------------------
 
+    def baselines(self) -> Mapping[tuple[str, str], Baseline]:
+        """The baselines of the agents in `enforce` mode past learning, by (namespace,
+        agent), as of the last tick: read only, replaced whole by each tick (no lock)."""
+        return self._baselines
+
     def tick(self) -> list[RiskState]:
-        """Score every analysed agent; publish; revoke where the profile says so."""
+        """Score every analysed agent; publish the scores (and the baselines of the
+        agents in `enforce` mode); revoke where the profile says so."""
         now = self._clock()
         states: list[RiskState] = []
         to_revoke: list[tuple[str, Risk, BehaviourSettings]] = []
+        baselines: dict[tuple[str, str], Baseline] = {}
         with self._lock:
             settings = self._current_settings()
             for ns, agent in self.engine.agents():
@@ -116,6 +133,10 @@ class BehaviourService:
                 )
                 states.append(state)
                 metrics.RISK.labels(agent).set(risk.score)
+                if s.mode == "enforce" and not risk.learning:
+                    base = self.engine.baseline(ns, agent, now, s)
+                    if base is not None:
+                        baselines[(ns, agent)] = base
                 if (
                     s.mode == "enforce"
                     and s.revoke_at is not None
@@ -124,6 +145,9 @@ class BehaviourService:
                 ):
                     to_revoke.append((agent, risk, s))
         self._context.set_risks(states)
+        # After the scores: a Check never pairs a new baseline (its last tool) with a score
+        # that does not count that tool's call yet.
+        self._baselines = MappingProxyType(baselines) if baselines else NO_BASELINES
         for agent, risk, s in to_revoke:
             self._revoke(agent, risk, s, now)
         return states

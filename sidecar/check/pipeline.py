@@ -17,7 +17,8 @@ give if encoding fails, and where the decision span's parents are. The pipeline:
 5. for an agent whose profile has `behavior:`, describes the call for behaviour analysis
    (`sidecar.core.callfacts`: its MCP tools, argument shapes and the fingerprints of its
    sensitive arguments, under ``facts_key``), which the answer carries to Envoy's access
-   log in its dynamic metadata;
+   log in its dynamic metadata (`decide` already described it when it scored the call's
+   own novelty against the agents' baselines, ``behaviour``: then that description);
 6. encodes the answer, falling back to the transport's deny;
 7. counts the decision and its latency, and records its span.
 Nothing here raises into a transport. No protobuf, no aiohttp, no decision logic.
@@ -37,7 +38,9 @@ from sidecar.audit.canonical import canonical_json
 from sidecar.check.request import Identity, new_decision_id
 from sidecar.core import Code, Decision, RequestView, Snapshot, decide
 from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable
-from sidecar.core.callfacts import NO_FACTS, describe
+from sidecar.core.behaviour import Baseline
+from sidecar.core.callfacts import NO_FACTS, Fingerprint, describe
+from sidecar.core.callrisk import NO_BASELINES, CallScoring
 from sidecar.core.decide import over_rate
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
@@ -96,7 +99,9 @@ class CheckPipeline:
     load); ``revocations`` and ``agent_state`` the shared tables' current generations;
     ``limiter`` enforces the purposes' rate limits (None: not counted); ``facts_key``
     fingerprints sensitive arguments for behaviour analysis (None: no fingerprints; the
-    tools and argument shapes are still described)."""
+    tools and argument shapes are still described); ``behaviour`` returns the current
+    generation of the agents' behaviour baselines (`BehaviourService.baselines`, when the
+    Checks run in the supervisor's process; empty: a call's own novelty is not scored)."""
 
     def __init__(
         self,
@@ -110,6 +115,7 @@ class CheckPipeline:
         limiter: RateLimiter | None = None,
         broker: CredentialBroker | None = None,
         facts_key: ArgumentKey | None = None,
+        behaviour: Callable[[], Mapping[tuple[str, str], Baseline]] | None = None,
     ) -> None:
         self.identity = identity
         self.tracing = tracing
@@ -121,6 +127,24 @@ class CheckPipeline:
         self._limiter = limiter
         self._broker = broker
         self._facts_key = facts_key
+        self._fingerprint: Fingerprint | None = None
+        if facts_key is not None:
+            key = facts_key
+            self._fingerprint = lambda value: key.mac(canonical_json(value))
+        self._behaviour = behaviour or (lambda: NO_BASELINES)
+        self._scoring = CallScoring(NO_BASELINES)  # the last generation's, reused
+
+    def _scoring_now(self) -> CallScoring | None:
+        """The agents' baselines for this Check (None: none to score against)."""
+        baselines = self._behaviour()
+        if not baselines:
+            return None
+        scoring = self._scoring
+        if scoring.baselines is not baselines:  # a new generation (a race only makes two)
+            key = self._facts_key
+            scoring = CallScoring(baselines, self._fingerprint, "" if key is None else key.id)
+            self._scoring = scoring
+        return scoring
 
     def check(
         self,
@@ -168,7 +192,9 @@ class CheckPipeline:
                 view = view_of(did)
                 headers = view.headers
                 now, revocations = self._clock(), self._revocations()
-                decision = decide(snap, view, now, revocations, self._agent_state())
+                decision = decide(
+                    snap, view, now, revocations, self._agent_state(), self._scoring_now()
+                )
                 rate, limiter = decision.rate, self._limiter
                 if rate is not None and limiter is not None and not limiter.charge(rate):
                     decision = over_rate(decision)
@@ -196,13 +222,15 @@ class CheckPipeline:
         settings = agent.behavior if agent is not None else None
         if settings is None:
             return ""
+        if decision.facts is not None:  # described by decide, to score it
+            return "" if decision.facts is NO_FACTS else decision.facts.encode()
         key = self._facts_key
         try:
             facts = describe(
                 view.body,
                 view.body_truncated,
                 settings.sensitive,
-                None if key is None else lambda value: key.mac(canonical_json(value)),
+                self._fingerprint,
                 "" if key is None else key.id,
             )
         except Exception:  # describing never changes a decision

@@ -90,6 +90,7 @@ import math
 import re
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import MappingProxyType
@@ -100,6 +101,7 @@ from sidecar.core.callfacts import NO_FACTS, CallFacts
 __all__ = [
     "FEATURES",
     "MODES",
+    "Baseline",
     "BehaviourEngine",
     "BehaviourSettings",
     "CallEvent",
@@ -141,9 +143,9 @@ _MAX_TEMPLATE = 256
 _EXFIL_MIN = 16384  # bytes of one request: the least a "large write" is
 _EXFIL_FACTOR = 8.0  # ... and at least this x the learned mean request
 _READ_MIN = 1024  # bytes of responses in the window before it: the agent read something
-# Decision codes of calls denied because of the score or a revocation (`Code.RISK`,
-# `Code.REVOKED`): not the agent probing.
-_CONSEQUENCES = frozenset({"risk", "revoked"})
+# Decision codes of calls denied because of the score, the call's own novelty or a revocation
+# (`Code.RISK`, `Code.NOVEL_CALL`, `Code.REVOKED`): not the agent probing.
+_CONSEQUENCES = frozenset({"risk", "novel_call", "revoked"})
 _RECENT = 16  # novelties kept per agent, to name them in the details
 _LABEL = 120  # characters of one (a new tool and its argument shape)
 _NAMED = 3  # novelties named per feature in the details (the explanation stays short)
@@ -229,6 +231,45 @@ class Risk:
         return f"risk {self.score:.2f}: " + ", ".join(parts)
 
 
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    """What the Check path needs of one agent, after its learning period, to judge a call
+    before it is made (`sidecar.core.callrisk`): the learned facts, which are fixed once
+    learned (the engine's own sets, shared, read only), the agent's last tool call, and
+    the responses of its window (the exfiltration shape's "after reading"). Made by
+    :meth:`BehaviourEngine.baseline`."""
+
+    tools: AbstractSet[str]
+    transitions: AbstractSet[tuple[str, str]]
+    values: AbstractSet[str]
+    value_key: str  # the key the learned values were fingerprinted under ('' none yet)
+    destinations: AbstractSet[str]
+    out_mean: float  # learned mean request body, bytes
+    last_tool: str  # the tool of the agent's last tool call observed, and when
+    last_at: float
+    window_seconds: float
+    width: float  # seconds per bucket of the window
+    reads: tuple[tuple[int, float], ...] = ()  # (bucket, response bytes) of the window
+
+    def previous(self, now: float) -> str:
+        """The tool a call at ``now`` follows ('' if none within the window), as the engine
+        reads it."""
+        return self.last_tool if abs(now - self.last_at) <= self.window_seconds else ""
+
+    def read(self, now: float) -> float:
+        """Response bytes of the window ending at ``now`` (the engine's pro-rating)."""
+        pos = now / self.width
+        cur = math.floor(pos)
+        oldest = cur - _BUCKETS
+        total = 0.0
+        for idx, read in self.reads:
+            if oldest < idx <= cur:
+                total += read
+            elif idx == oldest:
+                total += (1.0 - (pos - cur)) * read
+        return total
+
+
 # -- destinations -------------------------------------------------------------------------
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -294,6 +335,7 @@ class _Agent:
     """One agent's baseline (learned, then fixed) and its ring of recent buckets."""
 
     __slots__ = (
+        "baseline",
         "destinations",
         "facts_started",
         "last_at",
@@ -313,6 +355,7 @@ class _Agent:
         "transitions",
         "value_key",
         "values",
+        "version",
         "width",
     )
 
@@ -336,6 +379,9 @@ class _Agent:
         self.last_at = -math.inf
         # (at, counter, what was new): the latest novelties, to name them in the details
         self.recent: deque[tuple[float, int, str]] = deque(maxlen=_RECENT)
+        # Bumped by every change the Check path's Baseline shows (its last one is cached)
+        self.version = 0
+        self.baseline: tuple[int, Baseline] | None = None
 
     def rewindow(self, window: float) -> None:
         """The window changed: the ring no longer fits (dropped), peaks are rescaled."""
@@ -345,6 +391,7 @@ class _Agent:
         self.peak_window = window
         self.width = window / _BUCKETS
         self.ring = [_Bucket() for _ in range(_RING)]
+        self.version += 1
 
     def window(self, now: float) -> list[float]:
         """The counters (`_CALLS`, `_NEW`, ...) summed over the window ending at ``now``;
@@ -424,6 +471,7 @@ class BehaviourEngine:
             agents.move_to_end(key)
         if a.peak_window != settings.window_seconds:
             a.rewindow(settings.window_seconds)
+        a.version += 1
         m = _METHOD_INDEX.get(event.method, _OTHER)
         # A call refused for the agent's risk (or its revocation) is not probing: counted
         # as denied, the score would feed itself and one odd call would end in revocation.
@@ -633,6 +681,42 @@ class BehaviourEngine:
         a = self._agents.get((namespace, agent))
         if a is not None:
             a.ring = [_Bucket() for _ in range(_RING)]
+            a.version += 1
+
+    def baseline(
+        self, namespace: str, agent: str, now: float, settings: BehaviourSettings
+    ) -> Baseline | None:
+        """What the Check path judges the agent's next call against (:class:`Baseline`),
+        or None while it learns (its destinations' or its facts' learning period) or is
+        unknown. The learned sets are the engine's own, not copies: fixed after learning
+        (an event that arrives late from within the learning period may still add to them,
+        as it does to what the engine scores against). Cached until the agent's next event."""
+        a = self._agents.get((namespace, agent))
+        if a is None or a.facts_started is None:
+            return None
+        if now < max(a.started, a.facts_started) + settings.learning_seconds:
+            return None
+        if a.peak_window != settings.window_seconds:
+            a.rewindow(settings.window_seconds)
+        cached = a.baseline
+        if cached is not None and cached[0] == a.version:
+            return cached[1]
+        reads = tuple((b.idx, float(b.counts[_READ])) for b in a.ring if b.counts[_READ])
+        base = Baseline(
+            tools=a.tools,
+            transitions=a.transitions,
+            values=a.values,
+            value_key=a.value_key,
+            destinations=a.destinations,
+            out_mean=a.learned_out / a.learned_calls if a.learned_calls else 0.0,
+            last_tool=a.last_tool,
+            last_at=a.last_at,
+            window_seconds=settings.window_seconds,
+            width=a.width,
+            reads=reads,
+        )
+        a.baseline = (a.version, base)
+        return base
 
     # -- persistence ----------------------------------------------------------------------
 

@@ -13,7 +13,10 @@
                   must also be within that declaration: the intersection, never more; a
                   purpose with `requireTask` takes no call without such a task
   8. behaviour  - an allowed call is still denied while the agent's risk score is at or
-                  above the profile's threshold (`enforce` mode)
+                  above the profile's threshold (`enforce` mode), or when what is new in
+                  the call itself (a tool, a sensitive value, a transition, an
+                  exfiltration shape) brings the score to it (`core.callrisk`; with the
+                  agents' baselines, ``scoring``)
   9. credentials - an allowed call names the credentials of its host (the pipeline adds
                   them); a CONNECT tunnel to such a host is refused
 Nothing matched → deny "outside purpose P" (default deny). Each phase is a function of its
@@ -37,6 +40,9 @@ from urllib.parse import unquote_plus
 
 from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable, Grant, RiskState
 from sidecar.core.arguments import check, query_arguments
+from sidecar.core.behaviour import destination
+from sidecar.core.callfacts import NO_FACTS, CallFacts, describe
+from sidecar.core.callrisk import CallScoring, call_novelty, explain, project
 from sidecar.core.hosts import parse_authority
 from sidecar.core.mcp import JsonRefusal, McpBody, parse_json_body, parse_mcp_body
 from sidecar.core.paths import canonical_path, display_path
@@ -99,6 +105,7 @@ class Code:
     AUDIT_UNAVAILABLE = "audit_unavailable"
     RATE = "rate"
     RISK = "risk"
+    NOVEL_CALL = "novel_call"  # the call's own novelty brings the risk score to denyAtRisk
     CREDENTIAL_TUNNEL = "credential_tunnel"
     CREDENTIAL_UNAVAILABLE = "credential_unavailable"
 
@@ -162,6 +169,9 @@ class Decision:
     # body and the rules' parse of it, no copy (None: nothing to record). Material for the
     # record, not part of the decision: not compared, not shown.
     arguments: CallArguments | None = field(default=None, compare=False, repr=False)
+    # The call's facts for behaviour analysis, when the decision described them (scored on
+    # the Check path): the pipeline sends them on rather than describing the call again.
+    facts: CallFacts | None = field(default=None, compare=False, repr=False)
 
 
 class _Body:
@@ -289,12 +299,14 @@ def decide(
     now: float,
     revocations: RevocationTable = EMPTY_TABLE,
     agent_state: AgentStateTable = EMPTY_AGENT_STATE,
+    scoring: CallScoring | None = None,
 ) -> Decision:
     """Decide one call. ``now`` (seconds since the epoch) is for expiry-based phases;
     ``revocations`` and ``agent_state`` are the shared tables' generations read for this
-    Check. An allowed call whose purpose has a rate limit carries it in ``Decision.rate``:
-    the caller counts it (:meth:`RateLimiter.charge`) and turns it into :func:`over_rate`
-    when the limit refuses it; `explain` does not count."""
+    Check; ``scoring`` the agents' behaviour baselines (None: the call's own novelty is not
+    scored, only the published risk score counts). An allowed call whose purpose has a rate
+    limit carries it in ``Decision.rate``: the caller counts it (:meth:`RateLimiter.charge`)
+    and turns it into :func:`over_rate` when the limit refuses it; `explain` does not count."""
     call = _Call(view)
     return (
         _attribute(call, snapshot, view, agent_state)
@@ -304,7 +316,7 @@ def decide(
         or _rules(call)
         or _elevation(call, agent_state, now)
         or _task(call)
-        or _behaviour(call)
+        or _behaviour(call, view, scoring, now)
         or _credentials(call)
         or call.end(True, Code.ALLOWED, call.why)
     )
@@ -323,8 +335,8 @@ class _Call:
     or the Decision that ends the call, made by :meth:`end` from what is known by then."""
 
     __slots__ = (
-        "agent", "body", "canonical", "constraint", "credentials", "declared", "did", "grant",
-        "host",
+        "agent", "body", "canonical", "constraint", "credentials", "declared", "did", "facts",
+        "grant", "host",
         "method", "name",
         "ns", "owner", "path", "port", "purpose", "rate", "refusal", "risk", "risk_state",
         "rule", "source", "task", "trace", "why",
@@ -347,6 +359,7 @@ class _Call:
         self.credentials: tuple[str, ...] = ()
         self.declared: RuleIndex | None = None  # the named task's declaration, if any
         self.constraint = ""
+        self.facts: CallFacts | None = None
 
     def end(self, allowed: bool, code: str, reason: str) -> Decision:
         purpose = self.purpose.name if self.purpose is not None else ""
@@ -359,7 +372,7 @@ class _Call:
             self.did, allowed, code, reason, self.name, self.owner, purpose, self.task,
             self.rule, self.source, self.method, self.host, self.port, self.path, tools,
             self.trace, self.grant, self.risk, self.rate, self.credentials,
-            constraint=self.constraint, arguments=arguments,
+            constraint=self.constraint, arguments=arguments, facts=self.facts,
         )  # fmt: skip
 
 
@@ -558,22 +571,68 @@ def _task(call: _Call) -> Decision | None:
 
 
 # 8. behaviour: a call that would be allowed is still denied while the agent's risk is at
-# or above the profile's threshold (`enforce` mode); else it is allowed, subject to its
-# purpose's rate limit (counted by the caller)
-def _behaviour(call: _Call) -> Decision | None:
+# or above the profile's threshold (`enforce` mode), or when the call's own novelty brings
+# it there; else it is allowed, subject to its purpose's rate limit (counted by the caller)
+def _behaviour(
+    call: _Call, view: RequestView, scoring: CallScoring | None, now: float
+) -> Decision | None:
     assert call.agent is not None and call.purpose is not None
     settings, risk = call.agent.behavior, call.risk_state
-    if (
-        risk is not None
-        and settings is not None
-        and settings.mode == "enforce"
-        and not risk.learning
-        and risk.score >= settings.deny_at
-    ):
-        why = f"behaviour risk {risk.score:.2f} >= {settings.deny_at:.2f}: {risk.explanation}"
-        return call.end(False, Code.RISK, why)
+    if settings is not None and settings.mode == "enforce":
+        if risk is not None and not risk.learning and risk.score >= settings.deny_at:
+            why = f"behaviour risk {risk.score:.2f} >= {settings.deny_at:.2f}: {risk.explanation}"
+            return call.end(False, Code.RISK, why)
+        if scoring is not None and scoring.baselines:
+            denied = _novel_call(call, view, scoring, now)
+            if denied is not None:
+                return denied
     call.rate = call.purpose.rate
     return None
+
+
+def _novel_call(
+    call: _Call, view: RequestView, scoring: CallScoring, now: float
+) -> Decision | None:
+    """The deny of a call whose own novelty brings the agent's score to `denyAtRisk`
+    (`core.callrisk`), or None. Not scored while the agent learns (no baseline, or a
+    published score still learning)."""
+    assert call.agent is not None and call.agent.behavior is not None
+    settings, risk = call.agent.behavior, call.risk_state
+    base = scoring.baselines.get((call.ns, call.name))
+    if base is None or (risk is not None and risk.learning):
+        return None
+    facts = NO_FACTS
+    if view.body:
+        facts = describe(
+            view.body, view.body_truncated, settings.sensitive, scoring.fingerprint,
+            scoring.key_id,
+        )  # fmt: skip
+        call.facts = facts
+    size = _request_bytes(view)
+    novelty = call_novelty(base, facts, destination(call.host, view.path), size, now)
+    if not novelty:
+        return None
+    score, added = project(novelty, risk.contributions if risk is not None else {})
+    if score < settings.deny_at:
+        return None
+    before = risk.explanation if risk is not None and risk.explanation else "risk 0.00"
+    why = (
+        f"novel call: behaviour risk {score:.2f} with this call >= {settings.deny_at:.2f}: "
+        f"{explain(novelty, added)}; before it: {before}"
+    )
+    call.risk = score
+    return call.end(False, Code.NOVEL_CALL, why)
+
+
+def _request_bytes(view: RequestView) -> int:
+    """The request body's size: what mandate saw of it, or its Content-Length if more
+    (a body Envoy cut at its `with_request_body` limit)."""
+    size = len(view.body) if view.body else 0
+    if view.body_truncated or not view.body:
+        declared = view.headers.get("content-length", "")
+        if declared.isascii() and declared.isdigit() and len(declared) < 16:
+            size = max(size, int(declared))
+    return size
 
 
 # 9. credentials: an allowed call to a host that has a credential will carry it (the

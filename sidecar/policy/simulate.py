@@ -98,6 +98,7 @@ NOT_REPLAYABLE: Mapping[str, str] = {
     Code.OUTSIDE_TASK: "decided by the task's declaration (run-time state, not the profiles)",
     Code.RATE: "over the purpose's rate limit: depends on the calls before it",
     Code.RISK: "the agent's behaviour risk score (run-time state)",
+    Code.NOVEL_CALL: "the call's novelty against the agent's learned behaviour (run-time state)",
     Code.AUDIT_UNAVAILABLE: "the audit trail could not be written (run-time state)",
     Code.CREDENTIAL_UNAVAILABLE: "a credential could not be obtained (run-time state)",
     Code.INTERNAL_ERROR: "mandate failed and refused the call (fail closed)",

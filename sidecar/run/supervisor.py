@@ -43,6 +43,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -52,6 +53,8 @@ from aiohttp import web
 
 from sidecar.audit import Trail, event_record, open_trail
 from sidecar.check.reload import SnapshotHolder
+from sidecar.core.behaviour import Baseline
+from sidecar.core.callrisk import NO_BASELINES
 from sidecar.core.revocation import Revocation
 from sidecar.errors import ConfigError, StateWriteError
 from sidecar.run.admin import ElevationAPI, RevocationAPI, add_probe_routes, read_token
@@ -392,6 +395,14 @@ class Supervisor:
             on_revoke=self._publish_revocation,
         )
         behaviour.load()
+        if not self.single_process:
+            log.warning(
+                "behaviour analysis with %d Check worker processes: calls are decided on the "
+                "published risk score only (after the access log reports them); a call's own "
+                "novelty is scored on the Check path only when the Checks run in mandate's "
+                "process (--workers 1)",
+                len(self._workers),
+            )
         self.behaviour = behaviour
         self._behaviour_task = asyncio.create_task(self._behaviour_loop())
 
@@ -517,8 +528,15 @@ class Supervisor:
             agent_state=TableSource(fd=os.dup(self.agent_state_table.fd)),
         )
         tune_gc()
-        w.sidecar = Sidecar(config, holder=self.holder)  # one snapshot, one watcher
+        # One snapshot, one watcher; the behaviour baselines of this process (it scores a
+        # call's own novelty on the Check path).
+        w.sidecar = Sidecar(config, holder=self.holder, behaviour=self._baselines)
         w.sidecar.start()
+
+    def _baselines(self) -> Mapping[tuple[str, str], Baseline]:
+        """The behaviour baselines for the in-process Check path (none without analysis)."""
+        behaviour = self.behaviour
+        return NO_BASELINES if behaviour is None else behaviour.baselines()
 
     async def _spawn(self, w: _Worker) -> None:
         if self.single_process:

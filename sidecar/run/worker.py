@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from sidecar.check.grpc_aio import GrpcAioServer
     from sidecar.check.http_lean import HttpLeanServer
     from sidecar.check.http_transport import HttpAuthzServer
+    from sidecar.core.behaviour import Baseline
     from sidecar.run.admin import AdminServer
     from sidecar.telemetry.tracing import Tracing
 
@@ -94,9 +95,13 @@ class Sidecar:
         *,
         admin_token: str | None = None,
         holder: SnapshotHolder | None = None,
+        behaviour: Callable[[], Mapping[tuple[str, str], Baseline]] | None = None,
     ) -> None:
         """``holder``: the profiles, loaded and watched by the caller (the supervisor, when
-        this worker runs in its process): one compiled snapshot and one watcher, not two."""
+        this worker runs in its process): one compiled snapshot and one watcher, not two.
+        ``behaviour``: the supervisor's behaviour baselines, in its process (the Check path
+        scores a call's own novelty against them)."""
+        self._behaviour = behaviour
         self.config = config
         self._admin_token = admin_token
         self._owns_holder = holder is None
@@ -214,7 +219,7 @@ class Sidecar:
         pipeline = CheckPipeline(
             self.holder.get, identity, revocations=revocations, tracing=self._tracing,
             audit=audit, agent_state=agent_state, limiter=limiter, broker=self._broker,
-            facts_key=_facts_key(key_dir),
+            facts_key=_facts_key(key_dir), behaviour=self._behaviour,
         )  # fmt: skip
         if run.check.transport == "http":
             self._start_http(pipeline)

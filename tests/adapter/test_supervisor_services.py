@@ -96,8 +96,13 @@ async def test_services_start_in_order_serve_on_the_loop_and_stop_in_reverse(
                 watchers = [t for t in threading.enumerate() if t.name == "profile-watch"]
                 assert len(watchers) == 1
                 assert sup._profiles_status()["converged"]
+                # The Check path gets the behaviour baselines of this process (issue 21).
+                assert worker.sidecar._behaviour == sup._baselines
         finally:
             await sup.stop()
+    # Worker processes cannot get them: said once, at start.
+    degraded = [r for r in caplog.records if "published risk score only" in r.getMessage()]
+    assert len(degraded) == (single_process == "off")
     starting = [r.args[0] for r in caplog.records if r.msg == "starting %s"]
     stopping = [r.args[0] for r in caplog.records if r.msg == "stopping %s"]
     assert starting == STARTED and stopping == starting[::-1]

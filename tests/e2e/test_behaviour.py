@@ -11,11 +11,15 @@ What the agent does (issue 21): a mail-agent's MCP tool calls, all through the o
 /mcp` its rule allows, reach the engine with their tool and arguments (Envoy's dynamic
 metadata, from mandate's answer, in the access log entry): a tool it never used raises the
 score, named in the explanation; tools, recipients and an order it never used revoke it.
+In `enforce`, a call whose own novelty brings the score to `denyAtRisk` (a first-time
+money-moving tool to a recipient never paid) is refused before it reaches the upstream
+(`novel_call`, the Check path scoring it against the baseline the supervisor publishes).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,7 +225,8 @@ spec:
         - hosts: [mcp.tools.svc.cluster.local]
           methods: [POST]
           paths: ["/mcp"]
-          mcpTools: [read_inbox, search_contacts, send_email, export_contacts, delete_account]
+          mcpTools: [read_inbox, search_contacts, send_email, export_contacts, delete_account,
+                     send_money]
   behavior:
     mode: {mode}
     revokeAtRisk: 0.95
@@ -346,5 +351,76 @@ def test_tool_novelty_revokes_the_agent_in_enforce(tmp_path: Path, transport: st
         auto = [r for r in records if r.get("type") == "revocation_automatic"]
         assert auto and auto[0]["agent"] == "mail-agent" and auto[0]["risk"] >= 0.95
         assert auto[0]["contributions"]["new_tools"] == 0.7
+    finally:
+        stop_stack(stack)
+
+
+def _wait_learned(stack: Stack) -> dict[str, object]:
+    deadline = time.monotonic() + 5
+    while _mail_risk(stack).get("learning", True) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)  # a scoring tick after the end of learning publishes the baseline too
+    return _mail_risk(stack)
+
+
+def test_a_first_time_money_move_is_refused_before_it_reaches_the_upstream(
+    tmp_path: Path, transport: str
+) -> None:
+    stack = _mail_stack(tmp_path, "enforce", transport)
+    try:
+        _learn_mail(stack)
+        calm = _wait_learned(stack)
+        assert calm.get("learning") is False and float(calm["score"]) < 0.1, calm  # type: ignore[arg-type]
+        arrived = len(stack.upstream.received)
+        # Never called while learning, to a recipient never written to: 0.56 + 0.56 -> 0.81,
+        # at denyAtRisk (0.8) with the call counted: the call itself is refused.
+        resp = _tool(stack, "send_money", {"to": "mallory@evil.test", "amount": 1000})
+        assert resp.status == 403, resp.body[:300]
+        body = resp.json()
+        assert body["error"] == "novel_call", body
+        reason = str(body["reason"])
+        assert re.match(r"novel call: behaviour risk 0\.8\d with this call >= 0\.80: ", reason)
+        assert "new tools +0.56 (send_money(amount:i,to:s))" in reason, reason
+        assert "new values +0.56 (to)" in reason, reason
+        time.sleep(0.3)
+        assert len(stack.upstream.received) == arrived  # never reached the upstream
+        # The refused call is still reported (access log) and scored: the agent's next calls
+        # are refused on the published score, and the audit record names the code.
+        deadline = time.monotonic() + 5
+        risk: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            risk = _mail_risk(stack)
+            if float(risk.get("score", 0)) >= 0.8:  # type: ignore[arg-type]
+                break
+            time.sleep(0.1)
+        assert "send_money(amount:i,to:s)" in str(risk.get("explanation")), risk
+        nxt = _tool(stack, "read_inbox", {"folder": "inbox"})
+        assert nxt.status == 403 and nxt.json()["error"] == "risk"
+        deadline = time.monotonic() + 10
+        records: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and not records:
+            records = [
+                r
+                for f in sorted((stack.tmp / "audit").glob("audit-*.jsonl"))
+                for line in f.read_text().splitlines()
+                if (r := json.loads(line)).get("decision_id") == body["decision"]
+            ]
+            time.sleep(0.1)
+        assert records and records[0]["code"] == "novel_call", records
+        assert 0.8 <= records[0]["risk"] < 0.9 and records[0]["mcp_tools"] == ["send_money"]
+    finally:
+        stop_stack(stack)
+
+
+def test_one_novelty_alone_is_not_refused_on_the_check_path(tmp_path: Path, transport: str) -> None:
+    stack = _mail_stack(tmp_path, "enforce", transport)
+    try:
+        _learn_mail(stack)
+        _wait_learned(stack)
+        # A first-time tool with nothing sensitive (0.56 < 0.8) goes through, as does mail
+        # to a known recipient right after it (a known tool; the transition is the new
+        # tool's, not counted twice).
+        assert _tool(stack, "export_contacts", {"format": "csv"}).status == 200
+        assert _tool(stack, "send_email", {"to": [KNOWN[0]], "body": "hi"}).status == 200
     finally:
         stop_stack(stack)

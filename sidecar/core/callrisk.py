@@ -1,0 +1,172 @@
+"""Behaviour analysis on the Check path (pure): what is new in the call being decided, and
+the agent's risk score with that call counted, so that `decide` refuses, in `enforce` mode,
+the very call whose novelty brings the score to `denyAtRisk` (code `novel_call`) rather than
+only the calls after it.
+
+The score the supervisor publishes (`RiskState`, from Envoy's access log) counts a call only
+after it completed: an injected agent's first `send_money` would always go through. Here the
+call is judged before it is made, against the agent's learned state, which comes in as data:
+its :class:`~sidecar.core.behaviour.Baseline` (the engine's learned tools, transitions,
+fingerprints and destinations, its last tool call and its window's responses; published by
+the supervisor's behaviour analysis every scoring tick) and its window's contributions as
+last published.
+
+:func:`call_novelty` says what of the four call features the call has, as the engine will
+say when the access log reports it (`BehaviourEngine._facts` and `_exfiltration`: the same
+sets, the same rules):
+- ``new_tools``: a tool never called while learning (named with its argument shape);
+- ``new_values``: a value never seen while learning of an argument the profile marks
+  sensitive (compared only under the key the learned values were fingerprinted with);
+- ``new_transitions``: a tool right after the agent's previous one (within the window), both
+  known, never in that order while learning; not counted for a call with a new tool;
+- ``exfiltration``: a request body of at least 16 KiB and 8x the learned mean, to a new
+  destination (host and path template, tool or sensitive value never seen while learning),
+  after the window's responses brought the agent 1 KiB or more.
+
+:func:`project` adds the call to the window: each feature the call has gains one call's
+step (its weight x 0.8), never beyond its weight; the other features keep their published
+contribution; the noisy-or is taken again. So the score keeps its properties: one novelty in
+a call adds at most 0.56 and never denies on a calm window; two meeting in one call (a new
+tool or transition with a new sensitive value) reach 0.81 and deny it at the default
+`denyAtRisk` (0.8); one call never reaches more than 0.90 on a calm window. The Check path
+never revokes: the refused call is still reported by the access log, counted by the engine,
+and persistent novelty then reaches `revokeAtRisk` as before. Only the four call features
+are projected: the rate, volume, method-mix and denied-share features of this call are
+counted after it, as before (they are shares and rates of the window, not facts of a call).
+
+This module must not import any transport, Kubernetes or telemetry library, and does no
+I/O and reads no clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from sidecar.core.behaviour import _EXFIL_FACTOR as EXFIL_FACTOR
+from sidecar.core.behaviour import _EXFIL_MIN as EXFIL_MIN
+from sidecar.core.behaviour import _LABEL as LABEL
+from sidecar.core.behaviour import _READ_MIN as READ_MIN
+from sidecar.core.behaviour import _STEP as STEP
+from sidecar.core.behaviour import FEATURES, Baseline
+from sidecar.core.callfacts import CallFacts, Fingerprint
+
+__all__ = [
+    "NO_BASELINES",
+    "CallNovelty",
+    "CallScoring",
+    "call_novelty",
+    "explain",
+    "project",
+]
+
+NO_BASELINES: Mapping[tuple[str, str], Baseline] = MappingProxyType({})
+_CALL_FEATURES = ("new_tools", "new_values", "new_transitions", "exfiltration")
+
+
+@dataclass(frozen=True, slots=True)
+class CallScoring:
+    """What `decide` needs to score a call on the Check path: the agents' baselines by
+    (namespace, agent) (one generation, read only) and how the call's sensitive values are
+    fingerprinted (the key the access log's facts use; None: no fingerprints, so no
+    ``new_values``)."""
+
+    baselines: Mapping[tuple[str, str], Baseline]
+    fingerprint: Fingerprint | None = None
+    key_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CallNovelty:
+    """What is new in one call (empty: nothing). Each member names what was new."""
+
+    tools: tuple[str, ...] = ()  # "send_money(amount:n,to:s)"
+    values: tuple[str, ...] = ()  # the sensitive arguments with a new value
+    transitions: tuple[str, ...] = ()  # "read_inbox -> send_money"
+    exfiltration: str = ""  # "20 KiB to send_email after reading 3 KiB"
+
+    def __bool__(self) -> bool:
+        return bool(self.tools or self.values or self.transitions or self.exfiltration)
+
+    def features(self) -> dict[str, str]:
+        """Feature -> what was new, for the features the call has."""
+        out: dict[str, str] = {}
+        if self.tools:
+            out["new_tools"] = ", ".join(self.tools)
+        if self.values:
+            out["new_values"] = ", ".join(self.values)
+        if self.transitions:
+            out["new_transitions"] = ", ".join(self.transitions)
+        if self.exfiltration:
+            out["exfiltration"] = self.exfiltration
+        return out
+
+
+NOTHING_NEW = CallNovelty()
+
+
+def call_novelty(
+    base: Baseline, facts: CallFacts, destination: str, request_bytes: int, now: float
+) -> CallNovelty:
+    """What of the call (its ``facts``, its ``destination`` as `behaviour.destination` makes
+    it, its request body's size) is new against ``base`` at ``now``."""
+    tools: list[str] = []
+    steps: list[str] = []
+    known = base.tools
+    prev = base.previous(now)
+    for i, tool in enumerate(facts.tools):
+        if tool not in known:
+            shape = facts.shapes[i] if i < len(facts.shapes) else ""
+            tools.append(f"{tool}({shape})"[:LABEL])
+        elif prev in known and (prev, tool) not in base.transitions:
+            steps.append(f"{prev} -> {tool}")
+        prev = tool
+    values: list[str] = []
+    if facts.values and (facts.key_id == base.value_key or not base.value_key):
+        for arg, fp in facts.values:
+            if fp not in base.values:
+                values.append(arg)
+                break  # the engine counts the call once, naming its first new value
+    transitions = tuple(steps) if steps and not tools else ()
+    exfiltration = ""
+    if request_bytes >= EXFIL_MIN and request_bytes >= EXFIL_FACTOR * base.out_mean:
+        novel = bool(tools or values) or destination not in base.destinations
+        read = base.read(now) if novel else 0.0
+        if read >= READ_MIN:
+            what = facts.tools[-1] if facts.tools else destination
+            exfiltration = (
+                f"{request_bytes // 1024} KiB to {what} after reading {int(read) // 1024} KiB"
+            )
+    if not (tools or values or transitions or exfiltration):
+        return NOTHING_NEW
+    return CallNovelty(tuple(tools), tuple(values), transitions, exfiltration)
+
+
+def project(novelty: CallNovelty, published: Mapping[str, float]) -> tuple[float, dict[str, float]]:
+    """The score with the call counted: ``published`` (feature -> contribution, as the
+    supervisor last published the window's) with one call's step added to each feature
+    the call has, at most its weight. Returns (score, the contributions that changed)."""
+    added: dict[str, float] = {}
+    has = novelty.features()
+    keep = 1.0
+    for name, weight in FEATURES.items():
+        c = published.get(name, 0.0)
+        if name in has:
+            new = min(weight, c + weight * STEP)
+            if new > c:
+                added[name] = round(new - c, 4)
+            c = new
+        keep *= 1.0 - c
+    return round(1.0 - keep, 4), added
+
+
+def explain(novelty: CallNovelty, added: Mapping[str, float]) -> str:
+    """The call's features, each with what it added and what was new ("new tools +0.56
+    (send_money(amount:n,to:s)), new values +0.56 (to)")."""
+    what = novelty.features()
+    return ", ".join(
+        f"{name.replace('_', ' ')} +{added.get(name, 0.0):.2f} ({what[name]})"
+        for name in _CALL_FEATURES
+        if name in what
+    )

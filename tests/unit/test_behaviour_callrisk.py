@@ -1,0 +1,387 @@
+"""Behaviour analysis on the Check path (issue 21), pure, with plain data and fake times:
+the engine's Baseline of an agent, what is new in one call (`call_novelty`), the score with
+the call counted (`project`), and `decide` refusing, in `enforce` only, the very call whose
+novelty brings the score to denyAtRisk (`novel_call`), the feature and the tool named. The
+score keeps its properties: one novelty never denies on a calm window, one call never
+reaches revokeAtRisk, every feature tops out at its weight."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.audit.arguments import ArgumentKey
+from sidecar.audit.canonical import canonical_json
+from sidecar.behaviour.service import BehaviourService
+from sidecar.check.pipeline import CheckPipeline
+from sidecar.check.request import Identity
+from sidecar.core import Code, RequestView, Snapshot, load_profiles
+from sidecar.core.agentstate import AgentStateTable, RiskState
+from sidecar.core.behaviour import (
+    FEATURES,
+    Baseline,
+    BehaviourEngine,
+    BehaviourSettings,
+    CallEvent,
+    destination,
+)
+from sidecar.core.callfacts import CallFacts, decode, describe
+from sidecar.core.callrisk import CallNovelty, CallScoring, call_novelty, explain, project
+from sidecar.core.decide import decide
+from sidecar.core.mcp import tool_call_body
+
+T0 = 1_800_000_000.0
+NS, AGENT = "agents", "mail-agent"
+S = BehaviourSettings(mode="enforce", learning_seconds=600.0, window_seconds=60.0)
+AFTER = T0 + S.learning_seconds + 120  # the learning period's calls are out of the window
+KEY = ArgumentKey.of(b"c" * 32)
+MCP = "mcp.internal"
+DEST = destination(MCP, "/mcp")
+
+
+def fp(value: object) -> str:
+    return KEY.mac(canonical_json(value))
+
+
+def facts(tool: str, args: dict[str, Any]) -> CallFacts:
+    return describe(tool_call_body(tool, args), False, frozenset({"to"}), fp, KEY.id)
+
+
+def event(at: float, tool: str, args: dict[str, Any], *, sent: int = 400) -> CallEvent:
+    body = tool_call_body(tool, args)
+    return CallEvent(
+        at=at, agent=AGENT, namespace=NS, method="POST", host=MCP, path="/mcp", allowed=True,
+        code="allowed", status=200, bytes_sent=sent, bytes_received=len(body),
+        facts=facts(tool, args),
+    )  # fmt: skip
+
+
+KNOWN = ("alice@example.test", "bob@example.test")
+
+
+def learned() -> BehaviourEngine:
+    """A mail agent's learning period: read, search, send to one of two known people."""
+    engine = BehaviourEngine()
+    at = T0
+    for i in range(40):
+        for k, (tool, args) in enumerate(
+            (
+                ("read_inbox", {"folder": "inbox"}),
+                ("search_contacts", {"query": "team"}),
+                ("send_email", {"to": [KNOWN[i % 2]], "body": "weekly"}),
+            )
+        ):
+            engine.observe(event(at + k, tool, args), S)
+        at += 15.0
+    return engine
+
+
+def baseline(engine: BehaviourEngine, now: float = AFTER) -> Baseline:
+    base = engine.baseline(NS, AGENT, now, S)
+    assert base is not None
+    return base
+
+
+# -- the baseline the supervisor publishes ------------------------------------------------------
+
+
+def test_no_baseline_while_learning_or_for_an_unknown_agent() -> None:
+    engine = learned()
+    assert engine.baseline(NS, AGENT, T0 + 100, S) is None  # still learning
+    assert engine.baseline(NS, "other", AFTER, S) is None
+    base = baseline(engine)
+    assert base.tools == {"read_inbox", "search_contacts", "send_email"}
+    assert ("read_inbox", "search_contacts") in base.transitions
+    assert base.value_key == KEY.id and len(base.values) == 2
+    assert base.destinations == {DEST}
+
+
+def test_the_baseline_is_cached_until_the_agents_next_event() -> None:
+    engine = learned()
+    first = baseline(engine)
+    assert baseline(engine) is first  # nothing happened: the same object
+    engine.observe(event(AFTER, "read_inbox", {"folder": "inbox"}), S)
+    after = baseline(engine, AFTER + 1)
+    assert after is not first and after.last_tool == "read_inbox" and after.last_at == AFTER
+    assert after.tools is first.tools  # the engine's own sets, never copied
+
+
+def test_previous_and_read_follow_the_window() -> None:
+    engine = learned()
+    engine.observe(event(AFTER, "read_inbox", {"folder": "inbox"}, sent=3000), S)
+    base = baseline(engine, AFTER)
+    assert base.previous(AFTER + 59) == "read_inbox"
+    assert base.previous(AFTER + 61) == ""  # out of the window: no transition
+    assert base.read(AFTER + 1) == 3000.0
+    assert base.read(AFTER + 120) == 0.0
+    half = base.read(AFTER + 60 + base.width / 2)  # the window's old edge, pro-rated
+    assert 0.0 < half < 3000.0
+
+
+# -- what is new in one call ---------------------------------------------------------------------
+
+NEW_TOOL = ("send_money", {"to": "mallory@evil.test", "amount": 1000})
+
+
+@pytest.mark.parametrize(
+    ("calls", "expected"),
+    [
+        # known tool, known recipient, known order: nothing new
+        ([("read_inbox", {"folder": "x"}), ("search_contacts", {"query": "q"})],
+         CallNovelty()),
+        # a new tool, named with its argument shape, and a new recipient (by its argument)
+        ([("read_inbox", {"folder": "x"}), NEW_TOOL],
+         CallNovelty(tools=("send_money(amount:i,to:s)",), values=("to",))),
+        # a known tool to a new recipient
+        ([("read_inbox", {"folder": "x"}), ("search_contacts", {"query": "q"}),
+          ("send_email", {"to": ["eve@evil.test"], "body": "b"})],
+         CallNovelty(values=("to",))),
+        # a known tool after another known one, never in that order while learning
+        ([("send_email", {"to": [KNOWN[0]], "body": "b"}), ("search_contacts", {"query": "q"})],
+         CallNovelty(transitions=("send_email -> search_contacts",))),
+    ],
+)  # fmt: skip
+def test_call_novelty(calls: list[tuple[str, dict[str, Any]]], expected: CallNovelty) -> None:
+    engine = learned()
+    at = AFTER
+    for tool, args in calls[:-1]:
+        engine.observe(event(at, tool, args), S)
+        at += 2.0
+    tool, args = calls[-1]
+    body = tool_call_body(tool, args)
+    got = call_novelty(baseline(engine, at), facts(tool, args), DEST, len(body), at)
+    assert got == expected
+    # The engine, observing the same call, finds the same (the Check path only says it first).
+    engine.observe(event(at, tool, args), S)
+    risk = engine.score(NS, AGENT, at + 0.5, S)
+    assert set(risk.contributions) == set(expected.features())
+
+
+def test_a_new_tool_counts_alone_not_for_its_transitions() -> None:
+    engine = learned()
+    engine.observe(event(AFTER, "read_inbox", {"folder": "x"}), S)
+    got = call_novelty(baseline(engine), facts("export", {}), DEST, 100, AFTER + 2)
+    assert got == CallNovelty(tools=("export()",))
+
+
+def test_values_under_another_key_are_not_compared() -> None:
+    engine = learned()
+    other = CallFacts(("send_email",), ("to:a",), "", (("to", "f" * 16),), "another-key")
+    assert not call_novelty(baseline(engine), other, DEST, 100, AFTER)
+
+
+@pytest.mark.parametrize(
+    ("size", "read", "dest", "tool", "expected"),
+    [
+        (20_000, 3000, "exfil.example/upload", "read_inbox", True),  # large, new host, read
+        (20_000, 3000, DEST, "read_inbox", False),  # known destination and tool: not new
+        (20_000, 3000, DEST, "upload", True),  # a new tool is a new destination too
+        (20_000, 0, "exfil.example/upload", "read_inbox", False),  # nothing read before
+        (8_000, 3000, "exfil.example/upload", "read_inbox", False),  # not large
+    ],
+)
+def test_the_exfiltration_shape(size: int, read: int, dest: str, tool: str, expected: bool) -> None:
+    engine = learned()
+    if read:
+        engine.observe(event(AFTER, "read_inbox", {"folder": "x"}, sent=read), S)
+    got = call_novelty(baseline(engine, AFTER), facts(tool, {}), dest, size, AFTER + 2)
+    assert bool(got.exfiltration) is expected
+    if expected:
+        assert got.exfiltration.startswith(f"{size // 1024} KiB to {tool} after reading 2 KiB")
+
+
+# -- the score with the call counted --------------------------------------------------------------
+
+CALM: dict[str, float] = {}
+
+
+def test_one_novelty_never_denies_on_a_calm_window_two_do() -> None:
+    one = CallNovelty(tools=("send_money()",))
+    assert project(one, CALM) == (0.56, {"new_tools": 0.56})
+    two = CallNovelty(tools=("send_money()",), values=("to",))
+    score, added = project(two, CALM)
+    assert score == pytest.approx(0.8064) and score >= S.deny_at
+    assert explain(two, added) == "new tools +0.56 (send_money()), new values +0.56 (to)"
+
+
+def test_one_call_never_reaches_revoke_at_risk_on_a_calm_window() -> None:
+    parts = {
+        "tools": ("t()",),
+        "values": ("to",),
+        "transitions": ("a -> b",),
+        "exfiltration": "20 KiB to t after reading 2 KiB",
+    }
+    best = 0.0
+    for n in range(1, 5):
+        for names in itertools.combinations(parts, n):
+            if "tools" in names and "transitions" in names:
+                continue  # a call with a new tool never counts its transitions
+            score, _ = project(CallNovelty(**{k: parts[k] for k in names}), CALM)  # type: ignore[arg-type]
+            best = max(best, score)
+    assert best == pytest.approx(0.8992, abs=1e-4) and best < 0.95
+
+
+def test_every_feature_tops_out_at_its_weight() -> None:
+    full = {name: weight for name, weight in FEATURES.items() if name == "new_tools"}
+    score, added = project(CallNovelty(tools=("x()",)), full)
+    assert score == FEATURES["new_tools"] and added == {}  # already at its weight: nothing
+    partial = {"new_values": 0.56}
+    score, added = project(CallNovelty(values=("to",)), partial)
+    assert score == FEATURES["new_values"] and added == {"new_values": pytest.approx(0.14)}
+
+
+def test_the_window_adds_to_the_call() -> None:
+    # A new tool earlier in the window (0.56 published), a new recipient now: 0.81.
+    score, _ = project(CallNovelty(values=("to",)), {"new_tools": 0.56})
+    assert score == pytest.approx(0.8064)
+
+
+# -- decide --------------------------------------------------------------------------------------
+
+PROFILE = """
+apiVersion: mandate.dev/v1alpha1
+kind: AgentProfile
+metadata: {{name: mail-agent}}
+spec:
+  owner: team
+  defaultPurpose: mail
+  purposes:
+    mail:
+      allow:
+        - hosts: [mcp.internal]
+          methods: [POST]
+          mcpTools: [read_inbox, search_contacts, send_email, send_money]
+  behavior:
+    mode: {mode}
+    learningPeriod: 10m
+    sensitiveArguments: [to]
+"""
+
+
+def snapshot(tmp: Path, mode: str) -> Snapshot:
+    (tmp / "a.yaml").write_text(PROFILE.format(mode=mode))
+    return load_profiles(tmp)
+
+
+def view(tool: str, args: dict[str, Any]) -> RequestView:
+    body = tool_call_body(tool, args)
+    return RequestView(
+        decision_id="d" * 32, method="POST", authority=MCP, path="/mcp", body=body,
+        headers={"content-type": "application/json"}, context_extensions={"agent": AGENT},
+        namespace=NS,
+    )  # fmt: skip
+
+
+def table(score: float = 0.0, learning: bool = False, **contributions: float) -> AgentStateTable:
+    risk = RiskState(AGENT, NS, score, f"risk {score:.2f}", contributions, learning)
+    return AgentStateTable.build(1, risks=[risk])
+
+
+def scoring(engine: BehaviourEngine) -> CallScoring:
+    return CallScoring({(NS, AGENT): baseline(engine)}, fp, KEY.id)
+
+
+def test_decide_refuses_the_novel_call_itself_in_enforce(tmp_path: Path) -> None:
+    snap, engine = snapshot(tmp_path, "enforce"), learned()
+    d = decide(snap, view(*NEW_TOOL), AFTER, agent_state=table(), scoring=scoring(engine))
+    assert (d.allowed, d.code) == (False, Code.NOVEL_CALL)
+    assert d.reason == (
+        "novel call: behaviour risk 0.81 with this call >= 0.80: new tools +0.56 "
+        "(send_money(amount:i,to:s)), new values +0.56 (to); before it: risk 0.00"
+    )
+    assert d.risk == pytest.approx(0.8064) and d.rate is None
+    assert d.facts == facts(*NEW_TOOL)  # described once: the pipeline sends these on
+    # Without the baselines (several worker processes): decided on the published score only.
+    assert decide(snap, view(*NEW_TOOL), AFTER, agent_state=table()).allowed
+
+
+@pytest.mark.parametrize(
+    ("mode", "state", "call", "allowed"),
+    [
+        ("monitor", table(), NEW_TOOL, True),  # monitor never denies
+        ("enforce", table(learning=True), NEW_TOOL, True),  # still learning: not scored
+        ("enforce", table(), ("send_money", {"to": KNOWN[0], "amount": 1}), True),  # one novelty
+        ("enforce", table(0.56, new_tools=0.56), ("send_email", {"to": ["eve@x"], "body": "b"}),
+         False),  # the window's new tool and this call's new recipient
+        ("enforce", table(), ("read_inbox", {"folder": "inbox"}), True),  # nothing new
+    ],
+)  # fmt: skip
+def test_decide_scores_the_call_only_in_enforce_after_learning(
+    tmp_path: Path,
+    mode: str,
+    state: AgentStateTable,
+    call: tuple[str, dict[str, Any]],
+    allowed: bool,
+) -> None:
+    snap, engine = snapshot(tmp_path, mode), learned()
+    d = decide(snap, view(*call), AFTER, agent_state=state, scoring=scoring(engine))
+    assert d.allowed is allowed, d.reason
+    if not allowed:
+        assert d.code == Code.NOVEL_CALL and "new values +0.56 (to)" in d.reason
+
+
+def test_a_call_the_rules_refuse_is_not_scored(tmp_path: Path) -> None:
+    snap, engine = snapshot(tmp_path, "enforce"), learned()
+    d = decide(snap, view("delete_all", {}), AFTER, agent_state=table(), scoring=scoring(engine))
+    assert d.code == Code.OUTSIDE_PURPOSE and d.facts is None
+
+
+def test_the_pipeline_scores_against_the_baselines_it_is_given(tmp_path: Path) -> None:
+    snap, engine = snapshot(tmp_path, "enforce"), learned()
+    baselines = {(NS, AGENT): baseline(engine)}
+    pipeline = CheckPipeline(
+        lambda: snap, Identity(), lambda: AFTER, agent_state=table, facts_key=KEY,
+        behaviour=lambda: baselines,
+    )  # fmt: skip
+    decision, _, _, text = pipeline.decide(lambda did: view(*NEW_TOOL))
+    assert decision.code == Code.NOVEL_CALL
+    assert decode(text) == facts(*NEW_TOOL)  # the refused call is still reported
+    ok, _, _, text = pipeline.decide(lambda did: view("read_inbox", {"folder": "inbox"}))
+    assert ok.allowed and decode(text).tools == ("read_inbox",)
+
+
+# -- the service publishes the baselines of agents in enforce mode ----------------------------
+
+
+class _Context:
+    def set_risks(self, states: object) -> None:
+        pass
+
+
+class _Revocations:
+    def subscribe(self, fn: object) -> None:
+        pass
+
+    def entries(self, source: str) -> list[object]:
+        return []
+
+
+@pytest.mark.parametrize(("mode", "published"), [("enforce", True), ("monitor", False)])
+def test_the_service_publishes_baselines_each_tick(
+    tmp_path: Path, mode: str, published: bool
+) -> None:
+    snap = snapshot(tmp_path, mode)
+    clock = [T0]
+    settings = snap.agents[AGENT].behavior
+    assert settings is not None
+    engine = BehaviourEngine()
+    service = BehaviourService(
+        lambda: snap, _Context(), _Revocations(), NS, clock=lambda: clock[0],  # type: ignore[arg-type]
+        engine=engine,
+    )  # fmt: skip
+    service.observe([event(T0, "read_inbox", {"folder": "inbox"})])
+    service.tick()
+    assert service.baselines() == {}  # learning
+    clock[0] = AFTER
+    service.tick()
+    got = service.baselines()
+    assert ((NS, AGENT) in got) is published
+    if published:
+        assert got[(NS, AGENT)].tools == {"read_inbox"}
+        with pytest.raises(TypeError):
+            got[(NS, "x")] = got[(NS, AGENT)]  # type: ignore[index]
+    json.dumps(engine.export_state())  # the engine's state is untouched by publishing
