@@ -1,6 +1,6 @@
 """How fast a revocation stops an agent: real Envoy (envoy/local.yaml, one listener for
-billing-agent, Envoy's --concurrency 1), `mandate run --workers 2` and the demo upstream, all
-on 127.0.0.1.
+billing-agent, Envoy's --concurrency 1), `mandate run` (one process, as by default; --workers
+N for more) and the demo upstream, all on 127.0.0.1.
 
 C client processes (one keep-alive connection each, so that no client waits for another's
 GIL) send `GET http://ledger.finance.svc.cluster.local/v1/invoices/42` through Envoy as an
@@ -1028,7 +1028,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--load-clients", type=int, default=16, help="client processes, phase 2 (0: skip)"
     )
-    p.add_argument("--workers", type=int, default=2, help="mandate's Check worker processes")
+    p.add_argument("--workers", type=int, default=1, help="Check worker processes (1: one process)")
     p.add_argument("--settle", type=float, default=0.05, help="s after a flip is seen (x1-2)")
     p.add_argument("--deadline", type=float, default=2.0, help="s to see a flip, per flip")
     p.add_argument("--warmup", type=float, default=1.0, help="s of load before the flips")
