@@ -294,7 +294,6 @@ def _is_id(segment: str) -> bool:
     return bool(_UUID.fullmatch(segment) or _HEX.fullmatch(segment) or _TOKEN.fullmatch(segment))
 
 
-@lru_cache(maxsize=4096)
 def path_template(path: str) -> str:
     """The path without query or fragment, identifier-like segments replaced by `{}`:
     "/v1/invoices/42?x=1" -> "/v1/invoices/{}". At most 256 characters."""
@@ -302,6 +301,17 @@ def path_template(path: str) -> str:
         cut = path.find(sep)
         if cut != -1:
             path = path[:cut]
+    return _template(path) if len(path) <= _CACHED_PATH else _template.__wrapped__(path)
+
+
+_CACHED_PATH = 512  # the longest path (without query) whose template is cached
+
+
+@lru_cache(maxsize=4096)
+def _template(path: str) -> str:
+    """`path_template` of a path without query or fragment. Cached on that path, and only
+    a short one: a cache keyed on the query, or on long paths, would hold what the agent
+    puts there (thousands of them, each up to 8 KiB) and evict the real destinations."""
     template = "/".join("{}" if _is_id(s) else s for s in path.split("/"))
     return template[:_MAX_TEMPLATE]
 

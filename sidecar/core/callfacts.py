@@ -19,9 +19,16 @@ data too: a tool or argument name is written as it is only if it looks like an i
 (the audit trail's rule, :data:`NAME`), else as ``#`` and its fingerprint (``#`` and its
 position without a key). Without a key (None) there is no value fingerprint at all.
 
-Bounds: at most 8 tool calls of a JSON-RPC batch, 32 arguments per shape (the rest counted
-as ``+N``), 16 fingerprints per call, 8 per argument (the items of an array, each on its
-own: one new recipient among known ones is new). The text is at most ~2 KiB.
+Bounds, which never hide what is beyond them (an agent must not slip a new tool or a new
+recipient past behaviour analysis by padding the call with known ones): at most 8 tools of a
+JSON-RPC batch, the 8th standing for all the rest (``+`` and the fingerprint of their names,
+``+N`` without a key); 8 fingerprints per argument (the items of an array, each on its own:
+one new recipient among known ones is new), the 8th of the rest of the array as one value;
+16 fingerprints per call, the 16th (argument ``+``) of all the others as one value; 32
+arguments per shape (the rest counted as ``+N``). What judges a call (`callrisk`, on the
+Check path) and what learns it (the engine, from the access log) must see the same facts:
+:func:`describe` makes them fit the text (shapes are shortened, never tools or values), so
+that ``decode(f.encode()) == f``. The text is at most 2 KiB.
 
 Text: fields joined by ``;``: ``t=TOOL(SHAPE)|TOOL(SHAPE)`` (MCP `tools/call` messages, in
 order), ``j=SHAPE`` (another JSON object body), ``v=ARG:FP,ARG:FP`` and ``k=KEYID`` (the
@@ -36,7 +43,7 @@ import contextlib
 import functools
 import re
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sidecar.core.mcp import JsonRefusal, mcp_messages, parse_json_body
 
@@ -97,7 +104,7 @@ class CallFacts:
         if self.values:
             parts.append("v=" + ",".join(f"{a}:{fp}" for a, fp in self.values))
             parts.append("k=" + self.key_id)
-        return ";".join(parts)[:_MAX_TEXT]
+        return ";".join(parts)[:_MAX_TEXT]  # `describe`'s facts fit: never cut (`_fit`)
 
 
 NO_FACTS = CallFacts()
@@ -158,14 +165,43 @@ class _Describer:
         return ",".join(entries)
 
     def value(self, name: str, value: object) -> None:
-        items = value[:_MAX_ITEMS] if isinstance(value, list) else (value,)
+        items: list[object] | tuple[object, ...] = (value,)
+        if isinstance(value, list):  # beyond 8 items, the rest is one value (never unseen)
+            items = (
+                value
+                if len(value) <= _MAX_ITEMS
+                else [*value[: _MAX_ITEMS - 1], value[_MAX_ITEMS - 1 :]]
+            )
         fingerprint = self.fingerprint
         assert fingerprint is not None
         for item in items:
-            if item is None or item == "" or len(self.values) >= _MAX_VALUES:
+            if item is None or item == "":
                 continue
             with contextlib.suppress(ValueError, RecursionError):  # no canonical form: skip
                 self.values.append((name, fingerprint(item)))
+
+    def bounded_values(self) -> tuple[tuple[str, str], ...]:
+        """The call's fingerprints, the 16th standing for all the others (argument ``+``)."""
+        values = self.values
+        if len(values) <= _MAX_VALUES:
+            return tuple(values)
+        assert self.fingerprint is not None
+        rest = sorted(f"{a}:{fp}" for a, fp in values[_MAX_VALUES - 1 :])
+        return (*values[: _MAX_VALUES - 1], ("+", self.fingerprint(rest)))
+
+    def bounded_tools(
+        self, tools: list[str], shapes: list[str]
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The tools, the 8th standing for all the rest (``+`` and their names' fingerprint,
+        or ``+N``)."""
+        if len(tools) <= _MAX_TOOLS:
+            return tuple(tools), tuple(shapes)
+        rest = tools[_MAX_TOOLS - 1 :]
+        tail = f"+{len(rest)}"
+        if self.fingerprint is not None:
+            with contextlib.suppress(ValueError, RecursionError):
+                tail = "+" + self.fingerprint(rest)
+        return (*tools[: _MAX_TOOLS - 1], tail), (*shapes[: _MAX_TOOLS - 1], "")
 
 
 def describe(
@@ -189,23 +225,47 @@ def describe(
     if parsed.error is None:
         tools: list[str] = []
         shapes: list[str] = []
-        for i, m in enumerate(parsed.messages):
+        for i, m in enumerate(parsed.messages):  # every one: the rules parsed them all too
             if m.tool is None:
                 continue  # initialize, tools/list, a notification, a response
-            if len(tools) == _MAX_TOOLS:
-                break
             tools.append(d.name(m.tool, i))
             args = m.arguments
             shapes.append(d.shape(args) if isinstance(args, dict) else "")
         if not tools:
             return NO_FACTS
-        values = tuple(d.values)
-        return CallFacts(tuple(tools), tuple(shapes), "", values, key_id if values else "")
+        values = d.bounded_values()
+        bounded, their_shapes = d.bounded_tools(tools, shapes)
+        facts = CallFacts(bounded, their_shapes, "", values, key_id if values else "")
+        return _fit(facts)
     if not isinstance(doc, dict):
         return NO_FACTS
     shape = d.shape(doc)
-    values = tuple(d.values)
-    return CallFacts(body_shape=shape, values=values, key_id=key_id if values else "")
+    values = d.bounded_values()
+    return _fit(CallFacts(body_shape=shape, values=values, key_id=key_id if values else ""))
+
+
+def _fit(facts: CallFacts) -> CallFacts:
+    """``facts`` with their shapes shortened, longest first, until the text fits: shapes
+    only explain; tools and values are what is judged and learned, and stay whole."""
+    if len(facts.encode()) < _MAX_TEXT:
+        return facts
+    shapes = list(facts.shapes)
+    body = facts.body_shape
+    for i in sorted(range(len(shapes)), key=lambda i: -len(shapes[i])):
+        shapes[i] = _summary(shapes[i])
+        if len(replace(facts, shapes=tuple(shapes)).encode()) < _MAX_TEXT:
+            return replace(facts, shapes=tuple(shapes))
+    return replace(facts, shapes=tuple(shapes), body_shape=_summary(body) if body else "")
+
+
+def _summary(shape: str) -> str:
+    """A shape as its number of arguments (``+N``)."""
+    if not shape:
+        return shape
+    n = 0
+    for entry in shape.split(","):
+        n += int(entry[1:]) if entry.startswith("+") and entry[1:].isdigit() else 1
+    return f"+{n}"
 
 
 def decode(text: str) -> CallFacts:

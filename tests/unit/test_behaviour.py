@@ -494,3 +494,15 @@ def test_a_profiles_behavior_compiles_to_the_engines_settings(
         window_seconds=30.0, min_calls=10,
     )  # fmt: skip
     assert compile_behaviour(None) is None
+
+
+def test_the_template_cache_holds_paths_not_what_the_agent_puts_in_queries() -> None:
+    from sidecar.core import behaviour
+
+    behaviour._template.cache_clear()
+    for i in range(500):  # distinct queries, one path
+        assert path_template(f"/v1/invoices/42?page={i}&x={'q' * 1000}") == "/v1/invoices/{}"
+    assert behaviour._template.cache_info().currsize == 1
+    long = "/v1/" + "/".join(["segment"] * 300)
+    assert path_template(long) == long[: behaviour._MAX_TEMPLATE]
+    assert behaviour._template.cache_info().currsize == 1  # a long path is not kept

@@ -51,12 +51,17 @@ def facts(tool: str, args: dict[str, Any]) -> CallFacts:
     return describe(tool_call_body(tool, args), False, frozenset({"to"}), fp, KEY.id)
 
 
+def logged(f: CallFacts) -> CallFacts:
+    """The facts as the engine gets them: through Envoy's access log, as text."""
+    return decode(f.encode())
+
+
 def event(at: float, tool: str, args: dict[str, Any], *, sent: int = 400) -> CallEvent:
     body = tool_call_body(tool, args)
     return CallEvent(
         at=at, agent=AGENT, namespace=NS, method="POST", host=MCP, path="/mcp", allowed=True,
         code="allowed", status=200, bytes_sent=sent, bytes_received=len(body),
-        facts=facts(tool, args),
+        facts=logged(facts(tool, args)),
     )  # fmt: skip
 
 

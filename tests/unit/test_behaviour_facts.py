@@ -123,7 +123,46 @@ def test_bounds_many_arguments_and_values() -> None:
     f = facts(tool_call_body("t", args))
     shape = f.shapes[0].split(",")
     assert len(shape) == 33 and shape[-1] == "+9"  # 32 names, then how many more
-    assert len(f.values) == 8  # at most 8 items of one argument
+    # 8 fingerprints of one argument: 7 items, and the rest of the array as one value.
+    assert [v for _, v in f.values] == [fp(f"r{i}") for i in range(7)] + [
+        fp([f"r{i}" for i in range(7, 30)])
+    ]
+
+
+def test_a_value_beyond_the_bounds_is_never_unseen() -> None:
+    """Padding a call with known recipients or known tools must not hide a new one."""
+    known = ["alice"] * 8
+    padded = facts(tool_call_body("send", {"recipients": [*known, "eve"]}))
+    plain = facts(tool_call_body("send", {"recipients": known}))
+    assert padded.values != plain.values  # eve changed the 8th value (the rest as one)
+    many = facts(rpc(*(call("read", {"recipients": f"r{i}"}, i) for i in range(20))))
+    assert len(many.values) == 16 and many.values[-1][0] == "+"  # the rest, as one value
+    other = facts(
+        rpc(
+            *(call("read", {"recipients": f"r{i}"}, i) for i in range(19)),
+            call("read", {"recipients": "eve"}, 19),
+        )
+    )
+    assert other.values[-1] != many.values[-1]
+    tools = facts(rpc(*(call("read", {}, i) for i in range(8)), call("send_money", {}, 9)))
+    same = facts(rpc(*(call("read", {}, i) for i in range(9))))
+    assert len(tools.tools) == 8 and tools.tools[-1].startswith("+")
+    assert tools.tools[-1] != same.tools[-1]  # send_money, past the 8th, still counts
+    unkeyed = facts(rpc(*(call("read", {}, i) for i in range(10))), key=False)
+    assert unkeyed.tools[-1] == "+3"
+
+
+def test_facts_fit_their_text_whole_so_judge_and_learner_see_the_same() -> None:
+    """Shapes are shortened to fit; tools and values never are: decode(encode(f)) == f."""
+    long_args = {f"descriptive_argument_name_{i:02d}": i for i in range(12)}
+    body = rpc(*(call(f"tool_{i}", {**long_args, "to": f"p{i}@x"}, i) for i in range(8)))
+    f = facts(body)
+    text = f.encode()
+    assert len(text) <= 2048 and decode(text) == f
+    assert f.tools == tuple(f"tool_{i}" for i in range(8)) and len(f.values) == 8
+    assert any(s.startswith("+") for s in f.shapes)  # some shapes summarized as +N
+    big = facts(b'{"' + b'", "'.join(b"k%03d_" % i + b"x" * 60 for i in range(40)) + b'": 1}')
+    assert decode(big.encode()) == big
 
 
 # -- the text -----------------------------------------------------------------------------------
