@@ -31,14 +31,9 @@ from concurrent import futures
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import grpc
-from envoy.service.auth.v3 import external_auth_pb2_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from sidecar.audit import Trail, open_trail
 from sidecar.audit.arguments import ArgumentKey
 from sidecar.audit.keyfile import load_argument_key
-from sidecar.check.grpc_transport import AuthorizationServicer
 from sidecar.check.pipeline import Audit, CheckPipeline
 from sidecar.check.reload import SnapshotHolder
 from sidecar.check.request import Identity
@@ -53,6 +48,9 @@ from sidecar.state.shm import RunDir, SharedAgentState, SharedTable
 from sidecar.telemetry import metrics
 
 if TYPE_CHECKING:
+    import grpc
+    from grpc_health.v1 import health
+
     from sidecar.check.grpc_aio import GrpcAioServer
     from sidecar.check.http_lean import HttpLeanServer
     from sidecar.check.http_transport import HttpAuthzServer
@@ -115,7 +113,7 @@ class Sidecar:
         self._server: grpc.Server | None = None
         self._aio: GrpcAioServer | None = None  # --grpc-server aio, when it runs
         self._http: HttpAuthzServer | HttpLeanServer | None = None
-        self._health = health.HealthServicer()
+        self._health: health.HealthServicer | None = None  # gRPC health, with a gRPC server
         self._admin: AdminServer | None = None
         self._tracing: Tracing | None = None
         self._audit_writer: Trail | None = None
@@ -245,7 +243,15 @@ class Sidecar:
             tmp.replace(run.port_file)
 
     def _start_grpc(self, pipeline: CheckPipeline) -> None:
+        # grpc and the Envoy protobufs only where a gRPC server runs (issue 20: ~23 MB).
+        import grpc
+        from envoy.service.auth.v3 import external_auth_pb2_grpc
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        from sidecar.check.grpc_transport import AuthorizationServicer
+
         check = self.config.run.check
+        self._health = health.HealthServicer()
         try:
             if check.grpc_server == "aio":
                 from sidecar.check.grpc_aio import start_aio
@@ -299,7 +305,8 @@ class Sidecar:
 
     def stop(self, grace: float = 1.0) -> None:
         self._stopped.set()
-        self._health.enter_graceful_shutdown()
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
         if self._owns_holder:
             self.holder.stop()
         if self._server is not None:

@@ -734,3 +734,45 @@ def test_a_look_alike_host_is_never_the_allowed_host_on_either_transport(
             assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"] == error, reply
     finally:
         s.stop(grace=0.2)
+
+
+_HTTP_ONLY = """
+import http.client, json, sys
+from pathlib import Path
+from sidecar.run.worker import Sidecar
+from sidecar.settings import (CheckSettings, IdentitySettings, ProfileSettings, Settings,
+                              WorkerSettings)
+s = Sidecar(WorkerSettings(run=Settings(
+    profiles=ProfileSettings(Path(sys.argv[1])),
+    check=CheckSettings(listen="127.0.0.1:0", transport="http"),
+    identity=IdentitySettings(agent="billing-agent", namespace="agents"))))
+s.start()
+try:
+    conn = http.client.HTTPConnection("127.0.0.1", s.http_port, timeout=5)
+    conn.putrequest("GET", "/mandate/v1/invoices/42", skip_host=True, skip_accept_encoding=True)
+    conn.putheader("Host", "ledger.finance.svc.cluster.local")
+    conn.putheader("Content-Length", "0")
+    conn.endheaders()
+    status = conn.getresponse().status
+finally:
+    s.stop(grace=0.2)
+print(json.dumps({"status": status, "loaded": sorted(
+    m for m in ("grpc", "grpc_health", "envoy", "google.protobuf") if m in sys.modules)}))
+"""
+
+
+def test_the_http_transport_loads_neither_grpc_nor_the_envoy_protobufs(
+    profiles_dir: Path,
+) -> None:
+    """Import only what runs (issue 20): an HTTP Check server is ~23 MB lighter without them."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _HTTP_ONLY, str(profiles_dir)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"status": 200, "loaded": []}
