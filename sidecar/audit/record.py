@@ -201,7 +201,7 @@ def decision_line(
         f',"seq":{int.__repr__(seq)},"task":{e(d.task) if d.task else "null"}'
         f',"time":"{utc_millis(now)}"'
         f',"trace_id":{e(d.trace_id) if d.trace_id else "null"}'
-        f'{_txn(d)},"type":"decision"}}'
+        f'{_txn(d)},"type":"decision"{_would(d)}}}'
     )
     digest = hashlib.sha256((head + rest).encode("utf-8", "backslashreplace")).hexdigest()
     return f'{head},"hash":"{digest}"{rest}\n'.encode("utf-8", "backslashreplace"), digest
@@ -218,6 +218,15 @@ def _credentials(d: Decision) -> str:
 
 def _txn(d: Decision) -> str:
     return ',"txn":' + _encode_str(d.txn) if d.txn else ""
+
+
+def _would_deny(d: Decision) -> dict[str, str]:
+    code, _, reason = d.would.partition(": ")
+    return {"code": code, "reason": reason}
+
+
+def _would(d: Decision) -> str:
+    return ',"would_deny":' + _json(_would_deny(d)) if d.would else ""
 
 
 def stream_stamp(chain_id: str) -> dict[str, str]:
@@ -242,7 +251,9 @@ def record_from_decision(
     `credentials` (their names in the profile, never a value) and, with a Transaction
     Token, `txn` (the token's `txn` claim). A call with a body or a query whose profile
     records arguments has `arguments` (`sidecar.audit.arguments`: types, and hashes under
-    ``key`` or values in clear, as the profile chose)."""
+    ``key`` or values in clear, as the profile chose). An allowed call of an agent whose
+    behaviour analysis is in `monitor` mode has `would_deny` ({code, reason}) when `enforce`
+    would have refused it."""
     d = decision
     record: dict[str, Any] = {
         "type": "decision",
@@ -277,6 +288,8 @@ def record_from_decision(
         record["credentials"] = list(d.credentials)
     if d.txn:
         record["txn"] = d.txn
+    if d.would:
+        record["would_deny"] = _would_deny(d)
     return record
 
 

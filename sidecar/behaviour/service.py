@@ -4,10 +4,11 @@ deny on it in `enforce` mode), exports it as a metric, and revokes an agent whos
 reaches its profile's `revokeAtRisk` — through the same revocation store an operator's
 revocation goes through (source `behaviour`, the explanation as reason), audited.
 
-Each tick also publishes, for the agents in `enforce` mode past their learning period, the
-engine's :class:`~sidecar.core.behaviour.Baseline` (:meth:`BehaviourService.baselines`, one
+Each tick also publishes, for the agents past their learning period, the engine's
+:class:`~sidecar.core.behaviour.Baseline` (:meth:`BehaviourService.baselines`, one
 immutable generation per tick): a Check served in this process scores the call's own
-novelty against it before the call is made (`sidecar.core.callrisk`). Check workers in
+novelty against it before the call is made (`sidecar.core.callrisk`): refused in `enforce`
+mode, allowed and marked (what enforce would have refused) in `monitor` mode. Check workers in
 other processes do not get it (the learned sets are too large for the shared context
 table's whole-table publications): they decide on the published score only.
 
@@ -104,13 +105,13 @@ class BehaviourService:
     # -- scoring (the supervisor's loop) --------------------------------------------------
 
     def baselines(self) -> Mapping[tuple[str, str], Baseline]:
-        """The baselines of the agents in `enforce` mode past learning, by (namespace,
-        agent), as of the last tick: read only, replaced whole by each tick (no lock)."""
+        """The baselines of the agents past learning, by (namespace, agent), as of the last
+        tick: read only, replaced whole by each tick (no lock)."""
         return self._baselines
 
     def tick(self) -> list[RiskState]:
-        """Score every analysed agent; publish the scores (and the baselines of the
-        agents in `enforce` mode); revoke where the profile says so."""
+        """Score every analysed agent; publish the scores (and the baselines of the agents
+        past learning); revoke where the profile says so."""
         now = self._clock()
         states: list[RiskState] = []
         to_revoke: list[tuple[str, Risk, BehaviourSettings]] = []
@@ -133,7 +134,7 @@ class BehaviourService:
                 )
                 states.append(state)
                 metrics.RISK.labels(agent).set(risk.score)
-                if s.mode == "enforce" and not risk.learning:
+                if not risk.learning:  # enforce refuses on it, monitor says it would
                     base = self.engine.baseline(ns, agent, now, s)
                     if base is not None:
                         baselines[(ns, agent)] = base

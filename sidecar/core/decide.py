@@ -172,6 +172,10 @@ class Decision:
     # The call's facts for behaviour analysis, when the decision described them (scored on
     # the Check path): the pipeline sends them on rather than describing the call again.
     facts: CallFacts | None = field(default=None, compare=False, repr=False)
+    # In behaviour analysis's `monitor` mode, what `enforce` would have refused this allowed
+    # call for ("risk" or "novel_call", then ": " and the reason); "" otherwise. Audited
+    # (`would_deny`) and counted, so that an operator sees what enforcing would stop.
+    would: str = ""
 
 
 class _Body:
@@ -339,7 +343,7 @@ class _Call:
         "grant", "host",
         "method", "name",
         "ns", "owner", "path", "port", "purpose", "rate", "refusal", "risk", "risk_state",
-        "rule", "source", "task", "trace", "why",
+        "rule", "source", "task", "trace", "why", "would",
     )  # fmt: skip
 
     def __init__(self, view: RequestView) -> None:
@@ -360,6 +364,7 @@ class _Call:
         self.declared: RuleIndex | None = None  # the named task's declaration, if any
         self.constraint = ""
         self.facts: CallFacts | None = None
+        self.would = ""  # monitor mode: what enforce would have refused the call for
 
     def end(self, allowed: bool, code: str, reason: str) -> Decision:
         purpose = self.purpose.name if self.purpose is not None else ""
@@ -373,6 +378,7 @@ class _Call:
             self.rule, self.source, self.method, self.host, self.port, self.path, tools,
             self.trace, self.grant, self.risk, self.rate, self.credentials,
             constraint=self.constraint, arguments=arguments, facts=self.facts,
+            would=self.would if allowed else "",
         )  # fmt: skip
 
 
@@ -572,30 +578,35 @@ def _task(call: _Call) -> Decision | None:
 
 # 8. behaviour: a call that would be allowed is still denied while the agent's risk is at
 # or above the profile's threshold (`enforce` mode), or when the call's own novelty brings
-# it there; else it is allowed, subject to its purpose's rate limit (counted by the caller)
+# it there (in `monitor` mode it is allowed, and the decision says what enforce would have
+# refused it for); else it is allowed, subject to its purpose's rate limit (counted by the
+# caller)
 def _behaviour(
     call: _Call, view: RequestView, scoring: CallScoring | None, now: float
 ) -> Decision | None:
     assert call.agent is not None and call.purpose is not None
     settings, risk = call.agent.behavior, call.risk_state
-    if settings is not None and settings.mode == "enforce":
+    if settings is not None:
+        refusal: tuple[str, str] | None = None
         if risk is not None and not risk.learning and risk.score >= settings.deny_at:
             why = f"behaviour risk {risk.score:.2f} >= {settings.deny_at:.2f}: {risk.explanation}"
-            return call.end(False, Code.RISK, why)
-        if scoring is not None and scoring.baselines:
-            denied = _novel_call(call, view, scoring, now)
-            if denied is not None:
-                return denied
+            refusal = (Code.RISK, why)
+        elif scoring is not None and scoring.baselines:
+            refusal = _novel_call(call, view, scoring, now)
+        if refusal is not None:
+            if settings.mode == "enforce":
+                return call.end(False, *refusal)
+            call.would = f"{refusal[0]}: {refusal[1]}"  # monitor: allowed, and said so
     call.rate = call.purpose.rate
     return None
 
 
 def _novel_call(
     call: _Call, view: RequestView, scoring: CallScoring, now: float
-) -> Decision | None:
-    """The deny of a call whose own novelty brings the agent's score to `denyAtRisk`
-    (`core.callrisk`), or None. Not scored while the agent learns (no baseline, or a
-    published score still learning)."""
+) -> tuple[str, str] | None:
+    """(code, reason) refusing a call whose own novelty brings the agent's score to
+    `denyAtRisk` (`core.callrisk`), or None. Not scored while the agent learns (no
+    baseline, or a published score still learning)."""
     assert call.agent is not None and call.agent.behavior is not None
     settings, risk = call.agent.behavior, call.risk_state
     base = scoring.baselines.get((call.ns, call.name))
@@ -621,7 +632,7 @@ def _novel_call(
         f"{explain(novelty, added)}; before it: {before}"
     )
     call.risk = score
-    return call.end(False, Code.NOVEL_CALL, why)
+    return Code.NOVEL_CALL, why
 
 
 def _request_bytes(view: RequestView) -> int:

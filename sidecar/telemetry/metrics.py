@@ -110,6 +110,13 @@ STATE_WRITE_FAILURES = Counter(
     ["file"],
     registry=REGISTRY,
 )
+WOULD_DENY = Counter(
+    "mandate_behaviour_would_deny",
+    "Calls allowed in behaviour analysis's monitor mode that enforce would have refused, by "
+    "agent and code (risk, novel_call)",
+    ["agent", "code"],
+    registry=REGISTRY,
+)
 RISK = Gauge(
     "mandate_agent_risk",
     "Behaviour risk score of each analysed agent, in [0, 1]",
@@ -455,6 +462,8 @@ def observe_decision(d: Decision, seconds: float) -> None:
         )
     child.inc()
     CHECK_SECONDS.observe(seconds)
+    if d.would:  # monitor mode: what enforce would have refused (a profile's agent)
+        WOULD_DENY.labels(agent, d.would.partition(":")[0]).inc()
 
 
 def observe_reload(ok: bool, agents: int | None = None, version: str | None = None) -> None:

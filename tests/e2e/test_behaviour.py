@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -408,6 +409,50 @@ def test_a_first_time_money_move_is_refused_before_it_reaches_the_upstream(
             time.sleep(0.1)
         assert records and records[0]["code"] == "novel_call", records
         assert 0.8 <= records[0]["risk"] < 0.9 and records[0]["mcp_tools"] == ["send_money"]
+    finally:
+        stop_stack(stack)
+
+
+def test_monitor_lets_a_first_time_money_move_through_and_records_that_enforce_would_not(
+    tmp_path: Path, transport: str
+) -> None:
+    """Before enforcing, an operator sees what enforce would stop: the call goes through,
+    its audit record says `would_deny` (code and reason) and the metric counts it."""
+    stack = _mail_stack(tmp_path, "monitor", transport)
+    try:
+        _learn_mail(stack)
+        _wait_learned(stack)
+        arrived = len(stack.upstream.received)
+        resp = _tool(stack, "send_money", {"to": "mallory@evil.test", "amount": 1000})
+        assert resp.status == 200, resp.body[:300]
+        decision = resp.headers.get("x-mandate-decision") or ""
+        time.sleep(0.3)
+        assert len(stack.upstream.received) == arrived + 1
+        deadline = time.monotonic() + 10
+        records: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and not records:
+            records = [
+                r
+                for f in sorted((stack.tmp / "audit").glob("audit-*.jsonl"))
+                for line in f.read_text().splitlines()
+                if (r := json.loads(line)).get("mcp_tools") == ["send_money"]
+            ]
+            time.sleep(0.1)
+        assert records and records[0]["decision"] == "allow", records
+        would = records[0]["would_deny"]
+        assert would["code"] == "novel_call", would
+        assert "new tools +0.56 (send_money(amount:i,to:s))" in would["reason"], would
+        assert not decision or records[0]["decision_id"] == decision
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        url = f"http://127.0.0.1:{stack.mandate.admin_port}/metrics"
+        with opener.open(url, timeout=5) as got:
+            metrics = got.read().decode()
+        assert re.search(
+            r'mandate_behaviour_would_deny_total\{agent="mail-agent",code="novel_call"\} 1\.0',
+            metrics,
+        ), metrics[-2000:]
+        # A call with nothing new says nothing.
+        assert _tool(stack, "read_inbox", {"folder": "inbox"}).status == 200
     finally:
         stop_stack(stack)
 

@@ -143,6 +143,7 @@ _DECISIONS = st.builds(
     credentials=st.lists(_TEXT, max_size=3).map(tuple),
     txn=_STR,
     arguments=st.one_of(st.none(), _call_arguments()),
+    would=st.one_of(_STR, st.builds(lambda c, r: f"{c}: {r}", _TEXT, _TEXT)),
 )
 
 

@@ -329,6 +329,28 @@ def test_decide_scores_the_call_only_in_enforce_after_learning(
         assert d.code == Code.NOVEL_CALL and "new values +0.56 (to)" in d.reason
 
 
+def test_monitor_allows_the_novel_call_and_says_enforce_would_have_refused_it(
+    tmp_path: Path,
+) -> None:
+    snap, engine = snapshot(tmp_path, "monitor"), learned()
+    d = decide(snap, view(*NEW_TOOL), AFTER, agent_state=table(), scoring=scoring(engine))
+    assert (d.allowed, d.code) == (True, Code.ALLOWED)
+    assert d.would.startswith("novel_call: novel call: behaviour risk 0.81 with this call")
+    # The published score at denyAtRisk: monitor allows, and says enforce would refuse.
+    d = decide(snap, view("read_inbox", {"folder": "inbox"}), AFTER,
+               agent_state=table(0.9, new_tools=0.9), scoring=scoring(engine))  # fmt: skip
+    assert d.allowed and d.would.startswith("risk: behaviour risk 0.90 >= 0.80")
+    # Nothing new, a calm window: nothing to say.
+    d = decide(snap, view("read_inbox", {"folder": "inbox"}), AFTER, agent_state=table(),
+               scoring=scoring(engine))  # fmt: skip
+    assert d.allowed and d.would == ""
+    # Enforce: refused, and a deny carries no `would`.
+    (tmp_path / "e").mkdir()
+    enforce = snapshot(tmp_path / "e", "enforce")
+    d = decide(enforce, view(*NEW_TOOL), AFTER, agent_state=table(), scoring=scoring(engine))
+    assert not d.allowed and d.would == ""
+
+
 def test_a_call_the_rules_refuse_is_not_scored(tmp_path: Path) -> None:
     snap, engine = snapshot(tmp_path, "enforce"), learned()
     d = decide(snap, view("delete_all", {}), AFTER, agent_state=table(), scoring=scoring(engine))
@@ -365,10 +387,11 @@ class _Revocations:
         return []
 
 
-@pytest.mark.parametrize(("mode", "published"), [("enforce", True), ("monitor", False)])
+@pytest.mark.parametrize(("mode", "published"), [("enforce", True), ("monitor", True)])
 def test_the_service_publishes_baselines_each_tick(
     tmp_path: Path, mode: str, published: bool
 ) -> None:
+    """Past learning, in both modes: enforce refuses on them, monitor says it would."""
     snap = snapshot(tmp_path, mode)
     clock = [T0]
     settings = snap.agents[AGENT].behavior
