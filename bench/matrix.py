@@ -649,7 +649,8 @@ def pod_cost_table(results: list[dict[str, Any]], loads: Sequence[Load]) -> list
     """Issue 20's table: one row per case, the figures a platform team compares."""
     lines = [
         "| case | req/s c16 | vs RBAC | added p50 / p99 at c1, µs | mandate CPU/Check c16 / c1, µs "
-        "| at 1,000 req/s: Envoy + mandate vCPU, RSS MB, added p50 / p99 µs | mandate RSS MB |",
+        "| at 1,000 req/s: Envoy + mandate vCPU, RSS MB, added p50 / p99 µs "
+        "| mandate idle RSS / PSS MB, all processes |",
         "|---|---|---|---|---|---|---|",
     ]
     keys = {x.key for x in loads}
@@ -672,7 +673,8 @@ def pod_cost_table(results: list[dict[str, Any]], loads: Sequence[Load]) -> list
             f"| {_num(add1.get('p50_us'), '{:+,.0f}')} / {_num(add1.get('p99_us'), '{:+,.0f}')} "
             f"| {_num(c16.get('mandate_cpu_us_per_check'))} / "
             f"{_num(c1.get('mandate_cpu_us_per_check'))} "
-            f"| {pod} | {_num(r.get('idle_mandate_rss_mb'), '{:.1f}')} |"
+            f"| {pod} | {_num(r.get('idle_mandate_rss_mb'), '{:.1f}')} / "
+            f"{_num(r.get('idle_mandate_pss_mb'), '{:.1f}')} |"
         )
     return lines
 
