@@ -45,7 +45,9 @@ the injection could not work or the pod owner could get around it (the pod owner
 agent are not trusted; the platform operator, who writes the injector config, is): it has
 (or asks for) Istio's or Linkerd's sidecar; a container uses a port the sidecar listens on,
 or a port name it uses; a container runs as the sidecar's UIDs or (iptables mode, the
-injector's ``rootAgents: refuse``) may run as root; it references a Secret only mandate may
+injector's ``rootAgents: refuse``) may run as root or asks for allowPrivilegeEscalation (a
+setuid-root program would make it root; unset, the injection sets it to false); it
+references a Secret only mandate may
 read, or mounts the injector's state or audit volume under another name; it asks for a mode
 less strict than the injector's (``allowPodModeOverride``) or, in a namespace labelled for
 injection, opts out (``allowPodOptOut``); it shares its process namespace; it has what Pod
@@ -691,6 +693,15 @@ def _check(pod: Mapping[str, Any], config: InjectConfig, mode: str) -> None:
                     "capture. Set runAsNonRoot: true and a runAsUser (the injector's rootAgents "
                     "is refuse)"
                 )
+            escalating = ", ".join(f"{at} ({name})" for at, name in _escalating_containers(spec))
+            if escalating:
+                raise InjectError(
+                    f"{where}{escalating}: allowPrivilegeEscalation: true: a setuid-root "
+                    "program in the image would make the agent root, which could switch to "
+                    f"Envoy's UID {config.envoy_uid} and bypass the capture. Remove it (the "
+                    "injection sets it to false where it is unset; the injector's rootAgents "
+                    "is refuse)"
+                )
 
 
 def _security_context_problems(sc: Mapping[str, Any], at: str, *, container: bool) -> Iterator[str]:
@@ -835,6 +846,34 @@ def _root_containers(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
             if non_root is not True and not (isinstance(uid, int) and uid > 0):
                 out.append((f"spec.{key}[{i}]", str(c.get("name"))))
     return out
+
+
+def _escalating_containers(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(field, name) of the pod's own containers that ask for allowPrivilegeEscalation:
+    true (a setuid-root program would then give a non-root agent root)."""
+    out = []
+    for key in ("initContainers", "containers"):
+        containers = spec.get(key)
+        for i, c in enumerate(containers if isinstance(containers, list) else []):
+            if not isinstance(c, Mapping) or c.get("name") in SIDECAR_CONTAINERS:
+                continue
+            sc = c.get("securityContext")
+            if isinstance(sc, Mapping) and sc.get("allowPrivilegeEscalation") is True:
+                out.append((f"spec.{key}[{i}]", str(c.get("name"))))
+    return out
+
+
+def _without_escalation(container: dict[str, Any]) -> dict[str, Any]:
+    """``container`` with allowPrivilegeEscalation: false where it is unset (iptables mode):
+    with it (no_new_privs), a setuid-root program in the agent's image cannot make it root,
+    and root could switch to Envoy's UID and bypass the capture. An explicit true was
+    refused or warned about (`_check`, `warnings_for`)."""
+    sc = container.get("securityContext")
+    sc = dict(sc) if isinstance(sc, Mapping) else {}
+    if sc.get("allowPrivilegeEscalation") is None:
+        sc["allowPrivilegeEscalation"] = False
+        container = {**container, "securityContext": sc}
+    return container
 
 
 # The other service meshes' sidecars: their containers (a sidecar, its init, a native
@@ -1414,12 +1453,13 @@ def inject(
     ours = [_mandate_container(config, agent, secrets, keys, audit), _envoy_container(config)]
     if mode == "iptables":
         ours.insert(0, _init_container(config))
+    own = _without_escalation if mode == "iptables" else dict
     spec["initContainers"] = ours + [
-        _with_proxy_env(_without_mounts(c, removed), config)
+        own(_with_proxy_env(_without_mounts(c, removed), config))
         for c in spec.get("initContainers") or []
     ]
     spec["containers"] = [
-        _with_proxy_env(_without_mounts(c, removed), config) for c in spec["containers"]
+        own(_with_proxy_env(_without_mounts(c, removed), config)) for c in spec["containers"]
     ]
     spec["volumes"] = [v for v in spec.get("volumes") or [] if v["name"] not in removed]
     spec["volumes"] += _volumes(config, secrets, keys, audit)
@@ -1462,7 +1502,7 @@ def patch_for(
     for i, (old, updated) in enumerate(
         zip(spec["containers"], new_spec["containers"], strict=True)
     ):
-        for key in ("env", "volumeMounts"):
+        for key in ("env", "volumeMounts", "securityContext"):
             if key in updated and old.get(key) != updated[key]:
                 put(["spec", "containers", i], old, key, updated[key])
     return ops
@@ -1558,6 +1598,12 @@ def warnings_for(
                 f"mandate: container {name} may run as root, "
                 f"which could switch to Envoy's UID {config.envoy_uid} and bypass the "
                 "capture; set runAsNonRoot"
+            )
+        for _, name in _escalating_containers(spec):
+            out.append(
+                f"mandate: container {name} sets allowPrivilegeEscalation: true: a "
+                f"setuid-root program could make it root, which could switch to Envoy's UID "
+                f"{config.envoy_uid} and bypass the capture; remove it"
             )
     if isinstance(original, Mapping):
         out += _replaced_sidecar_warnings(original, pod)

@@ -412,6 +412,50 @@ def test_a_root_agent_is_refused_by_default() -> None:
     inject(pod(securityContext={}), InjectConfig(root_agents="warn"))
 
 
+def test_no_agent_container_may_gain_privileges_in_iptables_mode() -> None:
+    """Review 19 (open): a non-root agent running a setuid-root program in its image becomes
+    root, and root may switch to Envoy's UID. The injection sets allowPrivilegeEscalation:
+    false where it is unset (no_new_privs: setuid bits are ignored) and refuses an explicit
+    true (rootAgents: refuse), or warns (rootAgents: warn)."""
+    import jsonpatch
+
+    from sidecar.injection.pod import patch_for
+
+    p = pod(
+        initContainers=[{"name": "setup", "image": "setup:1"}],
+        containers=[
+            {
+                "name": "agent",
+                "image": "agent:1",
+                "securityContext": {"readOnlyRootFilesystem": True},
+            },
+            {"name": "helper", "image": "helper:1"},
+        ],
+    )
+    out = inject(p, CONFIG)
+    own = [c for c in out["spec"]["initContainers"] if c["name"] == "setup"]
+    own += out["spec"]["containers"]
+    assert [c["securityContext"]["allowPrivilegeEscalation"] for c in own] == [False] * 3
+    assert own[1]["securityContext"]["readOnlyRootFilesystem"] is True  # the rest kept
+    assert inject(out, CONFIG) == out  # idempotent
+    assert jsonpatch.apply_patch(p, patch_for(p, CONFIG)) == out  # the webhook's patch too
+    # An explicit false stays; an explicit true is refused, naming the container.
+    explicit = pod(containers=[
+        {"name": "agent", "image": "agent:1", "securityContext": {"allowPrivilegeEscalation": True}}
+    ])  # fmt: skip
+    message = refusal(explicit)
+    assert "spec.containers[0] (agent): allowPrivilegeEscalation: true" in message
+    assert "setuid" in message and "rootAgents" in message
+    warned = InjectConfig(root_agents="warn")
+    injected = inject(explicit, warned)
+    assert injected["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"]
+    assert any("allowPrivilegeEscalation: true" in w for w in warnings_for(injected, warned))
+    # Proxy mode captures nothing by UID: the containers are left as they are.
+    proxy = pod(annotations={"mandate.dev/mode": "proxy"})
+    untouched = inject(proxy, OVERRIDE)["spec"]["containers"][0]
+    assert "securityContext" not in untouched
+
+
 @pytest.mark.parametrize(
     ("config", "volume"),
     [
