@@ -226,7 +226,7 @@ def _would_deny(d: Decision) -> dict[str, str]:
 
 
 def _would(d: Decision) -> str:
-    return ',"would_deny":' + _json(_would_deny(d)) if d.would else ""
+    return ',"would_deny":' + _json(_would_deny(d)) if d.would and d.allowed else ""
 
 
 def stream_stamp(chain_id: str) -> dict[str, str]:
@@ -288,7 +288,7 @@ def record_from_decision(
         record["credentials"] = list(d.credentials)
     if d.txn:
         record["txn"] = d.txn
-    if d.would:
+    if d.would and d.allowed:  # only an allowed call was let through "in monitor mode"
         record["would_deny"] = _would_deny(d)
     return record
 

@@ -62,7 +62,8 @@ Headers = Mapping[str, str]
 @dataclass(frozen=True, slots=True)
 class Audit:
     """Where a worker's decisions go: every deny, and every allow unless ``allows`` is
-    false. With the writer in fail-closed mode and unable to write, an allow becomes a
+    false (an allow that enforce would have refused, `Decision.would`, always: monitor
+    mode's finding). With the writer in fail-closed mode and unable to write, an allow becomes a
     deny (`audit_unavailable`): no call leaves without its record."""
 
     writer: Trail
@@ -73,7 +74,10 @@ class Audit:
     def record(self, decision: Decision) -> Decision:
         writer = self.writer
         unrecordable = decision.allowed and writer.must_deny()
-        if not unrecordable and (self.allows or not decision.allowed):
+        # Denies always; allows when asked, and those enforce would have refused (`would`:
+        # monitor mode's finding, what an operator reads before enforcing) in any case.
+        wanted = self.allows or not decision.allowed or bool(decision.would)
+        if not unrecordable and wanted:
             queued = writer.write_decision(
                 decision, pod=self.pod, namespace=self.namespace, now=time.time()
             )
@@ -89,6 +93,7 @@ class Audit:
                 reason="the audit trail cannot be written: failing closed",
                 credentials=(),
                 txn="",
+                would="",
             )
             writer.write_decision(decision, pod=self.pod, namespace=self.namespace, now=time.time())
         return decision
@@ -263,6 +268,7 @@ class CheckPipeline:
                 code=Code.CREDENTIAL_UNAVAILABLE,
                 reason=str(exc),
                 credentials=(),
+                would="",
             )
             return denied, NOTHING
         if any(name == TXN_TOKEN_HEADER for name, _ in injected.set):

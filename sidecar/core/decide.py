@@ -331,7 +331,7 @@ def over_rate(decision: Decision) -> Decision:
     rate = decision.rate
     limit = f" ({rate.requests} per {rate.per})" if rate is not None else ""
     why = f"rate: over the rate limit of purpose {decision.purpose!r}{limit}"
-    return replace(decision, allowed=False, code=Code.RATE, reason=why)
+    return replace(decision, allowed=False, code=Code.RATE, reason=why, would="")
 
 
 class _Call:

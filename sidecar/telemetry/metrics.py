@@ -462,7 +462,7 @@ def observe_decision(d: Decision, seconds: float) -> None:
         )
     child.inc()
     CHECK_SECONDS.observe(seconds)
-    if d.would:  # monitor mode: what enforce would have refused (a profile's agent)
+    if d.would and d.allowed:  # monitor mode: what enforce would have refused
         WOULD_DENY.labels(agent, d.would.partition(":")[0]).inc()
 
 

@@ -19,7 +19,7 @@ from sidecar.audit.canonical import canonical_json
 from sidecar.behaviour.service import BehaviourService
 from sidecar.check.pipeline import CheckPipeline
 from sidecar.check.request import Identity
-from sidecar.core import Code, RequestView, Snapshot, load_profiles
+from sidecar.core import Code, Decision, RequestView, Snapshot, load_profiles
 from sidecar.core.agentstate import AgentStateTable, RiskState
 from sidecar.core.behaviour import (
     FEATURES,
@@ -413,3 +413,57 @@ def test_the_service_publishes_baselines_each_tick(
         with pytest.raises(TypeError):
             got[(NS, "x")] = got[(NS, AGENT)]  # type: ignore[index]
     json.dumps(engine.export_state())  # the engine's state is untouched by publishing
+
+
+def test_a_would_deny_call_refused_later_is_neither_marked_nor_counted(tmp_path: Path) -> None:
+    """Review: a monitor-mode call enforce would have refused, then refused for another
+    reason (its rate, a credential, the audit trail), is a deny like any other."""
+    from sidecar.audit.record import decision_line, record_from_decision
+    from sidecar.core.decide import over_rate
+    from sidecar.telemetry import metrics
+
+    snap, engine = snapshot(tmp_path, "monitor"), learned()
+    d = decide(snap, view(*NEW_TOOL), AFTER, agent_state=table(), scoring=scoring(engine))
+    assert d.allowed and d.would
+    record = record_from_decision(d, pod="p", namespace=NS, now=AFTER)
+    assert record["would_deny"]["code"] == "novel_call"
+    refused = over_rate(d)
+    assert not refused.allowed and refused.would == ""
+    assert "would_deny" not in record_from_decision(refused, pod="p", namespace=NS, now=AFTER)
+    assert b"would_deny" not in decision_line(refused, pod="p", namespace=NS, now=AFTER,
+                                              seq=0, prev="0" * 64)[0]  # fmt: skip
+    labels = {"agent": AGENT, "code": "novel_call"}
+    before = metrics.REGISTRY.get_sample_value("mandate_behaviour_would_deny_total", labels) or 0
+    metrics.observe_decision(refused, 0.001)
+    after = metrics.REGISTRY.get_sample_value("mandate_behaviour_would_deny_total", labels) or 0
+    assert after == before
+    metrics.observe_decision(d, 0.001)
+    assert metrics.REGISTRY.get_sample_value("mandate_behaviour_would_deny_total", labels) == (
+        before + 1
+    )
+
+
+def test_denies_only_audit_still_records_what_enforce_would_have_refused(tmp_path: Path) -> None:
+    """`--audit-allows none` keeps denies only; monitor mode's would-deny allows are what
+    an operator reads before enforcing, so they are kept too."""
+    from sidecar.check.pipeline import Audit
+
+    written: list[Decision] = []
+
+    class Writer:
+        fail_closed = False
+
+        def must_deny(self) -> bool:
+            return False
+
+        def write_decision(self, d: Decision, **_: object) -> bool:
+            written.append(d)
+            return True
+
+    snap, engine = snapshot(tmp_path, "monitor"), learned()
+    would = decide(snap, view(*NEW_TOOL), AFTER, agent_state=table(), scoring=scoring(engine))
+    plain = decide(snap, view("read_inbox", {"folder": "inbox"}), AFTER, agent_state=table(),
+                   scoring=scoring(engine))  # fmt: skip
+    audit = Audit(Writer(), "p", NS, allows=False)  # type: ignore[arg-type]
+    assert audit.record(would) is would and audit.record(plain) is plain
+    assert written == [would]
