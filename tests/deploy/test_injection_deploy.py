@@ -393,18 +393,21 @@ def _debug(**container: Any) -> Any:
 
 
 NON_ROOT = {"runAsNonRoot": True, "runAsUser": 10001}
+# What `kubectl debug --profile=restricted` sets: a debug container that gains no privileges.
+NO_ESCALATION = {"allowPrivilegeEscalation": False}
+DEBUG = {**NON_ROOT, **NO_ESCALATION}
 EPHEMERAL = [
     # (name, mode, the debug container, refused because)
-    ("kubectl-debug", "iptables", _debug(securityContext=NON_ROOT), ""),
-    ("targets-agent", "iptables", _debug(targetContainerName="agent", securityContext=NON_ROOT), ""),
-    ("own-mount", "iptables", _debug(securityContext=NON_ROOT,
+    ("kubectl-debug", "iptables", _debug(securityContext=DEBUG), ""),
+    ("targets-agent", "iptables", _debug(targetContainerName="agent", securityContext=DEBUG), ""),
+    ("own-mount", "iptables", _debug(securityContext=DEBUG,
                                      volumeMounts=[{"name": "work", "mountPath": "/w"}]), ""),
     ("root-in-proxy-mode", "proxy", _debug(), ""),
-    ("targets-mandate", "iptables", _debug(targetContainerName="mandate", securityContext=NON_ROOT),
+    ("targets-mandate", "iptables", _debug(targetContainerName="mandate", securityContext=DEBUG),
      "may not target mandate's containers"),
     ("targets-envoy", "proxy", _debug(targetContainerName="mandate-envoy"),
      "may not target mandate's containers"),
-    ("mounts-token", "iptables", _debug(securityContext=NON_ROOT, volumeMounts=[
+    ("mounts-token", "iptables", _debug(securityContext=DEBUG, volumeMounts=[
         {"name": "mandate-kube-api-access", "mountPath": "/t"}]), "may not mount mandate's volumes"),
     ("mounts-credentials", "proxy", _debug(volumeMounts=[
         {"name": "mandate-credential-0", "mountPath": "/c"}]), "may not mount mandate's volumes"),
@@ -414,10 +417,19 @@ EPHEMERAL = [
      "beyond Pod Security's baseline"),
     ("privileged", "proxy", _debug(securityContext={"privileged": True}),
      "may not be privileged"),
-    ("envoy-uid", "iptables", _debug(securityContext={"runAsUser": 1337}), "the UIDs of mandate's"),
-    ("pods-non-root", "iptables", _debug(), ""),
-    ("root-explicit", "iptables", _debug(securityContext={"runAsNonRoot": False, "runAsUser": 0}),
+    ("envoy-uid", "iptables", _debug(securityContext={"runAsUser": 1337, **NO_ESCALATION}),
+     "the UIDs of mandate's"),
+    ("pods-non-root", "iptables", _debug(securityContext=NO_ESCALATION), ""),
+    ("root-explicit", "iptables", _debug(securityContext={"runAsNonRoot": False, "runAsUser": 0,
+                                                          **NO_ESCALATION}),
      "may not run as root"),
+    # A setuid-root program in a debug image would make it root (review: the webhook sets
+    # the pod's own containers so; a debug container must ask for it itself).
+    ("may-escalate", "iptables", _debug(securityContext=NON_ROOT),
+     "allowPrivilegeEscalation: false"),
+    ("escalates", "iptables", _debug(securityContext={**NON_ROOT, "allowPrivilegeEscalation": True}),
+     "allowPrivilegeEscalation: false"),
+    ("escalates-in-proxy-mode", "proxy", _debug(securityContext=NON_ROOT), ""),
 ]  # fmt: skip
 
 
@@ -440,7 +452,7 @@ def test_what_an_ephemeral_container_may_do_in_a_pod_with_the_sidecar(
         assert len(denied) == 1 and why in denied[0], denied
     # Only what the request adds is checked: one there before (e.g. from before the policy)
     # does not block the next.
-    after = _changed(new, _debug(securityContext=NON_ROOT))
+    after = _changed(new, _debug(securityContext=DEBUG))
     assert _admits(policy, "UPDATE", after, new, sub="ephemeralcontainers")
 
 
@@ -453,12 +465,13 @@ def test_an_ephemeral_container_that_may_run_as_root_is_refused_where_the_captur
     for mode in ("iptables", "proxy"):
         old = _injected(mode, securityContext={}, containers=[
             {"name": "agent", "image": "agent:1", "securityContext": NON_ROOT}])  # fmt: skip
-        denied = _denials(policy, "UPDATE", _changed(old, _debug()), old, "ephemeralcontainers")
+        root = _debug(securityContext=NO_ESCALATION)
+        denied = _denials(policy, "UPDATE", _changed(old, root), old, "ephemeralcontainers")
         if mode == "iptables":
             assert len(denied) == 1 and "may not run as root" in denied[0], denied
         else:  # no capture to get around
             assert denied == []
-        fine = _changed(old, _debug(securityContext={"runAsUser": 10002}))
+        fine = _changed(old, _debug(securityContext={"runAsUser": 10002, **NO_ESCALATION}))
         assert _admits(policy, "UPDATE", fine, old, "ephemeralcontainers")
 
 
