@@ -828,39 +828,43 @@ def _check_dns(spec: Mapping[str, Any], where: str) -> None:
         )
 
 
-def _root_containers(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(field, name) of the pod's own containers that may run as root: neither runAsNonRoot:
-    true nor a runAsUser above 0, in the container's securityContext or the pod's."""
-    pod_sc = spec.get("securityContext")
-    pod_sc = pod_sc if isinstance(pod_sc, Mapping) else {}
-    out = []
+def _own_containers(spec: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(field, container) of the pod's own init containers and containers, in that order:
+    not mandate's sidecar."""
     for key in ("initContainers", "containers"):
         containers = spec.get(key)
         for i, c in enumerate(containers if isinstance(containers, list) else []):
-            if not isinstance(c, Mapping) or c.get("name") in SIDECAR_CONTAINERS:
-                continue
-            sc = c.get("securityContext")
-            sc = sc if isinstance(sc, Mapping) else {}
-            non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
-            uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
-            if non_root is not True and not (isinstance(uid, int) and uid > 0):
-                out.append((f"spec.{key}[{i}]", str(c.get("name"))))
+            if isinstance(c, Mapping) and c.get("name") not in SIDECAR_CONTAINERS:
+                yield f"spec.{key}[{i}]", c
+
+
+def _security_context(c: Mapping[str, Any]) -> Mapping[str, Any]:
+    sc = c.get("securityContext")
+    return sc if isinstance(sc, Mapping) else {}
+
+
+def _root_containers(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(field, name) of the pod's own containers that may run as root: neither runAsNonRoot:
+    true nor a runAsUser above 0, in the container's securityContext or the pod's."""
+    pod_sc = _security_context(spec)
+    out = []
+    for at, c in _own_containers(spec):
+        sc = _security_context(c)
+        non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+        uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+        if non_root is not True and not (isinstance(uid, int) and uid > 0):
+            out.append((at, str(c.get("name"))))
     return out
 
 
 def _escalating_containers(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(field, name) of the pod's own containers that ask for allowPrivilegeEscalation:
     true (a setuid-root program would then give a non-root agent root)."""
-    out = []
-    for key in ("initContainers", "containers"):
-        containers = spec.get(key)
-        for i, c in enumerate(containers if isinstance(containers, list) else []):
-            if not isinstance(c, Mapping) or c.get("name") in SIDECAR_CONTAINERS:
-                continue
-            sc = c.get("securityContext")
-            if isinstance(sc, Mapping) and sc.get("allowPrivilegeEscalation") is True:
-                out.append((f"spec.{key}[{i}]", str(c.get("name"))))
-    return out
+    return [
+        (at, str(c.get("name")))
+        for at, c in _own_containers(spec)
+        if _security_context(c).get("allowPrivilegeEscalation") is True
+    ]
 
 
 def _without_escalation(container: dict[str, Any]) -> dict[str, Any]:
@@ -868,8 +872,7 @@ def _without_escalation(container: dict[str, Any]) -> dict[str, Any]:
     with it (no_new_privs), a setuid-root program in the agent's image cannot make it root,
     and root could switch to Envoy's UID and bypass the capture. An explicit true was
     refused or warned about (`_check`, `warnings_for`)."""
-    sc = container.get("securityContext")
-    sc = dict(sc) if isinstance(sc, Mapping) else {}
+    sc = dict(_security_context(container))
     if sc.get("allowPrivilegeEscalation") is None:
         sc["allowPrivilegeEscalation"] = False
         container = {**container, "securityContext": sc}
@@ -1521,29 +1524,25 @@ def _proxy_env_warnings(pod: Mapping[str, Any], config: InjectConfig) -> list[st
         else f"http://127.0.0.1:{config.proxy_port}"
         for name in _PROXY_VARS
     }
-    for key in ("initContainers", "containers"):
-        containers = spec.get(key)
-        for c in containers if isinstance(containers, list) else []:
-            if not isinstance(c, Mapping) or c.get("name") in SIDECAR_CONTAINERS:
-                continue
-            env = c.get("env")
-            replaced = sorted(
-                {
-                    str(e["name"])
-                    for e in (env if isinstance(env, list) else [])
-                    if isinstance(e, Mapping)
-                    and e.get("name") in _PROXY_VARS
-                    and ("valueFrom" in e or e.get("value") != ours[e["name"]])
-                }
+    for _, c in _own_containers(spec):
+        env = c.get("env")
+        replaced = sorted(
+            {
+                str(e["name"])
+                for e in (env if isinstance(env, list) else [])
+                if isinstance(e, Mapping)
+                and e.get("name") in _PROXY_VARS
+                and ("valueFrom" in e or e.get("value") != ours[e["name"]])
+            }
+        )
+        if replaced:
+            out.append(
+                f"mandate: container {c.get('name')}: the injection replaces its "
+                f"{', '.join(replaced)}: every call goes through mandate's Envoy "
+                f"(http://127.0.0.1:{config.proxy_port}), and NO_PROXY is the injector's "
+                f"noProxy ({','.join(config.no_proxy)}); a corporate proxy belongs "
+                "behind Envoy, hosts to reach directly in the injector's noProxy"
             )
-            if replaced:
-                out.append(
-                    f"mandate: container {c.get('name')}: the injection replaces its "
-                    f"{', '.join(replaced)}: every call goes through mandate's Envoy "
-                    f"(http://127.0.0.1:{config.proxy_port}), and NO_PROXY is the injector's "
-                    f"noProxy ({','.join(config.no_proxy)}); a corporate proxy belongs "
-                    "behind Envoy, hosts to reach directly in the injector's noProxy"
-                )
     return out
 
 
