@@ -22,7 +22,7 @@ import json
 import re
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -297,13 +297,7 @@ def test_a_first_time_tool_raises_the_score_and_is_named(tmp_path: Path, transpo
         # are mandate's answer's, never the agent's: its own x-mandate-call changes nothing.
         spoof = {"x-mandate-call": "t=read_inbox(folder:s)"}
         assert _tool(stack, "export_contacts", {"format": "csv"}, spoof).status == 200
-        deadline = time.monotonic() + 5
-        risk: dict[str, object] = {}
-        while time.monotonic() < deadline:
-            risk = _mail_risk(stack)
-            if float(risk.get("score", 0)) > 0:  # type: ignore[arg-type]
-                break
-            time.sleep(0.1)
+        risk = _risk_when(stack, lambda score: score > 0)
         assert 0.56 <= float(risk["score"]) < 0.8, risk  # type: ignore[arg-type]
         assert "new tools 0.56 (1 call: export_contacts(format:s))" in str(risk["explanation"])
         assert risk["contributions"]["new_tools"] == 0.56  # type: ignore[index]
@@ -364,6 +358,35 @@ def _wait_learned(stack: Stack) -> dict[str, object]:
     return _mail_risk(stack)
 
 
+def _risk_when(stack: Stack, ok: Callable[[float], bool]) -> dict[str, object]:
+    """mail-agent's published risk once its score satisfies ``ok`` (or the last seen after
+    5 s: the caller's assertion says what was wrong)."""
+    deadline = time.monotonic() + 5
+    risk: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        risk = _mail_risk(stack)
+        if ok(float(risk.get("score", 0))):  # type: ignore[arg-type]
+            break
+        time.sleep(0.1)
+    return risk
+
+
+def _audit_records(stack: Stack, match: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """The audit records in `tmp/audit` that ``match`` (waiting up to 10 s for one: the
+    trail is written off the Check path)."""
+    deadline = time.monotonic() + 10
+    records: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not records:
+        records = [
+            r
+            for f in sorted((stack.tmp / "audit").glob("audit-*.jsonl"))
+            for line in f.read_text().splitlines()
+            if match(r := json.loads(line))
+        ]
+        time.sleep(0.1)
+    return records
+
+
 def test_a_first_time_money_move_is_refused_before_it_reaches_the_upstream(
     tmp_path: Path, transport: str
 ) -> None:
@@ -387,26 +410,11 @@ def test_a_first_time_money_move_is_refused_before_it_reaches_the_upstream(
         assert len(stack.upstream.received) == arrived  # never reached the upstream
         # The refused call is still reported (access log) and scored: the agent's next calls
         # are refused on the published score, and the audit record names the code.
-        deadline = time.monotonic() + 5
-        risk: dict[str, object] = {}
-        while time.monotonic() < deadline:
-            risk = _mail_risk(stack)
-            if float(risk.get("score", 0)) >= 0.8:  # type: ignore[arg-type]
-                break
-            time.sleep(0.1)
+        risk = _risk_when(stack, lambda score: score >= 0.8)
         assert "send_money(amount:i,to:s)" in str(risk.get("explanation")), risk
         nxt = _tool(stack, "read_inbox", {"folder": "inbox"})
         assert nxt.status == 403 and nxt.json()["error"] == "risk"
-        deadline = time.monotonic() + 10
-        records: list[dict[str, Any]] = []
-        while time.monotonic() < deadline and not records:
-            records = [
-                r
-                for f in sorted((stack.tmp / "audit").glob("audit-*.jsonl"))
-                for line in f.read_text().splitlines()
-                if (r := json.loads(line)).get("decision_id") == body["decision"]
-            ]
-            time.sleep(0.1)
+        records = _audit_records(stack, lambda r: r.get("decision_id") == body["decision"])
         assert records and records[0]["code"] == "novel_call", records
         assert 0.8 <= records[0]["risk"] < 0.9 and records[0]["mcp_tools"] == ["send_money"]
     finally:
@@ -428,16 +436,7 @@ def test_monitor_lets_a_first_time_money_move_through_and_records_that_enforce_w
         decision = resp.headers.get("x-mandate-decision") or ""
         time.sleep(0.3)
         assert len(stack.upstream.received) == arrived + 1
-        deadline = time.monotonic() + 10
-        records: list[dict[str, Any]] = []
-        while time.monotonic() < deadline and not records:
-            records = [
-                r
-                for f in sorted((stack.tmp / "audit").glob("audit-*.jsonl"))
-                for line in f.read_text().splitlines()
-                if (r := json.loads(line)).get("mcp_tools") == ["send_money"]
-            ]
-            time.sleep(0.1)
+        records = _audit_records(stack, lambda r: r.get("mcp_tools") == ["send_money"])
         assert records and records[0]["decision"] == "allow", records
         would = records[0]["would_deny"]
         assert would["code"] == "novel_call", would
