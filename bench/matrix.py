@@ -478,30 +478,19 @@ def goals(
 def pod_memory(work: Path, idle_s: float = 2.0) -> dict[str, Any]:
     """mandate as the injector starts it in a pod (bench/memory_breakdown.py --pod), idle:
     its RSS and PSS, all processes."""
-    from bench.kube_scale import Server
     from bench.lib import PROFILES
     from bench.lib.stack import unlimited_profiles
-    from bench.memory_breakdown import pod_environment, start_pod_mandate
+    from bench.memory_breakdown import pod_mandate
 
     work.mkdir(parents=True, exist_ok=True)
-    profiles = unlimited_profiles(PROFILES, work)
-    server = Server()
-    try:
-        kubeconfig = Path(server.call("kubeconfig", str(work / "kubeconfig")))
-        env = pod_environment(work, profiles, kubeconfig)
-        mandate = start_pod_mandate(work, profiles, kubeconfig)
-        try:
-            time.sleep(idle_s)
-            return {
-                "transport": env["MANDATE_TRANSPORT"],
-                "workers": int(env["MANDATE_WORKERS"]),
-                "rss_mb": tree_rss_mb(mandate.proc.pid),
-                "pss_mb": tree_pss_mb(mandate.proc.pid),
-            }
-        finally:
-            mandate.stop()
-    finally:
-        server.stop()
+    with pod_mandate(work, unlimited_profiles(PROFILES, work)) as (mandate, env):
+        time.sleep(idle_s)
+        return {
+            "transport": env["MANDATE_TRANSPORT"],
+            "workers": int(env["MANDATE_WORKERS"]),
+            "rss_mb": tree_rss_mb(mandate.proc.pid),
+            "pss_mb": tree_pss_mb(mandate.proc.pid),
+        }
 
 
 # ---------------------------------------------------------------- report

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -248,13 +250,28 @@ def pod_environment(work: Path, profiles: Path, kubeconfig: Path) -> dict[str, s
     return env
 
 
-def start_pod_mandate(work: Path, profiles: Path, kubeconfig: Path) -> MandateProcess:
-    env = pod_environment(work, profiles, kubeconfig)
-    # start_mandate's own flags (loopback ports, --kubernetes off) come before these: the
-    # last of a flag wins, so the pod's listen address and Kubernetes mode stand.
-    extra = ["--listen", env["MANDATE_LISTEN"], "--kubernetes", env["MANDATE_KUBERNETES"]]
-    extra += ["--kubeconfig", str(kubeconfig)]
-    return start_mandate(profiles, work / "mandate", extra=extra, env=env, timeout=40)
+@contextlib.contextmanager
+def pod_mandate(work: Path, profiles: Path) -> Iterator[tuple[MandateProcess, dict[str, str]]]:
+    """mandate as the injector starts it in a pod (`pod_environment`), watching the API
+    server emulation (bench/kube_scale.py's, in a process of its own): the running process
+    and its environment; both stopped on the way out."""
+    from bench.kube_scale import Server
+
+    server = Server()
+    try:
+        kubeconfig = Path(server.call("kubeconfig", str(work / "kubeconfig")))
+        env = pod_environment(work, profiles, kubeconfig)
+        # start_mandate's own flags (loopback ports, --kubernetes off) come before these:
+        # the last of a flag wins, so the pod's listen address and Kubernetes mode stand.
+        extra = ["--listen", env["MANDATE_LISTEN"], "--kubernetes", env["MANDATE_KUBERNETES"]]
+        extra += ["--kubeconfig", str(kubeconfig)]
+        mandate = start_mandate(profiles, work / "mandate", extra=extra, env=env, timeout=40)
+        try:
+            yield mandate, env
+        finally:
+            mandate.stop()
+    finally:
+        server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,32 +289,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    server = None
-    with tempfile.TemporaryDirectory(prefix="mandate-mem-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="mandate-mem-") as tmp,
+        contextlib.ExitStack() as on_exit,  # mandate (and the emulation) stop first
+    ):
         work = Path(tmp)
         profiles = unlimited_profiles(PROFILES, work)
-        try:
-            if args.pod:
-                from bench.kube_scale import Server
-
-                server = Server()
-                kubeconfig = Path(server.call("kubeconfig", str(work / "kubeconfig")))
-                env = pod_environment(work, profiles, kubeconfig)
-                args.transport = env["MANDATE_TRANSPORT"]
-                args.workers = int(env["MANDATE_WORKERS"])
-                mandate = start_pod_mandate(work, profiles, kubeconfig)
-            else:
-                extra = ["--transport", args.transport, "--workers", str(args.workers)]
-                extra += ["--log-level", "WARNING"]
-                mandate = start_mandate(profiles, work / "mandate", extra=extra)
-            try:
-                time.sleep(args.idle)
-                procs = [mappings(pid) for pid in process_tree(mandate.proc.pid)]
-            finally:
-                mandate.stop()
-        finally:
-            if server is not None:
-                server.stop()
+        if args.pod:
+            mandate, env = on_exit.enter_context(pod_mandate(work, profiles))
+            args.transport = env["MANDATE_TRANSPORT"]
+            args.workers = int(env["MANDATE_WORKERS"])
+        else:
+            extra = ["--transport", args.transport, "--workers", str(args.workers)]
+            extra += ["--log-level", "WARNING"]
+            mandate = start_mandate(profiles, work / "mandate", extra=extra)
+            on_exit.callback(mandate.stop)
+        time.sleep(args.idle)
+        procs = [mappings(pid) for pid in process_tree(mandate.proc.pid)]
     result = {
         "pod": args.pod,
         "transport": args.transport,
