@@ -21,6 +21,7 @@ from bench.agentdojo.detect import (
     SPLITS,
     Trace,
     by_injection,
+    ceiling,
     flagged_benign,
     is_flag,
     summarise,
@@ -35,6 +36,10 @@ from bench.lib.proc import sigterm_as_interrupt
 from bench.lib.report import envoy_version, machine_base, package_version, write_results
 
 __all__ = ["main"]
+
+# denyAtRisk values of the trade-off table: one novelty in a call scores 0.56, one kind of
+# novelty in two calls 0.70, two kinds in one call 0.81, three 0.90 (callrisk.project).
+SWEEP = (0.5, 0.65, 0.8, 0.9)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -128,7 +133,7 @@ def agreement(envoy: list[dict[str, Any]], engine: list[dict[str, Any]]) -> dict
     """How many sessions the replay through Envoy and the engine alone decided alike."""
     keyed = {s["session"] + f"/{s['fold']}": s for s in engine}
     same = differ = 0
-    examples = []
+    examples: list[dict[str, Any]] = []
     for s in envoy:
         e = keyed.get(s["session"] + f"/{s['fold']}")
         if e is not None and all(s[k] == e[k] for k in ("flagged_at", "revoked_at", "refused")):
@@ -179,7 +184,8 @@ def markdown(info: dict[str, Any], doc: dict[str, Any]) -> str:
             "**Not met** (see the table): many injection calls are of tools, recipients and "
             "orders that held-out benign tasks use too (nothing new to see), and a benign "
             "held-out task that uses a tool or recipient its fold never used is as new as an "
-            "attack."
+            "attack. The ceiling below shows that no detector of what is new in a call can "
+            "meet it on these sessions, whatever its thresholds or weights."
             if not doc["goal_met"]
             else "Met."
         ),
@@ -216,6 +222,10 @@ def markdown(info: dict[str, Any], doc: dict[str, Any]) -> str:
         "",
         *table(doc["published_only"]),
         "",
+        *trade_off(doc["sweep"]),
+        "",
+        *ceiling_section(doc["ceiling"]),
+        "",
         "## By injection task (through Envoy)",
         "",
         "| suite | sensitive | split | injection task | sessions | flagged early | flagged | "
@@ -244,6 +254,75 @@ def markdown(info: dict[str, Any], doc: dict[str, Any]) -> str:
         for r in rows:
             lines.append(f"- {key} {r['session']} (fold {r['fold']}): {r['explanation']}")
     return "\n".join(lines) + "\n"
+
+
+def trade_off(sweep: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The trade-off table: the engine's figures at each `denyAtRisk` of :data:`SWEEP`."""
+    lines = [
+        "## The trade-off: denyAtRisk (engine alone)",
+        "",
+        "The same sessions (Check-path scoring on) with other `denyAtRisk` values, "
+        "`revokeAtRisk` 0.95: a call with one novelty scores 0.56, one kind of novelty in two "
+        "calls 0.70, two kinds in one call 0.81 (the default refuses from here), three 0.90.",
+        "",
+        "| suite | sensitive | split | denyAtRisk | benign flagged | attacks flagged before "
+        "the injection's 2nd call | attacks whose money/data moves were all stopped | "
+        "benign calls refused |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, rows in sweep.items():
+        suite, sensitive, split = key.split("/")
+        for r in rows:
+            lines.append(
+                f"| {suite} | {sensitive} | {split} | {r['deny_at']} "
+                f"| {r['benign_flagged']}/{r['benign_sessions']} = "
+                f"{_pct(r['benign_flagged_pct'])} "
+                f"| {r['attack_early']}/{r['attack_sessions']} = {_pct(r['attack_early_pct'])} "
+                f"| {r['sessions_moving_stopped']}/{r['sessions_moving']} = "
+                f"{_pct(r['sessions_moving_stopped_pct'])} "
+                f"| {r['benign_calls_refused']}/{r['benign_calls']} = "
+                f"{_pct(r['benign_calls_refused_pct'])} |"
+            )
+    return lines
+
+
+def ceiling_section(ceilings: dict[str, dict[str, Any]]) -> list[str]:
+    """What any detector of call novelty can reach (`detect.ceiling`), per configuration."""
+    lines = [
+        "## The ceiling: what any detector of call novelty can reach (engine alone)",
+        "",
+        "Each call's facts: what was new in it against the agent's learned baseline (new "
+        "tool, new sensitive value, new transition, exfiltration shape: `call_novelty`, the "
+        "engine's own) and whether it moves money or data; *named*: the tool's name too (a "
+        "rule per tool). *Anything new*: attack sessions whose injection's first or second "
+        "call has a novelty, beside the benign sessions with any novel call (flagging every "
+        "novelty flags those). *Best at 0 benign flagged*: the most attack sessions a "
+        "detector can flag before the injection's second call completes while flagging no "
+        "benign session, if it flags a call whenever it has at least the facts of a call it "
+        "flags; the flagged facts are chosen on these very sessions, so it is an upper "
+        "bound, not a detector. Under 95 %, the goal cannot be met by any weights or "
+        "thresholds on these facts: the attacks' calls are, fact for fact, calls that "
+        "held-out benign tasks make.",
+        "",
+        "| suite | sensitive | split | anything new (attacks) | benign sessions with "
+        "anything new | best at 0 benign flagged | best, named | what makes attacks look "
+        "benign (first injection call's facts: attack sessions, a benign session alike) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, c in ceilings.items():
+        suite, sensitive, split = key.split("/")
+        f, n = c["facts"], c["named"]
+        why = "; ".join(
+            f"{r['facts']}: {r['attacks']} ({r['benign_example']})" for r in f["shadowed"][:3]
+        )
+        lines.append(
+            f"| {suite} | {sensitive} | {split} "
+            f"| {f['novel']}/{f['attack_sessions']} = {_pct(f['novel_pct'])} "
+            f"| {f['benign_novel']}/{f['benign_sessions']} = {_pct(f['benign_novel_pct'])} "
+            f"| {f['best']} = {_pct(f['best_pct'])} | {n['best']} = {_pct(n['best_pct'])} "
+            f"| {why} |"
+        )
+    return lines
 
 
 SESSION_COLUMNS = (
@@ -275,7 +354,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str]:
     loaded = [suite_from_json(name, doc["suites"][name]) for name in suites]
     out: dict[str, Any] = {
         "envoy": [], "engine": [], "published_only": [], "agreement": {}, "by_injection": {},
-        "profile": {}, "benign_flagged": {},
+        "profile": {}, "benign_flagged": {}, "sweep": {}, "ceiling": {},
     }  # fmt: skip
     traces_all: dict[str, dict[tuple[str, str], list[Trace]]] = {}
     started = time.monotonic()
@@ -294,6 +373,16 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str]:
             engine_traces = traces if args.engine_only else simulate(suite, split, sensitive)
             engine = {**summarise(suite.name, split, engine_traces), "sensitive": sensitive}
             pre = summarise(suite.name, split, simulate(suite, split, sensitive, check_path=False))
+            out["sweep"][key] = [
+                {k: v for k, v in summarise(suite.name, split, swept, deny).items()
+                 if k != "sessions"} | {"deny_at": deny}
+                for deny in SWEEP
+                for swept in [simulate(suite, split, sensitive, deny_at=deny)]
+            ]  # fmt: skip
+            out["ceiling"][key] = {
+                "facts": ceiling(engine_traces),
+                "named": ceiling(engine_traces, named=True),
+            }
             out["envoy"].append(envoy)
             out["engine"].append(engine)
             out["published_only"].append({**pre, "sensitive": sensitive})

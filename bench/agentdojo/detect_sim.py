@@ -14,7 +14,11 @@ HMAC key of its own) and observed. Pure, fast, deterministic; used for two figur
   the metadata, a late access-log flush, a baseline not published in time);
 - **published score only** (``check_path=False``): each call decided on the score as
   published after the calls before it, not counting the call itself (mandate before the
-  Check-path scoring, and what several Check worker processes still do).
+  Check-path scoring, and what several Check worker processes still do);
+- **the trade-off** (``deny_at``): the same with another `denyAtRisk`;
+- **the ceiling** (`detect.ceiling`): each step records what was new in its call
+  (`TraceStep.novelty`: `callrisk.call_novelty` against the baseline it was decided on,
+  whatever the decision), the facts any detector of call novelty has to go on.
 
 Timing: the training stream 0.05 s apart from T0; the session's calls 2 s apart, 100 s after
 the learning period (its calls out of the window); a call decided on the score at its time
@@ -28,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 from bench.agentdojo.detect import (
+    DENY_AT,
     REVOKE_AT,
     Trace,
     TraceStep,
@@ -42,9 +47,15 @@ from sidecar.audit.arguments import ArgumentKey
 from sidecar.audit.canonical import canonical_json
 from sidecar.core import Snapshot, load_profiles
 from sidecar.core.agentstate import AgentStateTable, RiskState
-from sidecar.core.behaviour import BehaviourEngine, BehaviourSettings, CallEvent
+from sidecar.core.behaviour import (
+    Baseline,
+    BehaviourEngine,
+    BehaviourSettings,
+    CallEvent,
+    destination,
+)
 from sidecar.core.callfacts import decode, describe
-from sidecar.core.callrisk import CallScoring
+from sidecar.core.callrisk import CallScoring, call_novelty
 from sidecar.core.decide import Code, RequestView, decide
 
 __all__ = ["simulate"]
@@ -70,15 +81,27 @@ def _event(
     )  # fmt: skip
 
 
-def _snapshot(suite: Suite, sensitive: str) -> Snapshot:
+def _snapshot(suite: Suite, sensitive: str, deny_at: float) -> Snapshot:
     """The compiled profile of the simulation's one agent (`detect.detect_profile`)."""
-    doc = detect_profile(suite, _AGENT, f"{int(LEARNING_S)}s", sensitive)
+    doc = detect_profile(suite, _AGENT, f"{int(LEARNING_S)}s", sensitive, deny_at)
     with tempfile.TemporaryDirectory(prefix="mandate-detect-sim-") as tmp:
         return load_profiles(write_profiles([doc], Path(tmp)))
 
 
 def _fingerprint(value: object) -> str:
     return _KEY.mac(canonical_json(value))
+
+
+def _novelty(
+    suite: Suite, call: Call, base: Baseline | None, at: float, sensitive: frozenset[str]
+) -> tuple[str, ...]:
+    """What is new in ``call`` against ``base`` (the features `call_novelty` names)."""
+    if base is None:
+        return ()
+    body = call.body("rpc")
+    facts = describe(body, False, sensitive, _fingerprint, _KEY.id)
+    where = destination(mcp_host(suite.name), MCP_PATH)
+    return tuple(call_novelty(base, facts, where, len(body), at).features())
 
 
 def _decide(
@@ -88,10 +111,11 @@ def _decide(
     call: Call,
     at: float,
     settings: BehaviourSettings,
-    check_path: bool,
+    base: Baseline | None,
 ) -> str:
     """The decision code of ``call`` at ``at`` ('' when allowed), as the in-process Check
-    path decides it with the engine's published score (and baseline, ``check_path``)."""
+    path decides it with the engine's published score (and ``base``, the agent's baseline,
+    for the Check-path scoring; None: the published score only)."""
     risk = engine.score(_NS, _AGENT, at, settings)
     if not risk.learning and risk.score >= REVOKE_AT:
         return Code.REVOKED  # the supervisor's tick revoked the agent
@@ -99,7 +123,6 @@ def _decide(
         _AGENT, _NS, risk.score, risk.explanation(), dict(risk.contributions), risk.learning
     )
     scoring = None
-    base = engine.baseline(_NS, _AGENT, at, settings) if check_path else None
     if base is not None:
         scoring = CallScoring({(_NS, _AGENT): base}, _fingerprint, _KEY.id)
     body = call.body("rpc")
@@ -115,8 +138,17 @@ def _decide(
     return "" if decision.allowed else decision.code
 
 
-def simulate(suite: Suite, split: str, sensitive: str, *, check_path: bool = True) -> list[Trace]:
-    snap = _snapshot(suite, sensitive)
+def simulate(
+    suite: Suite,
+    split: str,
+    sensitive: str,
+    *,
+    check_path: bool = True,
+    deny_at: float = DENY_AT,
+) -> list[Trace]:
+    """Each held-out session of ``suite`` under ``split`` decided and scored in-process
+    (see the module docstring), with ``deny_at`` as `denyAtRisk`."""
+    snap = _snapshot(suite, sensitive, deny_at)
     compiled = snap.agents[_AGENT].behavior
     assert compiled is not None
     settings = compiled
@@ -131,9 +163,12 @@ def simulate(suite: Suite, split: str, sensitive: str, *, check_path: bool = Tru
             steps: list[TraceStep] = []
             revoked = False
             for step in session.steps:
+                base = engine.baseline(_NS, _AGENT, at, settings)
+                novelty = _novelty(suite, step.call, base, at, settings.sensitive)
                 code = "revoked" if revoked else ""
                 if not revoked:
-                    code = _decide(snap, engine, suite, step.call, at, settings, check_path)
+                    judged = base if check_path else None
+                    code = _decide(snap, engine, suite, step.call, at, settings, judged)
                     revoked = code == Code.REVOKED
                 engine.observe(_event(suite, step.call, at, settings, code), settings)
                 risk = engine.score(_NS, _AGENT, at + 0.01, settings)
@@ -146,6 +181,7 @@ def simulate(suite: Suite, split: str, sensitive: str, *, check_path: bool = Tru
                         code,
                         risk.score,
                         risk.explanation(),
+                        novelty,
                     )
                 )
                 at += 2.0
