@@ -80,6 +80,9 @@ def _duration(text: str) -> str:
     return text
 
 
+MAX_GRANT_SECONDS = 720 * 3600  # the longest elevation: the AgentElevation CRD's 720h
+
+
 def _host(text: str) -> str:
     parse_host_pattern(text)
     return text
@@ -240,10 +243,19 @@ class Purpose(_Model):
     )
 
 
+def _max_grant(text: str) -> str:
+    if parse_duration(text) > MAX_GRANT_SECONDS:
+        raise ValueError(
+            f"maxDuration {text!r}: an elevation lasts at most 720h (30 days; the "
+            "AgentElevation CRD's limit on spec.duration)"
+        )
+    return text
+
+
 class Elevation(_Model):
     description: str = ""
     approval: Literal["auto", "operator"]
-    max_duration: Duration
+    max_duration: Annotated[Duration, AfterValidator(_max_grant)]
     justification_required: bool = False
     allow: list[Rule] = Field(min_length=1)
 

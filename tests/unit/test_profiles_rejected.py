@@ -460,6 +460,12 @@ CASES = [
         "actorTokenFile and actorTokenType go together",
     ),
     bad(
+        "elevation-longer-than-the-crd-allows",
+        {"spec.elevations.refund.maxDuration": "721h"},
+        "spec.elevations.refund.maxDuration",
+        "an elevation lasts at most 720h",
+    ),
+    bad(
         "credential-txn-ttl-over-60s",
         {f"{CRED}.ledger-txn.transactionToken.ttl": "2m"},
         f"{CRED}.ledger-txn.transactionToken.ttl",
@@ -1029,6 +1035,16 @@ def test_base_profile_is_valid(tmp_path: Path) -> None:
     """The cases above each break one thing in a profile that loads."""
     _write(tmp_path / "profiles", {"a.yaml": VALID})
     assert list(load_profiles(tmp_path / "profiles").agents) == ["billing-agent"]
+
+
+def test_an_elevation_of_exactly_720h_loads(tmp_path: Path) -> None:
+    """The limit of `elevation-longer-than-the-crd-allows` is the CRD's own, inclusive."""
+    _write(
+        tmp_path / "profiles",
+        {"a.yaml": dump(edit(base(), {"spec.elevations.refund.maxDuration": "719h60m"}))},
+    )
+    snap = load_profiles(tmp_path / "profiles")
+    assert snap.agents["billing-agent"].elevations["refund"].max_seconds == 720 * 3600
 
 
 def test_directory_is_a_file(tmp_path: Path) -> None:
