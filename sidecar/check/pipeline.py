@@ -27,9 +27,11 @@ Nothing here raises into a transport. No protobuf, no aiohttp, no decision logic
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import TYPE_CHECKING, TypeVar
 
 from sidecar.audit import Trail
@@ -40,7 +42,7 @@ from sidecar.core import Code, Decision, RequestView, Snapshot, decide
 from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable
 from sidecar.core.behaviour import Baseline
 from sidecar.core.callfacts import NO_FACTS, Fingerprint, describe
-from sidecar.core.callrisk import NO_BASELINES, CallScoring
+from sidecar.core.callrisk import NO_BASELINES, CallScoring, Recent, remember
 from sidecar.core.decide import over_rate
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
@@ -99,6 +101,15 @@ class Audit:
         return decision
 
 
+# What the Check-path scoring holds of an agent without a baseline (it learns, or is no
+# longer analysed) is dropped this long after its last call.
+_FORGET_AFTER = 600.0
+
+
+def _latest(recent: Recent) -> float:
+    return max((recent.tool_at, *(at for _, at in recent.held.values())))
+
+
 class CheckPipeline:
     """One worker's Check pipeline. ``snapshot`` returns the current snapshot (None before
     load); ``revocations`` and ``agent_state`` the shared tables' current generations;
@@ -138,6 +149,12 @@ class CheckPipeline:
             self._fingerprint = lambda value: key.mac(canonical_json(value))
         self._behaviour = behaviour or (lambda: NO_BASELINES)
         self._scoring = CallScoring(NO_BASELINES)  # the last generation's, reused
+        # What the Check-path scoring counted of each agent's latest calls (`Decision.scored`,
+        # `callrisk.Recent`): its next call is judged with them before the access log has
+        # reported them. Written and read under the lock, so that calls of one agent decided
+        # at once (gRPC's thread pool) are judged one after the other.
+        self._recent: dict[tuple[str, str], Recent] = {}
+        self._scoring_lock = threading.Lock()
 
     def _scoring_now(self) -> CallScoring | None:
         """The agents' baselines for this Check (None: none to score against)."""
@@ -147,9 +164,37 @@ class CheckPipeline:
         scoring = self._scoring
         if scoring.baselines is not baselines:  # a new generation (a race only makes two)
             key = self._facts_key
-            scoring = CallScoring(baselines, self._fingerprint, "" if key is None else key.id)
+            stale = self._clock() - _FORGET_AFTER
+            for gone in [
+                k for k, r in self._recent.items() if k not in baselines and _latest(r) < stale
+            ]:
+                del self._recent[gone]  # an agent no longer analysed, or not for long
+            scoring = CallScoring(
+                baselines,
+                self._fingerprint,
+                "" if key is None else key.id,
+                MappingProxyType(self._recent),
+            )
             self._scoring = scoring
         return scoring
+
+    def _decide(
+        self,
+        snap: Snapshot,
+        view: RequestView,
+        now: float,
+        revocations: RevocationTable,
+    ) -> Decision:
+        """`decide`, with the Check-path scoring when an agent has a baseline: one call at a
+        time then, each remembering what it counted for the next (``_recent``)."""
+        with self._scoring_lock:
+            scoring = self._scoring_now()
+            if scoring is None:
+                return decide(snap, view, now, revocations, self._agent_state())
+            decision = decide(snap, view, now, revocations, self._agent_state(), scoring)
+            if decision.scored is not None:
+                self._recent[(view.namespace, decision.agent)] = decision.scored
+            return decision
 
     def check(
         self,
@@ -197,9 +242,7 @@ class CheckPipeline:
                 view = view_of(did)
                 headers = view.headers
                 now, revocations = self._clock(), self._revocations()
-                decision = decide(
-                    snap, view, now, revocations, self._agent_state(), self._scoring_now()
-                )
+                decision = self._decide(snap, view, now, revocations)
                 rate, limiter = decision.rate, self._limiter
                 if rate is not None and limiter is not None and not limiter.charge(rate):
                     decision = over_rate(decision)
@@ -222,7 +265,9 @@ class CheckPipeline:
         return decision, headers, injected, facts
 
     def _facts(self, snap: Snapshot, view: RequestView, decision: Decision) -> str:
-        """The call's facts for behaviour analysis, if its agent is analysed ('' if not)."""
+        """The call's facts for behaviour analysis, if its agent is analysed ('' if not).
+        The last tool of a call the Check-path scoring did not count (the agent learns, or
+        the rules refused it) is noted for the agent's next call, as the engine notes it."""
         agent = snap.agents.get(decision.agent)
         settings = agent.behavior if agent is not None else None
         if settings is None:
@@ -241,6 +286,13 @@ class CheckPipeline:
         except Exception:  # describing never changes a decision
             log.exception("describing the call for behaviour analysis failed")
             return ""
+        if facts.tools and decision.scored is None:
+            at, agent_key = self._clock(), (view.namespace, decision.agent)
+            with self._scoring_lock:
+                recent = self._recent.get(agent_key)
+                self._recent[agent_key] = remember(
+                    recent, at, settings.window_seconds, facts.tools[-1], {}, {}
+                )
         return "" if facts is NO_FACTS else facts.encode()
 
     def _credentials(

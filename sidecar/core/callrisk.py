@@ -34,6 +34,20 @@ and persistent novelty then reaches `revokeAtRisk` as before. Only the four call
 are projected: the rate, volume, method-mix and denied-share features of this call are
 counted after it, as before (they are shares and rates of the window, not facts of a call).
 
+What the Check path scored is held for the agent too (:class:`Recent`, kept by the Check
+pipeline, one per agent; :func:`remember`): the contribution each call feature reached with
+the call counted, and the call's last tool. The published score and baseline lag the calls
+by the access log's flush, the scoring tick and the call's own duration (its entry is
+written when it completes): without this, an agent that makes its calls in a burst, or in
+parallel, would have each judged as if it were its first since the last publication, and
+no two novelties would ever meet. The next call is judged on each feature's larger
+contribution, published or held (:func:`effective`: never both, so nothing is counted
+twice), and follows the held tool when that call is newer than the baseline's last; a call
+with nothing new is refused (`risk`) when the held contributions alone are at `denyAtRisk`.
+A held contribution lasts one window from the call that brought it there (as that call's
+does in the engine), so it may overstate a feature whose older calls left the window
+meanwhile, never understate one.
+
 This module must not import any transport, Kubernetes or telemetry library, and does no
 I/O and reads no clock.
 """
@@ -41,7 +55,7 @@ I/O and reads no clock.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from sidecar.core.behaviour import _EXFIL_FACTOR as EXFIL_FACTOR
@@ -53,12 +67,19 @@ from sidecar.core.behaviour import FEATURES, Baseline
 from sidecar.core.callfacts import CallFacts, Fingerprint
 
 __all__ = [
+    "NOTHING_HELD",
     "NO_BASELINES",
+    "NO_RECENT",
     "CallNovelty",
     "CallScoring",
+    "Recent",
     "call_novelty",
+    "effective",
     "explain",
+    "held",
+    "noisy_or",
     "project",
+    "remember",
 ]
 
 NO_BASELINES: Mapping[tuple[str, str], Baseline] = MappingProxyType({})
@@ -66,15 +87,32 @@ _CALL_FEATURES = ("new_tools", "new_values", "new_transitions", "exfiltration")
 
 
 @dataclass(frozen=True, slots=True)
+class Recent:
+    """What the Check path counted of one agent's latest calls (see the module docstring):
+    per call feature, the contribution it brought that feature to and when (``held``), and
+    the last tool called and when."""
+
+    held: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    tool: str = ""
+    tool_at: float = 0.0
+
+
+NOTHING_HELD = Recent()
+NO_RECENT: Mapping[tuple[str, str], Recent] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
 class CallScoring:
     """What `decide` needs to score a call on the Check path: the agents' baselines by
-    (namespace, agent) (one generation, read only) and how the call's sensitive values are
+    (namespace, agent) (one generation, read only), how the call's sensitive values are
     fingerprinted (the key the access log's facts use; None: no fingerprints, so no
-    ``new_values``)."""
+    ``new_values``) and what the Check path last scored per agent (``recent``, read only
+    here: its owner writes a decision's `Decision.scored` back)."""
 
     baselines: Mapping[tuple[str, str], Baseline]
     fingerprint: Fingerprint | None = None
     key_id: str = ""
+    recent: Mapping[tuple[str, str], Recent] = field(default_factory=lambda: NO_RECENT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,14 +145,27 @@ NOTHING_NEW = CallNovelty()
 
 
 def call_novelty(
-    base: Baseline, facts: CallFacts, destination: str, request_bytes: int, now: float
+    base: Baseline,
+    facts: CallFacts,
+    destination: str,
+    request_bytes: int,
+    now: float,
+    recent: Recent | None = None,
 ) -> CallNovelty:
     """What of the call (its ``facts``, its ``destination`` as `behaviour.destination` makes
-    it, its request body's size) is new against ``base`` at ``now``."""
+    it, its request body's size) is new against ``base`` at ``now``; it follows ``recent``'s
+    tool when that call is newer than the baseline's last (and within the window)."""
     tools: list[str] = []
     steps: list[str] = []
     known = base.tools
     prev = base.previous(now)
+    if (
+        recent is not None
+        and recent.tool
+        and recent.tool_at >= base.last_at
+        and abs(now - recent.tool_at) <= base.window_seconds
+    ):
+        prev = recent.tool
     for i, tool in enumerate(facts.tools):
         if tool not in known:
             shape = facts.shapes[i] if i < len(facts.shapes) else ""
@@ -143,6 +194,56 @@ def call_novelty(
     return CallNovelty(tuple(tools), tuple(values), transitions, exfiltration)
 
 
+def effective(
+    published: Mapping[str, float], recent: Recent | None, now: float, window: float
+) -> Mapping[str, float]:
+    """Each feature's contribution a call at ``now`` is judged on: the larger of the
+    ``published`` one and the one ``recent`` holds, while the call that brought it there is
+    within the ``window``. ``published`` itself when nothing held counts."""
+    if recent is None or not recent.held:
+        return published
+    out: dict[str, float] | None = None
+    for name, (c, at) in recent.held.items():
+        if abs(now - at) <= window and c > published.get(name, 0.0):
+            if out is None:
+                out = dict(published)
+            out[name] = c
+    return published if out is None else out
+
+
+def remember(
+    recent: Recent | None,
+    now: float,
+    window: float,
+    tool: str,
+    judged: Mapping[str, float],
+    added: Mapping[str, float],
+) -> Recent:
+    """``recent`` with a call at ``now`` counted: its ``added`` contributions on top of
+    those it was ``judged`` on, and its last ``tool`` ('' none: the previous one stays);
+    what left the ``window`` is dropped (:data:`NOTHING_HELD` when nothing is left)."""
+    held = {}
+    if recent is not None:
+        held = {n: v for n, v in recent.held.items() if abs(now - v[1]) <= window}
+    for name, a in added.items():
+        held[name] = (round(judged.get(name, 0.0) + a, 4), now)
+    last, last_at = (tool, now) if tool else ("", 0.0)
+    if not tool and recent is not None and abs(now - recent.tool_at) <= window:
+        last, last_at = recent.tool, recent.tool_at
+    if not held and not last:
+        return NOTHING_HELD
+    return Recent(MappingProxyType(held), last, last_at)
+
+
+def noisy_or(contributions: Mapping[str, float]) -> float:
+    """The score of ``contributions`` (feature -> contribution), as the engine combines
+    them."""
+    keep = 1.0
+    for name in FEATURES:
+        keep *= 1.0 - contributions.get(name, 0.0)
+    return round(1.0 - keep, 4)
+
+
 def project(novelty: CallNovelty, published: Mapping[str, float]) -> tuple[float, dict[str, float]]:
     """The score with the call counted: ``published`` (feature -> contribution, as the
     supervisor last published the window's) with one call's step added to each feature
@@ -159,6 +260,15 @@ def project(novelty: CallNovelty, published: Mapping[str, float]) -> tuple[float
             c = new
         keep *= 1.0 - c
     return round(1.0 - keep, 4), added
+
+
+def held(contributions: Mapping[str, float]) -> str:
+    """The nonzero ``contributions``, named ("new tools 0.56, new values 0.56")."""
+    return ", ".join(
+        f"{name.replace('_', ' ')} {contributions[name]:.2f}"
+        for name in FEATURES
+        if contributions.get(name, 0.0) > 0
+    )
 
 
 def explain(novelty: CallNovelty, added: Mapping[str, float]) -> str:

@@ -16,7 +16,8 @@
                   above the profile's threshold (`enforce` mode), or when what is new in
                   the call itself (a tool, a sensitive value, a transition, an
                   exfiltration shape) brings the score to it (`core.callrisk`; with the
-                  agents' baselines, ``scoring``)
+                  agents' baselines, ``scoring``, and what it counted of the agent's
+                  latest calls, not yet published: `Decision.scored`, kept by the caller)
   9. credentials - an allowed call names the credentials of its host (the pipeline adds
                   them); a CONNECT tunnel to such a host is refused
 Nothing matched → deny "outside purpose P" (default deny). Each phase is a function of its
@@ -42,7 +43,17 @@ from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable, Grant, R
 from sidecar.core.arguments import check, query_arguments
 from sidecar.core.behaviour import destination
 from sidecar.core.callfacts import NO_FACTS, CallFacts, describe
-from sidecar.core.callrisk import CallScoring, call_novelty, explain, project
+from sidecar.core.callrisk import (
+    CallScoring,
+    Recent,
+    call_novelty,
+    effective,
+    explain,
+    held,
+    noisy_or,
+    project,
+    remember,
+)
 from sidecar.core.hosts import parse_authority
 from sidecar.core.mcp import JsonRefusal, McpBody, parse_json_body, parse_mcp_body
 from sidecar.core.paths import canonical_path, display_path
@@ -176,6 +187,10 @@ class Decision:
     # call for ("risk" or "novel_call", then ": " and the reason); "" otherwise. Audited
     # (`would_deny`) and counted, so that an operator sees what enforcing would stop.
     would: str = ""
+    # What the Check-path scoring counted of this call for its agent (None: not scored):
+    # the caller keeps it (`CallScoring.recent`) so that the agent's next call is judged
+    # with it before the access log has reported this one.
+    scored: Recent | None = field(default=None, compare=False, repr=False)
 
 
 class _Body:
@@ -343,7 +358,7 @@ class _Call:
         "grant", "host",
         "method", "name",
         "ns", "owner", "path", "port", "purpose", "rate", "refusal", "risk", "risk_state",
-        "rule", "source", "task", "trace", "why", "would",
+        "rule", "scored", "source", "task", "trace", "why", "would",
     )  # fmt: skip
 
     def __init__(self, view: RequestView) -> None:
@@ -365,6 +380,7 @@ class _Call:
         self.constraint = ""
         self.facts: CallFacts | None = None
         self.would = ""  # monitor mode: what enforce would have refused the call for
+        self.scored: Recent | None = None
 
     def end(self, allowed: bool, code: str, reason: str) -> Decision:
         purpose = self.purpose.name if self.purpose is not None else ""
@@ -378,7 +394,7 @@ class _Call:
             self.rule, self.source, self.method, self.host, self.port, self.path, tools,
             self.trace, self.grant, self.risk, self.rate, self.credentials,
             constraint=self.constraint, arguments=arguments, facts=self.facts,
-            would=self.would if allowed else "",
+            would=self.would if allowed else "", scored=self.scored,
         )  # fmt: skip
 
 
@@ -605,11 +621,13 @@ def _novel_call(
     call: _Call, view: RequestView, scoring: CallScoring, now: float
 ) -> tuple[str, str] | None:
     """(code, reason) refusing a call whose own novelty brings the agent's score to
-    `denyAtRisk` (`core.callrisk`), or None. Not scored while the agent learns (no
-    baseline, or a published score still learning)."""
+    `denyAtRisk` (`core.callrisk`), or a call of an agent whose calls just scored are there
+    already, not yet published; or None. Not scored while the agent learns (no baseline,
+    or a published score still learning). What was counted is kept in ``call.scored``."""
     assert call.agent is not None and call.agent.behavior is not None
     settings, risk = call.agent.behavior, call.risk_state
-    base = scoring.baselines.get((call.ns, call.name))
+    key = (call.ns, call.name)
+    base = scoring.baselines.get(key)
     if base is None or (risk is not None and risk.learning):
         return None
     facts = NO_FACTS
@@ -619,20 +637,46 @@ def _novel_call(
             scoring.key_id,
         )  # fmt: skip
         call.facts = facts
+    recent = scoring.recent.get(key)
+    window = base.window_seconds
+    published = risk.contributions if risk is not None else {}
+    judged = effective(published, recent, now, window)
     size = _request_bytes(view)
-    novelty = call_novelty(base, facts, destination(call.host, view.path), size, now)
+    novelty = call_novelty(base, facts, destination(call.host, view.path), size, now, recent)
+    tool = facts.tools[-1] if facts.tools else ""
     if not novelty:
-        return None
-    score, added = project(novelty, risk.contributions if risk is not None else {})
+        if tool or recent is not None:
+            call.scored = remember(recent, now, window, tool, judged, {})
+        if judged is published:
+            return None
+        score = noisy_or(judged)
+        if score < settings.deny_at:
+            return None
+        call.risk = score
+        why = (
+            f"behaviour risk {score:.2f} >= {settings.deny_at:.2f} with the calls just made "
+            f"(not yet published): {held(_unpublished(judged, published))}"
+        )
+        return Code.RISK, why
+    score, added = project(novelty, judged)
+    call.scored = remember(recent, now, window, tool, judged, added)
     if score < settings.deny_at:
         return None
     before = risk.explanation if risk is not None and risk.explanation else "risk 0.00"
+    if judged is not published:
+        unpublished = held(_unpublished(judged, published))
+        before += f"; with the calls just made (not yet published): {unpublished}"
     why = (
         f"novel call: behaviour risk {score:.2f} with this call >= {settings.deny_at:.2f}: "
         f"{explain(novelty, added)}; before it: {before}"
     )
     call.risk = score
     return Code.NOVEL_CALL, why
+
+
+def _unpublished(judged: Mapping[str, float], published: Mapping[str, float]) -> dict[str, float]:
+    """The contributions ``judged`` holds above the ``published`` ones."""
+    return {n: c for n, c in judged.items() if c > published.get(n, 0.0)}
 
 
 def _request_bytes(view: RequestView) -> int:

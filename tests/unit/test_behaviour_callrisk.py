@@ -30,7 +30,17 @@ from sidecar.core.behaviour import (
     destination,
 )
 from sidecar.core.callfacts import CallFacts, decode, describe
-from sidecar.core.callrisk import CallNovelty, CallScoring, call_novelty, explain, project
+from sidecar.core.callrisk import (
+    NOTHING_HELD,
+    CallNovelty,
+    CallScoring,
+    Recent,
+    call_novelty,
+    effective,
+    explain,
+    project,
+    remember,
+)
 from sidecar.core.decide import decide
 from sidecar.core.mcp import tool_call_body
 
@@ -367,8 +377,89 @@ def test_the_pipeline_scores_against_the_baselines_it_is_given(tmp_path: Path) -
     decision, _, _, text = pipeline.decide(lambda did: view(*NEW_TOOL))
     assert decision.code == Code.NOVEL_CALL
     assert decode(text) == facts(*NEW_TOOL)  # the refused call is still reported
-    ok, _, _, text = pipeline.decide(lambda did: view("read_inbox", {"folder": "inbox"}))
-    assert ok.allowed and decode(text).tools == ("read_inbox",)
+    # The next call, before the access log has reported the refused one (the published
+    # score is still 0): refused for what the Check path counted, as the published score
+    # will refuse it once it has
+    held, _, _, text = pipeline.decide(lambda did: view("read_inbox", {"folder": "inbox"}))
+    assert (held.code, held.risk) == (Code.RISK, pytest.approx(0.8064))
+    assert "with the calls just made (not yet published): new tools 0.56, new values 0.56" in (
+        held.reason
+    )
+    assert decode(text).tools == ("read_inbox",)
+
+
+def test_a_burst_is_judged_as_if_it_were_spaced(tmp_path: Path) -> None:
+    """An agent that makes its calls faster than the access log reports them (or in
+    parallel) is judged on what its earlier calls brought: the published score lags."""
+    snap, engine = snapshot(tmp_path, "enforce"), learned()
+    baselines = {(NS, AGENT): baseline(engine)}
+    now = [AFTER]
+    pipeline = CheckPipeline(
+        lambda: snap, Identity(), lambda: now[0], agent_state=table, facts_key=KEY,
+        behaviour=lambda: baselines,
+    )  # fmt: skip
+    # A new tool to a known recipient (0.56): allowed. Then a known tool to a new
+    # recipient, 10 ms later, nothing published yet: 0.56 alone, 0.81 with the first
+    first, _, _, _ = pipeline.decide(lambda did: view("send_money", {"to": KNOWN[0]}))
+    assert first.allowed, first.reason
+    now[0] += 0.01
+    second, _, _, _ = pipeline.decide(
+        lambda did: view("send_email", {"to": ["mallory@evil.test"], "body": "x"})
+    )
+    assert second.code == Code.NOVEL_CALL, second.reason
+    assert "new values +0.56 (to)" in second.reason
+    assert "not yet published): new tools 0.56" in second.reason
+    # The same two calls a window apart: the first one's novelty has left it
+    fresh = CheckPipeline(
+        lambda: snap, Identity(), lambda: now[0], agent_state=table, facts_key=KEY,
+        behaviour=lambda: baselines,
+    )  # fmt: skip
+    now[0] = AFTER
+    assert fresh.decide(lambda did: view("send_money", {"to": KNOWN[0]}))[0].allowed
+    now[0] += S.window_seconds + 1
+    late, _, _, _ = fresh.decide(
+        lambda did: view("send_email", {"to": ["mallory@evil.test"], "body": "x"})
+    )
+    assert late.allowed, late.reason
+
+
+def test_the_check_path_follows_the_tool_it_decided_last() -> None:
+    """A transition is judged from the agent's last decided call, not the last the access
+    log reported: search_contacts decided after the reported send_email makes the next
+    send_email a learned order, and the reported one alone a new one."""
+    engine = learned()
+    engine.observe(event(AFTER - 1, "send_email", {"to": [KNOWN[0]], "body": "x"}), S)
+    base = baseline(engine)
+    assert (base.last_tool, base.last_at) == ("send_email", AFTER - 1)  # as reported
+    recent = remember(None, AFTER, 60.0, "search_contacts", {}, {})
+    # search_contacts -> send_email was learned; send_email -> send_email was not
+    f = facts("send_email", {"to": [KNOWN[0]], "body": "x"})
+    assert call_novelty(base, f, DEST, 100, AFTER + 0.01, recent) == CallNovelty()
+    assert call_novelty(base, f, DEST, 100, AFTER + 0.01).transitions == (
+        "send_email -> send_email",
+    )
+    # a held tool older than the baseline's last call (the log has reported newer ones)
+    old = Recent({}, "search_contacts", base.last_at - 1)
+    assert call_novelty(base, f, DEST, 100, AFTER + 0.01, old).transitions
+
+
+def test_held_contributions_count_once_and_leave_with_the_window() -> None:
+    published = {"new_tools": 0.56}
+    # the Check path counted a new value 0.5 s ago, the log has not reported it yet
+    r = remember(None, AFTER, 60.0, "send_email", {"new_tools": 0.56}, {"new_values": 0.56})
+    assert r.held == {"new_values": (0.56, AFTER)} and r.tool == "send_email"
+    assert effective(published, r, AFTER + 0.5, 60.0) == {"new_tools": 0.56, "new_values": 0.56}
+    # once published, the larger of the two counts, never their sum
+    reported = {"new_tools": 0.56, "new_values": 0.56}
+    assert effective(reported, r, AFTER + 0.5, 60.0) == reported
+    assert effective(published, r, AFTER + 61, 60.0) is published  # out of the window
+    # a call without novelty keeps what is held (and its time), with its own tool
+    r2 = remember(r, AFTER + 30, 60.0, "read_inbox", published, {})
+    assert r2.held == r.held and (r2.tool, r2.tool_at) == ("read_inbox", AFTER + 30)
+    # a second novelty of the same feature: from the contribution it was judged on
+    r3 = remember(r2, AFTER + 31, 60.0, "", {"new_values": 0.56}, {"new_values": 0.14})
+    assert r3.held["new_values"] == (0.7, AFTER + 31) and r3.tool == "read_inbox"
+    assert remember(r3, AFTER + 200, 60.0, "", {}, {}) is NOTHING_HELD
 
 
 # -- the service publishes the baselines of agents in enforce mode ----------------------------
@@ -467,3 +558,28 @@ def test_denies_only_audit_still_records_what_enforce_would_have_refused(tmp_pat
     audit = Audit(Writer(), "p", NS, allows=False)  # type: ignore[arg-type]
     assert audit.record(would) is would and audit.record(plain) is plain
     assert written == [would]
+
+
+def test_the_pipeline_notes_the_tools_of_calls_it_did_not_score(tmp_path: Path) -> None:
+    """A call decided while the agent has no baseline yet (it learns), or refused by the
+    rules, is not scored, but the engine will follow its tool: so does the Check path."""
+    snap, engine = snapshot(tmp_path, "enforce"), learned()
+    engine.observe(event(AFTER - 1, "send_email", {"to": [KNOWN[0]], "body": "x"}), S)
+    baselines: dict[tuple[str, str], Baseline] = {}
+    pipeline = CheckPipeline(
+        lambda: snap, Identity(), lambda: AFTER, agent_state=table, facts_key=KEY,
+        behaviour=lambda: baselines,
+    )  # fmt: skip
+    quiet, _, _, _ = pipeline.decide(lambda did: view("search_contacts", {"query": "x"}))
+    assert quiet.allowed and quiet.scored is None
+    refused, _, _, _ = pipeline.decide(lambda did: view("delete_all", {}))
+    assert refused.code == Code.OUTSIDE_PURPOSE
+    baselines[(NS, AGENT)] = baseline(engine)  # as reported: send_email at AFTER - 1
+    # delete_all -> send_email: delete_all is no learned tool, so no transition is judged
+    # (as the engine judges it); the reported send_email -> send_email would have been one
+    ok, _, _, _ = pipeline.decide(lambda did: view("send_email", {"to": [KNOWN[0]], "body": "x"}))
+    assert ok.allowed and ok.scored is not None and ok.scored.held == {}, ok.reason
+    assert ok.scored.tool == "send_email"
+    # send_email (the call just scored) -> search_contacts: an order never learned
+    again, _, _, _ = pipeline.decide(lambda did: view("search_contacts", {"query": "x"}))
+    assert again.scored is not None and "new_transitions" in again.scored.held
