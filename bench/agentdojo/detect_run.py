@@ -129,14 +129,19 @@ def novelty_profile(suite: Suite, traces: list[Trace]) -> dict[str, dict[str, in
     return out
 
 
-def agreement(envoy: list[dict[str, Any]], engine: list[dict[str, Any]]) -> dict[str, Any]:
-    """How many sessions the replay through Envoy and the engine alone decided alike."""
+def agreement(
+    envoy: list[dict[str, Any]],
+    engine: list[dict[str, Any]],
+    keys: tuple[str, ...] = ("flagged_at", "revoked_at", "refused"),
+) -> dict[str, Any]:
+    """How many sessions the replay through Envoy and the engine alone (or two runs of the
+    engine) decided alike: the same ``keys`` of their figures."""
     keyed = {s["session"] + f"/{s['fold']}": s for s in engine}
     same = differ = 0
     examples: list[dict[str, Any]] = []
     for s in envoy:
         e = keyed.get(s["session"] + f"/{s['fold']}")
-        if e is not None and all(s[k] == e[k] for k in ("flagged_at", "revoked_at", "refused")):
+        if e is not None and all(s[k] == e[k] for k in keys):
             same += 1
         else:
             differ += 1
@@ -210,6 +215,18 @@ def markdown(info: dict[str, Any], doc: dict[str, Any]) -> str:
     ]
     for key, a in doc["agreement"].items():
         lines.append(f"- {key}: {a['same']} sessions alike, {a['differ']} different")
+    lines += [
+        "",
+        "**A burst** (engine alone): the same sessions with their calls 0.05 s apart, each "
+        "decided on the score and baseline published before the session began, as a fast "
+        "or parallel agent's calls are (the access log reports a call when it completes, "
+        "then the scoring tick publishes it); the Check path counts what it decided itself "
+        "(`callrisk.Recent`). Sessions whose calls were refused as when spaced: "
+        + "; ".join(
+            f"{key} {a['same']}/{a['same'] + a['differ']}" for key, a in doc["burst"].items()
+        )
+        + ".",
+    ]
     lines += [
         "",
         "## Before the Check-path scoring: the published score only (engine alone)",
@@ -354,7 +371,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str]:
     loaded = [suite_from_json(name, doc["suites"][name]) for name in suites]
     out: dict[str, Any] = {
         "envoy": [], "engine": [], "published_only": [], "agreement": {}, "by_injection": {},
-        "profile": {}, "benign_flagged": {}, "sweep": {}, "ceiling": {},
+        "profile": {}, "benign_flagged": {}, "sweep": {}, "ceiling": {}, "burst": {},
     }  # fmt: skip
     traces_all: dict[str, dict[tuple[str, str], list[Trace]]] = {}
     started = time.monotonic()
@@ -379,6 +396,8 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str]:
                 for deny in SWEEP
                 for swept in [simulate(suite, split, sensitive, deny_at=deny)]
             ]  # fmt: skip
+            burst = summarise(suite.name, split, simulate(suite, split, sensitive, burst=True))
+            out["burst"][key] = agreement(engine["sessions"], burst["sessions"], ("refused",))
             out["ceiling"][key] = {
                 "facts": ceiling(engine_traces),
                 "named": ceiling(engine_traces, named=True),

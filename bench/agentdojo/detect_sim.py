@@ -52,10 +52,11 @@ from sidecar.core.behaviour import (
     BehaviourEngine,
     BehaviourSettings,
     CallEvent,
+    Risk,
     destination,
 )
 from sidecar.core.callfacts import decode, describe
-from sidecar.core.callrisk import CallScoring, call_novelty
+from sidecar.core.callrisk import CallScoring, Recent, call_novelty, remember
 from sidecar.core.decide import Code, RequestView, decide
 
 __all__ = ["simulate"]
@@ -106,17 +107,18 @@ def _novelty(
 
 def _decide(
     snap: Snapshot,
-    engine: BehaviourEngine,
+    risk: Risk,
     suite: Suite,
     call: Call,
     at: float,
-    settings: BehaviourSettings,
     base: Baseline | None,
+    recent: dict[tuple[str, str], Recent],
+    window: float,
 ) -> str:
     """The decision code of ``call`` at ``at`` ('' when allowed), as the in-process Check
-    path decides it with the engine's published score (and ``base``, the agent's baseline,
-    for the Check-path scoring; None: the published score only)."""
-    risk = engine.score(_NS, _AGENT, at, settings)
+    path decides it with the published ``risk`` (and ``base``, the agent's baseline, for
+    the Check-path scoring, with what it counted of the agent's latest calls, ``recent``,
+    kept as the Check pipeline keeps it; None: the published score only)."""
     if not risk.learning and risk.score >= REVOKE_AT:
         return Code.REVOKED  # the supervisor's tick revoked the agent
     state = RiskState(
@@ -124,7 +126,7 @@ def _decide(
     )
     scoring = None
     if base is not None:
-        scoring = CallScoring({(_NS, _AGENT): base}, _fingerprint, _KEY.id)
+        scoring = CallScoring({(_NS, _AGENT): base}, _fingerprint, _KEY.id, recent)
     body = call.body("rpc")
     view = RequestView(
         decision_id="0" * 32, method="POST", authority=mcp_host(suite.name), path=MCP_PATH,
@@ -135,6 +137,11 @@ def _decide(
                       scoring=scoring)  # fmt: skip
     if decision.code not in (Code.ALLOWED, Code.RISK, Code.NOVEL_CALL):
         raise RuntimeError(f"unexpected decision {decision.code}: {decision.reason}")
+    key = (_NS, _AGENT)
+    if decision.scored is not None:
+        recent[key] = decision.scored
+    else:  # as the pipeline notes the tool of a call it did not score
+        recent[key] = remember(recent.get(key), at, window, call.tool, {}, {})
     return "" if decision.allowed else decision.code
 
 
@@ -145,9 +152,12 @@ def simulate(
     *,
     check_path: bool = True,
     deny_at: float = DENY_AT,
+    burst: bool = False,
 ) -> list[Trace]:
     """Each held-out session of ``suite`` under ``split`` decided and scored in-process
-    (see the module docstring), with ``deny_at`` as `denyAtRisk`."""
+    (see the module docstring), with ``deny_at`` as `denyAtRisk`; ``burst``: the session's
+    calls 0.05 s apart, each decided on the score and baseline published before the
+    session began (nothing published during it: a fast or parallel agent's calls)."""
     snap = _snapshot(suite, sensitive, deny_at)
     compiled = snap.agents[_AGENT].behavior
     assert compiled is not None
@@ -162,13 +172,23 @@ def simulate(
             at = T0 + LEARNING_S + 100.0
             steps: list[TraceStep] = []
             revoked = False
+            recent: dict[tuple[str, str], Recent] = {}
+            before = (
+                engine.score(_NS, _AGENT, at, settings),
+                engine.baseline(_NS, _AGENT, at, settings),
+            )
             for step in session.steps:
-                base = engine.baseline(_NS, _AGENT, at, settings)
+                risk, base = before
+                if not burst:
+                    risk = engine.score(_NS, _AGENT, at, settings)
+                    base = engine.baseline(_NS, _AGENT, at, settings)
                 novelty = _novelty(suite, step.call, base, at, settings.sensitive)
                 code = "revoked" if revoked else ""
                 if not revoked:
                     judged = base if check_path else None
-                    code = _decide(snap, engine, suite, step.call, at, settings, judged)
+                    code = _decide(
+                        snap, risk, suite, step.call, at, judged, recent, settings.window_seconds
+                    )
                     revoked = code == Code.REVOKED
                 engine.observe(_event(suite, step.call, at, settings, code), settings)
                 risk = engine.score(_NS, _AGENT, at + 0.01, settings)
@@ -184,6 +204,6 @@ def simulate(
                         novelty,
                     )
                 )
-                at += 2.0
+                at += 0.05 if burst else 2.0
             traces.append(Trace(session, fold.index, tuple(steps)))
     return traces

@@ -217,3 +217,18 @@ def test_the_ceiling_counts_what_no_detector_can_tell_from_a_benign_call() -> No
     wider = Trace(benign.session, 0, (*benign.steps, st("user", "export", "new_tools")))
     assert ceiling([wider, alike, apart, second, quiet])["best"] == 0
     assert ceiling([wider, alike, apart, second, quiet], named=True)["best"] == 1
+
+
+def test_a_burst_is_decided_as_the_spaced_session() -> None:
+    """Nothing published during the session (a fast or parallel agent): the Check path's
+    own count of the calls it decided refuses what the published score would have."""
+    spaced = simulate(SUITE, "loo", "principals")
+    burst = simulate(SUITE, "loo", "principals", burst=True)
+    attack = next(t for t in burst if t.attack)
+    # export (a new tool) held; send_email to a new recipient: 0.81 with it; then refused
+    # for what is held, before anything was published: search after send_email is a new
+    # order too (novel_call), the last send_email nothing new (risk)
+    assert [st.code for st in attack.steps] == ["", "", "novel_call", "novel_call", "risk"]
+    assert [[st.allowed for st in t.steps] for t in burst] == [
+        [st.allowed for st in t.steps] for t in spaced
+    ]
