@@ -484,9 +484,21 @@ def _purpose(
 
 
 # 4. the request itself: canonical host, port and path, and nothing that could make the
-# upstream act on another method or path than the one decided
+# upstream act on another method, path or port than the one decided
+_SCHEMES = frozenset(("http", "https"))  # the schemes Envoy's routes know, as it writes them
+
+
 def _request(call: _Call, view: RequestView) -> Decision | None:
     connect = call.method == CONNECT
+    if not connect and view.scheme not in _SCHEMES:
+        # Envoy routes a call to TLS for `https` (or an authority ending in :443) only and
+        # sends any other scheme in clear, to port 80 when the authority names none: a
+        # scheme mandate read otherwise (`wss`: 443) would decide, and credential, a call
+        # to another port than the one it reaches (review of 2026-12-05).
+        call.host = view.authority[:256]
+        call.path = view.path[:256]
+        why = f"scheme {view.scheme[:16]!r}: only 'http' and 'https' reach an upstream"
+        return call.end(False, Code.BAD_REQUEST, why)
     # A CONNECT target must name its port (RFC 9110 9.3.6): no scheme default applies.
     hp = parse_authority(view.authority, "" if connect else view.scheme)
     path = "" if connect else canonical_path(view.path)

@@ -19,7 +19,9 @@ __all__ = ["HostPattern", "overlaps", "parse_authority", "parse_host_pattern"]
 
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+# Only the schemes Envoy's routes know: any other (`wss`) is no call mandate can place on
+# the port Envoy will send it to (see `decide._request`).
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True, slots=True)

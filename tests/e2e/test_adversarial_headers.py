@@ -102,11 +102,16 @@ def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
 
 
 def h2_request(
-    port: int, method: str, authority: str, path: str, headers: dict[str, str] | None = None
+    port: int,
+    method: str,
+    authority: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+    scheme: str = "http",
 ) -> tuple[int, bytes]:
     """One HTTP/2 request (h2c, prior knowledge) to Envoy's listener: (status, body);
     status 0 if Envoy reset the stream or closed the connection without an answer."""
-    fields = [(":method", method), (":scheme", "http"), (":authority", authority),
+    fields = [(":method", method), (":scheme", scheme), (":authority", authority),
               (":path", path), *(headers or {}).items()]  # fmt: skip
     block = b"".join(_hpack_literal(k, v) for k, v in fields)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -245,6 +250,30 @@ def test_an_http2_method_not_in_upper_case_is_denied_alike_on_both_transports(
         "billing-agent", "reconcile", method,
     )  # fmt: skip
     assert (record["host"], record["path"]) == (LEDGER, ALLOWED_PATH)
+
+
+@pytest.mark.parametrize("scheme", ["wss", "WSS", "ws", "gopher"])
+def test_an_http2_scheme_envoy_would_send_elsewhere_than_decided_is_denied(
+    audited: Stack, scheme: str
+) -> None:
+    """Before: `:scheme: wss` with no port in the authority was decided (and given the
+    host's credential) as a call to port 443, while Envoy's routes, which send only
+    `https` to TLS, sent it in clear to port 80."""
+    stack = audited
+    trace, parent = _traceparent(0x45_0000 + int.from_bytes(scheme.encode(), "big"))
+    since = len(stack.upstream.received)
+    status, body = h2_request(
+        stack.port("billing-agent"), "GET", LEDGER, ALLOWED_PATH, {"traceparent": parent}, scheme
+    )
+    assert _arrived(stack, since) == []
+    deny = _deny_body(status, body)  # Envoy lower-cases it (`WSS` too) and asks mandate
+    assert deny["error"] == "bad_request", deny
+    assert deny["reason"] == f"scheme {scheme.lower()!r}: only 'http' and 'https' reach an upstream"
+    record = stack.audit_record(trace)
+    assert (record["decision"], record["code"]) == ("deny", "bad_request")
+    # The same call as `http` is allowed: the refusal is the scheme's doing.
+    status, body = h2_request(stack.port("billing-agent"), "GET", LEDGER, ALLOWED_PATH)
+    assert status == 200, body[:300]
 
 
 def test_an_http2_method_aiohttp_does_not_know_is_decided_like_any_other(audited: Stack) -> None:

@@ -281,7 +281,30 @@ CASES = [
         view(scheme="gopher"),
         Code.BAD_REQUEST,
         purpose_="reconcile",
-        reason="authority",
+        reason="scheme 'gopher': only 'http' and 'https' reach an upstream",
+    ),
+    # Envoy sends `wss` in clear, to port 80 without one in the authority: mandate must not
+    # decide (and add a credential to) a call to 443 that reaches 80
+    case(
+        "request-wss-scheme",
+        view(scheme="wss"),
+        Code.BAD_REQUEST,
+        purpose_="reconcile",
+        reason="scheme 'wss'",
+    ),
+    case(
+        "request-wss-scheme-with-port",
+        view(scheme="wss", authority=f"{LEDGER}:443"),
+        Code.BAD_REQUEST,
+        purpose_="reconcile",
+        reason="scheme 'wss'",
+    ),
+    case(
+        "request-scheme-not-as-envoy-writes-it",
+        view(scheme="HTTPS"),
+        Code.BAD_REQUEST,
+        purpose_="reconcile",
+        reason="scheme 'HTTPS'",
     ),
     # 5. rules: deny wins over allow, first matching rule named, default deny
     case(
