@@ -141,7 +141,7 @@ def _decide(
     if decision.scored is not None:
         recent[key] = decision.scored
     else:  # as the pipeline notes the tool of a call it did not score
-        recent[key] = remember(recent.get(key), at, window, call.tool, {}, {})
+        recent[key] = remember(recent.get(key), at, window, call.tool, {})
     return "" if decision.allowed else decision.code
 
 

@@ -18,7 +18,9 @@ give if encoding fails, and where the decision span's parents are. The pipeline:
    (`sidecar.core.callfacts`: its MCP tools, argument shapes and the fingerprints of its
    sensitive arguments, under ``facts_key``), which the answer carries to Envoy's access
    log in its dynamic metadata (`decide` already described it when it scored the call's
-   own novelty against the agents' baselines, ``behaviour``: then that description);
+   own novelty against the agents' baselines, ``behaviour``: then that description); in
+   mandate's own process, with the tool decided before it, and the agent's latest call
+   kept for its next (see :meth:`CheckPipeline._decide`);
 6. encodes the answer, falling back to the transport's deny;
 7. counts the decision and its latency, and records its span.
 Nothing here raises into a transport. No protobuf, no aiohttp, no decision logic.
@@ -40,9 +42,9 @@ from sidecar.audit.canonical import canonical_json
 from sidecar.check.request import Identity, new_decision_id
 from sidecar.core import Code, Decision, RequestView, Snapshot, decide
 from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable
-from sidecar.core.behaviour import Baseline
-from sidecar.core.callfacts import NO_FACTS, Fingerprint, describe
-from sidecar.core.callrisk import NO_BASELINES, CallScoring, Recent, remember
+from sidecar.core.behaviour import Baseline, destination
+from sidecar.core.callfacts import NO_FACTS, CallFacts, Fingerprint, describe
+from sidecar.core.callrisk import NO_BASELINES, CallScoring, Recent, counted, remember
 from sidecar.core.decide import over_rate
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
@@ -148,6 +150,9 @@ class CheckPipeline:
             key = facts_key
             self._fingerprint = lambda value: key.mac(canonical_json(value))
         self._behaviour = behaviour or (lambda: NO_BASELINES)
+        # Mandate's own process: this pipeline decides every call of the pod's agents (one
+        # Check process), so the order it decides them in is theirs
+        self._in_process = behaviour is not None
         self._scoring = CallScoring(NO_BASELINES)  # the last generation's, reused
         # What the Check-path scoring counted of each agent's latest calls (`Decision.scored`,
         # `callrisk.Recent`): its next call is judged with them before the access log has
@@ -184,17 +189,59 @@ class CheckPipeline:
         view: RequestView,
         now: float,
         revocations: RevocationTable,
-    ) -> Decision:
-        """`decide`, with the Check-path scoring when an agent has a baseline: one call at a
-        time then, each remembering what it counted for the next (``_recent``)."""
+    ) -> tuple[Decision, CallFacts]:
+        """`decide` (with the Check-path scoring when an agent has a baseline) and the
+        call's facts for behaviour analysis (:meth:`_describe`). One call at a time: in
+        mandate's own process each remembers for the agent's next what the scoring counted
+        and the tool it called (``_recent``), and its facts say which tool was decided
+        before it (`CallFacts.previous`), so that the engine and the Check path follow the
+        same order, the order the calls were decided in (also for parallel calls)."""
         with self._scoring_lock:
             scoring = self._scoring_now()
             if scoring is None:
-                return decide(snap, view, now, revocations, self._agent_state())
-            decision = decide(snap, view, now, revocations, self._agent_state(), scoring)
-            if decision.scored is not None:
-                self._recent[(view.namespace, decision.agent)] = decision.scored
-            return decision
+                decision = decide(snap, view, now, revocations, self._agent_state())
+            else:
+                decision = decide(snap, view, now, revocations, self._agent_state(), scoring)
+            facts = self._describe(snap, view, decision)
+            if self._in_process and facts.tools:
+                facts = self._follow(snap, view, decision, facts, scoring, now)
+            return decision, facts
+
+    def _follow(
+        self,
+        snap: Snapshot,
+        view: RequestView,
+        decision: Decision,
+        facts: CallFacts,
+        scoring: CallScoring | None,
+        now: float,
+    ) -> CallFacts:
+        """``facts`` with the tool decided before the call (lock held), and the call kept
+        as the agent's latest: what the scoring counted of it (`Decision.scored`); for a
+        call refused before the scoring (by the rules, or the published score), what the
+        engine will count of it (`callrisk.counted`); while the agent learns, its tool."""
+        key = (view.namespace, decision.agent)
+        agent = snap.agents.get(decision.agent)
+        window = agent.behavior.window_seconds if agent and agent.behavior else 60.0
+        base = scoring.baselines.get(key) if scoring is not None else None
+        old = self._recent.get(key)
+        epoch = base.epoch if base is not None else old.epoch if old is not None else 0
+        if old is not None and old.epoch != epoch:
+            old = None
+        before: str | None = None  # unknown: the engine follows the access log's order
+        if old is not None and old.tool:
+            before = old.tool if abs(now - old.tool_at) <= window else ""
+        latest = decision.scored
+        if latest is None and base is not None:  # refused before the scoring
+            risk = self._agent_state().risk(view.namespace, decision.agent)
+            published = risk.contributions if risk is not None else {}
+            where = destination(decision.host or view.authority, view.path)
+            size = len(view.body) if view.body else 0
+            latest = counted(base, old, published, facts, where, size, now)
+        elif latest is None:  # the agent learns
+            latest = remember(old, now, window, facts.tools[-1], {}, epoch)
+        self._recent[key] = latest
+        return replace(facts, previous=before)
 
     def check(
         self,
@@ -234,6 +281,7 @@ class CheckPipeline:
         injected = NOTHING
         view: RequestView | None = None
         snap: Snapshot | None = None
+        described = NO_FACTS
         try:
             snap = self._snapshot()
             if snap is None:
@@ -242,7 +290,7 @@ class CheckPipeline:
                 view = view_of(did)
                 headers = view.headers
                 now, revocations = self._clock(), self._revocations()
-                decision = self._decide(snap, view, now, revocations)
+                decision, described = self._decide(snap, view, now, revocations)
                 rate, limiter = decision.rate, self._limiter
                 if rate is not None and limiter is not None and not limiter.charge(rate):
                     decision = over_rate(decision)
@@ -259,24 +307,23 @@ class CheckPipeline:
             decision = self._audit.record(decision)
         if not decision.allowed:
             injected = NOTHING
-        facts = ""
-        if view is not None and snap is not None and view.body and decision.agent:
-            facts = self._facts(snap, view, decision)
+        facts = "" if described is NO_FACTS else described.encode()
         return decision, headers, injected, facts
 
-    def _facts(self, snap: Snapshot, view: RequestView, decision: Decision) -> str:
-        """The call's facts for behaviour analysis, if its agent is analysed ('' if not).
-        The last tool of a call the Check-path scoring did not count (the agent learns, or
-        the rules refused it) is noted for the agent's next call, as the engine notes it."""
+    def _describe(self, snap: Snapshot, view: RequestView, decision: Decision) -> CallFacts:
+        """The call's facts for behaviour analysis, if its agent is analysed (NO_FACTS if
+        not, or without a body)."""
+        if not view.body or not decision.agent:
+            return NO_FACTS
         agent = snap.agents.get(decision.agent)
         settings = agent.behavior if agent is not None else None
         if settings is None:
-            return ""
+            return NO_FACTS
         if decision.facts is not None:  # described by decide, to score it
-            return "" if decision.facts is NO_FACTS else decision.facts.encode()
+            return decision.facts
         key = self._facts_key
         try:
-            facts = describe(
+            return describe(
                 view.body,
                 view.body_truncated,
                 settings.sensitive,
@@ -285,15 +332,7 @@ class CheckPipeline:
             )
         except Exception:  # describing never changes a decision
             log.exception("describing the call for behaviour analysis failed")
-            return ""
-        if facts.tools and decision.scored is None:
-            at, agent_key = self._clock(), (view.namespace, decision.agent)
-            with self._scoring_lock:
-                recent = self._recent.get(agent_key)
-                self._recent[agent_key] = remember(
-                    recent, at, settings.window_seconds, facts.tools[-1], {}, {}
-                )
-        return "" if facts is NO_FACTS else facts.encode()
+            return NO_FACTS
 
     def _credentials(
         self,

@@ -41,7 +41,10 @@ tool is a fact, not a statistic, so they count from the first call after learnin
 - ``new_transitions``: calls of a tool right after another (within the window), both
   called while learning, but never one after the other ("read the inbox → send money"); a
   call with a new tool counts for that alone (its transitions are the new tool's), so no
-  call is new in all four ways;
+  call is new in all four ways. "After" is the order the calls were decided in when the
+  facts say which tool the Check path decided before the call (`CallFacts.previous`: one
+  Check process sees them all, also parallel ones), else the order the access log reports
+  them in;
 - ``exfiltration``: a large write (a request body of at least 16 KiB and 8x the learned
   mean) to a new destination (a host and path, a tool or a sensitive value never seen while
   learning) after the window's calls brought the agent data (1 KiB or more of responses).
@@ -250,6 +253,9 @@ class Baseline:
     window_seconds: float
     width: float  # seconds per bucket of the window
     reads: tuple[tuple[int, float], ...] = ()  # (bucket, response bytes) of the window
+    # The window's epoch: bumped when it is cleared (a behaviour revocation ended), which
+    # ends what the Check path holds of the agent's calls before (`callrisk.Recent`)
+    epoch: int = 0
 
     def previous(self, now: float) -> str:
         """The tool a call at ``now`` follows ('' if none within the window), as the engine
@@ -347,6 +353,7 @@ class _Agent:
     __slots__ = (
         "baseline",
         "destinations",
+        "epoch",
         "facts_started",
         "last_at",
         "last_tool",
@@ -392,6 +399,7 @@ class _Agent:
         # Bumped by every change the Check path's Baseline shows (its last one is cached)
         self.version = 0
         self.baseline: tuple[int, Baseline] | None = None
+        self.epoch = 0  # bumped when the window is cleared (what the Check path holds ends)
 
     def rewindow(self, window: float) -> None:
         """The window changed: the ring no longer fits (dropped), peaks are rescaled."""
@@ -543,7 +551,9 @@ class BehaviourEngine:
         was new in them: (a new tool, a new sensitive value, a new transition)."""
         facts, at = event.facts, event.at
         learning = at < started + settings.learning_seconds
-        prev = a.last_tool if abs(at - a.last_at) <= settings.window_seconds else ""
+        prev = facts.previous  # the tool the Check path decided before it, when it says
+        if prev is None:
+            prev = a.last_tool if abs(at - a.last_at) <= settings.window_seconds else ""
         if facts.tools:
             a.last_tool, a.last_at = facts.tools[-1], at
         if learning:
@@ -692,6 +702,7 @@ class BehaviourEngine:
         if a is not None:
             a.ring = [_Bucket() for _ in range(_RING)]
             a.version += 1
+            a.epoch += 1
 
     def baseline(
         self, namespace: str, agent: str, now: float, settings: BehaviourSettings
@@ -724,6 +735,7 @@ class BehaviourEngine:
             window_seconds=settings.window_seconds,
             width=a.width,
             reads=reads,
+            epoch=a.epoch,
         )
         a.baseline = (a.version, base)
         return base

@@ -32,7 +32,9 @@ that ``decode(f.encode()) == f``. The text is at most 2 KiB.
 
 Text: fields joined by ``;``: ``t=TOOL(SHAPE)|TOOL(SHAPE)`` (MCP `tools/call` messages, in
 order), ``j=SHAPE`` (another JSON object body), ``v=ARG:FP,ARG:FP`` and ``k=KEYID`` (the
-key's public id, with any fingerprint). SHAPE is ``name:T,name:T`` sorted by name, T one
+key's public id, with any fingerprint), ``p=TOOL`` (the tool the Check path decided before
+this call, '' none within the window; absent: not known, as with several Check processes:
+added by the Check pipeline, room is kept for it). SHAPE is ``name:T,name:T`` sorted by name, T one
 letter of :data:`TYPES`. Identifiers hold none of ``;|(),:=``, so no escaping is needed.
 This module must not import any transport, Kubernetes or telemetry library.
 """
@@ -76,6 +78,7 @@ _MAX_KEYS = 32
 _MAX_VALUES = 16
 _MAX_ITEMS = 8
 _MAX_TEXT = 2048
+_ROOM = 2 + 1 + 65  # ";p=" and a tool as `describe` names it: what `_fit` keeps free
 _FP = re.compile(r"[0-9a-f]{16}")
 
 # A value (or a name) -> its keyed fingerprint (16 hex digits); raises ValueError for a
@@ -92,6 +95,8 @@ class CallFacts:
     body_shape: str = ""  # a JSON object body's top-level keys (not MCP)
     values: tuple[tuple[str, str], ...] = ()  # (sensitive argument, fingerprint)
     key_id: str = ""  # the fingerprints' key (its public id)
+    # The tool the Check path decided before this call ('' none; None: not known)
+    previous: str | None = None
 
     def encode(self) -> str:
         """The text Envoy's dynamic metadata carries ('' for no facts)."""
@@ -104,6 +109,8 @@ class CallFacts:
         if self.values:
             parts.append("v=" + ",".join(f"{a}:{fp}" for a, fp in self.values))
             parts.append("k=" + self.key_id)
+        if self.previous is not None and parts:
+            parts.append("p=" + self.previous)
         return ";".join(parts)[:_MAX_TEXT]  # `describe`'s facts fit: never cut (`_fit`)
 
 
@@ -247,13 +254,13 @@ def describe(
 def _fit(facts: CallFacts) -> CallFacts:
     """``facts`` with their shapes shortened, longest first, until the text fits: shapes
     only explain; tools and values are what is judged and learned, and stay whole."""
-    if len(facts.encode()) < _MAX_TEXT:
+    if len(facts.encode()) < _MAX_TEXT - _ROOM:
         return facts
     shapes = list(facts.shapes)
     body = facts.body_shape
     for i in sorted(range(len(shapes)), key=lambda i: -len(shapes[i])):
         shapes[i] = _summary(shapes[i])
-        if len(replace(facts, shapes=tuple(shapes)).encode()) < _MAX_TEXT:
+        if len(replace(facts, shapes=tuple(shapes)).encode()) < _MAX_TEXT - _ROOM:
             return replace(facts, shapes=tuple(shapes))
     return replace(facts, shapes=tuple(shapes), body_shape=_summary(body) if body else "")
 
@@ -276,6 +283,7 @@ def decode(text: str) -> CallFacts:
     tools: list[str] = []
     shapes: list[str] = []
     body_shape = key_id = ""
+    previous: str | None = None
     values: list[tuple[str, str]] = []
     for part in text[:_MAX_TEXT].split(";"):
         kind, _, rest = part.partition("=")
@@ -294,4 +302,6 @@ def decode(text: str) -> CallFacts:
                     values.append((arg, fp))
         elif kind == "k":
             key_id = rest[:64]
-    return CallFacts(tuple(tools), tuple(shapes), body_shape, tuple(values), key_id)
+        elif kind == "p":
+            previous = rest[:65]
+    return CallFacts(tuple(tools), tuple(shapes), body_shape, tuple(values), key_id, previous)

@@ -74,10 +74,12 @@ __all__ = [
     "CallScoring",
     "Recent",
     "call_novelty",
+    "counted",
     "effective",
     "explain",
     "held",
     "noisy_or",
+    "previous",
     "project",
     "remember",
 ]
@@ -95,6 +97,7 @@ class Recent:
     held: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     tool: str = ""
     tool_at: float = 0.0
+    epoch: int = 0  # the agent's window epoch (`Baseline.epoch`) it was counted in
 
 
 NOTHING_HELD = Recent()
@@ -153,19 +156,12 @@ def call_novelty(
     recent: Recent | None = None,
 ) -> CallNovelty:
     """What of the call (its ``facts``, its ``destination`` as `behaviour.destination` makes
-    it, its request body's size) is new against ``base`` at ``now``; it follows ``recent``'s
-    tool when that call is newer than the baseline's last (and within the window)."""
+    it, its request body's size) is new against ``base`` at ``now``. It follows the tool
+    decided before it (:func:`previous`)."""
     tools: list[str] = []
     steps: list[str] = []
     known = base.tools
-    prev = base.previous(now)
-    if (
-        recent is not None
-        and recent.tool
-        and recent.tool_at >= base.last_at
-        and abs(now - recent.tool_at) <= base.window_seconds
-    ):
-        prev = recent.tool
+    prev = previous(base, recent, now)
     for i, tool in enumerate(facts.tools):
         if tool not in known:
             shape = facts.shapes[i] if i < len(facts.shapes) else ""
@@ -194,6 +190,16 @@ def call_novelty(
     return CallNovelty(tuple(tools), tuple(values), transitions, exfiltration)
 
 
+def previous(base: Baseline, recent: Recent | None, now: float) -> str:
+    """The tool a call at ``now`` follows: the last one the Check path decided (``recent``,
+    within the window; '' when it is older), as the facts tell the engine
+    (`CallFacts.previous`); without ``recent`` (nothing decided since mandate started),
+    the last one the access log reported (`Baseline.previous`)."""
+    if recent is None or not recent.tool:
+        return base.previous(now)
+    return recent.tool if abs(now - recent.tool_at) <= base.window_seconds else ""
+
+
 def effective(
     published: Mapping[str, float], recent: Recent | None, now: float, window: float
 ) -> Mapping[str, float]:
@@ -216,23 +222,48 @@ def remember(
     now: float,
     window: float,
     tool: str,
-    judged: Mapping[str, float],
-    added: Mapping[str, float],
+    reached: Mapping[str, float],
+    epoch: int = 0,
 ) -> Recent:
-    """``recent`` with a call at ``now`` counted: its ``added`` contributions on top of
-    those it was ``judged`` on, and its last ``tool`` ('' none: the previous one stays);
-    what left the ``window`` is dropped (:data:`NOTHING_HELD` when nothing is left)."""
-    held = {}
-    if recent is not None:
-        held = {n: v for n, v in recent.held.items() if abs(now - v[1]) <= window}
-    for name, a in added.items():
-        held[name] = (round(judged.get(name, 0.0) + a, 4), now)
+    """``recent`` with a call at ``now`` counted: each feature the call has at the
+    contribution it ``reached`` with it (held from ``now``: the call keeps it in the
+    engine's window that long, even when it added nothing, the feature at its weight), and
+    its last ``tool`` ('' none: the previous one stays); what left the ``window`` is
+    dropped, and all of a former ``epoch`` (:data:`NOTHING_HELD` when nothing is left)."""
+    held: dict[str, tuple[float, float]] = {}
     last, last_at = (tool, now) if tool else ("", 0.0)
-    if not tool and recent is not None and abs(now - recent.tool_at) <= window:
-        last, last_at = recent.tool, recent.tool_at
+    if recent is not None and recent.epoch == epoch:
+        held = {n: v for n, v in recent.held.items() if abs(now - v[1]) <= window}
+        if not tool and abs(now - recent.tool_at) <= window:
+            last, last_at = recent.tool, recent.tool_at
+    for name, c in reached.items():
+        held[name] = (c, now)
     if not held and not last:
         return NOTHING_HELD
-    return Recent(MappingProxyType(held), last, last_at)
+    return Recent(MappingProxyType(held), last, last_at, epoch)
+
+
+def counted(
+    base: Baseline,
+    recent: Recent | None,
+    published: Mapping[str, float],
+    facts: CallFacts,
+    destination: str,
+    request_bytes: int,
+    now: float,
+) -> Recent:
+    """``recent`` with a call the Check path did not judge counted as the engine will
+    count it (the rules refused it, or the published score did: its novelty still scores
+    once the access log reports it)."""
+    judged = effective(published, recent, now, base.window_seconds)
+    novelty = call_novelty(base, facts, destination, request_bytes, now, recent)
+    reached: dict[str, float] = {}
+    if novelty:
+        _, added = project(novelty, judged)
+        for name in novelty.features():
+            reached[name] = round(judged.get(name, 0.0) + added.get(name, 0.0), 4)
+    tool = facts.tools[-1] if facts.tools else ""
+    return remember(recent, now, base.window_seconds, tool, reached, base.epoch)
 
 
 def noisy_or(contributions: Mapping[str, float]) -> float:

@@ -650,6 +650,8 @@ def _novel_call(
         )  # fmt: skip
         call.facts = facts
     recent = scoring.recent.get(key)
+    if recent is not None and recent.epoch != base.epoch:
+        recent = None  # the agent's window was cleared since (a behaviour revocation ended)
     window = base.window_seconds
     published = risk.contributions if risk is not None else {}
     judged = effective(published, recent, now, window)
@@ -658,7 +660,7 @@ def _novel_call(
     tool = facts.tools[-1] if facts.tools else ""
     if not novelty:
         if tool or recent is not None:
-            call.scored = remember(recent, now, window, tool, judged, {})
+            call.scored = remember(recent, now, window, tool, {}, base.epoch)
         if judged is published:
             return None
         score = noisy_or(judged)
@@ -671,7 +673,8 @@ def _novel_call(
         )
         return Code.RISK, why
     score, added = project(novelty, judged)
-    call.scored = remember(recent, now, window, tool, judged, added)
+    reached = {n: round(judged.get(n, 0.0) + added.get(n, 0.0), 4) for n in novelty.features()}
+    call.scored = remember(recent, now, window, tool, reached, base.epoch)
     if score < settings.deny_at:
         return None
     before = risk.explanation if risk is not None and risk.explanation else "risk 0.00"

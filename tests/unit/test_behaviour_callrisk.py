@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from sidecar.core.callrisk import (
     call_novelty,
     effective,
     explain,
+    previous,
     project,
     remember,
 )
@@ -425,28 +427,31 @@ def test_a_burst_is_judged_as_if_it_were_spaced(tmp_path: Path) -> None:
 
 def test_the_check_path_follows_the_tool_it_decided_last() -> None:
     """A transition is judged from the agent's last decided call, not the last the access
-    log reported: search_contacts decided after the reported send_email makes the next
-    send_email a learned order, and the reported one alone a new one."""
+    log reported (the order the calls were decided in, which the facts tell the engine):
+    search_contacts decided after the reported send_email makes the next send_email a
+    learned order, and the reported one alone a new one."""
     engine = learned()
     engine.observe(event(AFTER - 1, "send_email", {"to": [KNOWN[0]], "body": "x"}), S)
     base = baseline(engine)
     assert (base.last_tool, base.last_at) == ("send_email", AFTER - 1)  # as reported
-    recent = remember(None, AFTER, 60.0, "search_contacts", {}, {})
+    recent = remember(None, AFTER, 60.0, "search_contacts", {})
     # search_contacts -> send_email was learned; send_email -> send_email was not
     f = facts("send_email", {"to": [KNOWN[0]], "body": "x"})
+    assert previous(base, recent, AFTER + 0.01) == "search_contacts"
     assert call_novelty(base, f, DEST, 100, AFTER + 0.01, recent) == CallNovelty()
     assert call_novelty(base, f, DEST, 100, AFTER + 0.01).transitions == (
         "send_email -> send_email",
     )
-    # a held tool older than the baseline's last call (the log has reported newer ones)
-    old = Recent({}, "search_contacts", base.last_at - 1)
-    assert call_novelty(base, f, DEST, 100, AFTER + 0.01, old).transitions
+    # decided more than a window ago: the call follows nothing (as the engine is told)
+    old = Recent({}, "search_contacts", AFTER - 61)
+    assert previous(base, old, AFTER) == ""
+    assert call_novelty(base, f, DEST, 100, AFTER, old) == CallNovelty()
 
 
 def test_held_contributions_count_once_and_leave_with_the_window() -> None:
     published = {"new_tools": 0.56}
     # the Check path counted a new value 0.5 s ago, the log has not reported it yet
-    r = remember(None, AFTER, 60.0, "send_email", {"new_tools": 0.56}, {"new_values": 0.56})
+    r = remember(None, AFTER, 60.0, "send_email", {"new_values": 0.56})
     assert r.held == {"new_values": (0.56, AFTER)} and r.tool == "send_email"
     assert effective(published, r, AFTER + 0.5, 60.0) == {"new_tools": 0.56, "new_values": 0.56}
     # once published, the larger of the two counts, never their sum
@@ -454,12 +459,16 @@ def test_held_contributions_count_once_and_leave_with_the_window() -> None:
     assert effective(reported, r, AFTER + 0.5, 60.0) == reported
     assert effective(published, r, AFTER + 61, 60.0) is published  # out of the window
     # a call without novelty keeps what is held (and its time), with its own tool
-    r2 = remember(r, AFTER + 30, 60.0, "read_inbox", published, {})
+    r2 = remember(r, AFTER + 30, 60.0, "read_inbox", {})
     assert r2.held == r.held and (r2.tool, r2.tool_at) == ("read_inbox", AFTER + 30)
-    # a second novelty of the same feature: from the contribution it was judged on
-    r3 = remember(r2, AFTER + 31, 60.0, "", {"new_values": 0.56}, {"new_values": 0.14})
+    # a call with the feature at its weight holds it from its own time: the engine counts
+    # that call for a window from it, though it added nothing
+    r3 = remember(r2, AFTER + 31, 60.0, "", {"new_values": 0.7})
     assert r3.held["new_values"] == (0.7, AFTER + 31) and r3.tool == "read_inbox"
-    assert remember(r3, AFTER + 200, 60.0, "", {}, {}) is NOTHING_HELD
+    assert effective({}, r3, AFTER + 90, 60.0) == {"new_values": 0.7}
+    assert remember(r3, AFTER + 200, 60.0, "", {}) is NOTHING_HELD
+    # a cleared window (a behaviour revocation ended) ends what was held before it
+    assert remember(r3, AFTER + 32, 60.0, "", {}, epoch=1) is NOTHING_HELD
 
 
 # -- the service publishes the baselines of agents in enforce mode ----------------------------
@@ -583,3 +592,97 @@ def test_the_pipeline_notes_the_tools_of_calls_it_did_not_score(tmp_path: Path) 
     # send_email (the call just scored) -> search_contacts: an order never learned
     again, _, _, _ = pipeline.decide(lambda did: view("search_contacts", {"query": "x"}))
     assert again.scored is not None and "new_transitions" in again.scored.held
+
+
+def _pipeline(
+    snap: Snapshot, baselines: dict[tuple[str, str], Baseline], now: list[float]
+) -> CheckPipeline:
+    return CheckPipeline(
+        lambda: snap, Identity(), lambda: now[0], agent_state=table, facts_key=KEY,
+        behaviour=lambda: baselines,
+    )  # fmt: skip
+
+
+def test_more_of_a_novelty_at_its_weight_keeps_it_held(tmp_path: Path) -> None:
+    """A call with a feature already at its weight adds nothing, but the engine counts it
+    for a window from its own time: held from then too, so that decoy calls do not make
+    the first ones' novelty expire early."""
+    snap, engine = snapshot(tmp_path, "enforce"), learned()
+    baselines, now = {(NS, AGENT): baseline(engine)}, [AFTER]
+    p = _pipeline(snap, baselines, now)
+    for at in (0.0, 1.0, 59.0):  # a new tool to a known recipient: 0.56, 0.70, 0.70
+        now[0] = AFTER + at
+        assert p.decide(lambda did: view("send_money", {"to": KNOWN[0]}))[0].allowed
+    now[0] = AFTER + 70  # the first two calls have left the window, the third has not
+    d, _, _, _ = p.decide(
+        lambda did: view("send_email", {"to": ["mallory@evil.test"], "body": "x"})
+    )
+    assert d.code == Code.NOVEL_CALL and d.risk == pytest.approx(0.868), d.reason
+
+
+def test_the_engine_follows_the_order_the_calls_were_decided_in(tmp_path: Path) -> None:
+    """Parallel calls complete (and are logged) in any order; the facts say which tool
+    was decided before each, and the engine follows that order, as the Check path does."""
+    snap, engine = snapshot(tmp_path, "enforce"), learned()
+    baselines, now = {(NS, AGENT): baseline(engine)}, [AFTER]
+    p = _pipeline(snap, baselines, now)
+    texts = []
+    for tool, args in (
+        ("read_inbox", {"folder": "inbox"}),
+        ("search_contacts", {"query": "team"}),
+        ("send_email", {"to": [KNOWN[0]], "body": "x"}),
+    ):
+        now[0] += 0.01
+        d, _, _, text = p.decide(lambda did, t=tool, a=args: view(t, a))  # type: ignore[misc]
+        assert d.allowed and d.scored is not None and not d.scored.held, d.reason
+        texts.append(text)
+    assert [decode(t).previous for t in texts] == [None, "read_inbox", "search_contacts"]
+    # logged in another order (send_email finished first): no order is new to the engine
+    for i in (0, 2, 1):
+        engine.observe(replace(event(now[0], "x", {}), facts=decode(texts[i])), S)
+    risk = engine.score(NS, AGENT, now[0] + 0.01, S)
+    assert risk.contributions.get("new_transitions", 0.0) == 0.0, risk.explanation()
+    # without the order, the engine would have judged search_contacts after send_email
+    plain = learned()
+    for i in (0, 2, 1):
+        f = replace(decode(texts[i]), previous=None)
+        plain.observe(replace(event(now[0], "x", {}), facts=f), S)
+    assert plain.score(NS, AGENT, now[0] + 0.01, S).contributions["new_transitions"] > 0
+
+
+def test_a_cleared_window_ends_what_the_check_path_held(tmp_path: Path) -> None:
+    """`mandate restore` of a behaviour revocation clears the agent's window in the engine
+    (a new epoch): what the Check path held of the calls before it is dropped too."""
+    snap, engine = snapshot(tmp_path, "enforce"), learned()
+    baselines, now = {(NS, AGENT): baseline(engine)}, [AFTER]
+    p = _pipeline(snap, baselines, now)
+    assert p.decide(lambda did: view(*NEW_TOOL))[0].code == Code.NOVEL_CALL
+    now[0] += 1
+    assert p.decide(lambda did: view("read_inbox", {"folder": "inbox"}))[0].code == Code.RISK
+    engine.clear_window(NS, AGENT)
+    baselines[(NS, AGENT)] = baseline(engine, now[0])
+    now[0] += 1
+    ok, _, _, _ = p.decide(lambda did: view("read_inbox", {"folder": "inbox"}))
+    assert ok.allowed, ok.reason
+
+
+def test_a_call_the_rules_refuse_counts_as_the_engine_will_count_it(tmp_path: Path) -> None:
+    """A refused call's facts still reach the engine (its new tool scores once logged):
+    the Check path holds them too, so that a burst cannot hide a novelty behind a refusal."""
+    snap, engine = snapshot(tmp_path, "enforce"), learned()
+    baselines, now = {(NS, AGENT): baseline(engine)}, [AFTER]
+    p = _pipeline(snap, baselines, now)
+    refused, _, _, text = p.decide(lambda did: view("delete_all", {}))
+    assert refused.code == Code.OUTSIDE_PURPOSE and refused.scored is None
+    assert decode(text).tools == ("delete_all",)
+    now[0] += 0.01
+    d, _, _, _ = p.decide(
+        lambda did: view("send_email", {"to": ["mallory@evil.test"], "body": "x"})
+    )
+    assert d.code == Code.NOVEL_CALL, d.reason
+    assert "not yet published): new tools 0.56" in d.reason
+    # as spaced: the engine counted the refused call, the published score says so
+    spaced = learned()
+    spaced.observe(replace(event(now[0] - 0.01, "x", {}), facts=decode(text)), S)
+    risk = spaced.score(NS, AGENT, now[0], S)
+    assert risk.contributions["new_tools"] == pytest.approx(0.56)

@@ -6,6 +6,7 @@ transports, and reading them back from an access log entry."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,11 @@ def test_facts_fit_their_text_whole_so_judge_and_learner_see_the_same() -> None:
     assert any(s.startswith("+") for s in f.shapes)  # some shapes summarized as +N
     big = facts(b'{"' + b'", "'.join(b"k%03d_" % i + b"x" * 60 for i in range(40)) + b'": 1}')
     assert decode(big.encode()) == big
+    # room is kept for the tool the Check pipeline says was decided before the call
+    before = replace(f, previous="#" + "f" * 16)
+    assert decode(before.encode()) == before and len(before.encode()) <= 2048
+    longest = replace(f, previous="t" * 64)
+    assert decode(longest.encode()) == longest
 
 
 # -- the text -----------------------------------------------------------------------------------
@@ -175,6 +181,9 @@ def test_the_text_round_trips() -> None:
     json_body = facts(b'{"iban": "DE00", "amount": 5}')
     assert decode(json_body.encode()) == json_body
     assert decode("") is NO_FACTS and NO_FACTS.encode() == ""
+    # the tool decided before: a name, none ('' within the window), or not known (None)
+    for prev in ("read_inbox", "", None):
+        assert decode(replace(f, previous=prev).encode()).previous == prev
 
 
 @pytest.mark.parametrize(
