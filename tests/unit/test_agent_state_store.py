@@ -587,3 +587,38 @@ def test_a_failed_write_after_expiry_keeps_the_expiry_and_is_retried(h: Harness)
     h.store.prune()
     assert h.store.health()["persistence"]["durable"] is True
     assert json.loads(h.state.read_text())["grants"] == []
+
+
+def test_an_agent_over_its_fair_share_cannot_push_another_out(
+    tmp_path: Path, profiles: Path
+) -> None:
+    """A full table withholds the agents with the largest share, so an agent could grow
+    until a larger one, doing its work, lost its grants and tasks (review F2: a denial of
+    service on another agent). An agent over its fair share (the capacity over the agents
+    in the table) may not: its change is refused; one within its share may."""
+    h = Harness(tmp_path, profiles)
+    small = SharedAgentState.create(tmp_path / "small", size=4096)
+    reader = SharedAgentState.attach(tmp_path / "small")
+    store = AgentStateStore(small, h.state, lambda: h.snapshot, clock=h.clock)
+    store.load_persisted()
+    big, little = ("team-a", "research-agent"), ("team-b", "research-agent")
+    for i in range(9):  # the larger agent at work: under half of the table
+        store.report_task(big[1], big[0], f"{i:04d}" + "r" * 120, "tool-use", None)
+    store.report_task(little[1], little[0], "lit-1", "tool-use", None)
+    refusal = ""
+    for i in range(64):  # another agent grows until it is refused
+        h.clock.t += 0.001
+        try:
+            store.report_task("billing-agent", NS, f"{i:04d}" + "t" * 120, "report", None)
+        except AgentStateError as exc:
+            assert exc.status == "RESOURCE_EXHAUSTED"
+            refusal = str(exc)
+            break
+        table = reader.read()
+        assert all(table.task(big[0], big[1], t.task, h.clock.t) for t in store.tasks(*big))
+    assert "over its fair share" in refusal and "research-agent" in refusal, refusal
+    assert store.health()["table"]["withheld"] == []
+    # an agent within its fair share still gets room: the largest (over its share) yields
+    store.report_task(little[1], little[0], "lit-2" + "x" * 120, "tool-use", None)
+    table = reader.read()
+    assert table.task(little[0], little[1], "lit-2" + "x" * 120, h.clock.t) is not None

@@ -6,15 +6,19 @@ rights), one at a time, until the rest fits. Risk scores are never withheld, so 
 denial keeps working for every agent, the withheld ones included. Only if the risk scores
 alone do not fit is the table published as overflowed: readers then see no grant, no task
 and the maximum risk for every agent (fail closed). The store refuses a change that would
-leave its own agent withheld, rather than store it unseen.
+leave its own agent withheld, rather than store it unseen, and the change of an agent over
+its fair share of a full table (the capacity over the agents in it:
+:meth:`Layout.over_fair_share`) that would withhold another agent: an agent cannot grow
+until a larger one, at work, loses its context. An agent within its share is never
+withheld (but for the table's own overhead).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.core.agentstate import AgentStateTable, Grant, RiskState, TaskBinding
@@ -35,6 +39,16 @@ class Layout:
     withheld: frozenset[tuple[str, str]]
     overflow: bool
     size: int  # bytes of the table's JSON
+    # When everything did not fit: each agent's grants and tasks, in bytes of the table
+    shares: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    capacity: int = 0  # the table's, in bytes
+
+    def over_fair_share(self, agent: tuple[str, str]) -> bool:
+        """Whether ``agent`` holds more of a table that is full than its fair share (the
+        capacity over the agents with grants or tasks in it)."""
+        if not self.shares:
+            return False
+        return self.shares.get(agent, 0) > self.capacity // len(self.shares)
 
 
 def _compact(doc: Any) -> str:
@@ -86,11 +100,12 @@ class TableWriter:
             )
             size = len(self._table.encode(table))
             if size <= capacity:
-                return Layout(table, frozenset(withheld), False, size)
+                return Layout(table, frozenset(withheld), False, size, share, capacity)
         # Every agent withheld, and said so in the table (a reader that could read it must
         # not take it for one where nobody is withheld).
         table = AgentStateTable.build(0, (), (), risks, share)
-        return Layout(table, frozenset(share), True, len(self._table.encode(table)))
+        size = len(self._table.encode(table))
+        return Layout(table, frozenset(share), True, size, share, capacity)
 
     def write(self, layout: Layout) -> int:
         """Publish ``layout`` to shared memory; return its generation."""

@@ -228,6 +228,20 @@ class AgentStateStore:
                 "not be visible to the workers, so it is not made",
                 "RESOURCE_EXHAUSTED",
             )
+        pushed = layout.withheld - self._shared.withheld
+        if by_agent and pushed and layout.over_fair_share(agent):
+            # An agent over its fair share of a full table may not push another agent's
+            # context out of it (that agent would fail closed: a denial of service)
+            self._restore(saved)
+            others = ", ".join(sorted(name for _, name in pushed))
+            raise AgentStateError(
+                f"the shared context table is full: agent {agent[1]!r} holds "
+                f"{layout.shares.get(agent, 0)} bytes of it, over its fair share "
+                f"({layout.capacity // len(layout.shares)} of {layout.capacity} among "
+                f"{len(layout.shares)} agents), and this change would withhold the grants and "
+                f"tasks of {others}: not made",
+                "RESOURCE_EXHAUSTED",
+            )
         if (
             by_agent
             and self._published.persistent
