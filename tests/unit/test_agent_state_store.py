@@ -451,6 +451,11 @@ def test_a_full_table_withholds_only_the_agent_that_fills_it(
     billing_risk = table.risk(NS, "billing-agent")  # risk scores are never withheld
     assert billing_risk is not None and billing_risk.score == 0.5
     assert store.health()["table"]["withheld"] == [f"{NS}/billing-agent"]
+    # Explain decides on the store's table: as the workers see it, without the withheld
+    explained = store.table()
+    assert explained.task(NS, "billing-agent", stored[0].task, h.clock.t) is None
+    assert (NS, "billing-agent") in explained.withheld
+    assert explained.task(NS, "research-agent", "lit-1", h.clock.t) is not None
     sample = metrics.REGISTRY.get_sample_value(
         "mandate_context_withheld", {"agent": "billing-agent"}
     )

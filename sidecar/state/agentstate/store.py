@@ -100,12 +100,20 @@ class AgentStateStore:
     # -- reading --------------------------------------------------------------------------
 
     def table(self) -> AgentStateTable:
+        """The agents' state as the workers see it: without the grants and tasks of the
+        agents the last publication withheld (`Explain` decides on it as a Check would)."""
         with self._lock:
+            withheld = self._shared.withheld
             return AgentStateTable.build(
                 self.generation,
-                self._elevations.all_grants(),
-                self._tasks.values(),
+                (
+                    g
+                    for g in self._elevations.all_grants()
+                    if (g.namespace, g.agent) not in withheld
+                ),
+                (t for t in self._tasks.values() if (t.namespace, t.agent) not in withheld),
                 self._risks.values(),
+                withheld,
             )
 
     def requests(
