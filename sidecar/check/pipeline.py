@@ -44,7 +44,15 @@ from sidecar.core import Code, Decision, RequestView, Snapshot, decide
 from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable
 from sidecar.core.behaviour import Baseline, destination
 from sidecar.core.callfacts import NO_FACTS, CallFacts, Fingerprint, describe
-from sidecar.core.callrisk import NO_BASELINES, CallScoring, Recent, counted, remember
+from sidecar.core.callrisk import (
+    NO_BASELINES,
+    CallScoring,
+    Recent,
+    counted,
+    current,
+    previous,
+    remember,
+)
 from sidecar.core.decide import over_rate
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
@@ -203,7 +211,7 @@ class CheckPipeline:
             else:
                 decision = decide(snap, view, now, revocations, self._agent_state(), scoring)
             facts = self._describe(snap, view, decision)
-            if self._in_process and facts.tools:
+            if self._in_process and decision.agent:
                 facts = self._follow(snap, view, decision, facts, scoring, now)
             return decision, facts
 
@@ -216,32 +224,41 @@ class CheckPipeline:
         scoring: CallScoring | None,
         now: float,
     ) -> CallFacts:
-        """``facts`` with the tool decided before the call (lock held), and the call kept
-        as the agent's latest: what the scoring counted of it (`Decision.scored`); for a
-        call refused before the scoring (by the rules, or the published score), what the
-        engine will count of it (`callrisk.counted`); while the agent learns, its tool."""
-        key = (view.namespace, decision.agent)
+        """``facts`` with the tool decided before the call (lock held), and the call of an
+        analysed agent kept as its latest: what the scoring counted of it
+        (`Decision.scored`); for a call refused before the scoring (by the rules, or the
+        published score), what the engine will count of it (`callrisk.counted`); while the
+        agent learns, its tool. The tool decided before is `callrisk.previous`, as `decide`
+        judged it (after a restart, the access log's last, which the engine is told too)."""
         agent = snap.agents.get(decision.agent)
-        window = agent.behavior.window_seconds if agent and agent.behavior else 60.0
+        if agent is None or agent.behavior is None:
+            return facts
+        key = (view.namespace, decision.agent)
+        window = agent.behavior.window_seconds
         base = scoring.baselines.get(key) if scoring is not None else None
         old = self._recent.get(key)
         epoch = base.epoch if base is not None else old.epoch if old is not None else 0
-        if old is not None and old.epoch != epoch:
-            old = None
-        before: str | None = None  # unknown: the engine follows the access log's order
-        if old is not None and old.tool:
+        old = current(old, epoch)
+        if base is not None:
+            before: str | None = previous(base, old, now)
+        elif old is not None and old.tool:  # the agent learns
             before = old.tool if abs(now - old.tool_at) <= window else ""
+        else:
+            before = None  # not known: the engine follows the access log's order
         latest = decision.scored
+        risk = self._agent_state().risk(view.namespace, decision.agent)
+        if risk is not None and risk.learning:
+            base = None  # as `decide` judges it: nothing is scored while the agent learns
         if latest is None and base is not None:  # refused before the scoring
-            risk = self._agent_state().risk(view.namespace, decision.agent)
             published = risk.contributions if risk is not None else {}
             where = destination(decision.host or view.authority, view.path)
             size = len(view.body) if view.body else 0
             latest = counted(base, old, published, facts, where, size, now)
-        elif latest is None:  # the agent learns
+        elif latest is None and facts.tools:  # the agent learns
             latest = remember(old, now, window, facts.tools[-1], {}, epoch)
-        self._recent[key] = latest
-        return replace(facts, previous=before)
+        if latest is not None:
+            self._recent[key] = latest
+        return replace(facts, previous=before) if facts.tools else facts
 
     def check(
         self,

@@ -75,6 +75,7 @@ __all__ = [
     "Recent",
     "call_novelty",
     "counted",
+    "current",
     "effective",
     "explain",
     "held",
@@ -229,10 +230,12 @@ def remember(
     contribution it ``reached`` with it (held from ``now``: the call keeps it in the
     engine's window that long, even when it added nothing, the feature at its weight), and
     its last ``tool`` ('' none: the previous one stays); what left the ``window`` is
-    dropped, and all of a former ``epoch`` (:data:`NOTHING_HELD` when nothing is left)."""
+    dropped, and what was held in a former ``epoch`` (not the last tool: the engine keeps
+    following it too) (:data:`NOTHING_HELD` when nothing is left)."""
+    recent = current(recent, epoch)
     held: dict[str, tuple[float, float]] = {}
     last, last_at = (tool, now) if tool else ("", 0.0)
-    if recent is not None and recent.epoch == epoch:
+    if recent is not None:
         held = {n: v for n, v in recent.held.items() if abs(now - v[1]) <= window}
         if not tool and abs(now - recent.tool_at) <= window:
             last, last_at = recent.tool, recent.tool_at
@@ -241,6 +244,15 @@ def remember(
     if not held and not last:
         return NOTHING_HELD
     return Recent(MappingProxyType(held), last, last_at, epoch)
+
+
+def current(recent: Recent | None, epoch: int) -> Recent | None:
+    """``recent`` as it stands in the agent's window ``epoch``: what it held in a former
+    one is dropped (the window was cleared: a behaviour revocation ended), its last tool
+    kept."""
+    if recent is None or recent.epoch == epoch:
+        return recent
+    return Recent(MappingProxyType({}), recent.tool, recent.tool_at, epoch)
 
 
 def counted(

@@ -47,6 +47,7 @@ from sidecar.core.callrisk import (
     CallScoring,
     Recent,
     call_novelty,
+    current,
     effective,
     explain,
     held,
@@ -649,9 +650,9 @@ def _novel_call(
             scoring.key_id,
         )  # fmt: skip
         call.facts = facts
-    recent = scoring.recent.get(key)
-    if recent is not None and recent.epoch != base.epoch:
-        recent = None  # the agent's window was cleared since (a behaviour revocation ended)
+    # what was held before the agent's window was cleared (a behaviour revocation ended) no
+    # longer counts
+    recent = current(scoring.recent.get(key), base.epoch)
     window = base.window_seconds
     published = risk.contributions if risk is not None else {}
     judged = effective(published, recent, now, window)

@@ -272,6 +272,9 @@ spec:
         - hosts: [mcp.internal]
           methods: [POST]
           mcpTools: [read_inbox, search_contacts, send_email, send_money]
+        - hosts: [api.mail.test]
+          methods: [POST]
+          paths: [/v1/send]
   behavior:
     mode: {mode}
     learningPeriod: 10m
@@ -378,7 +381,9 @@ def test_the_pipeline_scores_against_the_baselines_it_is_given(tmp_path: Path) -
     )  # fmt: skip
     decision, _, _, text = pipeline.decide(lambda did: view(*NEW_TOOL))
     assert decision.code == Code.NOVEL_CALL
-    assert decode(text) == facts(*NEW_TOOL)  # the refused call is still reported
+    # the refused call is still reported, with the tool decided before it (none within
+    # the window: the learning period's calls are out of it)
+    assert decode(text) == replace(facts(*NEW_TOOL), previous="")
     # The next call, before the access log has reported the refused one (the published
     # score is still 0): refused for what the Check path counted, as the published score
     # will refuse it once it has
@@ -467,8 +472,10 @@ def test_held_contributions_count_once_and_leave_with_the_window() -> None:
     assert r3.held["new_values"] == (0.7, AFTER + 31) and r3.tool == "read_inbox"
     assert effective({}, r3, AFTER + 90, 60.0) == {"new_values": 0.7}
     assert remember(r3, AFTER + 200, 60.0, "", {}) is NOTHING_HELD
-    # a cleared window (a behaviour revocation ended) ends what was held before it
-    assert remember(r3, AFTER + 32, 60.0, "", {}, epoch=1) is NOTHING_HELD
+    # a cleared window (a behaviour revocation ended) ends what was held before it; the
+    # last tool stays (the engine keeps following it)
+    cleared = remember(r3, AFTER + 32, 60.0, "", {}, epoch=1)
+    assert (dict(cleared.held), cleared.tool, cleared.epoch) == ({}, "read_inbox", 1)
 
 
 # -- the service publishes the baselines of agents in enforce mode ----------------------------
@@ -636,7 +643,9 @@ def test_the_engine_follows_the_order_the_calls_were_decided_in(tmp_path: Path) 
         d, _, _, text = p.decide(lambda did, t=tool, a=args: view(t, a))  # type: ignore[misc]
         assert d.allowed and d.scored is not None and not d.scored.held, d.reason
         texts.append(text)
-    assert [decode(t).previous for t in texts] == [None, "read_inbox", "search_contacts"]
+    # the first: what the access log reported last, as `decide` judged it (none within the
+    # window), and the engine is told so
+    assert [decode(t).previous for t in texts] == ["", "read_inbox", "search_contacts"]
     # logged in another order (send_email finished first): no order is new to the engine
     for i in (0, 2, 1):
         engine.observe(replace(event(now[0], "x", {}), facts=decode(texts[i])), S)
@@ -686,3 +695,44 @@ def test_a_call_the_rules_refuse_counts_as_the_engine_will_count_it(tmp_path: Pa
     spaced.observe(replace(event(now[0] - 0.01, "x", {}), facts=decode(text)), S)
     risk = spaced.score(NS, AGENT, now[0], S)
     assert risk.contributions["new_tools"] == pytest.approx(0.56)
+
+
+def rest(host: str, to: str) -> RequestView:
+    body = json.dumps({"to": to, "body": "x"}).encode()
+    return RequestView(
+        decision_id="d" * 32, method="POST", authority=host, path="/v1/send", body=body,
+        headers={"content-type": "application/json"}, context_extensions={"agent": AGENT},
+        namespace=NS,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("host", ["api.mail.test", "api.other.test"])
+def test_a_call_without_tools_is_held_too(tmp_path: Path, host: str) -> None:
+    """A JSON call to a REST API carries sensitive values too (and may be a large write):
+    what it brought is held whether it was allowed (api.mail.test) or refused by the rules
+    (api.other.test), so a new recipient over REST and a new tool over MCP still meet."""
+    snap, engine = snapshot(tmp_path, "enforce"), learned()
+    baselines, now = {(NS, AGENT): baseline(engine)}, [AFTER]
+    p = _pipeline(snap, baselines, now)
+    first, _, _, text = p.decide(lambda did: rest(host, "mallory@evil.test"))
+    assert first.allowed is (host == "api.mail.test"), first.reason
+    assert decode(text).previous is None  # no tool: nothing to follow
+    now[0] += 0.01
+    d, _, _, _ = p.decide(lambda did: view("send_money", {"to": KNOWN[0]}))
+    assert d.code == Code.NOVEL_CALL, d.reason
+    assert "not yet published): new values 0.56" in d.reason
+
+
+def test_after_a_restore_the_engine_is_told_the_order_decide_judged(tmp_path: Path) -> None:
+    """A cleared window ends what was held, not the last tool decided: the next call's
+    facts name it, so the engine judges its transition as the Check path did."""
+    snap, engine = snapshot(tmp_path, "enforce"), learned()
+    baselines, now = {(NS, AGENT): baseline(engine)}, [AFTER]
+    p = _pipeline(snap, baselines, now)
+    assert p.decide(lambda did: view("read_inbox", {"folder": "inbox"}))[0].allowed
+    engine.clear_window(NS, AGENT)
+    baselines[(NS, AGENT)] = baseline(engine, now[0])
+    now[0] += 0.01
+    d, _, _, text = p.decide(lambda did: view("search_contacts", {"query": "x"}))
+    assert d.allowed and decode(text).previous == "read_inbox", d.reason
+    assert d.scored is not None and d.scored.epoch == 1 and not d.scored.held
