@@ -33,7 +33,9 @@ Worker, on the Check path:
 
 Scoring the call's own novelty on the Check path (issue 21, `enforce`, one process): the
 same MCP call decided with the agent's baseline (learned from that call) vs without
-(the published score only), a known call and one with a new recipient, interleaved;
+(the published score only), a known call and one with a new recipient (on a pipeline of its
+own: what it holds would be judged with every known call after it), interleaved; with what
+the pipeline holds of the agent's latest calls (`callrisk.Recent`);
 `call_novelty` + `project` alone; and the supervisor's rebuild of one agent's baseline
 (once per tick for an agent with new events).
 
@@ -597,6 +599,11 @@ def check_path_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]
     scored = CheckPipeline(
         lambda: snapshot, Identity(), lambda: now, facts_key=key, behaviour=lambda: baselines
     )
+    # The call with a new recipient on a pipeline of its own: what it holds of that novelty
+    # (`callrisk.Recent`) would otherwise be judged with every known call after it
+    novel_pipeline = CheckPipeline(
+        lambda: snapshot, Identity(), lambda: now, facts_key=key, behaviour=lambda: baselines
+    )
 
     def view_of(payload: bytes) -> Callable[[str], RequestView]:
         view = RequestView(
@@ -608,15 +615,17 @@ def check_path_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]
 
     known, new = view_of(body), view_of(novel)
     d_known, _, _, t_known = scored.decide(known)
-    d_new, _, _, _ = scored.decide(new)
+    d_new, _, _, _ = novel_pipeline.decide(new)
     d_without, _, _, t_without = without.decide(known)
-    if not (d_known.allowed and d_new.allowed and d_without.allowed and t_known == t_without):
+    # the same facts, but for the tool decided before (`p=`: mandate's own process only)
+    same = replace(decode(t_known), previous=None) == decode(t_without)
+    if not (d_known.allowed and d_new.allowed and d_without.allowed and same):
         raise SystemExit(f"behaviour_cost: unexpected Check-path decisions {d_known} {d_new}")
     times = interleaved(
         {
             "off": lambda: without.decide(known),
             "on": lambda: scored.decide(known),
-            "new": lambda: scored.decide(new),
+            "new": lambda: novel_pipeline.decide(new),
         },
         max(1, number // 4),
         repeat * 4,
@@ -642,7 +651,8 @@ def check_path_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]
             "Check-path scoring: added per Check (known call)",
             [b - a for a, b in zip(times["off"], times["on"], strict=True)],
             "with minus without, run by run (interleaved): the call described once, in "
-            "decide, not after it; four set lookups",
+            "decide, not after it; four set lookups; one call at a time (a lock), what it "
+            "counted held for the next and the tool decided before it in its facts",
             where="worker",
         )
     )
@@ -650,7 +660,8 @@ def check_path_rows(number: int, repeat: int, work: Path) -> list[dict[str, Any]
         row(
             "Check-path scoring: added per Check (a new recipient)",
             [b - a for a, b in zip(times["off"], times["new"], strict=True)],
-            "one novelty (0.56, allowed): projected onto the window and explained",
+            "one novelty (0.56, allowed): projected onto the window, explained and held "
+            "(a pipeline of its own, so that the known call is judged on a calm window)",
             where="worker",
         )
     )

@@ -197,13 +197,13 @@ class CheckPipeline:
         view: RequestView,
         now: float,
         revocations: RevocationTable,
-    ) -> tuple[Decision, CallFacts]:
+    ) -> tuple[Decision, str]:
         """`decide` (with the Check-path scoring when an agent has a baseline) and the
-        call's facts for behaviour analysis (:meth:`_describe`). One call at a time: in
-        mandate's own process each remembers for the agent's next what the scoring counted
-        and the tool it called (``_recent``), and its facts say which tool was decided
-        before it (`CallFacts.previous`), so that the engine and the Check path follow the
-        same order, the order the calls were decided in (also for parallel calls)."""
+        text of the call's facts for behaviour analysis (:meth:`_describe`). One call at a
+        time: in mandate's own process each remembers for the agent's next what the scoring
+        counted and the tool it called (``_recent``), and its facts say which tool was
+        decided before it (`CallFacts.previous`), so that the engine and the Check path
+        follow the same order, the order the calls were decided in (parallel calls too)."""
         with self._scoring_lock:
             scoring = self._scoring_now()
             if scoring is None:
@@ -211,9 +211,13 @@ class CheckPipeline:
             else:
                 decision = decide(snap, view, now, revocations, self._agent_state(), scoring)
             facts = self._describe(snap, view, decision)
+            before = None
             if self._in_process and decision.agent:
-                facts = self._follow(snap, view, decision, facts, scoring, now)
-            return decision, facts
+                before = self._follow(snap, view, decision, facts, scoring, now)
+        if facts is NO_FACTS:
+            return decision, ""
+        text = facts.encode()  # with room kept for the tool decided before (`_fit`)
+        return decision, text if before is None else f"{text};p={before}"
 
     def _follow(
         self,
@@ -223,8 +227,9 @@ class CheckPipeline:
         facts: CallFacts,
         scoring: CallScoring | None,
         now: float,
-    ) -> CallFacts:
-        """``facts`` with the tool decided before the call (lock held), and the call of an
+    ) -> str | None:
+        """The tool decided before the call (lock held; None: not known, or the call has
+        none), and the call of an
         analysed agent kept as its latest: what the scoring counted of it
         (`Decision.scored`); for a call refused before the scoring (by the rules, or the
         published score), what the engine will count of it (`callrisk.counted`); while the
@@ -232,7 +237,7 @@ class CheckPipeline:
         judged it (after a restart, the access log's last, which the engine is told too)."""
         agent = snap.agents.get(decision.agent)
         if agent is None or agent.behavior is None:
-            return facts
+            return None
         key = (view.namespace, decision.agent)
         window = agent.behavior.window_seconds
         base = scoring.baselines.get(key) if scoring is not None else None
@@ -246,19 +251,20 @@ class CheckPipeline:
         else:
             before = None  # not known: the engine follows the access log's order
         latest = decision.scored
-        risk = self._agent_state().risk(view.namespace, decision.agent)
-        if risk is not None and risk.learning:
-            base = None  # as `decide` judges it: nothing is scored while the agent learns
-        if latest is None and base is not None:  # refused before the scoring
-            published = risk.contributions if risk is not None else {}
-            where = destination(decision.host or view.authority, view.path)
-            size = len(view.body) if view.body else 0
-            latest = counted(base, old, published, facts, where, size, now)
-        elif latest is None and facts.tools:  # the agent learns
-            latest = remember(old, now, window, facts.tools[-1], {}, epoch)
+        if latest is None:
+            risk = self._agent_state().risk(view.namespace, decision.agent)
+            if risk is not None and risk.learning:
+                base = None  # as `decide` judges it: nothing is scored while the agent learns
+            if base is not None:  # refused before the scoring
+                published = risk.contributions if risk is not None else {}
+                where = destination(decision.host or view.authority, view.path)
+                size = len(view.body) if view.body else 0
+                latest = counted(base, old, published, facts, where, size, now)
+            elif facts.tools:  # the agent learns
+                latest = remember(old, now, window, facts.tools[-1], {}, epoch)
         if latest is not None:
             self._recent[key] = latest
-        return replace(facts, previous=before) if facts.tools else facts
+        return before if facts.tools else None
 
     def check(
         self,
@@ -298,7 +304,7 @@ class CheckPipeline:
         injected = NOTHING
         view: RequestView | None = None
         snap: Snapshot | None = None
-        described = NO_FACTS
+        facts = ""
         try:
             snap = self._snapshot()
             if snap is None:
@@ -307,7 +313,7 @@ class CheckPipeline:
                 view = view_of(did)
                 headers = view.headers
                 now, revocations = self._clock(), self._revocations()
-                decision, described = self._decide(snap, view, now, revocations)
+                decision, facts = self._decide(snap, view, now, revocations)
                 rate, limiter = decision.rate, self._limiter
                 if rate is not None and limiter is not None and not limiter.charge(rate):
                     decision = over_rate(decision)
@@ -324,7 +330,6 @@ class CheckPipeline:
             decision = self._audit.record(decision)
         if not decision.allowed:
             injected = NOTHING
-        facts = "" if described is NO_FACTS else described.encode()
         return decision, headers, injected, facts
 
     def _describe(self, snap: Snapshot, view: RequestView, decision: Decision) -> CallFacts:

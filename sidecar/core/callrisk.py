@@ -57,6 +57,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
 from sidecar.core.behaviour import _EXFIL_FACTOR as EXFIL_FACTOR
 from sidecar.core.behaviour import _EXFIL_MIN as EXFIL_MIN
@@ -89,13 +90,15 @@ NO_BASELINES: Mapping[tuple[str, str], Baseline] = MappingProxyType({})
 _CALL_FEATURES = ("new_tools", "new_values", "new_transitions", "exfiltration")
 
 
-@dataclass(frozen=True, slots=True)
-class Recent:
+_NONE_HELD: Mapping[str, tuple[float, float]] = MappingProxyType({})
+
+
+class Recent(NamedTuple):
     """What the Check path counted of one agent's latest calls (see the module docstring):
     per call feature, the contribution it brought that feature to and when (``held``), and
-    the last tool called and when."""
+    the last tool called and when. (A named tuple: one is made per Check.)"""
 
-    held: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    held: Mapping[str, tuple[float, float]] = _NONE_HELD
     tool: str = ""
     tool_at: float = 0.0
     epoch: int = 0  # the agent's window epoch (`Baseline.epoch`) it was counted in
@@ -232,6 +235,12 @@ def remember(
     its last ``tool`` ('' none: the previous one stays); what left the ``window`` is
     dropped, and what was held in a former ``epoch`` (not the last tool: the engine keeps
     following it too) (:data:`NOTHING_HELD` when nothing is left)."""
+    if not reached and (recent is None or not recent.held):  # the usual call: a tool
+        if tool:
+            return Recent(_NONE_HELD, tool, now, epoch)
+        if recent is None or abs(now - recent.tool_at) > window:
+            return NOTHING_HELD
+        return Recent(_NONE_HELD, recent.tool, recent.tool_at, epoch)
     recent = current(recent, epoch)
     held: dict[str, tuple[float, float]] = {}
     last, last_at = (tool, now) if tool else ("", 0.0)
@@ -252,7 +261,7 @@ def current(recent: Recent | None, epoch: int) -> Recent | None:
     kept."""
     if recent is None or recent.epoch == epoch:
         return recent
-    return Recent(MappingProxyType({}), recent.tool, recent.tool_at, epoch)
+    return Recent(_NONE_HELD, recent.tool, recent.tool_at, epoch)
 
 
 def counted(
