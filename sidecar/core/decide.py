@@ -34,6 +34,7 @@ fails closed if it does.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -282,35 +283,71 @@ def _request_shape(view: RequestView) -> str:
                 f"header {name!r}: a method or URL override could make the upstream act on "
                 "another method or path than the one decided; send the real one"
             )
-    if _has_method_parameter(view):
+    return _method_parameter(view)
+
+
+_FORM = "application/x-www-form-urlencoded"
+_MULTIPART = "multipart/form-data"
+# A part's name in a multipart/form-data body (RFC 7578: `Content-Disposition: form-data;
+# name="..."`, also `name*=` and unquoted, as lenient parsers take them)
+_PART_NAME = re.compile(
+    rb'(?im)^content-disposition:[^\r\n]*?;[ \t]*name\*?[ \t]*=[ \t]*(?:"([^"\r\n]*)"|([^;\s]*))'
+)
+_PHP_FOLD = str.maketrans({".": "_", " ": "_", "[": "_"})
+
+
+def _method_parameter(view: RequestView) -> str:
+    """Why the call carries a method override in its parameters ('' if it does not): a
+    `_method` parameter in the query or a form body, which Laravel and Symfony (query or
+    form), Rails' Rack::MethodOverride, Spring and ASP.NET Core (form, urlencoded or
+    multipart; Rack also takes a POST without a Content-Type for a form) read the method
+    from, under the spellings PHP folds into `_method` (`.method`, `[method`, ...)."""
+    why = (
+        "a method override could make the upstream act on another method than the one "
+        "decided; send the real one"
+    )
+    _, _, query = view.path.partition("?")
+    if "method" in query.lower() and _names_method(query):
+        return f"a `_method` parameter (query): {why}"
+    ctype = view.headers.get("content-type", "").strip().lower()
+    form, multipart = ctype.startswith(_FORM) or not ctype, ctype.startswith(_MULTIPART)
+    if not (form or multipart):
+        return ""
+    body = view.body
+    if body and b"method" in body.lower():
+        if form and _names_method(body.decode("latin-1")):
+            return f"a `_method` parameter (form body): {why}"
+        if multipart and any(
+            _is_method_name(_part_name(quoted or bare), decode=False)
+            for quoted, bare in _PART_NAME.findall(body)
+        ):
+            return f"a `_method` parameter (multipart form body): {why}"
+    if view.body_truncated and view.method == "POST":
         return (
-            "a `_method` parameter (query or form body): a method override could make the "
-            "upstream act on another method than the one decided; send the real one"
+            "a form body larger than mandate sees whole (Envoy buffers its start): a "
+            f"`_method` field past it could not be refused, and {why}; send a file as the "
+            "request body (not a form), or a smaller form"
         )
     return ""
 
 
-_FORM = "application/x-www-form-urlencoded"
-
-
-def _has_method_parameter(view: RequestView) -> bool:
-    """A `_method` parameter in the query, or in a form body mandate sees: Laravel and
-    Symfony (query or form) and Rails' Rack::MethodOverride (form) read the method from it."""
-    _, _, query = view.path.partition("?")
-    if "method" in query.lower() and _names_method(query):
-        return True
-    body = view.body
-    if body and view.headers.get("content-type", "").lower().startswith(_FORM):
-        return b"method" in body.lower() and _names_method(body.decode("latin-1"))
-    return False
+def _part_name(raw: bytes) -> str:
+    """A multipart part's name as a parser reads it (RFC 5987's `utf-8''%5Fmethod` too)."""
+    name = raw.decode("latin-1")
+    charset, quotes, encoded = name.partition("''")
+    return unquote_plus(encoded) if quotes and "%" not in charset else name
 
 
 def _names_method(form: str) -> bool:
-    for pair in form.split("&"):
-        name = unquote_plus(pair.partition("=")[0]).strip().lower()
-        if name == "_method":
-            return True
-    return False
+    return any(_is_method_name(pair.partition("=")[0]) for pair in form.split("&"))
+
+
+def _is_method_name(raw: str, decode: bool = True) -> bool:
+    """Whether a parameter name is read as `_method`: percent-decoded (a form's), any case,
+    spaces around it, and PHP's folding of `.`, spaces and an unmatched `[` into `_` (or
+    `_method[...]`, an array under that name)."""
+    name = (unquote_plus(raw) if decode else raw).strip().lower()
+    return "_method" in (name.translate(_PHP_FOLD), name.split("[", 1)[0].translate(_PHP_FOLD))
 
 
 def decide(

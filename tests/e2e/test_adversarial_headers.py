@@ -222,6 +222,46 @@ def test_method_and_url_override_headers_are_denied(audited: Stack, name: str, v
     )  # fmt: skip
 
 
+REPORTS = "reports.finance.svc.cluster.local"  # billing-agent: POST /v1/reports/* (report)
+FORMS = [
+    ("multipart", "Content-Type: multipart/form-data; boundary=XyZ\r\n",
+     b'--XyZ\r\nContent-Disposition: form-data; name="title"\r\n\r\nx\r\n'
+     b'--XyZ\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--XyZ--\r\n'),
+    ("no-content-type", "", b"title=x&_method=DELETE"),
+    ("php-folded-query", "Content-Type: application/json\r\n", b"{}"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "header", "body"), FORMS, ids=[k for k, _, _ in FORMS])
+def test_a_method_override_in_any_form_is_denied(
+    audited: Stack, kind: str, header: str, body: bytes
+) -> None:
+    """Before: an allowed POST whose multipart form, or Content-Type-less body (Rack reads
+    it as a form), or PHP-folded query name (`.method`) said `_method=DELETE` reached the
+    upstream, which runs it as a DELETE (Rack, Laravel, Symfony, Spring, ASP.NET Core)."""
+    stack = audited
+    since = len(stack.upstream.received)
+    path = "/v1/reports/2026-11" + ("?.method=DELETE" if kind == "php-folded-query" else "")
+
+    def post(data: bytes, target: str) -> tuple[int, bytes]:
+        request = (
+            f"POST http://{REPORTS}{target} HTTP/1.1\r\nHost: {REPORTS}\r\n"
+            f"x-mandate-purpose: report\r\n{header}Content-Length: {len(data)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode() + data
+        return _raw(stack, "billing-agent", request)
+
+    status, reply = post(body, path)
+    _, _, deny_body = reply.partition(b"\r\n\r\n")
+    deny = _deny_body(status, deny_body)
+    assert deny["error"] == "bad_request" and "_method" in deny["reason"], deny
+    assert _arrived(stack, since) == []
+    # The same POST without the override is allowed: the refusal is the override's doing.
+    clean = body.replace(b"_method", b"comment")
+    status, reply = post(clean, "/v1/reports/2026-11")
+    assert status == 200, reply[:300]
+
+
 # --- 3. HTTP/2 methods ------------------------------------------------------------------------
 
 

@@ -214,6 +214,7 @@ def test_a_body_seen_only_in_part_is_denied(http_snapshot: Snapshot) -> None:
     view = RequestView(
         decision_id="d", method="POST", authority="bank.svc", path="/v1/transfers", body=body,
         body_truncated=True, configured_agent="bank-agent", namespace="ns",
+        headers={"content-type": "application/json"},
     )  # fmt: skip
     d = decide(http_snapshot, view, 1e9)
     assert not d.allowed and "JSON body: not seen whole" in d.reason

@@ -69,7 +69,7 @@ def mcp_call(doc: Any, *, truncated: bool = False, raw: bytes | None = None) -> 
         method="POST",
         authority=MCP,
         path="/mcp",
-        headers=purpose("tool-use"),
+        headers={**purpose("tool-use"), "content-type": "application/json"},
         body=json.dumps(doc).encode() if raw is None else raw,
         body_truncated=truncated,
     )
@@ -386,6 +386,66 @@ CASES = [
                     {"content-type": "application/x-www-form-urlencoded; charset=utf-8"},
                     b"a=1&_method=DELETE",
                 ),
+                # the spellings PHP folds into `_method` (Laravel, Symfony)
+                ("/v1/ledger/2024?.method=DELETE", {}, None),
+                ("/v1/ledger/2024?%2Emethod=DELETE", {}, None),
+                ("/v1/ledger/2024?[method=DELETE", {}, None),
+                ("/v1/ledger/2024?_method[]=DELETE", {}, None),
+                ("/v1/ledger/2024?+_method=DELETE", {}, None),
+                # a form without a Content-Type (Rack takes a POST's body for one)
+                ("/v1/ledger/2024", {}, b"title=x&_method=DELETE"),
+                # multipart forms (Rack, PHP, Spring, ASP.NET Core read their fields)
+                *[
+                    (
+                        "/v1/ledger/2024",
+                        {"content-type": "multipart/form-data; boundary=XyZ"},
+                        b"--XyZ\r\nContent-Disposition: form-data; "
+                        + name
+                        + b"\r\n\r\nDELETE\r\n--XyZ--\r\n",
+                    )
+                    for name in (
+                        b'name="_method"',
+                        b"name=_method",
+                        b'NAME = "_Method"',
+                        b"name*=utf-8''%5Fmethod",
+                        b'name=".method"',
+                    )
+                ],
+            ]
+        )
+    ],
+    case(
+        "method-override-in-a-form-mandate-does-not-see-whole",
+        view(
+            method="POST",
+            path="/v1/ledger/2024",
+            body=b"a=1&b=2",
+            body_truncated=True,
+            headers={"content-type": "multipart/form-data; boundary=XyZ"},
+        ),
+        Code.BAD_REQUEST,
+        "",
+        "reconcile",
+        "a form body larger than mandate sees whole",
+    ),
+    *[
+        case(
+            f"form-without-override-{i}",
+            view(path="/v1/ledger/2024", headers=headers, body=body),
+            ALLOWED,
+            "reconcile.allow[0]",
+            "reconcile",
+            "allowed by rule reconcile.allow[0]",
+        )
+        for i, (headers, body) in enumerate(
+            [
+                (
+                    {"content-type": "multipart/form-data; boundary=XyZ"},
+                    b'--XyZ\r\nContent-Disposition: form-data; name="payment_method"; '
+                    b'filename="method.txt"\r\n\r\nmethod\r\n--XyZ--\r\n',
+                ),
+                ({}, b"payment_method=card&x_method=1"),
+                ({"content-type": "application/json"}, b'{"_method": "DELETE"}'),
             ]
         )
     ],
