@@ -859,6 +859,33 @@ OVERRIDES: list[Case] = [
         ALLOWED_PATH + "?x=1&%5Fmethod=DELETE",
         deny("bad_request", "_method"),
     ),
+    get(
+        "override-method-query-parameter-php-dot",
+        "method-override",
+        ALLOWED_PATH + "?.method=DELETE",
+        deny("bad_request", "_method"),
+        note="PHP folds '.' in a parameter name into '_': Laravel and Symfony read _method",
+    ),
+    Case(
+        "override-method-multipart-field",
+        "method-override",
+        "payroll-bot",
+        deny("bad_request", "_method"),
+        target=_url(HR, ALLOWED_PATH),
+        headers=(("content-type", "multipart/form-data; boundary=XyZ"),),
+        body=b'--XyZ\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n'
+        b"--XyZ--\r\n",
+        note="Rack, PHP, Spring and ASP.NET Core read multipart fields too",
+    ),
+    Case(
+        "override-method-form-without-content-type",
+        "method-override",
+        "payroll-bot",
+        deny("bad_request", "_method"),
+        target=_url(HR, ALLOWED_PATH),
+        body=b"title=x&_method=DELETE",
+        note="Rack takes a POST body without a Content-Type for a form",
+    ),
     Case(
         "override-post-on-get-rule",
         "method-override",
