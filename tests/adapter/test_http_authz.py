@@ -190,7 +190,11 @@ def test_allow_without_agent_headers_removes_nothing(sidecar: Sidecar) -> None:
             "POST",
             "/mandate;agent=billing-agent/v1/reports/2026-01",
             host="reports.finance.svc.cluster.local",
-            headers={"x-mandate-purpose": "report", "x-mandate-task": "INV-1"},
+            headers={
+                "x-mandate-purpose": "report",
+                "x-mandate-task": "INV-1",
+                "content-type": "application/json",
+            },
             body=b'{"month": "2026-01"}',
         )
     )
