@@ -56,7 +56,7 @@ from sidecar.core.behaviour import (
     destination,
 )
 from sidecar.core.callfacts import decode, describe
-from sidecar.core.callrisk import CallScoring, Recent, call_novelty, remember
+from sidecar.core.callrisk import CallScoring, Recent, call_novelty, unjudged
 from sidecar.core.decide import Code, RequestView, decide
 
 __all__ = ["simulate"]
@@ -113,7 +113,7 @@ def _decide(
     at: float,
     base: Baseline | None,
     recent: dict[tuple[str, str], Recent],
-    window: float,
+    settings: BehaviourSettings,
 ) -> str:
     """The decision code of ``call`` at ``at`` ('' when allowed), as the in-process Check
     path decides it with the published ``risk`` (and ``base``, the agent's baseline, for
@@ -138,10 +138,15 @@ def _decide(
     if decision.code not in (Code.ALLOWED, Code.RISK, Code.NOVEL_CALL):
         raise RuntimeError(f"unexpected decision {decision.code}: {decision.reason}")
     key = (_NS, _AGENT)
-    if decision.scored is not None:
-        recent[key] = decision.scored
-    else:  # as the pipeline notes the tool of a call it did not score
-        recent[key] = remember(recent.get(key), at, window, call.tool, {})
+    latest = decision.scored
+    if latest is None:  # kept as the pipeline keeps it (`CheckPipeline._follow`)
+        facts = decision.facts or describe(body, False, settings.sensitive, _fingerprint, _KEY.id)
+        where = destination(mcp_host(suite.name), MCP_PATH)
+        epoch = base.epoch if base is not None else 0
+        latest = unjudged(base, recent.get(key), risk.learning, risk.contributions, facts,
+                          where, len(body), at, settings.window_seconds, epoch)  # fmt: skip
+    if latest is not None:
+        recent[key] = latest
     return "" if decision.allowed else decision.code
 
 
@@ -186,9 +191,7 @@ def simulate(
                 code = "revoked" if revoked else ""
                 if not revoked:
                     judged = base if check_path else None
-                    code = _decide(
-                        snap, risk, suite, step.call, at, judged, recent, settings.window_seconds
-                    )
+                    code = _decide(snap, risk, suite, step.call, at, judged, recent, settings)
                     revoked = code == Code.REVOKED
                 engine.observe(_event(suite, step.call, at, settings, code), settings)
                 risk = engine.score(_NS, _AGENT, at + 0.01, settings)

@@ -44,16 +44,8 @@ from sidecar.core import Code, Decision, RequestView, Snapshot, decide
 from sidecar.core.agentstate import EMPTY_AGENT_STATE, AgentStateTable
 from sidecar.core.behaviour import Baseline, destination
 from sidecar.core.callfacts import NO_FACTS, CallFacts, Fingerprint, describe
-from sidecar.core.callrisk import (
-    NO_BASELINES,
-    CallScoring,
-    Recent,
-    counted,
-    current,
-    previous,
-    remember,
-)
-from sidecar.core.decide import over_rate
+from sidecar.core.callrisk import NO_BASELINES, CallScoring, Recent, current, told, unjudged
+from sidecar.core.decide import over_rate, request_bytes
 from sidecar.core.ratelimit import RateLimiter
 from sidecar.core.revocation import EMPTY_TABLE, RevocationTable
 from sidecar.credentials.broker import NOTHING, CredentialBroker, Injected
@@ -244,24 +236,22 @@ class CheckPipeline:
         old = self._recent.get(key)
         epoch = base.epoch if base is not None else old.epoch if old is not None else 0
         old = current(old, epoch)
-        if base is not None:
-            before: str | None = previous(base, old, now)
-        elif old is not None and old.tool:  # the agent learns
-            before = old.tool if abs(now - old.tool_at) <= window else ""
-        else:
-            before = None  # not known: the engine follows the access log's order
+        before = told(base, old, now, window)
         latest = decision.scored
-        if latest is None:
+        if latest is None:  # refused before the scoring, or the agent learns
             risk = self._agent_state().risk(view.namespace, decision.agent)
-            if risk is not None and risk.learning:
-                base = None  # as `decide` judges it: nothing is scored while the agent learns
-            if base is not None:  # refused before the scoring
-                published = risk.contributions if risk is not None else {}
-                where = destination(decision.host or view.authority, view.path)
-                size = len(view.body) if view.body else 0
-                latest = counted(base, old, published, facts, where, size, now)
-            elif facts.tools:  # the agent learns
-                latest = remember(old, now, window, facts.tools[-1], {}, epoch)
+            latest = unjudged(
+                base,
+                old,
+                risk is not None and risk.learning,
+                risk.contributions if risk is not None else {},
+                facts,
+                destination(decision.host or view.authority, view.path),
+                request_bytes(view),
+                now,
+                window,
+                epoch,
+            )
         if latest is not None:
             self._recent[key] = latest
         return before if facts.tools else None

@@ -42,11 +42,12 @@ written when it completes): without this, an agent that makes its calls in a bur
 parallel, would have each judged as if it were its first since the last publication, and
 no two novelties would ever meet. The next call is judged on each feature's larger
 contribution, published or held (:func:`effective`: never both, so nothing is counted
-twice), and follows the held tool when that call is newer than the baseline's last; a call
-with nothing new is refused (`risk`) when the held contributions alone are at `denyAtRisk`.
-A held contribution lasts one window from the call that brought it there (as that call's
-does in the engine), so it may overstate a feature whose older calls left the window
-meanwhile, never understate one.
+twice), and follows the last tool decided (:func:`previous`, which the call's facts tell
+the engine too); a call with nothing new is refused (`risk`) when the held contributions
+alone are at `denyAtRisk`. A held contribution lasts one window from the last call that had
+the feature (as that call's does in the engine), so it may overstate a feature whose older
+calls left the window meanwhile, never understate one. A call the Check path did not judge
+is kept as the engine will count it (:func:`unjudged`).
 
 This module must not import any transport, Kubernetes or telemetry library, and does no
 I/O and reads no clock.
@@ -83,7 +84,10 @@ __all__ = [
     "noisy_or",
     "previous",
     "project",
+    "reached",
     "remember",
+    "told",
+    "unjudged",
 ]
 
 NO_BASELINES: Mapping[tuple[str, str], Baseline] = MappingProxyType({})
@@ -278,13 +282,53 @@ def counted(
     once the access log reports it)."""
     judged = effective(published, recent, now, base.window_seconds)
     novelty = call_novelty(base, facts, destination, request_bytes, now, recent)
-    reached: dict[str, float] = {}
+    got: dict[str, float] = {}
     if novelty:
-        _, added = project(novelty, judged)
-        for name in novelty.features():
-            reached[name] = round(judged.get(name, 0.0) + added.get(name, 0.0), 4)
+        got = reached(novelty, judged, project(novelty, judged)[1])
     tool = facts.tools[-1] if facts.tools else ""
-    return remember(recent, now, base.window_seconds, tool, reached, base.epoch)
+    return remember(recent, now, base.window_seconds, tool, got, base.epoch)
+
+
+def unjudged(
+    base: Baseline | None,
+    recent: Recent | None,
+    learning: bool,
+    published: Mapping[str, float],
+    facts: CallFacts,
+    destination: str,
+    request_bytes: int,
+    now: float,
+    window: float,
+    epoch: int,
+) -> Recent | None:
+    """What to keep of a call the Check path did not judge (None: nothing changes): what
+    the engine will count of it (:func:`counted`; the rules or the published score refused
+    it), or, while the agent learns (no ``base``, or a published score still ``learning``),
+    its last tool."""
+    if base is not None and not learning:
+        return counted(base, recent, published, facts, destination, request_bytes, now)
+    if facts.tools:
+        return remember(recent, now, window, facts.tools[-1], {}, epoch)
+    return None
+
+
+def told(base: Baseline | None, recent: Recent | None, now: float, window: float) -> str | None:
+    """The tool a call's facts say it follows (`CallFacts.previous`): :func:`previous`
+    with a baseline; while the agent learns, the last tool decided within the ``window``;
+    None (not known: the engine follows the access log's order) with neither."""
+    if base is not None:
+        return previous(base, recent, now)
+    if recent is not None and recent.tool:
+        return recent.tool if abs(now - recent.tool_at) <= window else ""
+    return None
+
+
+def reached(
+    novelty: CallNovelty, judged: Mapping[str, float], added: Mapping[str, float]
+) -> dict[str, float]:
+    """Each feature the call has at the contribution it reached with the call counted:
+    the one it was ``judged`` on plus what it ``added`` (`project`)."""
+    return {n: round(judged.get(n, 0.0) + added.get(n, 0.0), 4) for n in novelty.features()}
 
 
 def noisy_or(contributions: Mapping[str, float]) -> float:

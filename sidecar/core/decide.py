@@ -54,6 +54,7 @@ from sidecar.core.callrisk import (
     held,
     noisy_or,
     project,
+    reached,
     remember,
 )
 from sidecar.core.hosts import parse_authority
@@ -76,6 +77,7 @@ __all__ = [
     "RequestView",
     "decide",
     "over_rate",
+    "request_bytes",
 ]
 
 # Headers with which frameworks let a request say "treat me as another method or path"
@@ -693,7 +695,7 @@ def _novel_call(
     window = base.window_seconds
     published = risk.contributions if risk is not None else {}
     judged = effective(published, recent, now, window)
-    size = _request_bytes(view)
+    size = request_bytes(view)
     novelty = call_novelty(base, facts, destination(call.host, view.path), size, now, recent)
     tool = facts.tools[-1] if facts.tools else ""
     if not novelty:
@@ -711,8 +713,7 @@ def _novel_call(
         )
         return Code.RISK, why
     score, added = project(novelty, judged)
-    reached = {n: round(judged.get(n, 0.0) + added.get(n, 0.0), 4) for n in novelty.features()}
-    call.scored = remember(recent, now, window, tool, reached, base.epoch)
+    call.scored = remember(recent, now, window, tool, reached(novelty, judged, added), base.epoch)
     if score < settings.deny_at:
         return None
     before = risk.explanation if risk is not None and risk.explanation else "risk 0.00"
@@ -732,7 +733,7 @@ def _unpublished(judged: Mapping[str, float], published: Mapping[str, float]) ->
     return {n: c for n, c in judged.items() if c > published.get(n, 0.0)}
 
 
-def _request_bytes(view: RequestView) -> int:
+def request_bytes(view: RequestView) -> int:
     """The request body's size: what mandate saw of it, or its Content-Length if more
     (a body Envoy cut at its `with_request_body` limit)."""
     size = len(view.body) if view.body else 0
