@@ -83,6 +83,13 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f} %"
 
 
+def _share(row: dict[str, Any], part: str, whole: str = "") -> str:
+    """A figure's cell: ``part`` of ``whole`` ("3/40 = 7.5 %"; the count alone without
+    ``whole``) and its percentage, ``part`` + "_pct"."""
+    count = f"{row[part]}/{row[whole]}" if whole else f"{row[part]}"
+    return f"{count} = {_pct(row[part + '_pct'])}"
+
+
 def table(summaries: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| suite | sensitive | split | benign flagged (FPR) | attacks flagged before the "
@@ -96,16 +103,12 @@ def table(summaries: list[dict[str, Any]]) -> list[str]:
         med = f"{rev['median']} ({rev['min']}-{rev['max']})" if rev["n"] else "never"
         lines.append(
             f"| {s['suite']} | {s['sensitive']} | {s['split']} "
-            f"| {s['benign_flagged']}/{s['benign_sessions']} = {_pct(s['benign_flagged_pct'])} "
-            f"| {s['attack_early']}/{s['attack_sessions']} = {_pct(s['attack_early_pct'])} "
-            f"| {s['attack_flagged']} = {_pct(s['attack_flagged_pct'])} "
-            f"| {s['attack_revoked']} = {_pct(s['attack_revoked_pct'])} | {med} "
-            f"| {s['benign_calls_refused']}/{s['benign_calls']} = "
-            f"{_pct(s['benign_calls_refused_pct'])} "
-            f"| {s['injection_calls_refused']}/{s['injection_calls']} = "
-            f"{_pct(s['injection_calls_refused_pct'])} "
-            f"| {s['sessions_moving_stopped']}/{s['sessions_moving']} = "
-            f"{_pct(s['sessions_moving_stopped_pct'])} |"
+            f"| {_share(s, 'benign_flagged', 'benign_sessions')} "
+            f"| {_share(s, 'attack_early', 'attack_sessions')} "
+            f"| {_share(s, 'attack_flagged')} | {_share(s, 'attack_revoked')} | {med} "
+            f"| {_share(s, 'benign_calls_refused', 'benign_calls')} "
+            f"| {_share(s, 'injection_calls_refused', 'injection_calls')} "
+            f"| {_share(s, 'sessions_moving_stopped', 'sessions_moving')} |"
         )
     return lines
 
@@ -292,13 +295,10 @@ def trade_off(sweep: dict[str, list[dict[str, Any]]]) -> list[str]:
         for r in rows:
             lines.append(
                 f"| {suite} | {sensitive} | {split} | {r['deny_at']} "
-                f"| {r['benign_flagged']}/{r['benign_sessions']} = "
-                f"{_pct(r['benign_flagged_pct'])} "
-                f"| {r['attack_early']}/{r['attack_sessions']} = {_pct(r['attack_early_pct'])} "
-                f"| {r['sessions_moving_stopped']}/{r['sessions_moving']} = "
-                f"{_pct(r['sessions_moving_stopped_pct'])} "
-                f"| {r['benign_calls_refused']}/{r['benign_calls']} = "
-                f"{_pct(r['benign_calls_refused_pct'])} |"
+                f"| {_share(r, 'benign_flagged', 'benign_sessions')} "
+                f"| {_share(r, 'attack_early', 'attack_sessions')} "
+                f"| {_share(r, 'sessions_moving_stopped', 'sessions_moving')} "
+                f"| {_share(r, 'benign_calls_refused', 'benign_calls')} |"
             )
     return lines
 
@@ -334,9 +334,9 @@ def ceiling_section(ceilings: dict[str, dict[str, Any]]) -> list[str]:
         )
         lines.append(
             f"| {suite} | {sensitive} | {split} "
-            f"| {f['novel']}/{f['attack_sessions']} = {_pct(f['novel_pct'])} "
-            f"| {f['benign_novel']}/{f['benign_sessions']} = {_pct(f['benign_novel_pct'])} "
-            f"| {f['best']} = {_pct(f['best_pct'])} | {n['best']} = {_pct(n['best_pct'])} "
+            f"| {_share(f, 'novel', 'attack_sessions')} "
+            f"| {_share(f, 'benign_novel', 'benign_sessions')} "
+            f"| {_share(f, 'best')} | {_share(n, 'best')} "
             f"| {why} |"
         )
     return lines
